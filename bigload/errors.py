@@ -1,0 +1,41 @@
+"""bigload's exception types.
+
+One base class so callers can catch everything bigload raises on purpose; a few subclasses so they can
+tell a plan that does not fit from a malformed checkpoint. Every message names the thing at fault (file,
+tensor, module, device) and says what would fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BigloadError",
+    "BudgetError",
+    "CheckpointError",
+    "DeviceError",
+    "OffloadError",
+    "PlanError",
+]
+
+
+class BigloadError(Exception):
+    """Base class of every error bigload raises deliberately."""
+
+
+class BudgetError(BigloadError, ValueError):
+    """A memory size or a `max_memory` entry is malformed (bad unit, negative, unknown device key)."""
+
+
+class PlanError(BigloadError):
+    """The model does not fit the budgets, or a user device map breaks a constraint."""
+
+
+class CheckpointError(BigloadError):
+    """A checkpoint is malformed, incomplete, unsafe, or does not match the model."""
+
+
+class OffloadError(BigloadError):
+    """The offload store cannot be written or read, or belongs to another checkpoint or dtype."""
+
+
+class DeviceError(BigloadError):
+    """A device is unknown, or does not exist on this machine when loading onto it."""
