@@ -46,10 +46,10 @@ class Device:
         if isinstance(value, torch.device):
             value = str(value)
         if isinstance(value, bool):
-            raise DeviceError(f"{value!r} is not a device; use a GPU index such as 0, 'cuda:0', 'cpu' or 'disk'.")
+            raise DeviceError(f"{value!r} is not a device; use a GPU index (0, 1, ...), 'cuda:N', 'cpu' or 'disk'.")
         if isinstance(value, int):
             if value < 0:
-                raise DeviceError(f"GPU index {value} is negative; GPU indices start at 0.")
+                raise DeviceError(f"GPU index {value} is negative; use a GPU index (0, 1, ...), 'cuda:N', 'cpu' or 'disk'.")
             return Device(DeviceKind.GPU, value)
         if isinstance(value, str):
             text = value.strip().lower()
