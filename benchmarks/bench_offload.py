@@ -1,0 +1,296 @@
+"""Offloaded generation: greedy decoding with decoder layers on disk, bigload vs accelerate.
+
+Both libraries get the identical device map and the same offload folder layout:
+- `memory`: everything on the CPU (the reference speed);
+- `half`: decoder layers 4-7 on disk;
+- `all`: every decoder layer on disk.
+From a fixed 32-token prompt, 32 new tokens, greedy. A streamer timestamps each token, so prefill (time to the
+first new token) and decode (tokens/s over the other 31) are separate figures. Cold runs evict the checkpoint
+and the offload folder from the page cache after loading, right before generating. bigload runs with
+prefetch 1 (the default) and 0. Every run's tokens are compared with transformers' in-memory model.
+
+Methods: `accelerate.load_checkpoint_and_dispatch(model, folder, device_map=map, offload_folder=...)`,
+`bigload.dispatch.load_checkpoint_and_dispatch(..., prefetch=p)`, and `transformers.from_pretrained` (in memory
+only, the reference tokens). Each on a meta model from `from_config`, then `model.generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import time
+from pathlib import Path
+
+from benchmarks import pagecache
+from benchmarks.harness import failure_notes, interleave, median_of, need, run_specs, status_of
+from benchmarks.make_checkpoint import checkpoint_files
+
+PROMPT_TOKENS = 32
+NEW_TOKENS = 32
+MAPS = ("memory", "half", "all")
+MAP_TITLES = {"memory": "in memory", "half": "layers 4-7 on disk", "all": "all decoder layers on disk"}
+
+
+def device_map(kind: str, num_layers: int) -> dict[str, str]:
+    """The device map both libraries receive, in transformers' format."""
+    if kind == "memory":
+        return {"": "cpu"}
+    first_on_disk = num_layers // 2 if kind == "half" else 0
+    layers = {f"model.layers.{i}": "disk" if i >= first_on_disk else "cpu" for i in range(num_layers)}
+    return {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", **layers, "model.norm": "cpu", "lm_head": "cpu"}
+
+
+# ---------------------------------------------------------------- worker side
+
+
+class _Clock:
+    """A generation streamer that records when each token arrives (the first `put` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _meta_model(folder: str, init_empty_weights):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model
+
+
+def _load(spec: dict, offload: Path):
+    import torch
+
+    folder, method = spec["folder"], spec["method"]
+    num_layers = json.loads((Path(folder) / "config.json").read_text())["num_hidden_layers"]
+    dmap = device_map(spec["map"], num_layers)
+    if method == "transformers":
+        auto = need("transformers", "AutoModelForCausalLM")
+        return lambda: auto.from_pretrained(folder, device_map="cpu", dtype=torch.bfloat16), "transformers.from_pretrained"
+    if method == "accelerate":
+        init_empty_weights, load = need("accelerate", "init_empty_weights", "load_checkpoint_and_dispatch")
+        kwargs = {}
+        api = "accelerate.load_checkpoint_and_dispatch"
+    else:
+        init_empty_weights = need("bigload.empty", "init_empty_weights")
+        load = need("bigload.dispatch", "load_checkpoint_and_dispatch")
+        kwargs = {"prefetch": int(method.rsplit("p", 1)[1])}
+        api = "bigload.dispatch.load_checkpoint_and_dispatch"
+
+    def run():
+        model = _meta_model(folder, init_empty_weights)
+        out = load(model, folder, device_map=dmap, offload_folder=str(offload), dtype=torch.bfloat16, **kwargs)
+        return out if isinstance(out, torch.nn.Module) else model
+
+    return run, api
+
+
+def prompt_ids(vocab_size: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(3, vocab_size, (1, PROMPT_TOKENS), generator=gen)
+
+
+def measure(spec: dict) -> dict:
+    import torch
+
+    from benchmarks.procmem import MemorySampler
+
+    torch.manual_seed(0)
+    offload = Path(spec["work"]) / f"offload-{spec['method']}-{spec['map']}-{spec['cache']}-{spec['repeat']}"
+    shutil.rmtree(offload, ignore_errors=True)
+    run, api = _load(spec, offload)
+    try:
+        with MemorySampler() as mem:
+            t0 = time.perf_counter()
+            model = run()
+            load_s = time.perf_counter() - t0
+            model.eval()
+            cached = [Path(spec["folder"]), offload]
+            if spec["cache"] == "cold":
+                evicted = pagecache.evict(cached)
+            resident = pagecache.resident_fraction(cached)
+            ids = prompt_ids(model.config.vocab_size)
+            clock = _Clock()
+            with torch.inference_mode():
+                t1 = time.perf_counter()
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                     min_new_tokens=NEW_TOKENS, do_sample=False, streamer=clock,
+                                     pad_token_id=model.config.pad_token_id)
+                t2 = time.perf_counter()
+        stamps = clock.times[-NEW_TOKENS:]
+        tokens = out[0, ids.shape[1]:].tolist()
+        offload_bytes = sum(f.stat().st_size for f in pagecache.files_under([offload]))
+    finally:
+        shutil.rmtree(offload, ignore_errors=True)
+    result = {
+        "api": api,
+        "load_s": load_s,
+        "prefill_s": stamps[0] - t1,
+        "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+        "generate_s": t2 - t1,
+        "tokens": tokens,
+        "resident_before_generate": round(resident, 4),
+        "offload_folder_bytes": offload_bytes,
+        **mem.result(),
+    }
+    if spec["cache"] == "cold":
+        result["eviction"] = evicted["method"]
+    return result
+
+
+# ---------------------------------------------------------------- parent side
+
+
+def _layer_bytes(folder: Path) -> dict[int, int]:
+    """Bytes of each decoder layer, from the safetensors headers."""
+    sizes: dict[int, int] = {}
+    for f in checkpoint_files(folder):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name.startswith("model.layers."):
+                layer = int(name.split(".")[2])
+                start, end = info["data_offsets"]
+                sizes[layer] = sizes.get(layer, 0) + end - start
+    return sizes
+
+
+def run(ctx) -> dict:
+    folder = ctx.checkpoint(ctx.offload_preset)
+    tied = ctx.checkpoint(ctx.offload_preset.replace("small", "tied") if not ctx.quick else "tiny-tied")
+    work = ctx.work / "offload"
+    work.mkdir(parents=True, exist_ok=True)
+    base = {"bench": "offload", "folder": str(folder), "work": str(work)}
+    cases = [
+        {**base, "map": "memory", "cache": "warm", "_skip": ("bigload-p0",)},
+        {**base, "map": "half", "cache": "warm", "_skip": ("transformers",)},
+        {**base, "map": "all", "cache": "warm", "_skip": ("transformers",)},
+        {**base, "map": "half", "cache": "cold", "_skip": ("transformers",)},
+        {**base, "map": "all", "cache": "cold", "_skip": ("transformers",)},
+        # tied embeddings: the lm_head shares the embedding's tensor; offloading must keep it shared
+        {**base, "folder": str(tied), "map": "all", "cache": "warm", "tied": True, "_skip": ("bigload-p0",)},
+    ]
+    methods = ("bigload-p1", "accelerate", "bigload-p0", "transformers")
+    specs = interleave(cases, methods, ctx.repeats)
+    # The reference (transformers in memory) of the tied checkpoint runs once, not per method round.
+    ctx.log(f"offload: {len(specs)} runs on {folder.name}")
+    files = checkpoint_files(folder) + checkpoint_files(tied)
+
+    def before(spec: dict) -> dict:
+        return {"resident_after": round(pagecache.warm(files), 4)}  # loads start warm; cold is set after loading
+
+    results = run_specs(specs, isolated=not ctx.quick, timeout=ctx.timeout, before=before, log=ctx.log)
+    layer_bytes = _layer_bytes(folder)
+    return summarize(results, layer_bytes, ctx.limits)
+
+
+def _fmt(v, unit, digits=2):
+    return None if v is None else f"{v:.{digits}f}{unit}"
+
+
+def summarize(results: list[dict], layer_bytes: dict[int, int], limits: dict) -> dict:
+    from benchmarks.report import ratio_cell
+
+    by: dict[tuple, list[dict]] = {}
+    for r in results:
+        s = r["spec"]
+        by.setdefault((bool(s.get("tied")), s["map"], s["cache"], s["method"]), []).append(r)
+
+    def runs(m, map_, cache="warm", tied=False):
+        return by.get((tied, map_, cache, m), [])
+
+    def cell(rs, key, unit, digits=2):
+        st = status_of(rs)
+        return _fmt(median_of(rs, key), unit, digits) if st == "ok" else st
+
+    reference = {}
+    for tied in (False, True):
+        ref = [r for r in runs("transformers", "memory", tied=tied) if r["status"] == "ok"]
+        reference[tied] = ref[0]["tokens"] if ref else None
+
+    def same_tokens(rs, tied=False):
+        ok = [r for r in rs if r["status"] == "ok"]
+        if not ok or reference[tied] is None:
+            return status_of(rs) if not ok else "no reference"
+        equal = sum(r["tokens"] == reference[tied] for r in ok)
+        return "yes" if equal == len(ok) else f"**NO** ({equal}/{len(ok)} runs equal)"
+
+    memory_tps = {m: median_of(runs(m, "memory"), "decode_tok_s") for m in ("bigload-p1", "accelerate", "transformers")}
+    compute_s = 1 / memory_tps["transformers"] if memory_tps["transformers"] else None
+    rows = []
+    for map_ in MAPS:
+        for cache in ("warm", "cold") if map_ != "memory" else ("warm",):
+            tag = f"{MAP_TITLES[map_]}, {cache}"
+            b, b0, a, t = (runs(m, map_, cache) for m in ("bigload-p1", "bigload-p0", "accelerate", "transformers"))
+            vb, vb0, va, vt = (median_of(x, "decode_tok_s") for x in (b, b0, a, t))
+            n_disk = {"memory": 0, "half": len(layer_bytes) // 2, "all": len(layer_bytes)}[map_]
+            disk_bytes = sum(sorted(layer_bytes.items())[len(layer_bytes) - n_disk:][i][1] for i in range(n_disk))
+            limit = None
+            if compute_s and limits.get("read_warm_bytes_s"):
+                io_s = disk_bytes / limits["read_warm_bytes_s"]
+                limit = f"{1 / max(compute_s, io_s):.2f} tok/s"
+            rows.append([f"decode tokens/s — {tag}", cell(b, "decode_tok_s", " tok/s"), cell(a, "decode_tok_s", " tok/s"),
+                         cell(t, "decode_tok_s", " tok/s"), limit, ratio_cell(vb, va, vt)])
+            if map_ != "memory":
+                rb = vb / memory_tps["bigload-p1"] if vb and memory_tps["bigload-p1"] else None
+                ra = va / memory_tps["accelerate"] if va and memory_tps["accelerate"] else None
+                rows.append([f"decode ÷ same library in memory — {tag}", _fmt(rb, ""), _fmt(ra, ""), None, None,
+                             ratio_cell(rb, ra)])
+                rows.append([f"bigload prefetch 0: decode tokens/s — {tag}", cell(b0, "decode_tok_s", " tok/s"), None,
+                             None, None, f"prefetch 1 ÷ 0: {vb / vb0:.2f}" if vb and vb0 else None])
+            rows.append([f"prefill (time to first token) — {tag}", cell(b, "prefill_s", " s"), cell(a, "prefill_s", " s"),
+                         cell(t, "prefill_s", " s"), None,
+                         ratio_cell(median_of(b, "prefill_s"), median_of(a, "prefill_s"), median_of(t, "prefill_s"))])
+            rows.append([f"load (incl. writing the offload folder) — {tag}", cell(b, "load_s", " s"), cell(a, "load_s", " s"),
+                         cell(t, "load_s", " s"), None,
+                         ratio_cell(median_of(b, "load_s"), median_of(a, "load_s"), median_of(t, "load_s"))])
+            rows.append([f"private (anon) peak, load + generate — {tag}", cell(b, "anon_peak", "", 0) if False else
+                         _gib(b), _gib(a), _gib(t), None,
+                         ratio_cell(median_of(b, "anon_peak"), median_of(a, "anon_peak"), median_of(t, "anon_peak"))])
+            rows.append([f"offload folder written — {tag}", _gib(b, "offload_folder_bytes"), _gib(a, "offload_folder_bytes"),
+                         None, f"{disk_bytes / 2**30:.2f} GiB offloaded", None])
+            rows.append([f"tokens equal to transformers in memory — {tag}", same_tokens(b) if map_ == "memory" else
+                         f"p1: {same_tokens(b)}; p0: {same_tokens(b0)}", same_tokens(a), same_tokens(t), None, None])
+    tb, ta, tt = (runs(m, "all", tied=True) for m in ("bigload-p1", "accelerate", "transformers"))
+    tt = runs("transformers", "memory", tied=True) or tt
+    rows.append(["tied embeddings, all layers on disk: tokens equal to transformers in memory",
+                 same_tokens(tb, True), same_tokens(ta, True), "reference" if reference[True] else status_of(tt), None, None])
+    rows.append(["tied embeddings, all layers on disk: decode tokens/s", cell(tb, "decode_tok_s", " tok/s"),
+                 cell(ta, "decode_tok_s", " tok/s"), None, None,
+                 ratio_cell(median_of(tb, "decode_tok_s"), median_of(ta, "decode_tok_s"))])
+    residency = sorted({r.get("resident_before_generate") for r in results
+                        if r["spec"]["cache"] == "cold" and r.get("status") == "ok"})
+    notes = [
+        f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, greedy, bf16 on the CPU; decode = 31 tokens after the first.",
+        "`limit` for decode: 1 ÷ max(compute time per token in memory (transformers), offloaded bytes per token ÷ "
+        "warm read bandwidth) — what perfect prefetch could reach.",
+        "Cold: checkpoint and offload folder evicted after loading, just before generating; pages resident then: "
+        + (", ".join(f"{v:.2f}" for v in residency) or "—") + ". Decode reads them again after the first token.",
+        "Private peak: RssAnon above the process's baseline, over load and generation.",
+    ]
+    apis = sorted({r.get("api") for r in results if r.get("api")})
+    notes.append("Entry points measured: " + ", ".join(f"`{a}`" for a in apis) + ".")
+    notes += failure_notes(results)
+    for r in results:  # the tokens are long; keep them in results.json only once per run
+        r.setdefault("tokens", None)
+    return {"title": "Offloaded generation", "rows": rows, "notes": notes, "raw": results}
+
+
+def _gib(rs, key="anon_peak"):
+    st = status_of(rs)
+    if st != "ok":
+        return st
+    v = median_of(rs, key)
+    return None if v is None else f"{v / 2**30:.2f} GiB"

@@ -1,0 +1,104 @@
+"""RESULTS.md and results.json: tables, the machine they were measured on, and the command that made them."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from pathlib import Path
+
+__all__ = ["machine", "ratio_cell", "write"]
+
+HEADER = ("figure", "bigload", "accelerate", "transformers", "limit", "ratio b/a · b/t")
+
+
+def ratio_cell(bigload, accelerate, transformers=None) -> str | None:
+    """`bigload ÷ accelerate · bigload ÷ transformers` for whichever exist."""
+    parts = []
+    for other in (accelerate, transformers):
+        if bigload is not None and other:
+            parts.append(f"{bigload / other:.2f}")
+        else:
+            parts.append("—")
+    return None if parts == ["—", "—"] else " · ".join(parts)
+
+
+def machine() -> dict[str, object]:
+    import psutil
+    import torch
+
+    def version(mod: str) -> str:
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return "not installed"
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "accelerate": version("accelerate"),
+        "safetensors": version("safetensors"),
+        "bigload": version("bigload"),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "—"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header, rows) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def write(out: Path, *, command: str, info: dict, sections: list[dict], limits: dict, elapsed: float,
+          quick: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = ["# bigload benchmarks", ""]
+    if quick:
+        lines += ["**Quick mode: tiny sizes, runs sharing processes. These figures check that the benchmarks run;"
+                  " they are not measurements.**", ""]
+    lines += [
+        f"Measured {date} with `{command}` ({elapsed / 60:.1f} min).",
+        "",
+        "Every figure is a median over runs interleaved round-robin in this one invocation, each run in a fresh "
+        "process; `ratio b/a · b/t` is bigload ÷ accelerate and bigload ÷ transformers (below 1: bigload's "
+        "figure is lower — better for times and memory, worse for tokens/s). A cell holding `unavailable` or "
+        "`error` names why the method could not run. The `limit` column is the bound this machine puts on the "
+        "figure (see *Machine limits*).",
+        "",
+        "## Machine",
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines += ["", "## Machine limits", ""]
+    lines += _table(("bound", "value", "how"), limits.get("rows", []))
+    for section in sections:
+        lines += ["", f"## {section['title']}", ""]
+        lines += _table(section.get("header", HEADER), section["rows"])
+        if section.get("notes"):
+            lines += [""] + [f"- {n}" for n in section["notes"]]
+    lines += ["", "Regenerate: `" + command + "` (see `benchmarks/README.md`).", ""]
+    (out / "RESULTS.md").write_text("\n".join(lines))
+    payload = {"date": date, "command": command, "quick": quick, "elapsed_s": elapsed, "machine": info,
+               "limits": limits, "sections": sections}
+    (out / "results.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")

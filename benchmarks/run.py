@@ -1,0 +1,87 @@
+"""Run every benchmark and write RESULTS.md and results.json.
+
+    python -m benchmarks                  # full sizes: large (7 GB) and small (1 GB) checkpoints
+    python -m benchmarks --quick --out /tmp/bench   # tiny sizes, < 1 min: checks that everything runs
+
+Speed and memory claims in the README come only from the RESULTS.md this writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import report
+from benchmarks.limits import measure_limits
+from benchmarks.make_checkpoint import make_checkpoint
+
+HERE = Path(__file__).resolve().parent
+BENCHES = ("load", "offload", "plan")
+
+
+@dataclass
+class Context:
+    """What every bench's `run(ctx)` receives."""
+
+    work: Path
+    quick: bool
+    repeats: int
+    timeout: float
+    plan_timeout: float
+    limits: dict = field(default_factory=dict)
+    load_preset: str = "large"
+    offload_preset: str = "small"
+
+    def checkpoint(self, preset: str) -> Path:
+        folder = self.work / f"ckpt-{preset}"
+        started = time.perf_counter()
+        make_checkpoint(preset, folder)
+        self.log(f"checkpoint {preset}: {folder} ({time.perf_counter() - started:.1f} s)")
+        return folder
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round, runs sharing processes")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder for RESULTS.md and results.json")
+    parser.add_argument("--work", type=Path, default=HERE / "_work", help="checkpoints and scratch files")
+    parser.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES))
+    parser.add_argument("--repeats", type=int, default=None, help="rounds of interleaved runs (default 3; quick 1)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds before one run is abandoned")
+    parser.add_argument("--plan-timeout", type=float, default=None,
+                        help="seconds before one planning run is reported as '> N s' (default 300; quick 20)")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    ctx = Context(
+        work=args.work.resolve(),
+        quick=args.quick,
+        repeats=args.repeats or (1 if args.quick else 3),
+        timeout=args.timeout or (120 if args.quick else 900),
+        plan_timeout=args.plan_timeout or (20 if args.quick else 300),
+        load_preset="tiny" if args.quick else "large",
+        offload_preset="tiny" if args.quick else "small",
+    )
+    ctx.limits = measure_limits(ctx.work, size=(64 if args.quick else 2048) * 2**20, repeats=1 if args.quick else 3,
+                                log=ctx.log)
+    sections = []
+    for name in args.only:
+        module = __import__(f"benchmarks.bench_{name}", fromlist=["run"])
+        bench_started = time.perf_counter()
+        sections.append(module.run(ctx))
+        ctx.log(f"{name}: done in {time.perf_counter() - bench_started:.0f} s")
+    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    report.write(args.out, command=command.strip(), info=report.machine(), sections=sections, limits=ctx.limits,
+                 elapsed=time.perf_counter() - started, quick=args.quick)
+    ctx.log(f"wrote {args.out / 'RESULTS.md'} and results.json in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

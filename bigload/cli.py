@@ -1,0 +1,209 @@
+"""The `bigload` command line: plan, inspect, generate, demo.
+
+Argument parsing, printing and exit codes only; every decision is made by the library. Errors print one
+line and exit non-zero (2 for a model that does not fit or bad input, 1 otherwise); `--debug` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from bigload.errors import BigloadError, BudgetError, PlanError
+
+__all__ = ["main"]
+
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_max_memory_arg(text: str) -> dict[str, str]:
+    """'0=24GiB,1=24GiB,cpu=64GiB,disk=500GiB' -> {'0': '24GiB', ...}; sizes are validated by the library."""
+    result: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(
+                f"cannot read {item!r}; write DEVICE=SIZE pairs separated by commas, e.g. 0=24GiB,cpu=64GiB,disk=500GiB"
+            )
+        result[key.strip()] = value.strip()
+    if not result:
+        raise argparse.ArgumentTypeError("--max-memory is empty; e.g. 0=24GiB,cpu=64GiB,disk=500GiB")
+    return result
+
+
+def _add_planning_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory", type=parse_max_memory_arg, metavar="DEV=SIZE,...",
+                        help="budgets per device, e.g. 0=24GiB,1=24GiB,cpu=64GiB,disk=500GiB "
+                             "(GiB binary, GB decimal). Default: what this machine has.")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                        help="auto: balanced over several GPUs, else sequential (default: auto)")
+    parser.add_argument("--dtype", help="dtype of the weights once loaded, e.g. bfloat16 (default: the model's)")
+    parser.add_argument("--context-length", type=int, metavar="N",
+                        help="reserve KV-cache memory for N tokens on the device running each layer")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="B", help="batch size for the KV reserve")
+    parser.add_argument("--no-split", nargs="+", metavar="CLASS", default=None,
+                        help="module classes never split across devices (default: the model's own list)")
+    parser.add_argument("--prefetch", type=int, default=1, metavar="N",
+                        help="offloaded blocks loaded ahead of the one running (default: 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bigload",
+        description="Run models too big for one device: plan where every layer goes, stream the "
+                    "checkpoint there, run with offload and prefetch.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    plan = sub.add_parser("plan", help="dry run: which module goes where, without reading any weight",
+                          description="Plan a model's placement without reading any weight. MODEL is a "
+                                      "catalog name (e.g. llama-3.1-405b), a model folder, a config.json "
+                                      "or a checkpoint (headers only).")
+    plan.add_argument("model", metavar="MODEL")
+    _add_planning_flags(plan)
+    plan.add_argument("--json", metavar="OUT", type=Path, help="write the plan as JSON to OUT ('-' for stdout)")
+    plan.set_defaults(run=_cmd_plan)
+
+    inspect = sub.add_parser("inspect", help="what a checkpoint holds, from headers only",
+                             description="Format, shards, tensor count, dtypes, parameters, the largest "
+                                         "tensors and the planned blocks of a checkpoint. Reads headers only.")
+    inspect.add_argument("checkpoint", metavar="CHECKPOINT")
+    inspect.add_argument("--top", type=int, default=10, help="how many of the largest tensors to list")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    inspect.set_defaults(run=_cmd_inspect)
+
+    generate = sub.add_parser("generate", help="load a model folder with offload and generate text",
+                              description="Plan, stream and dispatch a Hugging Face model folder, then "
+                                          "generate from a prompt, streaming tokens as they come.")
+    generate.add_argument("path", metavar="PATH", help="a Hugging Face model folder")
+    generate.add_argument("--prompt", required=True, help="the prompt text")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    _add_planning_flags(generate)
+    generate.add_argument("--offload-folder", type=Path, help="where disk-offloaded weights go")
+    sampling = generate.add_mutually_exclusive_group()
+    sampling.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    sampling.add_argument("--temperature", type=float, help="sample with this temperature")
+    generate.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature)")
+    generate.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    generate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    generate.set_defaults(run=_cmd_generate)
+
+    demo = sub.add_parser("demo", help="the first thing to run: offloaded generation on a small model",
+                          description="Write (once) a small random-weight Llama model folder, plan it with a "
+                                      "budget that forces part of it to disk, load, generate, and compare "
+                                      "speed and tokens with the same model fully in memory.")
+    demo.add_argument("--size", choices=("small", "medium"), default="small")
+    demo.add_argument("--dir", type=Path, default=None, help="where the demo model is cached "
+                      "(default: ~/.cache/bigload/demo-SIZE)")
+    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def _planning_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_memory": args.max_memory,
+        "strategy": args.strategy,
+        "dtype": args.dtype,
+        "context_length": args.context_length,
+        "batch_size": args.batch_size,
+        "no_split_module_classes": args.no_split,
+        "prefetch": args.prefetch,
+    }
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from bigload.hf import plan_model
+
+    result = plan_model(args.model, **_planning_kwargs(args))
+    if args.json is not None and str(args.json) == "-":
+        print(result.to_json())
+        return 0
+    print(result.explain())
+    if args.json is not None:
+        args.json.write_text(result.to_json())
+        print(f"\nplan written to {args.json}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from bigload.checkpoint import open_checkpoint
+    from bigload.summary import summarize
+
+    summary = summarize(open_checkpoint(args.checkpoint), top=args.top)
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.render())
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from bigload.session import GenerateOptions, run_generate
+
+    options = GenerateOptions(
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    report = run_generate(
+        args.path, options, offload_folder=args.offload_folder, stream_text=not args.json,
+        echo=None if args.json else print, **_planning_kwargs(args),
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print()
+        print(report.render_summary())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from bigload.session import run_demo
+
+    report = run_demo(size=args.size, folder=args.dir, max_new_tokens=args.max_new_tokens,
+                      echo=None if args.json else print)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0 if report["tokens_identical"] else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `bigload` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="bigload: %(levelname)s: %(message)s")
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("bigload: interrupted", file=sys.stderr)
+        return 130
+    except (PlanError, BudgetError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"bigload: error: {exc}", file=sys.stderr)
+        return 2
+    except BigloadError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"bigload: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError, ValueError) as exc:
+        # Unexpected failures still get one line; --debug has the whole story.
+        if args.debug:
+            traceback.print_exc()
+        print(f"bigload: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

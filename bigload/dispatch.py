@@ -1,0 +1,398 @@
+"""Short compositions with accelerate's names: plan, stream, hook.
+
+`load_checkpoint_and_dispatch` reads like the pipeline: plan where each block goes (or check the map the
+caller gave), stream the checkpoint straight there, attach the runtime hooks. `dispatch_model`,
+`cpu_offload` and `disk_offload` do the same for a model whose weights are already real. Each keeps
+accelerate's keyword arguments and sets `model.hf_device_map` as transformers does; the work happens in
+`plan`, `stream`, `store` and `hooks`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from bigload.devices import CPU, Device, DeviceKind, DeviceLike
+from bigload.errors import DeviceError, OffloadError, PlanError
+from bigload.hooks import (
+    ExecutionPolicy,
+    HostWeights,
+    Runtime,
+    attach,
+    detach,
+    runtime_of,
+)
+from bigload.store import DiskStore, StoreOrigin
+
+__all__ = [
+    "cpu_offload",
+    "detach",
+    "disk_offload",
+    "dispatch_model",
+    "load_checkpoint_and_dispatch",
+    "remove_hook_from_submodules",
+    "validate_device_map",
+]
+
+logger = logging.getLogger(__name__)
+
+DeviceMap = Mapping[str, DeviceLike]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking a device map against a model, before any byte is read
+
+
+def _tensor_names(model: nn.Module) -> list[list[str]]:
+    """Every parameter and buffer as the list of its names (tied tensors have several), by identity."""
+    groups: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for table in (module._parameters, module._buffers):
+            for attr, tensor in table.items():
+                if tensor is not None:
+                    groups.setdefault(id(tensor), []).append(prefix + attr)
+    return list(groups.values())
+
+
+def _owner(name: str, keys: Sequence[str]) -> str | None:
+    best: str | None = None
+    for key in keys:
+        if (key == "" or name == key or name.startswith(key + ".")) and (best is None or len(key) > len(best)):
+            best = key
+    return best
+
+
+def validate_device_map(
+    model: nn.Module,
+    device_map: DeviceMap,
+    *,
+    gpu_count: int | None = None,
+    tied_groups: Iterable[Sequence[str]] = (),
+) -> dict[str, Device]:
+    """Check that `device_map` can place `model`: raise before anything is read or moved.
+
+    Args:
+        model: the model (meta or real).
+        device_map: transformers' format, module name -> GPU index, "cpu" or "disk".
+        gpu_count: GPUs on this machine (default: `torch.cuda.device_count()`).
+        tied_groups: extra groups of tensor names that must share a device (the model's own ties, found by
+            identity, are always checked; pass transformers' `_tied_weights_keys` pairs for a meta model
+            whose ties are not made yet).
+
+    Returns:
+        The map's values parsed into `Device`s.
+
+    Raises:
+        PlanError: a key names no module, a tensor is on no key, or a tied group spans devices.
+        DeviceError: a value is no device, or names a GPU this machine does not have.
+    """
+    if not device_map:
+        raise PlanError("the device map is empty; map at least '' (the whole model) to a device.")
+    placed = {key: Device.parse(value) for key, value in device_map.items()}
+    gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
+    missing_gpus = sorted({device.index for device in placed.values() if device.is_gpu and device.index >= gpus})
+    if missing_gpus:
+        have = f"GPUs 0..{gpus - 1}" if gpus else "no GPU"
+        raise DeviceError(
+            f"the device map puts blocks on GPU {missing_gpus} but this machine has {have}; map them to an "
+            "existing GPU, 'cpu' or 'disk', or plan with device_map='auto'."
+        )
+    keys = list(device_map)
+    _check_keys_exist(model, keys)
+    groups = _tensor_names(model)
+    uncovered = [names[0] for names in groups if all(_owner(name, keys) is None for name in names)]
+    if uncovered:
+        raise PlanError(
+            f"the device map places no module holding {len(uncovered)} tensor(s), e.g. {uncovered[:3]}; add "
+            f"their modules (e.g. {_module_of(uncovered[0])!r}) to the map, or map '' for the rest."
+        )
+    for names in [*groups, *(list(group) for group in tied_groups)]:
+        _check_tied(names, keys, placed)
+    return placed
+
+
+def _module_of(tensor_name: str) -> str:
+    return tensor_name.rpartition(".")[0]
+
+
+def _check_keys_exist(model: nn.Module, keys: Sequence[str]) -> None:
+    modules = {name for name, _ in model.named_modules()}
+    for key in keys:
+        if key in modules:
+            continue
+        raise PlanError(
+            f"device-map key {key!r} names no module of {type(model).__name__}; keys are module names such as "
+            f"{sorted(modules - {''})[:3]}."
+        )
+
+
+def _check_tied(names: Sequence[str], keys: Sequence[str], placed: Mapping[str, Device]) -> None:
+    devices = {name: placed[owner] for name in names if (owner := _owner(name, keys)) is not None}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise PlanError(
+            f"tied weights would be split across devices ({where}); a tied group must live on one device. "
+            "Map the modules holding them to the same device."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Placing real weights
+
+
+def _move_resident(model: nn.Module, device_map: DeviceMap, placed: Mapping[str, Device]) -> None:
+    """Move the tensors of GPU blocks to their GPU, once per tensor (tied weights stay one object)."""
+    keys = list(device_map)
+    done: dict[int, torch.Tensor] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for table in (module._parameters, module._buffers):
+            for attr, tensor in list(table.items()):
+                owner = _owner(prefix + attr, keys)
+                if tensor is None or owner is None or not placed[owner].is_gpu:
+                    continue
+                if id(tensor) not in done:
+                    moved = tensor.data.to(placed[owner].torch_device())
+                    done[id(tensor)] = nn.Parameter(moved, tensor.requires_grad) if isinstance(
+                        tensor, nn.Parameter) else moved
+                table[attr] = done[id(tensor)]  # type: ignore[assignment]
+
+
+def _write_disk_blocks(model: nn.Module, device_map: DeviceMap, placed: Mapping[str, Device], folder: Path,
+                       offload_buffers: bool) -> DiskStore:
+    """Write the real tensors of disk blocks into a DiskStore in `folder` (accelerate's layout)."""
+    keys = list(device_map)
+    disk_keys = {key for key in keys if placed[key].kind is DeviceKind.DISK}
+    store = DiskStore(folder, overwrite=True)
+    digest = hashlib.sha256()
+    with store:
+        for names in _tensor_names(model):
+            if _owner(names[0], keys) not in disk_keys:
+                continue
+            tensor = model.get_parameter(names[0]) if _is_parameter(model, names[0]) else model.get_buffer(names[0])
+            if not offload_buffers and not isinstance(tensor, nn.Parameter):
+                continue  # buffers of offloaded blocks stay on the execution device (hooks.attach)
+            if tensor.device.type == "meta":
+                raise OffloadError(
+                    f"tensor {names[0]!r} is on the meta device, so there is nothing to write to {folder}; load "
+                    "the checkpoint first (load_checkpoint_and_dispatch), or pass offload_index for weights "
+                    "already offloaded there."
+                )
+            store.put(names[0], tensor)
+            digest.update(f"{names[0]}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        store.commit(StoreOrigin(digest.hexdigest(), source=f"dispatch_model({type(model).__name__})"))
+    return DiskStore.open(folder)
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    module_name, _, attr = name.rpartition(".")
+    return attr in model.get_submodule(module_name)._parameters
+
+
+def _main_device(placed: Mapping[str, Device], main_device: DeviceLike | None) -> Device:
+    """accelerate's rule: the first GPU of the map, or the CPU when the map has none."""
+    if main_device is not None:
+        return Device.parse(main_device)
+    gpus = [device for device in placed.values() if device.is_gpu]
+    return gpus[0] if gpus else CPU
+
+
+def _set_device_map(model: nn.Module, device_map: DeviceMap, runtime: Runtime | None) -> None:
+    model.hf_device_map = dict(device_map)  # type: ignore[assignment]
+    if runtime is not None:
+        runtime.owned_attributes.append("hf_device_map")
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def dispatch_model(
+    model: nn.Module,
+    device_map: DeviceMap,
+    main_device: DeviceLike | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    offload_dir: str | os.PathLike[str] | None = None,
+    offload_index: Mapping[str, Any] | None = None,
+    offload_buffers: bool = False,
+    skip_keys: str | Sequence[str] | None = None,
+    preload_module_classes: Sequence[str] | None = None,
+    force_hooks: bool = False,
+    *,
+    prefetch: int = 1,
+    policy: ExecutionPolicy = ExecutionPolicy.STREAM,
+    execution_devices: Mapping[str, DeviceLike] | None = None,
+) -> nn.Module:
+    """Spread a model whose weights are real (on the CPU) over GPUs, CPU and disk, and hook it.
+
+    GPU blocks move to their GPU; cpu blocks stay in host memory (running on the main device or the CPU,
+    as `policy` says); disk blocks are written to a `DiskStore` in `offload_dir` and dropped from memory.
+
+    Args:
+        model: the model, weights real (or on meta for blocks whose weights `state_dict` / `offload_index`
+            provide).
+        device_map: transformers' format, in execution order, e.g. `{"model.embed_tokens": 0, ...}`.
+        main_device: where offloaded blocks run; default the map's first GPU, else the CPU.
+        state_dict: weights of the cpu blocks (accelerate's meaning), used instead of the model's.
+        offload_dir: the folder disk blocks go to (required when the map has "disk").
+        offload_index: the disk blocks are already in `offload_dir` (accelerate's or bigload's folder).
+        offload_buffers: offload buffers of offloaded blocks too, instead of keeping them resident.
+        skip_keys: forward keyword arguments never moved between devices (default: cache arguments).
+        preload_module_classes: accepted for accelerate compatibility; bigload materializes a whole block
+            before it runs, so modules that read their children's weights directly always find them.
+        force_hooks: hook the model even when it all fits on one device.
+        prefetch: blocks loaded ahead of the one running.
+        policy: where cpu blocks run when a GPU exists (`STREAM` to it, or `LOCAL` on the CPU).
+        execution_devices: per-block execution devices (a `Plan`'s), overriding `main_device`/`policy`.
+
+    Returns:
+        `model`, with `hf_device_map` set.
+
+    Raises:
+        PlanError, DeviceError: the map cannot place this model (checked before anything moves).
+        OffloadError: the map has disk blocks but no `offload_dir`.
+
+    >>> dispatch_model(model, {"embed": "cpu", "body": "disk", "head": "cpu"}, offload_dir="off/")  # doctest: +SKIP
+    """
+    placed = validate_device_map(model, device_map)
+    main = _main_device(placed, main_device)
+    uses_disk = any(device.kind is DeviceKind.DISK for device in placed.values())
+    if uses_disk and offload_dir is None:
+        raise OffloadError(
+            "the device map puts blocks on 'disk' but no offload_dir was given; pass offload_dir=<folder> "
+            "with room for the disk blocks' weights."
+        )
+    single = set(placed.values())
+    if len(single) == 1 and not uses_disk and not force_hooks and main == next(iter(single)):
+        model.to(main.torch_device())
+        _set_device_map(model, device_map, None)
+        return model
+    _move_resident(model, device_map, placed)
+    store = None
+    if uses_disk:
+        folder = Path(offload_dir)  # type: ignore[arg-type]
+        if offload_index is not None:
+            store = DiskStore.open(folder)
+        else:
+            store = _write_disk_blocks(model, device_map, placed, folder, offload_buffers)
+    pin = main.is_gpu and policy is ExecutionPolicy.STREAM
+    host = HostWeights(state_dict, pin=pin) if state_dict is not None else None
+    runtime = attach(
+        model,
+        device_map,
+        execution_device=execution_devices if execution_devices is not None else main,
+        store=store,
+        host_weights=host,
+        prefetch=prefetch,
+        skip_keys=[skip_keys] if isinstance(skip_keys, str) else skip_keys,
+        offload_buffers=offload_buffers,
+        policy=policy,
+    )
+    _set_device_map(model, device_map, runtime)
+    return model
+
+
+def _offload_blocks(model: nn.Module, preload_module_classes: Sequence[str] | None) -> list[str]:
+    """accelerate's granularity for cpu_offload/disk_offload: each module with tensors of its own, except
+    that a module of a `preload_module_classes` class is one block with all its children."""
+    preload = set(preload_module_classes or ())
+    blocks: list[str] = []
+    whole: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in whole):
+            continue
+        if type(module).__name__ in preload:
+            whole.append(name)
+            blocks.append(name)
+        elif module._parameters or module._buffers:
+            blocks.append(name)
+    return blocks
+
+
+def _default_execution_device() -> Device:
+    return Device.parse(0) if torch.cuda.is_available() else CPU
+
+
+def cpu_offload(
+    model: nn.Module,
+    execution_device: DeviceLike | None = None,
+    offload_buffers: bool = False,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    preload_module_classes: Sequence[str] | None = None,
+    *,
+    prefetch: int = 1,
+) -> nn.Module:
+    """Keep every weight in host memory and run the model on `execution_device`, one module at a time.
+
+    Each module with weights of its own is a block (a `preload_module_classes` module is one block with its
+    children); its weights are copied to the execution device just before it runs, the next `prefetch`
+    blocks are copied meanwhile, and they are released afterwards. On the CPU the weights are used where
+    they are: nothing is copied.
+
+    Args:
+        model: the model, weights real on the CPU (or on meta with `state_dict` holding them).
+        execution_device: default GPU 0 when there is one, else the CPU.
+        offload_buffers: offload buffers too (else they move to the execution device for good).
+        state_dict: the weights to use instead of the model's own.
+        preload_module_classes: class names of modules that read their children's weights directly.
+        prefetch: blocks copied ahead of the one running.
+
+    Returns:
+        `model`, hooked.
+    """
+    device = Device.parse(execution_device) if execution_device is not None else _default_execution_device()
+    if state_dict is not None and not device.is_gpu:
+        model.load_state_dict(dict(state_dict), strict=False, assign=True)
+        state_dict = None
+    device_map = {name: "cpu" for name in _offload_blocks(model, preload_module_classes)}
+    return dispatch_model(
+        model, device_map, main_device=device, state_dict=state_dict, offload_buffers=offload_buffers,
+        force_hooks=True, prefetch=prefetch, policy=ExecutionPolicy.STREAM,
+    )
+
+
+def disk_offload(
+    model: nn.Module,
+    offload_dir: str | os.PathLike[str],
+    execution_device: DeviceLike | None = None,
+    offload_buffers: bool = False,
+    preload_module_classes: Sequence[str] | None = None,
+    *,
+    prefetch: int = 1,
+) -> nn.Module:
+    """Write every weight to `offload_dir` and run the model on `execution_device`, one module at a time.
+
+    Like `cpu_offload`, with the weights read from memory-mapped files: on the CPU they are used in place
+    (the prefetcher faults in the next blocks' pages), on a GPU they go through pinned staging buffers.
+    If `offload_dir` already holds a store with the model's weights, it is used as is.
+
+    Args:
+        model: the model, weights real (or on meta when `offload_dir` already holds them).
+        offload_dir: the folder for the weights (accelerate's layout).
+        execution_device: default GPU 0 when there is one, else the CPU.
+        offload_buffers: offload buffers too.
+        preload_module_classes: class names of modules that read their children's weights directly.
+        prefetch: blocks loaded ahead of the one running.
+    """
+    device = Device.parse(execution_device) if execution_device is not None else _default_execution_device()
+    device_map = {name: "disk" for name in _offload_blocks(model, preload_module_classes)}
+    already = (Path(offload_dir) / "index.json").is_file() and any(
+        tensor.device.type == "meta" for tensor in model.parameters()
+    )
+    return dispatch_model(
+        model, device_map, main_device=device, offload_dir=offload_dir,
+        offload_index={} if already else None, offload_buffers=offload_buffers, force_hooks=True,
+        prefetch=prefetch,
+    )
+
+
+def remove_hook_from_submodules(module: nn.Module) -> nn.Module:
+    """accelerate's name for `detach`: remove bigload's hooks; offloaded weights come back to the CPU."""
+    return detach(module)

@@ -1,0 +1,956 @@
+"""Runtime: run a dispatched model block by block, bringing offloaded weights in just in time.
+
+Each top-level block of a device map gets an execution device. A forward pre-hook on the block moves its
+inputs there and, when its weights are offloaded (they live on the CPU or on disk but the block runs
+elsewhere, or they live on disk), installs them; a forward hook releases them afterwards, so the block's
+parameters are meta placeholders again and the memory goes back to a fixed pool.
+
+A prefetcher knows the execution order (the device map's order, confirmed by the first forward) and loads
+the next `prefetch` blocks on a background thread while the current one computes:
+
+- CPU execution: a stored tensor that is already a CPU tensor of the right dtype (an mmap'd `DiskStore.get`
+  view, or a host tensor) is used in place, with no copy; the prefetcher touches the pages of the next
+  blocks so a cold page cache does not stall compute. Tensors that need a cast go into a reused buffer.
+- CUDA execution: weights are staged through pinned host buffers (or copied straight from pinned host
+  weights) into reused device buffers on a side stream; events order the copies against compute.
+
+The prefetcher owns `1 + prefetch` slots per execution device (more when offloaded blocks nest), each as
+large as the largest offloaded block running there: the reserve the planner charges. `Runtime.stats()`
+reports buffers, bytes held and the order blocks were prefetched in.
+
+Cache objects (`past_key_values`, any `transformers` `Cache`) are never moved between devices: each layer
+keeps its part of the KV cache on its own device (moving it made accelerate's multi-GPU generation 5-8x
+slower, accelerate issue 1394).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from bigload.devices import CPU, Device, DeviceKind, DeviceLike
+from bigload.errors import OffloadError, PlanError
+
+__all__ = [
+    "DEFAULT_SKIP_KEYS",
+    "ExecutionPolicy",
+    "HostWeights",
+    "PrefetchStats",
+    "Runtime",
+    "WeightSource",
+    "attach",
+    "detach",
+    "execution_device_for",
+    "runtime_of",
+    "send_to_device",
+]
+
+logger = logging.getLogger(__name__)
+
+# Keyword arguments that carry a KV cache in transformers' models. `cache_position` is a plain tensor
+# input and must move like any other.
+DEFAULT_SKIP_KEYS: tuple[str, ...] = ("past_key_values", "past_key_value", "layer_past", "cache_params")
+
+_RUNTIME_ATTR = "_bigload_runtime"
+_PAGE = 4096
+PREFETCH_HISTORY = 4096  # how many prefetched block names `PrefetchStats.prefetched` remembers
+
+
+def _cache_types() -> tuple[type, ...]:
+    """transformers' cache base class when transformers is installed; caches are never moved."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # bigload runs without transformers; then no object is a cache
+        return ()
+    return (Cache,)
+
+
+_CACHE_TYPES = _cache_types()
+
+
+# --------------------------------------------------------------------------------------------------
+# Moving inputs and outputs
+
+
+def send_to_device(value: Any, device: torch.device, *, skip_keys: Iterable[str] = ()) -> Any:
+    """Move every tensor inside `value` (nested tuples, lists, dicts, ModelOutputs) to `device`.
+
+    Cache objects and the entries of mappings named in `skip_keys` are returned untouched, so a KV cache
+    never leaves the device of its layer.
+    """
+    skip = frozenset(skip_keys)
+    return _send(value, device, skip)
+
+
+def _send(value: Any, device: torch.device, skip: frozenset[str]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device, non_blocking=True)
+    if _CACHE_TYPES and isinstance(value, _CACHE_TYPES):
+        return value
+    if isinstance(value, Mapping):
+        moved = {key: (item if key in skip else _send(item, device, skip)) for key, item in value.items()}
+        if all(moved[key] is item for key, item in value.items()):
+            return value
+        return type(value)(moved) if not isinstance(value, dict) or type(value) is not dict else moved
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(_send(item, device, skip) for item in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_send(item, device, skip) for item in value)
+    return value
+
+
+def _first_tensor_device(args: Sequence[Any], kwargs: Mapping[str, Any], skip: frozenset[str]) -> torch.device | None:
+    stack: list[Any] = [*args, *(v for k, v in kwargs.items() if k not in skip)]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, torch.Tensor):
+            return item.device
+        if _CACHE_TYPES and isinstance(item, _CACHE_TYPES):
+            continue
+        if isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Where blocks run
+
+
+class ExecutionPolicy(enum.Enum):
+    """Where a block whose weights sit in CPU RAM runs when a GPU exists.
+
+    STREAM: copy its weights to the GPU for each forward (compute-bound blocks, large batches).
+    LOCAL: run it on the CPU and move only the activations (small batches, where the copy dominates).
+    """
+
+    STREAM = "stream"
+    LOCAL = "local"
+
+
+_PLACED_TO_EXECUTION: dict[tuple[DeviceKind, ExecutionPolicy], Callable[[Device, Device], Device]] = {
+    (DeviceKind.GPU, ExecutionPolicy.STREAM): lambda placed, main: placed,
+    (DeviceKind.GPU, ExecutionPolicy.LOCAL): lambda placed, main: placed,
+    (DeviceKind.CPU, ExecutionPolicy.STREAM): lambda placed, main: main,
+    (DeviceKind.CPU, ExecutionPolicy.LOCAL): lambda placed, main: CPU,
+    (DeviceKind.DISK, ExecutionPolicy.STREAM): lambda placed, main: main,
+    # The policy is about CPU-resident blocks: disk weights must be read anyway and run on the main device.
+    (DeviceKind.DISK, ExecutionPolicy.LOCAL): lambda placed, main: main,
+}
+
+
+def execution_device_for(placed: DeviceLike, *, main_device: DeviceLike, policy: ExecutionPolicy) -> Device:
+    """The device a block runs on, given where its weights are placed.
+
+    Args:
+        placed: the block's value in the device map (GPU index, "cpu" or "disk").
+        main_device: the GPU offloaded blocks run on (`CPU` when the machine has none).
+        policy: what to do with CPU- and disk-resident blocks when `main_device` is a GPU.
+
+    Returns:
+        A GPU or `CPU`, never disk.
+
+    >>> execution_device_for("cpu", main_device=0, policy=ExecutionPolicy.LOCAL)
+    Device(kind=<DeviceKind.CPU: 1>, index=0)
+    """
+    placed_device, main = Device.parse(placed), Device.parse(main_device)
+    if main.kind is DeviceKind.DISK:
+        raise PlanError("the main execution device cannot be 'disk'; use a GPU index or 'cpu'.")
+    return _PLACED_TO_EXECUTION[(placed_device.kind, policy)](placed_device, main)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where offloaded weights come from
+
+
+@runtime_checkable
+class WeightSource(Protocol):
+    """Somewhere offloaded tensors are kept: `DiskStore` (disk) or `HostWeights` (CPU RAM).
+
+    `get` returns a CPU tensor in the stored dtype and shape; a zero-copy view (mmap'd file, host tensor)
+    where possible. It may be called from the prefetch thread.
+    """
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+class HostWeights:
+    """Offloaded tensors kept in CPU RAM, by full tensor name; pinned when a GPU reads them.
+
+    >>> weights = HostWeights({"fc.weight": torch.ones(2, 2)})
+    >>> weights.get("fc.weight").sum().item()
+    4.0
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, *, pin: bool = False) -> None:
+        self._tensors: dict[str, torch.Tensor] = {}
+        self.pin = pin
+        for name, tensor in (tensors or {}).items():
+            self.put(name, tensor)
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Keep `tensor` (detached, on the CPU; pinned if this store pins)."""
+        tensor = tensor.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.to("cpu")
+        if self.pin and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        self._tensors[name] = tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise OffloadError(f"tensor {name!r} is not among the host-offloaded weights.") from None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+# --------------------------------------------------------------------------------------------------
+# Blocks and the tensors they materialize
+
+
+@dataclass(frozen=True)
+class _Site:
+    """One place a tensor is registered: `module._parameters[attr]` or `module._buffers[attr]`."""
+
+    module: nn.Module
+    attr: str
+    is_parameter: bool
+
+    def get(self) -> torch.Tensor | None:
+        table = self.module._parameters if self.is_parameter else self.module._buffers
+        return table[self.attr]
+
+    def set(self, tensor: torch.Tensor) -> None:
+        if self.is_parameter:
+            self.module._parameters[self.attr] = tensor  # type: ignore[assignment]
+        else:
+            self.module._buffers[self.attr] = tensor
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One offloaded tensor of a block: where it comes from, where it goes in the slot, where it is used."""
+
+    key: str  # its name in the weight source (tied tensors: whichever alias the source holds)
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # byte offset in the block's slot
+    sites: tuple[_Site, ...]
+    placeholder: torch.Tensor  # the meta tensor put back when the block is released
+    source: WeightSource
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.shape, self.dtype)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A top-level block of the device map as the runtime sees it."""
+
+    name: str
+    placed: Device
+    execution_device: torch.device
+    entries: tuple[_Entry, ...] = ()
+
+    @property
+    def offloaded(self) -> bool:
+        return bool(self.entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes its offloaded tensors take on the execution device (tied tensors once)."""
+        return sum(entry.nbytes for entry in self.entries)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    numel = 1
+    for size in shape:
+        numel *= size
+    return numel * torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+@dataclass(frozen=True)
+class PrefetchStats:
+    """What the prefetcher holds, for checking it against the planned reserve.
+
+    buffers / buffer_bytes: slot buffers allocated (device buffers and pinned staging), and their bytes;
+    reserve_bytes: what the slots may hold on the execution devices (slots x largest offloaded block);
+    bytes_held / peak_bytes_held: bytes of weights the prefetcher keeps ready or in use, now and at most;
+    prefetched: blocks loaded ahead on the background thread, in the order they were started (the last
+        `PREFETCH_HISTORY`);
+    sync_loads: blocks that had to be loaded on the caller's thread (not prefetched in time or evicted);
+    bytes_loaded: bytes of offloaded weights brought in since attach (read from disk or host memory);
+    order: the execution order the prefetcher follows.
+    """
+
+    buffers: int
+    buffer_bytes: int
+    reserve_bytes: int
+    bytes_held: int
+    peak_bytes_held: int
+    prefetched: tuple[str, ...]
+    sync_loads: int
+    bytes_loaded: int
+    order: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------------------------------
+# Slots and loading
+
+
+class _Slot:
+    """Room for one block's weights on one execution device, reused for the runtime's whole life."""
+
+    def __init__(self, device: torch.device, nbytes: int) -> None:
+        self.device = device
+        self.nbytes = nbytes
+        self.buffer: torch.Tensor | None = None  # on `device`, allocated once, on first need
+        self.staging: torch.Tensor | None = None  # pinned host bytes for CUDA copies
+        is_cuda = device.type == "cuda"
+        self.loaded = torch.cuda.Event() if is_cuda else None  # copies into this slot are done
+        self.released = torch.cuda.Event() if is_cuda else None  # compute reading this slot is done
+
+    def view(self, buffer: torch.Tensor, entry: _Entry) -> torch.Tensor:
+        raw = buffer[entry.offset : entry.offset + entry.nbytes]
+        return raw.view(entry.dtype).view(entry.shape)
+
+    def device_buffer(self) -> torch.Tensor:
+        if self.buffer is None:
+            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        return self.buffer
+
+    def staging_buffer(self) -> torch.Tensor:
+        if self.staging is None:
+            self.staging = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
+        return self.staging
+
+
+def _touch_pages(tensor: torch.Tensor) -> None:
+    """Fault in every page of a file-backed CPU tensor so compute does not wait on the disk later."""
+    if tensor.numel() == 0:
+        return
+    raw = tensor.reshape(-1).view(torch.uint8)
+    raw[::_PAGE].sum()
+
+
+def _usable_in_place(source_tensor: torch.Tensor, entry: _Entry, device: torch.device) -> bool:
+    return (
+        device.type == "cpu"
+        and source_tensor.device.type == "cpu"
+        and source_tensor.dtype == entry.dtype
+        and source_tensor.is_contiguous()
+        and source_tensor.numel() * source_tensor.element_size() == entry.nbytes
+    )
+
+
+def _load_cpu(block: Block, slot: _Slot) -> dict[str, torch.Tensor]:
+    loaded: dict[str, torch.Tensor] = {}
+    for entry in block.entries:
+        stored = entry.source.get(entry.key)
+        if _usable_in_place(stored, entry, slot.device):
+            _touch_pages(stored)
+            loaded[entry.key] = stored.view(entry.shape)
+        else:
+            target = slot.view(slot.device_buffer(), entry)
+            target.copy_(stored.reshape(entry.shape))
+            loaded[entry.key] = target
+    return loaded
+
+
+def _load_cuda(block: Block, slot: _Slot, stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
+    assert slot.loaded is not None and slot.released is not None
+    device_buffer = slot.device_buffer()
+    # The previous host-to-device copy out of this slot's staging buffer must be over before we overwrite it.
+    slot.loaded.synchronize()
+    loaded: dict[str, torch.Tensor] = {}
+    with torch.cuda.stream(stream):
+        # Compute that read the slot's previous block must be over before we overwrite the device buffer.
+        stream.wait_event(slot.released)
+        for entry in block.entries:
+            stored = entry.source.get(entry.key).reshape(entry.shape)
+            target = slot.view(device_buffer, entry)
+            if stored.is_pinned() and stored.dtype == entry.dtype:
+                target.copy_(stored, non_blocking=True)
+            else:
+                staged = slot.view(slot.staging_buffer(), entry)
+                staged.copy_(stored)  # the disk read (and any cast) happens here, on this thread
+                target.copy_(staged, non_blocking=True)
+            loaded[entry.key] = target
+        slot.loaded.record(stream)
+    return loaded
+
+
+class _Ticket:
+    """A block being loaded or ready in a slot."""
+
+    def __init__(self, block: Block, slot: _Slot, future: Future[dict[str, torch.Tensor]]) -> None:
+        self.block = block
+        self.slot = slot
+        self.future = future
+
+
+class _Prefetcher:
+    """Loads offloaded blocks into a fixed set of slots, ahead of execution, on one background thread.
+
+    Call order, all on the caller's thread: `acquire(block)` in the block's pre-hook (returns its tensors,
+    ready to use), `release(block)` in its post-hook. Each call tops the pipeline up: the next `prefetch`
+    blocks in execution order (wrapping around to the next forward) are loaded while the current one runs.
+    """
+
+    def __init__(self, blocks: Sequence[Block], prefetch: int, depth: int = 1) -> None:
+        self.prefetch = prefetch
+        self.order: list[str] = [block.name for block in blocks]
+        self.blocks = {block.name: block for block in blocks}
+        largest: dict[torch.device, int] = {}
+        count: dict[torch.device, int] = {}
+        for block in blocks:
+            largest[block.execution_device] = max(largest.get(block.execution_device, 0), block.nbytes)
+            count[block.execution_device] = count.get(block.execution_device, 0) + 1
+        # `depth` blocks may run at once (nested blocks), `prefetch` more wait ready; never more slots than blocks.
+        self.free: dict[torch.device, list[_Slot]] = {
+            device: [_Slot(device, nbytes) for _ in range(min(depth + prefetch, count[device]))]
+            for device, nbytes in largest.items()
+        }
+        self.all_slots = [slot for slots in self.free.values() for slot in slots]
+        self.streams = {device: torch.cuda.Stream(device) for device in largest if device.type == "cuda"}
+        self.tickets: dict[str, _Ticket] = {}  # scheduled or in use
+        self.in_use: list[str] = []
+        self.bytes_held = 0
+        self.peak_bytes_held = 0
+        self.prefetched: deque[str] = deque(maxlen=PREFETCH_HISTORY)
+        self.bytes_loaded = 0
+        self.sync_loads = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    # -- public, caller's thread
+
+    def acquire(self, name: str) -> dict[str, torch.Tensor]:
+        ticket = self.tickets.get(name)
+        if ticket is None:
+            ticket = self._start(name, background=False)
+            self.sync_loads += 1
+        if ticket is None:
+            raise OffloadError(
+                f"no free slot to load block {name!r}: more offloaded blocks are running at once than the "
+                f"runtime planned for ({len(self.in_use)} in use: {self.in_use}). Put nested blocks on one "
+                "device-map entry."
+            )
+        try:
+            tensors = ticket.future.result()
+        except Exception as error:
+            self._drop(ticket)
+            raise OffloadError(
+                f"loading the offloaded weights of block {name!r} onto {ticket.block.execution_device} failed: "
+                f"{error}. Check the offload store (folder, disk space, file permissions) and reload."
+            ) from error
+        if ticket.slot.loaded is not None:
+            torch.cuda.current_stream(ticket.slot.device).wait_event(ticket.slot.loaded)
+        self.in_use.append(name)
+        self._top_up(name)
+        return tensors
+
+    def release(self, name: str) -> None:
+        ticket = self.tickets.get(name)
+        if ticket is None or name not in self.in_use:
+            return
+        self.in_use.remove(name)
+        if ticket.slot.released is not None:
+            ticket.slot.released.record(torch.cuda.current_stream(ticket.slot.device))
+        self._drop(ticket)
+        self._top_up(name)
+
+    def reorder(self, observed: Sequence[str]) -> None:
+        """Follow the order blocks really ran in (first forward), keeping unseen blocks in planned order."""
+        seen = [name for name in dict.fromkeys(observed) if name in self.blocks]
+        new_order = seen + [name for name in self.order if name not in seen]
+        if new_order != self.order:
+            logger.info("bigload: execution order differs from the device map; prefetching in %s", new_order)
+            self.order = new_order
+
+    def stats(self) -> PrefetchStats:
+        allocated = [buf for slot in self.all_slots for buf in (slot.buffer, slot.staging) if buf is not None]
+        return PrefetchStats(
+            buffers=len(allocated),
+            buffer_bytes=sum(buf.numel() for buf in allocated),
+            reserve_bytes=sum(slot.nbytes for slot in self.all_slots),
+            bytes_held=self.bytes_held,
+            peak_bytes_held=self.peak_bytes_held,
+            prefetched=tuple(self.prefetched),
+            sync_loads=self.sync_loads,
+            bytes_loaded=self.bytes_loaded,
+            order=tuple(self.order),
+        )
+
+    def close(self) -> None:
+        for ticket in list(self.tickets.values()):
+            self._wait_quietly(ticket)
+        self.tickets.clear()
+        self.in_use.clear()
+        self.bytes_held = 0
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        for slot in self.all_slots:
+            slot.buffer = slot.staging = None
+
+    # -- internals
+
+    def _top_up(self, current: str) -> None:
+        if self.prefetch == 0 or current not in self.order:
+            return
+        start = self.order.index(current)
+        for step in range(1, min(self.prefetch, len(self.order) - 1) + 1):
+            name = self.order[(start + step) % len(self.order)]
+            if name in self.tickets:
+                continue
+            if self._start(name, background=True) is None:
+                return  # keep the order: never skip a block that has no slot yet
+            self.prefetched.append(name)
+
+    def _start(self, name: str, *, background: bool) -> _Ticket | None:
+        block = self.blocks[name]
+        slot = self._free_slot(block.execution_device, evict=not background)
+        if slot is None:
+            return None
+        if background:
+            future = self._pool().submit(self._load, block, slot)
+        else:
+            future = Future()
+            try:
+                future.set_result(self._load(block, slot))
+            except Exception as error:  # surfaced by acquire with its cause
+                future.set_exception(error)
+        ticket = _Ticket(block, slot, future)
+        self.tickets[name] = ticket
+        self.bytes_held += block.nbytes
+        self.bytes_loaded += block.nbytes
+        self.peak_bytes_held = max(self.peak_bytes_held, self.bytes_held)
+        return ticket
+
+    def _free_slot(self, device: torch.device, *, evict: bool) -> _Slot | None:
+        free = self.free[device]
+        if free:
+            return free.pop()
+        if not evict:
+            return None
+        # A block ran out of the expected order: give up the prefetched block needed furthest in the future.
+        waiting = [t for n, t in self.tickets.items() if n not in self.in_use and t.slot.device == device]
+        if not waiting:
+            return None
+        victim = max(waiting, key=lambda t: self.order.index(t.block.name))
+        self._wait_quietly(victim)
+        self._drop(victim)
+        return free.pop()
+
+    def _drop(self, ticket: _Ticket) -> None:
+        if self.tickets.get(ticket.block.name) is ticket:
+            del self.tickets[ticket.block.name]
+            self.bytes_held -= ticket.block.nbytes
+            self.free[ticket.slot.device].append(ticket.slot)
+
+    @staticmethod
+    def _wait_quietly(ticket: _Ticket) -> None:
+        # Used before reusing or freeing a slot: the load must be over; its error, if any, is reported
+        # when (and if) the block is acquired again.
+        try:
+            ticket.future.result()
+        except Exception:
+            logger.debug("bigload: discarded failed prefetch of %s", ticket.block.name, exc_info=True)
+
+    def _load(self, block: Block, slot: _Slot) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            if slot.device.type == "cuda":
+                return _load_cuda(block, slot, self.streams[slot.device])
+            return _load_cpu(block, slot)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigload-prefetch")
+            return self._executor
+
+
+# --------------------------------------------------------------------------------------------------
+# The runtime attached to a model
+
+
+@dataclass
+class Runtime:
+    """Hooks, blocks and prefetcher attached to one model. Get it with `runtime_of(model)`."""
+
+    model: nn.Module
+    blocks: dict[str, Block]
+    skip_keys: frozenset[str]
+    prefetcher: _Prefetcher
+    handles: list[RemovableHandle] = field(default_factory=list)
+    observed: list[str] = field(default_factory=list)
+    forwards: int = 0
+    owned_attributes: list[str] = field(default_factory=list)  # set on the model by dispatch; detach drops them
+    _installed: dict[str, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
+    _input_devices: list[torch.device | None] = field(default_factory=list)
+
+    def stats(self) -> PrefetchStats:
+        """Counters of the prefetcher: buffers, bytes held, reserve, blocks prefetched in order."""
+        return self.prefetcher.stats()
+
+    @property
+    def execution_order(self) -> tuple[str, ...]:
+        return tuple(self.prefetcher.order)
+
+    # -- hooks
+
+    def _pre_forward(self, block: Block, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if block.offloaded:
+            self._install(block, self.prefetcher.acquire(block.name))
+            if self.forwards == 0:
+                self.observed.append(block.name)
+        moved_args = _send(args, block.execution_device, self.skip_keys)
+        moved_kwargs = _send(kwargs, block.execution_device, self.skip_keys)
+        return moved_args, moved_kwargs
+
+    def _post_forward(self, block: Block, module: nn.Module, args: tuple, output: Any) -> None:
+        if block.offloaded:
+            self._uninstall(block)
+            self.prefetcher.release(block.name)
+
+    def _root_pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._input_devices.append(_first_tensor_device(args, kwargs, self.skip_keys))
+
+    def _root_post_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        device = self._input_devices.pop() if self._input_devices else None
+        if not self._input_devices:
+            if self.forwards == 0:
+                self.prefetcher.reorder(self.observed)
+            self.forwards += 1
+        if device is None:
+            return output
+        return _send(output, device, self.skip_keys)
+
+    # -- installing weights
+
+    def _install(self, block: Block, tensors: Mapping[str, torch.Tensor]) -> None:
+        for entry in block.entries:
+            tensor = tensors[entry.key]
+            value = _like(entry.placeholder, tensor)
+            self._installed.setdefault(entry.key, []).append((block.name, value))
+            for site in entry.sites:
+                site.set(value)
+
+    def _uninstall(self, block: Block) -> None:
+        for entry in block.entries:
+            stack = [item for item in self._installed.get(entry.key, []) if item[0] != block.name]
+            self._installed[entry.key] = stack
+            # A tied tensor still in use by an enclosing block keeps that block's copy.
+            value = stack[-1][1] if stack else entry.placeholder
+            for site in entry.sites:
+                site.set(value)
+
+
+def _like(placeholder: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` registered the way `placeholder` was: as a Parameter (same requires_grad) or a buffer."""
+    if isinstance(placeholder, nn.Parameter):
+        return nn.Parameter(tensor, placeholder.requires_grad)
+    return tensor
+
+
+def runtime_of(model: nn.Module) -> Runtime | None:
+    """The runtime `attach` put on `model`, or None."""
+    return model.__dict__.get(_RUNTIME_ATTR)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attaching
+
+
+def _tensor_sites(model: nn.Module) -> dict[int, tuple[list[str], list[_Site]]]:
+    """Every parameter and buffer by identity: its names (tied tensors have several) and registrations."""
+    found: dict[int, tuple[list[str], list[_Site]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
+            for attr, tensor in table.items():
+                if tensor is None:
+                    continue
+                names, sites = found.setdefault(id(tensor), ([], []))
+                names.append(prefix + attr)
+                sites.append(_Site(module, attr, is_parameter))
+    return found
+
+
+def _block_of(name: str, keys: Sequence[str]) -> str | None:
+    """The device-map key owning tensor or module `name`: the longest key that is a dotted prefix."""
+    best: str | None = None
+    for key in keys:
+        if key == "" or name == key or name.startswith(key + "."):
+            if best is None or len(key) > len(best):
+                best = key
+    return best
+
+
+def _resolve_module(model: nn.Module, key: str) -> nn.Module:
+    try:
+        return model.get_submodule(key)
+    except AttributeError:
+        raise PlanError(
+            f"device-map key {key!r} names no submodule of {type(model).__name__}; device maps name modules "
+            "(e.g. 'model.layers.0'). Use the module that owns that tensor."
+        ) from None
+
+
+def attach(
+    model: nn.Module,
+    device_map: Mapping[str, DeviceLike],
+    *,
+    execution_device: Mapping[str, DeviceLike] | DeviceLike,
+    store: WeightSource | None = None,
+    host_weights: HostWeights | None = None,
+    prefetch: int = 1,
+    skip_keys: Iterable[str] | None = None,
+    offload_buffers: bool = False,
+    policy: ExecutionPolicy = ExecutionPolicy.STREAM,
+    order: Sequence[str] | None = None,
+) -> Runtime:
+    """Hook each block of `device_map` so `model` runs with its weights spread over GPUs, CPU and disk.
+
+    Args:
+        model: a model whose tensors are where `device_map` says: real on GPUs and the CPU, meta (with
+            their bytes in `store`) on disk.
+        device_map: transformers' format, block name -> GPU index, "cpu" or "disk"; in execution order.
+        execution_device: per block (e.g. `Plan.execution_devices`), or the main device: GPU blocks run on
+            their GPU, disk blocks on the main device, CPU blocks as `policy` says.
+        store: where disk-placed tensors are (a `DiskStore`).
+        host_weights: where CPU-placed tensors that run on another device are; built from the model's own
+            CPU tensors (pinned for a GPU) when None.
+        prefetch: how many blocks to load ahead of the one computing (0: load on demand).
+        skip_keys: keyword arguments never moved; default `DEFAULT_SKIP_KEYS` (cache objects never move).
+        offload_buffers: offload the buffers of offloaded blocks too; otherwise they stay on the execution
+            device for good (as accelerate does).
+        policy: where CPU-placed blocks run when `execution_device` is a single GPU (ignored for a mapping).
+        order: execution order of the blocks when it differs from the device map's order.
+
+    Returns:
+        The `Runtime` (also `runtime_of(model)`), with `stats()` counters.
+
+    Raises:
+        PlanError: a key names no module, or tied tensors are split between a resident and an offloaded block.
+        OffloadError: a disk-placed tensor is missing from `store`.
+    """
+    if runtime_of(model) is not None:
+        detach(model)
+    if prefetch < 0:
+        raise PlanError(f"prefetch={prefetch} is negative; use 0 (no prefetch) or a positive depth.")
+    keys = list(device_map)
+    placed = {key: Device.parse(value) for key, value in device_map.items()}
+    runs_on = _execution_devices(keys, placed, execution_device, policy)
+    offloaded_keys = [key for key in keys if placed[key] != runs_on[key]]
+    pin = any(runs_on[key].is_gpu for key in offloaded_keys)
+    exec_of = {key: device.torch_device() for key, device in runs_on.items()}
+    host = host_weights if host_weights is not None else HostWeights(pin=pin)
+    blocks = _build_blocks(model, keys, placed, exec_of, set(offloaded_keys), store, host, offload_buffers)
+    ordered = _execution_order(blocks, order)
+    offloaded = [blocks[name] for name in ordered if blocks[name].offloaded]
+    depth = _nesting_depth([block.name for block in offloaded])
+    prefetcher = _Prefetcher(offloaded, prefetch, depth=depth)
+    runtime = Runtime(
+        model=model,
+        blocks={name: blocks[name] for name in ordered},
+        skip_keys=frozenset(DEFAULT_SKIP_KEYS if skip_keys is None else skip_keys),
+        prefetcher=prefetcher,
+    )
+    # The root's hooks go first so its pre-hook sees the caller's inputs before a root block moves them.
+    runtime.handles.append(model.register_forward_pre_hook(runtime._root_pre_forward, with_kwargs=True))
+    runtime.handles.append(model.register_forward_hook(runtime._root_post_forward, always_call=True))
+    for name in ordered:
+        _hook_block(runtime, model.get_submodule(name), blocks[name])
+    model.__dict__[_RUNTIME_ATTR] = runtime
+    return runtime
+
+
+def _execution_devices(
+    keys: Sequence[str],
+    placed: Mapping[str, Device],
+    execution_device: Mapping[str, DeviceLike] | DeviceLike,
+    policy: ExecutionPolicy,
+) -> dict[str, Device]:
+    if isinstance(execution_device, Mapping):
+        missing = [key for key in keys if key not in execution_device]
+        if missing:
+            raise PlanError(f"no execution device for blocks {missing[:5]}; give one for every device-map key.")
+        chosen = {key: Device.parse(execution_device[key]) for key in keys}
+    else:
+        main = Device.parse(execution_device)
+        chosen = {key: execution_device_for(placed[key], main_device=main, policy=policy) for key in keys}
+    disk = [key for key, device in chosen.items() if device.kind is DeviceKind.DISK]
+    if disk:
+        raise PlanError(f"blocks {disk[:5]} are given 'disk' as execution device; they run on a GPU or 'cpu'.")
+    return chosen
+
+
+def _build_blocks(
+    model: nn.Module,
+    keys: Sequence[str],
+    placed: Mapping[str, Device],
+    exec_of: Mapping[str, torch.device],
+    offloaded: set[str],
+    store: WeightSource | None,
+    host: HostWeights,
+    offload_buffers: bool,
+) -> dict[str, Block]:
+    modules = {key: _resolve_module(model, key) for key in keys}
+    entries: dict[str, list[_Entry]] = {key: [] for key in keys}
+    offsets = {key: 0 for key in keys}
+    # Wider dtypes first so every tensor's offset in a slot is aligned to its element size, with no padding.
+    by_width = sorted(
+        _tensor_sites(model).values(),
+        key=lambda item: -item[1][0].get().element_size(),  # type: ignore[union-attr]
+    )
+    for names, sites in by_width:
+        owners = {owner for owner in (_block_of(name, keys) for name in names) if owner is not None}
+        in_offloaded = sorted(owners & offloaded, key=keys.index)
+        if not in_offloaded:
+            continue
+        if owners - offloaded:
+            raise PlanError(
+                f"tied tensor {names} is shared by resident block(s) {sorted(owners - offloaded)} and offloaded "
+                f"block(s) {in_offloaded}; put every block of a tied group on the same device."
+            )
+        tensor = sites[0].get()
+        assert tensor is not None  # _tensor_sites skips None entries
+        if not sites[0].is_parameter and not offload_buffers:
+            _make_resident(sites, names, tensor, exec_of[in_offloaded[0]], store)
+            continue
+        source, key = _source_for(names, tensor, placed[in_offloaded[0]], store, host, in_offloaded[0])
+        # One placeholder object for every registration keeps tied parameters tied while released.
+        meta = tensor.detach().to("meta")
+        placeholder = nn.Parameter(meta, tensor.requires_grad) if sites[0].is_parameter else meta
+        for site in sites:
+            site.set(placeholder)
+        for owner in in_offloaded:
+            entry = _Entry(key, meta.dtype, tuple(meta.shape), offsets[owner], tuple(sites), placeholder, source)
+            entries[owner].append(entry)
+            offsets[owner] += entry.nbytes
+    return {
+        key: Block(key, placed[key], exec_of[key], tuple(entries[key])) for key in keys
+    }
+
+
+def _make_resident(sites: Sequence[_Site], names: Sequence[str], tensor: torch.Tensor, device: torch.device,
+                   store: WeightSource | None) -> None:
+    """Put a buffer of an offloaded block on its execution device for good (offload_buffers=False)."""
+    if tensor.device.type == "meta":
+        name = next((n for n in names if store is not None and n in store), None)
+        if name is None or store is None:
+            raise OffloadError(
+                f"buffer {names[0]!r} is on the meta device and not in the offload store; load the checkpoint "
+                "(or pass the folder it was offloaded to) before dispatching."
+            )
+        tensor = store.get(name)
+    moved = tensor.to(device)
+    for site in sites:
+        site.set(moved)
+
+
+def _source_for(names: Sequence[str], tensor: torch.Tensor, placed: Device, store: WeightSource | None,
+                host: HostWeights, block: str) -> tuple[WeightSource, str]:
+    if placed.kind is DeviceKind.DISK:
+        for name in names:
+            if store is not None and name in store:
+                return store, name
+        raise OffloadError(
+            f"tensor {names[0]!r} of block {block!r} is placed on disk but is not in the offload store; write it "
+            "there first (dispatch_model does, given offload_dir) or pass the store it was offloaded to."
+        )
+    if tensor.device.type != "meta":
+        # A real tensor of a block that runs elsewhere: keep it in host memory (pinned for a GPU).
+        if names[0] not in host:
+            host.put(names[0], tensor)
+        return host, names[0]
+    for name in names:
+        if name in host:
+            return host, name
+    raise OffloadError(
+        f"tensor {names[0]!r} of block {block!r} is placed on the CPU but is still on the meta device and not "
+        "among the host weights; load the checkpoint (or pass state_dict) before dispatching."
+    )
+
+
+def _execution_order(blocks: Mapping[str, Block], order: Sequence[str] | None) -> list[str]:
+    names = list(blocks)
+    if order is None:
+        return names
+    unknown = [name for name in order if name not in blocks]
+    if unknown:
+        raise PlanError(f"execution order names blocks {unknown[:5]} that are not in the device map.")
+    return list(dict.fromkeys(order)) + [name for name in names if name not in order]
+
+
+def _nesting_depth(names: Sequence[str]) -> int:
+    """How many of these blocks can run at once: the longest chain of blocks nested in one another."""
+    if not names:
+        return 1
+    depth = {}
+    for name in sorted(names, key=len):
+        parents = [other for other in depth if other == "" or name.startswith(other + ".")]
+        depth[name] = 1 + max((depth[p] for p in parents), default=0)
+    return max(depth.values())
+
+
+def _hook_block(runtime: Runtime, module: nn.Module, block: Block) -> None:
+    def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return runtime._pre_forward(block, mod, args, kwargs)
+
+    def post(mod: nn.Module, args: tuple, output: Any) -> None:
+        runtime._post_forward(block, mod, args, output)
+
+    runtime.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+    runtime.handles.append(module.register_forward_hook(post, always_call=True))
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove bigload's hooks; every offloaded tensor becomes a real CPU tensor again. Returns `model`.
+
+    The result is a plain module that runs without bigload: GPU-resident tensors stay where they are,
+    offloaded ones are read back into CPU memory (tied tensors stay tied).
+    """
+    runtime = runtime_of(model)
+    if runtime is None:
+        return model
+    for handle in runtime.handles:
+        handle.remove()
+    runtime.prefetcher.close()
+    for block in runtime.blocks.values():
+        for entry in block.entries:
+            stored = entry.source.get(entry.key).reshape(entry.shape).to(entry.dtype)
+            # Host weights are already ours; a store's tensors are views of files the caller may delete.
+            value = stored if isinstance(entry.source, HostWeights) else stored.clone()
+            real = _like(entry.placeholder, value)
+            for site in entry.sites:
+                site.set(real)
+    del model.__dict__[_RUNTIME_ATTR]
+    for attr in runtime.owned_attributes:
+        model.__dict__.pop(attr, None)
+    return model

@@ -1,0 +1,495 @@
+"""Where offloaded weights live: a disk folder in accelerate's layout.
+
+A store folder holds `index.json`, mapping each tensor name to `{"dtype": "float16", "shape": [...]}`, and
+one raw `<name>.dat` per tensor (bfloat16 written as its int16 bits, float8 as int8 bits, a 0-d tensor as
+one element), exactly what `accelerate.utils.offload_state_dict` writes, so accelerate reads bigload's
+folders and bigload reads accelerate's. A tensor that needs no conversion is instead an entry
+`{"safetensors_file": ..., "weight_name": ..., "dtype": ...}` pointing into the original checkpoint: no byte
+is copied. bigload's own metadata (the source checkpoint's fingerprint and the dtype) sits in `bigload.json`
+beside the index, so a folder built from another checkpoint is refused instead of silently used.
+
+Writing is all-or-nothing: `.dat` files are written under temporary names and renamed, and `index.json`
+appears only at `commit` (temp file, fsync, rename). Until then the folder holds no index, so an interrupted
+load never leaves a store claiming tensors it does not have.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Iterator, Mapping
+
+import torch
+
+from bigload.checkpoint import CheckpointIndex, MappedFiles, TensorRef, read_safetensors_header
+from bigload.errors import CheckpointError, OffloadError
+from bigload.sizes import dtype_width, format_size
+
+__all__ = ["DiskStore", "StoreOrigin", "TensorMeta"]
+
+INDEX_FILE = "index.json"
+ORIGIN_FILE = "bigload.json"
+_TMP_MARK = ".bigload-tmp"
+
+# index.json dtype names (numpy's, plus "bfloat16"/"float8_*" which accelerate stores as integer bits).
+_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
+    {
+        name: getattr(torch, name)
+        for name in (
+            "float64", "float32", "float16", "bfloat16", "complex64", "complex128",
+            "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool",
+            "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+        )
+        if hasattr(torch, name)
+    }
+)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a store holds for one tensor: its dtype and shape."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StoreOrigin:
+    """What a store was built from: the source checkpoint's fingerprint, where it was, and the dtype.
+
+    `fingerprint` alone decides whether a folder can be reused; `source` and `dtype` make the refusal
+    readable.
+    """
+
+    fingerprint: str
+    source: str = ""
+    dtype: str = ""
+
+    def describe(self) -> str:
+        where = self.source or "an unnamed checkpoint"
+        return f"{where} (dtype {self.dtype or 'as stored'}, fingerprint {self.fingerprint[:12]})"
+
+    @staticmethod
+    def of(index: CheckpointIndex, dtype: torch.dtype | None, variant: str = "") -> "StoreOrigin":
+        """The origin of a store built from `index` cast to `dtype` (None: stored dtypes).
+
+        `variant` names anything else that changes the stored bytes (e.g. modules kept in fp32).
+        """
+        name = dtype_name(dtype) if dtype is not None else ""
+        digest = hashlib.sha256(f"{index.fingerprint()}\0{name}\0{variant}".encode()).hexdigest()
+        return StoreOrigin(fingerprint=digest, source=str(index.root), dtype=name)
+
+    @staticmethod
+    def coerce(value: "str | StoreOrigin") -> "StoreOrigin":
+        return value if isinstance(value, StoreOrigin) else StoreOrigin(fingerprint=value)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """index.json's name for a dtype: "float32", "bfloat16", "bool", ..."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _parse_dtype(folder: Path, name: str, value: object) -> torch.dtype:
+    if value not in _DTYPES:
+        raise OffloadError(
+            f"{folder / INDEX_FILE}: tensor {name!r} has unknown dtype {value!r}; the index is corrupt. "
+            "Delete the folder and load again."
+        )
+    return _DTYPES[value]  # type: ignore[index]
+
+
+class DiskStore:
+    """An offload folder: write tensors with `put`/`put_reference` then `commit`, or read with `open`.
+
+    Writing (the loader does this):
+
+    >>> with DiskStore("offload/") as store:  # doctest: +SKIP
+    ...     store.put("lm_head.weight", weight)
+    ...     store.put_reference("model.embed_tokens.weight", index.tensors["model.embed_tokens.weight"])
+    ...     store.commit(StoreOrigin(index.fingerprint(), str(index.root), "bfloat16"))
+
+    Reading (the hooks do this):
+
+    >>> store = DiskStore.open("offload/")  # doctest: +SKIP
+    >>> store.get("lm_head.weight").shape  # doctest: +SKIP
+    torch.Size([32000, 4096])
+
+    Leaving the `with` block by an exception before `commit` removes every file this writer created.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Start writing a store in `folder` (created if needed).
+
+        Args:
+            folder: the offload folder.
+            overwrite: replace a store already in the folder (its index is removed first, so it never
+                describes files being rewritten).
+
+        Raises:
+            OffloadError: the folder cannot be created or written, or already holds a store and
+                `overwrite` is False.
+        """
+        self.folder = Path(folder).expanduser().resolve()
+        self._entries: dict[str, dict[str, object]] = {}
+        self._written: list[Path] = []
+        self._files = MappedFiles()
+        self._headers: dict[Path, dict[str, TensorRef]] = {}
+        self._committed = False
+        _ensure_writable(self.folder)
+        existing = self.folder / INDEX_FILE
+        if existing.exists():
+            if not overwrite:
+                raise OffloadError(
+                    f"{self.folder} already holds an offload store ({existing.name}); open it with "
+                    "DiskStore.open, pass overwrite=True to replace it, or use another folder."
+                )
+            existing.unlink()
+            (self.folder / ORIGIN_FILE).unlink(missing_ok=True)
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike[str],
+             expect_fingerprint: "str | StoreOrigin | None" = None) -> "DiskStore":
+        """Open a committed store (bigload's or accelerate's) for reading.
+
+        Args:
+            folder: the offload folder.
+            expect_fingerprint: the origin (or just the fingerprint) the store must have been built from.
+
+        Returns:
+            The store; `get`/`read_into` read its tensors.
+
+        Raises:
+            OffloadError: no index in the folder, a corrupt index, a `.dat` file missing or of the wrong
+                size, or (with `expect_fingerprint`) a store built from another checkpoint or dtype.
+        """
+        store = cls.__new__(cls)
+        store.folder = Path(folder).expanduser().resolve()
+        store._written = []
+        store._files = MappedFiles()
+        store._headers = {}
+        store._committed = True
+        store._entries = _read_index(store.folder)
+        if expect_fingerprint is not None:
+            _check_origin(store.folder, StoreOrigin.coerce(expect_fingerprint))
+        for name in store._entries:
+            store._check_entry(name)
+        return store
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    @property
+    def origin(self) -> StoreOrigin | None:
+        """What the store says it was built from (None for folders accelerate wrote)."""
+        return _read_origin(self.folder)
+
+    def meta(self, name: str) -> TensorMeta:
+        """The stored dtype and shape of `name`.
+
+        Raises:
+            OffloadError: `name` is not in the store.
+        """
+        entry = self._entry(name)
+        dtype = _parse_dtype(self.folder, name, entry.get("dtype"))
+        if "shape" in entry:
+            return TensorMeta(dtype, tuple(int(d) for d in entry["shape"]))  # type: ignore[union-attr]
+        return TensorMeta(dtype, self._reference(name, entry).shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        """`name` as a CPU tensor in its stored dtype: a zero-copy view of its file (file-backed pages).
+
+        Reference entries view the original safetensors file; if the entry asks for another dtype than the
+        file holds (only accelerate writes such entries), the cast is a private copy.
+
+        Raises:
+            OffloadError: `name` is not in the store, or its file is missing or truncated.
+        """
+        entry = self._entry(name)
+        meta = self.meta(name)
+        if "safetensors_file" in entry:
+            ref = self._reference(name, entry)
+            tensor = self._files.view(ref.file, ref.offset, ref.dtype, ref.shape, what=f"tensor {ref.name!r}",
+                                      error=OffloadError)
+            return tensor if tensor.dtype == meta.dtype else tensor.to(meta.dtype)
+        path = self._dat_path(name)
+        if not path.is_file():
+            raise OffloadError(f"{path}: the data of {name!r} is missing; delete {self.folder} and load again.")
+        shape = meta.shape or (1,)  # 0-d tensors are stored as one element, as accelerate does
+        return self._files.view(path, 0, meta.dtype, shape, what=repr(name), error=OffloadError).view(meta.shape)
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Copy `name` into the preallocated `out` (pinned host memory, or a GPU tensor) and return `out`.
+
+        Raises:
+            OffloadError: `out` has another dtype or shape than the stored tensor.
+        """
+        meta = self.meta(name)
+        if out.dtype != meta.dtype or tuple(out.shape) != meta.shape:
+            raise OffloadError(
+                f"{self.folder}: cannot read {name!r} ({dtype_name(meta.dtype)} {list(meta.shape)}) into a "
+                f"{dtype_name(out.dtype)} {list(out.shape)} buffer; allocate the buffer from store.meta(name)."
+            )
+        out.copy_(self.get(name), non_blocking=out.device.type != "cpu")
+        return out
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    def __enter__(self) -> "DiskStore":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None and not self._committed:
+            self.abort()
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Write `tensor` (already in its final dtype) as `<name>.dat`; it is listed only after `commit`.
+
+        Raises:
+            OffloadError: the name cannot be a file name, the store is committed, or writing failed
+                (no space, I/O error); the partial file is removed.
+        """
+        self._check_writable_name(name)
+        data = tensor.detach().to("cpu").contiguous()
+        self._entries[name] = {"dtype": dtype_name(data.dtype), "shape": list(data.shape)}
+        final = self._dat_path(name)
+        temp = final.with_name(final.name + _TMP_MARK)
+        try:
+            _write_file(temp, _raw_bytes(data))
+            os.replace(temp, final)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            del self._entries[name]
+            raise self._write_error(name, data.numel() * data.element_size(), exc) from exc
+        self._written.append(final)
+
+    def put_reference(self, name: str, ref: TensorRef) -> None:
+        """Record that `name` is `ref` inside its safetensors file, unchanged: no bytes are written.
+
+        Raises:
+            OffloadError: `ref` is not a contiguous tensor of a safetensors file (copy it with `put`).
+        """
+        self._check_writable_name(name)
+        if ref.format != "safetensors" or ref.stride is not None:
+            raise OffloadError(
+                f"{ref.file}: tensor {ref.name!r} is not a plain safetensors tensor, so the store cannot "
+                "point into the file; write a copy with put(name, tensor) instead."
+            )
+        self._entries[name] = {
+            "safetensors_file": str(ref.file),
+            "weight_name": ref.name,
+            "dtype": dtype_name(ref.dtype),
+            "shape": list(ref.shape),  # not in accelerate's entries, which ignore it; saves a header read
+        }
+
+    def commit(self, fingerprint: "str | StoreOrigin") -> None:
+        """Write `bigload.json` then `index.json` atomically; from now on the folder is a readable store.
+
+        Args:
+            fingerprint: the source checkpoint's origin (or just its fingerprint string).
+
+        Raises:
+            OffloadError: writing the index failed (nothing is left claiming tensors).
+        """
+        origin = StoreOrigin.coerce(fingerprint)
+        try:
+            _write_json_atomic(self.folder / ORIGIN_FILE, {"fingerprint": origin.fingerprint,
+                                                           "source": origin.source, "dtype": origin.dtype})
+            _write_json_atomic(self.folder / INDEX_FILE, self._entries)
+            _fsync_dir(self.folder)
+        except OSError as exc:
+            raise self._write_error(INDEX_FILE, 0, exc) from exc
+        self._committed = True
+
+    def abort(self) -> None:
+        """Remove every file this writer created (before `commit`); the folder holds no store afterwards."""
+        for path in self._written:
+            path.unlink(missing_ok=True)
+        for temp in self.folder.glob(f"*{_TMP_MARK}"):
+            temp.unlink(missing_ok=True)
+        self._written.clear()
+        self._entries.clear()
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _dat_path(self, name: str) -> Path:
+        return self.folder / f"{name}.dat"
+
+    def _entry(self, name: str) -> dict[str, object]:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise OffloadError(
+                f"{self.folder}: no tensor named {name!r} in the offload store ({len(self._entries)} tensors)."
+            )
+        return entry
+
+    def _reference(self, name: str, entry: Mapping[str, object]) -> TensorRef:
+        path = Path(str(entry["safetensors_file"]))
+        weight = str(entry.get("weight_name", name))
+        if path not in self._headers:
+            try:
+                self._headers[path] = {ref.name: ref for ref in read_safetensors_header(path)[0]}
+            except CheckpointError as exc:
+                raise OffloadError(
+                    f"{self.folder}: {name!r} points into {path}, which cannot be read ({exc}); "
+                    "delete the offload folder and load again."
+                ) from None
+        ref = self._headers[path].get(weight)
+        if ref is None:
+            raise OffloadError(
+                f"{self.folder}: {name!r} points to tensor {weight!r} of {path}, which has no such tensor; "
+                "the checkpoint changed. Delete the offload folder and load again."
+            )
+        return ref
+
+    def _check_entry(self, name: str) -> None:
+        entry = self._entries[name]
+        if not isinstance(entry, dict):
+            raise OffloadError(f"{self.folder / INDEX_FILE}: the entry of {name!r} is not an object.")
+        if "safetensors_file" in entry:
+            if not Path(str(entry["safetensors_file"])).is_file():
+                raise OffloadError(
+                    f"{self.folder}: {name!r} points into {entry['safetensors_file']}, which no longer exists; "
+                    "delete the offload folder and load again."
+                )
+            return
+        meta = self.meta(name)
+        stored_elements = math.prod(meta.shape) if meta.shape else 1  # 0-d tensors are stored as one element
+        expected = stored_elements * dtype_width(meta.dtype)
+        path = self._dat_path(name)
+        size = path.stat().st_size if path.is_file() else -1
+        if size != expected:
+            found = "is missing" if size < 0 else f"has {size} bytes, expected {expected}"
+            raise OffloadError(
+                f"{path}: the data of {name!r} {found}; the store is damaged. Delete {self.folder} and load "
+                "again."
+            )
+
+    def _check_writable_name(self, name: str) -> None:
+        if self._committed:
+            raise OffloadError(f"{self.folder}: the store is committed; start a new DiskStore to write.")
+        if not name or "/" in name or "\0" in name or name.startswith("."):
+            raise OffloadError(
+                f"tensor name {name!r} cannot be a file name in {self.folder}; names must be non-empty, "
+                "not start with '.', and contain no '/'."
+            )
+
+    def _write_error(self, name: str, nbytes: int, exc: OSError) -> OffloadError:
+        if exc.errno == errno.ENOSPC:
+            free = shutil.disk_usage(self.folder).free
+            return OffloadError(
+                f"no space left in {self.folder} while writing {name!r} ({format_size(nbytes)}; "
+                f"{format_size(free)} free). Free disk space or choose an offload_folder on a larger disk."
+            )
+        return OffloadError(f"cannot write {name!r} to {self.folder}: {exc}. Check the folder and disk.")
+
+
+def _raw_bytes(data: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (bool, bfloat16 and float8 bits included)."""
+    if data.numel() == 0:
+        return memoryview(b"")
+    return memoryview(data.reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_file(path: Path, payload: memoryview) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        written = 0
+        while written < len(payload):
+            written += os.write(fd, payload[written:written + (64 << 20)])
+        # The index will claim these bytes, so they must be on disk before it is.
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, content: object) -> None:
+    temp = path.with_name(path.name + _TMP_MARK)
+    try:
+        _write_file(temp, memoryview(json.dumps(content, indent=2).encode()))
+        os.replace(temp, path)
+    except OSError:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ensure_writable(folder: Path) -> None:
+    probe = folder / f"probe{_TMP_MARK}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OffloadError(
+            f"cannot write to the offload folder {folder} ({exc.strerror or exc}); pass an offload_folder "
+            "you can write to."
+        ) from None
+
+
+def _read_index(folder: Path) -> dict[str, dict[str, object]]:
+    path = folder / INDEX_FILE
+    if not path.is_file():
+        raise OffloadError(
+            f"{folder}: no offload store here ({INDEX_FILE} is missing); load the checkpoint with "
+            f"offload_folder={str(folder)!r} first."
+        )
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OffloadError(f"{path}: not valid JSON ({exc}); delete the folder and load again.") from None
+    if not isinstance(entries, dict):
+        raise OffloadError(f"{path}: expected an object mapping tensor names to entries.")
+    return entries
+
+
+def _read_origin(folder: Path) -> StoreOrigin | None:
+    path = folder / ORIGIN_FILE
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+        return StoreOrigin(str(content["fingerprint"]), str(content.get("source", "")),
+                           str(content.get("dtype", "")))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def _check_origin(folder: Path, expected: StoreOrigin) -> None:
+    found = _read_origin(folder)
+    if found is None:
+        raise OffloadError(
+            f"{folder} holds an offload store that bigload did not write (no readable {ORIGIN_FILE}), so it "
+            f"cannot be checked against {expected.describe()}. Use another offload_folder, or delete it."
+        )
+    if found.fingerprint != expected.fingerprint:
+        raise OffloadError(
+            f"{folder} holds weights from {found.describe()}, not from {expected.describe()}. "
+            "Use another offload_folder, or delete this one to rebuild it."
+        )

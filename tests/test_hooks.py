@@ -1,0 +1,397 @@
+"""Runtime hooks: inputs move, offloaded weights come in just in time and leave, prefetch follows execution."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from bigload.devices import CPU, Device
+from bigload.errors import OffloadError, PlanError
+from bigload.hooks import (
+    ExecutionPolicy,
+    HostWeights,
+    attach,
+    detach,
+    execution_device_for,
+    runtime_of,
+    send_to_device,
+)
+from fixtures_models import OutOfOrder, ThreeBlocks, TiedEnds
+
+THREE_MAP = {"first": "disk", "second": "disk", "third": "disk", "": "cpu"}
+
+
+def _offload(model: nn.Module, names: list[str], dtype: torch.dtype | None = None) -> HostWeights:
+    """Move the named tensors out of `model` into a source (optionally stored in another dtype)."""
+    state = model.state_dict()
+    source = HostWeights({name: state[name].to(dtype or state[name].dtype) for name in names})
+    return source
+
+
+def _names(model: nn.Module, prefixes: tuple[str, ...]) -> list[str]:
+    return [name for name, _ in model.named_parameters() if name.startswith(prefixes)]
+
+
+def _three(seed: int = 0) -> tuple[ThreeBlocks, ThreeBlocks]:
+    torch.manual_seed(seed)
+    reference = ThreeBlocks()
+    model = ThreeBlocks()
+    model.load_state_dict(reference.state_dict())
+    return reference, model
+
+
+def _run_with_timeout(fn, seconds: float = 20.0):
+    """Run `fn` on a thread; fail (instead of hanging the suite) if it does not finish."""
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as error:  # handed back to the test thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "forward hung"
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome.get("value")
+
+
+# -- execution policy -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("placed", "main", "policy", "expected"),
+    [
+        (0, 0, ExecutionPolicy.STREAM, Device.parse(0)),
+        (1, 0, ExecutionPolicy.LOCAL, Device.parse(1)),
+        ("cpu", 0, ExecutionPolicy.STREAM, Device.parse(0)),
+        ("cpu", 0, ExecutionPolicy.LOCAL, CPU),
+        ("disk", 0, ExecutionPolicy.STREAM, Device.parse(0)),
+        ("disk", 0, ExecutionPolicy.LOCAL, Device.parse(0)),
+        ("cpu", "cpu", ExecutionPolicy.STREAM, CPU),
+        ("disk", "cpu", ExecutionPolicy.LOCAL, CPU),
+    ],
+)
+def test_execution_device_follows_placement_and_policy(placed, main, policy, expected):
+    assert execution_device_for(placed, main_device=main, policy=policy) == expected
+
+
+def test_disk_is_no_main_device():
+    with pytest.raises(PlanError, match="main execution device cannot be 'disk'"):
+        execution_device_for("cpu", main_device="disk", policy=ExecutionPolicy.STREAM)
+
+
+def test_local_policy_keeps_cpu_block_resident_and_stream_offloads_it():
+    """With the CPU as main device the decision is observable: LOCAL and STREAM agree on cpu blocks, while a
+    per-block execution device other than the placement makes the block offloaded."""
+    reference, model = _three()
+    runtime = attach(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"},
+                     execution_device="cpu", policy=ExecutionPolicy.LOCAL)
+    assert not any(block.offloaded for block in runtime.blocks.values())
+    detach(model)
+    runtime = attach(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"},
+                     execution_device={"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"})
+    assert [name for name, block in runtime.blocks.items() if block.offloaded] == []
+
+
+# -- moving inputs ----------------------------------------------------------------------------------
+
+
+def test_send_to_device_moves_nested_tensors_but_never_a_cache():
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    value = {"x": torch.ones(2), "nested": (torch.zeros(1), [torch.ones(1)]), "past_key_values": cache,
+             "position_embeddings": (torch.ones(3), torch.ones(3)), "flag": True}
+    moved = send_to_device(value, torch.device("meta"), skip_keys=["past_key_values"])
+    assert moved["x"].device.type == "meta"
+    assert moved["nested"][0].device.type == "meta" and moved["nested"][1][0].device.type == "meta"
+    assert all(t.device.type == "meta" for t in moved["position_embeddings"])
+    assert moved["past_key_values"] is cache
+    assert moved["flag"] is True
+    # A cache is never moved, whatever key it sits under.
+    assert send_to_device([cache], torch.device("meta"))[0] is cache
+
+
+def test_skip_keys_leave_tensors_where_they_are():
+    tensor = torch.ones(2)
+    moved = send_to_device({"layer_past": tensor, "cache_position": tensor}, torch.device("meta"),
+                           skip_keys=["layer_past"])
+    assert moved["layer_past"] is tensor
+    assert moved["cache_position"].device.type == "meta"  # cache_position is an input: it moves
+
+
+# -- offloaded blocks -------------------------------------------------------------------------------
+
+
+def test_offloaded_blocks_match_plain_model_and_are_released_after_forward():
+    reference, model = _three()
+    names = _names(model, ("first", "second", "third"))
+    store = _offload(model, names)
+    attach(model, THREE_MAP, execution_device="cpu", store=store, prefetch=1)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    assert all(model.get_parameter(name).device.type == "meta" for name in names)
+    assert model.scale.device.type == "cpu"
+
+
+def test_cpu_execution_uses_stored_tensors_in_place():
+    reference, model = _three()
+    names = _names(model, ("second",))
+    store = _offload(model, names)
+    seen: dict[str, int] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        seen["weight"] = module.weight.data_ptr()
+
+    model.second[0].register_forward_pre_hook(record)
+    attach(model, THREE_MAP | {"first": "cpu", "third": "cpu"}, execution_device="cpu", store=store)
+    with torch.no_grad():
+        model(torch.randn(2, 8))
+    assert seen["weight"] == store.get("second.0.weight").data_ptr()
+    stats = runtime_of(model).stats()
+    assert stats.buffers == 0 and stats.buffer_bytes == 0
+
+
+def test_stored_dtype_differs_then_weights_are_cast_into_reused_buffers():
+    reference, model = _three()
+    names = _names(model, ("first", "second", "third"))
+    store = _offload(model, names, dtype=torch.float64)
+    runtime = attach(model, THREE_MAP, execution_device="cpu", store=store, prefetch=1)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    stats = runtime.stats()
+    largest = max(block.nbytes for block in runtime.blocks.values())
+    assert largest == sum(p.numel() * 4 for p in reference.second.parameters())
+    assert stats.reserve_bytes == largest * (1 + 1)
+    assert stats.buffers == 2  # one per slot, allocated once, reused for every block and step
+    assert stats.buffer_bytes == stats.reserve_bytes
+    assert stats.peak_bytes_held <= stats.reserve_bytes
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_bytes_held_never_exceed_the_planned_reserve(prefetch):
+    reference, model = _three()
+    names = _names(model, ("first", "second", "third"))
+    store = _offload(model, names)
+    runtime = attach(model, THREE_MAP, execution_device="cpu", store=store, prefetch=prefetch)
+    sizes = {name: block.nbytes for name, block in runtime.blocks.items() if block.offloaded}
+    peak_seen = []
+
+    def watch(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        peak_seen.append(runtime.stats().bytes_held)
+
+    for name in sizes:
+        model.get_submodule(name).register_forward_hook(watch)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(2, 8))
+    reserve = max(sizes.values()) * min(1 + prefetch, len(sizes))
+    stats = runtime.stats()
+    assert stats.reserve_bytes == reserve
+    assert max(peak_seen) <= reserve and stats.peak_bytes_held <= reserve
+    # Every forward loads every block once; anything more was prefetched for the next forward and is held.
+    assert 0 <= stats.bytes_loaded - 3 * sum(sizes.values()) == stats.bytes_held
+
+
+def test_prefetch_runs_in_background_in_execution_order():
+    reference, model = _three()
+    store = _offload(model, _names(model, ("first", "second", "third")))
+    threads: list[tuple[str, str]] = []
+
+    class Recording(HostWeights):
+        def get(self, name: str) -> torch.Tensor:
+            threads.append((name.split(".")[0], threading.current_thread().name))
+            return super().get(name)
+
+    source = Recording({name: store.get(name) for name in store.names})
+    runtime = attach(model, THREE_MAP, execution_device="cpu", store=source, prefetch=1)
+    with torch.no_grad():
+        model(torch.randn(2, 8))
+        model(torch.randn(2, 8))
+    stats = runtime.stats()
+    # The first block is loaded on demand once; from then on the next block is always loaded ahead,
+    # wrapping around to the next forward.
+    assert stats.sync_loads == 1
+    assert stats.prefetched == ("second", "third", "first", "second", "third", "first")
+    assert {thread for block, thread in threads if block != "first"} == {"bigload-prefetch_0"}
+
+
+def test_first_forward_confirms_the_execution_order():
+    torch.manual_seed(0)
+    reference = OutOfOrder()
+    model = OutOfOrder()
+    model.load_state_dict(reference.state_dict())
+    store = _offload(model, _names(model, ("last", "middle", "first")))
+    # Registration (and device-map) order is last, middle, first; forward runs first, middle, last.
+    runtime = attach(model, {"last": "disk", "middle": "disk", "first": "disk"}, execution_device="cpu",
+                     store=store, prefetch=1)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+        misses_after_first = runtime.stats().sync_loads
+        for _ in range(2):
+            torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    stats = runtime.stats()
+    assert stats.order == ("first", "middle", "last")
+    assert stats.sync_loads == misses_after_first  # no miss once the order is known
+    assert stats.prefetched[-3:] == ("middle", "last", "first")
+
+
+def test_error_in_prefetch_thread_surfaces_in_forward_with_its_cause():
+    reference, model = _three()
+    store = _offload(model, _names(model, ("first", "second", "third")))
+
+    class Broken(HostWeights):
+        def get(self, name: str) -> torch.Tensor:
+            if name.startswith("third"):
+                raise OSError(5, "Input/output error", "third.weight.dat")
+            return super().get(name)
+
+    source = Broken({name: store.get(name) for name in store.names})
+    attach(model, THREE_MAP, execution_device="cpu", store=source, prefetch=2)
+    with pytest.raises(OffloadError, match="block 'third'") as info:
+        _run_with_timeout(lambda: model(torch.randn(2, 8)))
+    assert isinstance(info.value.__cause__, OSError)
+    # The runtime is still usable: the failed block is retried (and fails again) rather than hanging.
+    with pytest.raises(OffloadError):
+        _run_with_timeout(lambda: model(torch.randn(2, 8)))
+
+
+def test_error_on_demand_load_also_surfaces():
+    reference, model = _three()
+    store = _offload(model, _names(model, ("first",)))
+
+    class Broken(HostWeights):
+        def get(self, name: str) -> torch.Tensor:
+            raise RuntimeError("disk gone")
+
+    attach(model, THREE_MAP | {"second": "cpu", "third": "cpu"}, execution_device="cpu",
+           store=Broken({name: store.get(name) for name in store.names}), prefetch=0)
+    with pytest.raises(OffloadError, match="block 'first'.*disk gone"):
+        _run_with_timeout(lambda: model(torch.randn(2, 8)))
+
+
+def test_missing_tensor_in_store_is_an_error_at_attach():
+    reference, model = _three()
+    store = _offload(model, _names(model, ("first", "second")))
+    with pytest.raises(OffloadError, match="'third.weight' of block 'third' is placed on disk"):
+        attach(model, THREE_MAP, execution_device="cpu", store=store)
+
+
+# -- tied weights, buffers, detach ------------------------------------------------------------------
+
+
+def test_tied_weight_is_one_tensor_per_device_and_stays_tied():
+    torch.manual_seed(0)
+    reference = TiedEnds()
+    model = TiedEnds()
+    model.load_state_dict(reference.state_dict())
+    source = HostWeights({"embed.weight": reference.embed.weight.detach().clone(),
+                          "body.weight": reference.body.weight.detach().clone(),
+                          "body.bias": reference.body.bias.detach().clone()})
+    runtime = attach(model, {"embed": "disk", "body": "disk", "head": "disk"}, execution_device="cpu",
+                     store=source, prefetch=1)
+    assert model.head.weight is model.embed.weight  # the placeholder is shared too
+    head = runtime.blocks["head"]
+    assert [entry.key for entry in head.entries] == ["embed.weight"]  # found under its alias
+    seen = []
+    model.head.register_forward_pre_hook(lambda m, a: seen.append(m.weight.data_ptr() == model.embed.weight.data_ptr()))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids), rtol=0, atol=0)
+    assert seen == [True]
+    detach(model)
+    assert model.head.weight is model.embed.weight
+
+
+def test_tied_weight_shared_by_resident_and_offloaded_block_is_refused():
+    model = TiedEnds()
+    with pytest.raises(PlanError, match="tied tensor"):
+        attach(model, {"embed": "cpu", "body": "cpu", "head": "disk"}, execution_device="cpu",
+               store=HostWeights({"embed.weight": model.embed.weight.detach()}))
+
+
+@pytest.mark.parametrize("offload_buffers", [False, True])
+def test_offload_buffers(offload_buffers):
+    reference, model = _three()
+    names = _names(model, ("first", "second", "third"))
+    source = _offload(model, names + (["scale"] if offload_buffers else []))
+    attach(model, {"": "disk"}, execution_device="cpu", store=source, offload_buffers=offload_buffers)
+    assert (model.scale.device.type == "meta") is offload_buffers
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    assert (model.scale.device.type == "meta") is offload_buffers
+
+
+def test_detach_removes_every_hook_and_leaves_a_plain_module():
+    reference, model = _three()
+    store = _offload(model, _names(model, ("first", "second", "third")))
+    attach(model, THREE_MAP, execution_device="cpu", store=store, prefetch=1)
+    with torch.no_grad():
+        model(torch.randn(2, 8))
+    assert runtime_of(model) is not None
+    plain = detach(model)
+    assert plain is model and runtime_of(model) is None
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    assert detach(model) is model  # detaching twice is harmless
+
+
+def test_root_output_returns_to_the_input_device():
+    reference, model = _three()
+    attach(model, {"": "cpu"}, execution_device="cpu")
+    out = model(torch.randn(2, 8))
+    assert out.device.type == "cpu"
+    runtime = runtime_of(model)
+    assert runtime.forwards == 1
+
+
+def test_negative_prefetch_is_refused():
+    reference, model = _three()
+    with pytest.raises(PlanError, match="prefetch=-1"):
+        attach(model, {"": "cpu"}, execution_device="cpu", prefetch=-1)
+
+
+def test_unknown_block_is_refused():
+    reference, model = _three()
+    with pytest.raises(PlanError, match="'fourth' names no submodule"):
+        attach(model, {"fourth": "cpu", "": "cpu"}, execution_device="cpu")
+
+
+# -- CUDA ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_streams_offloaded_weights_through_reused_buffers():
+    reference, model = _three()
+    names = _names(model, ("first", "second", "third"))
+    store = _offload(model, names)
+    runtime = attach(model, THREE_MAP, execution_device="cuda:0", store=store, prefetch=1)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            out = model(x)
+            assert out.device.type == "cpu"
+            torch.testing.assert_close(out, reference(x))
+    stats = runtime.stats()
+    largest = max(block.nbytes for block in runtime.blocks.values())
+    assert stats.reserve_bytes == 2 * largest
+    # Device slots and pinned staging slots: two of each at most, never reallocated.
+    assert stats.buffers <= 4 and stats.buffer_bytes <= 2 * stats.reserve_bytes
