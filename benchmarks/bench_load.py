@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks import pagecache
-from benchmarks.harness import failure_notes, interleave, median_of, need, run_specs, status_of
+from benchmarks.harness import failure_notes, interleave, median_of, need, status_of
 from benchmarks.make_checkpoint import checkpoint_files
 
 METHODS = ("bigload", "accelerate", "transformers", "cat")
@@ -142,29 +142,30 @@ def measure(spec: dict) -> dict:
 # ---------------------------------------------------------------- parent side (orchestration and table)
 
 
-def _prepare(files: list[Path]):
-    def before(spec: dict) -> dict:
+def _files(ctx) -> list[Path]:
+    return checkpoint_files(ctx.checkpoint(ctx.load_preset))
+
+
+def specs(ctx) -> list[dict]:
+    folder = str(ctx.checkpoint(ctx.load_preset))
+    cases = [{"bench": "load", "folder": folder, "dtype": d, "cache": c} for d in ("bfloat16", "float16")
+             for c in ("warm", "cold")]
+    for case in cases:
+        if case["dtype"] != "bfloat16":
+            case["_skip"] = ("cat",)  # cat reads bytes; it has no dtype
+    return interleave(cases, METHODS, ctx.repeats)
+
+
+def before(ctx):
+    """Set the page cache the way the run's case asks, right before its process starts."""
+    files = _files(ctx)
+
+    def prepare(spec: dict) -> dict:
         if spec["cache"] == "cold":
             return pagecache.evict(files)
         return {"method": "read through", "resident_after": round(pagecache.warm(files), 4)}
 
-    return before
-
-
-def run(ctx) -> dict:
-    folder = ctx.checkpoint(ctx.load_preset)
-    files = checkpoint_files(folder)
-    total = sum(f.stat().st_size for f in files)
-    cases = [
-        {"bench": "load", "folder": str(folder), "dtype": "bfloat16", "cache": "warm"},
-        {"bench": "load", "folder": str(folder), "dtype": "bfloat16", "cache": "cold"},
-        {"bench": "load", "folder": str(folder), "dtype": "float16", "cache": "warm", "_skip": ("cat",)},
-        {"bench": "load", "folder": str(folder), "dtype": "float16", "cache": "cold", "_skip": ("cat",)},
-    ]
-    specs = interleave(cases, METHODS, ctx.repeats)
-    ctx.log(f"load: {len(specs)} runs on {folder.name} ({total / 1e9:.2f} GB)")
-    results = run_specs(specs, isolated=not ctx.quick, timeout=ctx.timeout, before=_prepare(files), log=ctx.log)
-    return summarize(results, total, ctx.limits, folder)
+    return prepare
 
 
 def _fmt_s(v):
@@ -186,8 +187,12 @@ FIGURES = (  # label, result key, formatter
 LOADERS_SHOWN = ("bigload", "accelerate", "transformers")
 
 
-def summarize(results: list[dict], total: int, limits: dict, folder: Path) -> dict:
+def summarize(ctx, results: list[dict]) -> dict:
     from benchmarks.report import ratio_cell
+
+    folder = ctx.checkpoint(ctx.load_preset)
+    total = sum(f.stat().st_size for f in checkpoint_files(folder))
+    limits = ctx.limits
 
     by: dict[tuple[str, str, str], list[dict]] = {}
     for r in results:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks import pagecache
-from benchmarks.harness import failure_notes, interleave, median_of, need, run_specs, status_of
+from benchmarks.harness import failure_notes, interleave, median_of, need, status_of
 from benchmarks.make_checkpoint import checkpoint_files
 
 PROMPT_TOKENS = 32
@@ -80,25 +80,29 @@ def _load(spec: dict, offload: Path):
         init_empty_weights, load = need("accelerate", "init_empty_weights", "load_checkpoint_and_dispatch")
         kwargs = {}
         api = "accelerate.load_checkpoint_and_dispatch"
+        retie = True  # accelerate's init_empty_weights unties weights; its docs say to call tie_weights()
     else:
         init_empty_weights = need("bigload.empty", "init_empty_weights")
         load = need("bigload.dispatch", "load_checkpoint_and_dispatch")
         kwargs = {"prefetch": int(method.rsplit("p", 1)[1])}
         api = "bigload.dispatch.load_checkpoint_and_dispatch"
+        retie = False  # bigload's init_empty_weights keeps ties made in __init__: no call needed
 
     def run():
         model = _meta_model(folder, init_empty_weights)
+        if retie:
+            model.tie_weights()
         out = load(model, folder, device_map=dmap, offload_folder=str(offload), dtype=torch.bfloat16, **kwargs)
         return out if isinstance(out, torch.nn.Module) else model
 
     return run, api
 
 
-def prompt_ids(vocab_size: int):
+def prompt_ids(vocab_size: int, length: int):
     import torch
 
     gen = torch.Generator().manual_seed(1234)
-    return torch.randint(3, vocab_size, (1, PROMPT_TOKENS), generator=gen)
+    return torch.randint(3, vocab_size, (1, length), generator=gen)
 
 
 def measure(spec: dict) -> dict:
@@ -120,15 +124,15 @@ def measure(spec: dict) -> dict:
             if spec["cache"] == "cold":
                 evicted = pagecache.evict(cached)
             resident = pagecache.resident_fraction(cached)
-            ids = prompt_ids(model.config.vocab_size)
+            ids = prompt_ids(model.config.vocab_size, spec["prompt_tokens"])
             clock = _Clock()
             with torch.inference_mode():
                 t1 = time.perf_counter()
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                     min_new_tokens=NEW_TOKENS, do_sample=False, streamer=clock,
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=spec["new_tokens"],
+                                     min_new_tokens=spec["new_tokens"], do_sample=False, streamer=clock,
                                      pad_token_id=model.config.pad_token_id)
                 t2 = time.perf_counter()
-        stamps = clock.times[-NEW_TOKENS:]
+        stamps = clock.times[-spec["new_tokens"]:]
         tokens = out[0, ids.shape[1]:].tolist()
         offload_bytes = sum(f.stat().st_size for f in pagecache.files_under([offload]))
     finally:
@@ -167,41 +171,44 @@ def _layer_bytes(folder: Path) -> dict[int, int]:
     return sizes
 
 
-def run(ctx) -> dict:
-    folder = ctx.checkpoint(ctx.offload_preset)
-    tied = ctx.checkpoint(ctx.offload_preset.replace("small", "tied") if not ctx.quick else "tiny-tied")
+def _checkpoints(ctx) -> tuple[Path, Path]:
+    tied = "tiny-tied" if ctx.offload_preset == "tiny" else "tied"
+    return ctx.checkpoint(ctx.offload_preset), ctx.checkpoint(tied)
+
+
+def specs(ctx) -> list[dict]:
+    folder, tied = _checkpoints(ctx)
     work = ctx.work / "offload"
     work.mkdir(parents=True, exist_ok=True)
-    base = {"bench": "offload", "folder": str(folder), "work": str(work)}
+    tokens = 8 if ctx.quick else NEW_TOKENS
+    base = {"bench": "offload", "folder": str(folder), "work": str(work), "prompt_tokens": tokens, "new_tokens": tokens}
     cases = [
         {**base, "map": "memory", "cache": "warm", "_skip": ("bigload-p0",)},
         {**base, "map": "half", "cache": "warm", "_skip": ("transformers",)},
         {**base, "map": "all", "cache": "warm", "_skip": ("transformers",)},
         {**base, "map": "half", "cache": "cold", "_skip": ("transformers",)},
         {**base, "map": "all", "cache": "cold", "_skip": ("transformers",)},
-        # tied embeddings: the lm_head shares the embedding's tensor; offloading must keep it shared
+        # tied embeddings: lm_head shares the embedding's tensor; offloading must keep them one tensor
         {**base, "folder": str(tied), "map": "all", "cache": "warm", "tied": True, "_skip": ("bigload-p0",)},
     ]
-    methods = ("bigload-p1", "accelerate", "bigload-p0", "transformers")
-    specs = interleave(cases, methods, ctx.repeats)
-    # The reference (transformers in memory) of the tied checkpoint runs once, not per method round.
-    ctx.log(f"offload: {len(specs)} runs on {folder.name}")
-    files = checkpoint_files(folder) + checkpoint_files(tied)
+    return interleave(cases, ("bigload-p1", "accelerate", "bigload-p0", "transformers"), ctx.repeats)
 
-    def before(spec: dict) -> dict:
-        return {"resident_after": round(pagecache.warm(files), 4)}  # loads start warm; cold is set after loading
 
-    results = run_specs(specs, isolated=not ctx.quick, timeout=ctx.timeout, before=before, log=ctx.log)
-    layer_bytes = _layer_bytes(folder)
-    return summarize(results, layer_bytes, ctx.limits)
+def before(ctx):
+    """Every load starts warm (the cold case evicts after loading, inside the run)."""
+    files = [f for folder in _checkpoints(ctx) for f in checkpoint_files(folder)]
+    return lambda spec: {"resident_after": round(pagecache.warm(files), 4)}
 
 
 def _fmt(v, unit, digits=2):
     return None if v is None else f"{v:.{digits}f}{unit}"
 
 
-def summarize(results: list[dict], layer_bytes: dict[int, int], limits: dict) -> dict:
+def summarize(ctx, results: list[dict]) -> dict:
     from benchmarks.report import ratio_cell
+
+    layer_bytes = _layer_bytes(_checkpoints(ctx)[0])
+    limits = ctx.limits
 
     by: dict[tuple, list[dict]] = {}
     for r in results:
@@ -217,7 +224,8 @@ def summarize(results: list[dict], layer_bytes: dict[int, int], limits: dict) ->
 
     reference = {}
     for tied in (False, True):
-        ref = [r for r in runs("transformers", "memory", tied=tied) if r["status"] == "ok"]
+        ref = [r for r in results if r["status"] == "ok" and r["spec"]["method"] == "transformers"
+               and bool(r["spec"].get("tied")) == tied]
         reference[tied] = ref[0]["tokens"] if ref else None
 
     def same_tokens(rs, tied=False):
@@ -229,51 +237,57 @@ def summarize(results: list[dict], layer_bytes: dict[int, int], limits: dict) ->
 
     memory_tps = {m: median_of(runs(m, "memory"), "decode_tok_s") for m in ("bigload-p1", "accelerate", "transformers")}
     compute_s = 1 / memory_tps["transformers"] if memory_tps["transformers"] else None
-    rows = []
+    rows, load_rows = [], []
     for map_ in MAPS:
+        n = len(layer_bytes)
+        disk_bytes = sum(v for k, v in layer_bytes.items() if map_ != "memory" and k >= (n // 2 if map_ == "half" else 0))
         for cache in ("warm", "cold") if map_ != "memory" else ("warm",):
             tag = f"{MAP_TITLES[map_]}, {cache}"
             b, b0, a, t = (runs(m, map_, cache) for m in ("bigload-p1", "bigload-p0", "accelerate", "transformers"))
             vb, vb0, va, vt = (median_of(x, "decode_tok_s") for x in (b, b0, a, t))
-            n_disk = {"memory": 0, "half": len(layer_bytes) // 2, "all": len(layer_bytes)}[map_]
-            disk_bytes = sum(sorted(layer_bytes.items())[len(layer_bytes) - n_disk:][i][1] for i in range(n_disk))
             limit = None
             if compute_s and limits.get("read_warm_bytes_s"):
-                io_s = disk_bytes / limits["read_warm_bytes_s"]
-                limit = f"{1 / max(compute_s, io_s):.2f} tok/s"
-            rows.append([f"decode tokens/s — {tag}", cell(b, "decode_tok_s", " tok/s"), cell(a, "decode_tok_s", " tok/s"),
-                         cell(t, "decode_tok_s", " tok/s"), limit, ratio_cell(vb, va, vt)])
+                limit = f"{1 / max(compute_s, disk_bytes / limits['read_warm_bytes_s']):.2f} tok/s"
+            rows.append([f"**decode tokens/s** — {tag}", cell(b, "decode_tok_s", " tok/s"),
+                         cell(a, "decode_tok_s", " tok/s"), cell(t, "decode_tok_s", " tok/s"), limit,
+                         ratio_cell(vb, va, vt)])
             if map_ != "memory":
                 rb = vb / memory_tps["bigload-p1"] if vb and memory_tps["bigload-p1"] else None
                 ra = va / memory_tps["accelerate"] if va and memory_tps["accelerate"] else None
                 rows.append([f"decode ÷ same library in memory — {tag}", _fmt(rb, ""), _fmt(ra, ""), None, None,
                              ratio_cell(rb, ra)])
-                rows.append([f"bigload prefetch 0: decode tokens/s — {tag}", cell(b0, "decode_tok_s", " tok/s"), None,
-                             None, None, f"prefetch 1 ÷ 0: {vb / vb0:.2f}" if vb and vb0 else None])
+                rows.append([f"decode tokens/s, bigload prefetch 0 — {tag}", cell(b0, "decode_tok_s", " tok/s"),
+                             None, None, None, f"prefetch 1 ÷ 0: {vb / vb0:.2f}" if vb and vb0 else None])
             rows.append([f"prefill (time to first token) — {tag}", cell(b, "prefill_s", " s"), cell(a, "prefill_s", " s"),
                          cell(t, "prefill_s", " s"), None,
                          ratio_cell(median_of(b, "prefill_s"), median_of(a, "prefill_s"), median_of(t, "prefill_s"))])
-            rows.append([f"load (incl. writing the offload folder) — {tag}", cell(b, "load_s", " s"), cell(a, "load_s", " s"),
-                         cell(t, "load_s", " s"), None,
-                         ratio_cell(median_of(b, "load_s"), median_of(a, "load_s"), median_of(t, "load_s"))])
-            rows.append([f"private (anon) peak, load + generate — {tag}", cell(b, "anon_peak", "", 0) if False else
-                         _gib(b), _gib(a), _gib(t), None,
-                         ratio_cell(median_of(b, "anon_peak"), median_of(a, "anon_peak"), median_of(t, "anon_peak"))])
-            rows.append([f"offload folder written — {tag}", _gib(b, "offload_folder_bytes"), _gib(a, "offload_folder_bytes"),
-                         None, f"{disk_bytes / 2**30:.2f} GiB offloaded", None])
-            rows.append([f"tokens equal to transformers in memory — {tag}", same_tokens(b) if map_ == "memory" else
-                         f"p1: {same_tokens(b)}; p0: {same_tokens(b0)}", same_tokens(a), same_tokens(t), None, None])
+            rows.append([f"tokens equal to transformers in memory — {tag}",
+                         same_tokens(b) if map_ == "memory" else f"p1: {same_tokens(b)}; p0: {same_tokens(b0)}",
+                         same_tokens(a), "reference" if map_ == "memory" else None, None, None])
+        # Loads are the same in the warm and cold cases (eviction happens after loading): pool them.
+        b, a, t = ([r for c in ("warm", "cold") for r in runs(m, map_, c)] for m in ("bigload-p1", "accelerate", "transformers"))
+        tag = MAP_TITLES[map_]
+        load_rows.append([f"load — {tag}", cell(b, "load_s", " s"), cell(a, "load_s", " s"), cell(t, "load_s", " s"),
+                          None, ratio_cell(median_of(b, "load_s"), median_of(a, "load_s"), median_of(t, "load_s"))])
+        load_rows.append([f"private (anon) peak, load + generate — {tag}", _gib(b), _gib(a), _gib(t), None,
+                          ratio_cell(median_of(b, "anon_peak"), median_of(a, "anon_peak"), median_of(t, "anon_peak"))])
+        if map_ != "memory":
+            load_rows.append([f"offload folder size — {tag}", _gib(b, "offload_folder_bytes"),
+                              _gib(a, "offload_folder_bytes"), None, f"{disk_bytes / 2**30:.2f} GiB of weights", None])
     tb, ta, tt = (runs(m, "all", tied=True) for m in ("bigload-p1", "accelerate", "transformers"))
-    tt = runs("transformers", "memory", tied=True) or tt
     rows.append(["tied embeddings, all layers on disk: tokens equal to transformers in memory",
                  same_tokens(tb, True), same_tokens(ta, True), "reference" if reference[True] else status_of(tt), None, None])
     rows.append(["tied embeddings, all layers on disk: decode tokens/s", cell(tb, "decode_tok_s", " tok/s"),
-                 cell(ta, "decode_tok_s", " tok/s"), None, None,
+                 cell(ta, "decode_tok_s", " tok/s"), cell(tt, "decode_tok_s", " tok/s") + " (in memory)"
+                 if status_of(tt) == "ok" else status_of(tt), None,
                  ratio_cell(median_of(tb, "decode_tok_s"), median_of(ta, "decode_tok_s"))])
     residency = sorted({r.get("resident_before_generate") for r in results
                         if r["spec"]["cache"] == "cold" and r.get("status") == "ok"})
+    spec0 = results[0]["spec"] if results else {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
     notes = [
-        f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, greedy, bf16 on the CPU; decode = 31 tokens after the first.",
+        f"{spec0['prompt_tokens']}-token prompt, {spec0['new_tokens']} new tokens, greedy, bf16 on the CPU; decode = "
+        f"the {spec0['new_tokens'] - 1} tokens after the first. Tied case: `{Path(tb[0]['spec']['folder']).name if tb else '?'}`, "
+        "accelerate gets `model.tie_weights()` after `init_empty_weights` as its docs ask; bigload gets no such call.",
         "`limit` for decode: 1 ÷ max(compute time per token in memory (transformers), offloaded bytes per token ÷ "
         "warm read bandwidth) — what perfect prefetch could reach.",
         "Cold: checkpoint and offload folder evicted after loading, just before generating; pages resident then: "
@@ -285,7 +299,9 @@ def summarize(results: list[dict], layer_bytes: dict[int, int], limits: dict) ->
     notes += failure_notes(results)
     for r in results:  # the tokens are long; keep them in results.json only once per run
         r.setdefault("tokens", None)
-    return {"title": "Offloaded generation", "rows": rows, "notes": notes, "raw": results}
+    tables = [{"title": "Generation", "rows": rows},
+              {"title": "Loading with offload (warm and cold runs pooled)", "rows": load_rows}]
+    return {"title": "Offloaded generation", "tables": tables, "notes": notes, "raw": results}
 
 
 def _gib(rs, key="anon_peak"):

@@ -22,10 +22,14 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-__all__ = ["RESULT_PREFIX", "Unavailable", "failure_notes", "interleave", "median_of", "need", "run_specs", "worker_env"]
+__all__ = ["RESULT_PREFIX", "BenchTimeout", "Unavailable", "failure_notes", "interleave", "median_of", "need", "run_specs", "worker_env"]
 
 RESULT_PREFIX = "BENCH-RESULT "
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class BenchTimeout(Exception):
+    """A run hit its own cap (e.g. a planner stopped after N seconds); reported as "> N s"."""
 
 
 class Unavailable(Exception):

@@ -28,10 +28,12 @@ def machine() -> dict[str, object]:
     import psutil
     import torch
 
-    def version(mod: str) -> str:
+    def version(dist: str) -> str:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+
         try:
-            return __import__(mod).__version__
-        except Exception:
+            return dist_version(dist)
+        except PackageNotFoundError:
             return "not installed"
 
     cpu = platform.processor() or "unknown"
@@ -94,7 +96,13 @@ def write(out: Path, *, command: str, info: dict, sections: list[dict], limits: 
     lines += _table(("bound", "value", "how"), limits.get("rows", []))
     for section in sections:
         lines += ["", f"## {section['title']}", ""]
-        lines += _table(section.get("header", HEADER), section["rows"])
+        tables = section.get("tables") or [{"rows": section["rows"], "header": section.get("header")}]
+        for i, table in enumerate(tables):
+            if table.get("title"):
+                lines += [f"### {table['title']}", ""]
+            lines += _table(table.get("header") or section.get("header") or HEADER, table["rows"])
+            if i < len(tables) - 1:
+                lines += [""]
         if section.get("notes"):
             lines += [""] + [f"- {n}" for n in section["notes"]]
     lines += ["", "Regenerate: `" + command + "` (see `benchmarks/README.md`).", ""]

@@ -9,6 +9,7 @@ Speed and memory claims in the README come only from the RESULTS.md this writes.
 from __future__ import annotations
 
 import argparse
+import importlib
 import shlex
 import sys
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import report
+from benchmarks.harness import run_specs
 from benchmarks.limits import measure_limits
 from benchmarks.make_checkpoint import make_checkpoint
 
@@ -36,12 +38,17 @@ class Context:
     load_preset: str = "large"
     offload_preset: str = "small"
 
+    _made: dict[str, Path] = field(default_factory=dict)
+
     def checkpoint(self, preset: str) -> Path:
-        folder = self.work / f"ckpt-{preset}"
-        started = time.perf_counter()
-        make_checkpoint(preset, folder)
-        self.log(f"checkpoint {preset}: {folder} ({time.perf_counter() - started:.1f} s)")
-        return folder
+        """The folder of `preset` under `work`, written on first use (kept between invocations)."""
+        if preset not in self._made:
+            folder = self.work / f"ckpt-{preset}"
+            started = time.perf_counter()
+            make_checkpoint(preset, folder)
+            self.log(f"checkpoint {preset}: {folder} ({time.perf_counter() - started:.1f} s)")
+            self._made[preset] = folder
+        return self._made[preset]
 
     def log(self, message: str) -> None:
         print(message, flush=True)
@@ -71,12 +78,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     ctx.limits = measure_limits(ctx.work, size=(64 if args.quick else 2048) * 2**20, repeats=1 if args.quick else 3,
                                 log=ctx.log)
-    sections = []
-    for name in args.only:
-        module = __import__(f"benchmarks.bench_{name}", fromlist=["run"])
-        bench_started = time.perf_counter()
-        sections.append(module.run(ctx))
-        ctx.log(f"{name}: done in {time.perf_counter() - bench_started:.0f} s")
+    modules = {name: importlib.import_module(f"benchmarks.bench_{name}") for name in args.only}
+    planned = {name: mod.specs(ctx) for name, mod in modules.items()}
+    prepare = {name: mod.before(ctx) if hasattr(mod, "before") else None for name, mod in modules.items()}
+    results: dict[str, list[dict]] = {}
+    if ctx.quick:
+        # One process for every run: the imports dominate at tiny sizes, and nothing here is a measurement.
+        specs = [dict(s, _bench=name) for name, ss in planned.items() for s in ss]
+        ctx.log(f"quick: {len(specs)} runs in one worker process")
+        done = run_specs(specs, isolated=False, timeout=ctx.timeout,
+                         before=lambda spec: (prepare[spec["bench"]] or (lambda s: {}))(spec), log=ctx.log)
+        for r in done:
+            results.setdefault(r["spec"].pop("_bench"), []).append(r)
+    else:
+        for name, specs in planned.items():
+            bench_started = time.perf_counter()
+            ctx.log(f"{name}: {len(specs)} runs, one process each")
+            results[name] = run_specs(specs, isolated=True, timeout=ctx.timeout, before=prepare[name], log=ctx.log)
+            ctx.log(f"{name}: done in {time.perf_counter() - bench_started:.0f} s")
+    sections = [modules[name].summarize(ctx, results.get(name, [])) for name in args.only]
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     report.write(args.out, command=command.strip(), info=report.machine(), sections=sections, limits=ctx.limits,
                  elapsed=time.perf_counter() - started, quick=args.quick)

@@ -10,7 +10,7 @@ import json
 import sys
 import traceback
 
-from benchmarks.harness import RESULT_PREFIX, Unavailable
+from benchmarks.harness import RESULT_PREFIX, BenchTimeout, Unavailable
 
 
 def _bench(name: str):
@@ -31,6 +31,8 @@ def run_one(spec: dict) -> dict:
         return {"status": "ok", **result}
     except Unavailable as exc:
         return {"status": "unavailable", "reason": str(exc)}
+    except BenchTimeout as exc:
+        return {"status": "timeout", "reason": str(exc)}
     except Exception as exc:  # a failing method is a result to report, not a crash of the benchmark
         last = traceback.extract_tb(exc.__traceback__)[-1]
         where = f"{last.filename.rsplit('/', 2)[-2:][-1]}:{last.lineno}"

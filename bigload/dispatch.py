@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -26,9 +27,10 @@ from bigload.hooks import (
     Runtime,
     attach,
     detach,
-    runtime_of,
 )
+from bigload.sizes import parse_dtype
 from bigload.store import DiskStore, StoreOrigin
+from bigload.stream import load_checkpoint_in_model
 
 __all__ = [
     "cpu_offload",
@@ -297,6 +299,131 @@ def dispatch_model(
     )
     _set_device_map(model, device_map, runtime)
     return model
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where blocks go and run: from a Plan, or from a dict map the caller gave (execution left to hooks)."""
+
+    device_map: dict[str, int | str]
+    execution_devices: Mapping[str, Device] | None
+    prefetch: int
+    plan: Any = None  # the bigload Plan, when there is one
+
+
+def load_checkpoint_and_dispatch(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str],
+    device_map: str | DeviceMap | Any | None = None,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    no_split_module_classes: Sequence[str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    offload_buffers: bool = False,
+    dtype: str | torch.dtype | None = None,
+    offload_state_dict: bool | None = None,
+    skip_keys: str | Sequence[str] | None = None,
+    preload_module_classes: Sequence[str] | None = None,
+    force_hooks: bool = False,
+    strict: bool = True,
+    *,
+    prefetch: int = 1,
+    context_length: int | None = None,
+    policy: ExecutionPolicy = ExecutionPolicy.STREAM,
+    keep_in_fp32_modules: Sequence[str] | None = None,
+    progress: bool | None = None,
+) -> nn.Module:
+    """Plan, stream, hook: load `checkpoint` into a model built with `init_empty_weights()` and dispatch it.
+
+    Args:
+        model: built on meta (`init_empty_weights()`); weights are streamed straight to their device.
+        checkpoint: a safetensors/`.bin` file, a sharded folder or its index.
+        device_map: "auto", "balanced", "balanced_low_0", "sequential" (planned by bigload), a dict in
+            transformers' format, a bigload `Plan`, or None (everything on the CPU, no hooks).
+        max_memory: per-device budgets for planning, e.g. `{0: "20GiB", "cpu": "60GiB"}`.
+        no_split_module_classes: module classes the planner keeps whole (e.g. `["LlamaDecoderLayer"]`).
+        offload_folder: where "disk" tensors go (a `DiskStore`, accelerate's layout).
+        offload_buffers: offload the buffers of offloaded blocks too.
+        dtype: cast floating-point weights to this dtype while streaming.
+        offload_state_dict: accepted for accelerate compatibility; bigload never holds a whole state dict.
+        skip_keys: forward keyword arguments never moved between devices (default: cache arguments).
+        preload_module_classes: accepted for accelerate compatibility; blocks are materialized whole.
+        force_hooks: hook the model even when it all lands on one device.
+        strict: missing, unexpected or mis-shaped tensors are an error (raised before any byte is read).
+        prefetch: offloaded blocks loaded ahead of the one running (the planner reserves room for them).
+        context_length: tokens of KV cache the planner keeps room for on each GPU.
+        policy: where cpu blocks run when a GPU exists and no plan decides it.
+        keep_in_fp32_modules: modules kept in float32 whatever `dtype` says.
+        progress: show a progress bar (None: for long loads on a terminal).
+
+    Returns:
+        `model`, weights in place, hooked, `hf_device_map` set (and `bigload_plan` when planned).
+
+    Raises:
+        PlanError: the model does not fit, or a dict map splits a tied group or misses a module.
+        DeviceError: a dict map names a GPU this machine does not have.
+        CheckpointError: the checkpoint is malformed or (with `strict`) does not match the model.
+        OffloadError: disk tensors without `offload_folder`, or a folder holding another checkpoint.
+        All of these are raised before any weight is read.
+
+    >>> with init_empty_weights():  # doctest: +SKIP
+    ...     model = AutoModelForCausalLM.from_config(config)
+    >>> load_checkpoint_and_dispatch(model, "llama/", device_map="auto", offload_folder="offload/")  # doctest: +SKIP
+    """
+    del offload_state_dict, preload_module_classes  # see the docstring
+    placement = _place(model, device_map, max_memory, no_split_module_classes, offload_folder, dtype, prefetch,
+                       context_length)
+    placed = validate_device_map(model, placement.device_map)
+    result = load_checkpoint_in_model(
+        model, checkpoint, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
+        keep_in_fp32_modules=keep_in_fp32_modules, progress=progress,
+    )
+    store = DiskStore.open(result.store.folder) if result.store is not None else None
+    runtime = None
+    if force_hooks or len(set(placed.values())) > 1 or store is not None:
+        main = _main_device(placed, None)
+        runtime = attach(
+            model, placement.device_map,
+            execution_device=placement.execution_devices or main,
+            store=store, prefetch=placement.prefetch,
+            skip_keys=[skip_keys] if isinstance(skip_keys, str) else skip_keys,
+            offload_buffers=offload_buffers, policy=policy,
+        )
+    _set_device_map(model, placement.device_map, runtime)
+    if placement.plan is not None:
+        model.bigload_plan = placement.plan  # type: ignore[assignment]
+        if runtime is not None:
+            runtime.owned_attributes.append("bigload_plan")
+    return model
+
+
+def _place(model: nn.Module, device_map: Any, max_memory: Mapping[int | str, int | str] | None,
+           no_split_module_classes: Sequence[str] | None, offload_folder: str | os.PathLike[str] | None,
+           dtype: str | torch.dtype | None, prefetch: int, context_length: int | None) -> _Placement:
+    if device_map is None:
+        return _Placement({"": "cpu"}, None, prefetch)
+    if isinstance(device_map, str):
+        planned = _plan_for(model, device_map, max_memory, no_split_module_classes, offload_folder, dtype,
+                            prefetch, context_length)
+        return _from_plan(planned)
+    if isinstance(device_map, Mapping):
+        return _Placement(dict(device_map), None, prefetch)
+    return _from_plan(device_map)
+
+
+def _plan_for(model: nn.Module, strategy: str, max_memory: Mapping[int | str, int | str] | None,
+              no_split_module_classes: Sequence[str] | None, offload_folder: str | os.PathLike[str] | None,
+              dtype: str | torch.dtype | None, prefetch: int, context_length: int | None) -> Any:
+    """inventory -> budget -> plan: where each block goes, without reading a weight."""
+    target = parse_dtype(dtype) if dtype is not None else None
+    inventory = inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes)
+    budget = detect_budget(max_memory, offload_folder=offload_folder)
+    return plan(inventory, budget, strategy=strategy, dtype=target, context_length=context_length,
+                prefetch=prefetch)
+
+
+def _from_plan(planned: Any) -> _Placement:
+    """A Plan's map, execution devices and prefetch depth: the hooks hold exactly what it reserved."""
+    return _Placement(dict(planned.device_map), dict(planned.execution_devices), planned.prefetch, planned)
 
 
 def _offload_blocks(model: nn.Module, preload_module_classes: Sequence[str] | None) -> list[str]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import sys
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,16 +66,11 @@ _PAGE = 4096
 PREFETCH_HISTORY = 4096  # how many prefetched block names `PrefetchStats.prefetched` remembers
 
 
-def _cache_types() -> tuple[type, ...]:
-    """transformers' cache base class when transformers is installed; caches are never moved."""
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:  # bigload runs without transformers; then no object is a cache
-        return ()
-    return (Cache,)
-
-
-_CACHE_TYPES = _cache_types()
+def _is_cache(value: object) -> bool:
+    """A transformers `Cache` (KV cache): never moved. Only looked up when transformers is already loaded,
+    since no object can be one otherwise, so importing bigload does not import transformers."""
+    module = sys.modules.get("transformers.cache_utils")
+    return module is not None and isinstance(value, module.Cache)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,13 +90,14 @@ def send_to_device(value: Any, device: torch.device, *, skip_keys: Iterable[str]
 def _send(value: Any, device: torch.device, skip: frozenset[str]) -> Any:
     if isinstance(value, torch.Tensor):
         return value if value.device == device else value.to(device, non_blocking=True)
-    if _CACHE_TYPES and isinstance(value, _CACHE_TYPES):
+    if _is_cache(value):
         return value
     if isinstance(value, Mapping):
         moved = {key: (item if key in skip else _send(item, device, skip)) for key, item in value.items()}
         if all(moved[key] is item for key, item in value.items()):
             return value
-        return type(value)(moved) if not isinstance(value, dict) or type(value) is not dict else moved
+        # ModelOutput and other Mapping types rebuild from a dict, as accelerate's send_to_device does.
+        return moved if type(value) is dict else type(value)(moved)
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
         return type(value)(*(_send(item, device, skip) for item in value))
     if isinstance(value, (list, tuple)):
@@ -114,7 +111,7 @@ def _first_tensor_device(args: Sequence[Any], kwargs: Mapping[str, Any], skip: f
         item = stack.pop(0)
         if isinstance(item, torch.Tensor):
             return item.device
-        if _CACHE_TYPES and isinstance(item, _CACHE_TYPES):
+        if _is_cache(item):
             continue
         if isinstance(item, Mapping):
             stack.extend(item.values())
@@ -296,7 +293,9 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 class PrefetchStats:
     """What the prefetcher holds, for checking it against the planned reserve.
 
-    buffers / buffer_bytes: slot buffers allocated (device buffers and pinned staging), and their bytes;
+    buffers / buffer_bytes: slot buffers allocated on the execution devices, and their bytes (0 on the CPU
+        when stored tensors are used in place); never more than `reserve_bytes`;
+    staging_bytes: pinned host buffers the CUDA copies go through (one per slot, the slot's size);
     reserve_bytes: what the slots may hold on the execution devices (slots x largest offloaded block);
     bytes_held / peak_bytes_held: bytes of weights the prefetcher keeps ready or in use, now and at most;
     prefetched: blocks loaded ahead on the background thread, in the order they were started (the last
@@ -308,6 +307,7 @@ class PrefetchStats:
 
     buffers: int
     buffer_bytes: int
+    staging_bytes: int
     reserve_bytes: int
     bytes_held: int
     peak_bytes_held: int
@@ -492,10 +492,12 @@ class _Prefetcher:
             self.order = new_order
 
     def stats(self) -> PrefetchStats:
-        allocated = [buf for slot in self.all_slots for buf in (slot.buffer, slot.staging) if buf is not None]
+        allocated = [slot.buffer for slot in self.all_slots if slot.buffer is not None]
+        staging = [slot.staging for slot in self.all_slots if slot.staging is not None]
         return PrefetchStats(
             buffers=len(allocated),
             buffer_bytes=sum(buf.numel() for buf in allocated),
+            staging_bytes=sum(buf.numel() for buf in staging),
             reserve_bytes=sum(slot.nbytes for slot in self.all_slots),
             bytes_held=self.bytes_held,
             peak_bytes_held=self.peak_bytes_held,
@@ -608,6 +610,7 @@ class Runtime:
     prefetcher: _Prefetcher
     handles: list[RemovableHandle] = field(default_factory=list)
     observed: list[str] = field(default_factory=list)
+    order_confirmed: bool = False
     forwards: int = 0
     owned_attributes: list[str] = field(default_factory=list)  # set on the model by dispatch; detach drops them
     _installed: dict[str, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
@@ -626,8 +629,7 @@ class Runtime:
     def _pre_forward(self, block: Block, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if block.offloaded:
             self._install(block, self.prefetcher.acquire(block.name))
-            if self.forwards == 0:
-                self.observed.append(block.name)
+            self._observe(block.name)
         moved_args = _send(args, block.execution_device, self.skip_keys)
         moved_kwargs = _send(kwargs, block.execution_device, self.skip_keys)
         return moved_args, moved_kwargs
@@ -643,12 +645,29 @@ class Runtime:
     def _root_post_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
         device = self._input_devices.pop() if self._input_devices else None
         if not self._input_devices:
-            if self.forwards == 0:
-                self.prefetcher.reorder(self.observed)
+            self._confirm_order()
             self.forwards += 1
         if device is None:
             return output
         return _send(output, device, self.skip_keys)
+
+    # -- execution order
+
+    def _observe(self, name: str) -> None:
+        if self.order_confirmed:
+            return
+        if name in self.observed:
+            # A block ran twice before the root finished (or the root is never called, only a submodule):
+            # one pass is complete either way.
+            self._confirm_order()
+        else:
+            self.observed.append(name)
+
+    def _confirm_order(self) -> None:
+        if not self.order_confirmed:
+            self.prefetcher.reorder(self.observed)
+            self.order_confirmed = True
+            self.observed.clear()
 
     # -- installing weights
 
@@ -820,7 +839,8 @@ def _build_blocks(
     host: HostWeights,
     offload_buffers: bool,
 ) -> dict[str, Block]:
-    modules = {key: _resolve_module(model, key) for key in keys}
+    for key in keys:
+        _resolve_module(model, key)  # every key must name a module before anything is changed
     entries: dict[str, list[_Entry]] = {key: [] for key in keys}
     offsets = {key: 0 for key in keys}
     # Wider dtypes first so every tensor's offset in a slot is aligned to its element size, with no padding.

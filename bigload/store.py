@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -37,6 +37,7 @@ __all__ = ["DiskStore", "StoreOrigin", "TensorMeta"]
 INDEX_FILE = "index.json"
 ORIGIN_FILE = "bigload.json"
 _TMP_MARK = ".bigload-tmp"
+_CHUNK_BYTES = 4 << 20  # converted bytes held at once while writing a cast copy
 
 # index.json dtype names (numpy's, plus "bfloat16"/"float8_*" which accelerate stores as integer bits).
 _DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
@@ -141,6 +142,7 @@ class DiskStore:
         self._written: list[Path] = []
         self._files = MappedFiles()
         self._headers: dict[Path, dict[str, TensorRef]] = {}
+        self._scratch: torch.Tensor | None = None
         self._committed = False
         _ensure_writable(self.folder)
         existing = self.folder / INDEX_FILE
@@ -176,6 +178,7 @@ class DiskStore:
         store._written = []
         store._files = MappedFiles()
         store._headers = {}
+        store._scratch = None
         store._committed = True
         store._entries = _read_index(store.folder)
         if expect_fingerprint is not None:
@@ -261,26 +264,47 @@ class DiskStore:
         if exc_type is not None and not self._committed:
             self.abort()
 
-    def put(self, name: str, tensor: torch.Tensor) -> None:
-        """Write `tensor` (already in its final dtype) as `<name>.dat`; it is listed only after `commit`.
+    def put(self, name: str, tensor: torch.Tensor, *, dtype: torch.dtype | None = None) -> None:
+        """Write `tensor` as `<name>.dat`, cast to `dtype` if given; it is listed only after `commit`.
+
+        A cast (or a copy off a GPU, or out of a strided view) is done a few MiB at a time through one
+        reused buffer, so writing never holds a converted copy of the whole tensor in memory. Not
+        thread-safe: one writer thread per store.
 
         Raises:
             OffloadError: the name cannot be a file name, the store is committed, or writing failed
                 (no space, I/O error); the partial file is removed.
         """
         self._check_writable_name(name)
-        data = tensor.detach().to("cpu").contiguous()
-        self._entries[name] = {"dtype": dtype_name(data.dtype), "shape": list(data.shape)}
+        data = tensor.detach()
+        target = data.dtype if dtype is None else dtype
+        self._entries[name] = {"dtype": dtype_name(target), "shape": list(data.shape)}
         final = self._dat_path(name)
         temp = final.with_name(final.name + _TMP_MARK)
         try:
-            _write_file(temp, _raw_bytes(data))
+            _write_file(temp, self._payload(data, target))
             os.replace(temp, final)
         except OSError as exc:
             temp.unlink(missing_ok=True)
             del self._entries[name]
-            raise self._write_error(name, data.numel() * data.element_size(), exc) from exc
+            raise self._write_error(name, data.numel() * dtype_width(target), exc) from exc
         self._written.append(final)
+
+    def _payload(self, data: torch.Tensor, target: torch.dtype) -> Iterator[memoryview]:
+        """The bytes of `data` as `target`: the tensor's own memory when it already is, else chunks."""
+        if data.numel() == 0:
+            return
+        if data.dtype == target and data.device.type == "cpu" and data.is_contiguous():
+            yield memoryview(data.reshape(-1).view(torch.uint8).numpy())
+            return
+        if self._scratch is None:
+            self._scratch = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)
+        flat = data.reshape(-1)  # a copy only for strided views, which checkpoints rarely hold
+        step = _CHUNK_BYTES // dtype_width(target)
+        for start in range(0, flat.numel(), step):
+            chunk = self._scratch.view(target)[:min(step, flat.numel() - start)]
+            chunk.copy_(flat[start:start + step])
+            yield memoryview(chunk.view(torch.uint8).numpy())
 
     def put_reference(self, name: str, ref: TensorRef) -> None:
         """Record that `name` is `ref` inside its safetensors file, unchanged: no bytes are written.
@@ -403,19 +427,13 @@ class DiskStore:
         return OffloadError(f"cannot write {name!r} to {self.folder}: {exc}. Check the folder and disk.")
 
 
-def _raw_bytes(data: torch.Tensor) -> memoryview:
-    """The tensor's bytes without a copy (bool, bfloat16 and float8 bits included)."""
-    if data.numel() == 0:
-        return memoryview(b"")
-    return memoryview(data.reshape(-1).view(torch.uint8).numpy())
-
-
-def _write_file(path: Path, payload: memoryview) -> None:
+def _write_file(path: Path, payload: Iterable[memoryview]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        written = 0
-        while written < len(payload):
-            written += os.write(fd, payload[written:written + (64 << 20)])
+        for piece in payload:
+            written = 0
+            while written < len(piece):
+                written += os.write(fd, piece[written:written + (64 << 20)])
         # The index will claim these bytes, so they must be on disk before it is.
         os.fsync(fd)
     finally:
@@ -425,7 +443,7 @@ def _write_file(path: Path, payload: memoryview) -> None:
 def _write_json_atomic(path: Path, content: object) -> None:
     temp = path.with_name(path.name + _TMP_MARK)
     try:
-        _write_file(temp, memoryview(json.dumps(content, indent=2).encode()))
+        _write_file(temp, [memoryview(json.dumps(content, indent=2).encode())])
         os.replace(temp, path)
     except OSError:
         temp.unlink(missing_ok=True)

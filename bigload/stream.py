@@ -1,0 +1,673 @@
+"""The loader: stream a checkpoint into a model built on meta, each tensor straight to where the map says.
+
+`load_checkpoint_in_model` checks the checkpoint's headers against the model first (missing, unexpected and
+mis-shaped tensors are an error by default, before any byte is read), then walks the tensors in file order:
+
+- CPU, same dtype: the model's tensor becomes the memory-mapped view itself (no copy, no private memory);
+- CPU, another dtype: cast tensor by tensor, so private memory grows only by the cast results;
+- GPU: copied through a small ring of pinned staging buffers on a side CUDA stream, filling one buffer
+  (the read) while the previous one is in flight, and cast on the GPU;
+- disk: written into a `DiskStore` in `offload_folder` (a reference to the safetensors file when nothing
+  needs converting); the model's tensor stays on meta, in its final dtype.
+
+Reads run ahead of placement on a small thread pool and the kernel is asked to read ahead (`willneed`), but
+the bytes of temporaries in flight are capped by `window_bytes`: peak private memory is the CPU-resident cast
+results and requested copies plus that window (or the largest single tensor, if larger), never a whole shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from collections import deque
+from itertools import accumulate
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Protocol, Sequence, Union
+
+import torch
+from torch import nn
+
+from bigload.checkpoint import CheckpointIndex, CheckpointReader, TensorRef, open_checkpoint
+from bigload.devices import CPU, Device, DeviceKind, DeviceLike
+from bigload.errors import BudgetError, CheckpointError, DeviceError, OffloadError
+from bigload.sizes import dtype_width, parse_dtype
+from bigload.store import DiskStore, StoreOrigin, dtype_name
+
+__all__ = ["DeviceMapLike", "HasDeviceMap", "LoadResult", "Mismatch", "load_checkpoint_in_model"]
+
+logger = logging.getLogger("bigload")
+
+# Only these are cast; integer, bool, complex and float8 tensors (quantized weights, their scales) keep
+# their stored dtype, since casting them would change what they mean.
+_CASTABLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_PROGRESS_MIN_BYTES = 2**30
+_MAX_PENDING = 64  # zero-copy tasks cost no window bytes; this bounds the queue of futures instead
+_STAGING_SLOTS = 4
+# One reader thread overlaps reading and casting with placement; the kernel's readahead does the I/O and
+# torch's intra-op threads already split each cast, so more threads would only hold more temporaries.
+_READERS = 1
+_LISTED = 20
+
+
+class HasDeviceMap(Protocol):
+    """Anything carrying a transformers-format device map, such as a bigload `Plan`."""
+
+    @property
+    def device_map(self) -> Mapping[str, DeviceLike]: ...
+
+
+DeviceMapLike = Union[Mapping[str, DeviceLike], HasDeviceMap]
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A tensor whose shape in the checkpoint differs from the model's."""
+
+    name: str
+    checkpoint_shape: tuple[int, ...]
+    model_shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.name} (checkpoint {list(self.checkpoint_shape)}, model {list(self.model_shape)})"
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a load did.
+
+    Attributes:
+        missing: model tensors the checkpoint does not hold (left on meta).
+        unexpected: checkpoint tensors the model does not have (not read).
+        mismatched: tensors whose shapes differ (not read; the model's stays on meta).
+        offloaded: model tensors placed on disk (on meta in the model, their bytes in `store`).
+        store: the offload store, when anything went to disk.
+        bytes_read: bytes of checkpoint data placed.
+    """
+
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[Mismatch, ...] = ()
+    offloaded: tuple[str, ...] = ()
+    store: DiskStore | None = None
+    bytes_read: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model side: which tensors exist, tied groups, where and in which dtype each goes
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One place a tensor is registered: `module._parameters[attr]` or `module._buffers[attr]`."""
+
+    module: nn.Module
+    attr: str
+    is_param: bool
+
+
+@dataclass
+class _Group:
+    """One model tensor object and every name it is registered under (several when tied)."""
+
+    names: list[str]
+    slots: list[_Slot]
+    original: torch.Tensor
+    persistent: bool
+    device: Device = CPU
+    dtype: torch.dtype = torch.float32
+    loaded: bool = False
+
+
+@dataclass(frozen=True)
+class _Task:
+    """Read `ref` and put it into `group`."""
+
+    ref: TensorRef
+    group: _Group
+
+
+def _model_groups(model: nn.Module) -> list[_Group]:
+    """Every parameter and buffer, grouped by tensor identity so tied weights form one group."""
+    groups: dict[int, _Group] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        entries = [(attr, tensor, True, True) for attr, tensor in module._parameters.items()]
+        entries += [(attr, tensor, False, attr not in module._non_persistent_buffers_set)
+                    for attr, tensor in module._buffers.items()]
+        for attr, tensor, is_param, persistent in entries:
+            if tensor is None:
+                continue
+            group = groups.setdefault(id(tensor), _Group([], [], tensor, persistent=False))
+            group.names.append(prefix + attr)
+            group.slots.append(_Slot(module, attr, is_param))
+            group.persistent = group.persistent or persistent
+    return list(groups.values())
+
+
+def _resolve_map(device_map: DeviceMapLike | str | None) -> dict[str, Device]:
+    if device_map is None:
+        return {"": CPU}
+    device_map = getattr(device_map, "device_map", device_map)  # a bigload Plan carries one
+    if isinstance(device_map, str):
+        raise DeviceError(
+            f"device_map={device_map!r} must be planned first; use bigload.plan (or load_checkpoint_and_dispatch) "
+            "to turn it into a dict such as {'model.layers.0': 0, 'lm_head': 'cpu'}."
+        )
+    if not isinstance(device_map, Mapping):
+        raise DeviceError(f"device_map must be a dict of module name to device, got {type(device_map).__name__}.")
+    return {str(name): Device.parse(value) for name, value in device_map.items()}
+
+
+def _check_gpus_exist(dmap: Mapping[str, Device]) -> None:
+    wanted = sorted({device.index for device in dmap.values() if device.is_gpu})
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    absent = [index for index in wanted if index >= available]
+    if absent:
+        raise DeviceError(
+            f"the device map places tensors on GPU {', '.join(map(str, absent))} but this machine has "
+            f"{available} CUDA device(s); plan again for this machine, or map those modules to 'cpu' or 'disk'."
+        )
+
+
+def _device_of(name: str, dmap: Mapping[str, Device]) -> Device | None:
+    """The value of the longest key of `dmap` that is a dotted prefix of `name` ("" matches everything)."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        device = dmap.get(".".join(parts[:end]))
+        if device is not None:
+            return device
+    return dmap.get("")
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _keeps_fp32(name: str, keep: Sequence[str]) -> bool:
+    # accelerate/transformers semantics: an entry matches a dotted component ("wo") or a dotted prefix.
+    components = name.split(".")
+    return any(entry in components or _under(name, [entry]) for entry in keep)
+
+
+def _target_dtype(name: str, stored: torch.dtype, model_dtype: torch.dtype, dtype: torch.dtype | None,
+                  keep_fp32: Sequence[str]) -> torch.dtype:
+    """The dtype a tensor is placed in: never cast integer/bool/float8; kept-fp32 modules stay float32;
+    else `dtype`, else the dtype the model was built with."""
+    if stored not in _CASTABLE:
+        return stored
+    if _keeps_fp32(name, keep_fp32):
+        return torch.float32
+    if dtype is not None:
+        return dtype
+    return model_dtype if model_dtype in _CASTABLE else stored
+
+
+# ---------------------------------------------------------------------------------------------------------
+# matching checkpoint names to model tensors
+
+
+@dataclass(frozen=True)
+class _Match:
+    tasks: tuple[_Task, ...]
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+    mismatched: tuple[Mismatch, ...]
+
+
+def _match(index: CheckpointIndex, groups: list[_Group], only: Sequence[str]) -> _Match:
+    by_name = {name: group for group in groups for name in group.names}
+    chosen: dict[str, _Group] = {}
+    missing: list[str] = []
+    mismatched: list[Mismatch] = []
+    for group in groups:
+        wanted = [name for name in group.names if _under(name, only)]
+        if not wanted or not group.persistent:
+            continue  # non-persistent buffers are computed, never loaded (old checkpoints hold stale copies)
+        present = next((name for name in wanted if name in index.tensors), None)
+        if present is None:
+            missing.extend(wanted)
+            continue
+        ref_shape, model_shape = index.tensors[present].shape, tuple(group.original.shape)
+        if ref_shape != model_shape:
+            mismatched.append(Mismatch(present, ref_shape, model_shape))
+            continue
+        chosen[present] = group
+    unexpected = [name for name in index.tensors if name not in by_name and _under(name, only)]
+    tasks = tuple(_Task(ref, chosen[name]) for name, ref in index.tensors.items() if name in chosen)
+    return _Match(tasks, tuple(missing), tuple(unexpected), tuple(mismatched))
+
+
+def _report(match: _Match, index: CheckpointIndex, strict: bool) -> None:
+    problems = [
+        (f"{len(match.missing)} missing", list(match.missing)),
+        (f"{len(match.unexpected)} unexpected", list(match.unexpected)),
+        (f"{len(match.mismatched)} with mismatched shapes", [str(m) for m in match.mismatched]),
+    ]
+    lines = [f"{label}: {_first(names)}" for label, names in problems if names]
+    if not lines:
+        return
+    where = index.files[0] if len(index.files) == 1 else index.root
+    if strict:
+        raise CheckpointError(
+            f"the checkpoint {where} does not match the model: " + "; ".join(lines)
+            + ". Check that the checkpoint is for this model and config, or pass strict=False to load the "
+              "matching tensors and get the rest in the LoadResult."
+        )
+    logger.warning("checkpoint %s does not fully match the model (strict=False): %s", where, "; ".join(lines))
+
+
+def _first(names: list[str]) -> str:
+    shown = ", ".join(names[:_LISTED])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > _LISTED else "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# placing tensors
+
+
+def _assign(group: _Group, tensor: torch.Tensor) -> None:
+    """Register `tensor` in every slot of the group as one object (tied weights stay one Parameter)."""
+    original = group.original
+    if isinstance(original, nn.Parameter):
+        grad = original.requires_grad and (tensor.is_floating_point() or tensor.is_complex())
+        value: torch.Tensor = type(original)(tensor, requires_grad=grad)
+        value.__dict__.update(original.__dict__)
+    else:
+        value = tensor
+    for slot in group.slots:
+        table = slot.module._parameters if slot.is_param else slot.module._buffers
+        table[slot.attr] = value
+    group.original = value
+    group.loaded = True
+
+
+class _GpuStager:
+    """Host-to-GPU copies through a ring of (pinned) staging buffers on one side stream per GPU.
+
+    Filling buffer k+1 from the memory-mapped file (the actual disk read) overlaps the DMA out of buffer k;
+    an event per buffer says when it may be refilled. `finish` waits for every copy before the model runs.
+    """
+
+    def __init__(self, window_bytes: int, pin: bool, devices: Iterable[Device]) -> None:
+        slot_bytes = max(1 << 20, window_bytes // _STAGING_SLOTS)
+        self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(_STAGING_SLOTS)]
+        self.events: list[torch.cuda.Event | None] = [None] * _STAGING_SLOTS
+        self.next = 0
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        for device in devices:
+            target = device.torch_device()
+            stream = torch.cuda.Stream(target)
+            # Memory the default stream freed may be reused here; order after its pending work.
+            stream.wait_stream(torch.cuda.current_stream(target))
+            self.streams[target] = stream
+
+    def copy(self, source: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """`source` (CPU, contiguous) on `device` in `dtype`; asynchronous until `finish`."""
+        stream = self.streams[device]
+        landed = torch.empty(source.shape, dtype=source.dtype, device=device)
+        src = source.reshape(-1).view(torch.uint8)
+        dst = landed.reshape(-1).view(torch.uint8)
+        size = len(self.buffers[0])
+        for start in range(0, src.numel(), size):
+            count = min(size, src.numel() - start)
+            slot = self._free_slot()
+            staging = self.buffers[slot][:count]
+            staging.copy_(src[start:start + count])  # the disk read happens here, while earlier DMAs run
+            with torch.cuda.stream(stream):
+                dst[start:start + count].copy_(staging, non_blocking=True)
+                self.events[slot] = torch.cuda.Event()
+                self.events[slot].record(stream)
+        landed.record_stream(stream)  # freed (after a cast) only once the side stream is done with it
+        if dtype == source.dtype:
+            return landed
+        result = torch.empty(source.shape, dtype=dtype, device=device)
+        with torch.cuda.stream(stream):
+            result.copy_(landed)  # the cast runs on the GPU, not in host memory
+        result.record_stream(stream)
+        return result
+
+    def _free_slot(self) -> int:
+        slot = self.next
+        self.next = (slot + 1) % _STAGING_SLOTS
+        event = self.events[slot]
+        if event is not None:
+            event.synchronize()  # the DMA that last read this buffer is done
+        return slot
+
+    def finish(self) -> None:
+        for stream in self.streams.values():
+            stream.synchronize()
+
+
+@dataclass
+class _Placer:
+    """Turns read tensors into model tensors (CPU, GPU) or store entries (disk)."""
+
+    store: DiskStore | None
+    reuse_store: bool
+    materialize: bool
+    stager: _GpuStager | None
+    offloaded: list[str] = field(default_factory=list)
+
+    def cost(self, task: _Task) -> int:
+        """Private bytes `prepare` (or, for disk, `put`) allocates for this task until it is placed."""
+        ref, group = task.ref, task.group
+        if ref.stride is not None and not (group.device.kind is DeviceKind.DISK and self.reuse_store):
+            return ref.size_bytes  # strided .bin views are made contiguous first
+        if group.device.kind is DeviceKind.CPU and (ref.dtype != group.dtype or self.materialize):
+            return group.original.numel() * dtype_width(group.dtype)
+        return 0  # views; disk casts go through the store's small reused buffer; GPU casts run on the GPU
+
+    def prepare(self, reader: CheckpointReader, task: _Task) -> torch.Tensor | None:
+        """Read (and for the CPU, cast) one tensor; runs on the reader thread."""
+        ref, group = task.ref, task.group
+        if group.device.kind is DeviceKind.DISK:
+            if self.reuse_store or self._referenced(task):
+                return None  # nothing to read: the store already has it, or will point into the file
+            return reader.read(ref)
+        tensor = reader.read(ref)
+        if group.device.is_gpu:
+            return tensor.contiguous()  # a copy only for the rare strided .bin view
+        if tensor.dtype != group.dtype:
+            return tensor.to(group.dtype)
+        return tensor.clone() if self.materialize else tensor
+
+    def place(self, task: _Task, tensor: torch.Tensor | None) -> None:
+        group = task.group
+        if group.device.kind is DeviceKind.DISK:
+            self._offload(task, tensor)
+        elif group.device.is_gpu:
+            assert self.stager is not None and tensor is not None  # set up whenever the map names a GPU
+            _assign(group, self.stager.copy(tensor, group.device.torch_device(), group.dtype))
+        else:
+            assert tensor is not None  # CPU tasks always read
+            _assign(group, tensor)
+
+    def _referenced(self, task: _Task) -> bool:
+        ref = task.ref
+        return ref.format == "safetensors" and ref.stride is None and ref.dtype == task.group.dtype
+
+    def _offload(self, task: _Task, tensor: torch.Tensor | None) -> None:
+        group, name = task.group, task.group.names[0]
+        if not self.reuse_store:
+            assert self.store is not None  # created whenever the map names disk
+            if tensor is None:
+                self.store.put_reference(name, task.ref)
+            else:
+                self.store.put(name, tensor, dtype=group.dtype)
+        _assign(group, torch.empty(group.original.shape, dtype=group.dtype, device="meta"))
+        self.offloaded.extend(group.names)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def _run(tasks: Sequence[_Task], reader: CheckpointReader, placer: _Placer, window: int,
+         on_placed: Callable[[int], None]) -> None:
+    """Read ahead on a thread pool, place in file order; bytes of unplaced temporaries stay within `window`."""
+    pending: deque[tuple[_Task, Future[torch.Tensor | None], int]] = deque()
+    in_flight = 0
+    advised = _Readahead(tasks, reader, window)
+    with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="bigload-read") as pool:
+        try:
+            for position, task in enumerate(tasks):
+                cost = placer.cost(task)
+                while pending and (in_flight + cost > window or len(pending) >= _MAX_PENDING):
+                    in_flight -= _place_oldest(pending, placer, on_placed)
+                advised.up_to(position)
+                pending.append((task, pool.submit(placer.prepare, reader, task), cost))
+                in_flight += cost
+            while pending:
+                _place_oldest(pending, placer, on_placed)
+        finally:
+            for _, future, _ in pending:
+                future.cancel()
+
+
+def _place_oldest(pending: deque[tuple[_Task, Future[torch.Tensor | None], int]], placer: _Placer,
+                  on_placed: Callable[[int], None]) -> int:
+    task, future, cost = pending.popleft()
+    placer.place(task, future.result())
+    on_placed(task.ref.nbytes)
+    return cost
+
+
+class _Readahead:
+    """Keeps the kernel reading about `window` bytes ahead of the tensor being submitted."""
+
+    def __init__(self, tasks: Sequence[_Task], reader: CheckpointReader, window: int) -> None:
+        self.tasks, self.reader, self.window = tasks, reader, window
+        self.starts = list(accumulate((task.ref.nbytes for task in tasks), initial=0))
+        self.cursor = 0  # tasks before this one have been advised
+
+    def up_to(self, position: int) -> None:
+        self.cursor = max(self.cursor, position)
+        first = self.cursor
+        while self.cursor < len(self.tasks) and self.starts[self.cursor] - self.starts[position] < self.window:
+            self.cursor += 1
+        self.reader.willneed(task.ref for task in self.tasks[first:self.cursor])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# buffers no checkpoint holds
+
+
+def _settle_unloaded_buffers(groups: list[_Group]) -> None:
+    """Put non-persistent buffers (rotary inv_freq, ...) on their device, recomputing those on meta."""
+    rebuilt: dict[int, dict[str, torch.Tensor]] = {}
+    for group in groups:
+        slot = group.slots[0]
+        if group.loaded or slot.is_param or group.persistent:
+            continue
+        tensor = group.original
+        if tensor.device.type == "meta":
+            fresh = rebuilt.get(id(slot.module))
+            if fresh is None:
+                fresh = rebuilt[id(slot.module)] = _rebuild_buffers(slot.module, group.names[0])
+            if slot.attr not in fresh:
+                raise _unrebuildable(group.names[0], "re-running its __init__ did not create it")
+            tensor = fresh[slot.attr]
+        device = CPU if group.device.kind is DeviceKind.DISK else group.device
+        _assign(group, tensor.to(device.torch_device()))
+
+
+def _rebuild_buffers(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Re-run the `__init__` of a parameter-free module built from a config (transformers' rotary
+    embeddings) on the CPU, and return its buffers."""
+    config = getattr(module, "config", None)
+    if config is None or any(True for _ in module.parameters()):
+        raise _unrebuildable(name, f"{type(module).__name__} has no config to rebuild it from")
+    try:
+        with torch.device("cpu"):
+            fresh = type(module)(config)
+    except Exception as exc:  # any failure of foreign __init__ code means: cannot rebuild
+        raise _unrebuildable(name, f"{type(module).__name__}(config) failed: {exc}") from exc
+    return dict(fresh.named_buffers(recurse=False))
+
+
+def _unrebuildable(name: str, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"buffer {name!r} is on the meta device and no checkpoint holds it ({why}). Build the model with "
+        "init_empty_weights(include_buffers=False) so such buffers keep their computed values."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the entry point
+
+
+def load_checkpoint_in_model(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str] | CheckpointIndex,
+    device_map: DeviceMapLike | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    offload_state_dict: bool | None = None,
+    keep_in_fp32_modules: Sequence[str] | None = None,
+    strict: bool = True,
+    window_bytes: int = 256 * 2**20,
+    materialize: bool = False,
+    pin_memory: bool | None = None,
+    progress: bool | None = None,
+    only: Sequence[str] | None = None,
+) -> LoadResult:
+    """Stream `checkpoint` into `model`, each tensor straight to its device.
+
+    Args:
+        model: typically built under `init_empty_weights()`; its parameters are replaced, not copied into.
+        checkpoint: a checkpoint file, index or folder (see `open_checkpoint`), or an already open index.
+        device_map: transformers' format (`{"model.layers.0": 0, "lm_head": "cpu", "model.layers.9": "disk"}`,
+            `""` for the whole model) or a bigload `Plan`; a tensor goes where its longest dotted prefix says.
+            None puts everything on the CPU.
+        dtype: cast floating-point tensors to this dtype; None casts them to the dtype the model was built
+            with. Integer, bool and float8 tensors are never cast.
+        offload_folder: where tensors mapped to "disk" go (a `DiskStore`). A store already there for the same
+            checkpoint and dtypes is reused as is.
+        offload_state_dict: accepted for accelerate compatibility and ignored: bigload never holds a whole
+            state dict in memory, so there is nothing to offload while loading.
+        keep_in_fp32_modules: module names (or name components, e.g. "wo") kept in float32.
+        strict: missing, unexpected and mis-shaped tensors raise (before any byte is read); with False they
+            are logged as a warning and returned.
+        window_bytes: cap on the bytes of temporaries in flight (cast results not yet placed, readahead,
+            pinned staging for GPUs).
+        materialize: copy CPU tensors into private memory instead of keeping memory-mapped views.
+        pin_memory: pin the GPU staging buffers; None pins when the map names a GPU.
+        progress: a progress bar over bytes; None shows it for loads over 1 GiB when stderr is a terminal.
+        only: load only tensors under these module names (one pipeline stage of a bigger plan); the rest of
+            the model is left alone and not reported.
+
+    Returns:
+        LoadResult with the missing/unexpected/mismatched names, the disk store and what went to disk.
+
+    Raises:
+        DeviceError: the map names a GPU this machine lacks, or is not a dict (checked before reading).
+        CheckpointError: a malformed checkpoint, a strict mismatch, or a meta buffer that cannot be rebuilt.
+        OffloadError: the map names disk without `offload_folder`, or the folder belongs to another
+            checkpoint or dtype, or cannot be written.
+
+    >>> with init_empty_weights():  # doctest: +SKIP
+    ...     model = LlamaForCausalLM(config)
+    >>> result = load_checkpoint_in_model(model, "llama/", {"": "cpu"}, dtype=torch.bfloat16)  # doctest: +SKIP
+    """
+    del offload_state_dict  # see the docstring: nothing to offload while loading
+    if window_bytes <= 0:
+        raise BudgetError(f"window_bytes must be positive, got {window_bytes}.")
+    dmap = _resolve_map(device_map)
+    _check_gpus_exist(dmap)
+    target_dtype = None if dtype is None else parse_dtype(dtype)
+    index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
+    scope = list(only) if only is not None else [""]
+    groups = [group for group in _model_groups(model) if any(_under(name, scope) for name in group.names)]
+    _place_groups(groups, dmap, index, target_dtype, list(keep_in_fp32_modules or ()))
+    match = _match(index, groups, scope)
+    _report(match, index, strict)
+
+    disk_tasks = [task for task in match.tasks if task.group.device.kind is DeviceKind.DISK]
+    store, reuse = _prepare_store(offload_folder, index, disk_tasks)
+    gpus = {task.group.device for task in match.tasks if task.group.device.is_gpu}
+    stager = _GpuStager(window_bytes, pin_memory is not False, gpus) if gpus else None
+    placer = _Placer(store, reuse, materialize, stager)
+    total = sum(task.ref.nbytes for task in match.tasks)
+    with CheckpointReader(index) as reader, _ProgressBar(total, progress) as advance:
+        _stream_into(match.tasks, reader, placer, window_bytes, advance, store, reuse, index, disk_tasks)
+    if stager is not None:
+        stager.finish()
+    _settle_unloaded_buffers(groups)
+    return LoadResult(
+        missing=match.missing,
+        unexpected=match.unexpected,
+        mismatched=match.mismatched,
+        offloaded=tuple(placer.offloaded),
+        store=store,
+        bytes_read=total,
+    )
+
+
+def _stream_into(tasks: Sequence[_Task], reader: CheckpointReader, placer: _Placer, window: int,
+                 advance: Callable[[int], None], store: DiskStore | None, reuse: bool,
+                 index: CheckpointIndex, disk_tasks: Sequence[_Task]) -> None:
+    if store is None or reuse:
+        _run(tasks, reader, placer, window, advance)
+        return
+    with store:  # an exception removes what was written, and no index is left behind
+        _run(tasks, reader, placer, window, advance)
+        store.commit(_store_origin(index, disk_tasks))
+
+
+def _place_groups(groups: list[_Group], dmap: Mapping[str, Device], index: CheckpointIndex,
+                  dtype: torch.dtype | None, keep_fp32: Sequence[str]) -> None:
+    """Decide each group's device (its first name's) and dtype (from the tensor the checkpoint holds)."""
+    for group in groups:
+        devices = {_device_of(name, dmap) for name in group.names}
+        device = _device_of(group.names[0], dmap)
+        if None in devices:
+            unmapped = next(name for name in group.names if _device_of(name, dmap) is None)
+            raise DeviceError(
+                f"the device map places no module containing {unmapped!r}; add an entry for it or a '' entry "
+                "for everything else."
+            )
+        if len(devices) > 1:
+            logger.warning("tied tensors %s are mapped to different devices; all are placed on %s",
+                           ", ".join(group.names), device)
+        group.device = device  # type: ignore[assignment]
+        stored = next((index.tensors[n].dtype for n in group.names if n in index.tensors), group.original.dtype)
+        group.dtype = _target_dtype(group.names[0], stored, group.original.dtype, dtype, keep_fp32)
+
+
+def _prepare_store(folder: str | os.PathLike[str] | None, index: CheckpointIndex,
+                   disk_tasks: Sequence[_Task]) -> tuple[DiskStore | None, bool]:
+    """The store disk tensors go to, and whether it already holds them all (then nothing is written)."""
+    if not disk_tasks:
+        return None, False
+    if folder is None:
+        raise OffloadError(
+            f"the device map sends {len(disk_tasks)} tensors (e.g. {disk_tasks[0].group.names[0]!r}) to 'disk' "
+            "but no offload_folder was given; pass offload_folder= a folder on a disk with room for them."
+        )
+    origin = _store_origin(index, disk_tasks)
+    if (Path(folder) / "index.json").is_file():
+        existing = DiskStore.open(folder, expect_fingerprint=origin)
+        if all(task.group.names[0] in existing for task in disk_tasks):
+            logger.info("reusing the offload store in %s (same checkpoint and dtypes)", folder)
+            return existing, True
+        return DiskStore(folder, overwrite=True), False
+    return DiskStore(folder), False
+
+
+def _store_origin(index: CheckpointIndex, disk_tasks: Sequence[_Task]) -> StoreOrigin:
+    # The stored bytes depend on each tensor's target dtype, so that is what the variant hashes.
+    dtypes = sorted({dtype_name(task.group.dtype) for task in disk_tasks})
+    variant = hashlib.sha256(
+        "\n".join(f"{task.group.names[0]}:{dtype_name(task.group.dtype)}" for task in disk_tasks).encode()
+    ).hexdigest()
+    origin = StoreOrigin.of(index, None, variant)
+    return StoreOrigin(origin.fingerprint, origin.source, "/".join(dtypes))
+
+
+class _ProgressBar:
+    """A tqdm bar over bytes when asked (or for long loads on a terminal); otherwise a no-op callable."""
+
+    def __init__(self, total: int, progress: bool | None) -> None:
+        show = progress if progress is not None else total >= _PROGRESS_MIN_BYTES and sys.stderr.isatty()
+        self.bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading")
+
+    def __enter__(self) -> Callable[[int], None]:
+        return self.bar.update if self.bar is not None else _ignore
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _ignore(_: int) -> None:
+    return None
