@@ -13,6 +13,7 @@ Methods:
 - accelerate: `init_empty_weights` + `from_config`, then `load_checkpoint_and_dispatch(model, folder,
   device_map={"": "cpu"}, dtype=...)`.
 - transformers: `AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=...)`.
+- bigload-hf: `bigload.hf.from_pretrained(folder, device_map="cpu", dtype=...)`, beside transformers' (one row).
 - cat: `cat` of the safetensors files to /dev/null (the cost of reading the bytes, nothing else).
 """
 
@@ -23,10 +24,10 @@ import time
 from pathlib import Path
 
 from benchmarks import pagecache
-from benchmarks.harness import failure_notes, interleave, median_of, need, status_of
+from benchmarks.harness import Unavailable, failure_notes, interleave, median_of, need, status_of
 from benchmarks.make_checkpoint import checkpoint_files
 
-METHODS = ("bigload", "accelerate", "transformers", "cat")
+METHODS = ("bigload", "accelerate", "transformers", "bigload-hf", "cat")
 
 
 # ---------------------------------------------------------------- worker side (runs in the fresh process)
@@ -45,7 +46,7 @@ def _loader_bigload(folder: str, dtype):
     try:
         load = need("bigload.dispatch", "load_checkpoint_and_dispatch")
         api = "bigload.dispatch.load_checkpoint_and_dispatch"
-    except Exception:
+    except Unavailable:
         load = need("bigload.stream", "load_checkpoint_in_model")
         api = "bigload.stream.load_checkpoint_in_model"
 
@@ -76,6 +77,15 @@ def _loader_transformers(folder: str, dtype):
     return run, "transformers.AutoModelForCausalLM.from_pretrained"
 
 
+def _loader_bigload_hf(folder: str, dtype):
+    from_pretrained = need("bigload.hf", "from_pretrained")
+
+    def run():
+        return from_pretrained(folder, device_map="cpu", dtype=dtype)
+
+    return run, "bigload.hf.from_pretrained"
+
+
 def _loader_cat(folder: str, dtype):
     files = [str(f) for f in checkpoint_files(Path(folder))]
 
@@ -90,8 +100,22 @@ LOADERS = {
     "bigload": _loader_bigload,
     "accelerate": _loader_accelerate,
     "transformers": _loader_transformers,
+    "bigload-hf": _loader_bigload_hf,
     "cat": _loader_cat,
 }
+
+
+def preimport() -> None:
+    """Import what the load calls would otherwise import lazily (transformers' Llama modeling, every
+    library's loading modules), so a timed load measures loading, not Python imports."""
+    import importlib
+
+    for name in ("transformers.models.llama.modeling_llama", "accelerate", "accelerate.utils.modeling",
+                 "bigload.dispatch", "bigload.stream", "bigload.hooks", "bigload.plan", "bigload.hf"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 def touch_every_page(model) -> dict[str, object]:
@@ -124,6 +148,7 @@ def measure(spec: dict) -> dict:
     folder = spec["folder"]
     dtype = getattr(torch, spec["dtype"])
     run, api = LOADERS[spec["method"]](folder, dtype)
+    preimport()
     resident = pagecache.resident_fraction(checkpoint_files(Path(folder)))
     with MemorySampler() as mem:
         t0 = time.perf_counter()
@@ -220,9 +245,15 @@ def summarize(ctx, results: list[dict]) -> dict:
                     limit = f"model {_fmt_gb(total)}"
                 rows.append([f"{label} — {tag}", *cells, limit,
                              ratio_cell(vals["bigload"], vals["accelerate"], vals["transformers"])])
+                if key == "ready_s":
+                    hf = by.get((dtype, cache, "bigload-hf"), [])
+                    v = median_of(hf, key)
+                    rows.append([f"ready, `bigload.hf.from_pretrained` — {tag}",
+                                 fmt(v) if status_of(hf) == "ok" else status_of(hf), None, None, None,
+                                 f"— · {v / vals['transformers']:.2f}" if v and vals["transformers"] else None])
             # Equal weights across loaders: same page-touch checksum, and nothing left on meta.
             sums = {m: {x.get("touch_sum") for x in by.get((dtype, cache, m), []) if x["status"] == "ok"}
-                    for m in LOADERS_SHOWN}
+                    for m in (*LOADERS_SHOWN, "bigload-hf")}
             present = {m: v for m, v in sums.items() if v}
             agree = len(set().union(*present.values())) <= 1 if present else False
             on_meta = {m: max(x.get("on_meta", 0) for x in by[(dtype, cache, m)] if x["status"] == "ok")

@@ -114,6 +114,9 @@ def measure(spec: dict) -> dict:
     offload = Path(spec["work"]) / f"offload-{spec['method']}-{spec['map']}-{spec['cache']}-{spec['repeat']}"
     shutil.rmtree(offload, ignore_errors=True)
     run, api = _load(spec, offload)
+    from benchmarks.bench_load import preimport
+
+    preimport()
     try:
         with MemorySampler() as mem:
             t0 = time.perf_counter()

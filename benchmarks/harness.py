@@ -100,9 +100,18 @@ def run_specs(
     its spec under "spec"."""
     results: list[dict] = []
     if isolated:
+        timed_out: dict[str, dict] = {}  # a run that hit its cap once is not re-run in later rounds
         for i, spec in enumerate(specs, 1):
+            key = json.dumps({k: v for k, v in spec.items() if k != "repeat"}, sort_keys=True)
+            if key in timed_out:
+                result = {**timed_out[key], "skipped": True, "spec": spec, "prep": {}}
+                log(f"  [{i}/{len(specs)}] {_label(spec)}: skipped, timed out in an earlier round")
+                results.append(result)
+                continue
             prep = before(spec) if before else {}
             (result,) = _run_worker([spec], timeout)
+            if result["status"] == "timeout":
+                timed_out[key] = {"status": "timeout", "reason": result.get("reason", "")}
             result.update(spec=spec, prep=prep)
             log(f"  [{i}/{len(specs)}] {_label(spec)}: {_short(result)}")
             results.append(result)
@@ -130,16 +139,19 @@ def _short(result: dict) -> str:
 
 def interleave(cases: Iterable[dict], methods: Sequence[str], repeats: int) -> list[dict]:
     """Specs for `repeats` rounds; in each round every case runs every method, the method order rotated by
-    the round number so that no method always runs first (after a cache warm-up) or last."""
+    the round number so that no method always runs first (after a cache warm-up) or last. A case may
+    name methods to leave out (`_skip`) and fewer rounds for itself (`_repeats`)."""
     cases = list(cases)
     specs = []
     for r in range(repeats):
         order = list(methods[r % len(methods):]) + list(methods[: r % len(methods)])
         for case in cases:
+            if r >= case.get("_repeats", repeats):
+                continue
             for method in order:
                 if method in case.get("_skip", ()):
                     continue
-                spec = {k: v for k, v in case.items() if k != "_skip"}
+                spec = {k: v for k, v in case.items() if k not in ("_skip", "_repeats")}
                 specs.append({**spec, "method": method, "repeat": r})
     return specs
 

@@ -7,6 +7,7 @@ run: `echo '[{"bench": "load", ...}]' | python -m benchmarks.worker`).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 
@@ -35,7 +36,7 @@ def run_one(spec: dict) -> dict:
         return {"status": "timeout", "reason": str(exc)}
     except Exception as exc:  # a failing method is a result to report, not a crash of the benchmark
         last = traceback.extract_tb(exc.__traceback__)[-1]
-        where = f"{last.filename.rsplit('/', 2)[-2:][-1]}:{last.lineno}"
+        where = f"{os.path.basename(last.filename)}:{last.lineno}"
         return {"status": "error", "reason": f"{type(exc).__name__}: {exc} ({where})"[:600],
                 "traceback": traceback.format_exc()[-4000:]}
 

@@ -371,7 +371,7 @@ def load_checkpoint_and_dispatch(
     """
     del offload_state_dict, preload_module_classes  # see the docstring
     placement = _place(model, device_map, max_memory, no_split_module_classes, offload_folder, dtype, prefetch,
-                       context_length)
+                       context_length, keep_in_fp32_modules)
     placed = validate_device_map(model, placement.device_map)
     result = load_checkpoint_in_model(
         model, checkpoint, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
@@ -398,12 +398,13 @@ def load_checkpoint_and_dispatch(
 
 def _place(model: nn.Module, device_map: Any, max_memory: Mapping[int | str, int | str] | None,
            no_split_module_classes: Sequence[str] | None, offload_folder: str | os.PathLike[str] | None,
-           dtype: str | torch.dtype | None, prefetch: int, context_length: int | None) -> _Placement:
+           dtype: str | torch.dtype | None, prefetch: int, context_length: int | None,
+           keep_in_fp32_modules: Sequence[str] | None) -> _Placement:
     if device_map is None:
         return _Placement({"": "cpu"}, None, prefetch)
     if isinstance(device_map, str):
         planned = _plan_for(model, device_map, max_memory, no_split_module_classes, offload_folder, dtype,
-                            prefetch, context_length)
+                            prefetch, context_length, keep_in_fp32_modules)
         return _from_plan(planned)
     if isinstance(device_map, Mapping):
         return _Placement(dict(device_map), None, prefetch)
@@ -412,10 +413,18 @@ def _place(model: nn.Module, device_map: Any, max_memory: Mapping[int | str, int
 
 def _plan_for(model: nn.Module, strategy: str, max_memory: Mapping[int | str, int | str] | None,
               no_split_module_classes: Sequence[str] | None, offload_folder: str | os.PathLike[str] | None,
-              dtype: str | torch.dtype | None, prefetch: int, context_length: int | None) -> Any:
+              dtype: str | torch.dtype | None, prefetch: int, context_length: int | None,
+              keep_in_fp32_modules: Sequence[str] | None) -> Any:
     """inventory -> budget -> plan: where each block goes, without reading a weight."""
+    # Imported at call time: plan.py, inventory.py and budget.py land after this module (see the report);
+    # move these to the top once they exist.
+    from bigload.budget import detect_budget
+    from bigload.inventory import inventory_from_module
+    from bigload.plan import plan
+
     target = parse_dtype(dtype) if dtype is not None else None
-    inventory = inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes)
+    inventory = inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes,
+                                      keep_in_fp32_modules=keep_in_fp32_modules)
     budget = detect_budget(max_memory, offload_folder=offload_folder)
     return plan(inventory, budget, strategy=strategy, dtype=target, context_length=context_length,
                 prefetch=prefetch)

@@ -187,3 +187,190 @@ def load_tokenizer(path: str | Path) -> Any:
             f"no tokenizer could be loaded from {path}: {exc}. A model folder needs tokenizer files "
             "(tokenizer.json or tokenizer_config.json) for text prompts."
         ) from exc
+
+
+def _checkpoint_dtype(source: ModelSource) -> torch.dtype | None:
+    """The dtype of the first floating tensor in the source's checkpoint (headers only), if any."""
+    if source.checkpoint is None:
+        return None
+    from bigload.checkpoint import open_checkpoint
+
+    for ref in open_checkpoint(source.checkpoint).tensors.values():
+        if ref.dtype.is_floating_point:
+            return ref.dtype
+    return None
+
+
+def _weights_dtype(source: ModelSource, config: "PretrainedConfig | None", dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The dtype to load in: the caller's, else the config's, else the checkpoint's."""
+    if dtype is not None:
+        return parse_dtype(dtype)
+    if config is not None:
+        from_config = config_dtype(config, default=None)  # type: ignore[arg-type]
+        if from_config is not None:
+            return from_config
+    return _checkpoint_dtype(source)
+
+
+def _transformers_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def inventory_for(
+    spec: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    no_split_module_classes: list[str] | None = None,
+) -> Any:
+    """The inventory of what MODEL names: from a meta model when there is a config (and transformers),
+    else from checkpoint headers alone. No weight is read either way."""
+    from bigload.inventory import inventory_from_checkpoint, inventory_from_module
+
+    source = resolve_model_source(spec)
+    if source.config is not None and _transformers_available():
+        config = load_config(source.config)
+        target = _weights_dtype(source, config, dtype) or torch.float32
+        model = meta_model_from_config(config, dtype=target)
+        return inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes)
+    if source.checkpoint is None:
+        raise BigloadError(
+            f"{spec} is a config only and transformers is not installed; install it with "
+            "`pip install bigload[hf]`, or plan from a checkpoint's headers instead."
+        )
+    from bigload.checkpoint import open_checkpoint
+
+    # Headers carry no class names, so `no_split_module_classes` cannot apply here: every numbered
+    # block (`model.layers.17`) is kept whole instead.
+    return inventory_from_checkpoint(
+        open_checkpoint(source.checkpoint), dtype=_weights_dtype(source, None, dtype), config=source.config,
+    )
+
+
+def plan_model(
+    spec: str | Path,
+    *,
+    max_memory: dict[Any, Any] | None = None,
+    strategy: str = "auto",
+    dtype: torch.dtype | str | None = None,
+    context_length: int | None = None,
+    batch_size: int = 1,
+    no_split_module_classes: list[str] | None = None,
+    prefetch: int = 1,
+    offload_folder: str | Path | None = None,
+) -> Any:
+    """A dry run: plan MODEL (catalog name, model folder, config.json or checkpoint) without reading a weight.
+
+    Args:
+        spec: what to plan.
+        max_memory: budgets per device (`{0: "24GiB", "cpu": "64GiB", "disk": "500GiB"}`); None: this machine.
+        strategy: "auto", "balanced", "balanced_low_0" or "sequential".
+        dtype: dtype of the weights once loaded; default: the config's, else the checkpoint's.
+        context_length, batch_size: reserve KV-cache memory for this many tokens and sequences.
+        no_split_module_classes: classes never split (default: the model's `_no_split_modules`).
+        prefetch: offloaded blocks loaded ahead (the reserve is sized for it).
+        offload_folder: with no "disk" budget, its free space becomes the disk budget.
+
+    Returns:
+        A `Plan`.
+
+    Raises:
+        PlanError: the model does not fit; the message says how many bytes are missing where.
+
+    >>> print(plan_model("llama-3.1-405b", max_memory={0: "80GiB", "cpu": "1TiB"}).explain())  # doctest: +SKIP
+    """
+    from bigload.budget import detect_budget
+    from bigload.plan import plan
+
+    inventory = inventory_for(spec, dtype=dtype, no_split_module_classes=no_split_module_classes)
+    budget = detect_budget(max_memory, offload_folder=offload_folder)
+    return plan(inventory, budget, strategy=strategy, context_length=context_length, batch_size=batch_size,
+                prefetch=prefetch)
+
+
+def from_pretrained(
+    path: str | Path,
+    *,
+    model_class: Any = None,
+    device_map: Any = "auto",
+    max_memory: dict[Any, Any] | None = None,
+    dtype: torch.dtype | str | None = None,
+    offload_folder: str | Path | None = None,
+    context_length: int | None = None,
+    batch_size: int = 1,
+    strict: bool = True,
+    progress: bool = True,
+    prefetch: int = 1,
+) -> nn.Module:
+    """Load a Hugging Face model folder onto this machine's devices, ready for `generate`.
+
+    Builds the model from config.json on the meta device, plans with the model's `_no_split_modules` and
+    KV-cache headroom for `context_length`, streams the checkpoint straight to the planned places, and
+    attaches offload hooks. The result has `hf_device_map` and `bigload_plan`.
+
+    Args:
+        path: folder with config.json and safetensors (or .bin) weights.
+        model_class: e.g. `transformers.AutoModel` for encoders; default: the config's `architectures`.
+        device_map: a strategy ("auto", "balanced", "balanced_low_0", "sequential"), a dict map or a Plan.
+        max_memory: budgets per device; None: what this machine has free.
+        dtype: dtype to load in; default: the config's, else the checkpoint's.
+        offload_folder: where disk-offloaded weights go; needed when the plan uses disk.
+        context_length, batch_size: KV-cache room the plan keeps on each executing device.
+        strict: missing or unexpected tensors are an error.
+        progress: a progress bar for long loads.
+        prefetch: offloaded blocks loaded ahead of the one running.
+
+    Raises:
+        BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint.
+
+    >>> model = from_pretrained("Llama-3-8B/", max_memory={"cpu": "8GiB", "disk": "64GiB"},
+    ...                         offload_folder="offload/")  # doctest: +SKIP
+    """
+    from bigload.dispatch import load_checkpoint_and_dispatch
+
+    source = resolve_model_source(path)
+    if source.config is None or source.checkpoint is None:
+        raise BigloadError(
+            f"{path} must be a model folder with config.json and weights (.safetensors or .bin); "
+            f"found {'no config.json' if source.config is None else 'no weights'}."
+        )
+    config = load_config(source.config)
+    target = _weights_dtype(source, config, dtype) or torch.float32
+    model = meta_model_from_config(config, model_class=model_class, dtype=target)
+    if isinstance(device_map, str):
+        device_map = _plan_loaded_model(model, device_map, max_memory, target, context_length, batch_size,
+                                        prefetch, offload_folder)
+    load_checkpoint_and_dispatch(
+        model, source.checkpoint, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+        dtype=target, strict=strict, prefetch=prefetch, context_length=context_length, progress=progress,
+    )
+    _load_generation_config(model, Path(path))
+    return model.eval()
+
+
+def _plan_loaded_model(model: nn.Module, strategy: str, max_memory: dict[Any, Any] | None, dtype: torch.dtype,
+                       context_length: int | None, batch_size: int, prefetch: int,
+                       offload_folder: str | Path | None) -> Any:
+    from bigload.budget import detect_budget
+    from bigload.inventory import inventory_from_module
+    from bigload.plan import plan
+
+    inventory = inventory_from_module(model, dtype=dtype)
+    budget = detect_budget(max_memory, offload_folder=offload_folder)
+    return plan(inventory, budget, strategy=strategy, context_length=context_length, batch_size=batch_size,
+                prefetch=prefetch)
+
+
+def _load_generation_config(model: nn.Module, folder: Path) -> None:
+    """Use the folder's generation_config.json, as transformers' from_pretrained does."""
+    if not (folder / "generation_config.json").is_file() or not hasattr(model, "generation_config"):
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring %s/generation_config.json: %s", folder, exc)

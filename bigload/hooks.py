@@ -840,7 +840,9 @@ def _build_blocks(
     offload_buffers: bool,
 ) -> dict[str, Block]:
     for key in keys:
-        _resolve_module(model, key)  # every key must name a module before anything is changed
+        _resolve_module(model, key)
+    # Everything is checked before the model changes: registrations are rewritten only after the loop.
+    rewrites: list[tuple[Sequence[_Site], torch.Tensor]] = []
     entries: dict[str, list[_Entry]] = {key: [] for key in keys}
     offsets = {key: 0 for key in keys}
     # Wider dtypes first so every tensor's offset in a slot is aligned to its element size, with no padding.
@@ -861,26 +863,26 @@ def _build_blocks(
         tensor = sites[0].get()
         assert tensor is not None  # _tensor_sites skips None entries
         if not sites[0].is_parameter and not offload_buffers:
-            _make_resident(sites, names, tensor, exec_of[in_offloaded[0]], store)
+            rewrites.append((sites, _resident_buffer(names, tensor, exec_of[in_offloaded[0]], store)))
             continue
         source, key = _source_for(names, tensor, placed[in_offloaded[0]], store, host, in_offloaded[0])
         # One placeholder object for every registration keeps tied parameters tied while released.
         meta = tensor.detach().to("meta")
         placeholder = nn.Parameter(meta, tensor.requires_grad) if sites[0].is_parameter else meta
-        for site in sites:
-            site.set(placeholder)
+        rewrites.append((sites, placeholder))
         for owner in in_offloaded:
             entry = _Entry(key, meta.dtype, tuple(meta.shape), offsets[owner], tuple(sites), placeholder, source)
             entries[owner].append(entry)
             offsets[owner] += entry.nbytes
-    return {
-        key: Block(key, placed[key], exec_of[key], tuple(entries[key])) for key in keys
-    }
+    for sites, value in rewrites:
+        for site in sites:
+            site.set(value)
+    return {key: Block(key, placed[key], exec_of[key], tuple(entries[key])) for key in keys}
 
 
-def _make_resident(sites: Sequence[_Site], names: Sequence[str], tensor: torch.Tensor, device: torch.device,
-                   store: WeightSource | None) -> None:
-    """Put a buffer of an offloaded block on its execution device for good (offload_buffers=False)."""
+def _resident_buffer(names: Sequence[str], tensor: torch.Tensor, device: torch.device,
+                     store: WeightSource | None) -> torch.Tensor:
+    """A buffer of an offloaded block, on its execution device for good (offload_buffers=False)."""
     if tensor.device.type == "meta":
         name = next((n for n in names if store is not None and n in store), None)
         if name is None or store is None:
@@ -889,9 +891,7 @@ def _make_resident(sites: Sequence[_Site], names: Sequence[str], tensor: torch.T
                 "(or pass the folder it was offloaded to) before dispatching."
             )
         tensor = store.get(name)
-    moved = tensor.to(device)
-    for site in sites:
-        site.set(moved)
+    return tensor.to(device)
 
 
 def _source_for(names: Sequence[str], tensor: torch.Tensor, placed: Device, store: WeightSource | None,

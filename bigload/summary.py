@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bigload.checkpoint import CheckpointIndex
+from bigload.inventory import block_of
 from bigload.sizes import format_size
 
 __all__ = ["CheckpointSummary", "summarize"]

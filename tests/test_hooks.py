@@ -397,3 +397,14 @@ def test_cuda_streams_offloaded_weights_through_reused_buffers():
     assert stats.buffers == 2 and stats.buffer_bytes == stats.reserve_bytes
     assert stats.staging_bytes == stats.reserve_bytes
     assert stats.peak_bytes_held <= stats.reserve_bytes
+
+
+def test_failed_attach_leaves_the_model_untouched():
+    reference, model = _three()
+    store = _offload(model, _names(model, ("first", "second")))  # "third" is missing from the store
+    with pytest.raises(OffloadError):
+        attach(model, THREE_MAP, execution_device="cpu", store=store)
+    assert runtime_of(model) is None and all(p.device.type == "cpu" for p in model.parameters())
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)

@@ -1,0 +1,622 @@
+"""What must be placed: modules in execution order with their byte sizes, tied groups and unsplittable blocks.
+
+An `Inventory` is built in one linear pass, either from an `nn.Module` (meta tensors are fine) or from a
+checkpoint's headers alone. Modules are kept in pre-order (registration order, which is the order a
+transformers model runs its blocks in), so a module's subtree is the contiguous index range
+`[i, end(i))` and every subtree size is a difference of two prefix sums: the planner never walks a tree
+twice.
+
+Sizes are at the target dtype: floating tensors are cast to it (to float32 inside `keep_in_fp32_modules`,
+or to their `special_dtypes` entry), integer and bool tensors never are. A tensor registered under several
+names (tied weights) is counted once, under its first name in registration order.
+
+The KV-cache spec (`kv_cache_spec`) describes how many bytes each attention layer's cache takes per token,
+so the planner can keep room for a given context length on the device that runs each layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from bigload.errors import BigloadError, PlanError
+from bigload.sizes import dtype_width, parse_dtype
+
+__all__ = [
+    "Inventory",
+    "KVCacheSpec",
+    "TensorEntry",
+    "block_of",
+    "inventory_from_checkpoint",
+    "inventory_from_module",
+    "kv_cache_spec",
+]
+
+_NON_CASTABLE_PREFIXES = ("torch.int", "torch.uint", "torch.bool")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class TensorEntry(NamedTuple):
+    """One tensor to place. A NamedTuple (immutable, and cheap enough for millions of tensors).
+
+    Attributes:
+        name: its first name in registration order (tied names are in `Inventory.tied_groups`).
+        module: index of the module that owns it directly (into `Inventory.names`).
+        nbytes: bytes at the target dtype.
+        dtype: the dtype it will have once loaded.
+        buffer: a buffer (persistent or not) rather than a parameter.
+    """
+
+    name: str
+    module: int
+    nbytes: int
+    dtype: torch.dtype
+    buffer: bool
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """The KV cache of a decoder: which blocks hold attention layers and their cache shape.
+
+    Attributes:
+        layers: block names of the attention layers (e.g. "model.layers.0"), in order.
+        kv_heads: key/value heads per layer.
+        head_dim: size of one head.
+        width: default bytes per element (the model's dtype) when the planner is given no dtype.
+    """
+
+    layers: tuple[str, ...]
+    kv_heads: int
+    head_dim: int
+    width: int
+
+    def bytes_per_token(self, width: int | None = None) -> int:
+        """Bytes one token adds to one layer's cache: 2 (K and V) x kv_heads x head_dim x width.
+
+        >>> KVCacheSpec(("model.layers.0",), kv_heads=8, head_dim=128, width=2).bytes_per_token()
+        4096
+        """
+        return 2 * self.kv_heads * self.head_dim * (self.width if width is None else width)
+
+    def layer_bytes(self, context_length: int, batch_size: int = 1, width: int | None = None) -> int:
+        """Bytes of one layer's cache for `batch_size` sequences of `context_length` tokens."""
+        return self.bytes_per_token(width) * context_length * batch_size
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Everything the planner needs to know about a model, as flat arrays in execution order.
+
+    Index 0 is the root module (name ""). For module `i`: `names[i]`, `classes[i]` (class name, "" when
+    built from a checkpoint), `parents[i]` (-1 for the root), `ends[i]` (its subtree is `[i, ends[i])`),
+    `own_bytes[i]` / `own_buffer_bytes[i]` / `own_tensors[i]` (tensors it owns directly; tied duplicates
+    count 0 bytes), `no_split[i]` (the planner never splits it).
+
+    Attributes:
+        tensors: every distinct tensor, in registration order.
+        tied_groups: all names of each tensor registered under several names, first name first.
+        kv: the KV-cache spec when the model's config describes one.
+        dtype: the target dtype sizes were computed at (None: each tensor's own dtype).
+    """
+
+    names: tuple[str, ...]
+    classes: tuple[str, ...]
+    parents: tuple[int, ...]
+    ends: tuple[int, ...]
+    own_bytes: tuple[int, ...]
+    own_buffer_bytes: tuple[int, ...]
+    own_tensors: tuple[int, ...]
+    no_split: tuple[bool, ...]
+    tensors: tuple[TensorEntry, ...]
+    tied_groups: tuple[tuple[str, ...], ...]
+    kv: KVCacheSpec | None
+    dtype: torch.dtype | None
+
+    def __post_init__(self) -> None:
+        # Prefix sums make every subtree size O(1); they are derived data, not part of equality.
+        object.__setattr__(self, "_bytes_prefix", tuple(itertools.accumulate(self.own_bytes, initial=0)))
+        object.__setattr__(self, "_buffer_prefix", tuple(itertools.accumulate(self.own_buffer_bytes, initial=0)))
+        object.__setattr__(self, "_index", {name: i for i, name in enumerate(self.names)})
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every distinct tensor at the target dtype (tied tensors once)."""
+        return self._bytes_prefix[-1]  # type: ignore[attr-defined]
+
+    def index(self, name: str) -> int:
+        """Index of module `name`.
+
+        Raises:
+            PlanError: no module has that name.
+        """
+        try:
+            return self._index[name]  # type: ignore[attr-defined]
+        except KeyError:
+            raise PlanError(f"the inventory has no module named {name!r}.") from None
+
+    def subtree_bytes(self, i: int) -> int:
+        """Bytes of module `i` with everything under it."""
+        return self._bytes_prefix[self.ends[i]] - self._bytes_prefix[i]  # type: ignore[attr-defined]
+
+    def subtree_buffer_bytes(self, i: int) -> int:
+        """Bytes of the buffers of module `i` and everything under it."""
+        return self._buffer_prefix[self.ends[i]] - self._buffer_prefix[i]  # type: ignore[attr-defined]
+
+    def size(self, name: str) -> int:
+        """Bytes of module `name` with everything under it.
+
+        >>> inventory.size("model.layers.0")  # doctest: +SKIP
+        436207616
+        """
+        return self.subtree_bytes(self.index(name))
+
+    def children(self, i: int) -> list[int]:
+        """Indices of the direct children of module `i`, in order."""
+        out = []
+        j, end = i + 1, self.ends[i]
+        while j < end:
+            out.append(j)
+            j = self.ends[j]
+        return out
+
+    def no_split_names(self) -> tuple[str, ...]:
+        """Names of the modules the planner keeps whole."""
+        return tuple(name for name, flag in zip(self.names, self.no_split) if flag)
+
+
+# --------------------------------------------------------------------------------------------------
+# From a module
+
+
+def inventory_from_module(
+    model: nn.Module,
+    *,
+    dtype: torch.dtype | str | None = None,
+    special_dtypes: Mapping[str, torch.dtype | str] | None = None,
+    keep_in_fp32_modules: Sequence[str] | None = None,
+    no_split_module_classes: Iterable[str] | None = None,
+    config: Any = None,
+) -> Inventory:
+    """Inventory a model (meta tensors are fine) in one pass over its modules.
+
+    Args:
+        model: the model; its registration order is taken as execution order.
+        dtype: the dtype floating tensors will be loaded in (None: each tensor keeps its dtype).
+        special_dtypes: tensor name -> dtype overriding `dtype` for that tensor.
+        keep_in_fp32_modules: module names (a dotted component or a prefix of a tensor name) whose floating
+            tensors stay float32; default: the model's `_keep_in_fp32_modules` (and `_strict`) when `dtype`
+            is float16 or bfloat16, as transformers does.
+        no_split_module_classes: class names never split; default: the model's `_no_split_modules`.
+        config: a transformers-style config for the KV-cache spec; default: `model.config`.
+
+    Returns:
+        An `Inventory`.
+
+    Raises:
+        BudgetError: an unknown dtype name.
+
+    >>> inv = inventory_from_module(model, dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> inv.size("model.layers.0")  # doctest: +SKIP
+    """
+    target = parse_dtype(dtype) if dtype is not None else None
+    special = {name: parse_dtype(value) for name, value in (special_dtypes or {}).items()}
+    fp32 = _fp32_matcher(model, target, keep_in_fp32_modules)
+    no_split_classes = _no_split_classes(model, no_split_module_classes)
+    builder = _ModuleWalk(target, special, fp32, no_split_classes)
+    builder.walk(model)
+    names = tuple(builder.names)
+    no_split = tuple(builder.no_split)
+    kv_config = config if config is not None else getattr(model, "config", None)
+    kv = kv_cache_spec(kv_config, _decoder_blocks(names, no_split), dtype=target or _first_float(builder))
+    return Inventory(
+        names=names,
+        classes=tuple(builder.classes),
+        parents=tuple(builder.parents),
+        ends=_subtree_ends(builder.parents),
+        own_bytes=tuple(builder.own_bytes),
+        own_buffer_bytes=tuple(builder.own_buffer_bytes),
+        own_tensors=tuple(builder.own_tensors),
+        no_split=no_split,
+        tensors=tuple(builder.tensors),
+        tied_groups=tuple(tuple(group) for group in builder.groups.values() if len(group) > 1),
+        kv=kv,
+        dtype=target,
+    )
+
+
+class _ModuleWalk:
+    """The single pass over a module tree (an explicit stack: `named_modules` is a recursive generator)."""
+
+    def __init__(self, target: torch.dtype | None, special: dict[str, torch.dtype],
+                 fp32: "_Fp32Matcher", no_split_classes: frozenset[str]) -> None:
+        self.target = target
+        self.special = special
+        self.fp32 = fp32
+        self.no_split_classes = no_split_classes
+        self.names: list[str] = []
+        self.classes: list[str] = []
+        self.parents: list[int] = []
+        self.own_bytes: list[int] = []
+        self.own_buffer_bytes: list[int] = []
+        self.own_tensors: list[int] = []
+        self.no_split: list[bool] = []
+        self.tensors: list[TensorEntry] = []
+        self.groups: dict[int, list[str]] = {}  # id(tensor) -> every name, first name first
+        self._widths: dict[torch.dtype, int] = {}
+
+    def walk(self, model: nn.Module) -> None:
+        stack: list[tuple[str, nn.Module, int]] = [("", model, -1)]
+        while stack:
+            name, module, parent = stack.pop()
+            index = len(self.names)
+            self.names.append(name)
+            cls = type(module).__name__
+            self.classes.append(cls)
+            self.parents.append(parent)
+            self.no_split.append(cls in self.no_split_classes)
+            prefix = f"{name}." if name else ""
+            own, own_buffers, count = self._tensors_of(module, prefix, index)
+            self.own_bytes.append(own)
+            self.own_buffer_bytes.append(own_buffers)
+            self.own_tensors.append(count)
+            children = [(prefix + key, child, index) for key, child in module._modules.items() if child is not None]
+            stack.extend(reversed(children))
+
+    def _tensors_of(self, module: nn.Module, prefix: str, index: int) -> tuple[int, int, int]:
+        own = own_buffers = count = 0
+        for table, is_buffer in ((module._parameters, False), (module._buffers, True)):
+            for attr, tensor in table.items():
+                if tensor is None:
+                    continue
+                count += 1
+                name = prefix + attr
+                group = self.groups.get(id(tensor))
+                if group is not None:
+                    group.append(name)  # a tied duplicate: its bytes are counted at the first name
+                    continue
+                self.groups[id(tensor)] = [name]
+                dtype = self._dtype_for(name, tensor.dtype)
+                nbytes = tensor.numel() * self._width(dtype)
+                self.tensors.append(TensorEntry(name, index, nbytes, dtype, is_buffer))
+                own += nbytes
+                if is_buffer:
+                    own_buffers += nbytes
+        return own, own_buffers, count
+
+    def _dtype_for(self, name: str, stored: torch.dtype) -> torch.dtype:
+        return _target_dtype(name, stored, self.target, self.special, self.fp32)
+
+    def _width(self, dtype: torch.dtype) -> int:
+        width = self._widths.get(dtype)
+        if width is None:
+            width = self._widths[dtype] = dtype_width(dtype)
+        return width
+
+
+def _target_dtype(name: str, stored: torch.dtype, target: torch.dtype | None,
+                  special: Mapping[str, torch.dtype], fp32: "_Fp32Matcher") -> torch.dtype:
+    """The dtype a tensor is loaded in: special entry, else kept-in-fp32, else target; ints never change."""
+    if name in special:
+        return special[name]
+    if str(stored).startswith(_NON_CASTABLE_PREFIXES) or not (stored.is_floating_point or stored.is_complex):
+        return stored
+    if fp32.matches(name):
+        return torch.float32
+    return target if target is not None else stored
+
+
+class _Fp32Matcher:
+    """Whether a tensor name lies in a keep-in-fp32 module: a dotted component or a dotted prefix."""
+
+    def __init__(self, modules: Iterable[str]) -> None:
+        self.components = frozenset(m for m in modules if "." not in m)
+        self.prefixes = tuple(f"{m}." for m in modules if "." in m)
+
+    def matches(self, name: str) -> bool:
+        if not self.components and not self.prefixes:
+            return False
+        if self.prefixes and name.startswith(self.prefixes):
+            return True
+        return any(part in self.components for part in name.split(".")[:-1])
+
+
+def _fp32_matcher(model: nn.Module, target: torch.dtype | None,
+                  keep_in_fp32_modules: Sequence[str] | None) -> _Fp32Matcher:
+    if keep_in_fp32_modules is not None:
+        return _Fp32Matcher(keep_in_fp32_modules)
+    if target not in _HALF_DTYPES:
+        return _Fp32Matcher(())
+    found: list[str] = []
+    for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+        found.extend(getattr(model, attr, None) or ())
+    return _Fp32Matcher(found)
+
+
+def _no_split_classes(model: nn.Module, given: Iterable[str] | None) -> frozenset[str]:
+    if given is None:
+        given = getattr(model, "_no_split_modules", None) or ()
+    if isinstance(given, str):
+        given = (given,)
+    return frozenset(given)
+
+
+def _first_float(builder: _ModuleWalk) -> torch.dtype | None:
+    """The dtype of the model's first floating tensor: the dtype its KV cache will have by default."""
+    for entry in builder.tensors:
+        if entry.dtype.is_floating_point:
+            return entry.dtype
+    return None
+
+
+def _subtree_ends(parents: Sequence[int]) -> tuple[int, ...]:
+    """End (exclusive) of each subtree in a pre-order list: a child's end bounds its parent's."""
+    ends = list(range(1, len(parents) + 1))
+    for i in range(len(parents) - 1, 0, -1):
+        parent = parents[i]
+        if ends[i] > ends[parent]:
+            ends[parent] = ends[i]
+    return tuple(ends)
+
+
+# --------------------------------------------------------------------------------------------------
+# From checkpoint headers
+
+# Without a model class the order of siblings is a guess: shard order first (save_pretrained writes the
+# state dict in order), then these conventions for siblings in one file (safetensors sorts names within a
+# file, so "lm_head" would otherwise come before "model").
+_SIBLING_RANK: dict[str, int] = {
+    **dict.fromkeys(("embed_tokens", "wte", "wpe", "embeddings", "embed", "tok_embeddings", "word_embeddings",
+                     "embed_in", "shared"), 0),
+    **dict.fromkeys(("norm", "final_layernorm", "ln_f", "final_layer_norm", "final_norm", "norm_f"), 2),
+    **dict.fromkeys(("lm_head", "embed_out", "output", "head", "classifier", "score", "qa_outputs"), 3),
+}
+_DEFAULT_RANK = 1
+
+
+def block_of(name: str) -> str:
+    """The block a checkpoint tensor belongs to when planning from headers: the first numbered module on
+    its path (`model.layers.17.mlp.up_proj.weight` -> `model.layers.17`), else the module owning it.
+
+    >>> block_of("model.layers.17.self_attn.q_proj.weight")
+    'model.layers.17'
+    >>> block_of("lm_head.weight")
+    'lm_head'
+    """
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit() and i > 0:
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1])
+
+
+def inventory_from_checkpoint(
+    index: Any,
+    dtype: torch.dtype | str | None = None,
+    *,
+    no_split_prefixes: Iterable[str] | None = None,
+    special_dtypes: Mapping[str, torch.dtype | str] | None = None,
+    keep_in_fp32_modules: Sequence[str] = (),
+    config: Any = None,
+) -> Inventory:
+    """Inventory a checkpoint from its headers alone: modules are the dotted prefixes of tensor names.
+
+    Args:
+        index: a `checkpoint.CheckpointIndex` (anything with `.tensors` mapping name -> ref with `.dtype`,
+            `.shape`).
+        dtype: the dtype floating tensors will be loaded in (None: as stored).
+        no_split_prefixes: containers whose direct children are blocks never split (e.g. "model.layers");
+            default: every numbered child of a container (`model.layers.17`) is such a block.
+        special_dtypes: tensor name -> dtype overriding `dtype`.
+        keep_in_fp32_modules: module names whose floating tensors stay float32.
+        config: a transformers-style config (object or dict) for the KV-cache spec.
+
+    Returns:
+        An `Inventory` whose module classes are all "".
+
+    Raises:
+        BigloadError: the checkpoint holds no tensor, or a name is both a tensor and a module.
+
+    >>> inventory_from_checkpoint(open_checkpoint("model/"), dtype="bfloat16")  # doctest: +SKIP
+    """
+    refs = list(index.tensors.values())
+    if not refs:
+        raise BigloadError("the checkpoint holds no tensor; nothing to plan.")
+    target = parse_dtype(dtype) if dtype is not None else None
+    special = {name: parse_dtype(value) for name, value in (special_dtypes or {}).items()}
+    tree = _HeaderTree.build(refs, getattr(index, "files", ()))
+    names, parents = tree.preorder()
+    position = {name: i for i, name in enumerate(names)}
+    no_split = _header_no_split(names, no_split_prefixes)
+    fp32 = _Fp32Matcher(keep_in_fp32_modules)
+    widths: dict[torch.dtype, int] = {}
+    own = [0] * len(names)
+    own_buffers = [0] * len(names)
+    counts = [0] * len(names)
+    entries: list[TensorEntry] = []
+    for ref in sorted(refs, key=lambda r: (position[_owner(r.name)], r.name)):
+        module = position[_owner(ref.name)]
+        loaded = _target_dtype(ref.name, ref.dtype, target, special, fp32)
+        width = widths.get(loaded) or widths.setdefault(loaded, dtype_width(loaded))
+        nbytes = _numel(ref.shape) * width
+        entries.append(TensorEntry(ref.name, module, nbytes, loaded, False))
+        own[module] += nbytes
+        counts[module] += 1
+    flags = tuple(no_split)
+    stored = next((ref.dtype for ref in refs if ref.dtype.is_floating_point), None)
+    return Inventory(
+        names=tuple(names),
+        classes=("",) * len(names),
+        parents=tuple(parents),
+        ends=_subtree_ends(parents),
+        own_bytes=tuple(own),
+        own_buffer_bytes=tuple(own_buffers),
+        own_tensors=tuple(counts),
+        no_split=flags,
+        tensors=tuple(entries),
+        tied_groups=(),
+        kv=kv_cache_spec(config, _decoder_blocks(names, flags), dtype=target or stored),
+        dtype=target,
+    )
+
+
+def _owner(tensor_name: str) -> str:
+    return tensor_name.rpartition(".")[0]
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+class _HeaderTree:
+    """Module names implied by tensor names, with each module's first position in the checkpoint."""
+
+    def __init__(self) -> None:
+        self.children: dict[str, list[str]] = {"": []}
+        self.first: dict[str, tuple[int, int]] = {"": (0, 0)}  # (file rank, position in file order)
+
+    @staticmethod
+    def build(refs: Sequence[Any], files: Sequence[Any]) -> "_HeaderTree":
+        tree = _HeaderTree()
+        file_rank = {path: i for i, path in enumerate(files)}
+        tensor_names = {ref.name for ref in refs}
+        for position, ref in enumerate(refs):
+            key = (file_rank.get(getattr(ref, "file", None), 0), position)
+            module = _owner(ref.name)
+            if module in tensor_names:
+                raise BigloadError(
+                    f"checkpoint name {module!r} is a tensor and also the module of {ref.name!r}; "
+                    "a checkpoint with such names cannot be planned from headers alone."
+                )
+            tree._add(module, key)
+        return tree
+
+    def _add(self, module: str, key: tuple[int, int]) -> None:
+        while module not in self.first:
+            self.first[module] = key
+            self.children[module] = []
+            parent = module.rpartition(".")[0] if "." in module else ""
+            self.children[parent].append(module)
+            module = parent
+        # Ancestors already known keep their first position unless this one is earlier.
+        while True:
+            if key < self.first[module]:
+                self.first[module] = key
+            if module == "":
+                return
+            module = module.rpartition(".")[0] if "." in module else ""
+
+    def _sort_key(self, name: str) -> tuple[int, int, int, int]:
+        leaf = name.rpartition(".")[2]
+        if leaf.isdigit():
+            return (0, 0, int(leaf), 0)  # numbered siblings run in number order
+        file_rank, position = self.first[name]
+        return (file_rank, _SIBLING_RANK.get(leaf, _DEFAULT_RANK), 0, position)
+
+    def preorder(self) -> tuple[list[str], list[int]]:
+        names: list[str] = []
+        parents: list[int] = []
+        stack: list[tuple[str, int]] = [("", -1)]
+        while stack:
+            name, parent = stack.pop()
+            index = len(names)
+            names.append(name)
+            parents.append(parent)
+            kids = sorted(self.children[name], key=self._sort_key)
+            stack.extend((kid, index) for kid in reversed(kids))
+        return names, parents
+
+
+def _header_no_split(names: Sequence[str], prefixes: Iterable[str] | None) -> list[bool]:
+    if prefixes is None:
+        return [bool(name) and name.rpartition(".")[2].isdigit() and "." in name for name in names]
+    containers = frozenset(prefixes)
+    return [bool(name) and ("." in name and name.rpartition(".")[0] in containers) for name in names]
+
+
+# --------------------------------------------------------------------------------------------------
+# KV cache
+
+_LAYER_RE = re.compile(r"^(?P<container>.+)\.(?P<number>\d+)$")
+_NON_ATTENTION_LAYER_TYPES = ("linear", "mamba", "conv", "recurrent", "ssm")
+
+
+def _decoder_blocks(names: Sequence[str], no_split: Sequence[bool]) -> tuple[str, ...]:
+    """Numbered children of containers, grouped by container, largest group first (the decoder stack).
+
+    Unsplittable numbered blocks are preferred; numbered children of any container are the fallback.
+    """
+    for require_no_split in (True, False):
+        groups: dict[str, list[str]] = {}
+        for name, flag in zip(names, no_split):
+            if require_no_split and not flag:
+                continue
+            match = _LAYER_RE.match(name)
+            if match is not None:
+                groups.setdefault(match.group("container"), []).append(name)
+        if groups:
+            return tuple(max(groups.values(), key=len))
+    return ()
+
+
+def _config_get(config: Any, key: str) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def kv_cache_spec(config: Any, block_names: Sequence[str], *, dtype: torch.dtype | str | None = None,
+                  ) -> KVCacheSpec | None:
+    """The KV-cache shape of a decoder-only model, from a transformers-style config.
+
+    Args:
+        config: a config object or dict with `num_hidden_layers`, `num_key_value_heads` (else
+            `num_attention_heads`), `head_dim` (else `hidden_size / num_attention_heads`); a `text_config`
+            is used when present. Optional `layer_types` drops non-attention layers (linear attention, mamba).
+        block_names: the decoder-layer block names, in order (e.g. "model.layers.0", ...).
+        dtype: the cache dtype (default float32 width when unknown).
+
+    Returns:
+        A `KVCacheSpec`, or None when the config is missing, is an encoder-decoder, lacks a field, or
+        describes a different number of layers than `block_names`.
+
+    >>> kv_cache_spec({"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64},
+    ...               ["model.layers.0", "model.layers.1"], dtype=torch.bfloat16).bytes_per_token()
+    128
+    """
+    if config is None:
+        return None
+    text = _config_get(config, "text_config")
+    if text is not None and _config_get(config, "num_hidden_layers") is None:
+        config = text
+    if _config_get(config, "is_encoder_decoder"):
+        return None
+    layers = _config_get(config, "num_hidden_layers")
+    heads = _config_get(config, "num_attention_heads")
+    kv_heads = _config_get(config, "num_key_value_heads") or heads
+    head_dim = _config_get(config, "head_dim")
+    hidden = _config_get(config, "hidden_size")
+    if head_dim is None and heads and hidden:
+        head_dim = hidden // heads
+    if not all(isinstance(v, int) and v > 0 for v in (layers, kv_heads, head_dim)):
+        return None
+    if len(block_names) != layers:
+        return None
+    names = tuple(block_names)
+    layer_types = _config_get(config, "layer_types")
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == len(names):
+        names = tuple(name for name, kind in zip(names, layer_types)
+                      if not any(word in str(kind).lower() for word in _NON_ATTENTION_LAYER_TYPES))
+    width = dtype_width(parse_dtype(dtype)) if dtype is not None else 4
+    return KVCacheSpec(layers=names, kv_heads=int(kv_heads), head_dim=int(head_dim), width=width)
+

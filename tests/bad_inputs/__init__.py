@@ -1,0 +1,1 @@
+"""Generated bad-input corpus for the reliability tests (see `corpus.py`)."""
