@@ -174,7 +174,7 @@ def _files(ctx) -> list[Path]:
 def specs(ctx) -> list[dict]:
     folder = str(ctx.checkpoint(ctx.load_preset))
     cases = [{"bench": "load", "folder": folder, "dtype": d, "cache": c} for d in ("bfloat16", "float16")
-             for c in ("warm", "cold")]
+             for c in ("warm", "cold") if not (ctx.quick and (d, c) == ("float16", "cold"))]
     for case in cases:
         if case["dtype"] != "bfloat16":
             case["_skip"] = ("cat",)  # cat reads bytes; it has no dtype

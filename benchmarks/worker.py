@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 
 from benchmarks.harness import RESULT_PREFIX, BenchTimeout, Unavailable
@@ -27,9 +28,10 @@ def _bench(name: str):
 
 
 def run_one(spec: dict) -> dict:
+    started = time.perf_counter()
     try:
         result = _bench(spec["bench"]).measure(spec)
-        return {"status": "ok", **result}
+        return {"status": "ok", **result, "run_s": time.perf_counter() - started}
     except Unavailable as exc:
         return {"status": "unavailable", "reason": str(exc)}
     except BenchTimeout as exc:

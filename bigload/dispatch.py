@@ -29,6 +29,9 @@ from bigload.hooks import (
     detach,
 )
 from bigload.sizes import parse_dtype
+from bigload.budget import detect_budget
+from bigload.inventory import inventory_from_module
+from bigload.plan import Plan, plan
 from bigload.store import DiskStore, StoreOrigin
 from bigload.stream import load_checkpoint_in_model
 
@@ -38,6 +41,7 @@ __all__ = [
     "disk_offload",
     "dispatch_model",
     "load_checkpoint_and_dispatch",
+    "plan_for_model",
     "remove_hook_from_submodules",
     "validate_device_map",
 ]
@@ -328,6 +332,7 @@ def load_checkpoint_and_dispatch(
     *,
     prefetch: int = 1,
     context_length: int | None = None,
+    batch_size: int = 1,
     policy: ExecutionPolicy = ExecutionPolicy.STREAM,
     keep_in_fp32_modules: Sequence[str] | None = None,
     progress: bool | None = None,
@@ -351,6 +356,7 @@ def load_checkpoint_and_dispatch(
         strict: missing, unexpected or mis-shaped tensors are an error (raised before any byte is read).
         prefetch: offloaded blocks loaded ahead of the one running (the planner reserves room for them).
         context_length: tokens of KV cache the planner keeps room for on each GPU.
+        batch_size: sequences of that length (the KV reserve scales with it).
         policy: where cpu blocks run when a GPU exists and no plan decides it.
         keep_in_fp32_modules: modules kept in float32 whatever `dtype` says.
         progress: show a progress bar (None: for long loads on a terminal).
@@ -371,7 +377,7 @@ def load_checkpoint_and_dispatch(
     """
     del offload_state_dict, preload_module_classes  # see the docstring
     placement = _place(model, device_map, max_memory, no_split_module_classes, offload_folder, dtype, prefetch,
-                       context_length, keep_in_fp32_modules)
+                       context_length, batch_size, keep_in_fp32_modules)
     placed = validate_device_map(model, placement.device_map)
     result = load_checkpoint_in_model(
         model, checkpoint, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
@@ -398,36 +404,46 @@ def load_checkpoint_and_dispatch(
 
 def _place(model: nn.Module, device_map: Any, max_memory: Mapping[int | str, int | str] | None,
            no_split_module_classes: Sequence[str] | None, offload_folder: str | os.PathLike[str] | None,
-           dtype: str | torch.dtype | None, prefetch: int, context_length: int | None,
+           dtype: str | torch.dtype | None, prefetch: int, context_length: int | None, batch_size: int,
            keep_in_fp32_modules: Sequence[str] | None) -> _Placement:
     if device_map is None:
         return _Placement({"": "cpu"}, None, prefetch)
     if isinstance(device_map, str):
-        planned = _plan_for(model, device_map, max_memory, no_split_module_classes, offload_folder, dtype,
-                            prefetch, context_length, keep_in_fp32_modules)
+        planned = plan_for_model(
+            model, device_map, max_memory=max_memory, no_split_module_classes=no_split_module_classes,
+            offload_folder=offload_folder, dtype=dtype, prefetch=prefetch, context_length=context_length,
+            batch_size=batch_size, keep_in_fp32_modules=keep_in_fp32_modules,
+        )
         return _from_plan(planned)
     if isinstance(device_map, Mapping):
         return _Placement(dict(device_map), None, prefetch)
     return _from_plan(device_map)
 
 
-def _plan_for(model: nn.Module, strategy: str, max_memory: Mapping[int | str, int | str] | None,
-              no_split_module_classes: Sequence[str] | None, offload_folder: str | os.PathLike[str] | None,
-              dtype: str | torch.dtype | None, prefetch: int, context_length: int | None,
-              keep_in_fp32_modules: Sequence[str] | None) -> Any:
-    """inventory -> budget -> plan: where each block goes, without reading a weight."""
-    # Imported at call time: plan.py, inventory.py and budget.py land after this module (see the report);
-    # move these to the top once they exist.
-    from bigload.budget import detect_budget
-    from bigload.inventory import inventory_from_module
-    from bigload.plan import plan
+def plan_for_model(
+    model: nn.Module,
+    strategy: str = "auto",
+    *,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    no_split_module_classes: Sequence[str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    prefetch: int = 1,
+    context_length: int | None = None,
+    batch_size: int = 1,
+    keep_in_fp32_modules: Sequence[str] | None = None,
+) -> Plan:
+    """inventory -> budget -> plan: where each block of `model` goes, without reading a weight.
 
+    `max_memory=None` plans for what this machine has free now; an `offload_folder` with no "disk" entry
+    in `max_memory` contributes its free space as the disk budget.
+    """
     target = parse_dtype(dtype) if dtype is not None else None
     inventory = inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes,
                                       keep_in_fp32_modules=keep_in_fp32_modules)
     budget = detect_budget(max_memory, offload_folder=offload_folder)
     return plan(inventory, budget, strategy=strategy, dtype=target, context_length=context_length,
-                prefetch=prefetch)
+                batch_size=batch_size, prefetch=prefetch)
 
 
 def _from_plan(planned: Any) -> _Placement:

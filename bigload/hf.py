@@ -287,8 +287,8 @@ def plan_model(
 
     inventory = inventory_for(spec, dtype=dtype, no_split_module_classes=no_split_module_classes)
     budget = detect_budget(max_memory, offload_folder=offload_folder)
-    return plan(inventory, budget, strategy=strategy, context_length=context_length, batch_size=batch_size,
-                prefetch=prefetch)
+    return plan(inventory, budget, strategy=strategy, dtype=inventory.dtype, context_length=context_length,
+                batch_size=batch_size, prefetch=prefetch)
 
 
 def from_pretrained(
@@ -304,6 +304,7 @@ def from_pretrained(
     strict: bool = True,
     progress: bool = True,
     prefetch: int = 1,
+    no_split_module_classes: list[str] | None = None,
 ) -> nn.Module:
     """Load a Hugging Face model folder onto this machine's devices, ready for `generate`.
 
@@ -322,6 +323,7 @@ def from_pretrained(
         strict: missing or unexpected tensors are an error.
         progress: a progress bar for long loads.
         prefetch: offloaded blocks loaded ahead of the one running.
+        no_split_module_classes: classes never split (default: the model's `_no_split_modules`).
 
     Raises:
         BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint.
@@ -340,28 +342,14 @@ def from_pretrained(
     config = load_config(source.config)
     target = _weights_dtype(source, config, dtype) or torch.float32
     model = meta_model_from_config(config, model_class=model_class, dtype=target)
-    if isinstance(device_map, str):
-        device_map = _plan_loaded_model(model, device_map, max_memory, target, context_length, batch_size,
-                                        prefetch, offload_folder)
     load_checkpoint_and_dispatch(
-        model, source.checkpoint, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
-        dtype=target, strict=strict, prefetch=prefetch, context_length=context_length, progress=progress,
+        model, source.checkpoint, device_map=device_map, max_memory=max_memory,
+        no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=target,
+        strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
+        progress=progress,
     )
     _load_generation_config(model, Path(path))
     return model.eval()
-
-
-def _plan_loaded_model(model: nn.Module, strategy: str, max_memory: dict[Any, Any] | None, dtype: torch.dtype,
-                       context_length: int | None, batch_size: int, prefetch: int,
-                       offload_folder: str | Path | None) -> Any:
-    from bigload.budget import detect_budget
-    from bigload.inventory import inventory_from_module
-    from bigload.plan import plan
-
-    inventory = inventory_from_module(model, dtype=dtype)
-    budget = detect_budget(max_memory, offload_folder=offload_folder)
-    return plan(inventory, budget, strategy=strategy, context_length=context_length, batch_size=batch_size,
-                prefetch=prefetch)
 
 
 def _load_generation_config(model: nn.Module, folder: Path) -> None:

@@ -16,8 +16,8 @@ so the planner can keep room for a given context length on the device that runs 
 
 from __future__ import annotations
 
+import gc
 import itertools
-import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
@@ -226,7 +226,7 @@ def inventory_from_module(
         own_tensors=tuple(builder.own_tensors),
         no_split=no_split,
         tensors=tuple(builder.tensors),
-        tied_groups=tuple(tuple(group) for group in builder.groups.values() if len(group) > 1),
+        tied_groups=tuple(tuple(group) for group in builder.groups.values()),
         kv=kv,
         dtype=target,
     )
@@ -249,50 +249,81 @@ class _ModuleWalk:
         self.own_tensors: list[int] = []
         self.no_split: list[bool] = []
         self.tensors: list[TensorEntry] = []
-        self.groups: dict[int, list[str]] = {}  # id(tensor) -> every name, first name first
+        self.first_name: dict[int, str] = {}  # id(tensor) -> its first name
+        self.groups: dict[int, list[str]] = {}  # id(tensor) -> every name, first name first (tied only)
         self._widths: dict[torch.dtype, int] = {}
+        self._by_stored: dict[torch.dtype, tuple[torch.dtype, int]] = {}
 
     def walk(self, model: nn.Module) -> None:
+        # The walk allocates a few objects per module; on a 200,000-module model the cyclic collector would
+        # rescan the whole (acyclic, growing) heap many times over, doubling the time. Nothing here makes cycles.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._walk(model)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _walk(self, model: nn.Module) -> None:
+        # One tight loop: locals instead of attribute lookups, the per-dtype cast looked up inline.
+        names, classes, parents, no_split = self.names, self.classes, self.parents, self.no_split
+        own_bytes, own_buffer_bytes, own_tensors = self.own_bytes, self.own_buffer_bytes, self.own_tensors
+        tensors, first_name, groups = self.tensors, self.first_name, self.groups
+        no_split_classes, loaded_as = self.no_split_classes, self._loaded_as
+        by_stored = self._by_stored if not self.special and not self.fp32.active else None
         stack: list[tuple[str, nn.Module, int]] = [("", model, -1)]
+        pop, push = stack.pop, stack.extend
         while stack:
-            name, module, parent = stack.pop()
-            index = len(self.names)
-            self.names.append(name)
+            name, module, parent = pop()
+            index = len(names)
+            names.append(name)
             cls = type(module).__name__
-            self.classes.append(cls)
-            self.parents.append(parent)
-            self.no_split.append(cls in self.no_split_classes)
+            classes.append(cls)
+            parents.append(parent)
+            no_split.append(cls in no_split_classes)
             prefix = f"{name}." if name else ""
-            own, own_buffers, count = self._tensors_of(module, prefix, index)
-            self.own_bytes.append(own)
-            self.own_buffer_bytes.append(own_buffers)
-            self.own_tensors.append(count)
-            children = [(prefix + key, child, index) for key, child in module._modules.items() if child is not None]
-            stack.extend(reversed(children))
-
-    def _tensors_of(self, module: nn.Module, prefix: str, index: int) -> tuple[int, int, int]:
-        own = own_buffers = count = 0
-        for table, is_buffer in ((module._parameters, False), (module._buffers, True)):
-            for attr, tensor in table.items():
-                if tensor is None:
+            own = own_buffers = count = 0
+            for table, is_buffer in ((module._parameters, False), (module._buffers, True)):
+                if not table:
                     continue
-                count += 1
-                name = prefix + attr
-                group = self.groups.get(id(tensor))
-                if group is not None:
-                    group.append(name)  # a tied duplicate: its bytes are counted at the first name
-                    continue
-                self.groups[id(tensor)] = [name]
-                dtype = self._dtype_for(name, tensor.dtype)
-                nbytes = tensor.numel() * self._width(dtype)
-                self.tensors.append(TensorEntry(name, index, nbytes, dtype, is_buffer))
-                own += nbytes
-                if is_buffer:
-                    own_buffers += nbytes
-        return own, own_buffers, count
+                for attr, tensor in table.items():
+                    if tensor is None:
+                        continue
+                    count += 1
+                    tensor_name = prefix + attr
+                    key = id(tensor)
+                    if key in first_name:
+                        # A tied duplicate: its bytes count at the first name.
+                        groups.setdefault(key, [first_name[key]]).append(tensor_name)
+                        continue
+                    first_name[key] = tensor_name
+                    stored = tensor.dtype
+                    cast = by_stored.get(stored) if by_stored is not None else None
+                    if cast is None:
+                        cast = loaded_as(tensor_name, stored)
+                    nbytes = tensor.numel() * cast[1]
+                    tensors.append(TensorEntry(tensor_name, index, nbytes, cast[0], is_buffer))
+                    own += nbytes
+                    if is_buffer:
+                        own_buffers += nbytes
+            own_bytes.append(own)
+            own_buffer_bytes.append(own_buffers)
+            own_tensors.append(count)
+            children = module._modules
+            if children:
+                push([(prefix + key, child, index) for key, child in reversed(children.items()) if child is not None])
 
-    def _dtype_for(self, name: str, stored: torch.dtype) -> torch.dtype:
-        return _target_dtype(name, stored, self.target, self.special, self.fp32)
+    def _loaded_as(self, name: str, stored: torch.dtype) -> tuple[torch.dtype, int]:
+        """(dtype once loaded, its width); cached per stored dtype when no per-name rule applies."""
+        if not self.special and not self.fp32.active:
+            cached = self._by_stored.get(stored)
+            if cached is None:
+                dtype = _target_dtype(name, stored, self.target, self.special, self.fp32)
+                cached = self._by_stored[stored] = (dtype, self._width(dtype))
+            return cached
+        dtype = _target_dtype(name, stored, self.target, self.special, self.fp32)
+        return dtype, self._width(dtype)
 
     def _width(self, dtype: torch.dtype) -> int:
         width = self._widths.get(dtype)
@@ -319,6 +350,7 @@ class _Fp32Matcher:
     def __init__(self, modules: Iterable[str]) -> None:
         self.components = frozenset(m for m in modules if "." not in m)
         self.prefixes = tuple(f"{m}." for m in modules if "." in m)
+        self.active = bool(self.components or self.prefixes)
 
     def matches(self, name: str) -> bool:
         if not self.components and not self.prefixes:
@@ -547,7 +579,6 @@ def _header_no_split(names: Sequence[str], prefixes: Iterable[str] | None) -> li
 # --------------------------------------------------------------------------------------------------
 # KV cache
 
-_LAYER_RE = re.compile(r"^(?P<container>.+)\.(?P<number>\d+)$")
 _NON_ATTENTION_LAYER_TYPES = ("linear", "mamba", "conv", "recurrent", "ssm")
 
 
@@ -559,11 +590,11 @@ def _decoder_blocks(names: Sequence[str], no_split: Sequence[bool]) -> tuple[str
     for require_no_split in (True, False):
         groups: dict[str, list[str]] = {}
         for name, flag in zip(names, no_split):
-            if require_no_split and not flag:
+            if (require_no_split and not flag) or not name[-1:].isdigit():
                 continue
-            match = _LAYER_RE.match(name)
-            if match is not None:
-                groups.setdefault(match.group("container"), []).append(name)
+            container, _, number = name.rpartition(".")
+            if container and number.isdigit():
+                groups.setdefault(container, []).append(name)
         if groups:
             return tuple(max(groups.values(), key=len))
     return ()

@@ -937,10 +937,11 @@ def _no_fit_message(inv: Inventory, setup: _Setup, kv: _KV, walk: _Walk, failure
 
 def _reserve_message(setup: _Setup, slot: _Slot, needed: int, walk: _Walk, offloaded: Sequence[Unit]) -> str:
     room = slot.budget - slot.fixed_headroom
+    local = ", or policy='local' so CPU-resident blocks run on the CPU" if setup.policy == "stream" else ""
     return (
         f"the main device {setup.main} cannot hold what offloaded blocks need while they run: "
         f"{format_size(needed)} (prefetch slots of the largest of {len(offloaded)} offloaded block(s), their "
         f"buffers and KV cache) but only {format_size(max(0, room))} is available there; "
         f"{needed - max(0, room)} bytes are missing. Fix: give {setup.main} more memory, use prefetch=0, "
-        "lower context_length, or (with a GPU) policy='local' so CPU blocks run on the CPU."
+        f"lower context_length{local}."
     )

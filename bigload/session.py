@@ -127,16 +127,18 @@ def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: 
         echo: where plan tables and notes go (None: silent).
         planning: max_memory, strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch.
     """
-    from bigload.hf import from_pretrained, load_tokenizer
+    from bigload.hf import from_pretrained, load_tokenizer, plan_model
 
     tokenizer = load_tokenizer(path)
-    start = time.perf_counter()
-    model = from_pretrained(path, offload_folder=offload_folder, progress=progress, **planning)
-    load_seconds = time.perf_counter() - start
-    plan = model.bigload_plan
+    # Plan first, so the table is on screen before the (possibly long) load starts.
+    plan = plan_model(path, offload_folder=offload_folder, **planning)
     if echo is not None:
         echo(plan.explain())
         echo("")
+    start = time.perf_counter()
+    model = from_pretrained(path, device_map=plan, offload_folder=offload_folder, progress=progress,
+                            dtype=planning.get("dtype"))
+    load_seconds = time.perf_counter() - start
     input_ids = tokenizer(options.prompt, return_tensors="pt")["input_ids"]
     read_before = _runtime_bytes_read(model)
     if echo is not None and stream_text:

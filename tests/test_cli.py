@@ -8,13 +8,35 @@ from pathlib import Path
 
 import pytest
 
+from bigload.cli import main
 from bigload.demo import write_demo_model
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """The real console entry point in a fresh process (slow: torch and transformers import each time)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "bigload.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=env)
+    return subprocess.run([sys.executable, "-m", "bigload", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+class Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    """`main(argv)` in this process: the same code path as the console script, without the start-up cost."""
+
+    def invoke(*args: str) -> Result:
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse exits on --help and on usage errors
+            code = int(exc.code or 0)
+        out = capsys.readouterr()
+        return Result(code, out.out, out.err)
+
+    return invoke
 
 
 @pytest.fixture(scope="module")
@@ -22,20 +44,20 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_demo_model(tmp_path_factory.mktemp("demo") / "small", "small")
 
 
-def test_help_lists_every_subcommand():
-    out = run_cli("--help")
+def test_help_lists_every_subcommand(cli):
+    out = cli("--help")
     assert out.returncode == 0
     for command in ("plan", "inspect", "generate", "demo"):
         assert command in out.stdout
     for command in ("plan", "inspect", "generate", "demo"):
-        sub = run_cli(command, "--help")
+        sub = cli(command, "--help")
         assert sub.returncode == 0, sub.stderr
         assert "usage: bigload " + command in sub.stdout
 
 
-def test_plan_catalog_model_for_another_machine(tmp_path: Path):
+def test_plan_catalog_model_for_another_machine(cli, tmp_path: Path):
     out_json = tmp_path / "plan.json"
-    out = run_cli("plan", "llama-3.1-405b", "--max-memory", "0=80GiB,1=80GiB,2=80GiB,3=80GiB,4=80GiB,5=80GiB,"
+    out = cli("plan", "llama-3.1-405b", "--max-memory", "0=80GiB,1=80GiB,2=80GiB,3=80GiB,4=80GiB,5=80GiB,"
                   "6=80GiB,7=80GiB,cpu=512GiB", "--strategy", "balanced", "--json", str(out_json))
     assert out.returncode == 0, out.stderr
     assert "cuda:7" in out.stdout
@@ -54,39 +76,39 @@ def test_plan_that_does_not_fit_exits_2_with_the_shortfall():
     assert "Traceback" not in out.stderr
 
 
-def test_plan_from_folder_and_from_headers_alone_agree(model_folder: Path, tmp_path: Path):
+def test_plan_from_folder_and_from_headers_alone_agree(cli, model_folder: Path, tmp_path: Path):
     budget = "cpu=8MiB,disk=1GiB"
-    from_folder = run_cli("plan", str(model_folder), "--max-memory", budget, "--json", "-")
+    from_folder = cli("plan", str(model_folder), "--max-memory", budget, "--json", "-")
     assert from_folder.returncode == 0, from_folder.stderr
     # A checkpoint with no config.json: the plan comes from safetensors headers only.
     headers_only = tmp_path / "weights"
     headers_only.mkdir()
     for shard in model_folder.glob("*.safetensors*"):
         (headers_only / shard.name).symlink_to(shard)
-    from_headers = run_cli("plan", str(headers_only), "--max-memory", budget, "--json", "-")
+    from_headers = cli("plan", str(headers_only), "--max-memory", budget, "--json", "-")
     assert from_headers.returncode == 0, from_headers.stderr
     assert json.loads(from_folder.stdout)["device_map"] == json.loads(from_headers.stdout)["device_map"]
     assert "disk" in json.loads(from_folder.stdout)["device_map"].values()
 
 
-def test_bad_max_memory_is_one_line_error():
-    out = run_cli("plan", "llama-3-8b", "--max-memory", "cpu=24GiBs")
+def test_bad_max_memory_is_one_line_error(cli):
+    out = cli("plan", "llama-3-8b", "--max-memory", "cpu=24GiBs")
     assert out.returncode == 2
     assert "24GiBs" in out.stderr and "GiB" in out.stderr
     assert "Traceback" not in out.stderr
-    out = run_cli("plan", "llama-3-8b", "--max-memory", "cpu")
+    out = cli("plan", "llama-3-8b", "--max-memory", "cpu")
     assert out.returncode == 2
     assert "DEVICE=SIZE" in out.stderr
 
 
-def test_unknown_model_names_the_catalog():
-    out = run_cli("plan", "no-such-model-xyz")
+def test_unknown_model_names_the_catalog(cli):
+    out = cli("plan", "no-such-model-xyz")
     assert out.returncode == 2
     assert "llama-3.1-405b" in out.stderr
 
 
-def test_inspect_reports_headers(model_folder: Path):
-    out = run_cli("inspect", str(model_folder), "--json")
+def test_inspect_reports_headers(cli, model_folder: Path):
+    out = cli("inspect", str(model_folder), "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["format"] == "safetensors"
@@ -95,27 +117,27 @@ def test_inspect_reports_headers(model_folder: Path):
     assert report["total_bytes"] == sum(s["bytes"] for s in report["shards"])
     blocks = [b["name"] for b in report["blocks"]]
     assert "model.layers.0" in blocks and "model.layers.7" in blocks and "lm_head" in blocks
-    text = run_cli("inspect", str(model_folder))
+    text = cli("inspect", str(model_folder))
     assert text.returncode == 0
-    assert "largest tensors" in text.stdout and "model.embed_tokens.weight" in text.stdout
+    assert "largest tensors" in text.stdout and "mlp.gate_proj.weight" in text.stdout
 
 
-def test_inspect_malformed_checkpoint_is_one_line_error(tmp_path: Path):
+def test_inspect_malformed_checkpoint_is_one_line_error(cli, tmp_path: Path):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\xff" * 16)
-    out = run_cli("inspect", str(bad))
+    out = cli("inspect", str(bad))
     assert out.returncode == 2
     assert str(bad) in out.stderr
     assert "Traceback" not in out.stderr
-    debug = run_cli("--debug", "inspect", str(bad))
+    debug = cli("--debug", "inspect", str(bad))
     assert "Traceback" in debug.stderr
 
 
-def test_generate_json_with_disk_offload_matches_transformers(model_folder: Path, tmp_path: Path):
+def test_generate_json_with_disk_offload_matches_transformers(cli, model_folder: Path, tmp_path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = run_cli("generate", str(model_folder), "--prompt", "Hello world", "--max-new-tokens", "8",
+    out = cli("generate", str(model_folder), "--prompt", "Hello world", "--max-new-tokens", "8",
                   "--max-memory", "cpu=8MiB,disk=1GiB", "--offload-folder", str(tmp_path / "off"), "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
@@ -130,8 +152,8 @@ def test_generate_json_with_disk_offload_matches_transformers(model_folder: Path
     assert report["token_ids"] == expected.tolist()
 
 
-def test_generate_text_prints_plan_and_summary(model_folder: Path, tmp_path: Path):
-    out = run_cli("generate", str(model_folder), "--prompt", "Hi", "--max-new-tokens", "4",
+def test_generate_text_prints_plan_and_summary(cli, model_folder: Path, tmp_path: Path):
+    out = cli("generate", str(model_folder), "--prompt", "Hi", "--max-new-tokens", "4",
                   "--max-memory", "cpu=8MiB,disk=1GiB", "--offload-folder", str(tmp_path / "off"))
     assert out.returncode == 0, out.stderr
     assert "tokens/s" in out.stdout and "first token" in out.stdout

@@ -1,0 +1,252 @@
+"""The planner on hand-built models: exact maps per strategy, ties, no-split, headroom, reserve, errors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from bigload.devices import CPU, DISK, Budget, Device
+from bigload.errors import PlanError
+from bigload.inventory import inventory_from_module
+from bigload.plan import Plan, choose_policy, plan
+from planner_models import BLOCK, EMBED, HEAD, NORM, tiny_llama, tiny_llama_config, toy
+
+GiB = 2**30
+TOTAL = EMBED + 4 * BLOCK + NORM + HEAD  # 12416
+
+
+@pytest.fixture(scope="module")
+def inv():
+    return inventory_from_module(toy())
+
+
+def test_everything_on_one_gpu_collapses_to_the_root(inv):
+    result = plan(inv, Budget.of({0: 10**6}))
+    assert result.device_map == {"": 0}
+    assert result.execution_devices == {"": Device.parse(0)}
+    assert result.offloaded == ()
+    assert result.usage_of(0).weights == TOTAL
+
+
+def test_sequential_fills_each_gpu_in_order(inv):
+    result = plan(inv, Budget.of({0: 10_000, 1: 10_000}), strategy="sequential")
+    assert result.device_map == {"embed": 0, "layers.0": 0, "layers.1": 0, "layers.2": 0,
+                                 "layers.3": 1, "norm": 1, "head": 1}
+    assert result.usage_of(0).weights == EMBED + 3 * BLOCK
+
+
+def test_balanced_spreads_evenly_and_differs_from_sequential(inv):
+    result = plan(inv, Budget.of({0: 10_000, 1: 10_000}), strategy="balanced")
+    assert result.device_map == {"embed": 0, "layers.0": 0, "layers.1": 0, "layers.2": 1,
+                                 "layers.3": 1, "norm": 1, "head": 1}
+    assert result.strategy == "balanced"
+    assert plan(inv, Budget.of({0: 10_000, 1: 10_000})).strategy == "balanced"  # auto, several GPUs
+    assert plan(inv, Budget.of({0: 10_000, "cpu": 10_000})).strategy == "sequential"  # auto, one GPU
+
+
+def test_balanced_low_0_leaves_gpu_0_empty_when_the_others_suffice(inv):
+    result = plan(inv, Budget.of({0: 10_000, 1: 10_000, 2: 10_000}), strategy="balanced_low_0")
+    assert result.device_map == {"embed": 1, "layers.0": 1, "layers.1": 1, "layers.2": 2,
+                                 "layers.3": 2, "norm": 2, "head": 2}
+    assert result.usage_of(0).total == 0
+
+
+def test_balanced_low_0_gives_gpu_0_only_the_overflow(inv):
+    result = plan(inv, Budget.of({0: 10_000, 1: 5_000, 2: 5_000}), strategy="balanced_low_0")
+    on_zero = result.usage_of(0).weights
+    assert 0 < on_zero <= TOTAL - 2 * 4096 + BLOCK
+    assert result.usage_of(1).weights > 0 and result.usage_of(2).weights > 0
+
+
+def test_balanced_really_balances_uneven_layers():
+    # A big embedding and layers of very different sizes (MoE-like): every GPU must get a fair share,
+    # not GPU 0 empty or everything piled on the last one (transformers issue 46823).
+    model = toy(hidden=(16, 128, 16, 128, 16, 128, 16, 128))
+    inventory = inventory_from_module(model)
+    gpus = 4
+    result = plan(inventory, Budget.of({i: 10**6 for i in range(gpus)}), strategy="balanced")
+    loads = [result.usage_of(i).weights for i in range(gpus)]
+    largest = 2 * 16 * 128 * 4
+    assert all(load > 0 for load in loads)
+    assert max(loads) - min(loads) <= largest, loads
+
+
+def test_tied_head_follows_the_embedding(inv):
+    tied = inventory_from_module(toy(tie=True))
+    assert tied.tied_groups == (("embed.weight", "head.weight"),)
+    result = plan(tied, Budget.of({0: 5_000, 1: 10_000}), strategy="sequential")
+    assert result.device_map == {"embed": 0, "layers.0": 0, "layers.1": 1, "layers.2": 1,
+                                 "layers.3": 1, "norm": 1, "head": 0}
+    assert result.usage_of(0).weights + result.usage_of(1).weights == tied.total_bytes  # tied bytes once
+
+
+def test_tied_group_offloaded_together():
+    tied = inventory_from_module(toy(tie=True))
+    result = plan(tied, Budget.of({"cpu": 1_000, "disk": 10**6}))
+    assert result.device_map["embed"] == result.device_map["head"] == "disk"
+
+
+def test_no_split_blocks_are_never_split_and_others_are_split_only_when_needed():
+    inventory = inventory_from_module(toy(), no_split_module_classes=[])
+    result = plan(inventory, Budget.of({0: EMBED + BLOCK + 1024, 1: 10**6}), strategy="sequential")
+    assert result.device_map == {"embed": 0, "layers.0": 0, "layers.1.fc1": 0, "layers.1.fc2": 1,
+                                 "layers.2": 1, "layers.3": 1, "norm": 1, "head": 1}
+    kept = inventory_from_module(toy())  # Toy._no_split_modules = ["Block"]
+    result = plan(kept, Budget.of({0: EMBED + BLOCK + 1024, 1: 10**6}), strategy="sequential")
+    assert "layers.1" in result.device_map and result.device_map["layers.1"] == 1
+
+
+def test_fixed_headroom_is_kept_free_and_shown(inv):
+    result = plan(inv, Budget.of({0: 10_000, 1: 10**6}), strategy="sequential", headroom=3_000)
+    zero = result.usage_of(0)
+    assert zero.headroom == 3_000
+    assert zero.weights == EMBED + 2 * BLOCK
+    assert zero.total <= zero.budget
+    per_device = plan(inv, Budget.of({0: 10_000, 1: 10**6}), strategy="sequential", headroom={1: "1KiB"})
+    assert per_device.usage_of(1).headroom == 1024 and per_device.usage_of(0).headroom == 0
+
+
+def test_kv_cache_headroom_is_charged_where_each_layer_runs():
+    model = tiny_llama()
+    inventory = inventory_from_module(model)
+    per_layer = 2 * 2 * 16 * 100 * 3 * 4  # K and V x kv_heads x head_dim x context x batch x fp32
+    layer = inventory.size("model.layers.0")
+    budget = Budget.of({0: inventory.total_bytes - 2 * layer + 2 * per_layer, 1: 10**7})
+    result = plan(inventory, budget, strategy="sequential", context_length=100, batch_size=3)
+    on_zero = [p for p in result.placements if p.device == Device.parse(0)]
+    layers_on_zero = sum(1 for p in on_zero if p.name.startswith("model.layers."))
+    assert result.usage_of(0).headroom == layers_on_zero * per_layer
+    assert result.usage_of(1).headroom == (4 - layers_on_zero) * per_layer
+    assert all(u.total <= u.budget for u in result.usage)
+    without = plan(inventory, budget, strategy="sequential")
+    assert sum(without.usage_of(0).weights for _ in [0]) >= result.usage_of(0).weights
+
+
+def test_reserve_only_when_something_is_offloaded(inv):
+    fits = plan(inv, Budget.of({0: 10**6, "cpu": 10**6}))
+    assert fits.usage_of(0).reserve == 0
+    streamed = plan(inv, Budget.of({0: 8_000, "cpu": 10**6}), policy="stream", prefetch=1)
+    assert streamed.offloaded  # blocks on cpu run on cuda:0
+    assert streamed.usage_of(0).reserve == 2 * BLOCK  # (1 running + 1 prefetched) x largest block
+    assert all(streamed.execution_devices[name] == Device.parse(0) for name in streamed.offloaded)
+    assert all(u.total <= u.budget for u in streamed.usage)
+    deeper = plan(inv, Budget.of({0: 8_000, "cpu": 10**6}), policy="stream", prefetch=2)
+    assert deeper.usage_of(0).reserve == 3 * BLOCK
+
+
+def test_local_policy_runs_cpu_blocks_on_the_cpu_without_reserve(inv):
+    result = plan(inv, Budget.of({0: 6_000, "cpu": 10**6}), policy="local")
+    assert result.offloaded == ()
+    assert result.usage_of(0).reserve == 0
+    cpu_blocks = [p for p in result.placements if p.device == CPU]
+    assert cpu_blocks and all(p.execution_device == CPU for p in cpu_blocks)
+
+
+def test_without_gpu_disk_blocks_run_on_the_cpu_with_a_cpu_reserve(inv):
+    result = plan(inv, Budget.of({"cpu": 7_000, "disk": 10**6}), prefetch=0)
+    assert result.main_device == CPU
+    disk = [p for p in result.placements if p.device == DISK]
+    assert disk and all(p.execution_device == CPU for p in disk)
+    assert result.usage_of("cpu").reserve == max(p.weights for p in disk)
+    assert result.usage_of("cpu").total <= 7_000
+
+
+def test_default_policy_follows_the_bandwidth_model():
+    assert choose_policy(1, 2)[0] == "local"
+    assert choose_policy(256, 2)[0] == "stream"
+    inventory = inventory_from_module(toy())
+    assert plan(inventory, Budget.of({0: 6_000, "cpu": 10**6}), batch_size=1).policy == "local"
+    big_batch = plan(inventory, Budget.of({0: 9_000, "cpu": 10**6}), batch_size=512)
+    assert big_batch.policy == "stream" and big_batch.offloaded
+    assert any("stream" in reason for reason in big_batch.reasons)
+
+
+def test_nothing_fits_says_what_is_missing_and_how_to_fix_it(inv):
+    with pytest.raises(PlanError, match=r"cuda:0: budget .* missing for 'embed'") as error:
+        plan(inv, Budget.of({0: 1_000}))
+    message = str(error.value)
+    assert "add a disk budget and an offload folder" in message
+    assert "1048 bytes" in message  # embed is 2048 bytes, cuda:0 has 1000
+
+
+def test_context_length_too_long_suggests_lowering_it():
+    inventory = inventory_from_module(tiny_llama())
+    with pytest.raises(PlanError, match="lower context_length"):
+        plan(inventory, Budget.of({0: inventory.total_bytes + 10_000}), context_length=10_000)
+
+
+def test_reserve_that_does_not_fit_the_main_device_is_an_error(inv):
+    with pytest.raises(PlanError, match="cannot hold what offloaded blocks need.*prefetch=0"):
+        plan(inv, Budget.of({0: 3_000, "cpu": 10**6}), policy="stream")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"strategy": "greedy"}, "unknown strategy 'greedy'"),
+    ({"prefetch": -1}, "prefetch=-1 is negative"),
+    ({"batch_size": 0}, "batch_size=0"),
+    ({"policy": "gpu"}, "unknown execution policy"),
+    ({"headroom": {3: 10}}, "headroom names cuda:3, which has no budget"),
+    ({"dtype": torch.float16}, "differs from the inventory"),
+    ({"context_length": 128}, "KV-cache shape"),
+])
+def test_bad_arguments(kwargs, match):
+    inventory = inventory_from_module(toy(), dtype=torch.float32)
+    with pytest.raises(PlanError, match=match):
+        plan(inventory, Budget.of({0: 10**6}), **kwargs)
+
+
+def test_budget_without_a_place_to_run(inv):
+    with pytest.raises(PlanError, match="no GPU and no CPU"):
+        plan(inv, Budget.of({"disk": 10**6}))
+
+
+def test_json_round_trip_and_explain(inv):
+    result = plan(inventory_from_module(tiny_llama()), Budget.of({0: 400_000, "cpu": 10**7}),
+                  context_length=64, policy="stream")
+    again = Plan.from_json(result.to_json())
+    assert again == result
+    assert again.device_map == result.device_map
+    table = result.explain()
+    assert "model.layers.1-3" in table and "(run on cuda:0)" in table
+    assert "why:" in table and "reserve" in table
+    with pytest.raises(PlanError, match="not a bigload plan"):
+        Plan.from_json('{"version": 1}')
+
+
+def test_uncollapsed_map_keeps_planning_granularity(inv):
+    result = plan(inv, Budget.of({0: 10**6}), collapse=False)
+    assert result.device_map == {"embed": 0, "head": 0, "layers": 0, "norm": 0} or "" not in result.device_map
+
+
+def test_plan_is_deterministic(inv):
+    budget = Budget.of({0: 7_000, 1: 4_000, "cpu": 3_000, "disk": 10**6})
+    assert plan(inv, budget, policy="stream") == plan(inv, budget, policy="stream")
+
+
+def test_405b_plan_across_8_gpus_and_cpu_is_fast():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bigload.empty import init_empty_weights
+
+    config = LlamaConfig(hidden_size=16384, num_hidden_layers=126, num_attention_heads=128,
+                         num_key_value_heads=8, intermediate_size=53248, vocab_size=128256,
+                         tie_word_embeddings=False)
+    with init_empty_weights():
+        model = LlamaForCausalLM(config)
+    inventory = inventory_from_module(model, dtype=torch.bfloat16)
+    budget = Budget.of({**{i: 80 * GiB for i in range(8)}, "cpu": 512 * GiB})
+    plan(inventory, budget, context_length=8192)  # warm up
+    start = time.perf_counter()
+    result = plan(inventory, budget, context_length=8192)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.25, f"planning took {elapsed * 1000:.0f} ms (target 50 ms)"
+    assert all(result.usage_of(i).weights > 70 * GiB for i in range(8))
+    assert all(u.total <= u.budget for u in result.usage)
+    assert sum(p.weights for p in result.placements) == inventory.total_bytes
+    assert result.usage_of(0).headroom >= 32 * 2**20  # KV cache of its layers at 8192 tokens
+
+
+def test_tiny_llama_config_helper_matches_kv():
+    assert inventory_from_module(tiny_llama()).kv.kv_heads == tiny_llama_config().num_key_value_heads
