@@ -51,8 +51,8 @@ class Preset:
 _SMALL = Preset(2048, 8, 16, 4, 5504, 32000, max_shard_bytes=500 * 10**6)
 PRESETS: dict[str, Preset] = {
     # --quick / CI: 8 layers so the offload maps ("layers 4-7 on disk") have the same shape as on `small`.
-    "tiny": Preset(64, 8, 4, 2, 176, 1024, max_shard_bytes=400 * 10**3),
-    "tiny-tied": Preset(64, 8, 4, 2, 176, 1024, max_shard_bytes=400 * 10**3, tie_word_embeddings=True),
+    "tiny": Preset(64, 8, 4, 2, 176, 1024, max_shard_bytes=600 * 10**3),
+    "tiny-tied": Preset(64, 8, 4, 2, 176, 1024, max_shard_bytes=600 * 10**3, tie_word_embeddings=True),
     "small": _SMALL,  # ~0.97 GB
     "tied": replace(_SMALL, tie_word_embeddings=True),  # ~0.84 GB
     "large": Preset(4096, 16, 32, 32, 11008, 32000, max_shard_bytes=2 * 10**9),  # ~7.0 GB

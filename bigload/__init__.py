@@ -29,7 +29,7 @@ from bigload.errors import (
 )
 from bigload.hf import from_pretrained, load_tokenizer, plan_model
 from bigload.inventory import Inventory, inventory_from_checkpoint, inventory_from_module
-from bigload.plan import Plan, plan
+from bigload.plan import Plan
 from bigload.store import DiskStore
 from bigload.stream import LoadResult, load_checkpoint_in_model
 
@@ -67,7 +67,6 @@ __all__ = [
     "load_checkpoint_in_model",
     "load_tokenizer",
     "open_checkpoint",
-    "plan",
     "plan_for_model",
     "plan_model",
     "remove_hook_from_submodules",

@@ -709,32 +709,49 @@ def _fixed_headroom(headroom: int | str | Mapping[DeviceLike, int | str] | None,
 
 def _attempt(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: int,
              prefetch: int) -> tuple[_Walk, int]:
-    """One walk with `charge` bytes set aside on the main device; returns it and the charge it needs."""
-    slots = [_Slot(s.device, s.budget, s.fixed_headroom, s.runs_own) for s in setup.slots_template]
-    for slot in slots:
-        slot.cap = slot.budget - slot.fixed_headroom - (charge if slot.device == setup.main else 0)
-    _set_targets(inv, setup.strategy, slots, kv)
-    walk = _Walk(inv, slots, kv, ties)
-    try:
-        walk.run()
-    except _NoFit as failure:
-        raise PlanError(_no_fit_message(inv, setup, kv, walk, failure, charge)) from None
+    """One placement with `charge` bytes set aside on the main device; returns it and the charge it needs."""
+    walk = _balanced_walk(inv, setup, kv, ties, charge)
     offloaded = _offloaded_units(walk, setup)
     needed = _main_charge(inv, walk, offloaded, prefetch)
-    main_slot = next(s for s in slots if s.device == setup.main)
+    main_slot = next(s for s in walk.slots if s.device == setup.main)
     if needed > main_slot.budget - main_slot.fixed_headroom:
         raise PlanError(_reserve_message(setup, main_slot, needed, walk, offloaded))
     return walk, needed
 
 
-def _set_targets(inv: Inventory, strategy: str, slots: list[_Slot], kv: _KV) -> None:
+def _balanced_walk(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: int) -> _Walk:
+    """Walk with balanced shares; when unsplittable blocks leave the last GPUs short (the shares were met
+    but the remainder does not pack), walk again with shares grown by the shortfall, until the GPUs hold
+    everything or the shares reach the budgets (then it is a plain fill)."""
+    extra = 0
+    while True:
+        slots = [_Slot(s.device, s.budget, s.fixed_headroom, s.runs_own) for s in setup.slots_template]
+        for slot in slots:
+            slot.cap = slot.budget - slot.fixed_headroom - (charge if slot.device == setup.main else 0)
+        targeted = _set_targets(inv, setup.strategy, slots, kv, extra)
+        walk = _Walk(inv, slots, kv, ties)
+        try:
+            walk.run()
+        except _NoFit as failure:
+            if not targeted:
+                raise PlanError(_no_fit_message(inv, setup, kv, walk, failure, charge)) from None
+            extra += max(1, inv.total_bytes + kv.total - walk.cum)
+            continue
+        if targeted and any(not walk.slots[slot].device.is_gpu for slot, _ in walk.units.values()):
+            extra += max(1, inv.total_bytes + kv.total - walk.cum)
+            continue
+        return walk
+
+
+def _set_targets(inv: Inventory, strategy: str, slots: list[_Slot], kv: _KV, extra: int) -> bool:
+    """Give each GPU but the last a cumulative share to stop at; False when the walk is a plain fill."""
     gpu_slots = [s for s in slots if s.device.is_gpu]
     if strategy == "sequential" or len(gpu_slots) < 2:
-        return
+        return False
     caps = [max(0, s.cap) for s in gpu_slots]
-    need = inv.total_bytes + kv.total
-    if need > sum(caps):
-        return  # the GPUs cannot hold everything: fill them, then spill
+    need = inv.total_bytes + kv.total + extra
+    if need >= sum(caps):
+        return False  # the GPUs cannot hold everything: fill them, then spill
     shares = [0.0] * len(gpu_slots)
     if strategy == "balanced_low_0":
         shares[0] = max(0, need - sum(caps[1:]))
@@ -743,11 +760,12 @@ def _set_targets(inv: Inventory, strategy: str, slots: list[_Slot], kv: _KV) -> 
             shares[k] = rest * cap / sum(weights) if sum(weights) else 0.0
     else:
         for k, cap in enumerate(caps):
-            shares[k] = need * cap / sum(caps) if sum(caps) else 0.0
+            shares[k] = need * cap / sum(caps)
     cumulative = 0.0
     for slot, share in zip(gpu_slots[:-1], shares[:-1]):
         cumulative += share
         slot.target_end = cumulative
+    return True
 
 
 def _offloaded_units(walk: _Walk, setup: _Setup) -> list[Unit]:
