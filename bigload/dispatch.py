@@ -29,7 +29,7 @@ from bigload.hooks import (
     detach,
 )
 from bigload.sizes import parse_dtype
-from bigload.budget import detect_budget
+from bigload.budget import check_devices_exist, detect_budget, parse_max_memory
 from bigload.inventory import inventory_from_module
 from bigload.plan import Plan, plan
 from bigload.store import DiskStore, StoreOrigin
@@ -409,6 +409,9 @@ def _place(model: nn.Module, device_map: Any, max_memory: Mapping[int | str, int
     if device_map is None:
         return _Placement({"": "cpu"}, None, prefetch)
     if isinstance(device_map, str):
+        if max_memory is not None:
+            # Loading, unlike a dry run, needs every GPU the budget names to be here.
+            check_devices_exist(parse_max_memory(max_memory))
         planned = plan_for_model(
             model, device_map, max_memory=max_memory, no_split_module_classes=no_split_module_classes,
             offload_folder=offload_folder, dtype=dtype, prefetch=prefetch, context_length=context_length,

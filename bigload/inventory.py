@@ -514,7 +514,7 @@ class _HeaderTree:
     """Module names implied by tensor names, with each module's first position in the checkpoint."""
 
     def __init__(self) -> None:
-        self.children: dict[str, list[str]] = {"": []}
+        self.children: dict[str, list[str]] = {"": []}  # filled parent-first as names arrive
         self.first: dict[str, tuple[int, int]] = {"": (0, 0)}  # (file rank, position in file order)
 
     @staticmethod
@@ -534,19 +534,20 @@ class _HeaderTree:
         return tree
 
     def _add(self, module: str, key: tuple[int, int]) -> None:
-        while module not in self.first:
-            self.first[module] = key
-            self.children[module] = []
-            parent = module.rpartition(".")[0] if "." in module else ""
-            self.children[parent].append(module)
-            module = parent
-        # Ancestors already known keep their first position unless this one is earlier.
+        node = module
         while True:
-            if key < self.first[module]:
-                self.first[module] = key
-            if module == "":
+            known = node in self.first
+            if not known:
+                self.first[node] = key
+                self.children.setdefault(node, [])
+            elif key < self.first[node]:
+                self.first[node] = key
+            if node == "":
                 return
-            module = module.rpartition(".")[0] if "." in module else ""
+            parent = node.rpartition(".")[0]
+            if not known:
+                self.children.setdefault(parent, []).append(node)
+            node = parent
 
     def _sort_key(self, name: str) -> tuple[int, int, int, int]:
         leaf = name.rpartition(".")[2]

@@ -84,8 +84,9 @@ def test_tied_head_follows_the_embedding(inv):
 
 def test_tied_group_offloaded_together():
     tied = inventory_from_module(toy(tie=True))
-    result = plan(tied, Budget.of({"cpu": 1_000, "disk": 10**6}))
+    result = plan(tied, Budget.of({"cpu": 3_000, "disk": 10**6}), prefetch=0)
     assert result.device_map["embed"] == result.device_map["head"] == "disk"
+    assert {"embed", "head"} <= set(result.offloaded)
 
 
 def test_no_split_blocks_are_never_split_and_others_are_split_only_when_needed():
@@ -209,15 +210,22 @@ def test_json_round_trip_and_explain(inv):
     assert again == result
     assert again.device_map == result.device_map
     table = result.explain()
-    assert "model.layers.1-3" in table and "(run on cuda:0)" in table
+    assert "model.layers.0-3" in table and "(run on cuda:0)" in table
     assert "why:" in table and "reserve" in table
     with pytest.raises(PlanError, match="not a bigload plan"):
         Plan.from_json('{"version": 1}')
 
 
-def test_uncollapsed_map_keeps_planning_granularity(inv):
-    result = plan(inv, Budget.of({0: 10**6}), collapse=False)
-    assert result.device_map == {"embed": 0, "head": 0, "layers": 0, "norm": 0} or "" not in result.device_map
+def test_collapse_merges_a_split_module_that_landed_on_one_device():
+    inventory = inventory_from_module(toy(), no_split_module_classes=[])
+    budget = Budget.of({0: 3_000, 1: 10**6})
+    # layers.0 was split (its fc1 did not fit next to the embedding), then all of it went to cuda:1.
+    assert plan(inventory, budget, strategy="sequential", collapse=False).device_map == {
+        "embed": 0, "layers.0.fc1": 1, "layers.0.fc2": 1, "layers.1": 1, "layers.2": 1, "layers.3": 1,
+        "norm": 1, "head": 1}
+    collapsed = plan(inventory, budget, strategy="sequential")
+    assert collapsed.device_map == {"embed": 0, "layers": 1, "norm": 1, "head": 1}
+    assert collapsed.usage_of(1).weights == TOTAL - EMBED
 
 
 def test_plan_is_deterministic(inv):
@@ -250,3 +258,36 @@ def test_405b_plan_across_8_gpus_and_cpu_is_fast():
 
 def test_tiny_llama_config_helper_matches_kv():
     assert inventory_from_module(tiny_llama()).kv.kv_heads == tiny_llama_config().num_key_value_heads
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder, max_shard_size="200KB")
+    return folder
+
+
+@pytest.mark.parametrize("strategy, budget", [
+    ("sequential", {0: 400_000, 1: 400_000, "cpu": 10**7}),
+    ("balanced", {0: 10**6, 1: 10**6, 2: 10**6}),
+    ("balanced_low_0", {0: 10**6, 1: 10**6, 2: 10**6}),
+    ("sequential", {0: 500_000, "cpu": 300_000, "disk": 10**8}),
+    ("auto", {0: 10**7}),
+])
+def test_header_only_plan_equals_the_model_plan(saved_llama, strategy, budget):
+    from bigload.checkpoint import open_checkpoint
+    from bigload.inventory import inventory_from_checkpoint
+    from planner_models import device_of
+
+    index = open_checkpoint(saved_llama)
+    assert len(index.files) > 1
+    from_headers = plan(inventory_from_checkpoint(index, config=tiny_llama_config()), Budget.of(budget),
+                        strategy=strategy, context_length=32, policy="stream")
+    from_model = plan(inventory_from_module(tiny_llama()), Budget.of(budget), strategy=strategy,
+                      context_length=32, policy="stream")
+    for name in index.tensors:
+        assert device_of(from_headers.device_map, name) == device_of(from_model.device_map, name), name
+    assert from_headers.offloaded == tuple(n for n in from_model.offloaded if n != "model.rotary_emb")
