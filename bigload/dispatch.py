@@ -31,9 +31,10 @@ from bigload.hooks import (
 from bigload.sizes import parse_dtype
 from bigload.budget import check_devices_exist, detect_budget, parse_max_memory
 from bigload.inventory import inventory_from_module
-from bigload.plan import Plan, plan
+from bigload.plan import STRATEGIES, Plan, plan
 from bigload.store import DiskStore, StoreOrigin
-from bigload.stream import load_checkpoint_in_model
+from bigload.checkpoint import CheckpointIndex
+from bigload.stream import SourcePlan, load_checkpoint_in_model
 
 __all__ = [
     "cpu_offload",
@@ -317,7 +318,7 @@ class _Placement:
 
 def load_checkpoint_and_dispatch(
     model: nn.Module,
-    checkpoint: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | CheckpointIndex,
     device_map: str | DeviceMap | Any | None = None,
     max_memory: Mapping[int | str, int | str] | None = None,
     no_split_module_classes: Sequence[str] | None = None,
@@ -336,12 +337,13 @@ def load_checkpoint_and_dispatch(
     policy: ExecutionPolicy = ExecutionPolicy.STREAM,
     keep_in_fp32_modules: Sequence[str] | None = None,
     progress: bool | None = None,
+    sources: SourcePlan | None = None,
 ) -> nn.Module:
     """Plan, stream, hook: load `checkpoint` into a model built with `init_empty_weights()` and dispatch it.
 
     Args:
         model: built on meta (`init_empty_weights()`); weights are streamed straight to their device.
-        checkpoint: a safetensors/`.bin` file, a sharded folder or its index.
+        checkpoint: a safetensors/`.bin` file, a sharded folder or its index (or an open `CheckpointIndex`).
         device_map: "auto", "balanced", "balanced_low_0", "sequential" (planned by bigload), a dict in
             transformers' format, a bigload `Plan`, or None (everything on the CPU, no hooks).
         max_memory: per-device budgets for planning, e.g. `{0: "20GiB", "cpu": "60GiB"}`.
@@ -360,6 +362,8 @@ def load_checkpoint_and_dispatch(
         policy: where cpu blocks run when a GPU exists and no plan decides it.
         keep_in_fp32_modules: modules kept in float32 whatever `dtype` says.
         progress: show a progress bar (None: for long loads on a terminal).
+        sources: where model tensors are when the checkpoint names or lays them out differently (see
+            `bigload.stream.SourcePlan`; `bigload.hf` builds one from transformers' conversion mapping).
 
     Returns:
         `model`, weights in place, hooked, `hf_device_map` set (and `bigload_plan` when planned).
@@ -381,7 +385,7 @@ def load_checkpoint_and_dispatch(
     placed = validate_device_map(model, placement.device_map)
     result = load_checkpoint_in_model(
         model, checkpoint, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
-        keep_in_fp32_modules=keep_in_fp32_modules, progress=progress,
+        keep_in_fp32_modules=keep_in_fp32_modules, progress=progress, sources=sources,
     )
     store = DiskStore.open(result.store.folder) if result.store is not None else None
     runtime = None
@@ -408,6 +412,15 @@ def _place(model: nn.Module, device_map: Any, max_memory: Mapping[int | str, int
            keep_in_fp32_modules: Sequence[str] | None) -> _Placement:
     if device_map is None:
         return _Placement({"": "cpu"}, None, prefetch)
+    if isinstance(device_map, (int, torch.device)) or (isinstance(device_map, str) and device_map not in STRATEGIES):
+        # transformers accepts one device for the whole model ("cpu", "cuda:1", 0); so do we.
+        try:
+            return _Placement({"": Device.parse(device_map).key}, None, prefetch)
+        except DeviceError:
+            raise PlanError(
+                f"device_map={device_map!r} is neither a strategy ({', '.join(STRATEGIES)}) nor a device "
+                "(0, 'cuda:N', 'cpu'); pass one of those or a dict such as {'': 'cpu'}."
+            ) from None
     if isinstance(device_map, str):
         if max_memory is not None:
             # Loading, unlike a dry run, needs every GPU the budget names to be here.

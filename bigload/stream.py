@@ -37,7 +37,15 @@ from bigload.errors import BudgetError, CheckpointError, DeviceError, OffloadErr
 from bigload.sizes import dtype_width, parse_dtype
 from bigload.store import DiskStore, StoreOrigin, dtype_name
 
-__all__ = ["DeviceMapLike", "HasDeviceMap", "LoadResult", "Mismatch", "load_checkpoint_in_model"]
+__all__ = [
+    "DerivedTensor",
+    "DeviceMapLike",
+    "HasDeviceMap",
+    "LoadResult",
+    "Mismatch",
+    "SourcePlan",
+    "load_checkpoint_in_model",
+]
 
 logger = logging.getLogger("bigload")
 
@@ -73,6 +81,63 @@ class Mismatch:
 
     def __str__(self) -> str:
         return f"{self.name} (checkpoint {list(self.checkpoint_shape)}, model {list(self.model_shape)})"
+
+
+@dataclass(frozen=True)
+class DerivedTensor:
+    """A model tensor the checkpoint holds in pieces (e.g. one tensor per MoE expert), built while loading.
+
+    Attributes:
+        name: the model tensor's name.
+        shape, dtype: what `build` returns (before any cast to the load dtype).
+        parts: the checkpoint tensors it is built from, in the order `build` receives them.
+        build: called on the reader thread with the parts (CPU tensors in their stored dtype and shape,
+            usually memory-mapped views); returns the tensor. Only one derived tensor's parts and result are
+            in memory at a time.
+        how: what `build` does, for messages (e.g. "stack 8 experts, then concatenate").
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    parts: tuple[TensorRef, ...]
+    build: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+    how: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        """Checkpoint bytes read to build it."""
+        return sum(part.nbytes for part in self.parts)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the built tensor."""
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * dtype_width(self.dtype)
+
+
+Source = Union[TensorRef, DerivedTensor]
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """Where model tensors are in a checkpoint whose names (or layout) differ from the model's.
+
+    The loader stays format-agnostic: whoever knows the conversion (bigload.hf, from transformers' conversion
+    mapping) says, for the model tensors concerned, which checkpoint tensor holds each one (a `TensorRef`
+    under another name) or how to build it from several (`DerivedTensor`). Checkpoint tensors no entry uses
+    are matched by their own name.
+
+    Attributes:
+        tensors: model tensor name -> the `TensorRef` or `DerivedTensor` to load it from.
+        ignored: checkpoint tensors the model does not use by design (a task head when loading the base
+            model, stale buffers of old checkpoints); neither loaded nor reported as unexpected.
+    """
+
+    tensors: Mapping[str, Source] = field(default_factory=dict)
+    ignored: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -124,10 +189,20 @@ class _Group:
 
 @dataclass(frozen=True)
 class _Task:
-    """Read `ref` and put it into `group`."""
+    """Read `ref` (or build it from its parts) and put it into `group`."""
 
-    ref: TensorRef
+    ref: Source
     group: _Group
+
+
+def _parts(source: Source) -> tuple[TensorRef, ...]:
+    return source.parts if isinstance(source, DerivedTensor) else (source,)
+
+
+def _read(reader: CheckpointReader, source: Source) -> torch.Tensor:
+    if isinstance(source, DerivedTensor):
+        return source.build([reader.read(part) for part in source.parts])
+    return reader.read(source)
 
 
 def _model_groups(model: nn.Module) -> list[_Group]:
@@ -218,7 +293,33 @@ class _Match:
     mismatched: tuple[Mismatch, ...]
 
 
-def _match(index: CheckpointIndex, groups: list[_Group], only: Sequence[str]) -> _Match:
+def _sources(index: CheckpointIndex, plan: SourcePlan | None) -> tuple[dict[str, Source], list[str]]:
+    """Model-side name -> where its bytes are, in the order the checkpoint's files hold them (a derived
+    tensor at its first part); and the checkpoint tensors a plan entry's name shadows (unexpected)."""
+    if plan is None:
+        return dict(index.tensors), []
+    consumers: dict[str, list[str]] = {}  # checkpoint name -> model names built from it (a fused qkv: 3)
+    for name, source in plan.tensors.items():
+        for part in _parts(source):
+            consumers.setdefault(part.name, []).append(name)
+    table: dict[str, Source] = {}
+    shadowed: list[str] = []
+    for checkpoint_name, ref in index.tensors.items():
+        if checkpoint_name in plan.ignored:
+            continue
+        if checkpoint_name in consumers:
+            for name in consumers[checkpoint_name]:
+                table.setdefault(name, plan.tensors[name])
+        elif checkpoint_name in plan.tensors:
+            shadowed.append(checkpoint_name)
+        else:
+            table[checkpoint_name] = ref
+    return table, shadowed
+
+
+def _match(index: CheckpointIndex, groups: list[_Group], only: Sequence[str],
+           plan: SourcePlan | None = None) -> _Match:
+    sources, shadowed = _sources(index, plan)
     by_name = {name: group for group in groups for name in group.names}
     chosen: dict[str, _Group] = {}
     missing: list[str] = []
@@ -227,17 +328,18 @@ def _match(index: CheckpointIndex, groups: list[_Group], only: Sequence[str]) ->
         wanted = [name for name in group.names if _under(name, only)]
         if not wanted or not group.persistent:
             continue  # non-persistent buffers are computed, never loaded (old checkpoints hold stale copies)
-        present = next((name for name in wanted if name in index.tensors), None)
+        present = next((name for name in wanted if name in sources), None)
         if present is None:
             missing.extend(wanted)
             continue
-        ref_shape, model_shape = index.tensors[present].shape, tuple(group.original.shape)
+        ref_shape, model_shape = sources[present].shape, tuple(group.original.shape)
         if ref_shape != model_shape:
             mismatched.append(Mismatch(present, ref_shape, model_shape))
             continue
         chosen[present] = group
-    unexpected = [name for name in index.tensors if name not in by_name and _under(name, only)]
-    tasks = tuple(_Task(ref, chosen[name]) for name, ref in index.tensors.items() if name in chosen)
+    unexpected = [name for name in sources if name not in by_name and _under(name, only)]
+    unexpected += [name for name in shadowed if _under(name, only)]
+    tasks = tuple(_Task(ref, chosen[name]) for name, ref in sources.items() if name in chosen)
     return _Match(tasks, tuple(missing), tuple(unexpected), tuple(mismatched))
 
 
@@ -356,6 +458,11 @@ class _Placer:
     def cost(self, task: _Task) -> int:
         """Private bytes `prepare` (or, for disk, `put`) allocates for this task until it is placed."""
         ref, group = task.ref, task.group
+        if isinstance(ref, DerivedTensor):
+            if group.device.kind is DeviceKind.DISK and self.reuse_store:
+                return 0
+            cast = group.device.kind is DeviceKind.CPU and ref.dtype != group.dtype
+            return ref.size_bytes + (group.original.numel() * dtype_width(group.dtype) if cast else 0)
         if ref.stride is not None and not (group.device.kind is DeviceKind.DISK and self.reuse_store):
             return ref.size_bytes  # strided .bin views are made contiguous first
         if group.device.kind is DeviceKind.CPU and (ref.dtype != group.dtype or self.materialize):
@@ -368,13 +475,14 @@ class _Placer:
         if group.device.kind is DeviceKind.DISK:
             if self.reuse_store or self._referenced(task):
                 return None  # nothing to read: the store already has it, or will point into the file
-            return reader.read(ref)
-        tensor = reader.read(ref)
+            return _read(reader, ref)
+        tensor = _read(reader, ref)
         if group.device.is_gpu:
             return tensor.contiguous()  # a copy only for the rare strided .bin view
         if tensor.dtype != group.dtype:
             return tensor.to(group.dtype)
-        return tensor.clone() if self.materialize else tensor
+        # A derived tensor is already private memory; a plain read is a view of the file.
+        return tensor.clone() if self.materialize and not isinstance(ref, DerivedTensor) else tensor
 
     def place(self, task: _Task, tensor: torch.Tensor | None) -> None:
         group = task.group
@@ -389,14 +497,15 @@ class _Placer:
 
     def _referenced(self, task: _Task) -> bool:
         ref = task.ref
-        return ref.format == "safetensors" and ref.stride is None and ref.dtype == task.group.dtype
+        return (isinstance(ref, TensorRef) and ref.format == "safetensors" and ref.stride is None
+                and ref.dtype == task.group.dtype)
 
     def _offload(self, task: _Task, tensor: torch.Tensor | None) -> None:
         group, name = task.group, task.group.names[0]
         if not self.reuse_store:
             assert self.store is not None  # created whenever the map names disk
             if tensor is None:
-                self.store.put_reference(name, task.ref)
+                self.store.put_reference(name, task.ref)  # type: ignore[arg-type]  # _referenced: a TensorRef
             else:
                 self.store.put(name, tensor, dtype=group.dtype)
         _assign(group, torch.empty(group.original.shape, dtype=group.dtype, device="meta"))
@@ -450,7 +559,7 @@ class _Readahead:
         first = self.cursor
         while self.cursor < len(self.tasks) and self.starts[self.cursor] - self.starts[position] < self.window:
             self.cursor += 1
-        self.reader.willneed(task.ref for task in self.tasks[first:self.cursor])
+        self.reader.willneed(part for task in self.tasks[first:self.cursor] for part in _parts(task.ref))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -516,6 +625,7 @@ def load_checkpoint_in_model(
     pin_memory: bool | None = None,
     progress: bool | None = None,
     only: Sequence[str] | None = None,
+    sources: SourcePlan | None = None,
 ) -> LoadResult:
     """Stream `checkpoint` into `model`, each tensor straight to its device.
 
@@ -541,6 +651,8 @@ def load_checkpoint_in_model(
         progress: a progress bar over bytes; None shows it for loads over 1 GiB when stderr is a terminal.
         only: load only tensors under these module names (one pipeline stage of a bigger plan); the rest of
             the model is left alone and not reported.
+        sources: where model tensors are when the checkpoint names or lays them out differently (renamed
+            keys, per-expert tensors of a fused MoE weight); see `SourcePlan`. None: matched by name.
 
     Returns:
         LoadResult with the missing/unexpected/mismatched names, the disk store and what went to disk.
@@ -564,8 +676,8 @@ def load_checkpoint_in_model(
     index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
     scope = list(only) if only is not None else [""]
     groups = [group for group in _model_groups(model) if any(_under(name, scope) for name in group.names)]
-    _place_groups(groups, dmap, index, target_dtype, list(keep_in_fp32_modules or ()))
-    match = _match(index, groups, scope)
+    _place_groups(groups, dmap, _sources(index, sources)[0], target_dtype, list(keep_in_fp32_modules or ()))
+    match = _match(index, groups, scope, sources)
     _report(match, index, strict)
 
     disk_tasks = [task for task in match.tasks if task.group.device.kind is DeviceKind.DISK]
@@ -600,7 +712,7 @@ def _stream_into(tasks: Sequence[_Task], reader: CheckpointReader, placer: _Plac
         store.commit(_store_origin(index, disk_tasks))
 
 
-def _place_groups(groups: list[_Group], dmap: Mapping[str, Device], index: CheckpointIndex,
+def _place_groups(groups: list[_Group], dmap: Mapping[str, Device], sources: Mapping[str, Source],
                   dtype: torch.dtype | None, keep_fp32: Sequence[str]) -> None:
     """Decide each group's device (its first name's) and dtype (from the tensor the checkpoint holds)."""
     for group in groups:
@@ -616,7 +728,7 @@ def _place_groups(groups: list[_Group], dmap: Mapping[str, Device], index: Check
             logger.warning("tied tensors %s are mapped to different devices; all are placed on %s",
                            ", ".join(group.names), device)
         group.device = device  # type: ignore[assignment]
-        stored = next((index.tensors[n].dtype for n in group.names if n in index.tensors), group.original.dtype)
+        stored = next((sources[n].dtype for n in group.names if n in sources), group.original.dtype)
         group.dtype = _target_dtype(group.names[0], stored, group.original.dtype, dtype, keep_fp32)
 
 
