@@ -6,11 +6,13 @@ here needs it, and its absence is a clear error, not an ImportError from deep in
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -23,8 +25,12 @@ from bigload.sizes import parse_dtype
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
+    from bigload.checkpoint import CheckpointIndex, TensorRef
+    from bigload.stream import SourcePlan
+
 __all__ = [
     "ModelSource",
+    "checkpoint_sources",
     "config_dtype",
     "from_pretrained",
     "load_config",
@@ -339,17 +345,206 @@ def from_pretrained(
             f"{path} must be a model folder with config.json and weights (.safetensors or .bin); "
             f"found {'no config.json' if source.config is None else 'no weights'}."
         )
+    from bigload.checkpoint import open_checkpoint
+
     config = load_config(source.config)
     target = _weights_dtype(source, config, dtype) or torch.float32
     model = meta_model_from_config(config, model_class=model_class, dtype=target)
+    index = open_checkpoint(source.checkpoint)
     load_checkpoint_and_dispatch(
-        model, source.checkpoint, device_map=device_map, max_memory=max_memory,
+        model, index, device_map=device_map, max_memory=max_memory,
         no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=target,
         strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
-        progress=progress,
+        progress=progress, keep_in_fp32_modules=_keep_in_fp32_modules(model, target),
+        sources=checkpoint_sources(model, index),
     )
+    _align_encoder_outputs(model)
     _load_generation_config(model, Path(path))
     return model.eval()
+
+
+def _keep_in_fp32_modules(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """The modules transformers' from_pretrained keeps in float32 at `dtype`: `_keep_in_fp32_modules` for
+    float16 only, `_keep_in_fp32_modules_strict` for float16 and bfloat16."""
+    kept: list[str] = []
+    if dtype == torch.float16:
+        kept.extend(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        kept.extend(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return list(dict.fromkeys(kept))
+
+
+def _align_encoder_outputs(model: nn.Module) -> None:
+    """Give an encoder-decoder's encoder the hook object transformers looks for.
+
+    Before `generate` runs the encoder on its own, transformers sets `encoder._hf_hook.io_same_device = True`
+    on a model with `hf_device_map`, and when the encoder has no `_hf_hook` it wraps the encoder's forward in
+    accelerate's `AlignDevicesHook` (a NameError when accelerate is not installed; a foreign hook bigload's
+    `detach` cannot remove when it is). An `OutputAlignment` there answers to the same attribute and brings
+    the encoder's outputs back to its inputs' device, as accelerate's would.
+    """
+    from bigload.hooks import OutputAlignment, runtime_of
+
+    config = getattr(model, "config", None)
+    get_encoder = getattr(model, "get_encoder", None)
+    if not getattr(config, "is_encoder_decoder", False) or get_encoder is None:
+        return
+    encoder = get_encoder()
+    if encoder is None or encoder is model or "_hf_hook" in encoder.__dict__:
+        return
+    alignment = OutputAlignment(encoder)
+    encoder._hf_hook = alignment
+
+    def undo() -> None:
+        alignment.remove()
+        encoder.__dict__.pop("_hf_hook", None)
+
+    runtime = runtime_of(model)
+    if runtime is not None:
+        runtime.on_detach.append(undo)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoint names -> model names
+
+
+def checkpoint_sources(model: nn.Module, index: "CheckpointIndex") -> "SourcePlan":
+    """Where each tensor of a transformers `model` is in `index`, as transformers' from_pretrained finds it.
+
+    - transformers' conversion mapping for the model (transformers 5): renamed keys (Mixtral's
+      `block_sparse_moe` is `mlp`, old `LayerNorm.gamma` is `.weight`), and fused tensors built from several
+      checkpoint tensors (Mixtral's per-expert `experts.N.w1/w3` stacked and concatenated into
+      `experts.gate_up_proj`). Converted tensors are built one at a time while streaming, by transformers'
+      own conversion operations, from memory-mapped parts;
+    - the base-model prefix added or stripped (a `GPT2LMHeadModel` from a checkpoint saved by `GPT2Model`,
+      `AutoModel` from a `BertForMaskedLM` checkpoint);
+    - checkpoint tensors the model does not use by design are ignored rather than unexpected: those matching
+      its `_keys_to_ignore_on_load_unexpected`, and a task head's tensors when loading the base model.
+
+    Reads headers only: shapes of converted tensors come from running the conversion on meta tensors.
+
+    Raises:
+        CheckpointError: a conversion that cannot be planned from headers, naming it and the tensor.
+    """
+    from bigload.stream import SourcePlan
+
+    renamings, converters = _conversion_mapping(model)
+    by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+    expected = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    tensors: dict[str, Any] = {}
+    merged: dict[str, tuple[Any, list[tuple[str, "TensorRef"]]]] = {}
+    unmatched: list[str] = []
+    for key in sorted(index.tensors, key=_natural_key):
+        ref = index.tensors[key]
+        renamed, pattern = _rename(key, renamings, converters)
+        renamed = _with_prefix(renamed, prefix, expected)
+        if renamed not in expected and key in expected:
+            renamed, pattern = key, None  # the key needed no renaming (transformers' rule)
+        if renamed not in expected:
+            unmatched.append(key)
+        elif pattern is not None:
+            merged.setdefault(renamed, (by_pattern[pattern], []))[1].append((pattern, ref))
+        elif renamed != key:
+            tensors[renamed] = ref
+    for target, (converter, parts) in merged.items():
+        tensors.update(_derived_tensors(model, target, converter, parts))
+    ignored = _ignored(model, unmatched, prefix, index)
+    if ignored:
+        logger.info("not loading %d checkpoint tensors %s does not use (e.g. %s)", len(ignored),
+                    type(model).__name__, sorted(ignored)[:3])
+    return SourcePlan(tensors=tensors, ignored=frozenset(ignored))
+
+
+def _conversion_mapping(model: nn.Module) -> tuple[list[Any], list[Any]]:
+    """transformers' renamings and converters for `model` (none before transformers 5 or for non-PreTrained
+    models, whose checkpoints hold the model's own names)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:
+        return [], []
+    if not hasattr(model, "config"):
+        return [], []
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    return renamings, converters
+
+
+def _rename(key: str, renamings: Sequence[Any], converters: Sequence[Any]) -> tuple[str, str | None]:
+    """transformers' rule: every renaming in turn, then at most one converter (whose pattern is returned)."""
+    if not renamings and not converters:
+        return key, None
+    from transformers.core_model_loading import rename_source_key
+
+    return rename_source_key(key, list(renamings), list(converters))
+
+
+def _with_prefix(name: str, prefix: str, expected: set[str]) -> str:
+    """Strip or add the base-model prefix when that names a model tensor (transformers' rule)."""
+    if not prefix or name in expected:
+        return name
+    if name.startswith(prefix + ".") and name[len(prefix) + 1:] in expected:
+        return name[len(prefix) + 1:]
+    if f"{prefix}.{name}" in expected:
+        return f"{prefix}.{name}"
+    return name
+
+
+def _natural_key(name: str) -> list[tuple[int, int | str]]:
+    """`experts.2` before `experts.10`: the order transformers stacks a converter's parts in."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
+
+
+def _ignored(model: nn.Module, unmatched: Sequence[str], prefix: str, index: "CheckpointIndex") -> list[str]:
+    patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    # Loading the base model from a checkpoint of a model with a head: the checkpoint's base-model tensors
+    # carry the prefix, the head's do not (transformers reports those and moves on).
+    is_base = bool(prefix) and getattr(model, "base_model", None) is model
+    has_prefix = is_base and any(name.startswith(prefix + ".") for name in index.tensors)
+    return [name for name in unmatched
+            if any(p.search(name) for p in patterns) or (has_prefix and not name.startswith(prefix + "."))]
+
+
+def _derived_tensors(model: nn.Module, target: str, converter: Any,
+                     parts: list[tuple[str, "TensorRef"]]) -> dict[str, Any]:
+    """The model tensors one transformers `WeightConverter` makes from `parts`, as `DerivedTensor`s whose
+    shapes come from running the conversion on meta tensors."""
+    from bigload.stream import DerivedTensor
+
+    def run(tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        fresh = copy.deepcopy(converter)  # converters collect tensors in their own state
+        for (pattern, ref), tensor in zip(parts, tensors):
+            fresh.add_tensor(target, ref.name, pattern, tensor)
+        produced = fresh.convert(target, model=model, config=getattr(model, "config", None))
+        return {name: value[0] if isinstance(value, list) else value for name, value in produced.items()}
+
+    how = " then ".join(repr(op) for op in converter.operations)
+    try:
+        with torch.no_grad():
+            shapes = run([torch.empty(ref.shape, dtype=ref.dtype, device="meta") for _, ref in parts])
+    except Exception as exc:  # any failure of transformers' conversion code means: cannot plan it
+        raise CheckpointError(
+            f"transformers converts checkpoint tensors {[ref.name for _, ref in parts][:4]} into {target!r} with "
+            f"{how}, and bigload cannot plan that conversion from headers ({type(exc).__name__}: {exc}). Load "
+            "this model with transformers' from_pretrained(device_map=...), or convert the checkpoint once to the "
+            "model's own names with `model.state_dict()` and safetensors.torch.save_file."
+        ) from exc
+    refs = tuple(ref for _, ref in parts)
+    return {
+        name: DerivedTensor(name, tuple(meta.shape), meta.dtype, refs, _picker(run, name), how)
+        for name, meta in shapes.items()
+    }
+
+
+def _picker(run: Callable[[Sequence[torch.Tensor]], dict[str, torch.Tensor]], name: str
+            ) -> Callable[[Sequence[torch.Tensor]], torch.Tensor]:
+    def build(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return run(tensors)[name]
+
+    return build
 
 
 def _load_generation_config(model: nn.Module, folder: Path) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_SKIP_KEYS",
     "ExecutionPolicy",
     "HostWeights",
+    "OutputAlignment",
     "PrefetchStats",
     "Runtime",
     "WeightSource",
@@ -613,6 +614,7 @@ class Runtime:
     order_confirmed: bool = False
     forwards: int = 0
     owned_attributes: list[str] = field(default_factory=list)  # set on the model by dispatch; detach drops them
+    on_detach: list[Callable[[], None]] = field(default_factory=list)  # undo what others added (detach runs them)
     _installed: dict[str, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
     _input_devices: list[torch.device | None] = field(default_factory=list)
 
@@ -694,6 +696,44 @@ def _like(placeholder: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     if isinstance(placeholder, nn.Parameter):
         return nn.Parameter(tensor, placeholder.requires_grad)
     return tensor
+
+
+class OutputAlignment:
+    """Returns a module's outputs on the device its inputs came from, while `io_same_device` is set.
+
+    The root of an attached model always does this. A submodule that callers run on its own, such as the
+    encoder of an encoder-decoder (transformers' `generate` calls it directly), can get the same with one of
+    these. Its hooks run outside the module's own (the pre-hook first, the post-hook last), so the input
+    device recorded is the caller's, before any block hook moves the inputs.
+
+    >>> alignment = OutputAlignment(encoder, io_same_device=True)  # doctest: +SKIP
+    >>> alignment.remove()  # doctest: +SKIP
+    """
+
+    def __init__(self, module: nn.Module, *, io_same_device: bool = False,
+                 skip_keys: Iterable[str] = DEFAULT_SKIP_KEYS) -> None:
+        self.io_same_device = io_same_device
+        self._skip = frozenset(skip_keys)
+        self._devices: list[torch.device | None] = []
+        self._handles = [
+            module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
+            module.register_forward_hook(self._post, always_call=True),
+        ]
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._devices.append(_first_tensor_device(args, kwargs, self._skip))
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        device = self._devices.pop() if self._devices else None
+        if not self.io_same_device or device is None:
+            return output
+        return _send(output, device, self._skip)
+
+    def remove(self) -> None:
+        """Remove the hooks; the module runs as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 def runtime_of(model: nn.Module) -> Runtime | None:
@@ -973,4 +1013,6 @@ def detach(model: nn.Module) -> nn.Module:
     del model.__dict__[_RUNTIME_ATTR]
     for attr in runtime.owned_attributes:
         model.__dict__.pop(attr, None)
+    for undo in runtime.on_detach:
+        undo()
     return model

@@ -571,7 +571,6 @@ class _Setup:
     main: Device
     slots_template: tuple[_Slot, ...]
     layer_kv: int
-    width: int | None
 
 
 def plan(
@@ -673,7 +672,7 @@ def _setup(inv: Inventory, budget: Budget, strategy: str, dtype: torch.dtype | s
               runs_own=device.is_gpu or (device == CPU and (not gpus or chosen == "local")))
         for device, nbytes in devices
     )
-    return _Setup(resolved, chosen, reason, main, slots, layer_kv, width)
+    return _Setup(resolved, chosen, reason, main, slots, layer_kv)
 
 
 def _layer_kv(inv: Inventory, context_length: int | None, batch_size: int, width: int | None) -> int:

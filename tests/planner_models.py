@@ -6,7 +6,6 @@ Sizes are float32 and chosen so maps can be worked out by hand: a `Block` is two
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from bigload.empty import init_empty_weights
@@ -78,4 +77,4 @@ def tensor_devices(model: nn.Module, device_map: dict) -> dict[str, object]:
 
 
 __all__ = ["BLOCK", "Block", "EMBED", "HEAD", "NORM", "Toy", "device_of", "tensor_devices", "tiny_llama",
-           "tiny_llama_config", "toy", "torch"]
+           "tiny_llama_config", "toy"]

@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from bigload.empty import init_empty_weights
 from bigload.inventory import block_of, inventory_from_checkpoint, inventory_from_module, kv_cache_spec
 from planner_models import BLOCK, EMBED, HEAD, NORM, tiny_llama, toy
 

@@ -122,7 +122,7 @@ def test_kv_cache_headroom_is_charged_where_each_layer_runs():
     assert result.usage_of(1).headroom == (4 - layers_on_zero) * per_layer
     assert all(u.total <= u.budget for u in result.usage)
     without = plan(inventory, budget, strategy="sequential")
-    assert sum(without.usage_of(0).weights for _ in [0]) >= result.usage_of(0).weights
+    assert without.usage_of(0).weights >= result.usage_of(0).weights  # the KV cache took room from weights
 
 
 def test_reserve_only_when_something_is_offloaded(inv):
