@@ -1,8 +1,8 @@
 """The `bigload` command line: plan, inspect, generate, demo.
 
 Argument parsing, printing and exit codes only; every decision is made by the library. Errors print one
-line and exit non-zero (2 for a model that does not fit or bad input, 1 otherwise); `--debug` shows the
-traceback.
+line and exit non-zero (2 for bigload's own errors: bad input, a model that does not fit; 1 for anything
+unexpected); `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bigload.errors import BigloadError, BudgetError, PlanError
+from bigload.errors import BigloadError
 
 __all__ = ["main"]
 
@@ -187,11 +187,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bigload: interrupted", file=sys.stderr)
         return 130
-    except (PlanError, BudgetError) as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"bigload: error: {exc}", file=sys.stderr)
-        return 2
     except BigloadError as exc:
         if args.debug:
             traceback.print_exc()

@@ -26,6 +26,8 @@ slower, accelerate issue 1394).
 from __future__ import annotations
 
 import enum
+import functools
+import math
 import logging
 import sys
 import threading
@@ -39,6 +41,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike
+from bigload.sizes import dtype_width
 from bigload.errors import OffloadError, PlanError
 
 __all__ = [
@@ -259,8 +262,9 @@ class _Entry:
     placeholder: torch.Tensor  # the meta tensor put back when the block is released
     source: WeightSource
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
+        # Cached: the prefetcher asks for it on every load, and the answer never changes.
         return _nbytes(self.shape, self.dtype)
 
 
@@ -284,10 +288,7 @@ class Block:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    numel = 1
-    for size in shape:
-        numel *= size
-    return numel * torch.empty((), dtype=dtype, device="meta").element_size()
+    return math.prod(shape) * dtype_width(dtype)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bigload.checkpoint import CheckpointIndex
-from bigload.inventory import block_of
+from bigload.inventory import block_of, inventory_from_checkpoint
 from bigload.sizes import format_size
 
 __all__ = ["CheckpointSummary", "summarize"]
@@ -26,7 +26,7 @@ class CheckpointSummary:
     total_bytes: int
     dtypes: tuple[tuple[str, int, int], ...]  # (dtype, tensor count, bytes), largest first
     largest: tuple[tuple[str, str, tuple[int, ...], int], ...]  # (name, dtype, shape, bytes)
-    blocks: tuple[tuple[str, int, int], ...]  # (planned unit, tensor count, bytes), in checkpoint order
+    blocks: tuple[tuple[str, int, int], ...]  # (planned unit, tensor count, bytes), in planning order
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,7 +53,7 @@ class CheckpointSummary:
         lines += [f"  {name:<48} {format_size(size):>12}" for name, size in self.shards]
         lines += ["", "dtypes:"]
         lines += [f"  {d:<16} {n:>8} tensors {format_size(b):>12}" for d, n, b in self.dtypes]
-        lines += ["", f"largest tensors:"]
+        lines += ["", "largest tensors:"]
         lines += [f"  {n:<56} {d:<10} {str(list(s)):<20} {format_size(b):>12}" for n, d, s, b in self.largest]
         lines += ["", f"blocks (planned units): {len(self.blocks)}"]
         lines += [f"  {n:<48} {c:>6} tensors {format_size(b):>12}" for n, c, b in _elide(self.blocks)]
@@ -92,6 +92,9 @@ def summarize(index: CheckpointIndex, *, top: int = 10) -> CheckpointSummary:
         block_count[block] += 1
         block_bytes[block] += ref.nbytes
     largest = sorted(index.tensors.values(), key=lambda r: (-r.nbytes, r.name))[:top]
+    # Blocks in the order the planner walks them (embeddings first, head last), not shard order.
+    position = {name: i for i, name in enumerate(inventory_from_checkpoint(index).names)} if index.tensors else {}
+    blocks = sorted(block_count, key=lambda name: position.get(name, len(position)))
     return CheckpointSummary(
         root=index.root,
         format=index.format,
@@ -101,7 +104,7 @@ def summarize(index: CheckpointIndex, *, top: int = 10) -> CheckpointSummary:
         total_bytes=sum(per_file.values()),
         dtypes=tuple(sorted(((d, dtype_count[d], dtype_bytes[d]) for d in dtype_count), key=lambda r: -r[2])),
         largest=tuple((r.name, str(r.dtype).removeprefix("torch."), r.shape, r.nbytes) for r in largest),
-        blocks=tuple((name, block_count[name], block_bytes[name]) for name in block_count),
+        blocks=tuple((name, block_count[name], block_bytes[name]) for name in blocks),
     )
 
 
