@@ -77,6 +77,11 @@ SAFETENSORS_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
 # The safetensors library refuses headers above 100 MB; so do we, before allocating anything for one.
 MAX_HEADER_BYTES = 100_000_000
 
+# The fingerprint hashes this many bytes at the start of each file's tensor data and at its end, so two
+# checkpoints with equal names, shapes, sizes and mtimes (`cp -p`, a tar extraction) still differ, while a
+# load stays a few reads per file rather than a pass over every byte.
+FINGERPRINT_SAMPLE_BYTES = 64 << 10
+
 
 @dataclass(frozen=True)
 class TensorRef:
@@ -124,6 +129,7 @@ class CheckpointIndex:
         tensors: name -> TensorRef, in file order then offset order (the order that reads the disk forward).
         metadata: string metadata (safetensors `__metadata__`, or the index file's "metadata" section).
         total_bytes: sum of every tensor's byte range.
+        file_stats: file -> (size, mtime_ns) when it was indexed; `check_unchanged` compares against it.
     """
 
     root: Path
@@ -132,6 +138,7 @@ class CheckpointIndex:
     tensors: Mapping[str, TensorRef]
     metadata: Mapping[str, str] = field(default_factory=dict)
     total_bytes: int = 0
+    file_stats: Mapping[Path, tuple[int, int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -139,23 +146,75 @@ class CheckpointIndex:
     def __contains__(self, name: object) -> bool:
         return name in self.tensors
 
+    def check_unchanged(self, *paths: Path) -> None:
+        """Refuse files that changed since they were indexed: the offsets in `tensors` may no longer hold.
+
+        Args:
+            paths: the files to check; none checks every file of the index.
+
+        Raises:
+            CheckpointError: a file is gone, or its size or mtime differs from when it was indexed.
+        """
+        for path in paths or self.files:
+            indexed = self.file_stats.get(path)
+            if indexed is None:
+                continue
+            try:
+                stat = path.stat()
+            except OSError as exc:
+                raise CheckpointError(
+                    f"{path}: cannot read it any more ({exc.strerror or exc}); it was deleted or moved after it "
+                    "was indexed. Open the checkpoint again."
+                ) from None
+            if (stat.st_size, stat.st_mtime_ns) != indexed:
+                raise CheckpointError(
+                    f"{path} changed after it was indexed (size {indexed[0]} -> {stat.st_size} bytes, mtime "
+                    f"{indexed[1]} -> {stat.st_mtime_ns} ns); open it again."
+                )
+
     def fingerprint(self) -> str:
-        """A stable hash of file names, sizes, mtimes, every tensor's header entry and the metadata.
+        """A stable hash of file names, sizes, mtimes, a sample of each file's bytes, every tensor's header
+        entry and the metadata.
 
         Two indexes of the same unchanged files give the same fingerprint, even after the folder is moved
-        (names are relative to `root`); touching or rewriting a file changes it.
+        (names are relative to `root`); touching or rewriting a file changes it, and so do other bytes under
+        the same names, sizes and mtimes (`cp -p` of another checkpoint) where they differ in the first or
+        last `FINGERPRINT_SAMPLE_BYTES` of a file's tensor data.
+
+        Raises:
+            CheckpointError: a file changed since it was indexed (see `check_unchanged`).
         """
+        self.check_unchanged()
+        data_start: dict[Path, int] = {}
+        for ref in self.tensors.values():
+            data_start[ref.file] = min(ref.offset, data_start.get(ref.file, ref.offset))
         digest = hashlib.sha256()
         digest.update(self.format.encode())
         for path in self.files:
-            stat = path.stat()
-            digest.update(f"\0{_relative(path, self.root)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+            size, mtime_ns = self.file_stats.get(path) or _stat_key(path)
+            digest.update(f"\0{_relative(path, self.root)}\0{size}\0{mtime_ns}".encode())
+            digest.update(_sample(path, data_start.get(path, 0), size))
         for ref in self.tensors.values():
             entry = (ref.name, str(ref.dtype), ref.shape, _relative(ref.file, self.root), ref.offset,
                      ref.nbytes, ref.stride)
             digest.update(repr(entry).encode())
         digest.update(json.dumps(dict(self.metadata), sort_keys=True).encode())
         return digest.hexdigest()
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _sample(path: Path, start: int, size: int) -> bytes:
+    """The first and last `FINGERPRINT_SAMPLE_BYTES` of `path` from byte `start` on (all of it if shorter)."""
+    tail = max(start, size - FINGERPRINT_SAMPLE_BYTES)
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        head = handle.read(min(FINGERPRINT_SAMPLE_BYTES, tail - start))
+        handle.seek(tail)
+        return head + handle.read(size - tail)
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -215,7 +274,8 @@ def read_safetensors_header(path: Path) -> tuple[list[TensorRef], dict[str, str]
 def _parse_header_json(path: Path, raw: bytes) -> dict:
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError covers UnicodeDecodeError, JSONDecodeError and over-long integers; RecursionError deep nesting.
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(
             f"{path}: the safetensors header is not valid UTF-8 JSON ({exc}); the file is corrupt or not a "
             "safetensors file."
@@ -243,7 +303,7 @@ def _header_entry(path: Path, name: str, entry: object, data_start: int, data_le
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry must be an object with dtype, shape, data_offsets.")
     code = entry.get("dtype")
-    if code not in SAFETENSORS_DTYPES:
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         raise CheckpointError(
             f"{where}: unknown dtype {code!r}; bigload reads {', '.join(SAFETENSORS_DTYPES)}."
         )
@@ -442,7 +502,22 @@ def _open_single_torch(path: Path) -> CheckpointIndex:
 def _open_sharded(path: Path) -> CheckpointIndex:
     weight_map, metadata = _read_index_json(path)
     shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        # Checked on the name as written, so shards that are symlinks (the Hugging Face cache) still load.
+        if Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise CheckpointError(
+                f"{path}: shard {shard!r} is outside {path.parent}; an index may only name files in its own "
+                "folder. Move the shard into the folder and name it relative to the index."
+            )
     is_safetensors = all(shard.endswith(".safetensors") for shard in shards)
+    if not is_safetensors and any(shard.endswith(".safetensors") for shard in shards):
+        # torch.load would hand a .safetensors shard to safetensors and read every byte of it.
+        mixed = (next(s for s in shards if s.endswith(".safetensors")),
+                 next(s for s in shards if not s.endswith(".safetensors")))
+        raise CheckpointError(
+            f"{path}: the index names both safetensors and PyTorch shards (e.g. {mixed[0]!r} and {mixed[1]!r}); "
+            "a checkpoint is in one format. Fix the index or download the checkpoint again."
+        )
     per_file: list[tuple[Path, list[TensorRef]]] = []
     owner: dict[str, Path] = {}
     for shard in shards:
@@ -470,7 +545,8 @@ def _open_sharded(path: Path) -> CheckpointIndex:
 def _read_index_json(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError covers UnicodeDecodeError, JSONDecodeError and over-long integers; RecursionError deep nesting.
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: the shard index is not valid JSON ({exc}).") from None
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not all(
@@ -503,6 +579,7 @@ def _build_index(root: Path, fmt: str, per_file: list[tuple[Path, list[TensorRef
         tensors=MappingProxyType(tensors),
         metadata=MappingProxyType(dict(metadata)),
         total_bytes=sum(ref.nbytes for ref in tensors.values()),
+        file_stats=MappingProxyType({path: _stat_key(path) for path, _ in per_file}),
     )
 
 
@@ -531,11 +608,16 @@ class MappedFiles:
     Views are file-backed page cache, not private memory: the kernel may drop and re-read the pages, and
     writing to a view copies only the touched pages and never changes the file. A mapping lives as long as
     any tensor views it, so views stay valid after `clear()`. Safe to use from several threads.
+
+    `check`, if given, is called with each file before its mapping is first used (after the byte range asked
+    for is known to be inside it) and may raise to refuse the file; `CheckpointReader` passes its index's
+    `check_unchanged`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, check: Callable[[Path], None] | None = None) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
+        self._check = check
 
     def clear(self) -> None:
         """Forget the mappings; each is unmapped once no tensor views it any more."""
@@ -550,46 +632,64 @@ class MappedFiles:
         An unaligned offset (a safetensors header whose length is not padded) gets an aligned private copy.
 
         Raises:
-            `error` (CheckpointError by default): the file is shorter than the tensor needs.
+            `error` (CheckpointError by default): the file is missing, cannot be mapped, or is shorter than
+                the tensor needs; or whatever `check` raises for the file.
         """
         numel = math.prod(shape)
         if numel == 0:
             return torch.empty(shape, dtype=dtype)
         width = dtype_width(dtype)
         nbytes = (_strided_extent(shape, stride) if stride is not None else numel) * width
-        mapping = self._mapping(path)
-        if offset + nbytes > len(mapping):
-            raise error(
-                f"{path}: {what or 'a tensor'} needs bytes up to {offset + nbytes} but the file has "
-                f"{len(mapping)}; it was truncated or changed after it was indexed. Open it again or "
-                "write it again."
-            )
+        mapping = self._mapping(path, error, end=offset + nbytes, what=what)
         if offset % width == 0:
             flat = torch.frombuffer(mapping, dtype=dtype, count=nbytes // width, offset=offset)
         else:
             flat = torch.frombuffer(bytearray(mapping[offset:offset + nbytes]), dtype=dtype)
         return flat.view(shape) if stride is None else flat.as_strided(shape, stride)
 
-    def willneed(self, path: Path, offset: int, nbytes: int) -> None:
+    def willneed(self, path: Path, offset: int, nbytes: int, *,
+                 error: type[BigloadError] = CheckpointError) -> None:
         """Ask the kernel to read these bytes ahead, in the background (no-op where unsupported)."""
         advice = getattr(mmap, "MADV_WILLNEED", None)
         if advice is None or nbytes <= 0:
             return
-        mapping = self._mapping(path)
+        mapping = self._mapping(path, error)
         start = offset - offset % mmap.PAGESIZE
         end = min(len(mapping), offset + nbytes)
         if end > start:
             mapping.madvise(advice, start, end - start)
 
-    def _mapping(self, path: Path) -> mmap.mmap:
+    def _mapping(self, path: Path, error: type[BigloadError], *, end: int = 0, what: str = "") -> mmap.mmap:
+        """`path`'s mapping, holding at least `end` bytes (needed for `what`); mapped and checked on first use."""
         with self._lock:
             mapping = self._maps.get(path)
+            known = mapping is not None
             if mapping is None:
-                with open(path, "rb") as handle:
-                    # ACCESS_COPY: writable for torch.frombuffer, yet never writes back to the file.
-                    mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                mapping = _map_private(path, error)
+            if end > len(mapping):
+                raise error(
+                    f"{path}: {what or 'a tensor'} needs bytes up to {end} but the file has {len(mapping)}; it "
+                    "was truncated or changed after it was indexed. Open it again or write it again."
+                )
+            if not known:
+                # Only a mapping the check accepted is kept, so a refused file is checked again next time.
+                if self._check is not None:
+                    self._check(path)
                 self._maps[path] = mapping
             return mapping
+
+
+def _map_private(path: Path, error: type[BigloadError]) -> mmap.mmap:
+    try:
+        with open(path, "rb") as handle:
+            # ACCESS_COPY: writable for torch.frombuffer, yet never writes back to the file.
+            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as exc:  # ValueError: mmap refuses an empty file
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise error(
+            f"{path}: cannot map the file ({reason}); it was deleted, emptied or changed after it was indexed. "
+            "Open it again or write it again."
+        ) from None
 
 
 class CheckpointReader:
@@ -605,7 +705,7 @@ class CheckpointReader:
 
     def __init__(self, index: CheckpointIndex) -> None:
         self.index = index
-        self._files = MappedFiles()
+        self._files = MappedFiles(index.check_unchanged)
 
     def __enter__(self) -> "CheckpointReader":
         return self
@@ -625,7 +725,7 @@ class CheckpointReader:
         the bytes are copied into aligned private memory.
 
         Raises:
-            CheckpointError: the file shrank since it was indexed.
+            CheckpointError: the file is gone, shrank, or changed size or mtime since it was indexed.
         """
         return self._files.view(ref.file, ref.offset, ref.dtype, ref.shape, ref.stride,
                                 what=f"tensor {ref.name!r}")

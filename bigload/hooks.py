@@ -41,8 +41,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike
-from bigload.sizes import dtype_width
 from bigload.errors import OffloadError, PlanError
+from bigload.sizes import dtype_width
 
 __all__ = [
     "DEFAULT_SKIP_KEYS",

@@ -98,12 +98,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def _parse_dtype(folder: Path, name: str, value: object) -> torch.dtype:
-    if value not in _DTYPES:
+    if not isinstance(value, str) or value not in _DTYPES:
         raise OffloadError(
             f"{folder / INDEX_FILE}: tensor {name!r} has unknown dtype {value!r}; the index is corrupt. "
             "Delete the folder and load again."
         )
-    return _DTYPES[value]  # type: ignore[index]
+    return _DTYPES[value]
 
 
 class DiskStore:
@@ -230,6 +230,12 @@ class DiskStore:
         meta = self.meta(name)
         if "safetensors_file" in entry:
             ref = self._reference(name, entry)
+            if ref.shape != meta.shape:
+                raise OffloadError(
+                    f"{self.folder}: {name!r} points to tensor {ref.name!r} of {ref.file}, of shape "
+                    f"{list(ref.shape)}, but the index says {list(meta.shape)}; the checkpoint changed. Delete the "
+                    "offload folder and load again."
+                )
             tensor = self._files.view(ref.file, ref.offset, ref.dtype, ref.shape, what=f"tensor {ref.name!r}",
                                       error=OffloadError)
             return tensor if tensor.dtype == meta.dtype else tensor.to(meta.dtype)
@@ -341,6 +347,10 @@ class DiskStore:
             _write_json_atomic(self.folder / INDEX_FILE, self._entries)
             _fsync_dir(self.folder)
         except OSError as exc:
+            # The index may be in place if only the directory sync failed; the data it lists will be removed
+            # by `abort`, so it must go too. The writer owns both files (see __init__).
+            (self.folder / INDEX_FILE).unlink(missing_ok=True)
+            (self.folder / ORIGIN_FILE).unlink(missing_ok=True)
             raise self._write_error(INDEX_FILE, 0, exc) from exc
         self._committed = True
 
@@ -350,6 +360,9 @@ class DiskStore:
             path.unlink(missing_ok=True)
         for temp in self.folder.glob(f"*{_TMP_MARK}"):
             temp.unlink(missing_ok=True)
+        if not (self.folder / INDEX_FILE).exists():
+            # An origin without an index describes nothing (a commit that failed half way).
+            (self.folder / ORIGIN_FILE).unlink(missing_ok=True)
         self._written.clear()
         self._entries.clear()
 
@@ -367,8 +380,8 @@ class DiskStore:
         return entry
 
     def _reference(self, name: str, entry: Mapping[str, object]) -> TensorRef:
-        path = Path(str(entry["safetensors_file"]))
-        weight = str(entry.get("weight_name", name))
+        path = Path(entry["safetensors_file"])  # type: ignore[arg-type]
+        weight = entry.get("weight_name", name)
         if path not in self._headers:
             try:
                 self._headers[path] = {ref.name: ref for ref in read_safetensors_header(path)[0]}
@@ -387,10 +400,9 @@ class DiskStore:
 
     def _check_entry(self, name: str) -> None:
         entry = self._entries[name]
-        if not isinstance(entry, dict):
-            raise OffloadError(f"{self.folder / INDEX_FILE}: the entry of {name!r} is not an object.")
+        _check_entry_fields(self.folder, name, entry)
         if "safetensors_file" in entry:
-            if not Path(str(entry["safetensors_file"])).is_file():
+            if not Path(entry["safetensors_file"]).is_file():  # type: ignore[arg-type]
                 raise OffloadError(
                     f"{self.folder}: {name!r} points into {entry['safetensors_file']}, which no longer exists; "
                     "delete the offload folder and load again."
@@ -480,11 +492,32 @@ def _read_index(folder: Path) -> dict[str, dict[str, object]]:
         )
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError covers UnicodeDecodeError, JSONDecodeError and over-long integers; RecursionError deep nesting.
+    except (ValueError, RecursionError) as exc:
         raise OffloadError(f"{path}: not valid JSON ({exc}); delete the folder and load again.") from None
     if not isinstance(entries, dict):
         raise OffloadError(f"{path}: expected an object mapping tensor names to entries.")
     return entries
+
+
+def _check_entry_fields(folder: Path, name: str, entry: object) -> None:
+    """Refuse an index entry `meta`/`get` could not read: checked at `open`, so damage shows up front."""
+    where = f"{folder / INDEX_FILE}: the entry of {name!r}"
+    fix = "the index is corrupt. Delete the folder and load again."
+    if not isinstance(entry, dict):
+        raise OffloadError(f"{where} is not an object; {fix}")
+    _parse_dtype(folder, name, entry.get("dtype"))
+    if "shape" in entry:
+        shape = entry["shape"]
+        if not isinstance(shape, list) or not all(
+                isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape):
+            raise OffloadError(f"{where} has shape {shape!r}, not a list of non-negative integers; {fix}")
+    if "safetensors_file" in entry:
+        for key in ("safetensors_file", "weight_name"):
+            if key in entry and not isinstance(entry[key], str):
+                raise OffloadError(f"{where} has {key} {entry[key]!r}, not a string; {fix}")
+    elif "shape" not in entry:
+        raise OffloadError(f"{where} has neither 'shape' nor 'safetensors_file'; {fix}")
 
 
 def _read_origin(folder: Path) -> StoreOrigin | None:

@@ -17,7 +17,6 @@ results and requested copies plus that window (or the largest single tensor, if 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -674,6 +673,7 @@ def load_checkpoint_in_model(
     _check_gpus_exist(dmap)
     target_dtype = None if dtype is None else parse_dtype(dtype)
     index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
+    index.check_unchanged()  # an index opened earlier may describe files changed since
     scope = list(only) if only is not None else [""]
     groups = [group for group in _model_groups(model) if any(_under(name, scope) for name in group.names)]
     _place_groups(groups, dmap, _sources(index, sources)[0], target_dtype, list(keep_in_fp32_modules or ()))
@@ -681,13 +681,14 @@ def load_checkpoint_in_model(
     _report(match, index, strict)
 
     disk_tasks = [task for task in match.tasks if task.group.device.kind is DeviceKind.DISK]
-    store, reuse = _prepare_store(offload_folder, index, disk_tasks)
+    origin = _store_origin(index, disk_tasks, target_dtype, keep_in_fp32_modules)
+    store, reuse = _prepare_store(offload_folder, origin, disk_tasks)
     gpus = {task.group.device for task in match.tasks if task.group.device.is_gpu}
     stager = _GpuStager(window_bytes, pin_memory is not False, gpus) if gpus else None
     placer = _Placer(store, reuse, materialize, stager)
     total = sum(task.ref.nbytes for task in match.tasks)
     with CheckpointReader(index) as reader, _ProgressBar(total, progress) as advance:
-        _stream_into(match.tasks, reader, placer, window_bytes, advance, store, reuse, index, disk_tasks)
+        _stream_into(match.tasks, reader, placer, window_bytes, advance, store, reuse, origin)
     if stager is not None:
         stager.finish()
     _settle_unloaded_buffers(groups)
@@ -703,13 +704,13 @@ def load_checkpoint_in_model(
 
 def _stream_into(tasks: Sequence[_Task], reader: CheckpointReader, placer: _Placer, window: int,
                  advance: Callable[[int], None], store: DiskStore | None, reuse: bool,
-                 index: CheckpointIndex, disk_tasks: Sequence[_Task]) -> None:
+                 origin: StoreOrigin) -> None:
     if store is None or reuse:
         _run(tasks, reader, placer, window, advance)
         return
     with store:  # an exception removes what was written, and no index is left behind
         _run(tasks, reader, placer, window, advance)
-        store.commit(_store_origin(index, disk_tasks))
+        store.commit(origin)
 
 
 def _place_groups(groups: list[_Group], dmap: Mapping[str, Device], sources: Mapping[str, Source],
@@ -732,7 +733,7 @@ def _place_groups(groups: list[_Group], dmap: Mapping[str, Device], sources: Map
         group.dtype = _target_dtype(group.names[0], stored, group.original.dtype, dtype, keep_fp32)
 
 
-def _prepare_store(folder: str | os.PathLike[str] | None, index: CheckpointIndex,
+def _prepare_store(folder: str | os.PathLike[str] | None, origin: StoreOrigin,
                    disk_tasks: Sequence[_Task]) -> tuple[DiskStore | None, bool]:
     """The store disk tensors go to, and whether it already holds them all (then nothing is written)."""
     if not disk_tasks:
@@ -742,22 +743,32 @@ def _prepare_store(folder: str | os.PathLike[str] | None, index: CheckpointIndex
             f"the device map sends {len(disk_tasks)} tensors (e.g. {disk_tasks[0].group.names[0]!r}) to 'disk' "
             "but no offload_folder was given; pass offload_folder= a folder on a disk with room for them."
         )
-    origin = _store_origin(index, disk_tasks)
     if (Path(folder) / "index.json").is_file():
         existing = DiskStore.open(folder, expect_fingerprint=origin)
-        if all(task.group.names[0] in existing for task in disk_tasks):
+        # Another plan of the same load may have sent other tensors to disk: reuse only a store holding all
+        # of these, each as it would be written now; rebuild it otherwise.
+        if all(_holds(existing, task) for task in disk_tasks):
             logger.info("reusing the offload store in %s (same checkpoint and dtypes)", folder)
             return existing, True
         return DiskStore(folder, overwrite=True), False
     return DiskStore(folder), False
 
 
-def _store_origin(index: CheckpointIndex, disk_tasks: Sequence[_Task]) -> StoreOrigin:
-    # The stored bytes depend on each tensor's target dtype, so that is what the variant hashes.
+def _holds(store: DiskStore, task: _Task) -> bool:
+    name = task.group.names[0]
+    if name not in store:
+        return False
+    meta = store.meta(name)
+    return meta.dtype == task.group.dtype and meta.shape == tuple(task.group.original.shape)
+
+
+def _store_origin(index: CheckpointIndex, disk_tasks: Sequence[_Task], dtype: torch.dtype | None,
+                  keep_fp32: Sequence[str] | None) -> StoreOrigin:
+    # The stored bytes depend on the checkpoint and on how tensors are cast (the load's dtype policy), not on
+    # which tensors a plan sends to disk: a store of the same load under another plan is rebuilt in place.
     dtypes = sorted({dtype_name(task.group.dtype) for task in disk_tasks})
-    variant = hashlib.sha256(
-        "\n".join(f"{task.group.names[0]}:{dtype_name(task.group.dtype)}" for task in disk_tasks).encode()
-    ).hexdigest()
+    policy = dtype_name(dtype) if dtype is not None else "model"
+    variant = f"{policy};fp32:{','.join(sorted(keep_fp32 or ()))}"
     origin = StoreOrigin.of(index, None, variant)
     return StoreOrigin(origin.fingerprint, origin.source, "/".join(dtypes))
 
