@@ -681,7 +681,9 @@ def load_checkpoint_in_model(
     _report(match, index, strict)
 
     disk_tasks = [task for task in match.tasks if task.group.device.kind is DeviceKind.DISK]
-    origin = _store_origin(index, disk_tasks, target_dtype, keep_in_fp32_modules)
+    # dtype=None means "the model's dtype": name it, so the same load spelled either way reuses a store.
+    policy_dtype = target_dtype or next((g.original.dtype for g in groups if g.original.dtype in _CASTABLE), None)
+    origin = _store_origin(index, disk_tasks, policy_dtype, keep_in_fp32_modules)
     store, reuse = _prepare_store(offload_folder, origin, disk_tasks)
     gpus = {task.group.device for task in match.tasks if task.group.device.is_gpu}
     stager = _GpuStager(window_bytes, pin_memory is not False, gpus) if gpus else None

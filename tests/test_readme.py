@@ -48,6 +48,6 @@ def test_readme_pasted_plan_output_is_current(capsys: pytest.CaptureFixture[str]
     """The plan table pasted in the README is what the command prints today."""
     text = README.read_text()
     command = "bigload plan llama-3-70b --max-memory 0=24GiB,1=24GiB,cpu=64GiB,disk=500GiB --context-length 8192"
-    pasted = text.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
+    pasted = text.split(f"```\n$ {command}\n", 1)[1].split("```", 1)[0]
     assert main(shlex.split(command)[1:]) == 0
     assert capsys.readouterr().out.strip() == pasted.strip()
