@@ -12,7 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -175,8 +175,13 @@ def meta_model_from_config(
     cls = model_class or _model_class_for(config)
     target = parse_dtype(dtype) if dtype is not None else config_dtype(config)
     with init_empty_weights():
+        # Auto classes have `from_config`, model classes `_from_config`: both build under `dtype` as the
+        # default dtype, so buffers a model computes in float32 on purpose (rotary inv_freq) stay float32, as
+        # in transformers' from_pretrained. `.to(dtype)` would cast them too.
         if hasattr(cls, "from_config"):
             model = cls.from_config(config, dtype=target)
+        elif hasattr(cls, "_from_config"):
+            model = cls._from_config(config, dtype=target)
         else:
             model = cls(config).to(target)
     model.eval()
@@ -318,15 +323,25 @@ def from_pretrained(
     KV-cache headroom for `context_length`, streams the checkpoint straight to the planned places, and
     attaches offload hooks. The result has `hf_device_map` and `bigload_plan`.
 
+    Checkpoint tensors are found as transformers finds them (`checkpoint_sources`): its conversion mapping
+    (renamed keys; MoE experts saved one by one and fused in the model, built while streaming), the
+    base-model prefix added or stripped, a task head skipped when loading the base model. The default dtype
+    is transformers 5's: the config's `dtype`, else the checkpoint's; at float16/bfloat16 the model's
+    `_keep_in_fp32_modules(_strict)` stay float32 as in transformers. The encoder of an encoder-decoder gets
+    the `_hf_hook` transformers' `generate` looks for, so generation needs no accelerate.
+
     Args:
         path: folder with config.json and safetensors (or .bin) weights.
         model_class: e.g. `transformers.AutoModel` for encoders; default: the config's `architectures`.
         device_map: a strategy ("auto", "balanced", "balanced_low_0", "sequential"), a dict map or a Plan.
+            A dict planned from checkpoint headers alone may omit modules holding only computed buffers
+            (rotary embeddings); they join it on the map's first GPU, else the CPU.
         max_memory: budgets per device; None: what this machine has free.
         dtype: dtype to load in; default: the config's, else the checkpoint's.
         offload_folder: where disk-offloaded weights go; needed when the plan uses disk.
         context_length, batch_size: KV-cache room the plan keeps on each executing device.
-        strict: missing or unexpected tensors are an error.
+        strict: missing or unexpected tensors are an error (tensors the model declares it does not use, and a
+            head's tensors when loading a base model, are not unexpected). False: load what matches.
         progress: a progress bar for long loads.
         prefetch: offloaded blocks loaded ahead of the one running.
         no_split_module_classes: classes never split (default: the model's `_no_split_modules`).
@@ -351,6 +366,8 @@ def from_pretrained(
     target = _weights_dtype(source, config, dtype) or torch.float32
     model = meta_model_from_config(config, model_class=model_class, dtype=target)
     index = open_checkpoint(source.checkpoint)
+    if isinstance(device_map, Mapping):
+        device_map = _with_computed_buffers(model, device_map)
     load_checkpoint_and_dispatch(
         model, index, device_map=device_map, max_memory=max_memory,
         no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=target,
@@ -361,6 +378,28 @@ def from_pretrained(
     _align_encoder_outputs(model)
     _load_generation_config(model, Path(path))
     return model.eval()
+
+
+def _with_computed_buffers(model: nn.Module, device_map: Mapping[str, Any]) -> dict[str, Any]:
+    """`device_map` plus the modules that hold only computed buffers (rotary embeddings) and no entry.
+
+    A map planned from checkpoint headers alone (`bigload plan model.safetensors`) cannot name them: no
+    checkpoint holds their tensors. They go to the map's first GPU, else the CPU, where the model runs.
+    """
+    main = next((value for value in device_map.values() if isinstance(value, int)), "cpu")
+    placed = list(device_map)
+    for name, module in model.named_modules():
+        if name and not any(key == "" or name == key or name.startswith(key + ".") for key in placed):
+            if _only_computed_buffers(module):
+                placed.append(name)
+    return {**device_map, **{name: main for name in placed[len(device_map):]}}
+
+
+def _only_computed_buffers(module: nn.Module) -> bool:
+    """No parameters, and buffers that are all non-persistent (computed in `__init__`, never saved)."""
+    owners = list(module.modules())
+    return (any(owner._buffers for owner in owners) and not any(True for _ in module.parameters())
+            and all(set(owner._buffers) <= owner._non_persistent_buffers_set for owner in owners))
 
 
 def _keep_in_fp32_modules(model: nn.Module, dtype: torch.dtype) -> list[str]:
@@ -492,9 +531,17 @@ def _with_prefix(name: str, prefix: str, expected: set[str]) -> str:
     return name
 
 
-def _natural_key(name: str) -> list[tuple[int, int | str]]:
-    """`experts.2` before `experts.10`: the order transformers stacks a converter's parts in."""
-    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
+def _natural_key(name: str) -> list[tuple[Any, ...]]:
+    """`experts.2` before `experts.10` (and `shard_2` before `shard_11`): the order transformers collects a
+    converter's parts in, so experts are stacked in the same order."""
+    key: list[tuple[Any, ...]] = []
+    for part in name.split("."):
+        text = part.rstrip("0123456789")
+        if not text:
+            key.append((0, int(part)))
+        else:
+            key.append((1, text, int(part[len(text):])) if text != part else (1, text))
+    return key
 
 
 def _ignored(model: nn.Module, unmatched: Sequence[str], prefix: str, index: "CheckpointIndex") -> list[str]:
