@@ -255,7 +255,9 @@ def summarize(ctx, results: list[dict]) -> dict:
             sums = {m: {x.get("touch_sum") for x in by.get((dtype, cache, m), []) if x["status"] == "ok"}
                     for m in (*LOADERS_SHOWN, "bigload-hf")}
             present = {m: v for m, v in sums.items() if v}
-            agree = len(set().union(*present.values())) <= 1 if present else False
+            if not present:
+                continue  # a case this run skipped (quick mode runs no cold cast)
+            agree = len(set().union(*present.values())) <= 1
             on_meta = {m: max(x.get("on_meta", 0) for x in by[(dtype, cache, m)] if x["status"] == "ok")
                        for m in present}
             checks.append({"case": tag, "methods": sorted(present), "weights_equal": agree, "on_meta": on_meta})

@@ -20,6 +20,7 @@ from torch import nn
 from bigload.catalog import catalog_config, catalog_names
 from bigload.empty import init_empty_weights
 from bigload.errors import BigloadError, CheckpointError
+from bigload.inventory import default_keep_in_fp32_modules
 from bigload.sizes import parse_dtype
 
 if TYPE_CHECKING:
@@ -372,7 +373,7 @@ def from_pretrained(
         model, index, device_map=device_map, max_memory=max_memory,
         no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=target,
         strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
-        progress=progress, keep_in_fp32_modules=_keep_in_fp32_modules(model, target),
+        progress=progress, keep_in_fp32_modules=default_keep_in_fp32_modules(model, target),
         sources=checkpoint_sources(model, index),
     )
     _align_encoder_outputs(model)
@@ -400,17 +401,6 @@ def _only_computed_buffers(module: nn.Module) -> bool:
     owners = list(module.modules())
     return (any(owner._buffers for owner in owners) and not any(True for _ in module.parameters())
             and all(set(owner._buffers) <= owner._non_persistent_buffers_set for owner in owners))
-
-
-def _keep_in_fp32_modules(model: nn.Module, dtype: torch.dtype) -> list[str]:
-    """The modules transformers' from_pretrained keeps in float32 at `dtype`: `_keep_in_fp32_modules` for
-    float16 only, `_keep_in_fp32_modules_strict` for float16 and bfloat16."""
-    kept: list[str] = []
-    if dtype == torch.float16:
-        kept.extend(getattr(model, "_keep_in_fp32_modules", None) or ())
-    if dtype in (torch.float16, torch.bfloat16):
-        kept.extend(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    return list(dict.fromkeys(kept))
 
 
 def _align_encoder_outputs(model: nn.Module) -> None:

@@ -32,13 +32,13 @@ __all__ = [
     "KVCacheSpec",
     "TensorEntry",
     "block_of",
+    "default_keep_in_fp32_modules",
     "inventory_from_checkpoint",
     "inventory_from_module",
     "kv_cache_spec",
 ]
 
 _NON_CASTABLE_PREFIXES = ("torch.int", "torch.uint", "torch.bool")
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class TensorEntry(NamedTuple):
@@ -192,8 +192,7 @@ def inventory_from_module(
         dtype: the dtype floating tensors will be loaded in (None: each tensor keeps its dtype).
         special_dtypes: tensor name -> dtype overriding `dtype` for that tensor.
         keep_in_fp32_modules: module names (a dotted component or a prefix of a tensor name) whose floating
-            tensors stay float32; default: the model's `_keep_in_fp32_modules` (and `_strict`) when `dtype`
-            is float16 or bfloat16, as transformers does.
+            tensors stay float32; default: transformers' rule (`default_keep_in_fp32_modules`).
         no_split_module_classes: class names never split; default: the model's `_no_split_modules`.
         config: a transformers-style config for the KV-cache spec; default: `model.config`.
 
@@ -364,12 +363,18 @@ def _fp32_matcher(model: nn.Module, target: torch.dtype | None,
                   keep_in_fp32_modules: Sequence[str] | None) -> _Fp32Matcher:
     if keep_in_fp32_modules is not None:
         return _Fp32Matcher(keep_in_fp32_modules)
-    if target not in _HALF_DTYPES:
-        return _Fp32Matcher(())
-    found: list[str] = []
-    for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
-        found.extend(getattr(model, attr, None) or ())
-    return _Fp32Matcher(found)
+    return _Fp32Matcher(default_keep_in_fp32_modules(model, target))
+
+
+def default_keep_in_fp32_modules(model: nn.Module, dtype: torch.dtype | None) -> list[str]:
+    """The modules transformers' from_pretrained keeps in float32 at `dtype`: `_keep_in_fp32_modules` at
+    float16 only, `_keep_in_fp32_modules_strict` at float16 and bfloat16."""
+    kept: list[str] = []
+    if dtype == torch.float16:
+        kept.extend(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        kept.extend(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return list(dict.fromkeys(kept))
 
 
 def _no_split_classes(model: nn.Module, given: Iterable[str] | None) -> frozenset[str]:

@@ -87,8 +87,13 @@ def test_plan_from_folder_and_from_headers_alone_agree(cli, model_folder: Path, 
         (headers_only / shard.name).symlink_to(shard)
     from_headers = cli("plan", str(headers_only), "--max-memory", budget, "--json", "-")
     assert from_headers.returncode == 0, from_headers.stderr
-    assert json.loads(from_folder.stdout)["device_map"] == json.loads(from_headers.stdout)["device_map"]
-    assert "disk" in json.loads(from_folder.stdout)["device_map"].values()
+    folder_map = json.loads(from_folder.stdout)["device_map"]
+    headers_map = json.loads(from_headers.stdout)["device_map"]
+    # Headers cannot see modules that hold only computed buffers (rotary inv_freq is never saved); every
+    # module that holds checkpoint tensors is placed the same way.
+    assert {k: v for k, v in folder_map.items() if k in headers_map} == headers_map
+    assert set(folder_map) - set(headers_map) == {"model.rotary_emb"}
+    assert "disk" in folder_map.values()
 
 
 def test_bad_max_memory_is_one_line_error(cli):
