@@ -9,8 +9,10 @@ A prefetcher knows the execution order (the device map's order, confirmed by the
 the next `prefetch` blocks on a background thread while the current one computes:
 
 - CPU execution: a stored tensor that is already a CPU tensor of the right dtype (an mmap'd `DiskStore.get`
-  view, or a host tensor) is used in place, with no copy; the prefetcher touches the pages of the next
-  blocks so a cold page cache does not stall compute. Tensors that need a cast go into a reused buffer.
+  view, or a host tensor) is used in place, with no copy; such blocks are resolved once and handed out on
+  every forward, and prefetching them is one `madvise(MADV_WILLNEED)` per tensor, so the kernel reads a cold
+  page cache while the current block computes and no Python thread competes with compute. Tensors that need
+  a cast go into a reused buffer, loaded on the background thread.
 - CUDA execution: weights are staged through pinned host buffers (or copied straight from pinned host
   weights) into reused device buffers on a side stream; events order the copies against compute.
 
@@ -25,10 +27,12 @@ slower, accelerate issue 1394).
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import functools
-import math
 import logging
+import math
+import mmap
 import sys
 import threading
 from collections import deque
@@ -66,7 +70,26 @@ logger = logging.getLogger(__name__)
 DEFAULT_SKIP_KEYS: tuple[str, ...] = ("past_key_values", "past_key_value", "layer_past", "cache_params")
 
 _RUNTIME_ATTR = "_bigload_runtime"
-_PAGE = 4096
+_PAGE = mmap.PAGESIZE
+_MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
+
+
+def _libc_calls() -> tuple[Callable[[int, int, int], int] | None, Callable[[int, int, Any], int] | None]:
+    """`madvise` and `mincore` from the C library, or None where they do not exist (Windows)."""
+    if _MADV_WILLNEED is None or sys.platform == "win32":
+        return None, None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise, mincore = libc.madvise, libc.mincore
+    except (OSError, AttributeError):
+        return None, None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    madvise.restype = mincore.restype = ctypes.c_int
+    return madvise, mincore
+
+
+_madvise, _mincore = _libc_calls()
 PREFETCH_HISTORY = 4096  # how many prefetched block names `PrefetchStats.prefetched` remembers
 
 
@@ -350,12 +373,27 @@ class _Slot:
         return self.staging
 
 
-def _touch_pages(tensor: torch.Tensor) -> None:
-    """Fault in every page of a file-backed CPU tensor so compute does not wait on the disk later."""
-    if tensor.numel() == 0:
+def _advise_willneed(tensors: Iterable[torch.Tensor]) -> None:
+    """Ask the kernel to start reading these CPU tensors' pages now, in the background.
+
+    The kernel does the I/O: no Python thread touches pages, so nothing competes with compute for the GIL. A
+    `mincore` check first skips tensors whose pages are all in memory already (the usual, warm case), since
+    `madvise` walks the page cache page by page and costs several times more. A no-op where the calls do
+    not exist (Windows): pages then fault in on first use.
+    """
+    if _madvise is None or _mincore is None:
         return
-    raw = tensor.reshape(-1).view(torch.uint8)
-    raw[::_PAGE].sum()
+    for tensor in tensors:
+        length = tensor.numel() * tensor.element_size()
+        if length == 0 or tensor.device.type != "cpu":
+            continue
+        address = tensor.data_ptr()
+        start = address - address % _PAGE
+        span = length + address - start
+        resident = ctypes.create_string_buffer((span + _PAGE - 1) // _PAGE)
+        if _mincore(start, span, resident) == 0 and b"\x00" not in resident.raw:
+            continue
+        _madvise(start, span, _MADV_WILLNEED)  # advice only: a failure changes nothing
 
 
 def _usable_in_place(source_tensor: torch.Tensor, entry: _Entry, device: torch.device) -> bool:
@@ -368,12 +406,30 @@ def _usable_in_place(source_tensor: torch.Tensor, entry: _Entry, device: torch.d
     )
 
 
+def _stable_views(block: Block) -> dict[str, torch.Tensor] | None:
+    """The block's tensors, used where they are stored, if its source hands back the same memory every time.
+
+    True of mmap'd store views and host tensors: the block then needs no slot, no copy and no thread; its
+    tensors can be kept and handed out on every forward (they stay file-backed or host memory the caller
+    already owns). A source that casts on `get` returns new memory each time and is loaded into a slot.
+    """
+    if block.execution_device.type != "cpu":
+        return None
+    views: dict[str, torch.Tensor] = {}
+    for entry in block.entries:
+        first, again = entry.source.get(entry.key), entry.source.get(entry.key)
+        if not (_usable_in_place(first, entry, block.execution_device) and first.data_ptr() == again.data_ptr()):
+            return None
+        views[entry.key] = first.view(entry.shape)
+    return views
+
+
 def _load_cpu(block: Block, slot: _Slot) -> dict[str, torch.Tensor]:
     loaded: dict[str, torch.Tensor] = {}
     for entry in block.entries:
         stored = entry.source.get(entry.key)
         if _usable_in_place(stored, entry, slot.device):
-            _touch_pages(stored)
+            _advise_willneed((stored,))
             loaded[entry.key] = stored.view(entry.shape)
         else:
             target = slot.view(slot.device_buffer(), entry)
@@ -445,6 +501,7 @@ class _Prefetcher:
         self.prefetched: deque[str] = deque(maxlen=PREFETCH_HISTORY)
         self.bytes_loaded = 0
         self.sync_loads = 0
+        self._views: dict[str, dict[str, torch.Tensor] | None] = {}  # per block, computed on its first load
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -535,25 +592,44 @@ class _Prefetcher:
                 return  # keep the order: never skip a block that has no slot yet
             self.prefetched.append(name)
 
+    def stable(self, name: str) -> bool:
+        """Whether block `name` hands out the same tensors on every forward (used in place on the CPU)."""
+        return self._views.get(name) is not None
+
     def _start(self, name: str, *, background: bool) -> _Ticket | None:
         block = self.blocks[name]
         slot = self._free_slot(block.execution_device, evict=not background)
         if slot is None:
             return None
-        if background:
-            future = self._pool().submit(self._load, block, slot)
+        future: Future[dict[str, torch.Tensor]] = Future()
+        try:
+            views = self._stable(block)
+        except Exception as error:  # surfaced by acquire, which names the block
+            future.set_exception(error)
         else:
-            future = Future()
-            try:
-                future.set_result(self._load(block, slot))
-            except Exception as error:  # surfaced by acquire with its cause
-                future.set_exception(error)
+            if views is not None:
+                # Nothing to copy: prefetching is asking the kernel to read the pages while the current block
+                # runs.
+                _advise_willneed(views.values())
+                future.set_result(views)
+            elif background:
+                future = self._pool().submit(self._load, block, slot)
+            else:
+                try:
+                    future.set_result(self._load(block, slot))
+                except Exception as error:  # surfaced by acquire with its cause
+                    future.set_exception(error)
         ticket = _Ticket(block, slot, future)
         self.tickets[name] = ticket
         self.bytes_held += block.nbytes
         self.bytes_loaded += block.nbytes
         self.peak_bytes_held = max(self.peak_bytes_held, self.bytes_held)
         return ticket
+
+    def _stable(self, block: Block) -> dict[str, torch.Tensor] | None:
+        if block.name not in self._views:
+            self._views[block.name] = _stable_views(block)
+        return self._views[block.name]
 
     def _free_slot(self, device: torch.device, *, evict: bool) -> _Slot | None:
         free = self.free[device]
@@ -617,6 +693,9 @@ class Runtime:
     owned_attributes: list[str] = field(default_factory=list)  # set on the model by dispatch; detach drops them
     on_detach: list[Callable[[], None]] = field(default_factory=list)  # undo what others added (detach runs them)
     _installed: dict[str, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
+    # Per block whose tensors never change (CPU, in place): the tensors and the values made from them, so a
+    # forward re-registers the same objects instead of wrapping new Parameters.
+    _values: dict[str, tuple[Mapping[str, torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
     _input_devices: list[torch.device | None] = field(default_factory=list)
 
     def stats(self) -> PrefetchStats:
@@ -675,9 +754,14 @@ class Runtime:
     # -- installing weights
 
     def _install(self, block: Block, tensors: Mapping[str, torch.Tensor]) -> None:
-        for entry in block.entries:
-            tensor = tensors[entry.key]
-            value = _like(entry.placeholder, tensor)
+        cached = self._values.get(block.name)
+        if cached is not None and cached[0] is tensors:
+            values = cached[1]
+        else:
+            values = [_like(entry.placeholder, tensors[entry.key]) for entry in block.entries]
+            if self.prefetcher.stable(block.name):
+                self._values[block.name] = (tensors, values)
+        for entry, value in zip(block.entries, values):
             self._installed.setdefault(entry.key, []).append((block.name, value))
             for site in entry.sites:
                 site.set(value)

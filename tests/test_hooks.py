@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import mmap
+import os
 import threading
+from typing import Iterable
 
 import pytest
 import torch
 from torch import nn
 
+import bigload.hooks as hooks
 from bigload.devices import CPU, Device
 from bigload.errors import OffloadError, PlanError
 from bigload.hooks import (
@@ -204,9 +208,19 @@ def test_bytes_held_never_exceed_the_planned_reserve(prefetch):
     assert 0 <= stats.bytes_loaded - 3 * sum(sizes.values()) == stats.bytes_held
 
 
+def _runs(items: Iterable[str]) -> list[str]:
+    """`items` with consecutive repeats collapsed: one entry per block load."""
+    out: list[str] = []
+    for item in items:
+        if not out or out[-1] != item:
+            out.append(item)
+    return out
+
+
 def test_prefetch_runs_in_background_in_execution_order():
     reference, model = _three()
-    store = _offload(model, _names(model, ("first", "second", "third")))
+    # Stored as float64 for a float32 model: every load is a cast into a slot, done by the prefetch thread.
+    store = _offload(model, _names(model, ("first", "second", "third")), dtype=torch.float64)
     threads: list[tuple[str, str]] = []
 
     class Recording(HostWeights):
@@ -216,15 +230,59 @@ def test_prefetch_runs_in_background_in_execution_order():
 
     source = Recording({name: store.get(name) for name in store.names})
     runtime = attach(model, THREE_MAP, execution_device="cpu", store=source, prefetch=1)
+    x = torch.randn(2, 8)
     with torch.no_grad():
-        model(torch.randn(2, 8))
-        model(torch.randn(2, 8))
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
     stats = runtime.stats()
     # The first block is loaded on demand once; from then on the next block is always loaded ahead,
     # wrapping around to the next forward.
     assert stats.sync_loads == 1
     assert stats.prefetched == ("second", "third", "first", "second", "third", "first")
-    assert {thread for block, thread in threads if block != "first"} == {"bigload-prefetch_0"}
+    loads = [(block, thread) for block, thread in threads if thread.startswith("bigload-prefetch")]
+    assert _runs(block for block, _ in loads) == ["second", "third", "first", "second", "third", "first"]
+
+
+def test_in_place_blocks_are_resolved_once_and_prefetched_by_kernel_advice(monkeypatch):
+    reference, model = _three()
+    store = _offload(model, _names(model, ("first", "second", "third")))
+    gets: list[str] = []
+    advised: list[tuple[str, int]] = []
+
+    class Recording(HostWeights):
+        def get(self, name: str) -> torch.Tensor:
+            gets.append(name)
+            return super().get(name)
+
+    source = Recording({name: store.get(name) for name in store.names})
+    owner = {HostWeights.get(source, name).data_ptr(): name.split(".")[0] for name in store.names}
+    real_advise = hooks._advise_willneed
+
+    def advise(tensors):
+        tensors = list(tensors)
+        advised.extend((owner[t.data_ptr()], threading.get_ident()) for t in tensors)
+        real_advise(tensors)
+
+    monkeypatch.setattr(hooks, "_advise_willneed", advise)
+    runtime = attach(model, THREE_MAP, execution_device="cpu", store=source, prefetch=1)
+    x = torch.randn(2, 8)
+    seen: list[int] = []
+    model.second[0].register_forward_pre_hook(lambda module, args: seen.append(module.weight.data_ptr()))
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    # Each tensor is fetched twice on its block's first load (to see that the source is stable), never again.
+    assert sorted(gets) == sorted(2 * list(store.names))
+    # The weights in use are the source's own memory, the same object on every forward, and nothing was copied.
+    assert set(seen) == {HostWeights.get(source, "second.0.weight").data_ptr()}
+    assert model.second[0].weight.device.type == "meta"  # released after each forward
+    stats = runtime.stats()
+    assert stats.buffers == 0 and stats.sync_loads == 1
+    assert stats.prefetched[:3] == ("second", "third", "first")
+    # Prefetching is advice on the caller's thread, in execution order; no prefetch thread was started.
+    assert _runs(block for block, _ in advised)[:4] == ["first", "second", "third", "first"]
+    assert {ident for _, ident in advised} == {threading.get_ident()}
+    assert runtime.prefetcher._executor is None
 
 
 def test_first_forward_confirms_the_execution_order():
@@ -408,3 +466,30 @@ def test_failed_attach_leaves_the_model_untouched():
     x = torch.randn(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(hooks._madvise is None or not hasattr(os, "posix_fadvise"), reason="needs madvise/fadvise")
+def test_kernel_advice_is_asked_only_for_pages_not_in_memory(tmp_path, monkeypatch):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(64 * 4096))
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # evict: a cold page cache
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+    calls: list[tuple[int, int, int]] = []
+    real = hooks._madvise
+
+    def recording(start: int, length: int, advice: int) -> int:
+        calls.append((start, length, advice))
+        return real(start, length, advice)
+
+    monkeypatch.setattr(hooks, "_madvise", recording)
+    hooks._advise_willneed([tensor[4096:]])
+    assert calls == [(tensor.data_ptr() + 4096, 63 * 4096, mmap.MADV_WILLNEED)]
+    tensor.sum()  # every page in memory and mapped: advice would only cost time
+    calls.clear()
+    hooks._advise_willneed([tensor])
+    assert calls == []
+    del tensor
+    mapping.close()
