@@ -8,7 +8,7 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["machine", "ratio_cell", "write"]
+__all__ = ["machine", "ratio_cell", "render", "rewrite", "write"]
 
 HEADER = ("figure", "bigload", "accelerate", "transformers", "limit", "ratio b/a · b/t")
 
@@ -71,16 +71,40 @@ def _table(header, rows) -> list[str]:
     return lines
 
 
+ANALYSIS = Path(__file__).resolve().parent / "ANALYSIS.md"
+
+
 def write(out: Path, *, command: str, info: dict, sections: list[dict], limits: dict, elapsed: float,
           quick: bool) -> None:
+    """Write results.json and RESULTS.md (rendered from it, with `ANALYSIS.md` appended) into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    payload = {"date": date, "command": command, "quick": quick, "elapsed_s": elapsed, "machine": info,
+               "limits": limits, "sections": sections}
+    (out / "results.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (out / "RESULTS.md").write_text(render(payload, analysis=_analysis(quick)))
+
+
+def rewrite(out: Path) -> None:
+    """Render `out`/RESULTS.md again from `out`/results.json (after editing ANALYSIS.md: no re-measuring)."""
+    payload = json.loads((out / "results.json").read_text())
+    (out / "RESULTS.md").write_text(render(payload, analysis=_analysis(payload["quick"])))
+
+
+def _analysis(quick: bool) -> str | None:
+    # The profiling findings belong to the full run they explain, not to a quick run's placeholder figures.
+    return None if quick or not ANALYSIS.is_file() else ANALYSIS.read_text()
+
+
+def render(payload: dict, *, analysis: str | None = None) -> str:
+    """RESULTS.md for a results.json payload; `analysis` (markdown) goes after the tables."""
+    command, quick, info = payload["command"], payload["quick"], payload["machine"]
     lines = ["# bigload benchmarks", ""]
     if quick:
         lines += ["**Quick mode: tiny sizes, runs sharing processes. These figures check that the benchmarks run;"
                   " they are not measurements.**", ""]
     lines += [
-        f"Measured {date} with `{command}` ({elapsed / 60:.1f} min).",
+        f"Measured {payload['date']} with `{command}` ({payload['elapsed_s'] / 60:.1f} min).",
         "",
         "Every figure is a median over runs interleaved round-robin in this one invocation, each run in a fresh "
         "process; `ratio b/a · b/t` is bigload ÷ accelerate and bigload ÷ transformers (below 1: bigload's "
@@ -93,8 +117,8 @@ def write(out: Path, *, command: str, info: dict, sections: list[dict], limits: 
     ]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += ["", "## Machine limits", ""]
-    lines += _table(("bound", "value", "how"), limits.get("rows", []))
-    for section in sections:
+    lines += _table(("bound", "value", "how"), payload["limits"].get("rows", []))
+    for section in payload["sections"]:
         lines += ["", f"## {section['title']}", ""]
         tables = section.get("tables") or [{"rows": section["rows"], "header": section.get("header")}]
         for i, table in enumerate(tables):
@@ -105,8 +129,13 @@ def write(out: Path, *, command: str, info: dict, sections: list[dict], limits: 
                 lines += [""]
         if section.get("notes"):
             lines += [""] + [f"- {n}" for n in section["notes"]]
+    if analysis:
+        lines += ["", analysis.strip()]
     lines += ["", "Regenerate: `" + command + "` (see `benchmarks/README.md`).", ""]
-    (out / "RESULTS.md").write_text("\n".join(lines))
-    payload = {"date": date, "command": command, "quick": quick, "elapsed_s": elapsed, "machine": info,
-               "limits": limits, "sections": sections}
-    (out / "results.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    rewrite(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent)

@@ -659,6 +659,24 @@ class MappedFiles:
         if end > start:
             mapping.madvise(advice, start, end - start)
 
+    def release(self, path: Path, offset: int, nbytes: int) -> None:
+        """Unmap these bytes' whole pages from this process; the page cache keeps them (no-op where unsupported).
+
+        For bytes already copied elsewhere (a cast, a GPU, an offload file): without it every page a load
+        reads stays mapped until the load ends, and the process's file-backed RSS grows to the checkpoint's
+        size. Views of these bytes stay valid: the mapping is never written, so a later access faults the
+        same bytes back in from the file.
+        """
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        with self._lock:
+            mapping = self._maps.get(path)
+        if advice is None or mapping is None:
+            return
+        start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: neighbours may still be in use
+        end = min(len(mapping), offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            mapping.madvise(advice, start, end - start)
+
     def _mapping(self, path: Path, error: type[BigloadError], *, end: int = 0, what: str = "") -> mmap.mmap:
         """`path`'s mapping, holding at least `end` bytes (needed for `what`); mapped and checked on first use."""
         with self._lock:
@@ -734,3 +752,8 @@ class CheckpointReader:
         """Ask the kernel to start reading these tensors' bytes in the background (no-op where unsupported)."""
         for ref in refs:
             self._files.willneed(ref.file, ref.offset, ref.nbytes)
+
+    def release(self, refs: Iterable[TensorRef]) -> None:
+        """Unmap the pages of tensors whose bytes were copied elsewhere (see `MappedFiles.release`)."""
+        for ref in refs:
+            self._files.release(ref.file, ref.offset, ref.nbytes)

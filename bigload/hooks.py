@@ -376,7 +376,7 @@ class _Slot:
 def _advise_willneed(tensors: Iterable[torch.Tensor]) -> None:
     """Ask the kernel to start reading these CPU tensors' pages now, in the background.
 
-    The kernel does the I/O: no Python thread touches pages, so nothing competes with compute for the GIL. A
+    The kernel does the I/O: no Python code touches pages, so nothing competes with compute for the GIL. A
     `mincore` check first skips tensors whose pages are all in memory already (the usual, warm case), since
     `madvise` walks the page cache page by page and costs several times more. A no-op where the calls do
     not exist (Windows): pages then fault in on first use.
@@ -394,6 +394,11 @@ def _advise_willneed(tensors: Iterable[torch.Tensor]) -> None:
         if _mincore(start, span, resident) == 0 and b"\x00" not in resident.raw:
             continue
         _madvise(start, span, _MADV_WILLNEED)  # advice only: a failure changes nothing
+
+
+def _advised(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    _advise_willneed(views.values())
+    return views
 
 
 def _usable_in_place(source_tensor: torch.Tensor, entry: _Entry, device: torch.device) -> bool:
@@ -607,11 +612,12 @@ class _Prefetcher:
         except Exception as error:  # surfaced by acquire, which names the block
             future.set_exception(error)
         else:
-            if views is not None:
+            if views is not None and background:
                 # Nothing to copy: prefetching is asking the kernel to read the pages while the current block
-                # runs.
-                _advise_willneed(views.values())
-                future.set_result(views)
+                # runs. On the thread, since `madvise` blocks while it queues the reads of a cold block.
+                future = self._pool().submit(_advised, views)
+            elif views is not None:
+                future.set_result(_advised(views))
             elif background:
                 future = self._pool().submit(self._load, block, slot)
             else:

@@ -494,6 +494,15 @@ class _Placer:
             assert tensor is not None  # CPU tasks always read
             _assign(group, tensor)
 
+    def copied(self, task: _Task) -> bool:
+        """Whether placing `task` copied its bytes out of the file, so no tensor views them any more."""
+        ref, group = task.ref, task.group
+        if group.device.kind is DeviceKind.DISK:
+            return not (self.reuse_store or self._referenced(task))
+        if group.device.is_gpu:
+            return True  # the staging copy has read the bytes by the time `place` returns
+        return isinstance(ref, DerivedTensor) or ref.dtype != group.dtype or self.materialize
+
     def _referenced(self, task: _Task) -> bool:
         ref = task.ref
         return (isinstance(ref, TensorRef) and ref.format == "safetensors" and ref.stride is None
@@ -526,21 +535,23 @@ def _run(tasks: Sequence[_Task], reader: CheckpointReader, placer: _Placer, wind
             for position, task in enumerate(tasks):
                 cost = placer.cost(task)
                 while pending and (in_flight + cost > window or len(pending) >= _MAX_PENDING):
-                    in_flight -= _place_oldest(pending, placer, on_placed)
+                    in_flight -= _place_oldest(pending, placer, reader, on_placed)
                 advised.up_to(position)
                 pending.append((task, pool.submit(placer.prepare, reader, task), cost))
                 in_flight += cost
             while pending:
-                _place_oldest(pending, placer, on_placed)
+                _place_oldest(pending, placer, reader, on_placed)
         finally:
             for _, future, _ in pending:
                 future.cancel()
 
 
 def _place_oldest(pending: deque[tuple[_Task, Future[torch.Tensor | None], int]], placer: _Placer,
-                  on_placed: Callable[[int], None]) -> int:
+                  reader: CheckpointReader, on_placed: Callable[[int], None]) -> int:
     task, future, cost = pending.popleft()
     placer.place(task, future.result())
+    if placer.copied(task):
+        reader.release(_parts(task.ref))  # keeps file-backed RSS at the bytes in flight, not the checkpoint
     on_placed(task.ref.nbytes)
     return cost
 

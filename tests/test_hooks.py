@@ -260,7 +260,7 @@ def test_in_place_blocks_are_resolved_once_and_prefetched_by_kernel_advice(monke
 
     def advise(tensors):
         tensors = list(tensors)
-        advised.extend((owner[t.data_ptr()], threading.get_ident()) for t in tensors)
+        advised.extend((owner[t.data_ptr()], threading.current_thread().name) for t in tensors)
         real_advise(tensors)
 
     monkeypatch.setattr(hooks, "_advise_willneed", advise)
@@ -279,10 +279,10 @@ def test_in_place_blocks_are_resolved_once_and_prefetched_by_kernel_advice(monke
     stats = runtime.stats()
     assert stats.buffers == 0 and stats.sync_loads == 1
     assert stats.prefetched[:3] == ("second", "third", "first")
-    # Prefetching is advice on the caller's thread, in execution order; no prefetch thread was started.
+    # Prefetching is kernel advice, in execution order: on the caller's thread for the block loaded on demand,
+    # on the prefetch thread for the blocks after it (a cold block's advice blocks while reads are queued).
     assert _runs(block for block, _ in advised)[:4] == ["first", "second", "third", "first"]
-    assert {ident for _, ident in advised} == {threading.get_ident()}
-    assert runtime.prefetcher._executor is None
+    assert _runs(thread for _, thread in advised) == [threading.current_thread().name, "bigload-prefetch_0"]
 
 
 def test_first_forward_confirms_the_execution_order():

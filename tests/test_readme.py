@@ -51,3 +51,15 @@ def test_readme_pasted_plan_output_is_current(capsys: pytest.CaptureFixture[str]
     pasted = text.split(f"```\n$ {command}\n", 1)[1].split("```", 1)[0]
     assert main(shlex.split(command)[1:]) == 0
     assert capsys.readouterr().out.strip() == pasted.strip()
+
+
+def test_readme_measured_results_are_rows_of_the_committed_benchmark_run() -> None:
+    """Every table row under 'Measured against accelerate' is a row of benchmarks/RESULTS.md, verbatim."""
+    section = README.read_text().split("## Measured against accelerate\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| figure")]
+    assert len(rows) >= 6
+    results = (README.parent / "benchmarks" / "RESULTS.md").read_text()
+    assert "Quick mode" not in results  # the committed file is a full run
+    result_lines = set(results.splitlines())
+    assert [row for row in rows if row not in result_lines] == []
+    assert "python -m benchmarks" in section  # the command that reproduces them
