@@ -74,12 +74,15 @@ def _table(header, rows) -> list[str]:
 ANALYSIS = Path(__file__).resolve().parent / "ANALYSIS.md"
 
 
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def write(out: Path, *, command: str, info: dict, sections: list[dict], limits: dict, elapsed: float,
           quick: bool) -> None:
     """Write results.json and RESULTS.md (rendered from it, with `ANALYSIS.md` appended) into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    payload = {"date": date, "command": command, "quick": quick, "elapsed_s": elapsed, "machine": info,
+    payload = {"date": now(), "command": command, "quick": quick, "elapsed_s": elapsed, "machine": info,
                "limits": limits, "sections": sections}
     (out / "results.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
     (out / "RESULTS.md").write_text(render(payload, analysis=_analysis(quick)))
@@ -120,6 +123,9 @@ def render(payload: dict, *, analysis: str | None = None) -> str:
     lines += _table(("bound", "value", "how"), payload["limits"].get("rows", []))
     for section in payload["sections"]:
         lines += ["", f"## {section['title']}", ""]
+        measured = section.get("measured")
+        if measured and measured["command"] != command:
+            lines += [f"Measured {measured['date']} with `{measured['command']}`.", ""]
         tables = section.get("tables") or [{"rows": section["rows"], "header": section.get("header")}]
         for i, table in enumerate(tables):
             if table.get("title"):

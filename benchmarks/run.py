@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import shlex
 import sys
 import time
@@ -96,11 +97,28 @@ def main(argv: list[str] | None = None) -> None:
             ctx.log(f"{name}: {len(specs)} runs, one process each")
             results[name] = run_specs(specs, isolated=True, timeout=ctx.timeout, before=prepare[name], log=ctx.log)
             ctx.log(f"{name}: done in {time.perf_counter() - bench_started:.0f} s")
-    sections = [modules[name].summarize(ctx, results.get(name, [])) for name in args.only]
-    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    report.write(args.out, command=command.strip(), info=report.machine(), sections=sections, limits=ctx.limits,
+    command = ("python -m benchmarks " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))).strip()
+    measured = {"date": report.now(), "command": command}
+    sections = [dict(modules[name].summarize(ctx, results.get(name, [])), bench=name, measured=measured)
+                for name in args.only]
+    sections = _with_earlier_sections(args.out / "results.json", sections, quick=args.quick)
+    report.write(args.out, command=command, info=report.machine(), sections=sections, limits=ctx.limits,
                  elapsed=time.perf_counter() - started, quick=args.quick)
     ctx.log(f"wrote {args.out / 'RESULTS.md'} and results.json in {time.perf_counter() - started:.0f} s")
+
+
+def _with_earlier_sections(previous: Path, sections: list[dict], *, quick: bool) -> list[dict]:
+    """`sections`, plus the sections of benches this run skipped (`--only`) from an earlier full run in the
+    same folder, in bench order; each keeps the date and command that measured it."""
+    if quick or not previous.is_file():
+        return sections
+    earlier = json.loads(previous.read_text())
+    if earlier.get("quick"):
+        return sections
+    ran = {section["bench"] for section in sections}
+    kept = [dict(section, measured=section.get("measured") or {"date": earlier["date"], "command": earlier["command"]})
+            for section in earlier["sections"] if section.get("bench") not in ran and section.get("bench") in BENCHES]
+    return sorted(sections + kept, key=lambda section: BENCHES.index(section["bench"]))
 
 
 if __name__ == "__main__":

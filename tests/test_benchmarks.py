@@ -123,3 +123,21 @@ def test_full_results_carry_the_analysis_after_the_tables(tmp_path, monkeypatch)
     analysis.write_text("## Analysis\n\nRevised after profiling.\n")
     report.rewrite(tmp_path)
     assert "Revised after profiling." in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_a_partial_run_keeps_the_other_sections_of_the_earlier_full_run(tmp_path):
+    from benchmarks.run import _with_earlier_sections
+
+    def section(bench: str, date: str) -> dict:
+        return {"bench": bench, "title": bench, "rows": [], "measured": {"date": date, "command": f"run {date}"}}
+
+    earlier = {"quick": False, "date": "d1", "command": "python -m benchmarks",
+               "sections": [section("load", "d1"), section("offload", "d1"), section("plan", "d1")]}
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    merged = _with_earlier_sections(tmp_path / "results.json", [section("offload", "d2")], quick=False)
+    assert [(s["bench"], s["measured"]["date"]) for s in merged] == [("load", "d1"), ("offload", "d2"), ("plan", "d1")]
+    # A quick run's placeholder figures never mix with real ones, either way round.
+    assert _with_earlier_sections(tmp_path / "results.json", [section("offload", "d2")], quick=True) == \
+        [section("offload", "d2")]
+    (tmp_path / "results.json").write_text(json.dumps(dict(earlier, quick=True)))
+    assert len(_with_earlier_sections(tmp_path / "results.json", [section("offload", "d2")], quick=False)) == 1
