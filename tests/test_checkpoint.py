@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from bad_inputs.corpus import two_shards
 from bigload.checkpoint import CheckpointReader, TensorRef, open_checkpoint, read_safetensors_header
 from bigload.errors import CheckpointError
 from fixtures_ckpt import assert_bitwise_equal, mapped_file_of, save_bin_shards, tiny_llama, write_safetensors_raw
@@ -276,17 +277,8 @@ def test_arbitrary_bytes_never_escape_as_other_errors(tmp_path: Path, blob: byte
 # --- sharded indexes -----------------------------------------------------------------------------------
 
 
-def make_two_shards(folder: Path) -> Path:
-    save_file({"a": torch.ones(2)}, folder / "s1.safetensors")
-    save_file({"b": torch.zeros(2)}, folder / "s2.safetensors")
-    index = folder / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {"total_size": 16},
-                                 "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
-    return index
-
-
 def test_index_metadata_and_missing_shard(tmp_path: Path) -> None:
-    index_path = make_two_shards(tmp_path)
+    index_path = two_shards(tmp_path)
     assert dict(open_checkpoint(index_path).metadata) == {"total_size": "16"}
     (tmp_path / "s2.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"shard 's2.safetensors' \(1 tensors\) is missing"):
@@ -294,7 +286,7 @@ def test_index_metadata_and_missing_shard(tmp_path: Path) -> None:
 
 
 def test_index_pointing_to_a_shard_that_lacks_the_tensor(tmp_path: Path) -> None:
-    index_path = make_two_shards(tmp_path)
+    index_path = two_shards(tmp_path)
     content = json.loads(index_path.read_text())
     content["weight_map"]["c"] = "s1.safetensors"
     index_path.write_text(json.dumps(content))
@@ -313,7 +305,7 @@ def test_index_without_weight_map(tmp_path: Path) -> None:
 
 
 def test_duplicate_tensor_across_unindexed_shards_is_refused(tmp_path: Path) -> None:
-    index_path = make_two_shards(tmp_path)
+    index_path = two_shards(tmp_path)
     save_file({"b": torch.zeros(2), "a": torch.ones(2)}, tmp_path / "s2.safetensors")
     # The index says "a" lives in s1, so the copy in s2 is ignored rather than a conflict.
     assert open_checkpoint(index_path).tensors["a"].file.name == "s1.safetensors"

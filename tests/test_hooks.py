@@ -24,6 +24,7 @@ from bigload.hooks import (
     send_to_device,
 )
 from fixtures_models import OutOfOrder, ThreeBlocks, TiedEnds
+from timeouts import with_timeout
 
 THREE_MAP = {"first": "disk", "second": "disk", "third": "disk", "": "cpu"}
 
@@ -45,25 +46,6 @@ def _three(seed: int = 0) -> tuple[ThreeBlocks, ThreeBlocks]:
     model = ThreeBlocks()
     model.load_state_dict(reference.state_dict())
     return reference, model
-
-
-def _run_with_timeout(fn, seconds: float = 20.0):
-    """Run `fn` on a thread; fail (instead of hanging the suite) if it does not finish."""
-    outcome: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as error:  # handed back to the test thread
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), "forward hung"
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome.get("value")
 
 
 # -- execution policy -------------------------------------------------------------------------------
@@ -319,11 +301,11 @@ def test_error_in_prefetch_thread_surfaces_in_forward_with_its_cause():
     source = Broken({name: store.get(name) for name in store.names})
     attach(model, THREE_MAP, execution_device="cpu", store=source, prefetch=2)
     with pytest.raises(OffloadError, match="block 'third'") as info:
-        _run_with_timeout(lambda: model(torch.randn(2, 8)))
+        with_timeout(lambda: model(torch.randn(2, 8)))
     assert isinstance(info.value.__cause__, OSError)
     # The runtime is still usable: the failed block is retried (and fails again) rather than hanging.
     with pytest.raises(OffloadError):
-        _run_with_timeout(lambda: model(torch.randn(2, 8)))
+        with_timeout(lambda: model(torch.randn(2, 8)))
 
 
 def test_error_on_demand_load_also_surfaces():
@@ -337,7 +319,7 @@ def test_error_on_demand_load_also_surfaces():
     attach(model, THREE_MAP | {"second": "cpu", "third": "cpu"}, execution_device="cpu",
            store=Broken({name: store.get(name) for name in store.names}), prefetch=0)
     with pytest.raises(OffloadError, match="block 'first'.*disk gone"):
-        _run_with_timeout(lambda: model(torch.randn(2, 8)))
+        with_timeout(lambda: model(torch.randn(2, 8)))
 
 
 def test_missing_tensor_in_store_is_an_error_at_attach():

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +35,7 @@ from bigload.checkpoint import CheckpointReader, open_checkpoint
 from bigload.errors import CheckpointError, OffloadError
 from bigload.store import DiskStore
 from bigload.stream import load_checkpoint_in_model
+from timeouts import with_timeout
 
 TESTS = Path(__file__).resolve().parent
 F16 = torch.float16
@@ -44,25 +44,6 @@ F16 = torch.float16
 @pytest.fixture()
 def ckpt(tmp_path: Path) -> Path:
     return save_reference(tmp_path / "ckpt")
-
-
-def with_timeout(fn: Callable[[], Any], seconds: float = 30.0) -> Any:
-    """Run `fn` on a thread and fail instead of hanging the suite; exceptions (even BaseException) come back."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as error:  # handed back to the test thread
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"hung for {seconds} s"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
 
 
 def load(ckpt: Path, folder: Path, **kwargs: Any):
