@@ -10,9 +10,10 @@ the next `prefetch` blocks on a background thread while the current one computes
 
 - CPU execution: a stored tensor that is already a CPU tensor of the right dtype (an mmap'd `DiskStore.get`
   view, or a host tensor) is used in place, with no copy; such blocks are resolved once and handed out on
-  every forward, and prefetching them is one `madvise(MADV_WILLNEED)` per tensor, so the kernel reads a cold
-  page cache while the current block computes and no Python thread competes with compute. Tensors that need
-  a cast go into a reused buffer, loaded on the background thread.
+  every forward, and prefetching them is kernel advice on the background thread (`mincore`, then
+  `madvise(MADV_WILLNEED)` for pages not in memory), so the kernel reads a cold page cache while the current
+  block computes and no Python code touches pages. Tensors that need a cast go into a reused buffer, loaded
+  on the background thread.
 - CUDA execution: weights are staged through pinned host buffers (or copied straight from pinned host
   weights) into reused device buffers on a side stream; events order the copies against compute.
 
