@@ -338,6 +338,7 @@ def load_checkpoint_and_dispatch(
     keep_in_fp32_modules: Sequence[str] | None = None,
     progress: bool | None = None,
     sources: SourcePlan | None = None,
+    materialize: bool = False,
 ) -> nn.Module:
     """Plan, stream, hook: load `checkpoint` into a model built with `init_empty_weights()` and dispatch it.
 
@@ -364,6 +365,9 @@ def load_checkpoint_and_dispatch(
         progress: show a progress bar (None: for long loads on a terminal).
         sources: where model tensors are when the checkpoint names or lays them out differently (see
             `bigload.stream.SourcePlan`; `bigload.hf` builds one from transformers' conversion mapping).
+        materialize: copy CPU-placed tensors into private memory instead of keeping them as views of the
+            checkpoint files, for a checkpoint that may move or change, or for a first forward that must
+            not wait on the disk after the page cache was dropped (costs the model's size in RAM).
 
     Returns:
         `model`, weights in place, hooked, `hf_device_map` set (and `bigload_plan` when planned).
@@ -385,7 +389,7 @@ def load_checkpoint_and_dispatch(
     placed = validate_device_map(model, placement.device_map)
     result = load_checkpoint_in_model(
         model, checkpoint, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
-        keep_in_fp32_modules=keep_in_fp32_modules, progress=progress, sources=sources,
+        keep_in_fp32_modules=keep_in_fp32_modules, progress=progress, sources=sources, materialize=materialize,
     )
     store = DiskStore.open(result.store.folder) if result.store is not None else None
     runtime = None

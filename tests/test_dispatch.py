@@ -283,3 +283,18 @@ def test_disk_offload_on_cpu_runs_on_memory_mapped_views_without_copying(tmp_pat
     # The very bytes of the store's memory-mapped file: no copy into private memory.
     assert seen["ptr"] == store.get("second.2.weight").data_ptr()
     assert runtime_of(model).stats().buffers == 0
+
+
+@pytest.mark.parametrize("materialize", [False, True])
+def test_materialize_copies_cpu_weights_out_of_the_checkpoint_files(tied_checkpoint, tmp_path, materialize):
+    from bigload.dispatch import load_checkpoint_and_dispatch
+    from fixtures_ckpt import mapped_file_of
+    from fixtures_models import empty_llama
+
+    model = load_checkpoint_and_dispatch(empty_llama(tie=True), tied_checkpoint, device_map=_good_map(),
+                                         offload_folder=tmp_path / "offload", materialize=materialize)
+    cpu_weights = [p for p in model.parameters() if p.device.type == "cpu"]
+    assert cpu_weights
+    backing = {mapped_file_of(p.data_ptr()) for p in cpu_weights}
+    from_checkpoint = {b for b in backing if b is not None and b.endswith(".safetensors")}
+    assert bool(from_checkpoint) is not materialize
