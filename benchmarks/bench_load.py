@@ -210,6 +210,7 @@ FIGURES = (  # label, result key, formatter
     ("total RSS peak (VmHWM)", "total_peak", _fmt_gb),
 )
 LOADERS_SHOWN = ("bigload", "accelerate", "transformers")
+MEMORY_NOISE = 64 * 2**20  # peaks below this are allocator and interpreter noise: no ratio is shown
 
 
 def summarize(ctx, results: list[dict]) -> dict:
@@ -244,7 +245,8 @@ def summarize(ctx, results: list[dict]) -> dict:
                 elif key == "total_peak":
                     limit = f"model {_fmt_gb(total)}"
                 rows.append([f"{label} — {tag}", *cells, limit,
-                             ratio_cell(vals["bigload"], vals["accelerate"], vals["transformers"])])
+                             ratio_cell(vals["bigload"], vals["accelerate"], vals["transformers"],
+                                        floor=MEMORY_NOISE if key.endswith("_peak") else 0.0)])
                 if key == "ready_s":
                     hf = by.get((dtype, cache, "bigload-hf"), [])
                     v = median_of(hf, key)

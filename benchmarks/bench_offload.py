@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks import pagecache
+from benchmarks.bench_load import MEMORY_NOISE
 from benchmarks.harness import failure_notes, interleave, median_of, need, status_of
 from benchmarks.make_checkpoint import checkpoint_files
 
@@ -275,7 +276,8 @@ def summarize(ctx, results: list[dict]) -> dict:
         load_rows.append([f"load — {tag}", cell(b, "load_s", " s"), cell(a, "load_s", " s"), cell(t, "load_s", " s"),
                           None, ratio_cell(median_of(b, "load_s"), median_of(a, "load_s"), median_of(t, "load_s"))])
         load_rows.append([f"private (anon) peak, load + generate — {tag}", _gib(b), _gib(a), _gib(t), None,
-                          ratio_cell(median_of(b, "anon_peak"), median_of(a, "anon_peak"), median_of(t, "anon_peak"))])
+                          ratio_cell(median_of(b, "anon_peak"), median_of(a, "anon_peak"), median_of(t, "anon_peak"),
+                                     floor=MEMORY_NOISE)])
         if map_ != "memory":
             load_rows.append([f"offload folder size — {tag}", _gib(b, "offload_folder_bytes"),
                               _gib(a, "offload_folder_bytes"), None, f"{disk_bytes / 2**30:.2f} GiB of weights", None])

@@ -13,11 +13,14 @@ __all__ = ["machine", "ratio_cell", "render", "rewrite", "write"]
 HEADER = ("figure", "bigload", "accelerate", "transformers", "limit", "ratio b/a · b/t")
 
 
-def ratio_cell(bigload, accelerate, transformers=None) -> str | None:
-    """`bigload ÷ accelerate · bigload ÷ transformers` for whichever exist."""
+def ratio_cell(bigload, accelerate, transformers=None, *, floor: float = 0.0) -> str | None:
+    """`bigload ÷ accelerate · bigload ÷ transformers` for whichever exist.
+
+    `floor`: below it a figure is noise (a memory peak of a few MiB), and a ratio of noise is not shown.
+    """
     parts = []
     for other in (accelerate, transformers):
-        if bigload is not None and other:
+        if bigload is not None and other and max(bigload, other) >= floor:
             parts.append(f"{bigload / other:.2f}")
         else:
             parts.append("—")

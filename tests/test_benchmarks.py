@@ -141,3 +141,10 @@ def test_a_partial_run_keeps_the_other_sections_of_the_earlier_full_run(tmp_path
         [section("offload", "d2")]
     (tmp_path / "results.json").write_text(json.dumps(dict(earlier, quick=True)))
     assert len(_with_earlier_sections(tmp_path / "results.json", [section("offload", "d2")], quick=False)) == 1
+
+
+def test_ratios_of_noise_are_not_shown():
+    mib = 2**20
+    assert report.ratio_cell(2 * mib, 1 * mib, 4 * mib, floor=64 * mib) is None  # a few MiB either way
+    assert report.ratio_cell(6.8 * 2**30, 7.5 * 2**30, 13 * 2**30, floor=64 * mib) == "0.91 · 0.52"
+    assert report.ratio_cell(1 * mib, 700 * mib, floor=64 * mib) == "0.00 · —"  # one side real: a real ratio
