@@ -317,6 +317,7 @@ def from_pretrained(
     progress: bool = True,
     prefetch: int = 1,
     no_split_module_classes: list[str] | None = None,
+    materialize: bool = False,
 ) -> nn.Module:
     """Load a Hugging Face model folder onto this machine's devices, ready for `generate`.
 
@@ -346,6 +347,8 @@ def from_pretrained(
         progress: a progress bar for long loads.
         prefetch: offloaded blocks loaded ahead of the one running.
         no_split_module_classes: classes never split (default: the model's `_no_split_modules`).
+        materialize: CPU weights in private memory instead of views of the checkpoint files (see
+            `load_checkpoint_and_dispatch`).
 
     Raises:
         BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint.
@@ -374,7 +377,7 @@ def from_pretrained(
         no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=target,
         strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
         progress=progress, keep_in_fp32_modules=default_keep_in_fp32_modules(model, target),
-        sources=checkpoint_sources(model, index),
+        sources=checkpoint_sources(model, index), materialize=materialize,
     )
     _align_encoder_outputs(model)
     _load_generation_config(model, Path(path))

@@ -152,6 +152,17 @@ def test_everything_on_cpu_equals_transformers(name: str, saved: Callable[[str],
     assert_same_outputs(model, ref, arch)
 
 
+def test_materialized_weights_are_private_memory_and_equal(saved: Callable[[str], Path],
+                                                            reference: Callable[..., Any]) -> None:
+    from fixtures_ckpt import mapped_file_of
+
+    arch = ARCHS["llama"]
+    model = hf.from_pretrained(saved("llama"), model_class=_model_class(arch), progress=False, materialize=True)
+    backing = {mapped_file_of(p.data_ptr()) for p in model.parameters()}
+    assert not {b for b in backing if b is not None and b.endswith(".safetensors")}
+    assert_same_outputs(model, reference("llama", _model_class(arch)), arch)
+
+
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_disk_offload_equals_transformers(name: str, saved: Callable[[str], Path], reference: Callable[..., Any],
                                           tmp_path: Path) -> None:
