@@ -415,9 +415,10 @@ def _usable_in_place(source_tensor: torch.Tensor, entry: _Entry, device: torch.d
 def _stable_views(block: Block) -> dict[str, torch.Tensor] | None:
     """The block's tensors, used where they are stored, if its source hands back the same memory every time.
 
-    True of mmap'd store views and host tensors: the block then needs no slot, no copy and no thread; its
-    tensors can be kept and handed out on every forward (they stay file-backed or host memory the caller
-    already owns). A source that casts on `get` returns new memory each time and is loaded into a slot.
+    True of mmap'd store views and host tensors: the block then needs no slot buffer and no copy (its slot
+    is still taken, so bytes held match the planned reserve); its tensors are kept and handed out on every
+    forward (they stay file-backed or host memory the caller already owns). A source that casts on `get`
+    returns new memory each time and is loaded into a slot buffer.
     """
     if block.execution_device.type != "cpu":
         return None
