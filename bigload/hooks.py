@@ -66,9 +66,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Keyword arguments that carry a KV cache in transformers' models. `cache_position` is a plain tensor
-# input and must move like any other.
-DEFAULT_SKIP_KEYS: tuple[str, ...] = ("past_key_values", "past_key_value", "layer_past", "cache_params")
+# Keyword arguments that carry a KV cache in transformers' models: `cache` since transformers 5.24,
+# `past_key_values` / `past_key_value` before. `cache_position` is a plain tensor input and must move like
+# any other.
+DEFAULT_SKIP_KEYS: tuple[str, ...] = ("cache", "past_key_values", "past_key_value", "layer_past", "cache_params")
 
 _RUNTIME_ATTR = "_bigload_runtime"
 _PAGE = mmap.PAGESIZE

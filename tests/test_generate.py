@@ -8,12 +8,32 @@ import pytest
 import torch
 
 from bigload.dispatch import cpu_offload, disk_offload, dispatch_model, load_checkpoint_and_dispatch
-from bigload.hooks import detach, runtime_of
+from bigload.hooks import DEFAULT_SKIP_KEYS, detach, runtime_of
 from fixtures_models import LAYERS, empty_llama, llama_map, reference_llama, save_sharded
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 3]])
 NEW_TOKENS = 6
 DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _cache_kwarg() -> str:
+    """The keyword the installed transformers passes a decoder layer its KV cache under."""
+    import inspect
+
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    params = inspect.signature(LlamaDecoderLayer.forward).parameters
+    return next(name for name in ("cache", "past_key_values", "past_key_value") if name in params)
+
+
+CACHE_KWARG = _cache_kwarg()
+# `generate` takes the cache under the layers' name (`cache` since transformers 5.24; the old name warns).
+GENERATE_CACHE_KWARG = "cache" if CACHE_KWARG == "cache" else "past_key_values"
+
+
+def test_the_installed_transformers_cache_keyword_is_never_moved():
+    # A release that renames the cache argument again must fail here, not as a silent device move.
+    assert CACHE_KWARG in DEFAULT_SKIP_KEYS
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
@@ -142,14 +162,14 @@ def test_kv_cache_stays_on_its_device_and_is_never_copied(checkpoint, tmp_path):
 
     def spy(module, args, kwargs):
         # Runs after bigload's pre-hook (registered later): sees what the layer really gets.
-        received.append(kwargs.get("past_key_values"))
-        layers = kwargs["past_key_values"].layers
+        received.append(kwargs[CACHE_KWARG])
+        layers = kwargs[CACHE_KWARG].layers
         pointers.append(tuple(layer.keys.data_ptr() for layer in layers if layer.is_initialized))
 
     handle = model.model.layers[1].register_forward_pre_hook(spy, with_kwargs=True)
     with torch.no_grad():
         model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=NEW_TOKENS,
-                       do_sample=False, past_key_values=cache, pad_token_id=0)
+                       do_sample=False, pad_token_id=0, **{GENERATE_CACHE_KWARG: cache})
     handle.remove()
     assert len(received) == NEW_TOKENS and all(item is cache for item in received)
     assert len(set(pointers[1:])) == 1  # same storage at every decoding step: nothing copied
