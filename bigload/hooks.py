@@ -36,6 +36,7 @@ import math
 import mmap
 import sys
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ __all__ = [
     "PrefetchStats",
     "Runtime",
     "WeightSource",
+    "adopt",
     "attach",
     "detach",
     "execution_device_for",
@@ -204,12 +206,15 @@ class WeightSource(Protocol):
     """Somewhere offloaded tensors are kept: `DiskStore` (disk) or `HostWeights` (CPU RAM).
 
     `get` returns a CPU tensor in the stored dtype and shape; a zero-copy view (mmap'd file, host tensor)
-    where possible. It may be called from the prefetch thread.
+    where possible. It may be called from the prefetch thread. `rewrite` replaces a tensor's value (an
+    adapter merged into it), between forwards.
     """
 
     def __contains__(self, name: object) -> bool: ...
 
     def get(self, name: str) -> torch.Tensor: ...
+
+    def rewrite(self, name: str, tensor: torch.Tensor, *, change: str) -> None: ...
 
 
 class HostWeights:
@@ -237,6 +242,13 @@ class HostWeights:
 
     def __contains__(self, name: object) -> bool:
         return name in self._tensors
+
+    def rewrite(self, name: str, tensor: torch.Tensor, *, change: str) -> None:
+        """Replace `name` (e.g. with weights an adapter was merged into); `change` is for the disk store's
+        fingerprint and needs no record in memory."""
+        if name not in self._tensors:
+            raise OffloadError(f"tensor {name!r} is not among the host-offloaded weights.")
+        self.put(name, tensor)
 
     def get(self, name: str) -> torch.Tensor:
         try:
@@ -574,6 +586,14 @@ class _Prefetcher:
             order=tuple(self.order),
         )
 
+    def forget(self, name: str) -> None:
+        """Drop what is loaded or cached for block `name` (its stored tensors changed); it loads afresh."""
+        ticket = self.tickets.get(name)
+        if ticket is not None and name not in self.in_use:
+            self._wait_quietly(ticket)
+            self._drop(ticket)
+        self._views.pop(name, None)
+
     def close(self) -> None:
         for ticket in list(self.tickets.values()):
             self._wait_quietly(ticket)
@@ -706,6 +726,11 @@ class Runtime:
     # forward re-registers the same objects instead of wrapping new Parameters.
     _values: dict[str, tuple[Mapping[str, torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
     _input_devices: list[torch.device | None] = field(default_factory=list)
+    # Modules or tensors were registered somewhere since the last look (adapters added after attach).
+    changed: bool = False
+    # Offloaded tensors by (id of the module holding them, attribute): what a merge into them rewrites.
+    _offloaded_sites: dict[tuple[int, str], tuple[str, _Entry]] = field(default_factory=dict)
+    _placeholders: set[int] = field(default_factory=set)
 
     def stats(self) -> PrefetchStats:
         """Counters of the prefetcher: buffers, bytes held, reserve, blocks prefetched in order."""
@@ -731,6 +756,8 @@ class Runtime:
             self.prefetcher.release(block.name)
 
     def _root_pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.changed and not self._input_devices:
+            adopt(self)
         self._input_devices.append(_first_tensor_device(args, kwargs, self.skip_keys))
 
     def _root_post_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -940,6 +967,7 @@ def attach(
     for name in ordered:
         _hook_block(runtime, model.get_submodule(name), blocks[name])
     model.__dict__[_RUNTIME_ATTR] = runtime
+    _watch_additions(runtime)
     return runtime
 
 
@@ -1105,8 +1133,156 @@ def detach(model: nn.Module) -> nn.Module:
             for site in entry.sites:
                 site.set(real)
     del model.__dict__[_RUNTIME_ATTR]
+    _LIVE_RUNTIMES.pop(id(runtime), None)
     for attr in runtime.owned_attributes:
         model.__dict__.pop(attr, None)
     for undo in runtime.on_detach:
         undo()
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules added after attach (adapters)
+#
+# peft wraps layers of an attached model (LoRA's `lora_A`/`lora_B` beside the original layer, which becomes
+# `base_layer`) and moves the new weights to the device of the base weight: for an offloaded layer that is
+# the meta placeholder, so the weights would have no data. The runtime watches module and tensor
+# registrations (torch's global registration hooks: no monkeypatching) and, before the next forward or
+# state-dict load, gives every tensor added under a block a home: resident on the block's execution device
+# (adapters are small). When peft's `merge_and_unload` puts a merged layer's `base_layer` back in place, the
+# merged weight is computed from the stored base weight and written where the base weight lives.
+
+_LIVE_RUNTIMES: "weakref.WeakValueDictionary[int, Runtime]" = weakref.WeakValueDictionary()
+_WATCH_HANDLES: list[RemovableHandle] = []
+
+
+def _watch_additions(runtime: Runtime) -> None:
+    """Index the runtime's offloaded tensors and have registrations anywhere mark it changed."""
+    for block in runtime.blocks.values():
+        for entry in block.entries:
+            runtime._placeholders.add(id(entry.placeholder))
+            for site in entry.sites:
+                runtime._offloaded_sites[(id(site.module), site.attr)] = (block.name, entry)
+    runtime.handles.append(runtime.model.register_load_state_dict_pre_hook(_before_state_dict_load))
+    # `model.to(...)` (peft's `from_pretrained` calls it on an offloaded base) must not touch placeholders.
+    runtime.model.__dict__["_apply"] = functools.partial(_apply_to_resident, runtime)
+    runtime.owned_attributes.append("_apply")
+    _LIVE_RUNTIMES[id(runtime)] = runtime
+    if not _WATCH_HANDLES:
+        from torch.nn.modules import module as torch_module
+
+        _WATCH_HANDLES.extend((
+            torch_module.register_module_module_registration_hook(_module_registered),
+            torch_module.register_module_parameter_registration_hook(_tensor_registered),
+            torch_module.register_module_buffer_registration_hook(_tensor_registered),
+        ))
+
+
+def _tensor_registered(module: nn.Module, name: str, value: Any) -> None:
+    for runtime in list(_LIVE_RUNTIMES.values()):
+        runtime.changed = True
+
+
+def _module_registered(parent: nn.Module, name: str, value: Any) -> None:
+    # Called before `value` replaces `parent._modules[name]`: the old module is still there.
+    for runtime in list(_LIVE_RUNTIMES.values()):
+        runtime.changed = True
+        old = parent._modules.get(name)
+        if old is not None and old is not value and getattr(old, "merged_adapters", None):
+            _merge_into_store(runtime, old, value)
+
+
+def _before_state_dict_load(module: nn.Module, *args: Any) -> None:
+    runtime = runtime_of(module)
+    if runtime is not None:
+        adopt(runtime, materialize=True)
+
+
+def adopt(runtime: Runtime, *, materialize: bool = False) -> None:
+    """Make tensors added to an attached model since `attach` (adapter weights) resident on their block's
+    execution device. The runtime calls this itself before a forward and before a state-dict load.
+
+    Args:
+        runtime: `runtime_of(model)`.
+        materialize: give tensors left on the meta device (peft creates the adapter weights of an offloaded
+            layer there) zero-filled storage, about to be overwritten by a state-dict load.
+
+    Raises:
+        OffloadError: (without `materialize`) tensors added after attach are on the meta device: they have
+            no data.
+    """
+    keys = list(runtime.blocks)
+    empty: list[str] = []
+    for module_name, module in runtime.model.named_modules():
+        owner = _block_of(module_name, keys)
+        if owner is None:
+            continue
+        device = runtime.blocks[owner].execution_device
+        for site, tensor in _own_tensors(module):
+            if id(tensor) in runtime._placeholders or tensor.device == device:
+                continue
+            if tensor.device.type == "meta" and not materialize:
+                empty.append(f"{module_name}.{site.attr}" if module_name else site.attr)
+                continue
+            with torch.no_grad():
+                value = (torch.zeros(tensor.shape, dtype=tensor.dtype, device=device)
+                         if tensor.device.type == "meta" else tensor.detach().to(device))
+            site.set(_like(tensor, value))
+    if empty:
+        raise OffloadError(
+            f"tensors {empty[:5]} were added to the dispatched model after dispatch and have no data (meta "
+            "device). Load their weights (PeftModel.from_pretrained, load_adapter or load_state_dict), or add the "
+            "adapter before dispatching (bigload.from_pretrained(..., adapter=PATH))."
+        )
+    runtime.changed = False
+
+
+def _own_tensors(module: nn.Module) -> Iterable[tuple[_Site, torch.Tensor]]:
+    for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
+        for attr, tensor in list(table.items()):
+            if tensor is not None:
+                yield _Site(module, attr, is_parameter), tensor
+
+
+def _apply_to_resident(runtime: Runtime, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+                       ) -> nn.Module:
+    """`nn.Module._apply` for an attached model: `fn` (a `.to`, a `.float()`) reaches every tensor except the
+    placeholders of offloaded weights, which the runtime installs on their execution device itself."""
+    hidden = [(site, entry.placeholder) for block in runtime.blocks.values() for entry in block.entries
+              for site in entry.sites if site.get() is entry.placeholder]
+    for site, _ in hidden:
+        site.set(None)  # type: ignore[arg-type]  # nn.Module._apply skips None entries
+    try:
+        nn.Module._apply(runtime.model, fn, recurse)
+    finally:
+        for site, placeholder in hidden:
+            site.set(placeholder)
+    runtime.changed = True
+    return runtime.model
+
+
+def _merge_into_store(runtime: Runtime, layer: nn.Module, base: nn.Module) -> None:
+    """peft merged `layer`'s adapters into `base` and is putting `base` back: when `base.weight` is offloaded,
+    peft's in-place add went to the placeholder, so write base + delta where the base weight is stored."""
+    found = runtime._offloaded_sites.get((id(base), "weight"))
+    if found is None or getattr(layer, "get_base_layer", lambda: None)() is not base:
+        return  # resident: peft merged into the real weight itself
+    block, entry = found
+    adapters = list(layer.merged_adapters)
+    unsupported = [name for name in adapters if name in getattr(layer, "lora_variant", {})
+                   or getattr(layer, "lora_bias", {}).get(name)]
+    if unsupported or not hasattr(layer, "get_delta_weight"):
+        raise OffloadError(
+            f"cannot merge adapters {unsupported or adapters} into the offloaded weight {entry.key!r}: only plain "
+            "LoRA (no DoRA, no lora_bias) merges into offloaded weights. Unload without merging (unload()), or "
+            "load the base model onto the CPU to merge."
+        )
+    with torch.no_grad():
+        stored = entry.source.get(entry.key)
+        merged = stored.reshape(entry.shape).to(entry.dtype, copy=True)
+        for name in adapters:
+            merged += layer.get_delta_weight(name).to(merged.device, merged.dtype)
+        entry.source.rewrite(entry.key, merged.to(stored.dtype), change=f"merged {adapters} into {entry.key}")
+    runtime.prefetcher.forget(block)
+    runtime._values.pop(block, None)
+    logger.info("bigload: merged adapters %s into offloaded weight %s", adapters, entry.key)

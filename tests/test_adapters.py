@@ -1,0 +1,135 @@
+"""Adapters (peft) on an offloaded base: peft's own calls on a model bigload dispatched with layers on disk,
+compared with peft on the same base fully in memory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigload import load_checkpoint_and_dispatch
+from bigload.errors import OffloadError
+from bigload.hooks import runtime_of
+from bigload.store import DiskStore
+from fixtures_models import empty_llama, llama_map, reference_llama, save_sharded
+from timeouts import with_timeout
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.tensor([[3, 17, 5, 42, 9, 11, 64, 8]])
+DISK_LAYERS = [1, 2]
+
+
+def write_lora(folder: Path, seed: int, **config: object) -> Path:
+    """A LoRA adapter on q_proj/v_proj with random (non-zero) A and B, saved with peft's save_pretrained."""
+    torch.manual_seed(seed)
+    lora = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False,
+                           **config)
+    model = peft.get_peft_model(reference_llama(), lora)
+    with torch.no_grad():  # B wide enough that the adapter changes greedy tokens
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "base": save_sharded(reference_llama(), root / "base"),
+        "lora": write_lora(root / "lora", seed=1),
+        "lora2": write_lora(root / "lora2", seed=2),
+    }
+
+
+def dispatched(files: dict[str, Path], offload: Path):
+    return load_checkpoint_and_dispatch(empty_llama(), files["base"], device_map=llama_map(DISK_LAYERS),
+                                        offload_folder=offload)
+
+
+def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return with_timeout(lambda: model(input_ids=ids).logits)
+
+
+def greedy(model, tokens: int = 8) -> torch.Tensor:
+    return with_timeout(lambda: model.generate(input_ids=IDS, max_new_tokens=tokens, do_sample=False))
+
+
+def test_peft_calls_on_a_disk_offloaded_base_equal_peft_in_memory(files, tmp_path):
+    ours = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "offload"), files["lora"])
+    reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
+    base = logits(reference_llama())
+    assert not torch.allclose(logits(reference), base, atol=1e-2)  # the adapter really changes the outputs
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+
+    ours.load_adapter(files["lora2"], adapter_name="second")
+    reference.load_adapter(files["lora2"], adapter_name="second")
+    ours.set_adapter("second")
+    reference.set_adapter("second")
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(ours), greedy(reference))
+    with ours.disable_adapter(), reference.disable_adapter():
+        torch.testing.assert_close(logits(ours), base, atol=1e-5, rtol=0)
+    ours.set_adapter("default")
+    reference.set_adapter("default")
+    assert torch.equal(greedy(ours), greedy(reference))
+    assert not torch.equal(greedy(ours), greedy(reference_llama()))
+
+
+def test_adapter_weights_of_offloaded_layers_are_real_and_on_the_execution_device(files, tmp_path):
+    ours = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "offload"), files["lora"])
+    reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
+    expected = dict(reference.named_parameters())
+    adapter = {name: tensor for name, tensor in ours.named_parameters() if "lora_" in name}
+    assert len(adapter) == 4 * 2 * 2  # 4 layers x (q, v) x (A, B)
+    for name, tensor in adapter.items():
+        assert tensor.device == torch.device("cpu"), name
+        assert torch.equal(tensor, expected[name]), name
+    # The base weights of disk layers stay offloaded: placeholders between forwards, bytes in the store.
+    q_proj = ours.base_model.model.model.layers[1].self_attn.q_proj.base_layer.weight
+    assert q_proj.device.type == "meta"
+    assert runtime_of(ours.base_model.model).blocks["model.layers.1"].offloaded
+
+
+def test_merge_and_unload_writes_merged_weights_into_the_offload_store(files, tmp_path):
+    checkpoint = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in files["base"].iterdir()}
+    offload = tmp_path / "offload"
+    ours = peft.PeftModel.from_pretrained(dispatched(files, offload), files["lora"])
+    origin_before = json.loads((offload / "bigload.json").read_text())["fingerprint"]
+    merged = ours.merge_and_unload()
+    expected = peft.PeftModel.from_pretrained(reference_llama(), files["lora"]).merge_and_unload()
+
+    assert merged is ours.base_model.model and runtime_of(merged) is not None
+    torch.testing.assert_close(logits(merged), logits(expected), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(merged), greedy(expected))
+    store = DiskStore.open(offload)
+    reference = dict(expected.named_parameters())
+    for layer in DISK_LAYERS:
+        for proj in ("q_proj", "v_proj"):
+            name = f"model.layers.{layer}.self_attn.{proj}.weight"
+            assert (offload / f"{name}.dat").is_file()  # a copy now, no longer a reference into the checkpoint
+            assert torch.equal(store.get(name), reference[name]), name
+            assert merged.get_submodule(name.rsplit(".", 1)[0]).weight.device.type == "meta"  # not in RAM
+    assert json.loads((offload / "bigload.json").read_text())["fingerprint"] != origin_before
+    assert checkpoint == {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+                          for path in files["base"].iterdir()}
+
+
+def test_unload_gives_back_the_base_model(files, tmp_path):
+    ours = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "offload"), files["lora"])
+    base = ours.unload()
+    assert not any("lora_" in name for name, _ in base.named_parameters())
+    torch.testing.assert_close(logits(base), logits(reference_llama()), atol=1e-5, rtol=0)
+
+
+def test_a_folder_holding_merged_weights_is_not_reused_for_the_base(files, tmp_path):
+    offload = tmp_path / "offload"
+    peft.PeftModel.from_pretrained(dispatched(files, offload), files["lora"]).merge_and_unload()
+    with pytest.raises(OffloadError, match=r"then changed: merged \['default'\] into model\.layers\.1"):
+        dispatched(files, offload)  # the store no longer holds the checkpoint's bytes
