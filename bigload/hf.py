@@ -318,6 +318,7 @@ def from_pretrained(
     prefetch: int = 1,
     no_split_module_classes: list[str] | None = None,
     materialize: bool = False,
+    adapter: str | Path | Sequence[str | Path] | None = None,
 ) -> nn.Module:
     """Load a Hugging Face model folder onto this machine's devices, ready for `generate`.
 
@@ -349,9 +350,14 @@ def from_pretrained(
         no_split_module_classes: classes never split (default: the model's `_no_split_modules`).
         materialize: CPU weights in private memory instead of views of the checkpoint files (see
             `load_checkpoint_and_dispatch`).
+        adapter: a peft adapter folder, or several (the first is named "default", the others after their
+            folders; the first is active). The model is wrapped on meta before planning, so the plan counts
+            each adapter's bytes on the block that owns them and one pass streams base and adapter tensors.
+            The result is then peft's `PeftModel` (`set_adapter`, `disable_adapter`, `merge_and_unload` work).
 
     Raises:
-        BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint.
+        BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint;
+            `AdapterError` for an adapter that is unreadable or made for another base (nothing is loaded).
 
     >>> model = from_pretrained("Llama-3-8B/", max_memory={"cpu": "8GiB", "disk": "64GiB"},
     ...                         offload_folder="offload/")  # doctest: +SKIP
@@ -370,18 +376,42 @@ def from_pretrained(
     target = _weights_dtype(source, config, dtype) or torch.float32
     model = meta_model_from_config(config, model_class=model_class, dtype=target)
     index = open_checkpoint(source.checkpoint)
+    sources = checkpoint_sources(model, index)
+    keep_fp32 = default_keep_in_fp32_modules(model, target)
+    wrapped, adapters = None, None
+    if adapter is not None:
+        from bigload.adapters import ADAPTER_FP32_MODULES, read_adapters, with_adapter_sources, wrap
+
+        adapters = read_adapters(adapter)
+        wrapped = wrap(model, adapters)
+        index, sources = with_adapter_sources(wrapped, adapters, index, sources)
+        keep_fp32 = [*(keep_fp32 or ()), *ADAPTER_FP32_MODULES] if target.itemsize < 4 else keep_fp32
     if isinstance(device_map, Mapping):
         device_map = _with_computed_buffers(model, device_map)
     load_checkpoint_and_dispatch(
         model, index, device_map=device_map, max_memory=max_memory,
         no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=target,
         strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
-        progress=progress, keep_in_fp32_modules=default_keep_in_fp32_modules(model, target),
-        sources=checkpoint_sources(model, index), materialize=materialize,
+        progress=progress, keep_in_fp32_modules=keep_fp32, sources=sources, materialize=materialize,
     )
     _align_encoder_outputs(model)
     _load_generation_config(model, Path(path))
-    return model.eval()
+    if wrapped is None:
+        return model.eval()
+    from bigload.adapters import load_model_level_weights
+
+    load_model_level_weights(wrapped, adapters or [], _input_device(model))
+    return wrapped.eval()
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs start: the execution device of its first block (the CPU without hooks)."""
+    from bigload.hooks import runtime_of
+
+    runtime = runtime_of(model)
+    if runtime is None or not runtime.blocks:
+        return next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))
+    return next(iter(runtime.blocks.values())).execution_device
 
 
 def _with_computed_buffers(model: nn.Module, device_map: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ slower, accelerate issue 1394).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import functools
@@ -40,7 +41,7 @@ import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -1277,12 +1278,24 @@ def _merge_into_store(runtime: Runtime, layer: nn.Module, base: nn.Module) -> No
             "LoRA (no DoRA, no lora_bias) merges into offloaded weights. Unload without merging (unload()), or "
             "load the base model onto the CPU to merge."
         )
-    with torch.no_grad():
+    with torch.no_grad(), _installed(runtime, runtime.blocks[block]):
+        # Installed: adapter weights loaded with the block (bigload's own adapter loading) are real now.
         stored = entry.source.get(entry.key)
         merged = stored.reshape(entry.shape).to(entry.dtype, copy=True)
         for name in adapters:
             merged += layer.get_delta_weight(name).to(merged.device, merged.dtype)
-        entry.source.rewrite(entry.key, merged.to(stored.dtype), change=f"merged {adapters} into {entry.key}")
+    entry.source.rewrite(entry.key, merged.to(stored.dtype), change=f"merged {adapters} into {entry.key}")
     runtime.prefetcher.forget(block)
     runtime._values.pop(block, None)
     logger.info("bigload: merged adapters %s into offloaded weight %s", adapters, entry.key)
+
+
+@contextlib.contextmanager
+def _installed(runtime: Runtime, block: Block) -> Iterator[None]:
+    """The block's offloaded tensors installed, as during its forward."""
+    runtime._install(block, runtime.prefetcher.acquire(block.name))
+    try:
+        yield
+    finally:
+        runtime._uninstall(block)
+        runtime.prefetcher.release(block.name)
