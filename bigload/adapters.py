@@ -17,19 +17,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from bigload.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
 from bigload.errors import AdapterError, CheckpointError
+from bigload.sizes import format_size
 from bigload.stream import DerivedTensor, Source, SourcePlan
 
-__all__ = ["Adapter", "read_adapters", "wrap", "with_adapter_sources", "load_model_level_weights",
-           "ADAPTER_FP32_MODULES"]
+__all__ = ["ADAPTER_FP32_MODULES", "Adapter", "adapter_fp32_modules", "adapter_summary", "load_model_level_weights",
+           "read_adapters", "with_adapter_sources", "wrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,12 @@ class Adapter:
     folder: Path
     config: Any
     index: CheckpointIndex
+
+
+def adapter_fp32_modules(dtype: torch.dtype) -> tuple[str, ...]:
+    """Adapter modules the loader keeps in float32 at `dtype`: all of them over a float16/bfloat16 base,
+    as peft does (`autocast_adapter_dtype=True`); none otherwise."""
+    return ADAPTER_FP32_MODULES if dtype in (torch.float16, torch.bfloat16) else ()
 
 
 def _require_peft() -> Any:
@@ -122,7 +130,16 @@ def wrap(model: nn.Module, adapters: Sequence[Adapter]) -> nn.Module:
     from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(first.config.task_type, peft.PeftModel)
-    failing = first
+    with warnings.catch_warnings():
+        # peft reads a transformers attribute deprecated in transformers 5; nothing for our users to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        wrapped = _wrap_all(cls, model, adapters)
+    wrapped.eval()
+    return wrapped
+
+
+def _wrap_all(cls: Any, model: nn.Module, adapters: Sequence[Adapter]) -> nn.Module:
+    first = failing = adapters[0]
     try:
         wrapped = cls(model, _inference(first.config), first.name, low_cpu_mem_usage=True)
         for failing in adapters[1:]:
@@ -134,7 +151,6 @@ def wrap(model: nn.Module, adapters: Sequence[Adapter]) -> nn.Module:
             f"another base model ({failing.config.base_model_name_or_path or 'unnamed'}); pass the base it was "
             "made for, or an adapter made for this one."
         ) from None
-    wrapped.eval()
     return wrapped
 
 
@@ -257,3 +273,37 @@ def load_model_level_weights(wrapped: nn.Module, adapters: Sequence[Adapter], de
         empty = [name for name, tensor in encoder.named_parameters() if tensor.device.type == "meta"]
         if empty:
             raise AdapterError(f"{adapter.folder / ADAPTER_WEIGHTS} lacks {empty}; save the adapter again with peft.")
+
+
+def adapter_summary(model: nn.Module, adapters: Sequence[Adapter], device_map: Mapping[str, Any],
+                    dtype: torch.dtype) -> list[str]:
+    """One line per adapter: its method and the bytes it adds to each block of `device_map` (as planned).
+
+    Args:
+        model: the base model, wrapped with `adapters` (meta is fine).
+        adapters: as `read_adapters` returned them.
+        device_map: block name -> device, in execution order.
+        dtype: the base's load dtype (adapter tensors are counted at the dtype the loader gives them).
+    """
+    keys = list(device_map)
+    width = 4 if adapter_fp32_modules(dtype) else dtype.itemsize
+    lines = []
+    for adapter in adapters:
+        marker = f".{adapter.name}."
+        per_block: dict[str, int] = {}
+        for name, tensor in _named_tensors(model):
+            if marker not in f".{name}.":
+                continue
+            block = max((k for k in keys if k == "" or name.startswith(k + ".")), key=len, default="")
+            per_block[block] = per_block.get(block, 0) + tensor.numel() * width
+        method = getattr(adapter.config.peft_type, "value", adapter.config.peft_type)
+        if adapter.config.is_prompt_learning:
+            lines.append(f"adapter {adapter.name!r} ({method}, {adapter.folder}): a model-level prompt encoder, "
+                         "loaded onto the device the inputs start on")
+            continue
+        lines.append(f"adapter {adapter.name!r} ({method}, {adapter.folder}): "
+                     f"{format_size(sum(per_block.values()))} in {len(per_block)} block(s)")
+        width_name = max(map(len, per_block), default=0)
+        lines += [f"  {block:<{width_name}}  {device_map[block]!s:<5} {format_size(size):>10}"
+                  for block, size in per_block.items()]
+    return lines

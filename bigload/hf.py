@@ -237,17 +237,21 @@ def inventory_for(
     *,
     dtype: torch.dtype | str | None = None,
     no_split_module_classes: list[str] | None = None,
+    adapter: str | Path | Sequence[str | Path] | None = None,
 ) -> Any:
     """The inventory of what MODEL names: from a meta model when there is a config (and transformers),
-    else from checkpoint headers alone. No weight is read either way."""
+    else from checkpoint headers alone. No weight is read either way. With `adapter`, the meta model is
+    wrapped with the adapters first, so each block counts its adapter tensors."""
     from bigload.inventory import inventory_from_checkpoint, inventory_from_module
 
     source = resolve_model_source(spec)
     if source.config is not None and _transformers_available():
-        config = load_config(source.config)
-        target = _weights_dtype(source, config, dtype) or torch.float32
-        model = meta_model_from_config(config, dtype=target)
-        return inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes)
+        model, target, keep = adapted_meta_model(source, dtype, adapter)
+        return inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes,
+                                     keep_in_fp32_modules=keep or None)
+    if adapter is not None:
+        raise BigloadError(f"{spec} has no config.json, and adapters need the model built from one; plan the "
+                           "model folder (config.json beside the weights) with --adapter.")
     if source.checkpoint is None:
         raise BigloadError(
             f"{spec} is a config only and transformers is not installed; install it with "
@@ -262,6 +266,34 @@ def inventory_for(
     )
 
 
+def adapted_meta_model(source: ModelSource, dtype: torch.dtype | str | None,
+                       adapter: str | Path | Sequence[str | Path] | None) -> tuple[nn.Module, torch.dtype, list[str]]:
+    """The meta model of `source` (wrapped with `adapter`s if any: its base model is returned), its dtype and
+    the adapter modules kept in float32 (at half precision, as peft keeps them)."""
+    config = load_config(source.config)  # type: ignore[arg-type]
+    target = _weights_dtype(source, config, dtype) or torch.float32
+    model = meta_model_from_config(config, dtype=target)
+    if adapter is None:
+        return model, target, []
+    from bigload.adapters import adapter_fp32_modules, read_adapters, wrap
+
+    wrap(model, read_adapters(adapter))
+    return model, target, [*default_keep_in_fp32_modules(model, target), *adapter_fp32_modules(target)]
+
+
+def describe_adapters(spec: str | Path, adapter: str | Path | Sequence[str | Path], plan: Any,
+                      dtype: torch.dtype | str | None = None) -> list[str]:
+    """Lines saying what each adapter adds to which planned block (for `bigload plan --adapter`)."""
+    from bigload.adapters import adapter_summary, read_adapters
+
+    source = resolve_model_source(spec)
+    if source.config is None:
+        raise BigloadError(f"{spec} has no config.json; adapters need the model built from one.")
+    adapters = read_adapters(adapter)
+    model, target, _ = adapted_meta_model(source, dtype, [a.folder for a in adapters])
+    return adapter_summary(model, adapters, plan.device_map, target)
+
+
 def plan_model(
     spec: str | Path,
     *,
@@ -273,6 +305,7 @@ def plan_model(
     no_split_module_classes: list[str] | None = None,
     prefetch: int = 1,
     offload_folder: str | Path | None = None,
+    adapter: str | Path | Sequence[str | Path] | None = None,
 ) -> Any:
     """A dry run: plan MODEL (catalog name, model folder, config.json or checkpoint) without reading a weight.
 
@@ -285,6 +318,7 @@ def plan_model(
         no_split_module_classes: classes never split (default: the model's `_no_split_modules`).
         prefetch: offloaded blocks loaded ahead (the reserve is sized for it).
         offload_folder: with no "disk" budget, its free space becomes the disk budget.
+        adapter: peft adapter folder(s) whose tensors the blocks carry (see `from_pretrained`).
 
     Returns:
         A `Plan`.
@@ -297,7 +331,7 @@ def plan_model(
     from bigload.budget import detect_budget
     from bigload.plan import plan
 
-    inventory = inventory_for(spec, dtype=dtype, no_split_module_classes=no_split_module_classes)
+    inventory = inventory_for(spec, dtype=dtype, no_split_module_classes=no_split_module_classes, adapter=adapter)
     budget = detect_budget(max_memory, offload_folder=offload_folder)
     return plan(inventory, budget, strategy=strategy, dtype=inventory.dtype, context_length=context_length,
                 batch_size=batch_size, prefetch=prefetch)
@@ -380,12 +414,12 @@ def from_pretrained(
     keep_fp32 = default_keep_in_fp32_modules(model, target)
     wrapped, adapters = None, None
     if adapter is not None:
-        from bigload.adapters import ADAPTER_FP32_MODULES, read_adapters, with_adapter_sources, wrap
+        from bigload.adapters import adapter_fp32_modules, read_adapters, with_adapter_sources, wrap
 
         adapters = read_adapters(adapter)
         wrapped = wrap(model, adapters)
         index, sources = with_adapter_sources(wrapped, adapters, index, sources)
-        keep_fp32 = [*(keep_fp32 or ()), *ADAPTER_FP32_MODULES] if target.itemsize < 4 else keep_fp32
+        keep_fp32 = [*keep_fp32, *adapter_fp32_modules(target)]
     if isinstance(device_map, Mapping):
         device_map = _with_computed_buffers(model, device_map)
     load_checkpoint_and_dispatch(

@@ -732,6 +732,8 @@ class Runtime:
     # Offloaded tensors by (id of the module holding them, attribute): what a merge into them rewrites.
     _offloaded_sites: dict[tuple[int, str], tuple[str, _Entry]] = field(default_factory=dict)
     _placeholders: set[int] = field(default_factory=set)
+    # The model's modules: a registration elsewhere (transformers slicing a ModuleList per forward) is not ours.
+    _members: "weakref.WeakSet[nn.Module]" = field(default_factory=weakref.WeakSet)
 
     def stats(self) -> PrefetchStats:
         """Counters of the prefetcher: buffers, bytes held, reserve, blocks prefetched in order."""
@@ -1164,6 +1166,7 @@ def _watch_additions(runtime: Runtime) -> None:
             runtime._placeholders.add(id(entry.placeholder))
             for site in entry.sites:
                 runtime._offloaded_sites[(id(site.module), site.attr)] = (block.name, entry)
+    runtime._members.update(runtime.model.modules())
     runtime.handles.append(runtime.model.register_load_state_dict_pre_hook(_before_state_dict_load))
     # `model.to(...)` (peft's `from_pretrained` calls it on an offloaded base) must not touch placeholders.
     runtime.model.__dict__["_apply"] = functools.partial(_apply_to_resident, runtime)
@@ -1181,12 +1184,15 @@ def _watch_additions(runtime: Runtime) -> None:
 
 def _tensor_registered(module: nn.Module, name: str, value: Any) -> None:
     for runtime in list(_LIVE_RUNTIMES.values()):
-        runtime.changed = True
+        if module in runtime._members:
+            runtime.changed = True
 
 
 def _module_registered(parent: nn.Module, name: str, value: Any) -> None:
     # Called before `value` replaces `parent._modules[name]`: the old module is still there.
     for runtime in list(_LIVE_RUNTIMES.values()):
+        if parent not in runtime._members:
+            continue
         runtime.changed = True
         old = parent._modules.get(name)
         if old is not None and old is not value and getattr(old, "merged_adapters", None):
@@ -1215,6 +1221,7 @@ def adopt(runtime: Runtime, *, materialize: bool = False) -> None:
     keys = list(runtime.blocks)
     empty: list[str] = []
     for module_name, module in runtime.model.named_modules():
+        runtime._members.add(module)
         owner = _block_of(module_name, keys)
         if owner is None:
             continue

@@ -110,7 +110,8 @@ def timed_generate(model: Any, input_ids: torch.Tensor, options: GenerateOptions
 def _runtime_bytes_read(model: Any) -> int:
     from bigload.hooks import runtime_of
 
-    runtime = runtime_of(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model holds the base
+    runtime = runtime_of(base)
     return 0 if runtime is None else runtime.stats().bytes_loaded
 
 
@@ -125,7 +126,8 @@ def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: 
         offload_folder: where disk-offloaded weights go (needed when the plan puts anything on disk).
         stream_text: print tokens as they are generated.
         echo: where plan tables and notes go (None: silent).
-        planning: max_memory, strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch.
+        planning: max_memory, strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch,
+            adapter (peft adapter folders, see `from_pretrained`).
     """
     from bigload.hf import from_pretrained, load_tokenizer, plan_model
 
@@ -137,7 +139,7 @@ def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: 
         echo("")
     start = time.perf_counter()
     model = from_pretrained(path, device_map=plan, offload_folder=offload_folder, progress=progress,
-                            dtype=planning.get("dtype"))
+                            dtype=planning.get("dtype"), adapter=planning.get("adapter"))
     load_seconds = time.perf_counter() - start
     input_ids = tokenizer(options.prompt, return_tensors="pt")["input_ids"]
     read_before = _runtime_bytes_read(model)

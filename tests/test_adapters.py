@@ -133,3 +133,103 @@ def test_a_folder_holding_merged_weights_is_not_reused_for_the_base(files, tmp_p
     peft.PeftModel.from_pretrained(dispatched(files, offload), files["lora"]).merge_and_unload()
     with pytest.raises(OffloadError, match=r"then changed: merged \['default'\] into model\.layers\.1"):
         dispatched(files, offload)  # the store no longer holds the checkpoint's bytes
+
+
+# --------------------------------------------------------------------------------------------------
+# bigload's own way: from_pretrained(adapter=...), plan and generate --adapter
+
+MEMORY = {"cpu": "700KB", "disk": "1GiB"}  # embeddings and two layers in RAM, the rest on disk
+
+
+def test_from_pretrained_with_adapters_equals_peft_in_memory(files, tmp_path):
+    import bigload
+
+    ours = bigload.from_pretrained(files["base"], adapter=[files["lora"], files["lora2"]], max_memory=MEMORY,
+                                   offload_folder=tmp_path / "offload", progress=False)
+    reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
+    reference.load_adapter(files["lora2"], adapter_name="lora2")
+    assert "disk" in ours.get_base_model().hf_device_map.values()
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(ours), greedy(reference))
+    ours.set_adapter("lora2")
+    reference.set_adapter("lora2")
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    # Adapter tensors of disk blocks were streamed into the store with their block.
+    store = DiskStore.open(tmp_path / "offload")
+    disk_layer = next(k for k, v in ours.get_base_model().hf_device_map.items() if v == "disk" and "layers" in k)
+    lora_b = f"{disk_layer}.self_attn.v_proj.lora_B.lora2.weight"
+    assert torch.equal(store.get(lora_b), dict(reference.named_parameters())[f"base_model.model.{lora_b}"])
+    merged, expected = ours.merge_and_unload(), reference.merge_and_unload()
+    torch.testing.assert_close(logits(merged), logits(expected), atol=1e-5, rtol=0)
+
+
+def test_the_plan_counts_adapter_bytes_on_the_block_that_owns_them(files):
+    from bigload.hf import plan_model
+
+    budget = MEMORY  # layers are blocks of their own
+    plain = {p.name: p.weights for p in plan_model(files["base"], max_memory=budget).placements}
+    adapted = {p.name: p.weights for p in
+               plan_model(files["base"], max_memory=budget, adapter=[files["lora"], files["lora2"]]).placements}
+    # q_proj: A (4 x 64) + B (64 x 4); v_proj: A (4 x 64) + B (32 x 4); two adapters; float32.
+    per_layer = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4)) * 4
+    assert adapted.keys() == plain.keys() and sum(".layers." in block for block in plain) == 4
+    for block, size in plain.items():
+        assert adapted[block] - size == (per_layer if ".layers." in block else 0), block
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, Path]:
+    """The CLI's demo model (bfloat16, with a tokenizer) and a LoRA adapter for it."""
+    from transformers import AutoModelForCausalLM
+
+    from bigload.demo import write_demo_model
+
+    root = tmp_path_factory.mktemp("demo")
+    folder = write_demo_model(root / "small", "small")
+    torch.manual_seed(3)
+    lora = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=8, init_lora_weights=False)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16), lora)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(root / "lora")
+    return {"model": folder, "lora": root / "lora"}
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    from bigload.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_plan_shows_adapter_bytes_per_block(demo, capsys):
+    code, out, err = run_main(capsys, "plan", str(demo["model"]), "--adapter", str(demo["lora"]),
+                              "--max-memory", "cpu=8MiB,disk=1GiB")
+    assert code == 0, err
+    assert f"adapter 'default' (LORA, {demo['lora']}): 208.00 KiB in 8 block(s)" in out
+    assert "model.layers.7  disk   26.00 KiB" in out
+
+
+def test_cli_generate_with_an_adapter_matches_peft_in_memory(demo, capsys, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    code, out, err = run_main(capsys, "generate", str(demo["model"]), "--adapter", str(demo["lora"]), "--prompt",
+                              "Hello world", "--max-new-tokens", "4", "--max-memory", "cpu=8MiB,disk=1GiB",
+                              "--offload-folder", str(tmp_path / "off"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["device_bytes"].get("disk", 0) > 0
+    tokenizer = AutoTokenizer.from_pretrained(demo["model"])
+    base = AutoModelForCausalLM.from_pretrained(demo["model"], dtype=torch.bfloat16)
+    reference = peft.PeftModel.from_pretrained(base, demo["lora"])
+    ids = tokenizer("Hello world", return_tensors="pt")["input_ids"]
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, min_new_tokens=4,
+                  pad_token_id=tokenizer.eos_token_id)
+    expected = reference.generate(input_ids=ids, **kwargs)[0, ids.shape[1]:]
+    with reference.disable_adapter():
+        plain = reference.generate(input_ids=ids, **kwargs)[0, ids.shape[1]:]
+    assert report["token_ids"] == expected.tolist()
+    assert report["token_ids"] != plain.tolist()  # the adapter changes the text
