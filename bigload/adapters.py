@@ -141,9 +141,13 @@ def wrap(model: nn.Module, adapters: Sequence[Adapter]) -> nn.Module:
 def _wrap_all(cls: Any, model: nn.Module, adapters: Sequence[Adapter]) -> nn.Module:
     first = failing = adapters[0]
     try:
-        wrapped = cls(model, _inference(first.config), first.name, low_cpu_mem_usage=True)
+        # Adapter weights inside the base model are created on meta and streamed in by the loader; a prompt
+        # encoder (prompt, prefix tuning) is a few real tensors outside it, filled by load_model_level_weights.
+        wrapped = cls(model, _inference(first.config), first.name,
+                      low_cpu_mem_usage=not first.config.is_prompt_learning)
         for failing in adapters[1:]:
-            wrapped.add_adapter(failing.name, _inference(failing.config), low_cpu_mem_usage=True)
+            wrapped.add_adapter(failing.name, _inference(failing.config),
+                                low_cpu_mem_usage=not failing.config.is_prompt_learning)
     except ValueError as error:
         _unwrap(model)
         raise AdapterError(
@@ -262,17 +266,15 @@ def load_model_level_weights(wrapped: nn.Module, adapters: Sequence[Adapter], de
     for adapter in adapters:
         if not adapter.config.is_prompt_learning:
             continue
-        weights = peft.utils.load_peft_weights(str(adapter.folder), device=str(device))
-        encoder = wrapped.prompt_encoder[adapter.name]
+        _check_prefix_tuning_runs(wrapped, adapter)
+        weights = peft.utils.load_peft_weights(str(adapter.folder), device="cpu")
+        # peft put the encoder on the base model's device, meta: give it storage for the load to fill.
+        encoder = wrapped.prompt_encoder[adapter.name].to_empty(device=device)
         try:
-            set_peft_model_state_dict(wrapped, weights, adapter_name=adapter.name, low_cpu_mem_usage=True)
+            set_peft_model_state_dict(wrapped, weights, adapter_name=adapter.name)
         except RuntimeError as error:  # load_state_dict's size mismatch
             raise AdapterError(f"{adapter.folder / ADAPTER_WEIGHTS} does not fit this model: {error} Pass the base "
                                "model the adapter was made for.") from None
-        encoder.to(device)
-        empty = [name for name, tensor in encoder.named_parameters() if tensor.device.type == "meta"]
-        if empty:
-            raise AdapterError(f"{adapter.folder / ADAPTER_WEIGHTS} lacks {empty}; save the adapter again with peft.")
 
 
 def adapter_summary(model: nn.Module, adapters: Sequence[Adapter], device_map: Mapping[str, Any],
@@ -307,3 +309,17 @@ def adapter_summary(model: nn.Module, adapters: Sequence[Adapter], device_map: M
         lines += [f"  {block:<{width_name}}  {device_map[block]!s:<5} {format_size(size):>10}"
                   for block, size in per_block.items()]
     return lines
+
+
+def _check_prefix_tuning_runs(wrapped: nn.Module, adapter: Adapter) -> None:
+    """peft 0.21's prefix tuning maps its KV prefix to the layers' devices through `hf_device_map` and assumes a
+    GPU is in it (`peft.utils.integrations.get_layer_device_map` fails with StopIteration otherwise, for
+    accelerate's maps too): say so before the first forward does."""
+    device_map = getattr(wrapped.get_base_model(), "hf_device_map", None)
+    method = getattr(adapter.config.peft_type, "value", adapter.config.peft_type)
+    if method == "PREFIX_TUNING" and device_map and all(v in ("cpu", "disk") for v in device_map.values()):
+        raise AdapterError(
+            f"{adapter.folder / ADAPTER_CONFIG}: peft runs prefix tuning on an offloaded model only when a GPU is in "
+            "its device map; this one offloads to CPU and disk only. Load the model without offload "
+            "(device_map='cpu' and enough max_memory), or run on a machine with a GPU."
+        )

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bigload import load_checkpoint_and_dispatch
-from bigload.errors import OffloadError
+from bigload.errors import AdapterError, OffloadError
 from bigload.hooks import runtime_of
 from bigload.store import DiskStore
 from fixtures_models import empty_llama, llama_map, reference_llama, save_sharded
@@ -233,3 +233,83 @@ def test_cli_generate_with_an_adapter_matches_peft_in_memory(demo, capsys, tmp_p
         plain = reference.generate(input_ids=ids, **kwargs)[0, ids.shape[1]:]
     assert report["token_ids"] == expected.tolist()
     assert report["token_ids"] != plain.tolist()  # the adapter changes the text
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt tuning and prefix tuning
+
+
+def write_prompt_learning(folder: Path, config: object) -> Path:
+    """A prompt-learning adapter whose virtual tokens are drawn wide enough to change the outputs."""
+    torch.manual_seed(5)
+    model = peft.get_peft_model(reference_llama(), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "prompt_encoder" in name:
+                param.normal_(0.0, 3.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompt_tuning(files) -> Path:
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    return write_prompt_learning(files["base"].parent / "prompt", config)
+
+
+def test_prompt_tuning_on_an_offloaded_base_equals_peft_in_memory(files, prompt_tuning, tmp_path):
+    import bigload
+
+    reference = peft.PeftModel.from_pretrained(reference_llama(), prompt_tuning)
+    expected = greedy(reference)
+    assert not torch.equal(expected, greedy(reference_llama()))
+    with_peft = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "a"), prompt_tuning)
+    ours = bigload.from_pretrained(files["base"], adapter=prompt_tuning, max_memory=MEMORY,
+                                   offload_folder=tmp_path / "b", progress=False)
+    assert "disk" in ours.get_base_model().hf_device_map.values()
+    for model in (with_peft, ours):
+        assert torch.equal(greedy(model), expected)
+        torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=0)
+
+
+def test_prefix_tuning_without_a_gpu_in_the_map_is_refused_with_the_fix(files, tmp_path):
+    import bigload
+
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    prefix = write_prompt_learning(tmp_path / "prefix", config)
+    with pytest.raises(AdapterError, match=r"prefix tuning .* only when a GPU is in its device map"):
+        bigload.from_pretrained(files["base"], adapter=prefix, max_memory=MEMORY, offload_folder=tmp_path / "off",
+                                progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefix_tuning_with_cpu_offload_to_a_gpu_equals_peft_in_memory(files, tmp_path):
+    import bigload
+
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    prefix = write_prompt_learning(tmp_path / "prefix", config)
+    reference = peft.PeftModel.from_pretrained(reference_llama(), prefix).to("cuda")
+    ours = bigload.from_pretrained(files["base"], adapter=prefix, max_memory={0: "700KB", "cpu": "1GiB"},
+                                   progress=False)
+    ids = IDS.to("cuda")
+    expected = reference.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(with_timeout(lambda: ours.generate(input_ids=ids, max_new_tokens=8, do_sample=False)),
+                       expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lora_on_a_gpu_with_disk_offload_equals_peft_in_memory(files, tmp_path):
+    import bigload
+
+    reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"]).to("cuda")
+    ours = bigload.from_pretrained(files["base"], adapter=files["lora"],
+                                   max_memory={0: "500KB", "cpu": "200KB", "disk": "1GiB"},
+                                   offload_folder=tmp_path / "off", progress=False)
+    ids = IDS.to("cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0)
+    merged, expected = ours.merge_and_unload(), reference.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-5, rtol=0)
