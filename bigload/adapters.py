@@ -111,8 +111,9 @@ def _read_adapter(folder: Path, name: str) -> Adapter:
     try:
         index = open_checkpoint(weights_path)
     except CheckpointError as error:
-        raise AdapterError(f"{weights_path} is not a readable safetensors file ({error}). Save the adapter "
-                           "again with peft's save_pretrained.") from None
+        # The checkpoint error already names the file and what is wrong in it.
+        raise AdapterError(f"{error} This adapter's weights are unreadable: save the adapter again with peft's "
+                           "save_pretrained.") from None
     return Adapter(name, folder, config, index)
 
 

@@ -313,3 +313,74 @@ def test_lora_on_a_gpu_with_disk_offload_equals_peft_in_memory(files, tmp_path):
     merged, expected = ours.merge_and_unload(), reference.merge_and_unload()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: a bigload error naming the file and the fix, nothing loaded or written
+
+
+def load_with(files: dict[str, Path], adapter: Path, offload: Path):
+    import bigload
+
+    return bigload.from_pretrained(files["base"], adapter=adapter, max_memory=MEMORY, offload_folder=offload,
+                                   progress=False)
+
+
+def test_an_adapter_for_another_base_is_refused(files, tmp_path):
+    from fixtures_hf import ARCHS, build_model  # a Llama of another width (hidden 32)
+
+    torch.manual_seed(0)
+    lora = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights=False)
+    peft.get_peft_model(build_model(ARCHS["llama"]), lora).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(AdapterError, match=r"narrow/adapter_model\.safetensors holds other shapes: .*q_proj"
+                                           r".*pass the base it was made for"):
+        load_with(files, tmp_path / "narrow", tmp_path / "off")
+    assert not (tmp_path / "off").exists()
+
+
+def test_an_adapter_whose_target_modules_are_missing_is_refused(files, tmp_path):
+    from fixtures_hf import ARCHS, build_model
+
+    lora = peft.LoraConfig(target_modules=["c_attn"], r=4)  # GPT-2's attention, not in a Llama
+    peft.get_peft_model(build_model(ARCHS["gpt2"]), lora).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(AdapterError, match=r"gpt2/adapter_config\.json does not fit LlamaForCausalLM: .*c_attn"):
+        load_with(files, tmp_path / "gpt2", tmp_path / "off")
+    assert not (tmp_path / "off").exists()
+
+
+def test_a_corrupt_adapter_file_is_refused(files, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_bytes((files["lora"] / "adapter_config.json").read_bytes())
+    data = (files["lora"] / "adapter_model.safetensors").read_bytes()
+    (broken / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(AdapterError, match=r"broken/adapter_model\.safetensors: .*truncated.*This adapter's "
+                                           r"weights are unreadable: save the adapter again"):
+        load_with(files, broken, tmp_path / "off")
+    assert not (tmp_path / "off").exists()
+
+
+def test_an_adapter_config_naming_an_unknown_method_is_refused(files, tmp_path):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    config = json.loads((files["lora"] / "adapter_config.json").read_text())
+    (odd / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "SUPERLORA"}))
+    (odd / "adapter_model.safetensors").write_bytes((files["lora"] / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(AdapterError, match=r"odd/adapter_config\.json: peft cannot read this config .*'SUPERLORA'"
+                                           r".* knows .*LORA.*upgrade peft"):
+        load_with(files, odd, tmp_path / "off")
+
+
+def test_a_failed_wrap_leaves_the_model_as_it_was(files, tmp_path):
+    from bigload.adapters import read_adapters, wrap
+    from bigload.hf import load_config, meta_model_from_config
+
+    from fixtures_hf import ARCHS, build_model
+
+    peft.get_peft_model(build_model(ARCHS["gpt2"]), peft.LoraConfig(target_modules=["c_attn"], r=4)
+                        ).save_pretrained(tmp_path / "gpt2")
+    model = meta_model_from_config(load_config(files["base"] / "config.json"))
+    before = [name for name, _ in model.named_parameters()]
+    with pytest.raises(AdapterError):
+        wrap(model, read_adapters([files["lora"], tmp_path / "gpt2"]))  # the first fits, the second does not
+    assert [name for name, _ in model.named_parameters()] == before
