@@ -92,7 +92,7 @@ def read_adapters(paths: str | Path | Sequence[str | Path]) -> list[Adapter]:
 
 def _read_adapter(folder: Path, name: str) -> Adapter:
     peft = _require_peft()
-    folder = folder.expanduser().resolve()
+    folder = folder.expanduser()  # as the user wrote it, for messages
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():

@@ -61,6 +61,7 @@ __all__ = [
     "WeightSource",
     "adopt",
     "attach",
+    "sync_merges",
     "detach",
     "execution_device_for",
     "runtime_of",
@@ -734,6 +735,9 @@ class Runtime:
     _placeholders: set[int] = field(default_factory=set)
     # The model's modules: a registration elsewhere (transformers slicing a ModuleList per forward) is not ours.
     _members: "weakref.WeakSet[nn.Module]" = field(default_factory=weakref.WeakSet)
+    # peft layers wrapping an offloaded weight, and which of their adapters that weight's stored bytes hold.
+    _adapter_layers: list[nn.Module] = field(default_factory=list)
+    _merged: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     def stats(self) -> PrefetchStats:
         """Counters of the prefetcher: buffers, bytes held, reserve, blocks prefetched in order."""
@@ -759,8 +763,11 @@ class Runtime:
             self.prefetcher.release(block.name)
 
     def _root_pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.changed and not self._input_devices:
-            adopt(self)
+        if not self._input_devices:
+            if self.changed:
+                adopt(self)
+            for layer in self._adapter_layers:
+                sync_merges(self, layer)
         self._input_devices.append(_first_tensor_device(args, kwargs, self.skip_keys))
 
     def _root_post_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -1166,7 +1173,10 @@ def _watch_additions(runtime: Runtime) -> None:
             runtime._placeholders.add(id(entry.placeholder))
             for site in entry.sites:
                 runtime._offloaded_sites[(id(site.module), site.attr)] = (block.name, entry)
-    runtime._members.update(runtime.model.modules())
+    for module in runtime.model.modules():
+        runtime._members.add(module)
+        if _wraps_offloaded_weight(runtime, module):  # wrapped before dispatch (adapters.py)
+            runtime._adapter_layers.append(module)
     runtime.handles.append(runtime.model.register_load_state_dict_pre_hook(_before_state_dict_load))
     # `model.to(...)` (peft's `from_pretrained` calls it on an offloaded base) must not touch placeholders.
     runtime.model.__dict__["_apply"] = functools.partial(_apply_to_resident, runtime)
@@ -1195,8 +1205,10 @@ def _module_registered(parent: nn.Module, name: str, value: Any) -> None:
             continue
         runtime.changed = True
         old = parent._modules.get(name)
-        if old is not None and old is not value and getattr(old, "merged_adapters", None):
-            _merge_into_store(runtime, old, value)
+        if old is not None and old is not value and old in runtime._adapter_layers:
+            sync_merges(runtime, old)  # peft's merge_and_unload is putting the merged base layer back
+            runtime._adapter_layers.remove(old)
+            runtime._merged.pop(id(old), None)
 
 
 def _before_state_dict_load(module: nn.Module, *args: Any) -> None:
@@ -1222,6 +1234,8 @@ def adopt(runtime: Runtime, *, materialize: bool = False) -> None:
     empty: list[str] = []
     for module_name, module in runtime.model.named_modules():
         runtime._members.add(module)
+        if _wraps_offloaded_weight(runtime, module) and module not in runtime._adapter_layers:
+            runtime._adapter_layers.append(module)
         owner = _block_of(module_name, keys)
         if owner is None:
             continue
@@ -1269,19 +1283,36 @@ def _apply_to_resident(runtime: Runtime, fn: Callable[[torch.Tensor], torch.Tens
     return runtime.model
 
 
-def _merge_into_store(runtime: Runtime, layer: nn.Module, base: nn.Module) -> None:
-    """peft merged `layer`'s adapters into `base` and is putting `base` back: when `base.weight` is offloaded,
-    peft's in-place add went to the placeholder, so write base + delta where the base weight is stored."""
-    found = runtime._offloaded_sites.get((id(base), "weight"))
-    if found is None or getattr(layer, "get_base_layer", lambda: None)() is not base:
-        return  # resident: peft merged into the real weight itself
-    block, entry = found
-    adapters = list(layer.merged_adapters)
-    unsupported = [name for name in adapters if name in getattr(layer, "lora_variant", {})
+def _wraps_offloaded_weight(runtime: Runtime, module: nn.Module) -> bool:
+    """A peft tuner layer (it tracks `merged_adapters`) whose base layer's weight is offloaded."""
+    get_base = getattr(module, "get_base_layer", None)
+    if not callable(get_base) or not hasattr(module, "merged_adapters"):
+        return False
+    return (id(get_base()), "weight") in runtime._offloaded_sites
+
+
+def sync_merges(runtime: Runtime, layer: nn.Module) -> None:
+    """Make the stored base weight under peft `layer` hold exactly the adapters peft says are merged into it.
+
+    peft merges (`merge_adapter`, `merge_and_unload`) by adding to `base_layer.weight` in place; for an
+    offloaded weight that is the meta placeholder, so the add is lost. The runtime calls this before each
+    forward and when peft puts a merged base layer back: it writes base + deltas of newly merged adapters
+    (minus those of unmerged ones) where the base weight is stored, so the merged weight never sits in RAM.
+
+    Raises:
+        OffloadError: a merged adapter is not plain LoRA (DoRA, lora_bias): its merge cannot be written here.
+    """
+    want, have = tuple(layer.merged_adapters), runtime._merged.get(id(layer), ())
+    if want == have:
+        return
+    block, entry = runtime._offloaded_sites[(id(layer.get_base_layer()), "weight")]
+    added = [name for name in want if name not in have]
+    removed = [name for name in have if name not in want]
+    unsupported = [name for name in added + removed if name in getattr(layer, "lora_variant", {})
                    or getattr(layer, "lora_bias", {}).get(name)]
     if unsupported or not hasattr(layer, "get_delta_weight"):
         raise OffloadError(
-            f"cannot merge adapters {unsupported or adapters} into the offloaded weight {entry.key!r}: only plain "
+            f"cannot merge adapters {unsupported or added} into the offloaded weight {entry.key!r}: only plain "
             "LoRA (no DoRA, no lora_bias) merges into offloaded weights. Unload without merging (unload()), or "
             "load the base model onto the CPU to merge."
         )
@@ -1289,12 +1320,16 @@ def _merge_into_store(runtime: Runtime, layer: nn.Module, base: nn.Module) -> No
         # Installed: adapter weights loaded with the block (bigload's own adapter loading) are real now.
         stored = entry.source.get(entry.key)
         merged = stored.reshape(entry.shape).to(entry.dtype, copy=True)
-        for name in adapters:
+        for name in added:
             merged += layer.get_delta_weight(name).to(merged.device, merged.dtype)
-    entry.source.rewrite(entry.key, merged.to(stored.dtype), change=f"merged {adapters} into {entry.key}")
+        for name in removed:
+            merged -= layer.get_delta_weight(name).to(merged.device, merged.dtype)
+    change = f"merged {added} into {entry.key}" if added else f"unmerged {removed} from {entry.key}"
+    entry.source.rewrite(entry.key, merged.to(stored.dtype), change=change)
+    runtime._merged[id(layer)] = want
     runtime.prefetcher.forget(block)
     runtime._values.pop(block, None)
-    logger.info("bigload: merged adapters %s into offloaded weight %s", adapters, entry.key)
+    logger.info("bigload: %s", change)
 
 
 @contextlib.contextmanager

@@ -121,6 +121,24 @@ def test_merge_and_unload_writes_merged_weights_into_the_offload_store(files, tm
                           for path in files["base"].iterdir()}
 
 
+def test_merge_adapter_and_unmerge_adapter_reach_the_offloaded_weights(files, tmp_path):
+    ours = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "offload"), files["lora"])
+    reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
+    adapted = logits(reference)
+    ours.merge_adapter()
+    reference.merge_adapter()
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(ours), adapted, atol=1e-4, rtol=0)
+    store = DiskStore.open(tmp_path / "offload")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(store.get(name), reference.get_parameter(f"base_model.model.{name[:-7]}.base_layer.weight"))
+    ours.unmerge_adapter()
+    reference.unmerge_adapter()
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    with ours.disable_adapter():
+        torch.testing.assert_close(logits(ours), logits(reference_llama()), atol=1e-5, rtol=0)
+
+
 def test_unload_gives_back_the_base_model(files, tmp_path):
     ours = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "offload"), files["lora"])
     base = ours.unload()
