@@ -313,14 +313,24 @@ def adapter_summary(model: nn.Module, adapters: Sequence[Adapter], device_map: M
 
 
 def _check_prefix_tuning_runs(wrapped: nn.Module, adapter: Adapter) -> None:
-    """peft 0.21's prefix tuning maps its KV prefix to the layers' devices through `hf_device_map` and assumes a
-    GPU is in it (`peft.utils.integrations.get_layer_device_map` fails with StopIteration otherwise, for
-    accelerate's maps too): say so before the first forward does."""
-    device_map = getattr(wrapped.get_base_model(), "hf_device_map", None)
+    """peft 0.21's prefix tuning puts each layer's KV prefix on the device `hf_device_map` names for it, and for
+    "cpu"/"disk" entries on the map's first GPU (`peft.utils.integrations.get_layer_device_map`, StopIteration
+    when there is none, for accelerate's maps too). Say so before the first forward fails, when the map has no
+    GPU or a cpu/disk-placed layer runs on the CPU (its prefix would be on the GPU)."""
+    from bigload.hooks import runtime_of
+
+    base = wrapped.get_base_model()
+    device_map = getattr(base, "hf_device_map", None)
     method = getattr(adapter.config.peft_type, "value", adapter.config.peft_type)
-    if method == "PREFIX_TUNING" and device_map and all(v in ("cpu", "disk") for v in device_map.values()):
+    if method != "PREFIX_TUNING" or not device_map:
+        return
+    runtime = runtime_of(base)
+    offloaded = [key for key, value in device_map.items() if value in ("cpu", "disk")]
+    on_cpu = [key for key in offloaded if runtime is not None and key in runtime.blocks
+              and runtime.blocks[key].execution_device.type == "cpu"]
+    if len(offloaded) == len(device_map) or on_cpu:
         raise AdapterError(
-            f"{adapter.folder / ADAPTER_CONFIG}: peft runs prefix tuning on an offloaded model only when a GPU is in "
-            "its device map; this one offloads to CPU and disk only. Load the model without offload "
-            "(device_map='cpu' and enough max_memory), or run on a machine with a GPU."
+            f"{adapter.folder / ADAPTER_CONFIG}: peft puts the prefix of every layer the device map places on cpu "
+            f"or disk on the map's first GPU, but {(on_cpu or offloaded)[:3]} run on the CPU. Load the model "
+            "without offload (device_map='cpu' and enough max_memory), or give the GPU room for those layers."
         )
