@@ -23,18 +23,23 @@ IDS = torch.tensor([[3, 17, 5, 42, 9, 11, 64, 8]])
 DISK_LAYERS = [1, 2]
 
 
-def write_lora(folder: Path, seed: int, **config: object) -> Path:
-    """A LoRA adapter on q_proj/v_proj with random (non-zero) A and B, saved with peft's save_pretrained."""
+def save_adapter(base: torch.nn.Module, config: object, folder: Path, *, seed: int, widen: str, std: float) -> Path:
+    """`config` on `base`, the tensors whose names contain `widen` drawn with `std` (peft starts LoRA's B at
+    zero and prompts small; wide ones make the adapter change greedy tokens), saved with save_pretrained."""
     torch.manual_seed(seed)
-    lora = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False,
-                           **config)
-    model = peft.get_peft_model(reference_llama(), lora)
-    with torch.no_grad():  # B wide enough that the adapter changes greedy tokens
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.3)
+            if widen in name:
+                param.normal_(0.0, std)
     model.save_pretrained(folder)
     return folder
+
+
+def write_lora(folder: Path, seed: int) -> Path:
+    """A LoRA adapter on q_proj/v_proj of the reference Llama, with random A and B."""
+    lora = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False)
+    return save_adapter(reference_llama(), lora, folder, seed=seed, widen="lora_B", std=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -204,15 +209,9 @@ def demo(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("demo")
     folder = write_demo_model(root / "small", "small")
-    torch.manual_seed(3)
     lora = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=8, init_lora_weights=False)
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16), lora)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.3)
-    model.save_pretrained(root / "lora")
-    return {"model": folder, "lora": root / "lora"}
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    return {"model": folder, "lora": save_adapter(base, lora, root / "lora", seed=3, widen="lora_B", std=0.3)}
 
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
@@ -259,14 +258,7 @@ def test_cli_generate_with_an_adapter_matches_peft_in_memory(demo, capsys, tmp_p
 
 def write_prompt_learning(folder: Path, config: object) -> Path:
     """A prompt-learning adapter whose virtual tokens are drawn wide enough to change the outputs."""
-    torch.manual_seed(5)
-    model = peft.get_peft_model(reference_llama(), config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "prompt_encoder" in name:
-                param.normal_(0.0, 3.0)
-    model.save_pretrained(folder)
-    return folder
+    return save_adapter(reference_llama(), config, folder, seed=5, widen="prompt_encoder", std=3.0)
 
 
 @pytest.fixture(scope="module")
