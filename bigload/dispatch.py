@@ -19,10 +19,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from bigload.devices import CPU, Device, DeviceKind, DeviceLike
+from bigload.devices import CPU, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import DeviceError, OffloadError, PlanError
 from bigload.hooks import (
-    ExecutionPolicy,
     HostWeights,
     Runtime,
     attach,
@@ -30,11 +29,11 @@ from bigload.hooks import (
 )
 from bigload.sizes import parse_dtype
 from bigload.budget import check_devices_exist, detect_budget, parse_max_memory
-from bigload.inventory import inventory_from_module
+from bigload.inventory import Inventory, inventory_from_module
 from bigload.plan import STRATEGIES, Plan, plan
 from bigload.store import DiskStore, StoreOrigin
-from bigload.checkpoint import CheckpointIndex
-from bigload.stream import SourcePlan, load_checkpoint_in_model
+from bigload.checkpoint import CheckpointIndex, open_checkpoint
+from bigload.stream import SourcePlan, load_checkpoint_in_model, source_dtypes
 
 __all__ = [
     "cpu_offload",
@@ -314,6 +313,7 @@ class _Placement:
     execution_devices: Mapping[str, Device] | None
     prefetch: int
     plan: Any = None  # the bigload Plan, when there is one
+    inventory: Inventory | None = None  # what it was planned from: the loader places each tensor in its dtype
 
 
 def load_checkpoint_and_dispatch(
@@ -334,8 +334,9 @@ def load_checkpoint_and_dispatch(
     prefetch: int = 1,
     context_length: int | None = None,
     batch_size: int = 1,
-    policy: ExecutionPolicy = ExecutionPolicy.STREAM,
+    policy: ExecutionPolicy | str | None = None,
     keep_in_fp32_modules: Sequence[str] | None = None,
+    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     progress: bool | None = None,
     sources: SourcePlan | None = None,
     materialize: bool = False,
@@ -360,8 +361,11 @@ def load_checkpoint_and_dispatch(
         prefetch: offloaded blocks loaded ahead of the one running (the planner reserves room for them).
         context_length: tokens of KV cache the planner keeps room for on each GPU.
         batch_size: sequences of that length (the KV reserve scales with it).
-        policy: where cpu blocks run when a GPU exists and no plan decides it.
-        keep_in_fp32_modules: modules kept in float32 whatever `dtype` says.
+        policy: where cpu blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local"): passed to the
+            planner with a strategy string; with a dict map, None means STREAM (accelerate's behaviour).
+        keep_in_fp32_modules: modules kept in float32 whatever `dtype` says; None: transformers' default for
+            the model (see `inventory.DtypeRule.for_model`).
+        special_dtypes: tensor name -> dtype for those tensors (planned and loaded so).
         progress: show a progress bar (None: for long loads on a terminal).
         sources: where model tensors are when the checkpoint names or lays them out differently (see
             `bigload.stream.SourcePlan`; `bigload.hf` builds one from transformers' conversion mapping).
@@ -384,12 +388,15 @@ def load_checkpoint_and_dispatch(
     >>> load_checkpoint_and_dispatch(model, "llama/", device_map="auto", offload_folder="offload/")  # doctest: +SKIP
     """
     del offload_state_dict, preload_module_classes  # see the docstring
-    placement = _place(model, device_map, max_memory, no_split_module_classes, offload_folder, dtype, prefetch,
-                       context_length, batch_size, keep_in_fp32_modules)
+    index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
+    options = _PlanRequest(max_memory, no_split_module_classes, offload_folder, dtype, prefetch, context_length,
+                           batch_size, keep_in_fp32_modules, special_dtypes, policy)
+    placement = _place(model, device_map, options, source_dtypes(index, sources))
     placed = validate_device_map(model, placement.device_map)
     result = load_checkpoint_in_model(
-        model, checkpoint, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
-        keep_in_fp32_modules=keep_in_fp32_modules, progress=progress, sources=sources, materialize=materialize,
+        model, index, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
+        keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes, progress=progress,
+        sources=sources, materialize=materialize, inventory=placement.inventory,
     )
     store = DiskStore.open(result.store.folder) if result.store is not None else None
     runtime = None
@@ -400,7 +407,9 @@ def load_checkpoint_and_dispatch(
             execution_device=placement.execution_devices or main,
             store=store, prefetch=placement.prefetch,
             skip_keys=[skip_keys] if isinstance(skip_keys, str) else skip_keys,
-            offload_buffers=offload_buffers, policy=policy,
+            offload_buffers=offload_buffers,
+            policy=ExecutionPolicy.parse(policy) if policy is not None else ExecutionPolicy.STREAM,
+            slots=placement.plan.slots if placement.plan is not None else None,
         )
     _set_device_map(model, placement.device_map, runtime)
     if placement.plan is not None:
@@ -410,34 +419,59 @@ def load_checkpoint_and_dispatch(
     return model
 
 
-def _place(model: nn.Module, device_map: Any, max_memory: Mapping[int | str, int | str] | None,
-           no_split_module_classes: Sequence[str] | None, offload_folder: str | os.PathLike[str] | None,
-           dtype: str | torch.dtype | None, prefetch: int, context_length: int | None, batch_size: int,
-           keep_in_fp32_modules: Sequence[str] | None) -> _Placement:
+@dataclass(frozen=True)
+class _PlanRequest:
+    """The planning keywords of `load_checkpoint_and_dispatch`, used when `device_map` is a strategy."""
+
+    max_memory: Mapping[int | str, int | str] | None
+    no_split_module_classes: Sequence[str] | None
+    offload_folder: str | os.PathLike[str] | None
+    dtype: str | torch.dtype | None
+    prefetch: int
+    context_length: int | None
+    batch_size: int
+    keep_in_fp32_modules: Sequence[str] | None
+    special_dtypes: Mapping[str, str | torch.dtype] | None
+    policy: ExecutionPolicy | str | None
+
+
+def _place(model: nn.Module, device_map: Any, request: _PlanRequest,
+           stored_dtypes: Mapping[str, torch.dtype]) -> _Placement:
     if device_map is None:
-        return _Placement({"": "cpu"}, None, prefetch)
+        return _Placement({"": "cpu"}, None, request.prefetch)
     if isinstance(device_map, (int, torch.device)) or (isinstance(device_map, str) and device_map not in STRATEGIES):
         # transformers accepts one device for the whole model ("cpu", "cuda:1", 0); so do we.
         try:
-            return _Placement({"": Device.parse(device_map).key}, None, prefetch)
+            return _Placement({"": Device.parse(device_map).key}, None, request.prefetch)
         except DeviceError:
             raise PlanError(
                 f"device_map={device_map!r} is neither a strategy ({', '.join(STRATEGIES)}) nor a device "
                 "(0, 'cuda:N', 'cpu'); pass one of those or a dict such as {'': 'cpu'}."
             ) from None
     if isinstance(device_map, str):
-        if max_memory is not None:
+        if request.max_memory is not None:
             # Loading, unlike a dry run, needs every GPU the budget names to be here.
-            check_devices_exist(parse_max_memory(max_memory))
-        planned = plan_for_model(
-            model, device_map, max_memory=max_memory, no_split_module_classes=no_split_module_classes,
-            offload_folder=offload_folder, dtype=dtype, prefetch=prefetch, context_length=context_length,
-            batch_size=batch_size, keep_in_fp32_modules=keep_in_fp32_modules,
-        )
-        return _from_plan(planned)
+            check_devices_exist(parse_max_memory(request.max_memory))
+        inventory = _inventory(model, request, stored_dtypes)
+        planned = _plan_inventory(inventory, device_map, request)
+        return _Placement(dict(planned.device_map), dict(planned.execution_devices), planned.prefetch, planned,
+                          inventory)
     if isinstance(device_map, Mapping):
-        return _Placement(dict(device_map), None, prefetch)
+        return _Placement(dict(device_map), None, request.prefetch)
     return _from_plan(device_map)
+
+
+def _inventory(model: nn.Module, request: _PlanRequest, stored_dtypes: Mapping[str, torch.dtype] | None) -> Inventory:
+    return inventory_from_module(
+        model, dtype=request.dtype, no_split_module_classes=request.no_split_module_classes,
+        keep_in_fp32_modules=request.keep_in_fp32_modules, special_dtypes=request.special_dtypes,
+        stored_dtypes=stored_dtypes)
+
+
+def _plan_inventory(inventory: Inventory, strategy: str, request: _PlanRequest) -> Plan:
+    budget = detect_budget(request.max_memory, offload_folder=request.offload_folder)
+    return plan(inventory, budget, strategy=strategy, dtype=inventory.dtype, context_length=request.context_length,
+                batch_size=request.batch_size, prefetch=request.prefetch, policy=request.policy)
 
 
 def plan_for_model(
@@ -452,18 +486,18 @@ def plan_for_model(
     context_length: int | None = None,
     batch_size: int = 1,
     keep_in_fp32_modules: Sequence[str] | None = None,
+    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
+    policy: ExecutionPolicy | str | None = None,
 ) -> Plan:
     """inventory -> budget -> plan: where each block of `model` goes, without reading a weight.
 
     `max_memory=None` plans for what this machine has free now; an `offload_folder` with no "disk" entry
-    in `max_memory` contributes its free space as the disk budget.
+    in `max_memory` contributes its free space as the disk budget. The other keywords are
+    `load_checkpoint_and_dispatch`'s.
     """
-    target = parse_dtype(dtype) if dtype is not None else None
-    inventory = inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes,
-                                      keep_in_fp32_modules=keep_in_fp32_modules)
-    budget = detect_budget(max_memory, offload_folder=offload_folder)
-    return plan(inventory, budget, strategy=strategy, dtype=target, context_length=context_length,
-                batch_size=batch_size, prefetch=prefetch)
+    request = _PlanRequest(max_memory, no_split_module_classes, offload_folder, dtype, prefetch, context_length,
+                           batch_size, keep_in_fp32_modules, special_dtypes, policy)
+    return _plan_inventory(_inventory(model, request, None), strategy, request)
 
 
 def _from_plan(planned: Any) -> _Placement:

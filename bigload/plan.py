@@ -37,9 +37,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from bigload.devices import CPU, Budget, Device, DeviceKind, DeviceLike
+from bigload.devices import CPU, Budget, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import PlanError
 from bigload.inventory import Inventory
+from bigload.reserve import SlotSpec, slot_count
 from bigload.sizes import dtype_width, format_size, parse_dtype, parse_size
 
 __all__ = [
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-POLICIES = ("stream", "local")
+POLICIES = tuple(policy.value for policy in ExecutionPolicy)
 
 # The bandwidth model behind the default execution policy (round figures for a PCIe 4 x16 host and a
 # server CPU running bf16 GEMV/GEMM; they only need to be right within a factor of two or so).
@@ -133,8 +134,10 @@ class Plan:
         usage: one entry per budget device with a nonzero budget, in placement order.
         strategy: the strategy used (`auto` resolved).
         main_device: where offloaded blocks run (first GPU in the budget, else the CPU).
-        policy: "stream" or "local": where CPU-resident blocks run when a GPU exists.
+        policy: where CPU-resident blocks run when a GPU exists (an `ExecutionPolicy`, equal to its name).
         prefetch: offloaded blocks loaded ahead of the running one (the reserve covers them).
+        slots: the slots the runtime keeps on `main_device` for offloaded blocks (count and size); the
+            runtime takes them from here. `SlotSpec(0, 0)` when nothing is offloaded.
         dtype: the compute dtype name the KV cache was sized for, or None.
         context_length: tokens of KV cache kept per sequence, or None.
         batch_size: sequences the KV cache was sized for.
@@ -145,8 +148,9 @@ class Plan:
     usage: tuple[DeviceUsage, ...]
     strategy: str
     main_device: Device
-    policy: str
+    policy: ExecutionPolicy
     prefetch: int
+    slots: SlotSpec = SlotSpec(0, 0)
     dtype: str | None = None
     context_length: int | None = None
     batch_size: int = 1
@@ -189,8 +193,9 @@ class Plan:
             "version": _JSON_VERSION,
             "strategy": self.strategy,
             "main_device": self.main_device.key,
-            "policy": self.policy,
+            "policy": self.policy.value,
             "prefetch": self.prefetch,
+            "slots": {"count": self.slots.count, "nbytes": self.slots.nbytes},
             "dtype": self.dtype,
             "context_length": self.context_length,
             "batch_size": self.batch_size,
@@ -232,8 +237,9 @@ class Plan:
                 ),
                 strategy=data["strategy"],
                 main_device=Device.parse(data["main_device"]),
-                policy=data["policy"],
+                policy=ExecutionPolicy.parse(data["policy"]),
                 prefetch=int(data["prefetch"]),
+                slots=SlotSpec(int(data.get("slots", {}).get("count", 0)), int(data.get("slots", {}).get("nbytes", 0))),
                 dtype=data["dtype"],
                 context_length=data["context_length"],
                 batch_size=int(data["batch_size"]),
@@ -566,7 +572,7 @@ class _Ties:
 @dataclass(frozen=True)
 class _Setup:
     strategy: str
-    policy: str
+    policy: ExecutionPolicy
     policy_reason: str
     main: Device
     slots_template: tuple[_Slot, ...]
@@ -583,7 +589,7 @@ def plan(
     context_length: int | None = None,
     batch_size: int = 1,
     prefetch: int = 1,
-    policy: str | None = None,
+    policy: ExecutionPolicy | str | None = None,
     collapse: bool = True,
 ) -> Plan:
     """Plan where every block of `inventory` goes under `budget`.
@@ -600,7 +606,8 @@ def plan(
             attention layer (needs a KV-cache spec in the inventory).
         batch_size: sequences decoded at once (KV cache size, and the execution-policy model).
         prefetch: offloaded blocks loaded ahead of the running one; the reserve covers them.
-        policy: "stream" or "local" for CPU-resident blocks when a GPU exists; default from `choose_policy`.
+        policy: an `ExecutionPolicy` (or its name, "stream" / "local") for CPU-resident blocks when a GPU
+            exists; default from `choose_policy`.
         collapse: merge entries into their parent when the whole parent sits on one device and runs there
             (`{"": 0}` when everything is on GPU 0). Offloaded entries are never merged: an entry is the unit
             the runtime brings in at once.
@@ -635,11 +642,10 @@ def plan(
 
 def _setup(inv: Inventory, budget: Budget, strategy: str, dtype: torch.dtype | str | None,
            headroom: int | str | Mapping[DeviceLike, int | str] | None, context_length: int | None,
-           batch_size: int, prefetch: int, policy: str | None) -> _Setup:
+           batch_size: int, prefetch: int, policy: ExecutionPolicy | str | None) -> _Setup:
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
-    if policy is not None and policy not in POLICIES:
-        raise PlanError(f"unknown execution policy {policy!r}; use 'stream' or 'local'.")
+    requested = ExecutionPolicy.parse(policy) if policy is not None else None
     if prefetch < 0:
         raise PlanError(f"prefetch={prefetch} is negative; use 0 (load on demand) or a positive depth.")
     if batch_size < 1:
@@ -661,8 +667,8 @@ def _setup(inv: Inventory, budget: Budget, strategy: str, dtype: torch.dtype | s
     resolved = strategy if strategy != "auto" else ("balanced" if len(gpus) > 1 else "sequential")
     if not gpus:
         chosen, reason = "local", "no GPU in the budget: every block runs on the CPU."
-    elif policy is not None:
-        chosen, reason = policy, f"CPU-resident blocks use policy '{policy}' as requested."
+    elif requested is not None:
+        chosen, reason = requested.value, f"CPU-resident blocks use policy '{requested}' as requested."
     else:
         chosen, reason = choose_policy(batch_size, width or (inv.kv.width if inv.kv else 2))
     layer_kv = _layer_kv(inv, context_length, batch_size, width)
@@ -672,7 +678,7 @@ def _setup(inv: Inventory, budget: Budget, strategy: str, dtype: torch.dtype | s
               runs_own=device.is_gpu or (device == CPU and (not gpus or chosen == "local")))
         for device, nbytes in devices
     )
-    return _Setup(resolved, chosen, reason, main, slots, layer_kv)
+    return _Setup(resolved, ExecutionPolicy.parse(chosen), reason, main, slots, layer_kv)
 
 
 def _layer_kv(inv: Inventory, context_length: int | None, batch_size: int, width: int | None) -> int:
@@ -772,32 +778,23 @@ def _offloaded_units(walk: _Walk, setup: _Setup) -> list[Unit]:
 
 
 def _main_charge(inv: Inventory, walk: _Walk, offloaded: Sequence[Unit], prefetch: int) -> int:
-    """What the main device must hold for offloaded blocks: the prefetcher's slots of the largest offloaded
-    block's parameters, their resident buffers, and the KV cache of the offloaded attention layers."""
-    if not offloaded:
-        return 0
-    params = buffers = kv = 0
-    for unit in offloaded:
-        i, whole = unit
-        unit_buffers = inv.subtree_buffer_bytes(i) if whole else inv.own_buffer_bytes[i]
-        params = max(params, walk.unit_bytes(unit) - unit_buffers)
-        buffers += unit_buffers
-        kv += walk.units[unit][1]
-    slots = min(_nesting_depth(inv, offloaded) + prefetch, len(offloaded))
-    return slots * params + buffers + kv
+    """What the main device must hold for offloaded blocks: the runtime's slots (`_slots`), the buffers of
+    offloaded blocks (they stay resident where the blocks run), and the KV cache of offloaded attention layers."""
+    buffers = sum(_unit_buffers(inv, unit) for unit in offloaded)
+    kv = sum(walk.units[unit][1] for unit in offloaded)
+    return _slots(inv, walk, offloaded, prefetch).total + buffers + kv
 
 
-def _nesting_depth(inv: Inventory, units: Sequence[Unit]) -> int:
-    """How many offloaded entries can run at once: a split module's own entry encloses its children's."""
-    depth = 1
-    open_ends: list[int] = []
-    for i, whole in sorted(units):
-        while open_ends and open_ends[-1] <= i:
-            open_ends.pop()
-        depth = max(depth, len(open_ends) + 1)
-        if not whole:
-            open_ends.append(inv.ends[i])
-    return depth
+def _slots(inv: Inventory, walk: _Walk, offloaded: Sequence[Unit], prefetch: int) -> SlotSpec:
+    """The runtime's slots: `reserve.slot_count` of them, each the largest offloaded entry's parameters."""
+    count = slot_count([inv.names[i] for i, _ in offloaded], prefetch)
+    params = max((walk.unit_bytes(unit) - _unit_buffers(inv, unit) for unit in offloaded), default=0)
+    return SlotSpec(count, params if count else 0)
+
+
+def _unit_buffers(inv: Inventory, unit: Unit) -> int:
+    i, whole = unit
+    return inv.subtree_buffer_bytes(i) if whole else inv.own_buffer_bytes[i]
 
 
 def _upper_bound(inv: Inventory, kv: _KV, prefetch: int) -> int:
@@ -833,6 +830,7 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, prefetch: int, conte
         main_device=setup.main,
         policy=setup.policy,
         prefetch=prefetch,
+        slots=_slots(inv, walk, offloaded, prefetch),
         dtype=str(target).removeprefix("torch.") if target is not None else None,
         context_length=context_length,
         batch_size=batch_size,
@@ -884,7 +882,7 @@ def _reasons(inv: Inventory, setup: _Setup, placements: Sequence[Placement], usa
         reasons.append(setup.policy_reason)
     if offloaded:
         largest = max(offloaded, key=lambda u: walk.unit_bytes(u))
-        slots = min(_nesting_depth(inv, offloaded) + prefetch, len(offloaded))
+        slots = slot_count([inv.names[i] for i, _ in offloaded], prefetch)
         reserve = next(u.reserve for u in usage if u.device == setup.main)
         reasons.append(
             f"{len(offloaded)} block(s) are offloaded and run on {setup.main}; it keeps a reserve of "

@@ -33,6 +33,7 @@ from torch import nn
 from bigload.checkpoint import CheckpointIndex, CheckpointReader, TensorRef, open_checkpoint
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike
 from bigload.errors import BudgetError, CheckpointError, DeviceError, OffloadError
+from bigload.inventory import DtypeRule, Inventory, castable, inventory_from_module
 from bigload.sizes import dtype_width, parse_dtype
 from bigload.store import DiskStore, StoreOrigin, dtype_name
 
@@ -44,13 +45,11 @@ __all__ = [
     "Mismatch",
     "SourcePlan",
     "load_checkpoint_in_model",
+    "source_dtypes",
 ]
 
 logger = logging.getLogger("bigload")
 
-# Only these are cast; integer, bool, complex and float8 tensors (quantized weights, their scales) keep
-# their stored dtype, since casting them would change what they mean.
-_CASTABLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _PROGRESS_MIN_BYTES = 2**30
 _MAX_PENDING = 64  # zero-copy tasks cost no window bytes; this bounds the queue of futures instead
 _STAGING_SLOTS = 4
@@ -261,25 +260,6 @@ def _under(name: str, prefixes: Sequence[str]) -> bool:
     return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _keeps_fp32(name: str, keep: Sequence[str]) -> bool:
-    # accelerate/transformers semantics: an entry matches a dotted component ("wo") or a dotted prefix.
-    components = name.split(".")
-    return any(entry in components or _under(name, [entry]) for entry in keep)
-
-
-def _target_dtype(name: str, stored: torch.dtype, model_dtype: torch.dtype, dtype: torch.dtype | None,
-                  keep_fp32: Sequence[str]) -> torch.dtype:
-    """The dtype a tensor is placed in: never cast integer/bool/float8; kept-fp32 modules stay float32;
-    else `dtype`, else the dtype the model was built with."""
-    if stored not in _CASTABLE:
-        return stored
-    if _keeps_fp32(name, keep_fp32):
-        return torch.float32
-    if dtype is not None:
-        return dtype
-    return model_dtype if model_dtype in _CASTABLE else stored
-
-
 # ---------------------------------------------------------------------------------------------------------
 # matching checkpoint names to model tensors
 
@@ -314,6 +294,12 @@ def _sources(index: CheckpointIndex, plan: SourcePlan | None) -> tuple[dict[str,
         else:
             table[checkpoint_name] = ref
     return table, shadowed
+
+
+def source_dtypes(index: CheckpointIndex, sources: SourcePlan | None = None) -> dict[str, torch.dtype]:
+    """Model tensor name -> the dtype its bytes have in the checkpoint (headers only), for the inventory's
+    dtype decisions (`inventory_from_module(stored_dtypes=...)`)."""
+    return {name: source.dtype for name, source in _sources(index, sources)[0].items()}
 
 
 def _match(index: CheckpointIndex, groups: list[_Group], only: Sequence[str],
@@ -629,6 +615,7 @@ def load_checkpoint_in_model(
     offload_folder: str | os.PathLike[str] | None = None,
     offload_state_dict: bool | None = None,
     keep_in_fp32_modules: Sequence[str] | None = None,
+    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     strict: bool = True,
     window_bytes: int = 256 * 2**20,
     materialize: bool = False,
@@ -636,6 +623,7 @@ def load_checkpoint_in_model(
     progress: bool | None = None,
     only: Sequence[str] | None = None,
     sources: SourcePlan | None = None,
+    inventory: Inventory | None = None,
 ) -> LoadResult:
     """Stream `checkpoint` into `model`, each tensor straight to its device.
 
@@ -646,12 +634,16 @@ def load_checkpoint_in_model(
             `""` for the whole model) or a bigload `Plan`; a tensor goes where its longest dotted prefix says.
             None puts everything on the CPU.
         dtype: cast floating-point tensors to this dtype; None casts them to the dtype the model was built
-            with. Integer, bool and float8 tensors are never cast.
+            with. Integer, bool, complex and float8 tensors are never cast (`inventory.DtypeRule`).
         offload_folder: where tensors mapped to "disk" go (a `DiskStore`). A store already there for the same
             checkpoint and dtypes is reused as is.
         offload_state_dict: accepted for accelerate compatibility and ignored: bigload never holds a whole
             state dict in memory, so there is nothing to offload while loading.
-        keep_in_fp32_modules: module names (or name components, e.g. "wo") kept in float32.
+        keep_in_fp32_modules: module names (or name components, e.g. "wo") kept in float32. None:
+            transformers' default for the model (its `_keep_in_fp32_modules` at float16,
+            `_keep_in_fp32_modules_strict` at float16 and bfloat16), as the planner sizes them; accelerate
+            keeps none unless given the list (pass `[]` for that).
+        special_dtypes: tensor name -> dtype for those tensors, whatever `dtype` says.
         strict: missing, unexpected and mis-shaped tensors raise (before any byte is read); with False they
             are logged as a warning and returned.
         window_bytes: cap on the bytes of temporaries in flight (cast results not yet placed, readahead,
@@ -663,6 +655,9 @@ def load_checkpoint_in_model(
             the model is left alone and not reported.
         sources: where model tensors are when the checkpoint names or lays them out differently (renamed
             keys, per-expert tensors of a fused MoE weight); see `SourcePlan`. None: matched by name.
+        inventory: the inventory the load was planned with; every tensor is placed in the dtype its entry
+            carries. None: built here from the model, `dtype`, `keep_in_fp32_modules`, `special_dtypes` and
+            the checkpoint's dtypes, exactly as the planner builds it.
 
     Returns:
         LoadResult with the missing/unexpected/mismatched names, the disk store and what went to disk.
@@ -687,14 +682,20 @@ def load_checkpoint_in_model(
     index.check_unchanged()  # an index opened earlier may describe files changed since
     scope = list(only) if only is not None else [""]
     groups = [group for group in _model_groups(model) if any(_under(name, scope) for name in group.names)]
-    _place_groups(groups, dmap, _sources(index, sources)[0], target_dtype, list(keep_in_fp32_modules or ()))
+    table = _sources(index, sources)[0]
+    if inventory is None:
+        inventory = inventory_from_module(
+            model, dtype=target_dtype, special_dtypes=special_dtypes, keep_in_fp32_modules=keep_in_fp32_modules,
+            stored_dtypes={name: source.dtype for name, source in table.items()})
+    _place_groups(groups, dmap, table, inventory)
     match = _match(index, groups, scope, sources)
     _report(match, index, strict)
 
     disk_tasks = [task for task in match.tasks if task.group.device.kind is DeviceKind.DISK]
     # dtype=None means "the model's dtype": name it, so the same load spelled either way reuses a store.
-    policy_dtype = target_dtype or next((g.original.dtype for g in groups if g.original.dtype in _CASTABLE), None)
-    origin = _store_origin(index, disk_tasks, policy_dtype, keep_in_fp32_modules)
+    rule = inventory.rule
+    policy_dtype = rule.dtype or next((g.original.dtype for g in groups if castable(g.original.dtype)), None)
+    origin = _store_origin(index, disk_tasks, policy_dtype, rule)
     store, reuse = _prepare_store(offload_folder, origin, disk_tasks)
     gpus = {task.group.device for task in match.tasks if task.group.device.is_gpu}
     stager = _GpuStager(window_bytes, pin_memory is not False, gpus) if gpus else None
@@ -727,8 +728,8 @@ def _stream_into(tasks: Sequence[_Task], reader: CheckpointReader, placer: _Plac
 
 
 def _place_groups(groups: list[_Group], dmap: Mapping[str, Device], sources: Mapping[str, Source],
-                  dtype: torch.dtype | None, keep_fp32: Sequence[str]) -> None:
-    """Decide each group's device (its first name's) and dtype (from the tensor the checkpoint holds)."""
+                  inventory: Inventory) -> None:
+    """Find each group's device (its first name's) and the dtype the inventory decided for it."""
     for group in groups:
         devices = {_device_of(name, dmap) for name in group.names}
         device = _device_of(group.names[0], dmap)
@@ -742,8 +743,11 @@ def _place_groups(groups: list[_Group], dmap: Mapping[str, Device], sources: Map
             logger.warning("tied tensors %s are mapped to different devices; all are placed on %s",
                            ", ".join(group.names), device)
         group.device = device  # type: ignore[assignment]
-        stored = next((sources[n].dtype for n in group.names if n in sources), group.original.dtype)
-        group.dtype = _target_dtype(group.names[0], stored, group.original.dtype, dtype, keep_fp32)
+        decided = next((d for n in group.names if (d := inventory.dtype_of(n)) is not None), None)
+        if decided is None:  # an inventory of another model: the same rule, asked here
+            stored = next((sources[n].dtype for n in group.names if n in sources), group.original.dtype)
+            decided = inventory.rule.dtype_of(group.names[0], stored, group.original.dtype)
+        group.dtype = decided
 
 
 def _prepare_store(folder: str | os.PathLike[str] | None, origin: StoreOrigin,
@@ -776,12 +780,14 @@ def _holds(store: DiskStore, task: _Task) -> bool:
 
 
 def _store_origin(index: CheckpointIndex, disk_tasks: Sequence[_Task], dtype: torch.dtype | None,
-                  keep_fp32: Sequence[str] | None) -> StoreOrigin:
+                  rule: DtypeRule) -> StoreOrigin:
     # The stored bytes depend on the checkpoint and on how tensors are cast (the load's dtype policy), not on
     # which tensors a plan sends to disk: a store of the same load under another plan is rebuilt in place.
     dtypes = sorted({dtype_name(task.group.dtype) for task in disk_tasks})
     policy = dtype_name(dtype) if dtype is not None else "model"
-    variant = f"{policy};fp32:{','.join(sorted(keep_fp32 or ()))}"
+    variant = f"{policy};fp32:{','.join(sorted(rule.keep_in_fp32))}"
+    if rule.special:
+        variant += ";special:" + ",".join(f"{name}={dtype_name(dtype)}" for name, dtype in rule.special)
     origin = StoreOrigin.of(index, None, variant)
     return StoreOrigin(origin.fingerprint, origin.source, "/".join(dtypes))
 
