@@ -30,7 +30,7 @@ from bigload.hooks import (
 from bigload.sizes import parse_dtype
 from bigload.budget import check_devices_exist, detect_budget, parse_max_memory
 from bigload.inventory import Inventory, inventory_from_module
-from bigload.plan import STRATEGIES, Plan, plan
+from bigload.plan import STRATEGIES, Plan, PlanOptions, plan
 from bigload.store import DiskStore, StoreOrigin
 from bigload.checkpoint import CheckpointIndex, open_checkpoint
 from bigload.stream import SourcePlan, load_checkpoint_in_model, source_dtypes
@@ -389,8 +389,10 @@ def load_checkpoint_and_dispatch(
     """
     del offload_state_dict, preload_module_classes  # see the docstring
     index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
-    options = _PlanRequest(max_memory, no_split_module_classes, offload_folder, dtype, prefetch, context_length,
-                           batch_size, keep_in_fp32_modules, special_dtypes, policy)
+    options = PlanOptions(
+        dtype=dtype, max_memory=max_memory, offload_folder=offload_folder, context_length=context_length,
+        batch_size=batch_size, prefetch=prefetch, policy=policy, keep_in_fp32_modules=keep_in_fp32_modules,
+        special_dtypes=special_dtypes, no_split_module_classes=no_split_module_classes)
     placement = _place(model, device_map, options, source_dtypes(index, sources))
     placed = validate_device_map(model, placement.device_map)
     result = load_checkpoint_in_model(
@@ -408,7 +410,7 @@ def load_checkpoint_and_dispatch(
             store=store, prefetch=placement.prefetch,
             skip_keys=[skip_keys] if isinstance(skip_keys, str) else skip_keys,
             offload_buffers=offload_buffers,
-            policy=ExecutionPolicy.parse(policy) if policy is not None else ExecutionPolicy.STREAM,
+            policy=options.policy or ExecutionPolicy.STREAM,
             slots=placement.plan.slots if placement.plan is not None else None,
         )
     _set_device_map(model, placement.device_map, runtime)
@@ -419,59 +421,44 @@ def load_checkpoint_and_dispatch(
     return model
 
 
-@dataclass(frozen=True)
-class _PlanRequest:
-    """The planning keywords of `load_checkpoint_and_dispatch`, used when `device_map` is a strategy."""
-
-    max_memory: Mapping[int | str, int | str] | None
-    no_split_module_classes: Sequence[str] | None
-    offload_folder: str | os.PathLike[str] | None
-    dtype: str | torch.dtype | None
-    prefetch: int
-    context_length: int | None
-    batch_size: int
-    keep_in_fp32_modules: Sequence[str] | None
-    special_dtypes: Mapping[str, str | torch.dtype] | None
-    policy: ExecutionPolicy | str | None
-
-
-def _place(model: nn.Module, device_map: Any, request: _PlanRequest,
+def _place(model: nn.Module, device_map: Any, options: PlanOptions,
            stored_dtypes: Mapping[str, torch.dtype]) -> _Placement:
+    """Where blocks go and run: planned for a strategy string, else the caller's map or Plan."""
     if device_map is None:
-        return _Placement({"": "cpu"}, None, request.prefetch)
+        return _Placement({"": "cpu"}, None, options.prefetch)
     if isinstance(device_map, (int, torch.device)) or (isinstance(device_map, str) and device_map not in STRATEGIES):
         # transformers accepts one device for the whole model ("cpu", "cuda:1", 0); so do we.
         try:
-            return _Placement({"": Device.parse(device_map).key}, None, request.prefetch)
+            return _Placement({"": Device.parse(device_map).key}, None, options.prefetch)
         except DeviceError:
             raise PlanError(
                 f"device_map={device_map!r} is neither a strategy ({', '.join(STRATEGIES)}) nor a device "
                 "(0, 'cuda:N', 'cpu'); pass one of those or a dict such as {'': 'cpu'}."
             ) from None
     if isinstance(device_map, str):
-        if request.max_memory is not None:
+        if options.max_memory is not None:
             # Loading, unlike a dry run, needs every GPU the budget names to be here.
-            check_devices_exist(parse_max_memory(request.max_memory))
-        inventory = _inventory(model, request, stored_dtypes)
-        planned = _plan_inventory(inventory, device_map, request)
+            check_devices_exist(parse_max_memory(options.max_memory))
+        inventory = _inventory(model, options, stored_dtypes)
+        planned = _plan_inventory(inventory, options.with_settings(strategy=device_map))
         return _Placement(dict(planned.device_map), dict(planned.execution_devices), planned.prefetch, planned,
                           inventory)
     if isinstance(device_map, Mapping):
-        return _Placement(dict(device_map), None, request.prefetch)
+        return _Placement(dict(device_map), None, options.prefetch)
     return _from_plan(device_map)
 
 
-def _inventory(model: nn.Module, request: _PlanRequest, stored_dtypes: Mapping[str, torch.dtype] | None) -> Inventory:
+def _inventory(model: nn.Module, options: PlanOptions, stored_dtypes: Mapping[str, torch.dtype] | None) -> Inventory:
     return inventory_from_module(
-        model, dtype=request.dtype, no_split_module_classes=request.no_split_module_classes,
-        keep_in_fp32_modules=request.keep_in_fp32_modules, special_dtypes=request.special_dtypes,
+        model, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes,
+        keep_in_fp32_modules=options.keep_in_fp32_modules, special_dtypes=options.special_dtypes,
         stored_dtypes=stored_dtypes)
 
 
-def _plan_inventory(inventory: Inventory, strategy: str, request: _PlanRequest) -> Plan:
-    budget = detect_budget(request.max_memory, offload_folder=request.offload_folder)
-    return plan(inventory, budget, strategy=strategy, dtype=inventory.dtype, context_length=request.context_length,
-                batch_size=request.batch_size, prefetch=request.prefetch, policy=request.policy)
+def _plan_inventory(inventory: Inventory, options: PlanOptions) -> Plan:
+    """The budget (probed here when `max_memory` is None: the planner never probes), then the plan."""
+    budget = detect_budget(options.max_memory, offload_folder=options.offload_folder)
+    return plan(inventory, budget, options)
 
 
 def plan_for_model(
@@ -495,9 +482,12 @@ def plan_for_model(
     in `max_memory` contributes its free space as the disk budget. The other keywords are
     `load_checkpoint_and_dispatch`'s.
     """
-    request = _PlanRequest(max_memory, no_split_module_classes, offload_folder, dtype, prefetch, context_length,
-                           batch_size, keep_in_fp32_modules, special_dtypes, policy)
-    return _plan_inventory(_inventory(model, request, None), strategy, request)
+    options = PlanOptions(
+        strategy=strategy, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
+        context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
+        keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes,
+        no_split_module_classes=no_split_module_classes)
+    return _plan_inventory(_inventory(model, options, None), options)
 
 
 def _from_plan(planned: Any) -> _Placement:

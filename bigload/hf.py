@@ -26,7 +26,7 @@ from bigload.empty import init_empty_weights
 from bigload.errors import BigloadError, CheckpointError
 from bigload.hooks import OutputAlignment, runtime_of
 from bigload.inventory import default_keep_in_fp32_modules, inventory_from_checkpoint, inventory_from_module
-from bigload.plan import plan
+from bigload.plan import PlanOptions, plan
 from bigload.sizes import parse_dtype
 from bigload.stream import DerivedTensor, SourcePlan, source_dtypes
 
@@ -299,10 +299,12 @@ def plan_model(
 
     >>> print(plan_model("llama-3.1-405b", max_memory={0: "80GiB", "cpu": "1TiB"}).explain())  # doctest: +SKIP
     """
-    inventory = inventory_for(spec, dtype=dtype, no_split_module_classes=no_split_module_classes)
-    budget = detect_budget(max_memory, offload_folder=offload_folder)
-    return plan(inventory, budget, strategy=strategy, dtype=inventory.dtype, context_length=context_length,
-                batch_size=batch_size, prefetch=prefetch, policy=policy)
+    options = PlanOptions(strategy=strategy, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
+                          context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
+                          no_split_module_classes=no_split_module_classes)
+    inventory = inventory_for(spec, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes)
+    budget = detect_budget(options.max_memory, offload_folder=options.offload_folder)
+    return plan(inventory, budget, options.with_settings(dtype=inventory.dtype))
 
 
 def from_pretrained(

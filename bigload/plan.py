@@ -29,6 +29,8 @@ step (see `choose_policy`).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
 from bisect import bisect_left, bisect_right
@@ -50,6 +52,7 @@ __all__ = [
     "PCIE_BYTES_PER_S",
     "Placement",
     "Plan",
+    "PlanOptions",
     "STRATEGIES",
     "choose_policy",
     "plan",
@@ -579,38 +582,84 @@ class _Setup:
     layer_kv: int
 
 
-def plan(
-    inventory: Inventory,
-    budget: Budget,
-    *,
-    strategy: str = "auto",
-    dtype: torch.dtype | str | None = None,
-    headroom: int | str | Mapping[DeviceLike, int | str] | None = None,
-    context_length: int | None = None,
-    batch_size: int = 1,
-    prefetch: int = 1,
-    policy: ExecutionPolicy | str | None = None,
-    collapse: bool = True,
-) -> Plan:
-    """Plan where every block of `inventory` goes under `budget`.
+@dataclass(frozen=True)
+class PlanOptions:
+    """Every planning setting, gathered once at an entry point (`plan_for_model`, `plan_model`,
+    `load_checkpoint_and_dispatch`, `from_pretrained`, the CLI) from accelerate-style keywords, then passed
+    down as one value (as `torch.distributed.checkpoint` passes one planner object).
 
-    Args:
-        inventory: from `inventory_from_module` or `inventory_from_checkpoint`.
-        budget: bytes per device (`budget.detect_budget`, `budget.parse_max_memory` or `Budget.of`).
+    Attributes:
         strategy: "auto", "balanced", "balanced_low_0" or "sequential" (see the module docstring).
-        dtype: the compute dtype, used to size the KV cache (default: the inventory's dtype). Weights are
-            sized by the inventory; a different dtype here is an error.
+        dtype: the dtype floating weights are loaded in (None: the model's); sizes the KV cache too.
+        max_memory: per-device budgets in accelerate's format (`{0: "20GiB", "cpu": "60GiB"}`); None: what
+            the machine has free (probed by `budget.detect_budget` at the entry point, never here).
+        offload_folder: with no "disk" budget, its free space becomes the disk budget.
         headroom: bytes kept free on each device that runs blocks (an int or size string applies to every
             GPU, and to the CPU when it runs blocks), or a per-device mapping.
         context_length: tokens per sequence to keep KV cache for, charged to the device running each
             attention layer (needs a KV-cache spec in the inventory).
         batch_size: sequences decoded at once (KV cache size, and the execution-policy model).
         prefetch: offloaded blocks loaded ahead of the running one; the reserve covers them.
-        policy: an `ExecutionPolicy` (or its name, "stream" / "local") for CPU-resident blocks when a GPU
-            exists; default from `choose_policy`.
+        policy: an `ExecutionPolicy` (names are parsed) for CPU-resident blocks when a GPU exists; None:
+            `choose_policy` decides.
+        keep_in_fp32_modules, special_dtypes, no_split_module_classes: how the inventory is built (see
+            `inventory.DtypeRule`); None: the model's own lists.
+    """
+
+    strategy: str = "auto"
+    dtype: torch.dtype | None = None
+    max_memory: Mapping[int | str, int | str] | None = None
+    offload_folder: Any = None
+    headroom: int | str | Mapping[DeviceLike, int | str] | None = None
+    context_length: int | None = None
+    batch_size: int = 1
+    prefetch: int = 1
+    policy: ExecutionPolicy | None = None
+    keep_in_fp32_modules: tuple[str, ...] | None = None
+    special_dtypes: Mapping[str, torch.dtype] | None = None
+    no_split_module_classes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # Normalized once, here, so every reader sees parsed values (names -> dtypes and policies).
+        set_ = functools.partial(object.__setattr__, self)
+        if self.dtype is not None:
+            set_("dtype", parse_dtype(self.dtype))
+        if self.policy is not None:
+            set_("policy", ExecutionPolicy.parse(self.policy))
+        if self.special_dtypes is not None:
+            set_("special_dtypes", {name: parse_dtype(v) for name, v in self.special_dtypes.items()})
+        for name in ("keep_in_fp32_modules", "no_split_module_classes"):
+            value = getattr(self, name)
+            if value is not None:
+                set_(name, (value,) if isinstance(value, str) else tuple(value))
+
+    def with_settings(self, **settings: Any) -> "PlanOptions":
+        """A copy with some settings changed.
+
+        Raises:
+            TypeError: a name that is no planning setting.
+        """
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown planning setting(s) {unknown}; see bigload.plan.PlanOptions.")
+        return dataclasses.replace(self, **settings)
+
+
+def plan(inventory: Inventory, budget: Budget, options: PlanOptions | None = None, *, collapse: bool = True,
+         **settings: Any) -> Plan:
+    """Plan where every block of `inventory` goes under `budget`.
+
+    Args:
+        inventory: from `inventory_from_module` or `inventory_from_checkpoint`.
+        budget: bytes per device (`budget.detect_budget`, `budget.parse_max_memory` or `Budget.of`).
+        options: the planning settings (`PlanOptions`); its `strategy`, `dtype` (must be the inventory's
+            when given: weights are sized by the inventory), `headroom`, `context_length`, `batch_size`,
+            `prefetch` and `policy` are read here.
         collapse: merge entries into their parent when the whole parent sits on one device and runs there
             (`{"": 0}` when everything is on GPU 0). Offloaded entries are never merged: an entry is the unit
             the runtime brings in at once.
+        settings: `PlanOptions` fields given as keywords (`strategy="balanced"`, `policy="local"`, ...),
+            overriding `options`.
 
     Returns:
         A frozen `Plan`.
@@ -624,7 +673,9 @@ def plan(
     >>> p.device_map  # doctest: +SKIP
     {'model.embed_tokens': 0, 'model.layers.0': 0, ..., 'lm_head': 'cpu'}
     """
-    setup = _setup(inventory, budget, strategy, dtype, headroom, context_length, batch_size, prefetch, policy)
+    options = (options or PlanOptions()).with_settings(**settings) if settings else (options or PlanOptions())
+    setup = _setup(inventory, budget, options)
+    prefetch = options.prefetch
     kv = _KV(inventory, setup.layer_kv)
     ties = _Ties(inventory)
     charge = 0  # reserve + KV of offloaded layers, on the main device
@@ -637,15 +688,15 @@ def plan(
         if walks > _MAX_WALKS + 1:
             raise PlanError("the offload reserve did not settle; give the main device more memory or use "
                             "prefetch=0.")
-    return _build_plan(inventory, setup, walk, prefetch, context_length, batch_size, collapse, dtype)
+    return _build_plan(inventory, setup, walk, options, collapse)
 
 
-def _setup(inv: Inventory, budget: Budget, strategy: str, dtype: torch.dtype | str | None,
-           headroom: int | str | Mapping[DeviceLike, int | str] | None, context_length: int | None,
-           batch_size: int, prefetch: int, policy: ExecutionPolicy | str | None) -> _Setup:
+def _setup(inv: Inventory, budget: Budget, options: PlanOptions) -> _Setup:
+    strategy, dtype, headroom = options.strategy, options.dtype, options.headroom
+    context_length, batch_size, prefetch = options.context_length, options.batch_size, options.prefetch
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
-    requested = ExecutionPolicy.parse(policy) if policy is not None else None
+    requested = options.policy
     if prefetch < 0:
         raise PlanError(f"prefetch={prefetch} is negative; use 0 (load on demand) or a positive depth.")
     if batch_size < 1:
@@ -807,8 +858,9 @@ def _upper_bound(inv: Inventory, kv: _KV, prefetch: int) -> int:
 # From a walk to a Plan
 
 
-def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, prefetch: int, context_length: int | None,
-                batch_size: int, collapse: bool, dtype: torch.dtype | str | None) -> Plan:
+def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, options: PlanOptions, collapse: bool) -> Plan:
+    prefetch, context_length, batch_size = options.prefetch, options.context_length, options.batch_size
+    dtype = options.dtype
     entries = {unit: (walk.slots[slot], kv) for unit, (slot, kv) in walk.units.items()}
     if collapse:
         entries = _collapse(inv, walk, entries)
