@@ -44,7 +44,7 @@ __all__ = [
     "resolve_model_source",
 ]
 
-logger = logging.getLogger("bigload")
+logger = logging.getLogger(__name__)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

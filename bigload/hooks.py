@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike, ExecutionPolicy
-from bigload.errors import OffloadError, PlanError
+from bigload.errors import BigloadError, OffloadError, PlanError
 from bigload.reserve import SlotSpec, slot_count
 from bigload.sizes import dtype_width
 
@@ -922,11 +922,15 @@ def attach(
         The `Runtime` (also `runtime_of(model)`), with `stats()` counters.
 
     Raises:
+        BigloadError: the model already has a runtime (detach it first).
         PlanError: a key names no module, or tied tensors are split between a resident and an offloaded block.
         OffloadError: a disk-placed tensor is missing from `store`.
     """
     if runtime_of(model) is not None:
-        detach(model)
+        raise BigloadError(
+            f"{type(model).__name__} already has a bigload runtime (hooks attached by a previous dispatch); "
+            "call bigload.detach(model) first to remove it, then attach or dispatch again."
+        )
     if prefetch < 0:
         raise PlanError(f"prefetch={prefetch} is negative; use 0 (no prefetch) or a positive depth.")
     keys = list(device_map)

@@ -48,7 +48,7 @@ __all__ = [
     "source_dtypes",
 ]
 
-logger = logging.getLogger("bigload")
+logger = logging.getLogger(__name__)
 
 _PROGRESS_MIN_BYTES = 2**30
 _MAX_PENDING = 64  # zero-copy tasks cost no window bytes; this bounds the queue of futures instead

@@ -299,3 +299,16 @@ def test_cli_plan_takes_a_policy(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert main(["plan", str(folder), "--max-memory", "0=1GiB,cpu=1GiB", "--policy", policy,
                      "--json", "-"]) == 0
         assert json.loads(capsys.readouterr().out)["policy"] == policy
+
+
+def test_attach_refuses_a_model_that_already_has_a_runtime() -> None:
+    from bigload.errors import BigloadError
+    from bigload.hooks import attach
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    runtime = attach(model, {"0": "cpu", "1": "cpu"}, execution_device="cpu")
+    with pytest.raises(BigloadError, match=r"already has a bigload runtime.*detach\(model\) first"):
+        attach(model, {"0": "cpu", "1": "cpu"}, execution_device="cpu")
+    assert runtime_of(model) is runtime
+    detach(model)
+    attach(model, {"0": "cpu", "1": "cpu"}, execution_device="cpu")
