@@ -34,6 +34,7 @@ from bigload.plan import STRATEGIES, Plan, PlanOptions, plan
 from bigload.store import DiskStore, StoreOrigin
 from bigload.checkpoint import CheckpointIndex, open_checkpoint
 from bigload.stream import SourcePlan, load_checkpoint_in_model, source_dtypes
+from bigload.tensors import owner_of, tensor_groups
 
 __all__ = [
     "cpu_offload",
@@ -53,26 +54,6 @@ DeviceMap = Mapping[str, DeviceLike]
 
 # --------------------------------------------------------------------------------------------------
 # Checking a device map against a model, before any byte is read
-
-
-def _tensor_names(model: nn.Module) -> list[list[str]]:
-    """Every parameter and buffer as the list of its names (tied tensors have several), by identity."""
-    groups: dict[int, list[str]] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{module_name}." if module_name else ""
-        for table in (module._parameters, module._buffers):
-            for attr, tensor in table.items():
-                if tensor is not None:
-                    groups.setdefault(id(tensor), []).append(prefix + attr)
-    return list(groups.values())
-
-
-def _owner(name: str, keys: Sequence[str]) -> str | None:
-    best: str | None = None
-    for key in keys:
-        if (key == "" or name == key or name.startswith(key + ".")) and (best is None or len(key) > len(best)):
-            best = key
-    return best
 
 
 def validate_device_map(
@@ -102,25 +83,18 @@ def validate_device_map(
     if not device_map:
         raise PlanError("the device map is empty; map at least '' (the whole model) to a device.")
     placed = {key: Device.parse(value) for key, value in device_map.items()}
-    gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
-    missing_gpus = sorted({device.index for device in placed.values() if device.is_gpu and device.index >= gpus})
-    if missing_gpus:
-        have = f"GPUs 0..{gpus - 1}" if gpus else "no GPU"
-        raise DeviceError(
-            f"the device map puts blocks on GPU {missing_gpus} but this machine has {have}; map them to an "
-            "existing GPU, 'cpu' or 'disk', or plan with device_map='auto'."
-        )
+    check_devices_exist(placed.values(), gpu_count=gpu_count)
     keys = list(device_map)
     _check_keys_exist(model, keys)
-    groups = _tensor_names(model)
-    uncovered = [names[0] for names in groups if all(_owner(name, keys) is None for name in names)]
+    groups = [list(group.names) for group in tensor_groups(model)]
+    uncovered = [names[0] for names in groups if all(owner_of(name, placed) is None for name in names)]
     if uncovered:
         raise PlanError(
             f"the device map places no module holding {len(uncovered)} tensor(s), e.g. {uncovered[:3]}; add "
             f"their modules (e.g. {_module_of(uncovered[0])!r}) to the map, or map '' for the rest."
         )
     for names in [*groups, *(list(group) for group in tied_groups)]:
-        _check_tied(names, keys, placed)
+        _check_tied(names, placed)
     return placed
 
 
@@ -139,8 +113,8 @@ def _check_keys_exist(model: nn.Module, keys: Sequence[str]) -> None:
         )
 
 
-def _check_tied(names: Sequence[str], keys: Sequence[str], placed: Mapping[str, Device]) -> None:
-    devices = {name: placed[owner] for name in names if (owner := _owner(name, keys)) is not None}
+def _check_tied(names: Sequence[str], placed: Mapping[str, Device]) -> None:
+    devices = {name: placed[owner] for name in names if (owner := owner_of(name, placed)) is not None}
     if len(set(devices.values())) > 1:
         where = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise PlanError(
@@ -155,20 +129,15 @@ def _check_tied(names: Sequence[str], keys: Sequence[str], placed: Mapping[str, 
 
 def _move_resident(model: nn.Module, device_map: DeviceMap, placed: Mapping[str, Device]) -> None:
     """Move the tensors of GPU blocks to their GPU, once per tensor (tied weights stay one object)."""
-    keys = list(device_map)
-    done: dict[int, torch.Tensor] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{module_name}." if module_name else ""
-        for table in (module._parameters, module._buffers):
-            for attr, tensor in list(table.items()):
-                owner = _owner(prefix + attr, keys)
-                if tensor is None or owner is None or not placed[owner].is_gpu:
-                    continue
-                if id(tensor) not in done:
-                    moved = tensor.data.to(placed[owner].torch_device())
-                    done[id(tensor)] = nn.Parameter(moved, tensor.requires_grad) if isinstance(
-                        tensor, nn.Parameter) else moved
-                table[attr] = done[id(tensor)]  # type: ignore[assignment]
+    for group in tensor_groups(model):
+        owner = owner_of(group.names[0], placed)
+        if owner is None or not placed[owner].is_gpu:
+            continue
+        tensor = group.tensor
+        moved = tensor.data.to(placed[owner].torch_device())
+        value = nn.Parameter(moved, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else moved
+        for site in group.sites:
+            site.set(value)
 
 
 def _write_disk_blocks(model: nn.Module, device_map: DeviceMap, placed: Mapping[str, Device], folder: Path,
@@ -179,10 +148,10 @@ def _write_disk_blocks(model: nn.Module, device_map: DeviceMap, placed: Mapping[
     store = DiskStore(folder, overwrite=True)
     digest = hashlib.sha256()
     with store:
-        for names in _tensor_names(model):
-            if _owner(names[0], keys) not in disk_keys:
+        for group in tensor_groups(model):
+            names, tensor = group.names, group.tensor
+            if owner_of(names[0], placed) not in disk_keys:
                 continue
-            tensor = model.get_parameter(names[0]) if _is_parameter(model, names[0]) else model.get_buffer(names[0])
             if not offload_buffers and not isinstance(tensor, nn.Parameter):
                 continue  # buffers of offloaded blocks stay on the execution device (hooks.attach)
             if tensor.device.type == "meta":
@@ -195,11 +164,6 @@ def _write_disk_blocks(model: nn.Module, device_map: DeviceMap, placed: Mapping[
             digest.update(f"{names[0]}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         store.commit(StoreOrigin(digest.hexdigest(), source=f"dispatch_model({type(model).__name__})"))
     return DiskStore.open(folder)
-
-
-def _is_parameter(model: nn.Module, name: str) -> bool:
-    module_name, _, attr = name.rpartition(".")
-    return attr in model.get_submodule(module_name)._parameters
 
 
 def _main_device(placed: Mapping[str, Device], main_device: DeviceLike | None) -> Device:

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence, Union
 import torch
 from torch import nn
 
+from bigload.budget import check_devices_exist
 from bigload.checkpoint import CheckpointIndex, CheckpointReader, TensorRef, open_checkpoint
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike
 from bigload.errors import BudgetError, CheckpointError, DeviceError, OffloadError
@@ -233,17 +234,6 @@ def _resolve_map(device_map: DeviceMapLike | str | None) -> dict[str, Device]:
     if not isinstance(device_map, Mapping):
         raise DeviceError(f"device_map must be a dict of module name to device, got {type(device_map).__name__}.")
     return {str(name): Device.parse(value) for name, value in device_map.items()}
-
-
-def _check_gpus_exist(dmap: Mapping[str, Device]) -> None:
-    wanted = sorted({device.index for device in dmap.values() if device.is_gpu})
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    absent = [index for index in wanted if index >= available]
-    if absent:
-        raise DeviceError(
-            f"the device map places tensors on GPU {', '.join(map(str, absent))} but this machine has "
-            f"{available} CUDA device(s); plan again for this machine, or map those modules to 'cpu' or 'disk'."
-        )
 
 
 def _device_of(name: str, dmap: Mapping[str, Device]) -> Device | None:
@@ -676,7 +666,7 @@ def load_checkpoint_in_model(
     if window_bytes <= 0:
         raise BudgetError(f"window_bytes must be positive, got {window_bytes}.")
     dmap = _resolve_map(device_map)
-    _check_gpus_exist(dmap)
+    check_devices_exist(dmap.values())
     target_dtype = None if dtype is None else parse_dtype(dtype)
     index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
     index.check_unchanged()  # an index opened earlier may describe files changed since

@@ -264,7 +264,7 @@ def test_only_loads_the_named_modules(checkpoints: dict[str, Path], reference: n
 def test_gpu_in_map_without_gpu_fails_before_opening_anything(tmp_path: Path) -> None:
     if torch.cuda.is_available() and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a GPU 7")
-    with pytest.raises(DeviceError, match=r"places tensors on GPU 7 but this machine has \d+ CUDA"):
+    with pytest.raises(DeviceError, match=r"cuda:7 does not exist on this machine \(\d+ CUDA device\(s\) visible\)"):
         load_checkpoint_in_model(meta_llama(), tmp_path / "does-not-exist", {"": 7})
 
 
