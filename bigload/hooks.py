@@ -48,6 +48,7 @@ from torch.utils.hooks import RemovableHandle
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import BigloadError, OffloadError, PlanError
 from bigload.reserve import SlotSpec, slot_count
+from bigload.tensors import Site, owner_of, tensor_groups
 from bigload.sizes import dtype_width
 
 __all__ = [
@@ -247,25 +248,6 @@ class HostWeights:
 
 
 @dataclass(frozen=True)
-class _Site:
-    """One place a tensor is registered: `module._parameters[attr]` or `module._buffers[attr]`."""
-
-    module: nn.Module
-    attr: str
-    is_parameter: bool
-
-    def get(self) -> torch.Tensor | None:
-        table = self.module._parameters if self.is_parameter else self.module._buffers
-        return table[self.attr]
-
-    def set(self, tensor: torch.Tensor) -> None:
-        if self.is_parameter:
-            self.module._parameters[self.attr] = tensor  # type: ignore[assignment]
-        else:
-            self.module._buffers[self.attr] = tensor
-
-
-@dataclass(frozen=True)
 class _Entry:
     """One offloaded tensor of a block: where it comes from, where it goes in the slot, where it is used."""
 
@@ -273,7 +255,7 @@ class _Entry:
     dtype: torch.dtype
     shape: tuple[int, ...]
     offset: int  # byte offset in the block's slot
-    sites: tuple[_Site, ...]
+    sites: tuple[Site, ...]
     placeholder: torch.Tensor  # the meta tensor put back when the block is released
     source: WeightSource
 
@@ -849,31 +831,6 @@ def runtime_of(model: nn.Module) -> Runtime | None:
 # Attaching
 
 
-def _tensor_sites(model: nn.Module) -> dict[int, tuple[list[str], list[_Site]]]:
-    """Every parameter and buffer by identity: its names (tied tensors have several) and registrations."""
-    found: dict[int, tuple[list[str], list[_Site]]] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{module_name}." if module_name else ""
-        for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
-            for attr, tensor in table.items():
-                if tensor is None:
-                    continue
-                names, sites = found.setdefault(id(tensor), ([], []))
-                names.append(prefix + attr)
-                sites.append(_Site(module, attr, is_parameter))
-    return found
-
-
-def _block_of(name: str, keys: Sequence[str]) -> str | None:
-    """The device-map key owning tensor or module `name`: the longest key that is a dotted prefix."""
-    best: str | None = None
-    for key in keys:
-        if key == "" or name == key or name.startswith(key + "."):
-            if best is None or len(key) > len(best):
-                best = key
-    return best
-
-
 def _resolve_module(model: nn.Module, key: str) -> nn.Module:
     try:
         return model.get_submodule(key)
@@ -994,17 +951,15 @@ def _build_blocks(
     for key in keys:
         _resolve_module(model, key)
     # Everything is checked before the model changes: registrations are rewritten only after the loop.
-    rewrites: list[tuple[Sequence[_Site], torch.Tensor]] = []
+    rewrites: list[tuple[Sequence[Site], torch.Tensor]] = []
     entries: dict[str, list[_Entry]] = {key: [] for key in keys}
     offsets = {key: 0 for key in keys}
     resident = 0
     # Wider dtypes first so every tensor's offset in a slot is aligned to its element size, with no padding.
-    by_width = sorted(
-        _tensor_sites(model).values(),
-        key=lambda item: -item[1][0].get().element_size(),  # type: ignore[union-attr]
-    )
-    for names, sites in by_width:
-        owners = {owner for owner in (_block_of(name, keys) for name in names) if owner is not None}
+    key_set = set(keys)
+    by_width = sorted(tensor_groups(model), key=lambda group: -group.tensor.element_size())
+    for names, sites in ((group.names, group.sites) for group in by_width):
+        owners = {owner for owner in (owner_of(name, key_set) for name in names) if owner is not None}
         in_offloaded = sorted(owners & offloaded, key=keys.index)
         if not in_offloaded:
             continue
@@ -1014,7 +969,7 @@ def _build_blocks(
                 f"block(s) {in_offloaded}; put every block of a tied group on the same device."
             )
         tensor = sites[0].get()
-        assert tensor is not None  # _tensor_sites skips None entries
+        assert tensor is not None  # tensor_groups skips None entries
         if not sites[0].is_parameter and not offload_buffers:
             buffer = _resident_buffer(names, tensor, exec_of[in_offloaded[0]], store)
             resident += buffer.numel() * buffer.element_size()

@@ -341,7 +341,7 @@ def choose_policy(batch_size: int, width: int) -> tuple[str, str]:
 
 
 @dataclass
-class _Slot:
+class _DeviceFill:
     """One budget device during a walk."""
 
     device: Device
@@ -357,7 +357,7 @@ Unit = tuple[int, bool]  # (module index, whole module?); (i, False) is module i
 
 
 class _NoFit(Exception):
-    def __init__(self, unit: Unit, slots: Sequence[_Slot], placed_bytes: int) -> None:
+    def __init__(self, unit: Unit, slots: Sequence[_DeviceFill], placed_bytes: int) -> None:
         super().__init__()
         self.unit = unit
         self.slots = slots
@@ -367,7 +367,7 @@ class _NoFit(Exception):
 class _Walk:
     """One pass over the inventory, placing units on slots in order."""
 
-    def __init__(self, inv: Inventory, slots: list[_Slot], kv: "_KV", ties: "_Ties") -> None:
+    def __init__(self, inv: Inventory, slots: list[_DeviceFill], kv: "_KV", ties: "_Ties") -> None:
         self.inv = inv
         self.slots = slots
         self.kv = kv
@@ -430,7 +430,7 @@ class _Walk:
                 stack.append(unit)
         return self
 
-    def decide(self, slot: _Slot, unit: Unit, footprint: int) -> str:
+    def decide(self, slot: _DeviceFill, unit: Unit, footprint: int) -> str:
         splittable = self.splittable(unit)
         if not slot.runs_own and splittable:
             return "split"  # an offloaded entry is brought in whole: keep entries unsplittable blocks
@@ -578,7 +578,7 @@ class _Setup:
     policy: ExecutionPolicy
     policy_reason: str
     main: Device
-    slots_template: tuple[_Slot, ...]
+    slots_template: tuple[_DeviceFill, ...]
     layer_kv: int
 
 
@@ -725,7 +725,7 @@ def _setup(inv: Inventory, budget: Budget, options: PlanOptions) -> _Setup:
     layer_kv = _layer_kv(inv, context_length, batch_size, width)
     fixed = _fixed_headroom(headroom, devices, bool(gpus), chosen)
     slots = tuple(
-        _Slot(device, nbytes, fixed.get(device, 0),
+        _DeviceFill(device, nbytes, fixed.get(device, 0),
               runs_own=device.is_gpu or (device == CPU and (not gpus or chosen == "local")))
         for device, nbytes in devices
     )
@@ -781,7 +781,7 @@ def _balanced_walk(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: 
     everything or the shares reach the budgets (then it is a plain fill)."""
     extra = 0
     while True:
-        slots = [_Slot(s.device, s.budget, s.fixed_headroom, s.runs_own) for s in setup.slots_template]
+        slots = [_DeviceFill(s.device, s.budget, s.fixed_headroom, s.runs_own) for s in setup.slots_template]
         for slot in slots:
             slot.cap = slot.budget - slot.fixed_headroom - (charge if slot.device == setup.main else 0)
         targeted = _set_targets(inv, setup.strategy, slots, kv, extra)
@@ -799,7 +799,7 @@ def _balanced_walk(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: 
         return walk
 
 
-def _set_targets(inv: Inventory, strategy: str, slots: list[_Slot], kv: _KV, extra: int) -> bool:
+def _set_targets(inv: Inventory, strategy: str, slots: list[_DeviceFill], kv: _KV, extra: int) -> bool:
     """Give each GPU but the last a cumulative share to stop at; False when the walk is a plain fill."""
     gpu_slots = [s for s in slots if s.device.is_gpu]
     if strategy == "sequential" or len(gpu_slots) < 2:
@@ -891,7 +891,7 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, options: PlanOptions
 
 
 def _collapse(inv: Inventory, walk: _Walk,
-              entries: dict[Unit, tuple[_Slot, int]]) -> dict[Unit, tuple[_Slot, int]]:
+              entries: dict[Unit, tuple[_DeviceFill, int]]) -> dict[Unit, tuple[_DeviceFill, int]]:
     """Merge a split module back into one entry when all of it sits on one device that runs it."""
     out = dict(entries)
     for i in sorted(set(walk.split), reverse=True):  # children before parents
@@ -909,7 +909,7 @@ def _collapse(inv: Inventory, walk: _Walk,
     return out
 
 
-def _usage(slots: Sequence[_Slot], placements: Sequence[Placement], main: Device,
+def _usage(slots: Sequence[_DeviceFill], placements: Sequence[Placement], main: Device,
            reserve: int) -> tuple[DeviceUsage, ...]:
     weights: dict[Device, int] = {}
     kv: dict[Device, int] = {}
@@ -1002,7 +1002,7 @@ def _no_fit_message(inv: Inventory, setup: _Setup, kv: _KV, walk: _Walk, failure
     return "\n".join(lines)
 
 
-def _reserve_message(setup: _Setup, slot: _Slot, needed: int, walk: _Walk, offloaded: Sequence[Unit]) -> str:
+def _reserve_message(setup: _Setup, slot: _DeviceFill, needed: int, walk: _Walk, offloaded: Sequence[Unit]) -> str:
     room = slot.budget - slot.fixed_headroom
     local = ", or policy='local' so CPU-resident blocks run on the CPU" if setup.policy == "stream" else ""
     return (

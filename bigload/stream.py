@@ -37,6 +37,7 @@ from bigload.errors import BudgetError, CheckpointError, DeviceError, OffloadErr
 from bigload.inventory import DtypeRule, Inventory, castable, inventory_from_module
 from bigload.sizes import dtype_width, parse_dtype
 from bigload.store import DiskStore, StoreOrigin, dtype_name
+from bigload.tensors import Site, owner_of, tensor_groups
 
 __all__ = [
     "DerivedTensor",
@@ -164,21 +165,12 @@ class LoadResult:
 # the model side: which tensors exist, tied groups, where and in which dtype each goes
 
 
-@dataclass(frozen=True)
-class _Slot:
-    """One place a tensor is registered: `module._parameters[attr]` or `module._buffers[attr]`."""
-
-    module: nn.Module
-    attr: str
-    is_param: bool
-
-
 @dataclass
 class _Group:
     """One model tensor object and every name it is registered under (several when tied)."""
 
-    names: list[str]
-    slots: list[_Slot]
+    names: tuple[str, ...]
+    sites: tuple[Site, ...]
     original: torch.Tensor
     persistent: bool
     device: Device = CPU
@@ -205,21 +197,8 @@ def _read(reader: CheckpointReader, source: Source) -> torch.Tensor:
 
 
 def _model_groups(model: nn.Module) -> list[_Group]:
-    """Every parameter and buffer, grouped by tensor identity so tied weights form one group."""
-    groups: dict[int, _Group] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{module_name}." if module_name else ""
-        entries = [(attr, tensor, True, True) for attr, tensor in module._parameters.items()]
-        entries += [(attr, tensor, False, attr not in module._non_persistent_buffers_set)
-                    for attr, tensor in module._buffers.items()]
-        for attr, tensor, is_param, persistent in entries:
-            if tensor is None:
-                continue
-            group = groups.setdefault(id(tensor), _Group([], [], tensor, persistent=False))
-            group.names.append(prefix + attr)
-            group.slots.append(_Slot(module, attr, is_param))
-            group.persistent = group.persistent or persistent
-    return list(groups.values())
+    """Every parameter and buffer (`tensors.tensor_groups`: tied weights form one group), to be placed."""
+    return [_Group(group.names, group.sites, group.tensor, group.persistent) for group in tensor_groups(model)]
 
 
 def _resolve_map(device_map: DeviceMapLike | str | None) -> dict[str, Device]:
@@ -237,13 +216,9 @@ def _resolve_map(device_map: DeviceMapLike | str | None) -> dict[str, Device]:
 
 
 def _device_of(name: str, dmap: Mapping[str, Device]) -> Device | None:
-    """The value of the longest key of `dmap` that is a dotted prefix of `name` ("" matches everything)."""
-    parts = name.split(".")
-    for end in range(len(parts), 0, -1):
-        device = dmap.get(".".join(parts[:end]))
-        if device is not None:
-            return device
-    return dmap.get("")
+    """Where tensor `name` goes: the map value of its owner (`tensors.owner_of`), None when unmapped."""
+    owner = owner_of(name, dmap)
+    return None if owner is None else dmap[owner]
 
 
 def _under(name: str, prefixes: Sequence[str]) -> bool:
@@ -355,9 +330,8 @@ def _assign(group: _Group, tensor: torch.Tensor) -> None:
         value.__dict__.update(original.__dict__)
     else:
         value = tensor
-    for slot in group.slots:
-        table = slot.module._parameters if slot.is_param else slot.module._buffers
-        table[slot.attr] = value
+    for site in group.sites:
+        site.set(value)
     group.original = value
     group.loaded = True
 
@@ -556,8 +530,8 @@ def _settle_unloaded_buffers(groups: list[_Group]) -> None:
     """Put non-persistent buffers (rotary inv_freq, ...) on their device, recomputing those on meta."""
     rebuilt: dict[int, dict[str, torch.Tensor]] = {}
     for group in groups:
-        slot = group.slots[0]
-        if group.loaded or slot.is_param or group.persistent:
+        slot = group.sites[0]
+        if group.loaded or slot.is_parameter or group.persistent:
             continue
         tensor = group.original
         if tensor.device.type == "meta":
