@@ -29,6 +29,7 @@ from bigload.inventory import default_keep_in_fp32_modules, inventory_from_check
 from bigload.plan import PlanOptions, plan
 from bigload.sizes import parse_dtype
 from bigload.stream import DerivedTensor, SourcePlan, source_dtypes
+from bigload.tensors import owner_of
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -396,7 +397,7 @@ def _with_computed_buffers(model: nn.Module, device_map: Mapping[str, Any]) -> d
     main = next((value for value in device_map.values() if isinstance(value, int)), "cpu")
     placed = list(device_map)
     for name, module in model.named_modules():
-        if name and not any(key == "" or name == key or name.startswith(key + ".") for key in placed):
+        if name and owner_of(name, set(placed)) is None:
             if _only_computed_buffers(module):
                 placed.append(name)
     return {**device_map, **{name: main for name in placed[len(device_map):]}}

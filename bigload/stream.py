@@ -17,6 +17,7 @@ results and requested copies plus that window (or the largest single tensor, if 
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import sys
@@ -46,6 +47,7 @@ __all__ = [
     "LoadResult",
     "Mismatch",
     "SourcePlan",
+    "Transfer",
     "load_checkpoint_in_model",
     "source_dtypes",
 ]
@@ -180,10 +182,54 @@ class _Group:
 
 @dataclass(frozen=True)
 class _Task:
-    """Read `ref` (or build it from its parts) and put it into `group`."""
+    """Read `ref` (or build it from its parts) and put it into `group`, by `kind` (decided once, after
+    matching, by `_with_kinds`; None only between matching and that decision)."""
 
     ref: Source
     group: _Group
+    kind: Transfer | None = None
+
+
+class Transfer(enum.Enum):
+    """How one tensor gets to its place, decided once per tensor (`_transfer_kind`); the reading, placing,
+    window cost and page release of the loader all look it up instead of re-deriving it.
+
+    VIEW: CPU, same dtype: the model tensor is the memory-mapped view itself (no private memory).
+    CPU_CAST: CPU, private memory: a cast, a built (derived) tensor, or a copy asked for (`materialize`).
+    GPU_STAGE: to a GPU through the pinned staging ring (cast there).
+    STORE_WRITE: into the offload store as raw bytes (cast while writing).
+    STORE_REFERENCE: an offload-store entry pointing into the safetensors file (nothing written).
+    STORE_REUSED: the offload store already holds it (nothing read, nothing written).
+    """
+
+    VIEW = "view"
+    CPU_CAST = "cpu_cast"
+    GPU_STAGE = "gpu_stage"
+    STORE_WRITE = "store_write"
+    STORE_REFERENCE = "store_reference"
+    STORE_REUSED = "store_reused"
+
+
+# Kinds that copy the tensor's bytes out of the checkpoint file: its pages can be released once placed.
+_COPIES = frozenset({Transfer.CPU_CAST, Transfer.GPU_STAGE, Transfer.STORE_WRITE})
+
+
+def _transfer_kind(ref: Source, group: _Group, reuse_store: bool, materialize: bool) -> Transfer:
+    derived = isinstance(ref, DerivedTensor)
+    if group.device.kind is DeviceKind.DISK:
+        if reuse_store:
+            return Transfer.STORE_REUSED
+        referenced = (not derived and ref.format == "safetensors" and ref.stride is None  # type: ignore[union-attr]
+                      and ref.dtype == group.dtype)
+        return Transfer.STORE_REFERENCE if referenced else Transfer.STORE_WRITE
+    if group.device.is_gpu:
+        return Transfer.GPU_STAGE
+    return Transfer.CPU_CAST if derived or ref.dtype != group.dtype or materialize else Transfer.VIEW
+
+
+def _with_kinds(tasks: Sequence[_Task], reuse_store: bool, materialize: bool) -> tuple[_Task, ...]:
+    """The matched tasks, each with its transfer kind decided."""
+    return tuple(_Task(t.ref, t.group, _transfer_kind(t.ref, t.group, reuse_store, materialize)) for t in tasks)
 
 
 def _parts(source: Source) -> tuple[TensorRef, ...]:
@@ -396,76 +442,66 @@ class _GpuStager:
 
 @dataclass
 class _Placer:
-    """Turns read tensors into model tensors (CPU, GPU) or store entries (disk)."""
+    """Executes each task's transfer kind: reads (on the reader thread), places, writes the store."""
 
     store: DiskStore | None
-    reuse_store: bool
-    materialize: bool
     stager: _GpuStager | None
     offloaded: list[str] = field(default_factory=list)
 
-    def cost(self, task: _Task) -> int:
+    @staticmethod
+    def cost(task: _Task) -> int:
         """Private bytes `prepare` (or, for disk, `put`) allocates for this task until it is placed."""
-        ref, group = task.ref, task.group
+        ref, group, kind = task.ref, task.group, task.kind
+        if kind is Transfer.STORE_REUSED:
+            return 0
+        cast_bytes = group.original.numel() * dtype_width(group.dtype)
         if isinstance(ref, DerivedTensor):
-            if group.device.kind is DeviceKind.DISK and self.reuse_store:
-                return 0
-            cast = group.device.kind is DeviceKind.CPU and ref.dtype != group.dtype
-            return ref.size_bytes + (group.original.numel() * dtype_width(group.dtype) if cast else 0)
-        if ref.stride is not None and not (group.device.kind is DeviceKind.DISK and self.reuse_store):
+            return ref.size_bytes + (cast_bytes if kind is Transfer.CPU_CAST and ref.dtype != group.dtype else 0)
+        if ref.stride is not None:
             return ref.size_bytes  # strided .bin views are made contiguous first
-        if group.device.kind is DeviceKind.CPU and (ref.dtype != group.dtype or self.materialize):
-            return group.original.numel() * dtype_width(group.dtype)
-        return 0  # views; disk casts go through the store's small reused buffer; GPU casts run on the GPU
+        # Views cost nothing; disk casts go through the store's small reused buffer; GPU casts run on the GPU.
+        return cast_bytes if kind is Transfer.CPU_CAST else 0
 
-    def prepare(self, reader: CheckpointReader, task: _Task) -> torch.Tensor | None:
+    @staticmethod
+    def prepare(reader: CheckpointReader, task: _Task) -> torch.Tensor | None:
         """Read (and for the CPU, cast) one tensor; runs on the reader thread."""
-        ref, group = task.ref, task.group
-        if group.device.kind is DeviceKind.DISK:
-            if self.reuse_store or self._referenced(task):
-                return None  # nothing to read: the store already has it, or will point into the file
-            return _read(reader, ref)
-        tensor = _read(reader, ref)
-        if group.device.is_gpu:
+        kind = task.kind
+        if kind in (Transfer.STORE_REUSED, Transfer.STORE_REFERENCE):
+            return None  # nothing to read: the store already has it, or will point into the file
+        tensor = _read(reader, task.ref)
+        if kind is Transfer.GPU_STAGE:
             return tensor.contiguous()  # a copy only for the rare strided .bin view
-        if tensor.dtype != group.dtype:
-            return tensor.to(group.dtype)
-        # A derived tensor is already private memory; a plain read is a view of the file.
-        return tensor.clone() if self.materialize and not isinstance(ref, DerivedTensor) else tensor
+        if kind is not Transfer.CPU_CAST:
+            return tensor  # a view (VIEW), or bytes the store casts while writing (STORE_WRITE)
+        if tensor.dtype != task.group.dtype:
+            return tensor.to(task.group.dtype)
+        # A derived tensor is already private memory; a plain read is a view of the file: copy it (materialize).
+        return tensor if isinstance(task.ref, DerivedTensor) else tensor.clone()
 
     def place(self, task: _Task, tensor: torch.Tensor | None) -> None:
-        group = task.group
-        if group.device.kind is DeviceKind.DISK:
+        group, kind = task.group, task.kind
+        if kind in (Transfer.STORE_WRITE, Transfer.STORE_REFERENCE, Transfer.STORE_REUSED):
             self._offload(task, tensor)
-        elif group.device.is_gpu:
+        elif kind is Transfer.GPU_STAGE:
             assert self.stager is not None and tensor is not None  # set up whenever the map names a GPU
             _assign(group, self.stager.copy(tensor, group.device.torch_device(), group.dtype))
         else:
             assert tensor is not None  # CPU tasks always read
             _assign(group, tensor)
 
-    def copied(self, task: _Task) -> bool:
+    @staticmethod
+    def copied(task: _Task) -> bool:
         """Whether placing `task` copied its bytes out of the file, so no tensor views them any more."""
-        ref, group = task.ref, task.group
-        if group.device.kind is DeviceKind.DISK:
-            return not (self.reuse_store or self._referenced(task))
-        if group.device.is_gpu:
-            return True  # the staging copy has read the bytes by the time `place` returns
-        return isinstance(ref, DerivedTensor) or ref.dtype != group.dtype or self.materialize
-
-    def _referenced(self, task: _Task) -> bool:
-        ref = task.ref
-        return (isinstance(ref, TensorRef) and ref.format == "safetensors" and ref.stride is None
-                and ref.dtype == task.group.dtype)
+        return task.kind in _COPIES
 
     def _offload(self, task: _Task, tensor: torch.Tensor | None) -> None:
         group, name = task.group, task.group.names[0]
-        if not self.reuse_store:
+        if task.kind is Transfer.STORE_REFERENCE:
             assert self.store is not None  # created whenever the map names disk
-            if tensor is None:
-                self.store.put_reference(name, task.ref)  # type: ignore[arg-type]  # _referenced: a TensorRef
-            else:
-                self.store.put(name, tensor, dtype=group.dtype)
+            self.store.put_reference(name, task.ref)  # type: ignore[arg-type]  # only TensorRefs are referenced
+        elif task.kind is Transfer.STORE_WRITE:
+            assert self.store is not None and tensor is not None
+            self.store.put(name, tensor, dtype=group.dtype)
         _assign(group, torch.empty(group.original.shape, dtype=group.dtype, device="meta"))
         self.offloaded.extend(group.names)
 
@@ -663,10 +699,11 @@ def load_checkpoint_in_model(
     store, reuse = _prepare_store(offload_folder, origin, disk_tasks)
     gpus = {task.group.device for task in match.tasks if task.group.device.is_gpu}
     stager = _GpuStager(window_bytes, pin_memory is not False, gpus) if gpus else None
-    placer = _Placer(store, reuse, materialize, stager)
-    total = sum(task.ref.nbytes for task in match.tasks)
+    placer = _Placer(store, stager)
+    tasks = _with_kinds(match.tasks, reuse, materialize)
+    total = sum(task.ref.nbytes for task in tasks)
     with CheckpointReader(index) as reader, _ProgressBar(total, progress) as advance:
-        _stream_into(match.tasks, reader, placer, window_bytes, advance, store, reuse, origin)
+        _stream_into(tasks, reader, placer, window_bytes, advance, store, reuse, origin)
     if stager is not None:
         stager.finish()
     _settle_unloaded_buffers(groups)

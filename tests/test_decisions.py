@@ -312,3 +312,29 @@ def test_attach_refuses_a_model_that_already_has_a_runtime() -> None:
     assert runtime_of(model) is runtime
     detach(model)
     attach(model, {"0": "cpu", "1": "cpu"}, execution_device="cpu")
+
+
+# -- the transfer kind ------------------------------------------------------------------------------
+
+
+def test_each_tensor_gets_one_transfer_kind(tmp_path: Path) -> None:
+    """CPU same dtype: a view; CPU cast or materialize: private; disk same dtype: a store reference; disk
+    cast: written; a store of the same load: reused. The store's bytes say the same."""
+    from bigload.stream import Transfer, _Group, _transfer_kind
+    from bigload.devices import CPU, DISK
+    from bigload.checkpoint import open_checkpoint
+
+    torch.manual_seed(0)
+    folder = _save(Mixed(), tmp_path / "mixed")
+    ref = open_checkpoint(folder).tensors["layers.0.weight"]
+    tensor = torch.empty(16, 16, device="meta")
+
+    def kind(device, dtype, reuse=False, materialize=False):
+        return _transfer_kind(ref, _Group(("w",), (), tensor, True, device, dtype), reuse, materialize)
+
+    assert kind(CPU, torch.float32) is Transfer.VIEW
+    assert kind(CPU, torch.float16) is kind(CPU, torch.float32, materialize=True) is Transfer.CPU_CAST
+    assert kind(DISK, torch.float32) is Transfer.STORE_REFERENCE
+    assert kind(DISK, torch.float16) is Transfer.STORE_WRITE
+    assert kind(DISK, torch.float16, reuse=True) is Transfer.STORE_REUSED
+    assert kind(Device.parse(0), torch.float16) is Transfer.GPU_STAGE
