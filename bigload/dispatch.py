@@ -31,7 +31,7 @@ from bigload.sizes import parse_dtype
 from bigload.budget import check_devices_exist, detect_budget, parse_max_memory
 from bigload.inventory import Inventory, inventory_from_module
 from bigload.plan import STRATEGIES, Plan, PlanOptions, plan
-from bigload.store import DiskStore, StoreOrigin
+from bigload.store import DiskStore, StoreOrigin, StoreWriter
 from bigload.checkpoint import CheckpointIndex, open_checkpoint
 from bigload.stream import SourcePlan, load_checkpoint_in_model, source_dtypes
 from bigload.tensors import owner_of, tensor_groups
@@ -145,9 +145,9 @@ def _write_disk_blocks(model: nn.Module, device_map: DeviceMap, placed: Mapping[
     """Write the real tensors of disk blocks into a DiskStore in `folder` (accelerate's layout)."""
     keys = list(device_map)
     disk_keys = {key for key in keys if placed[key].kind is DeviceKind.DISK}
-    store = DiskStore(folder, overwrite=True)
+    writer = StoreWriter(folder, overwrite=True)
     digest = hashlib.sha256()
-    with store:
+    with writer:
         for group in tensor_groups(model):
             names, tensor = group.names, group.tensor
             if owner_of(names[0], placed) not in disk_keys:
@@ -160,10 +160,9 @@ def _write_disk_blocks(model: nn.Module, device_map: DeviceMap, placed: Mapping[
                     "the checkpoint first (load_checkpoint_and_dispatch), or pass offload_index for weights "
                     "already offloaded there."
                 )
-            store.put(names[0], tensor)
+            writer.put(names[0], tensor)
             digest.update(f"{names[0]}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        store.commit(StoreOrigin(digest.hexdigest(), source=f"dispatch_model({type(model).__name__})"))
-    return DiskStore.open(folder)
+        return writer.commit(StoreOrigin(digest.hexdigest(), source=f"dispatch_model({type(model).__name__})"))
 
 
 def _main_device(placed: Mapping[str, Device], main_device: DeviceLike | None) -> Device:
@@ -364,7 +363,7 @@ def load_checkpoint_and_dispatch(
         keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes, progress=progress,
         sources=sources, materialize=materialize, inventory=placement.inventory,
     )
-    store = DiskStore.open(result.store.folder) if result.store is not None else None
+    store = result.store
     runtime = None
     if force_hooks or len(set(placed.values())) > 1 or store is not None:
         main = _main_device(placed, None)

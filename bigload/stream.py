@@ -37,7 +37,7 @@ from bigload.devices import CPU, Device, DeviceKind, DeviceLike
 from bigload.errors import BudgetError, CheckpointError, DeviceError, OffloadError
 from bigload.inventory import DtypeRule, Inventory, castable, inventory_from_module
 from bigload.sizes import dtype_width, parse_dtype
-from bigload.store import DiskStore, StoreOrigin, dtype_name
+from bigload.store import DiskStore, StoreOrigin, StoreWriter, dtype_name
 from bigload.tensors import Site, owner_of, tensor_groups
 
 __all__ = [
@@ -151,7 +151,7 @@ class LoadResult:
         unexpected: checkpoint tensors the model does not have (not read).
         mismatched: tensors whose shapes differ (not read; the model's stays on meta).
         offloaded: model tensors placed on disk (on meta in the model, their bytes in `store`).
-        store: the offload store, when anything went to disk.
+        store: the offload store (a committed, read-only `DiskStore`), when anything went to disk.
         bytes_read: bytes of checkpoint data placed.
     """
 
@@ -444,7 +444,7 @@ class _GpuStager:
 class _Placer:
     """Executes each task's transfer kind: reads (on the reader thread), places, writes the store."""
 
-    store: DiskStore | None
+    store: StoreWriter | None  # None when nothing is written (no disk tensors, or a reused store)
     stager: _GpuStager | None
     offloaded: list[str] = field(default_factory=list)
 
@@ -699,11 +699,12 @@ def load_checkpoint_in_model(
     store, reuse = _prepare_store(offload_folder, origin, disk_tasks)
     gpus = {task.group.device for task in match.tasks if task.group.device.is_gpu}
     stager = _GpuStager(window_bytes, pin_memory is not False, gpus) if gpus else None
-    placer = _Placer(store, stager)
+    writer = store if isinstance(store, StoreWriter) else None
+    placer = _Placer(writer, stager)
     tasks = _with_kinds(match.tasks, reuse, materialize)
     total = sum(task.ref.nbytes for task in tasks)
     with CheckpointReader(index) as reader, _ProgressBar(total, progress) as advance:
-        _stream_into(tasks, reader, placer, window_bytes, advance, store, reuse, origin)
+        reading = _stream_into(tasks, reader, placer, window_bytes, advance, writer, origin)
     if stager is not None:
         stager.finish()
     _settle_unloaded_buffers(groups)
@@ -712,20 +713,21 @@ def load_checkpoint_in_model(
         unexpected=match.unexpected,
         mismatched=match.mismatched,
         offloaded=tuple(placer.offloaded),
-        store=store,
+        store=reading if writer is not None else store,  # type: ignore[arg-type]  # a reused DiskStore
         bytes_read=total,
     )
 
 
 def _stream_into(tasks: Sequence[_Task], reader: CheckpointReader, placer: _Placer, window: int,
-                 advance: Callable[[int], None], store: DiskStore | None, reuse: bool,
-                 origin: StoreOrigin) -> None:
-    if store is None or reuse:
+                 advance: Callable[[int], None], writer: StoreWriter | None,
+                 origin: StoreOrigin) -> DiskStore | None:
+    """Run the load; with a store to write, commit it and return its reader."""
+    if writer is None:
         _run(tasks, reader, placer, window, advance)
-        return
-    with store:  # an exception removes what was written, and no index is left behind
+        return None
+    with writer:  # an exception removes what was written, and no index is left behind
         _run(tasks, reader, placer, window, advance)
-        store.commit(origin)
+        return writer.commit(origin)
 
 
 def _place_groups(groups: list[_Group], dmap: Mapping[str, Device], sources: Mapping[str, Source],
@@ -752,8 +754,9 @@ def _place_groups(groups: list[_Group], dmap: Mapping[str, Device], sources: Map
 
 
 def _prepare_store(folder: str | os.PathLike[str] | None, origin: StoreOrigin,
-                   disk_tasks: Sequence[_Task]) -> tuple[DiskStore | None, bool]:
-    """The store disk tensors go to, and whether it already holds them all (then nothing is written)."""
+                   disk_tasks: Sequence[_Task]) -> tuple[DiskStore | StoreWriter | None, bool]:
+    """A writer for the disk tensors, or the store that already holds them all (reused: nothing is
+    written; the bool says so)."""
     if not disk_tasks:
         return None, False
     if folder is None:
@@ -768,8 +771,8 @@ def _prepare_store(folder: str | os.PathLike[str] | None, origin: StoreOrigin,
         if all(_holds(existing, task) for task in disk_tasks):
             logger.info("reusing the offload store in %s (same checkpoint and dtypes)", folder)
             return existing, True
-        return DiskStore(folder, overwrite=True), False
-    return DiskStore(folder), False
+        return StoreWriter(folder, overwrite=True), False
+    return StoreWriter(folder), False
 
 
 def _holds(store: DiskStore, task: _Task) -> bool:
