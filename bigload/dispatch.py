@@ -439,7 +439,11 @@ def plan_for_model(
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     policy: ExecutionPolicy | str | None = None,
 ) -> Plan:
-    """inventory -> budget -> plan: where each block of `model` goes, without reading a weight.
+    """Plan an `nn.Module` you built (meta is fine): inventory -> budget -> plan, without reading a weight.
+
+    The three planning entry points: this one for a module in hand; `bigload.plan_model` for what a name
+    points to (catalog name, model folder, config.json, checkpoint headers); `bigload.plan.plan` for an
+    `Inventory` and `Budget` you built yourself (pure, no probing).
 
     `max_memory=None` plans for what this machine has free now; an `offload_folder` with no "disk" entry
     in `max_memory` contributes its free space as the disk budget. The other keywords are

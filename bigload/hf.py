@@ -280,6 +280,8 @@ def plan_model(
 ) -> Any:
     """A dry run: plan MODEL (catalog name, model folder, config.json or checkpoint) without reading a weight.
 
+    For an `nn.Module` already built, use `plan_for_model`; for an `Inventory`, `bigload.plan.plan`.
+
     Args:
         spec: what to plan.
         max_memory: budgets per device (`{0: "24GiB", "cpu": "64GiB", "disk": "500GiB"}`); None: this machine.
