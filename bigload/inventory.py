@@ -436,7 +436,6 @@ class _Fp32Matcher:
     def __init__(self, modules: Iterable[str]) -> None:
         self.components = frozenset(m for m in modules if "." not in m)
         self.prefixes = tuple(f"{m}." for m in modules if "." in m)
-        self.active = bool(self.components or self.prefixes)
 
     def matches(self, name: str) -> bool:
         if not self.components and not self.prefixes:
