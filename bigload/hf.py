@@ -248,9 +248,11 @@ def inventory_for(
         config = load_config(source.config)
         target = _weights_dtype(source, config, dtype) or torch.float32
         model = meta_model_from_config(config, dtype=target)
-        # The checkpoint's dtypes (headers only) decide tensors that are never cast (float8, integers).
-        stored = (source_dtypes(index, checkpoint_sources(model, index))
-                  if source.checkpoint is not None and (index := open_checkpoint(source.checkpoint)) else None)
+        stored = None
+        if source.checkpoint is not None:
+            # The checkpoint's dtypes (headers only) decide tensors that are never cast (float8, integers).
+            index = open_checkpoint(source.checkpoint)
+            stored = source_dtypes(index, checkpoint_sources(model, index))
         return inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes,
                                      stored_dtypes=stored)
     if source.checkpoint is None:
