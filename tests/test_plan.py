@@ -54,10 +54,12 @@ def test_balanced_low_0_leaves_gpu_0_empty_when_the_others_suffice(inv):
 
 
 def test_balanced_low_0_gives_gpu_0_only_the_overflow(inv):
+    # GPUs 1 and 2 (5,000 bytes each) cannot hold the 12,416 bytes: GPU 0 takes the two blocks that do not
+    # fit there, and no more.
     result = plan(inv, Budget.of({0: 10_000, 1: 5_000, 2: 5_000}), strategy="balanced_low_0")
-    on_zero = result.usage_of(0).weights
-    assert 0 < on_zero <= TOTAL - 2 * 4096 + BLOCK
-    assert result.usage_of(1).weights > 0 and result.usage_of(2).weights > 0
+    assert result.device_map == {"embed": 0, "layers.0": 0, "layers.1": 1, "layers.2": 1,
+                                 "layers.3": 2, "norm": 2, "head": 2}
+    assert [result.usage_of(i).weights for i in range(3)] == [EMBED + BLOCK, 2 * BLOCK, BLOCK + NORM + HEAD]
 
 
 def test_balanced_really_balances_uneven_layers():
@@ -67,10 +69,14 @@ def test_balanced_really_balances_uneven_layers():
     inventory = inventory_from_module(model)
     gpus = 4
     result = plan(inventory, Budget.of({i: 10**6 for i in range(gpus)}), strategy="balanced")
+    small, large = BLOCK, 2 * 16 * 128 * 4  # the 16- and 128-wide blocks
+    # 77,952 bytes in all, 19,488 per GPU: each GPU stops where the next block's midpoint would pass its
+    # share, so the loads differ by one small block (2,048 bytes), not by a large one (16,384).
+    assert result.device_map == {"embed": 0, "layers.0": 0, "layers.1": 0, "layers.2": 1, "layers.3": 1,
+                                 "layers.4": 2, "layers.5": 2, "layers.6": 2, "layers.7": 3, "norm": 3, "head": 3}
     loads = [result.usage_of(i).weights for i in range(gpus)]
-    largest = 2 * 16 * 128 * 4
-    assert all(load > 0 for load in loads)
-    assert max(loads) - min(loads) <= largest, loads
+    assert loads == [EMBED + small + large, small + large, 2 * small + large, large + NORM + HEAD]
+    assert max(loads) - min(loads) == small
 
 
 def test_tied_head_follows_the_embedding(inv):
@@ -107,6 +113,15 @@ def test_fixed_headroom_is_kept_free_and_shown(inv):
     assert zero.total <= zero.budget
     per_device = plan(inv, Budget.of({0: 10_000, 1: 10**6}), strategy="sequential", headroom={1: "1KiB"})
     assert per_device.usage_of(1).headroom == 1024 and per_device.usage_of(0).headroom == 0
+
+
+def test_a_device_holding_weights_plus_headroom_to_the_byte_takes_everything(inv):
+    exact = plan(inv, Budget.of({0: TOTAL + 3_000, 1: 10**6}), strategy="sequential", headroom=3_000)
+    assert exact.device_map == {"": 0}
+    assert exact.usage_of(0).free == 0 and exact.usage_of(1).total == 0
+    short = plan(inv, Budget.of({0: TOTAL + 2_999, 1: 10**6}), strategy="sequential", headroom=3_000)
+    assert short.device_map == {"embed": 0, "layers": 0, "norm": 0, "head": 1}  # one byte short: head moves
+    assert short.usage_of(0).weights == TOTAL - HEAD and short.usage_of(0).headroom == 3_000
 
 
 def test_kv_cache_headroom_is_charged_where_each_layer_runs():
