@@ -140,6 +140,24 @@ def test_kv_cache_headroom_is_charged_where_each_layer_runs():
     assert without.usage_of(0).weights >= result.usage_of(0).weights  # the KV cache took room from weights
 
 
+def test_kv_cache_of_streamed_layers_is_charged_to_the_gpu_not_to_the_cpu_holding_them():
+    inventory = inventory_from_module(tiny_llama())
+    per_layer = 2 * 2 * 16 * 100 * 4  # K and V x kv_heads x head_dim x context x fp32
+    layer = inventory.size("model.layers.0")
+    budget = {0: 400_000, "cpu": 10**6}
+    result = plan(inventory, Budget.of(budget), policy="stream", context_length=100, prefetch=1)
+    # cuda:0 keeps the KV cache of the 4 layers it runs plus 2 slots of a layer and the (resident) buffers of
+    # the offloaded blocks: 398,464 bytes, so not even the embedding (65,536 bytes) fits beside them.
+    assert set(result.device_map.values()) == {"cpu"}
+    gpu = result.usage_of(0)
+    assert (gpu.weights, gpu.headroom, gpu.reserve) == (0, 4 * per_layer, 2 * layer + inventory.subtree_buffer_bytes(0))
+    assert result.usage_of("cpu").headroom == 0
+    # The CPU only holds streamed weights: a budget of exactly those weights is enough.
+    exact = plan(inventory, Budget.of({**budget, "cpu": inventory.total_bytes}), policy="stream",
+                 context_length=100, prefetch=1)
+    assert exact.device_map == result.device_map and exact.usage_of("cpu").free == 0
+
+
 def test_reserve_only_when_something_is_offloaded(inv):
     fits = plan(inv, Budget.of({0: 10**6, "cpu": 10**6}))
     assert fits.usage_of(0).reserve == 0
