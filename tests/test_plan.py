@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 from bigload.devices import CPU, DISK, Budget, Device
 from bigload.errors import PlanError
@@ -156,6 +157,25 @@ def test_kv_cache_of_streamed_layers_is_charged_to_the_gpu_not_to_the_cpu_holdin
     exact = plan(inventory, Budget.of({**budget, "cpu": inventory.total_bytes}), policy="stream",
                  context_length=100, prefetch=1)
     assert exact.device_map == result.device_map and exact.usage_of("cpu").free == 0
+
+
+def test_a_split_module_running_with_its_child_needs_two_slots():
+    """An offloaded module split into its own tensors and a child holds both while the child runs (its
+    forward encloses the child's), so the reserve is two slots even with prefetch=0."""
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.empty(40, device="meta"))  # 160 bytes of its own
+            self.inner = nn.Linear(1, 1, bias=False, device="meta")  # 4 bytes
+
+    root = nn.Module()
+    root.body = Holder()
+    inventory = inventory_from_module(root)
+    # 160 bytes of CPU cannot run it: one slot for body's own tensors and one for body.inner are 320.
+    with pytest.raises(PlanError, match=r"cannot hold .* 160 bytes are missing"):
+        plan(inventory, Budget.of({"cpu": 160, "disk": 10**6}), prefetch=0)
+    assert plan(inventory, Budget.of({"cpu": 164, "disk": 10**6}), prefetch=0).device_map == {"": "cpu"}
 
 
 def test_reserve_only_when_something_is_offloaded(inv):
