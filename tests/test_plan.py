@@ -178,6 +178,14 @@ def test_a_split_module_running_with_its_child_needs_two_slots():
     assert plan(inventory, Budget.of({"cpu": 164, "disk": 10**6}), prefetch=0).device_map == {"": "cpu"}
 
 
+def test_a_gpu_smaller_than_its_headroom_is_left_unused(inv):
+    # Found by the property tests: the reserve check refused this plan ("0 bytes are missing") although
+    # nothing is offloaded and the CPU holds everything.
+    result = plan(inv, Budget.of({0: 1_000, "cpu": TOTAL + 3_000}), headroom=3_000, policy="local")
+    assert result.device_map == {"": "cpu"}
+    assert result.usage_of(0).total == 0 and result.usage_of("cpu").free == 0
+
+
 def test_reserve_only_when_something_is_offloaded(inv):
     fits = plan(inv, Budget.of({0: 10**6, "cpu": 10**6}))
     assert fits.usage_of(0).reserve == 0
