@@ -770,7 +770,7 @@ def _attempt(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: int,
     offloaded = _offloaded_units(walk, setup)
     needed = _main_charge(inv, walk, offloaded, prefetch)
     main_slot = next(s for s in walk.slots if s.device == setup.main)
-    if needed > main_slot.budget - main_slot.fixed_headroom:
+    if needed > max(0, main_slot.budget - main_slot.fixed_headroom):  # nothing offloaded needs no room
         raise PlanError(_reserve_message(setup, main_slot, needed, walk, offloaded))
     return walk, needed
 
