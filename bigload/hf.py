@@ -17,17 +17,22 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from bigload.budget import detect_budget
 from bigload.catalog import catalog_config, catalog_names
+from bigload.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
+from bigload.devices import ExecutionPolicy
+from bigload.dispatch import load_checkpoint_and_dispatch
 from bigload.empty import init_empty_weights
 from bigload.errors import BigloadError, CheckpointError
-from bigload.inventory import default_keep_in_fp32_modules
+from bigload.hooks import OutputAlignment, runtime_of
+from bigload.inventory import default_keep_in_fp32_modules, inventory_from_checkpoint, inventory_from_module
+from bigload.plan import PlanOptions, plan
 from bigload.sizes import parse_dtype
+from bigload.stream import DerivedTensor, SourcePlan, source_dtypes
+from bigload.tensors import owner_of
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-    from bigload.checkpoint import CheckpointIndex, TensorRef
-    from bigload.stream import SourcePlan
 
 __all__ = [
     "ModelSource",
@@ -40,7 +45,7 @@ __all__ = [
     "resolve_model_source",
 ]
 
-logger = logging.getLogger("bigload")
+logger = logging.getLogger(__name__)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -205,8 +210,6 @@ def _checkpoint_dtype(source: ModelSource) -> torch.dtype | None:
     """The dtype of the first floating tensor in the source's checkpoint (headers only), if any."""
     if source.checkpoint is None:
         return None
-    from bigload.checkpoint import open_checkpoint
-
     for ref in open_checkpoint(source.checkpoint).tensors.values():
         if ref.dtype.is_floating_point:
             return ref.dtype
@@ -242,13 +245,11 @@ def inventory_for(
     """The inventory of what MODEL names: from a meta model when there is a config (and transformers),
     else from checkpoint headers alone. No weight is read either way. With `adapter`, the meta model is
     wrapped with the adapters first, so each block counts its adapter tensors."""
-    from bigload.inventory import inventory_from_checkpoint, inventory_from_module
-
     source = resolve_model_source(spec)
     if source.config is not None and _transformers_available():
-        model, target, keep = adapted_meta_model(source, dtype, adapter)
-        return inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes,
-                                     keep_in_fp32_modules=keep or None)
+        built = planning_model(source, dtype, adapter)
+        return inventory_from_module(built.model, dtype=built.dtype, no_split_module_classes=no_split_module_classes,
+                                     keep_in_fp32_modules=built.keep_in_fp32_modules, stored_dtypes=built.stored)
     if adapter is not None:
         raise BigloadError(f"{spec} has no config.json, and adapters need the model built from one; plan the "
                            "model folder (config.json beside the weights) with --adapter.")
@@ -257,8 +258,6 @@ def inventory_for(
             f"{spec} is a config only and transformers is not installed; install it with "
             "`pip install bigload[hf]`, or plan from a checkpoint's headers instead."
         )
-    from bigload.checkpoint import open_checkpoint
-
     # Headers carry no class names, so `no_split_module_classes` cannot apply here: every numbered
     # block (`model.layers.17`) is kept whole instead.
     return inventory_from_checkpoint(
@@ -266,32 +265,54 @@ def inventory_for(
     )
 
 
-def adapted_meta_model(source: ModelSource, dtype: torch.dtype | str | None,
-                       adapter: str | Path | Sequence[str | Path] | None) -> tuple[nn.Module, torch.dtype, list[str]]:
-    """The meta model of `source` (wrapped with `adapter`s if any: its base model is returned), its dtype and
-    the adapter modules kept in float32 (at half precision, as peft keeps them)."""
+@dataclass(frozen=True)
+class PlanningModel:
+    """A meta model as planning sees it: built from the config, wrapped with adapters if any.
+
+    model: the transformers model (inside the `PeftModel` when there are adapters); dtype: its load dtype;
+    keep_in_fp32_modules: None for transformers' rule, else that rule plus the adapter modules peft keeps in
+    float32; stored: tensor name -> checkpoint dtype (None without a checkpoint); adapters: as read.
+    """
+
+    model: nn.Module
+    dtype: torch.dtype
+    keep_in_fp32_modules: list[str] | None
+    stored: dict[str, torch.dtype] | None
+    adapters: tuple[Any, ...] = ()
+
+
+def planning_model(source: ModelSource, dtype: torch.dtype | str | None,
+                   adapter: str | Path | Sequence[str | Path] | None = None) -> PlanningModel:
+    """The meta model of `source` for planning: no weight read (checkpoint and adapter headers only)."""
     config = load_config(source.config)  # type: ignore[arg-type]
     target = _weights_dtype(source, config, dtype) or torch.float32
     model = meta_model_from_config(config, dtype=target)
+    index = open_checkpoint(source.checkpoint) if source.checkpoint is not None else None
+    sources = checkpoint_sources(model, index) if index is not None else None
     if adapter is None:
-        return model, target, []
-    from bigload.adapters import adapter_fp32_modules, read_adapters, wrap
+        stored = source_dtypes(index, sources) if index is not None else None
+        return PlanningModel(model, target, None, stored)
+    from bigload.adapters import adapter_fp32_modules, read_adapters, with_adapter_sources, wrap
 
-    wrap(model, read_adapters(adapter))
-    return model, target, [*default_keep_in_fp32_modules(model, target), *adapter_fp32_modules(target)]
+    adapters = read_adapters(adapter)
+    wrapped = wrap(model, adapters)
+    if index is not None and sources is not None:
+        index, sources = with_adapter_sources(wrapped, adapters, index, sources)
+    keep = [*default_keep_in_fp32_modules(model, target), *adapter_fp32_modules(target)]
+    stored = source_dtypes(index, sources) if index is not None else None
+    return PlanningModel(model, target, keep, stored, tuple(adapters))
 
 
 def describe_adapters(spec: str | Path, adapter: str | Path | Sequence[str | Path], plan: Any,
                       dtype: torch.dtype | str | None = None) -> list[str]:
     """Lines saying what each adapter adds to which planned block (for `bigload plan --adapter`)."""
-    from bigload.adapters import adapter_summary, read_adapters
+    from bigload.adapters import adapter_summary
 
     source = resolve_model_source(spec)
     if source.config is None:
         raise BigloadError(f"{spec} has no config.json; adapters need the model built from one.")
-    adapters = read_adapters(adapter)
-    model, target, _ = adapted_meta_model(source, dtype, [a.folder for a in adapters])
-    return adapter_summary(model, adapters, plan.device_map, target)
+    built = planning_model(source, dtype, adapter)
+    return adapter_summary(built.model, built.adapters, plan.device_map, built.dtype)
 
 
 def plan_model(
@@ -305,9 +326,12 @@ def plan_model(
     no_split_module_classes: list[str] | None = None,
     prefetch: int = 1,
     offload_folder: str | Path | None = None,
+    policy: ExecutionPolicy | str | None = None,
     adapter: str | Path | Sequence[str | Path] | None = None,
 ) -> Any:
     """A dry run: plan MODEL (catalog name, model folder, config.json or checkpoint) without reading a weight.
+
+    For an `nn.Module` already built, use `plan_for_model`; for an `Inventory`, `bigload.plan.plan`.
 
     Args:
         spec: what to plan.
@@ -318,6 +342,8 @@ def plan_model(
         no_split_module_classes: classes never split (default: the model's `_no_split_modules`).
         prefetch: offloaded blocks loaded ahead (the reserve is sized for it).
         offload_folder: with no "disk" budget, its free space becomes the disk budget.
+        policy: where CPU-resident blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local");
+            default: chosen by `plan.choose_policy`.
         adapter: peft adapter folder(s) whose tensors the blocks carry (see `from_pretrained`).
 
     Returns:
@@ -328,13 +354,13 @@ def plan_model(
 
     >>> print(plan_model("llama-3.1-405b", max_memory={0: "80GiB", "cpu": "1TiB"}).explain())  # doctest: +SKIP
     """
-    from bigload.budget import detect_budget
-    from bigload.plan import plan
-
-    inventory = inventory_for(spec, dtype=dtype, no_split_module_classes=no_split_module_classes, adapter=adapter)
-    budget = detect_budget(max_memory, offload_folder=offload_folder)
-    return plan(inventory, budget, strategy=strategy, dtype=inventory.dtype, context_length=context_length,
-                batch_size=batch_size, prefetch=prefetch)
+    options = PlanOptions(strategy=strategy, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
+                          context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
+                          no_split_module_classes=no_split_module_classes)
+    inventory = inventory_for(spec, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes,
+                              adapter=adapter)
+    budget = detect_budget(options.max_memory, offload_folder=options.offload_folder)
+    return plan(inventory, budget, options.with_settings(dtype=inventory.dtype))
 
 
 def from_pretrained(
@@ -352,6 +378,7 @@ def from_pretrained(
     prefetch: int = 1,
     no_split_module_classes: list[str] | None = None,
     materialize: bool = False,
+    policy: ExecutionPolicy | str | None = None,
     adapter: str | Path | Sequence[str | Path] | None = None,
 ) -> nn.Module:
     """Load a Hugging Face model folder onto this machine's devices, ready for `generate`.
@@ -384,6 +411,8 @@ def from_pretrained(
         no_split_module_classes: classes never split (default: the model's `_no_split_modules`).
         materialize: CPU weights in private memory instead of views of the checkpoint files (see
             `load_checkpoint_and_dispatch`).
+        policy: where CPU-resident blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local");
+            default: the planner's choice (with a dict map: stream).
         adapter: a peft adapter folder, or several (the first is named "default", the others after their
             folders; the first is active). The model is wrapped on meta before planning, so the plan counts
             each adapter's bytes on the block that owns them and one pass streams base and adapter tensors.
@@ -396,16 +425,12 @@ def from_pretrained(
     >>> model = from_pretrained("Llama-3-8B/", max_memory={"cpu": "8GiB", "disk": "64GiB"},
     ...                         offload_folder="offload/")  # doctest: +SKIP
     """
-    from bigload.dispatch import load_checkpoint_and_dispatch
-
     source = resolve_model_source(path)
     if source.config is None or source.checkpoint is None:
         raise BigloadError(
             f"{path} must be a model folder with config.json and weights (.safetensors or .bin); "
             f"found {'no config.json' if source.config is None else 'no weights'}."
         )
-    from bigload.checkpoint import open_checkpoint
-
     config = load_config(source.config)
     target = _weights_dtype(source, config, dtype) or torch.float32
     model = meta_model_from_config(config, model_class=model_class, dtype=target)
@@ -427,6 +452,7 @@ def from_pretrained(
         no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=target,
         strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
         progress=progress, keep_in_fp32_modules=keep_fp32, sources=sources, materialize=materialize,
+        policy=policy,
     )
     _align_encoder_outputs(model)
     _load_generation_config(model, Path(path))
@@ -457,7 +483,7 @@ def _with_computed_buffers(model: nn.Module, device_map: Mapping[str, Any]) -> d
     main = next((value for value in device_map.values() if isinstance(value, int)), "cpu")
     placed = list(device_map)
     for name, module in model.named_modules():
-        if name and not any(key == "" or name == key or name.startswith(key + ".") for key in placed):
+        if name and owner_of(name, set(placed)) is None:
             if _only_computed_buffers(module):
                 placed.append(name)
     return {**device_map, **{name: main for name in placed[len(device_map):]}}
@@ -479,8 +505,6 @@ def _align_encoder_outputs(model: nn.Module) -> None:
     `detach` cannot remove when it is). An `OutputAlignment` there answers to the same attribute and brings
     the encoder's outputs back to its inputs' device, as accelerate's would.
     """
-    from bigload.hooks import OutputAlignment, runtime_of
-
     config = getattr(model, "config", None)
     get_encoder = getattr(model, "get_encoder", None)
     if not getattr(config, "is_encoder_decoder", False) or get_encoder is None:
@@ -522,8 +546,6 @@ def checkpoint_sources(model: nn.Module, index: "CheckpointIndex") -> "SourcePla
     Raises:
         CheckpointError: a conversion that cannot be planned from headers, naming it and the tensor.
     """
-    from bigload.stream import SourcePlan
-
     renamings, converters = _conversion_mapping(model)
     by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
     expected = set(model.state_dict())
@@ -615,8 +637,6 @@ def _derived_tensors(model: nn.Module, target: str, converter: Any,
                      parts: list[tuple[str, "TensorRef"]]) -> dict[str, Any]:
     """The model tensors one transformers `WeightConverter` makes from `parts`, as `DerivedTensor`s whose
     shapes come from running the conversion on meta tensors."""
-    from bigload.stream import DerivedTensor
-
     def run(tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         fresh = copy.deepcopy(converter)  # converters collect tensors in their own state
         for (pattern, ref), tensor in zip(parts, tensors):
