@@ -247,9 +247,10 @@ def inventory_for(
     wrapped with the adapters first, so each block counts its adapter tensors."""
     source = resolve_model_source(spec)
     if source.config is not None and _transformers_available():
-        built = planning_model(source, dtype, adapter)
+        built = prepare_model(source, dtype, adapter)
         return inventory_from_module(built.model, dtype=built.dtype, no_split_module_classes=no_split_module_classes,
-                                     keep_in_fp32_modules=built.keep_in_fp32_modules, stored_dtypes=built.stored)
+                                     keep_in_fp32_modules=built.keep_in_fp32_modules if built.adapters else None,
+                                     stored_dtypes=built.stored_dtypes())
     if adapter is not None:
         raise BigloadError(f"{spec} has no config.json, and adapters need the model built from one; plan the "
                            "model folder (config.json beside the weights) with --adapter.")
@@ -266,41 +267,52 @@ def inventory_for(
 
 
 @dataclass(frozen=True)
-class PlanningModel:
-    """A meta model as planning sees it: built from the config, wrapped with adapters if any.
+class PreparedModel:
+    """A meta model ready to plan and load: built from the config, wrapped with adapters if any.
 
-    model: the transformers model (inside the `PeftModel` when there are adapters); dtype: its load dtype;
-    keep_in_fp32_modules: None for transformers' rule, else that rule plus the adapter modules peft keeps in
-    float32; stored: tensor name -> checkpoint dtype (None without a checkpoint); adapters: as read.
+    model: the transformers model (inside `wrapped` when there are adapters); wrapped: peft's `PeftModel`, or
+    None; dtype: the load dtype; keep_in_fp32_modules: transformers' rule plus the adapter modules peft keeps
+    in float32; index, sources: where every tensor is (base checkpoint and adapter files, headers only; None
+    without a checkpoint); adapters: as read.
     """
 
     model: nn.Module
+    wrapped: nn.Module | None
     dtype: torch.dtype
-    keep_in_fp32_modules: list[str] | None
-    stored: dict[str, torch.dtype] | None
+    keep_in_fp32_modules: list[str]
+    index: CheckpointIndex | None
+    sources: SourcePlan | None
     adapters: tuple[Any, ...] = ()
 
+    def stored_dtypes(self) -> dict[str, torch.dtype] | None:
+        """Tensor name -> its dtype in the files it loads from (None without a checkpoint)."""
+        return source_dtypes(self.index, self.sources) if self.index is not None else None
 
-def planning_model(source: ModelSource, dtype: torch.dtype | str | None,
-                   adapter: str | Path | Sequence[str | Path] | None = None) -> PlanningModel:
-    """The meta model of `source` for planning: no weight read (checkpoint and adapter headers only)."""
+
+def prepare_model(source: ModelSource, dtype: torch.dtype | str | None,
+                  adapter: str | Path | Sequence[str | Path] | None = None, *,
+                  model_class: Any = None) -> PreparedModel:
+    """The meta model of `source` (wrapped with `adapter`s) and where its tensors are; no weight is read.
+
+    Raises:
+        AdapterError: an adapter is unreadable or made for another base.
+    """
     config = load_config(source.config)  # type: ignore[arg-type]
     target = _weights_dtype(source, config, dtype) or torch.float32
-    model = meta_model_from_config(config, dtype=target)
+    model = meta_model_from_config(config, model_class=model_class, dtype=target)
     index = open_checkpoint(source.checkpoint) if source.checkpoint is not None else None
     sources = checkpoint_sources(model, index) if index is not None else None
+    keep = list(default_keep_in_fp32_modules(model, target))
     if adapter is None:
-        stored = source_dtypes(index, sources) if index is not None else None
-        return PlanningModel(model, target, None, stored)
+        return PreparedModel(model, None, target, keep, index, sources)
     from bigload.adapters import adapter_fp32_modules, read_adapters, with_adapter_sources, wrap
 
     adapters = read_adapters(adapter)
     wrapped = wrap(model, adapters)
     if index is not None and sources is not None:
         index, sources = with_adapter_sources(wrapped, adapters, index, sources)
-    keep = [*default_keep_in_fp32_modules(model, target), *adapter_fp32_modules(target)]
-    stored = source_dtypes(index, sources) if index is not None else None
-    return PlanningModel(model, target, keep, stored, tuple(adapters))
+    return PreparedModel(model, wrapped, target, [*keep, *adapter_fp32_modules(target)], index, sources,
+                         tuple(adapters))
 
 
 def describe_adapters(spec: str | Path, adapter: str | Path | Sequence[str | Path], plan: Any,
@@ -311,7 +323,7 @@ def describe_adapters(spec: str | Path, adapter: str | Path | Sequence[str | Pat
     source = resolve_model_source(spec)
     if source.config is None:
         raise BigloadError(f"{spec} has no config.json; adapters need the model built from one.")
-    built = planning_model(source, dtype, adapter)
+    built = prepare_model(source, dtype, adapter)
     return adapter_summary(built.model, built.adapters, plan.device_map, built.dtype)
 
 
@@ -431,37 +443,25 @@ def from_pretrained(
             f"{path} must be a model folder with config.json and weights (.safetensors or .bin); "
             f"found {'no config.json' if source.config is None else 'no weights'}."
         )
-    config = load_config(source.config)
-    target = _weights_dtype(source, config, dtype) or torch.float32
-    model = meta_model_from_config(config, model_class=model_class, dtype=target)
-    index = open_checkpoint(source.checkpoint)
-    sources = checkpoint_sources(model, index)
-    keep_fp32 = default_keep_in_fp32_modules(model, target)
-    wrapped, adapters = None, None
-    if adapter is not None:
-        from bigload.adapters import adapter_fp32_modules, read_adapters, with_adapter_sources, wrap
-
-        adapters = read_adapters(adapter)
-        wrapped = wrap(model, adapters)
-        index, sources = with_adapter_sources(wrapped, adapters, index, sources)
-        keep_fp32 = [*keep_fp32, *adapter_fp32_modules(target)]
+    built = prepare_model(source, dtype, adapter, model_class=model_class)
+    model = built.model
     if isinstance(device_map, Mapping):
         device_map = _with_computed_buffers(model, device_map)
     load_checkpoint_and_dispatch(
-        model, index, device_map=device_map, max_memory=max_memory,
-        no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=target,
+        model, built.index, device_map=device_map, max_memory=max_memory,
+        no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=built.dtype,
         strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
-        progress=progress, keep_in_fp32_modules=keep_fp32, sources=sources, materialize=materialize,
-        policy=policy,
+        progress=progress, keep_in_fp32_modules=built.keep_in_fp32_modules, sources=built.sources,
+        materialize=materialize, policy=policy,
     )
     _align_encoder_outputs(model)
     _load_generation_config(model, Path(path))
-    if wrapped is None:
+    if built.wrapped is None:
         return model.eval()
     from bigload.adapters import load_model_level_weights
 
-    load_model_level_weights(wrapped, adapters or [], _input_device(model))
-    return wrapped.eval()
+    load_model_level_weights(built.wrapped, built.adapters, _input_device(model))
+    return built.wrapped.eval()
 
 
 def _input_device(model: nn.Module) -> torch.device:
