@@ -37,8 +37,8 @@ def _inventory(model: nn.Module, no_split_module_classes: Iterable[str] | str | 
                                  no_split_module_classes=tuple(no_split_module_classes or ()))
 
 
-def _dtypes(dtype: str | torch.dtype | None,
-            special_dtypes: Mapping[str, str | torch.dtype] | None) -> tuple[torch.dtype | None, dict[str, torch.dtype]]:
+def _dtypes(dtype: str | torch.dtype | None, special_dtypes: Mapping[str, str | torch.dtype] | None,
+            ) -> tuple[torch.dtype | None, dict[str, torch.dtype]]:
     target = parse_dtype(dtype) if dtype is not None else None
     return target, {name: parse_dtype(value) for name, value in (special_dtypes or {}).items()}
 

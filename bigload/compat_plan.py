@@ -364,7 +364,8 @@ class _Walk:
                     break
             state.device_map[tied_name] = device
         if not self.offload_buffers and unit.is_module:
-            state.buffers[device] = state.buffers.get(device, 0) + self.tree.buffer_bytes(unit, self.dtype, self.special)
+            held = self.tree.buffer_bytes(unit, self.dtype, self.special)
+            state.buffers[device] = state.buffers.get(device, 0) + held
 
     def _split_tied(self, unit: _Unit, tied_names: Sequence[str], tied_units: Sequence[_Unit]) -> bool:
         for tied_name, tied_unit in zip(tied_names, tied_units):

@@ -53,7 +53,8 @@ def _messages(logger_name: str) -> Iterator[list[tuple[str, str]]]:
         logger.setLevel(level)
 
 
-def _call(fn: Callable[..., Any], logger_name: str, *args: Any, **kwargs: Any) -> tuple[Any, list, BaseException | None]:
+def _call(fn: Callable[..., Any], logger_name: str, *args: Any,
+          **kwargs: Any) -> tuple[Any, list, BaseException | None]:
     with _messages(logger_name) as seen:
         try:
             return fn(*args, **kwargs), seen, None
@@ -67,7 +68,8 @@ def same(name: str, *args: Any, **kwargs: Any) -> Any:
     copy = lambda v: dict(v) if isinstance(v, dict) else v  # noqa: E731  (accelerate edits max_memory in place)
     theirs, their_msgs, their_error = _call(getattr(acc, name), "accelerate.utils.modeling",
                                             *args, **{k: copy(v) for k, v in kwargs.items()})
-    ours, our_msgs, our_error = _call(getattr(bigload, name), "bigload.compat", *args, **{k: copy(v) for k, v in kwargs.items()})
+    ours, our_msgs, our_error = _call(getattr(bigload, name), "bigload.compat",
+                                      *args, **{k: copy(v) for k, v in kwargs.items()})
     if their_error is not None:
         assert isinstance(our_error, BigloadError), (their_error, our_error)
         return None
