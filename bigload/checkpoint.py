@@ -462,7 +462,8 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointIndex:
 
 def _discover(folder: Path) -> Path:
     for pattern in _DISCOVERY:
-        found = sorted(folder.glob(pattern))
+        found = [p for p in sorted(folder.glob(pattern)) if not p.name.endswith(_NOT_OTHER_INDEX)
+                 or pattern != _OTHER_INDEX]
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
@@ -476,16 +477,19 @@ def _discover(folder: Path) -> Path:
     )
 
 
+_OTHER_INDEX = "*.index.json"
+_NOT_OTHER_INDEX = (".safetensors.index.json", ".bin.index.json")
+
 # Safetensors first: they need no unpickling and map straight to bytes.
 _DISCOVERY = (
     "model.safetensors.index.json",
     "model.safetensors",
     "*.safetensors.index.json",
+    "*.index.json",  # accelerate takes any one index, e.g. weight_map.index.json (PyTorch ones come later)
     "*.safetensors",
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
     "*.bin.index.json",
-    "*.index.json",  # accelerate takes any one index, e.g. weight_map.index.json
     "*.bin",
     "*.pt",
     "*.pth",
