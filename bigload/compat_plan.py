@@ -77,27 +77,51 @@ def module_sizes(inv: Inventory, dtype: torch.dtype | None = None,
     Returns:
         `{"": total, module or tensor name: bytes, ...}`, parameters first, then buffers (accelerate's order).
     """
-    sizes: dict[str, Size] = {}
+    special = special_dtypes or {}
+    widths: dict[torch.dtype, tuple[int, Size]] = {}
     entries = [e for e in inv.tensors if not e.buffer and not buffers_only] + [e for e in inv.tensors if e.buffer]
-    for entry in entries:
-        size = _accelerate_size(entry, entry.name, dtype, special_dtypes or {})
-        parts = entry.name.split(".")
-        for depth in range(len(parts) + 1):
-            key = ".".join(parts[:depth])
-            sizes[key] = sizes.get(key, 0) + size
+    if special:
+        counted = [(entry, _accelerate_size(entry, entry.name, dtype, special, widths)) for entry in entries]
+    else:  # one rate per stored dtype (a million tensors on the largest models)
+        rates = {d: _accelerate_size(TensorEntry("", 0, _widths(d, widths)[0], d, False), "", dtype, {}, widths)
+                 for d in {entry.dtype for entry in entries}}
+        counted = [(entry, entry.nbytes // widths[entry.dtype][0] * rates[entry.dtype]) for entry in entries]
+    totals: list[Size] = [0] * len(inv)
+    for entry, size in counted:
+        totals[entry.module] += size
+    for i in range(len(inv) - 1, 0, -1):  # children come after their parent: one backward pass sums subtrees
+        totals[inv.parents[i]] += totals[i]
+    # accelerate adds each tensor to "", then each enclosing module, then its own name: keys appear in that
+    # order (parameters first), which `get_balanced_memory` relies on.
+    sizes: dict[str, Size] = {}
+    for entry, size in counted:
+        chain, i = [], entry.module
+        while i >= 0 and inv.names[i] not in sizes:
+            chain.append(i)
+            i = inv.parents[i]
+        for j in reversed(chain):
+            sizes[inv.names[j]] = totals[j]
+        sizes[entry.name] = size
     return sizes
 
 
-def _accelerate_size(entry: TensorEntry, name: str, dtype: torch.dtype | None,
-                     special: Mapping[str, torch.dtype]) -> Size:
-    """One tensor as accelerate sizes it; `name` is what accelerate looks `special` up by."""
-    numel = entry.nbytes // dtype_width(entry.dtype)
-    stored = accelerate_byte_size(entry.dtype)
+def _accelerate_size(entry: TensorEntry, name: str, dtype: torch.dtype | None, special: Mapping[str, torch.dtype],
+                     widths: dict[torch.dtype, tuple[int, Size]]) -> Size:
+    """One tensor as accelerate sizes it; `name` is what accelerate looks `special` up by; `widths` caches
+    (bigload's width, accelerate's width) per dtype."""
+    numel, stored = entry.nbytes // _widths(entry.dtype, widths)[0], _widths(entry.dtype, widths)[1]
     if name in special:
-        return numel * accelerate_byte_size(special[name])
+        return numel * _widths(special[name], widths)[1]
     if dtype is None or str(entry.dtype).startswith(_NEVER_CAST):
         return numel * stored
-    return numel * min(accelerate_byte_size(dtype), stored)
+    return numel * min(_widths(dtype, widths)[1], stored)
+
+
+def _widths(dtype: torch.dtype, cache: dict[torch.dtype, tuple[int, Size]]) -> tuple[int, Size]:
+    cached = cache.get(dtype)
+    if cached is None:
+        cached = cache[dtype] = (dtype_width(dtype), accelerate_byte_size(dtype))
+    return cached
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,8 +158,11 @@ class _Tree:
             if group[0] in parameters:  # a tied duplicate of a parameter is a parameter of its module
                 for name in group[1:]:
                     self.params.setdefault(inv.index(name.rpartition(".")[0]), []).append(name)
-        self.children = [inv.children(i) for i in range(len(inv))]
+        self.children: list[list[int]] = [[] for _ in range(len(inv))]
+        for i in range(1, len(inv)):
+            self.children[inv.parents[i]].append(i)
         self.layer_max, self.layers = self._layers()
+        self.widths: dict[torch.dtype, tuple[int, Size]] = {}
         self.entry_modules = [entry.module for entry in inv.tensors]  # ascending: entries are in module order
 
     def buffer_bytes(self, unit: _Unit, dtype: torch.dtype | None, special: Mapping[str, torch.dtype]) -> Size:
@@ -144,7 +171,7 @@ class _Tree:
         first = bisect_left(self.entry_modules, unit.index)
         last = bisect_left(self.entry_modules, self.inv.ends[unit.index])
         prefix = f"{unit.name}." if unit.name else ""
-        return sum(_accelerate_size(e, e.name[len(prefix):], dtype, special)
+        return sum(_accelerate_size(e, e.name[len(prefix):], dtype, special, self.widths)
                    for e in self.inv.tensors[first:last] if e.buffer)
 
     def size(self, name: str) -> Size:

@@ -317,14 +317,14 @@ def planning_cases(draw):
     return root, budget, options
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(planning_cases())
 def test_generated_trees_and_budgets_get_accelerates_map(case):
     model, budget, options = case
     same("infer_auto_device_map", model, max_memory=budget, **options)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(planning_cases(), st.booleans())
 def test_generated_trees_get_accelerates_sizes_and_balanced_budgets(case, low_zero):
     model, budget, options = case
