@@ -336,3 +336,17 @@ def test_generated_trees_get_accelerates_sizes_and_balanced_budgets(case, low_ze
         return  # accelerate reads max_memory[0] then
     same("get_balanced_memory", model, max_memory=budget, no_split_module_classes=options["no_split_module_classes"],
          dtype=options["dtype"], low_zero=low_zero)
+
+
+def test_a_module_filling_the_device_exactly_is_split_when_its_tied_partner_does_not_fit():
+    """accelerate splits a module whose size reaches the room left (`>=`) when its tied partner, a leaf,
+    cannot come along; one byte more room and it is not split but sent to the next device."""
+    with torch.device("meta"):
+        model = nn.Module()
+        model.body = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8))
+        model.head = nn.Linear(8, 8)
+        model.head.weight = model.body[0].weight
+    sizes = acc.compute_module_sizes(model)
+    room = sizes["head"] + sizes["body"]  # the largest layer left once body is taken is the head
+    assert same("infer_auto_device_map", model, max_memory={0: room, "cpu": 10**6}) == {"": 0}
+    assert same("infer_auto_device_map", model, max_memory={0: room + 1, "cpu": 10**6}) == {"": "cpu"}
