@@ -197,6 +197,9 @@ def test_sizes_dtypes_and_special_dtypes(llama):
             same("compute_module_sizes", model, dtype=target, special_dtypes=special)
             same("compute_module_sizes", llama, dtype=target, special_dtypes=special)
     same("compute_module_sizes", model, buffers_only=True)
+    for special in ({"lm_head.weight": torch.float16}, {"model.embed_tokens.weight": "float64"}):
+        same("infer_auto_device_map", llama, max_memory={0: 300_000, 1: 200_000, "cpu": 10**6},
+             no_split_module_classes=NO_SPLIT, dtype=torch.bfloat16, special_dtypes=special)
     half = toy()
     half.half()
     same("compute_module_sizes", half, dtype=torch.float32)  # accelerate counts the smaller width
