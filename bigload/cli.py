@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "budget that forces part of it to disk, load, generate, and compare "
                                       "speed and tokens with the same model fully in memory.")
     demo.add_argument("--size", choices=("small", "medium"), default="small",
-                      help="small: 11 MiB of weights, medium: 0.5 GiB (default: small)")
+                      help="small: 11 MiB of weights, medium: 345 MiB (default: small)")
     demo.add_argument("--dir", type=Path, default=None, help="where the demo model is cached "
                       "(default: ~/.cache/bigload/demo-SIZE)")
     demo.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
