@@ -95,7 +95,7 @@ def parse_size(value: int | float | str, *, what: str = "size") -> int:
     if match is None or unit not in _UNITS:
         raise BudgetError(Text(
             what, f": cannot read {value!r} as a size. Use a number with one of the units "
-            "B, KB, MB, GB, TB (decimal) or KiB, MiB, GiB, TiB (binary), e.g. 24GiB or 80GB."
+            "B, KB, MB, GB, TB (decimal) or KiB, MiB, GiB, TiB (binary), e.g. '24GiB' or '80GB'."
         ))
     return int(float(match.group("num")) * _UNITS[unit])
 

@@ -30,7 +30,7 @@ import torch
 
 from bigload.checkpoint import CheckpointIndex, MappedFiles, TensorRef, read_safetensors_header
 from bigload.errors import CheckpointError, OffloadError
-from bigload.messages import Text, setting
+from bigload.messages import Setting, Text, setting
 from bigload.sizes import dtype_width, format_size
 
 __all__ = ["DiskStore", "StoreOrigin", "TensorMeta"]
@@ -479,8 +479,8 @@ def _ensure_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise OffloadError(
-            Text(f"cannot write to the offload folder {folder} ({exc.strerror or exc}); pass ",
-                 setting("offload_folder", "", "DIR"), " with a folder you can write to.")
+            Text(f"cannot write to the offload folder {folder} ({exc.strerror or exc}); pass an ",
+                 Setting("offload_folder", "--offload-folder DIR"), " you can write to.")
         ) from None
 
 
@@ -538,11 +538,11 @@ def _check_origin(folder: Path, expected: StoreOrigin) -> None:
     if found is None:
         raise OffloadError(
             Text(f"{folder} holds an offload store that bigload did not write (no readable {ORIGIN_FILE}), so it "
-                 f"cannot be checked against {expected.describe()}. Use another offload folder (",
-                 setting("offload_folder"), "), or delete it.")
+                 f"cannot be checked against {expected.describe()}. Use another ",
+                 setting("offload_folder"), ", or delete it.")
         )
     if found.fingerprint != expected.fingerprint:
         raise OffloadError(
             Text(f"{folder} holds weights from {found.describe()}, not from {expected.describe()}. "
-                 "Use another offload folder (", setting("offload_folder"), "), or delete this one to rebuild it.")
+                 "Use another ", setting("offload_folder"), ", or delete this one to rebuild it.")
         )

@@ -34,7 +34,7 @@ from torch import nn
 from bigload.checkpoint import CheckpointIndex, CheckpointReader, TensorRef, open_checkpoint
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike
 from bigload.errors import BudgetError, CheckpointError, DeviceError, OffloadError
-from bigload.messages import Text, setting
+from bigload.messages import Setting, Text, setting
 from bigload.sizes import dtype_width, format_size, parse_dtype
 from bigload.store import DiskStore, StoreOrigin, dtype_name
 
@@ -756,8 +756,8 @@ def _prepare_store(folder: str | os.PathLike[str] | None, origin: StoreOrigin,
     if folder is None:
         raise OffloadError(
             Text(f"the device map sends {len(disk_tasks)} tensors (e.g. {disk_tasks[0].group.names[0]!r}) to "
-                 "'disk' but no offload folder was given; pass ", setting("offload_folder", "", "DIR"),
-                 " (a folder on a disk with room for them).")
+                 "'disk' but no ", setting("offload_folder"), " was given; pass ",
+                 Setting("offload_folder= a folder", "--offload-folder DIR, a folder"), " on a disk with room for them.")
         )
     if (Path(folder) / "index.json").is_file():
         existing = DiskStore.open(folder, expect_fingerprint=origin)

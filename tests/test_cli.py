@@ -141,7 +141,7 @@ def test_generate_without_offload_folder_names_the_flag(cli, model_folder: Path)
     out = cli("generate", str(model_folder), "--prompt", "Hi", "--max-new-tokens", "2",
               "--max-memory", "cpu=8MiB,disk=1GiB")
     assert out.returncode == 2
-    assert "pass --offload-folder DIR" in out.stderr
+    assert "but no --offload-folder was given; pass --offload-folder DIR, a folder on a disk" in out.stderr
     assert "offload_folder" not in out.stderr
 
 
