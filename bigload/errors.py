@@ -52,3 +52,7 @@ class OffloadError(BigloadError):
 
 class DeviceError(BigloadError):
     """A device is unknown, or does not exist on this machine when loading onto it."""
+
+
+class AdapterError(BigloadError):
+    """An adapter (peft) that cannot go on this model: unreadable, unknown method, or made for another base."""
