@@ -289,8 +289,7 @@ def dispatch_model(
             store = DiskStore.open(folder)
         else:
             store = _write_disk_blocks(model, device_map, placed, folder, offload_buffers)
-    pin = main.is_gpu and policy is ExecutionPolicy.STREAM
-    host = HostWeights(state_dict, pin=pin) if state_dict is not None else None
+    host = HostWeights(state_dict) if state_dict is not None else None
     runtime = attach(
         model,
         device_map,

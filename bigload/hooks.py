@@ -93,6 +93,9 @@ def _libc_calls() -> tuple[Callable[[int, int, int], int] | None, Callable[[int,
 
 _madvise, _mincore = _libc_calls()
 PREFETCH_HISTORY = 4096  # how many prefetched block names `PrefetchStats.prefetched` remembers
+# Tensors start at multiples of this in a slot, as the CUDA caching allocator aligns its blocks: vectorized
+# kernels and cuBLAS take their fast paths only on aligned pointers (and some refuse unaligned ones).
+SLOT_ALIGNMENT = 256
 
 
 def _is_cache(value: object) -> bool:
@@ -116,9 +119,17 @@ def send_to_device(value: Any, device: torch.device, *, skip_keys: Iterable[str]
     return _send(value, device, skip)
 
 
+# Device types a copy may be queued toward without waiting: the copy is ordered on the target's stream before
+# any kernel that reads it. A copy toward the CPU must wait: the CPU reads its result as soon as `to` returns,
+# and a queued GPU-to-CPU copy has not landed yet (uninitialised memory, no error).
+_ASYNC_COPY_TARGETS = frozenset({"cuda"})
+
+
 def _send(value: Any, device: torch.device, skip: frozenset[str]) -> Any:
     if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device, non_blocking=True)
+        if value.device == device:
+            return value
+        return value.to(device, non_blocking=device.type in _ASYNC_COPY_TARGETS)
     if _is_cache(value):
         return value
     if isinstance(value, Mapping):
@@ -213,7 +224,10 @@ class WeightSource(Protocol):
 
 
 class HostWeights:
-    """Offloaded tensors kept in CPU RAM, by full tensor name; pinned when a GPU reads them.
+    """Offloaded tensors kept in CPU RAM, by full tensor name, as they are (pinned only with `pin=True`).
+
+    A GPU reads them through the runtime's pinned staging buffers; `pin=True` pins each tensor instead
+    (a private, unswappable copy, rounded up by the pinned-memory allocator), so copies skip the staging.
 
     >>> weights = HostWeights({"fc.weight": torch.ones(2, 2)})
     >>> weights.get("fc.weight").sum().item()
@@ -311,9 +325,18 @@ class Block:
         """Bytes its offloaded tensors take on the execution device (tied tensors once)."""
         return sum(entry.nbytes for entry in self.entries)
 
+    @property
+    def span(self) -> int:
+        """Bytes of a slot holding it: its tensors at `SLOT_ALIGNMENT`-aligned offsets."""
+        return max((entry.offset + entry.nbytes for entry in self.entries), default=0)
+
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype_width(dtype)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
 
 
 @dataclass(frozen=True)
@@ -349,16 +372,23 @@ class PrefetchStats:
 
 
 class _Slot:
-    """Room for one block's weights on one execution device, reused for the runtime's whole life."""
+    """Room for one block's weights on one execution device, reused for the runtime's whole life.
+
+    Buffers are made outside inference mode even when the first forward runs under `torch.inference_mode()`:
+    the prefetch thread writes into them and later forwards (under `no_grad`, or with grad) wrap views of them
+    in Parameters, and a tensor created in inference mode allows neither. Events are blocking: waiting on
+    one sleeps instead of spinning a core that CPU-executed blocks compute on.
+    """
 
     def __init__(self, device: torch.device, nbytes: int) -> None:
         self.device = device
         self.nbytes = nbytes
-        self.buffer: torch.Tensor | None = None  # on `device`, allocated once, on first need
+        self.buffer: torch.Tensor | None = None  # on `device`, allocated once (CUDA: at attach)
         self.staging: torch.Tensor | None = None  # pinned host bytes for CUDA copies
         is_cuda = device.type == "cuda"
-        self.loaded = torch.cuda.Event() if is_cuda else None  # copies into this slot are done
-        self.released = torch.cuda.Event() if is_cuda else None  # compute reading this slot is done
+        # Copies into this slot are done / compute reading this slot is done.
+        self.loaded = torch.cuda.Event(blocking=True) if is_cuda else None
+        self.released = torch.cuda.Event(blocking=True) if is_cuda else None
 
     def view(self, buffer: torch.Tensor, entry: _Entry) -> torch.Tensor:
         raw = buffer[entry.offset : entry.offset + entry.nbytes]
@@ -366,12 +396,14 @@ class _Slot:
 
     def device_buffer(self) -> torch.Tensor:
         if self.buffer is None:
-            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+            with torch.inference_mode(False):
+                self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
         return self.buffer
 
     def staging_buffer(self) -> torch.Tensor:
         if self.staging is None:
-            self.staging = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
+            with torch.inference_mode(False):
+                self.staging = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
         return self.staging
 
 
@@ -493,7 +525,7 @@ class _Prefetcher:
         largest: dict[torch.device, int] = {}
         count: dict[torch.device, int] = {}
         for block in blocks:
-            largest[block.execution_device] = max(largest.get(block.execution_device, 0), block.nbytes)
+            largest[block.execution_device] = max(largest.get(block.execution_device, 0), block.span)
             count[block.execution_device] = count.get(block.execution_device, 0) + 1
         # `depth` blocks may run at once (nested blocks), `prefetch` more wait ready; never more slots than blocks.
         self.free: dict[torch.device, list[_Slot]] = {
@@ -502,6 +534,7 @@ class _Prefetcher:
         }
         self.all_slots = [slot for slots in self.free.values() for slot in slots]
         self.streams = {device: torch.cuda.Stream(device) for device in largest if device.type == "cuda"}
+        self._allocate_cuda_slots()
         self.tickets: dict[str, _Ticket] = {}  # scheduled or in use
         self.in_use: list[str] = []
         self.bytes_held = 0
@@ -512,6 +545,19 @@ class _Prefetcher:
         self._views: dict[str, dict[str, torch.Tensor] | None] = {}  # per block, computed on its first load
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+
+    def _allocate_cuda_slots(self) -> None:
+        """Device and staging buffers of CUDA slots, now, on the caller's thread and stream.
+
+        The caching allocator may hand the side stream memory that kernels queued on the caller's stream
+        still read (tensors freed just before attach); `wait_stream` orders every later copy into a slot
+        after them, which waiting on a never-recorded `released` event would not.
+        """
+        for device, stream in self.streams.items():
+            for slot in self.free[device]:
+                slot.device_buffer()
+                slot.staging_buffer()
+            stream.wait_stream(torch.cuda.current_stream(device))
 
     # -- public, caller's thread
 
@@ -583,6 +629,9 @@ class _Prefetcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        # A prefetch copy may still be in flight on a side stream: its buffers are freed only after it lands.
+        for stream in self.streams.values():
+            stream.synchronize()
         for slot in self.all_slots:
             slot.buffer = slot.staging = None
 
@@ -605,6 +654,11 @@ class _Prefetcher:
         return self._views.get(name) is not None
 
     def _start(self, name: str, *, background: bool) -> _Ticket | None:
+        # Views resolved and buffers filled here are kept across forwards: never make them inference tensors.
+        with torch.inference_mode(False):
+            return self._start_ticket(name, background=background)
+
+    def _start_ticket(self, name: str, *, background: bool) -> _Ticket | None:
         block = self.blocks[name]
         slot = self._free_slot(block.execution_device, evict=not background)
         if slot is None:
@@ -767,7 +821,8 @@ class Runtime:
         if cached is not None and cached[0] is tensors:
             values = cached[1]
         else:
-            values = [_like(entry.placeholder, tensors[entry.key]) for entry in block.entries]
+            with torch.inference_mode(False):  # cached values are reused by forwards in any grad mode
+                values = [_like(entry.placeholder, tensors[entry.key]) for entry in block.entries]
             if self.prefetcher.stable(block.name):
                 self._values[block.name] = (tensors, values)
         for entry, value in zip(block.entries, values):
@@ -897,7 +952,7 @@ def attach(
             their GPU, disk blocks on the main device, CPU blocks as `policy` says.
         store: where disk-placed tensors are (a `DiskStore`).
         host_weights: where CPU-placed tensors that run on another device are; built from the model's own
-            CPU tensors (pinned for a GPU) when None.
+            CPU tensors (used where they are, never pinned) when None.
         prefetch: how many blocks to load ahead of the one computing (0: load on demand).
         skip_keys: keyword arguments never moved; default `DEFAULT_SKIP_KEYS` (cache objects never move).
         offload_buffers: offload the buffers of offloaded blocks too; otherwise they stay on the execution
@@ -920,9 +975,10 @@ def attach(
     placed = {key: Device.parse(value) for key, value in device_map.items()}
     runs_on = _execution_devices(keys, placed, execution_device, policy)
     offloaded_keys = [key for key in keys if placed[key] != runs_on[key]]
-    pin = any(runs_on[key].is_gpu for key in offloaded_keys)
     exec_of = {key: device.torch_device() for key, device in runs_on.items()}
-    host = host_weights if host_weights is not None else HostWeights(pin=pin)
+    # Host weights stay as they are (views of the checkpoint, pageable): the slots' pinned staging buffers
+    # already overlap the copies, and pinning them would copy the whole CPU share into unswappable memory.
+    host = host_weights if host_weights is not None else HostWeights()
     blocks = _build_blocks(model, keys, placed, exec_of, set(offloaded_keys), store, host, offload_buffers)
     ordered = _execution_order(blocks, order)
     offloaded = [blocks[name] for name in ordered if blocks[name].offloaded]
@@ -979,7 +1035,7 @@ def _build_blocks(
     rewrites: list[tuple[Sequence[_Site], torch.Tensor]] = []
     entries: dict[str, list[_Entry]] = {key: [] for key in keys}
     offsets = {key: 0 for key in keys}
-    # Wider dtypes first so every tensor's offset in a slot is aligned to its element size, with no padding.
+    # Offsets are SLOT_ALIGNMENT-aligned; wider dtypes first keeps them aligned to the element size as well.
     by_width = sorted(
         _tensor_sites(model).values(),
         key=lambda item: -item[1][0].get().element_size(),  # type: ignore[union-attr]
@@ -1007,7 +1063,7 @@ def _build_blocks(
         for owner in in_offloaded:
             entry = _Entry(key, meta.dtype, tuple(meta.shape), offsets[owner], tuple(sites), placeholder, source)
             entries[owner].append(entry)
-            offsets[owner] += entry.nbytes
+            offsets[owner] += _aligned(entry.nbytes)
     for sites, value in rewrites:
         for site in sites:
             site.set(value)
@@ -1039,7 +1095,7 @@ def _source_for(names: Sequence[str], tensor: torch.Tensor, placed: Device, stor
             "there first (dispatch_model does, given offload_dir) or pass the store it was offloaded to."
         )
     if tensor.device.type != "meta":
-        # A real tensor of a block that runs elsewhere: keep it in host memory (pinned for a GPU).
+        # A real tensor of a block that runs elsewhere: keep it in host memory where it is.
         if names[0] not in host:
             host.put(names[0], tensor)
         return host, names[0]
