@@ -172,4 +172,5 @@ def _plan(model: nn.Module, max_memory: Mapping[int | str, int | str] | None,
     budget = budget if budget is not None else detect_budget(max_memory)
     if DISK not in budget.devices:
         budget = Budget((*budget.limits, (DISK, UNBOUNDED_DISK)))
-    return plan(inventory, budget, strategy=strategy, dtype=dtype, collapse=collapse)
+    # accelerate plans every byte of max_memory: no default GPU headroom under its names.
+    return plan(inventory, budget, strategy=strategy, dtype=dtype, collapse=collapse, headroom=0)

@@ -33,8 +33,8 @@ from bigload.budget import check_devices_exist, detect_budget, parse_max_memory
 from bigload.inventory import inventory_from_module
 from bigload.plan import STRATEGIES, Plan, plan
 from bigload.store import DiskStore, StoreOrigin
-from bigload.checkpoint import CheckpointIndex
-from bigload.stream import SourcePlan, load_checkpoint_in_model
+from bigload.checkpoint import CheckpointIndex, open_checkpoint
+from bigload.stream import SourcePlan, gpu_cast_bytes, load_checkpoint_in_model
 
 __all__ = [
     "cpu_offload",
@@ -383,8 +383,14 @@ def load_checkpoint_and_dispatch(
     >>> load_checkpoint_and_dispatch(model, "llama/", device_map="auto", offload_folder="offload/")  # doctest: +SKIP
     """
     del offload_state_dict, preload_module_classes  # see the docstring
+    if isinstance(device_map, str) and device_map in STRATEGIES:
+        index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
+        checkpoint = index  # headers read once: the plan sizes the largest cast, the loader reads
+        cast_bytes = gpu_cast_bytes(index, parse_dtype(dtype) if dtype is not None else None)
+    else:
+        cast_bytes = 0
     placement = _place(model, device_map, max_memory, no_split_module_classes, offload_folder, dtype, prefetch,
-                       context_length, batch_size, keep_in_fp32_modules)
+                       context_length, batch_size, keep_in_fp32_modules, cast_bytes)
     placed = validate_device_map(model, placement.device_map)
     result = load_checkpoint_in_model(
         model, checkpoint, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
@@ -412,7 +418,7 @@ def load_checkpoint_and_dispatch(
 def _place(model: nn.Module, device_map: Any, max_memory: Mapping[int | str, int | str] | None,
            no_split_module_classes: Sequence[str] | None, offload_folder: str | os.PathLike[str] | None,
            dtype: str | torch.dtype | None, prefetch: int, context_length: int | None, batch_size: int,
-           keep_in_fp32_modules: Sequence[str] | None) -> _Placement:
+           keep_in_fp32_modules: Sequence[str] | None, cast_bytes: int) -> _Placement:
     if device_map is None:
         return _Placement({"": "cpu"}, None, prefetch)
     if isinstance(device_map, (int, torch.device)) or (isinstance(device_map, str) and device_map not in STRATEGIES):
@@ -431,7 +437,7 @@ def _place(model: nn.Module, device_map: Any, max_memory: Mapping[int | str, int
         planned = plan_for_model(
             model, device_map, max_memory=max_memory, no_split_module_classes=no_split_module_classes,
             offload_folder=offload_folder, dtype=dtype, prefetch=prefetch, context_length=context_length,
-            batch_size=batch_size, keep_in_fp32_modules=keep_in_fp32_modules,
+            batch_size=batch_size, keep_in_fp32_modules=keep_in_fp32_modules, cast_bytes=cast_bytes,
         )
         return _from_plan(planned)
     if isinstance(device_map, Mapping):
@@ -451,18 +457,20 @@ def plan_for_model(
     context_length: int | None = None,
     batch_size: int = 1,
     keep_in_fp32_modules: Sequence[str] | None = None,
+    cast_bytes: int = 0,
 ) -> Plan:
     """inventory -> budget -> plan: where each block of `model` goes, without reading a weight.
 
     `max_memory=None` plans for what this machine has free now; an `offload_folder` with no "disk" entry
-    in `max_memory` contributes its free space as the disk budget.
+    in `max_memory` contributes its free space as the disk budget. `cast_bytes` (see
+    `stream.gpu_cast_bytes`) is kept free on each GPU while loading casts.
     """
     target = parse_dtype(dtype) if dtype is not None else None
     inventory = inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes,
                                       keep_in_fp32_modules=keep_in_fp32_modules)
     budget = detect_budget(max_memory, offload_folder=offload_folder)
     return plan(inventory, budget, strategy=strategy, dtype=target, context_length=context_length,
-                batch_size=batch_size, prefetch=prefetch)
+                batch_size=batch_size, prefetch=prefetch, cast_bytes=cast_bytes)
 
 
 def _from_plan(planned: Any) -> _Placement:

@@ -297,10 +297,15 @@ def plan_model(
     from bigload.budget import detect_budget
     from bigload.plan import plan
 
+    from bigload.checkpoint import open_checkpoint
+    from bigload.stream import gpu_cast_bytes
+
     inventory = inventory_for(spec, dtype=dtype, no_split_module_classes=no_split_module_classes)
     budget = detect_budget(max_memory, offload_folder=offload_folder)
+    source = resolve_model_source(spec)
+    cast = gpu_cast_bytes(open_checkpoint(source.checkpoint), inventory.dtype) if source.checkpoint else 0
     return plan(inventory, budget, strategy=strategy, dtype=inventory.dtype, context_length=context_length,
-                batch_size=batch_size, prefetch=prefetch)
+                batch_size=batch_size, prefetch=prefetch, cast_bytes=cast)
 
 
 def from_pretrained(

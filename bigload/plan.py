@@ -45,12 +45,15 @@ from bigload.sizes import dtype_width, format_size, parse_dtype, parse_size
 __all__ = [
     "CPU_FLOPS",
     "CPU_MEMORY_BYTES_PER_S",
+    "DEFAULT_GPU_HEADROOM_FRACTION",
+    "DEFAULT_GPU_HEADROOM_MIN",
     "DeviceUsage",
     "PCIE_BYTES_PER_S",
     "Placement",
     "Plan",
     "STRATEGIES",
     "choose_policy",
+    "default_gpu_headroom",
     "plan",
 ]
 
@@ -62,6 +65,12 @@ POLICIES = ("stream", "local")
 PCIE_BYTES_PER_S = 25e9
 CPU_MEMORY_BYTES_PER_S = 50e9
 CPU_FLOPS = 0.5e12
+
+# What a GPU needs beyond weights, KV cache and the offload reserve, and no planner can size: CUDA context
+# and cuBLAS/attention workspaces (loaded lazily, at the first matmul), activations of a prefill, and the
+# caching allocator's rounding. Kept free on every GPU unless the caller gives `headroom=`.
+DEFAULT_GPU_HEADROOM_MIN = 1 << 30
+DEFAULT_GPU_HEADROOM_FRACTION = 0.05
 
 _JSON_VERSION = 1
 _MAX_WALKS = 32
@@ -571,6 +580,7 @@ class _Setup:
     main: Device
     slots_template: tuple[_Slot, ...]
     layer_kv: int
+    headroom_reason: str = ""
 
 
 def plan(
@@ -585,6 +595,7 @@ def plan(
     prefetch: int = 1,
     policy: str | None = None,
     collapse: bool = True,
+    cast_bytes: int = 0,
 ) -> Plan:
     """Plan where every block of `inventory` goes under `budget`.
 
@@ -595,7 +606,8 @@ def plan(
         dtype: the compute dtype, used to size the KV cache (default: the inventory's dtype). Weights are
             sized by the inventory; a different dtype here is an error.
         headroom: bytes kept free on each device that runs blocks (an int or size string applies to every
-            GPU, and to the CPU when it runs blocks), or a per-device mapping.
+            GPU, and to the CPU when it runs blocks), or a per-device mapping. None: each GPU keeps
+            `default_gpu_headroom(budget)` free (max(1 GiB, 5 %)); pass 0 to plan GPUs full.
         context_length: tokens per sequence to keep KV cache for, charged to the device running each
             attention layer (needs a KV-cache spec in the inventory).
         batch_size: sequences decoded at once (KV cache size, and the execution-policy model).
@@ -604,6 +616,10 @@ def plan(
         collapse: merge entries into their parent when the whole parent sits on one device and runs there
             (`{"": 0}` when everything is on GPU 0). Offloaded entries are never merged: an entry is the unit
             the runtime brings in at once.
+        cast_bytes: the largest temporary loading needs on a GPU beyond a tensor's final bytes (a float32
+            tensor loaded as bfloat16 lands whole in float32 before it is cast: its stored bytes). Each GPU's
+            headroom is at least this much; it is not added to the runtime headroom, since loading ends
+            before the first forward.
 
     Returns:
         A frozen `Plan`.
@@ -617,7 +633,8 @@ def plan(
     >>> p.device_map  # doctest: +SKIP
     {'model.embed_tokens': 0, 'model.layers.0': 0, ..., 'lm_head': 'cpu'}
     """
-    setup = _setup(inventory, budget, strategy, dtype, headroom, context_length, batch_size, prefetch, policy)
+    setup = _setup(inventory, budget, strategy, dtype, headroom, context_length, batch_size, prefetch, policy,
+                   cast_bytes)
     kv = _KV(inventory, setup.layer_kv)
     ties = _Ties(inventory)
     charge = 0  # reserve + KV of offloaded layers, on the main device
@@ -635,7 +652,7 @@ def plan(
 
 def _setup(inv: Inventory, budget: Budget, strategy: str, dtype: torch.dtype | str | None,
            headroom: int | str | Mapping[DeviceLike, int | str] | None, context_length: int | None,
-           batch_size: int, prefetch: int, policy: str | None) -> _Setup:
+           batch_size: int, prefetch: int, policy: str | None, cast_bytes: int) -> _Setup:
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
     if policy is not None and policy not in POLICIES:
@@ -644,6 +661,8 @@ def _setup(inv: Inventory, budget: Budget, strategy: str, dtype: torch.dtype | s
         raise PlanError(f"prefetch={prefetch} is negative; use 0 (load on demand) or a positive depth.")
     if batch_size < 1:
         raise PlanError(f"batch_size={batch_size} must be at least 1.")
+    if cast_bytes < 0:
+        raise PlanError(f"cast_bytes={cast_bytes} is negative.")
     if context_length is not None and context_length < 0:
         raise PlanError(f"context_length={context_length} is negative.")
     target = parse_dtype(dtype) if dtype is not None else None
@@ -667,12 +686,16 @@ def _setup(inv: Inventory, budget: Budget, strategy: str, dtype: torch.dtype | s
         chosen, reason = choose_policy(batch_size, width or (inv.kv.width if inv.kv else 2))
     layer_kv = _layer_kv(inv, context_length, batch_size, width)
     fixed = _fixed_headroom(headroom, devices, bool(gpus), chosen)
+    for device, nbytes in devices:
+        if device.is_gpu:
+            fixed[device] = max(fixed.get(device, 0), cast_bytes)
     slots = tuple(
         _Slot(device, nbytes, fixed.get(device, 0),
               runs_own=device.is_gpu or (device == CPU and (not gpus or chosen == "local")))
         for device, nbytes in devices
     )
-    return _Setup(resolved, chosen, reason, main, slots, layer_kv)
+    return _Setup(resolved, chosen, reason, main, slots, layer_kv,
+                  _headroom_reason(headroom, fixed, cast_bytes) if gpus else "")
 
 
 def _layer_kv(inv: Inventory, context_length: int | None, batch_size: int, width: int | None) -> int:
@@ -687,10 +710,29 @@ def _layer_kv(inv: Inventory, context_length: int | None, batch_size: int, width
     return inv.kv.layer_bytes(context_length, batch_size, width)
 
 
+def default_gpu_headroom(budget: int) -> int:
+    """Bytes a GPU with `budget` bytes keeps free by default: max(1 GiB, 5 % of the budget), at most the budget.
+
+    >>> default_gpu_headroom(24 * 2**30) / 2**30
+    1.2
+    """
+    return min(budget, max(DEFAULT_GPU_HEADROOM_MIN, int(budget * DEFAULT_GPU_HEADROOM_FRACTION)))
+
+
+def _headroom_reason(headroom: object, fixed: Mapping[Device, int], cast_bytes: int) -> str:
+    gpus = ", ".join(f"{device} {format_size(nbytes)}" for device, nbytes in sorted(fixed.items()) if device.is_gpu)
+    why = ("default max(1 GiB, 5 % of its budget) for CUDA/cuBLAS workspaces, activations and allocator rounding"
+           if headroom is None else "as given by headroom=")
+    cast = (f"; at least the largest cast while loading ({format_size(cast_bytes)}: a tensor lands in its stored "
+            "dtype before it is cast)" if cast_bytes else "")
+    return f"each GPU keeps memory free beyond weights, KV cache and reserve ({gpus}): {why}{cast}; pass headroom= " \
+           "to change it."
+
+
 def _fixed_headroom(headroom: int | str | Mapping[DeviceLike, int | str] | None,
                     devices: Sequence[tuple[Device, int]], has_gpu: bool, policy: str) -> dict[Device, int]:
     if headroom is None:
-        return {}
+        return {device: default_gpu_headroom(nbytes) for device, nbytes in devices if device.is_gpu}
     known = {device for device, _ in devices}
     if isinstance(headroom, Mapping):
         out: dict[Device, int] = {}
@@ -893,6 +935,8 @@ def _reasons(inv: Inventory, setup: _Setup, placements: Sequence[Placement], usa
         )
     else:
         reasons.append("nothing is offloaded, so no reserve is kept for bringing weights in.")
+    if setup.headroom_reason:
+        reasons.append(setup.headroom_reason)
     if setup.layer_kv:
         reasons.append(
             f"headroom includes the KV cache: {format_size(setup.layer_kv)} per attention layer "

@@ -43,6 +43,7 @@ __all__ = [
     "LoadResult",
     "Mismatch",
     "SourcePlan",
+    "gpu_cast_bytes",
     "load_checkpoint_in_model",
 ]
 
@@ -384,6 +385,22 @@ def _assign(group: _Group, tensor: torch.Tensor) -> None:
         table[slot.attr] = value
     group.original = value
     group.loaded = True
+
+
+def gpu_cast_bytes(index: CheckpointIndex, dtype: torch.dtype | None) -> int:
+    """The most a GPU briefly holds beyond a tensor's final bytes while loading into `dtype`.
+
+    `_GpuStager` lands a tensor in its stored dtype, then casts it on the GPU: the largest castable tensor
+    stored in another dtype is that temporary (its stored bytes). 0 when `dtype` is None (the model's own
+    dtype; nothing is known to be cast) or nothing needs a cast. The planner keeps this much free per GPU.
+
+    >>> gpu_cast_bytes(open_checkpoint("llama-f32/"), torch.bfloat16)  # doctest: +SKIP
+    2101346304
+    """
+    if dtype is None or dtype not in _CASTABLE:
+        return 0
+    return max((ref.nbytes for ref in index.tensors.values() if ref.dtype in _CASTABLE and ref.dtype != dtype),
+               default=0)
 
 
 class _GpuStager:
