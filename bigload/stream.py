@@ -437,7 +437,7 @@ class _GpuStager:
             staging.copy_(src[start:start + count])  # the disk read happens here, while earlier DMAs run
             with torch.cuda.stream(stream):
                 dst[start:start + count].copy_(staging, non_blocking=True)
-                self.events[slot] = torch.cuda.Event()
+                self.events[slot] = torch.cuda.Event(blocking=True)  # waited on by sleeping, not spinning
                 self.events[slot].record(stream)
         landed.record_stream(stream)  # freed (after a cast) only once the side stream is done with it
         if dtype == source.dtype:
