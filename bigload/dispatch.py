@@ -383,12 +383,7 @@ def load_checkpoint_and_dispatch(
     >>> load_checkpoint_and_dispatch(model, "llama/", device_map="auto", offload_folder="offload/")  # doctest: +SKIP
     """
     del offload_state_dict, preload_module_classes  # see the docstring
-    if isinstance(device_map, str) and device_map in STRATEGIES:
-        index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
-        checkpoint = index  # headers read once: the plan sizes the largest cast, the loader reads
-        cast_bytes = gpu_cast_bytes(index, parse_dtype(dtype) if dtype is not None else None)
-    else:
-        cast_bytes = 0
+    checkpoint, cast_bytes = _cast_to_plan_for(checkpoint, device_map, dtype)
     placement = _place(model, device_map, max_memory, no_split_module_classes, offload_folder, dtype, prefetch,
                        context_length, batch_size, keep_in_fp32_modules, cast_bytes)
     placed = validate_device_map(model, placement.device_map)
@@ -413,6 +408,16 @@ def load_checkpoint_and_dispatch(
         if runtime is not None:
             runtime.owned_attributes.append("bigload_plan")
     return model
+
+
+def _cast_to_plan_for(checkpoint: str | os.PathLike[str] | CheckpointIndex, device_map: Any,
+                      dtype: str | torch.dtype | None) -> tuple[str | os.PathLike[str] | CheckpointIndex, int]:
+    """For a planned map: the checkpoint's index (headers read once, for the plan and the loader) and the
+    largest temporary casting it needs on a GPU (`stream.gpu_cast_bytes`), which the plan keeps free."""
+    if not (isinstance(device_map, str) and device_map in STRATEGIES):
+        return checkpoint, 0
+    index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
+    return index, gpu_cast_bytes(index, parse_dtype(dtype) if dtype is not None else None)
 
 
 def _place(model: nn.Module, device_map: Any, max_memory: Mapping[int | str, int | str] | None,
