@@ -55,7 +55,12 @@ def _sleep_after(module: torch.nn.Module) -> None:
     module.register_forward_hook(lambda mod, args, out: torch.cuda._sleep(SLEEP_CYCLES))
 
 
-def test_static_cache_layers_live_where_their_layers_run(checkpoint, tmp_path):
+def _cache_devices(output) -> list[str]:
+    cache = output.cache if hasattr(output, "cache") else output.past_key_values
+    return [layer.keys.device.type for layer in cache.layers]
+
+
+def test_static_cache_with_offloaded_layers_equals_in_memory(checkpoint, tmp_path):
     # transformers 5 initialises each static-cache layer on the device its keys arrive on (lazily, when the
     # map spans devices), so cache layers follow the layers' execution devices: checked on the CPU here, with
     # a GPU (layers on cuda:0 and on the CPU under 'local') in the gpu test below.
@@ -67,6 +72,7 @@ def test_static_cache_layers_live_where_their_layers_run(checkpoint, tmp_path):
         out = _generate(model, PROMPT, cache_implementation="static", return_dict_in_generate=True)
         ref = _generate(_reference(checkpoint), PROMPT, cache_implementation="static")
     assert torch.equal(out.sequences, ref)
+    assert _cache_devices(out) == ["cpu"] * LAYERS
 
 
 # -- finding 1: copies toward the CPU -----------------------------------------------------------------
@@ -150,9 +156,11 @@ def test_static_cache_on_gpu_and_local_cpu_layers(checkpoint, tmp_path):
     load_checkpoint_and_dispatch(model, checkpoint, device_map=_mixed_map(), offload_folder=tmp_path / "off",
                                  policy=ExecutionPolicy.LOCAL)
     with torch.no_grad():
-        out = _generate(model, PROMPT, cache_implementation="static")
+        out = _generate(model, PROMPT, cache_implementation="static", return_dict_in_generate=True)
         ref = _generate(_reference(checkpoint), PROMPT, cache_implementation="static")
-    assert torch.equal(out.cpu(), ref)
+    assert torch.equal(out.sequences.cpu(), ref)
+    # Each cache layer where its layer runs: cuda:0, the CPU ('local'), cuda:0 again (disk, streamed).
+    assert _cache_devices(out) == ["cuda"] + ["cpu"] * (LAYERS - 2) + ["cuda"]
 
 
 # -- finding 3: the memory ceiling of device_map="auto" ------------------------------------------------
