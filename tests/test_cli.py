@@ -230,8 +230,8 @@ def test_plan_and_inspect_read_no_weight(cli, big_embedding_folder: Path):
     assert shard.stat().st_size - data_start > 64 * 2**20
     _evict(shard)
     assert _page_cache_fraction(shard, data_start) < 0.01  # the check below starts from a cold file
-    for args in (("plan", str(big_embedding_folder), "--max-memory", "0=50MiB,cpu=200MiB", "--json", "-"),
-                 ("plan", str(shard), "--max-memory", "0=50MiB,cpu=200MiB"),
+    for args in (("plan", str(big_embedding_folder), "--max-memory", "0=1074MiB,cpu=200MiB", "--json", "-"),
+                 ("plan", str(shard), "--max-memory", "0=1074MiB,cpu=200MiB"),
                  ("inspect", str(big_embedding_folder), "--json"),
                  ("inspect", str(shard))):
         out = cli(*args)
@@ -256,8 +256,9 @@ def _plans_in_a_fresh_process(seed: str, folder: Path) -> str:
         "    budget = Budget.of({0: inventory.total_bytes // 2, 1: inventory.total_bytes // 4, "
         "'cpu': inventory.total_bytes // 8, 'disk': 10**9})\n"
         "    for strategy in ('balanced', 'sequential'):\n"
-        "        print(plan(inventory, budget, strategy=strategy, policy='stream').to_json())\n"
-        f"sys.exit(main(['plan', {str(folder)!r}, '--max-memory', '0=3MiB,1=2MiB,cpu=3MiB,disk=1GiB', "
+        "        print(plan(inventory, budget, strategy=strategy, policy='stream', headroom=0).to_json())\n"
+        # GPUs of 3 and 2 MiB beyond the default headroom (1 GiB each).
+        f"sys.exit(main(['plan', {str(folder)!r}, '--max-memory', '0=1027MiB,1=1026MiB,cpu=3MiB,disk=1GiB', "
         "'--context-length', '64', '--json', '-']))\n"
     )
     tests = str(Path(__file__).parent)
