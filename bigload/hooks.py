@@ -47,7 +47,7 @@ from torch.utils.hooks import RemovableHandle
 
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import BigloadError, OffloadError, PlanError
-from bigload.reserve import SlotSpec, aligned, slot_bytes, slot_count
+from bigload.reserve import SlotSpec, aligned, slot_alignment, slot_bytes, slot_count
 from bigload.tensors import Site, owner_of, tensor_groups
 from bigload.sizes import dtype_width
 
@@ -297,7 +297,11 @@ class Block:
     @property
     def slot_bytes(self) -> int:
         """Bytes of a slot holding it: its tensors at aligned offsets (`reserve.slot_bytes`)."""
-        return slot_bytes(entry.nbytes for entry in self.entries)
+        return slot_bytes((entry.nbytes for entry in self.entries), _alignment(self.execution_device))
+
+
+def _alignment(device: torch.device) -> int:
+    return slot_alignment(device.type == "cuda")
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -1005,7 +1009,8 @@ def _build_blocks(
     entries: dict[str, list[_Entry]] = {key: [] for key in keys}
     offsets = {key: 0 for key in keys}
     resident = 0
-    # Offsets are `reserve.SLOT_ALIGNMENT`-aligned; wider dtypes first keep them aligned to the element size too.
+    # Offsets are aligned as `reserve.slot_alignment` says (GPU slots); wider dtypes first keep them aligned to
+    # the element size too.
     key_set = set(keys)
     by_width = sorted(tensor_groups(model), key=lambda group: -group.tensor.element_size())
     for names, sites in ((group.names, group.sites) for group in by_width):
@@ -1033,7 +1038,7 @@ def _build_blocks(
         for owner in in_offloaded:
             entry = _Entry(key, meta.dtype, tuple(meta.shape), offsets[owner], tuple(sites), placeholder, source)
             entries[owner].append(entry)
-            offsets[owner] += aligned(entry.nbytes)
+            offsets[owner] += aligned(entry.nbytes, _alignment(exec_of[owner]))
     for sites, value in rewrites:
         for site in sites:
             site.set(value)

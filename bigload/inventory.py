@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from bigload.errors import BigloadError, PlanError
-from bigload.reserve import aligned
+from bigload.reserve import SLOT_ALIGNMENT, aligned
 from bigload.sizes import dtype_width, parse_dtype
 
 __all__ = [
@@ -240,10 +240,15 @@ class Inventory:
         """Bytes of the buffers of module `i` and everything under it."""
         return self._buffer_prefix[self.ends[i]] - self._buffer_prefix[i]  # type: ignore[attr-defined]
 
-    def slot_bytes(self, i: int, *, whole: bool = True) -> int:
+    def slot_bytes(self, i: int, *, whole: bool = True, alignment: int = SLOT_ALIGNMENT) -> int:
         """Bytes of a runtime slot holding the parameters of module `i` (with everything under it, or only
-        its own when not `whole`), each at an aligned offset (`reserve.slot_bytes`)."""
+        its own when not `whole`), each at an `alignment`-aligned offset (`reserve.slot_bytes`)."""
         end = self.ends[i] if whole else i + 1
+        if alignment == 1:
+            params = self._bytes_prefix[end] - self._bytes_prefix[i]  # type: ignore[attr-defined]
+            return params - (self._buffer_prefix[end] - self._buffer_prefix[i])  # type: ignore[attr-defined]
+        if alignment != SLOT_ALIGNMENT:
+            raise ValueError(f"slot alignment {alignment} is neither 1 nor SLOT_ALIGNMENT ({SLOT_ALIGNMENT}).")
         return self._slot_prefix[end] - self._slot_prefix[i]  # type: ignore[attr-defined]
 
     def size(self, name: str) -> int:

@@ -42,7 +42,7 @@ import torch
 from bigload.devices import CPU, Budget, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import PlanError
 from bigload.inventory import Inventory
-from bigload.reserve import SlotSpec, slot_count
+from bigload.reserve import SlotSpec, slot_alignment, slot_count
 from bigload.sizes import dtype_width, format_size, parse_dtype, parse_size
 
 __all__ = [
@@ -810,7 +810,7 @@ def _attempt(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: int,
     """One placement with `charge` bytes set aside on the main device; returns it and the charge it needs."""
     walk = _balanced_walk(inv, setup, kv, ties, charge)
     offloaded = _offloaded_units(walk, setup)
-    needed = _main_charge(inv, walk, offloaded, prefetch)
+    needed = _main_charge(inv, walk, offloaded, prefetch, setup.main.is_gpu)
     main_slot = next(s for s in walk.slots if s.device == setup.main)
     if needed > max(0, main_slot.budget - main_slot.fixed_headroom):  # nothing offloaded needs no room
         raise PlanError(_reserve_message(setup, main_slot, needed, walk, offloaded))
@@ -870,19 +870,20 @@ def _offloaded_units(walk: _Walk, setup: _Setup) -> list[Unit]:
     return [unit for unit, (slot, _) in walk.units.items() if not walk.slots[slot].runs_own]
 
 
-def _main_charge(inv: Inventory, walk: _Walk, offloaded: Sequence[Unit], prefetch: int) -> int:
+def _main_charge(inv: Inventory, walk: _Walk, offloaded: Sequence[Unit], prefetch: int, on_gpu: bool) -> int:
     """What the main device must hold for offloaded blocks: the runtime's slots (`_slots`), the buffers of
     offloaded blocks (they stay resident where the blocks run), and the KV cache of offloaded attention layers."""
     buffers = sum(_unit_buffers(inv, unit) for unit in offloaded)
     kv = sum(walk.units[unit][1] for unit in offloaded)
-    return _slots(inv, offloaded, prefetch).total + buffers + kv
+    return _slots(inv, offloaded, prefetch, on_gpu).total + buffers + kv
 
 
-def _slots(inv: Inventory, offloaded: Sequence[Unit], prefetch: int) -> SlotSpec:
+def _slots(inv: Inventory, offloaded: Sequence[Unit], prefetch: int, on_gpu: bool) -> SlotSpec:
     """The runtime's slots: `reserve.slot_count` of them, each the largest offloaded entry's parameters at
     aligned offsets (`Inventory.slot_bytes`)."""
     count = slot_count([inv.names[i] for i, _ in offloaded], prefetch)
-    params = max((inv.slot_bytes(i, whole=whole) for i, whole in offloaded), default=0)
+    alignment = slot_alignment(on_gpu)
+    params = max((inv.slot_bytes(i, whole=whole, alignment=alignment) for i, whole in offloaded), default=0)
     return SlotSpec(count, params if count else 0)
 
 
@@ -913,7 +914,7 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, options: PlanOptions
         runs_on = slot.device if slot.runs_own else setup.main
         placements.append(Placement(inv.names[unit[0]], slot.device, runs_on, walk.unit_bytes(unit), kv))
     offloaded = [unit for unit, (slot, _) in entries.items() if not slot.runs_own]
-    charge = _main_charge(inv, walk, offloaded, prefetch)
+    charge = _main_charge(inv, walk, offloaded, prefetch, setup.main.is_gpu)
     offload_kv = sum(kv for unit, (slot, kv) in entries.items() if not slot.runs_own)
     usage = _usage(walk.slots, placements, setup.main, charge - offload_kv)
     target = parse_dtype(dtype) if dtype is not None else inv.dtype
@@ -925,7 +926,7 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, options: PlanOptions
         main_device=setup.main,
         policy=setup.policy,
         prefetch=prefetch,
-        slots=_slots(inv, offloaded, prefetch),
+        slots=_slots(inv, offloaded, prefetch, setup.main.is_gpu),
         dtype=str(target).removeprefix("torch.") if target is not None else None,
         context_length=context_length,
         batch_size=batch_size,

@@ -258,8 +258,7 @@ def test_runtime_slots_cover_nested_blocks_without_a_plan(tmp_path: Path) -> Non
                                  prefetch=0, progress=False)
     _run_twice(model, reference)
     stats = runtime_of(model).stats()
-    assert stats.reserve_bytes == 2 * slot_bytes([16 * 16 * 4, 16 * 4])
-    assert stats.peak_bytes_held <= stats.reserve_bytes
+    assert stats.reserve_bytes == 2 * 16 * 17 * 4 and stats.peak_bytes_held <= stats.reserve_bytes  # CPU: no padding
 
 
 # -- the execution policy ---------------------------------------------------------------------------

@@ -192,9 +192,8 @@ def test_stored_dtype_differs_then_weights_are_cast_into_reused_buffers():
     stats = runtime.stats()
     largest = max(block.nbytes for block in runtime.blocks.values())
     assert largest == sum(p.numel() * 4 for p in reference.second.parameters())
-    span = max(block.slot_bytes for block in runtime.blocks.values())
-    assert largest <= span < largest + SLOT_ALIGNMENT * 4  # 4 tensors, each padded to the alignment
-    assert stats.reserve_bytes == span * (1 + 1)
+    assert max(block.slot_bytes for block in runtime.blocks.values()) == largest  # CPU slots: no padding
+    assert stats.reserve_bytes == largest * (1 + 1)
     assert stats.buffers == 2  # one per slot, allocated once, reused for every block and step
     assert stats.buffer_bytes == stats.reserve_bytes
     assert stats.peak_bytes_held <= stats.reserve_bytes
@@ -572,12 +571,28 @@ def test_inference_mode_first_leaves_in_place_weights_usable_with_grad(tmp_path)
     out.sum().backward()  # gradients flow into the in-place weights' Parameters
 
 
-def test_slot_offsets_are_aligned_for_vectorized_kernels():
+def _attach_to_a_fake_gpu(monkeypatch, model: nn.Module, **kwargs):
+    """attach() toward cuda:0 on a machine without one: streams, events and buffers are not made."""
+    monkeypatch.setattr(hooks._Prefetcher, "_allocate_cuda_slots", lambda self: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: object())
+    monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: object())
+    return attach(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"}, execution_device="cuda:0",
+                  prefetch=1, offload_buffers=True, **kwargs)
+
+
+def test_gpu_slot_offsets_are_aligned_for_vectorized_kernels_and_planned_so(monkeypatch):
+    from bigload.inventory import inventory_from_module
+
     _, model = _three()
-    store = _offload(model, _names(model, ("first", "second", "third")), dtype=torch.float64)
-    runtime = attach(model, THREE_MAP, execution_device="cpu", store=store, prefetch=1)
+    inventory = inventory_from_module(model)
+    runtime = _attach_to_a_fake_gpu(monkeypatch, model)
     entries = [entry for block in runtime.blocks.values() for entry in block.entries]
-    assert len(entries) == 8 and all(entry.offset % SLOT_ALIGNMENT == 0 for entry in entries)
+    assert len(entries) == 9 and all(entry.offset % SLOT_ALIGNMENT == 0 for entry in entries)
+    second = runtime.blocks["second"]
+    assert second.nbytes == 2048 + 128 + 2048 + 64 and second.slot_bytes == 2048 + 256 + 2048 + 256
+    # The planner sizes the slot by the same formula, from the inventory alone.
+    assert inventory.slot_bytes(inventory.index("second")) == second.slot_bytes
+    assert inventory.slot_bytes(inventory.index("second"), alignment=1) == second.nbytes
 
 
 def test_host_weights_are_not_pinned_for_a_gpu(monkeypatch):
@@ -585,12 +600,8 @@ def test_host_weights_are_not_pinned_for_a_gpu(monkeypatch):
     # in unswappable memory. Checked without a GPU: any pinning attempt fails here.
     reference, model = _three()
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pytest.fail("pinned a host weight"))
-    monkeypatch.setattr(hooks._Prefetcher, "_allocate_cuda_slots", lambda self: None)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device: object())
-    monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: object())
     pointers = {name: tensor.data_ptr() for name, tensor in model.state_dict().items()}
-    runtime = attach(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"},
-                     execution_device="cuda:0", prefetch=1, offload_buffers=True)
+    runtime = _attach_to_a_fake_gpu(monkeypatch, model)
     sources = {entry.key: entry.source.get(entry.key) for block in runtime.blocks.values()
                for entry in block.entries}
     assert set(sources) == set(pointers)

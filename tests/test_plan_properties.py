@@ -23,7 +23,7 @@ from bigload.devices import CPU, Budget, Device
 from bigload.errors import PlanError
 from bigload.inventory import Inventory, inventory_from_module
 from bigload.plan import STRATEGIES, Plan, plan
-from bigload.reserve import aligned
+from bigload.reserve import aligned, slot_alignment
 
 
 class NodeA(nn.Module):
@@ -178,7 +178,7 @@ def expected_reserve(inventory: Inventory, result: Plan) -> int:
             if entry.buffer:
                 buffers += entry.nbytes
             else:
-                params[key] += aligned(entry.nbytes)
+                params[key] += aligned(entry.nbytes, slot_alignment(result.main_device.is_gpu))
     def encloses(outer: str, inner: str) -> bool:
         return outer == "" or inner.startswith(outer + ".")
     depth = max(sum(1 for other in offloaded if other == name or encloses(other, name)) for name in offloaded)
