@@ -29,7 +29,7 @@ from bigload.hooks import OutputAlignment, runtime_of
 from bigload.inventory import default_keep_in_fp32_modules, inventory_from_checkpoint, inventory_from_module
 from bigload.plan import PlanOptions, plan
 from bigload.sizes import parse_dtype
-from bigload.stream import DerivedTensor, SourcePlan, source_dtypes
+from bigload.stream import DerivedTensor, SourcePlan, gpu_cast_bytes, source_dtypes
 from bigload.tensors import owner_of
 
 if TYPE_CHECKING:
@@ -416,7 +416,10 @@ def plan_model(
     inventory = inventory_for(spec, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes,
                               adapter=adapter)
     budget = detect_budget(options.max_memory, offload_folder=options.offload_folder)
-    return plan(inventory, budget, options.with_settings(dtype=inventory.dtype))
+    source = resolve_model_source(spec)
+    # A load of this checkpoint casts on the GPU: the plan keeps its largest temporary free there.
+    cast = gpu_cast_bytes(open_checkpoint(source.checkpoint), inventory.dtype) if source.checkpoint else 0
+    return plan(inventory, budget, options.with_settings(dtype=inventory.dtype, cast_bytes=cast))
 
 
 def from_pretrained(
