@@ -18,12 +18,14 @@ from bigload.dispatch import (
     plan_for_model,
     remove_hook_from_submodules,
 )
+from bigload.distributed import stop_pipeline
 from bigload.empty import init_empty_weights, init_on_device
 from bigload.errors import (
     BigloadError,
     BudgetError,
     CheckpointError,
     DeviceError,
+    DistributedError,
     OffloadError,
     PlanError,
 )
@@ -44,6 +46,7 @@ __all__ = [
     "Device",
     "DeviceError",
     "DiskStore",
+    "DistributedError",
     "Inventory",
     "LoadResult",
     "OffloadError",
@@ -70,4 +73,5 @@ __all__ = [
     "plan_for_model",
     "plan_model",
     "remove_hook_from_submodules",
+    "stop_pipeline",
 ]
