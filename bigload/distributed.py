@@ -486,15 +486,15 @@ def _end_group(owns_group: bool) -> None:
         dist.destroy_process_group()
 
 
-def _fingerprint(config: Any, checkpoint: Path, options: Mapping[str, Any]) -> dict[str, str]:
-    """Short digests of what every rank must share: the model (config and checkpoint listing: names and sizes,
-    the shard index; no mtimes, which differ between copies) and the planning options."""
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    listing = sorted((p.name, p.stat().st_size) for p in folder.iterdir()
+def _fingerprint(folder: Path, checkpoint: Path, options: Mapping[str, Any]) -> dict[str, str]:
+    """Short digests of what every rank must share: config.json, the checkpoint's listing (file names and
+    sizes; no mtimes, which differ between copies) and the planning options."""
+    shards = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    listing = sorted((p.name, p.stat().st_size) for p in shards.iterdir()
                      if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
     digest = lambda value: hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]  # noqa: E731
-    return {"model config": digest(config.to_dict()), "checkpoint files": digest(listing),
-            "options": digest(dict(options))}
+    config = (folder / "config.json").read_text() if (folder / "config.json").is_file() else ""
+    return {"config.json": digest(config), "checkpoint files": digest(listing), "options": digest(dict(options))}
 
 
 def _agree(rank: int, world: int, fingerprint: Mapping[str, str], budget: Budget) -> list[Budget]:
@@ -512,9 +512,9 @@ def _agree(rank: int, world: int, fingerprint: Mapping[str, str], budget: Budget
         differing = [key for key, value in entry["fingerprint"].items() if gathered[0]["fingerprint"].get(key) != value]
         if differing:
             raise DistributedError(
-                f"rank {other} was given a different {' and '.join(differing)} than rank 0; every rank must get the "
-                "same model folder and the same options (only the per-host budget may differ, through "
-                "--max-memory-host).")
+                f"rank {other}'s {' and '.join(differing)} differ from rank 0's; every rank must get the same model "
+                "folder and the same options (only a host's budget may differ, through --max-memory-host / "
+                "max_memory_hosts).", rank=other)
     return [Budget.of(dict(entry["budget"])) for entry in gathered]
 
 
@@ -647,7 +647,7 @@ def _load_stage(path: str | Path, rank: int, world: int, *, model_class: Any, ma
                "batch_size": batch_size, "prefetch": prefetch, "no_split": no_split_module_classes,
                "max_memory": max_memory, "max_memory_hosts": max_memory_hosts, "strict": strict,
                "model_class": getattr(model_class, "__name__", model_class)}
-    budgets = _agree(rank, world, _fingerprint(model.config, checkpoint, options),
+    budgets = _agree(rank, world, _fingerprint(Path(path), checkpoint, options),
                      _local_budget(max_memory, max_memory_hosts, rank))
     host_plan = plan_hosts(inventory, budgets, strategy=strategy, dtype=target, context_length=context_length,
                            batch_size=batch_size, prefetch=prefetch)

@@ -2,7 +2,8 @@
 MASTER_ADDR and MASTER_PORT set (as torchrun sets them). Writes what happened to OUT/rank-N.json.
 
 Scenarios: "generate" (rank 0 generates greedily for batch 1 and a left-padded batch 2), "mismatch" (rank 1
-is given another dtype), "kill" (rank 1 dies in the middle of generation).
+is given another dtype), "kill" (rank 1 dies in the middle of the batch-2 generation), "hang" (rank 1 stops
+answering in the middle of the batch-1 generation; the timeout is 5 s).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,35 +28,45 @@ def main() -> None:
     import bigload
     from bigload import distributed
 
-    if scenario == "kill" and rank == 1:
-        step = distributed.StageServer._step
-        calls = []
-
-        def dying(self, header):  # type: ignore[no-untyped-def]
-            calls.append(header)
-            if len(calls) == 3:
-                os._exit(9)
-            return step(self, header)
-
-        distributed.StageServer._step = dying
+    if scenario in ("kill", "hang") and rank == 1:
+        _fail_at_step(distributed.StageServer, 8 if scenario == "kill" else 3, scenario)
     dtype = "bfloat16" if scenario == "mismatch" and rank == 1 else None
+    timeout = 5 if scenario == "hang" else 20
     record: dict = {"rank": rank}
     try:
         model = bigload.from_pretrained(folder, distributed=True, dtype=dtype, progress=False,
-                                        pipeline={"timeout": 20, "idle_timeout": 60})
+                                        pipeline={"timeout": timeout, "idle_timeout": 60})
         if model is not None:
-            record.update(_generate(model))
             pipeline = model.bigload_pipeline
             record["loads"] = [load.__dict__ | {"files": list(load.files)} for load in pipeline.loads]
+            _generate(model, record)
             record["comm_per_token"] = pipeline.stats.comm_seconds_per_token
             bigload.stop_pipeline(model)
     except bigload.BigloadError as error:
         record["error"] = f"{type(error).__name__}: {error}"
+        record["error_at"] = time.monotonic()
     (out / f"rank-{rank}.json").write_text(json.dumps(record))
 
 
-def _generate(model: torch.nn.Module) -> dict:
-    result = {}
+def _fail_at_step(server: type, step: int, how: str) -> None:
+    """Make this rank die (os._exit) or hang (sleep) when it gets its `step`-th message."""
+    original = server._step
+    seen = []
+
+    def failing(self, header):  # type: ignore[no-untyped-def]
+        seen.append(header)
+        if len(seen) == step:
+            if how == "kill":
+                os._exit(9)
+            time.sleep(60)
+        return original(self, header)
+
+    server._step = failing
+
+
+def _generate(model: torch.nn.Module, record: dict | None = None) -> dict:
+    """Greedy tokens for batch 1, then a left-padded batch 2 (each one prefill + NEW_TOKENS - 1 decodes)."""
+    result = {} if record is None else record
     with torch.inference_mode():
         one = model.generate(torch.tensor(PROMPTS[:1]), attention_mask=torch.ones(1, 7, dtype=torch.long),
                              max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
