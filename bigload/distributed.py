@@ -29,6 +29,7 @@ import inspect
 import json
 import logging
 import os
+import socket
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,10 @@ __all__ = [
     "Elsewhere",
     "Pipeline",
     "RankLoad",
+    "StageServer",
+    "choose_backend",
+    "cut_to_stage",
+    "entry_device",
     "RemoteStages",
     "from_pretrained_distributed",
     "plan_model_hosts",
@@ -285,6 +290,45 @@ def _position_message(positions: torch.Tensor | None, mask: torch.Tensor | None,
 
 
 # ---------------------------------------------------------------------------------------------------------
+# where hidden states cross
+
+
+def entry_device(host_plan: HostPlan, rank: int) -> Device:
+    """Where rank `rank`'s first block runs: the hidden state it receives goes there."""
+    split, plan = host_plan.split, host_plan.plans[rank]
+    layer = split.layers[split.stages[rank].first_layer]
+    owners = [p for p in plan.placements if p.name == "" or layer == p.name or layer.startswith(p.name + ".")]
+    return max(owners, key=lambda p: len(p.name)).execution_device
+
+
+def choose_backend(host_plan: HostPlan, hostnames: Sequence[str]) -> str:
+    """"nccl" when every rank's blocks run on a GPU and no two ranks of one machine share a GPU (NCCL refuses
+    that), else "gloo" (hidden states cross through CPU memory)."""
+    import torch.distributed as dist
+
+    seen: set[tuple[str, int]] = set()
+    for rank, host in enumerate(hostnames):
+        device = entry_device(host_plan, rank)
+        if not device.is_gpu or (host, device.index) in seen or not dist.is_nccl_available():
+            return "gloo"
+        seen.add((host, device.index))
+    return "nccl"
+
+
+def _link(host_plan: HostPlan, hostnames: Sequence[str], rank: int, timeout: float) -> Link:
+    """This rank's link over the chosen backend (a NCCL group is made on every rank, as it must be)."""
+    import torch.distributed as dist
+
+    world = len(hostnames)
+    if choose_backend(host_plan, hostnames) == "nccl":
+        device = entry_device(host_plan, rank).torch_device()
+        torch.cuda.set_device(device)
+        group = dist.new_group(backend="nccl", timeout=datetime.timedelta(seconds=timeout))
+        return Link(rank, world, timeout=timeout, device=device, group=group)
+    return Link(rank, world, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # ranks 1..N-1: serving a stage
 
 
@@ -318,7 +362,9 @@ class StageServer:
     the rotary embeddings exactly as on rank 0.
     """
 
-    def __init__(self, model: nn.Module, split: HostSplit, stage: Stage, link: Link, *, idle_timeout: float) -> None:
+    def __init__(self, model: nn.Module, split: HostSplit, stage: Stage, link: Link, *, idle_timeout: float,
+                 device: Device) -> None:
+        self.device = device.torch_device()
         self.base = _base_model(model, split)
         self.config = model.config
         self.stage = stage
@@ -373,9 +419,12 @@ class StageServer:
                 f"rank {self.link.rank} holds {self.cache.get_seq_length()} cached tokens but rank 0 is at "
                 f"{header.past}; beam search and edited caches are not supported across ranks.")
         start = time.perf_counter_ns()
+        self.incoming = self.incoming.to(self.device)
+        to_device = lambda t: None if t is None else t.to(self.device)  # noqa: E731
         with torch.inference_mode():
-            out = self.base(inputs_embeds=self.incoming, attention_mask=mask, position_ids=positions,
-                            use_cache=True, **{self.cache_key: self.cache}).last_hidden_state
+            out = self.base(inputs_embeds=self.incoming, attention_mask=to_device(mask),
+                            position_ids=to_device(positions), use_cache=True,
+                            **{self.cache_key: self.cache}).last_hidden_state
         spent = time.perf_counter_ns() - start
         self.compute_seconds += spent / 1e9
         self.incoming = None
@@ -399,7 +448,7 @@ class StageServer:
         elif self.mask is None:
             raise DistributedError(f"rank {self.link.rank} was told to extend an attention mask it never got.")
         else:
-            ones = torch.ones((header.batch, header.seq), dtype=torch.int64)
+            ones = torch.ones((header.batch, header.seq), dtype=torch.int64, device=self.mask.device)
             self.mask = torch.cat([self.mask, ones], dim=1)
         return self.mask
 
@@ -497,11 +546,14 @@ def _fingerprint(folder: Path, checkpoint: Path, options: Mapping[str, Any]) -> 
     return {"config.json": digest(config), "checkpoint files": digest(listing), "options": digest(dict(options))}
 
 
-def _agree(rank: int, world: int, fingerprint: Mapping[str, str], budget: Budget) -> list[Budget]:
-    """Exchange fingerprints and budgets; raise on every rank when a rank's inputs differ from rank 0's."""
+def _agree(rank: int, world: int, fingerprint: Mapping[str, str], budget: Budget
+           ) -> tuple[list[Budget], list[str]]:
+    """Exchange fingerprints, budgets and host names; raise on every rank when a rank's inputs differ from
+    rank 0's."""
     import torch.distributed as dist
 
-    mine = {"fingerprint": dict(fingerprint), "budget": [(d.key, n) for d, n in budget]}
+    mine = {"fingerprint": dict(fingerprint), "budget": [(d.key, n) for d, n in budget],
+            "host": socket.gethostname()}
     gathered: list[Any] = [None] * world
     try:
         dist.all_gather_object(gathered, mine)
@@ -515,7 +567,7 @@ def _agree(rank: int, world: int, fingerprint: Mapping[str, str], budget: Budget
                 f"rank {other}'s {' and '.join(differing)} differ from rank 0's; every rank must get the same model "
                 "folder and the same options (only a host's budget may differ, through --max-memory-host / "
                 "max_memory_hosts).", rank=other)
-    return [Budget.of(dict(entry["budget"])) for entry in gathered]
+    return [Budget.of(dict(entry["budget"])) for entry in gathered], [entry["host"] for entry in gathered]
 
 
 def _local_budget(max_memory: Mapping[Any, Any] | None, max_memory_hosts: Mapping[int, Mapping[Any, Any]] | None,
@@ -594,20 +646,21 @@ def from_pretrained_distributed(
     """
     rank, world, owns_group = _start_group(timeout)
     try:
-        model, host_plan, load = _load_stage(
+        model, host_plan, load, hostnames = _load_stage(
             path, rank, world, model_class=model_class, max_memory=max_memory, max_memory_hosts=max_memory_hosts,
             strategy=strategy, dtype=dtype, offload_folder=offload_folder, context_length=context_length,
             batch_size=batch_size, strict=strict, progress=progress, prefetch=prefetch,
             no_split_module_classes=no_split_module_classes)
         loads = _gather_loads(load, world)
+        link = _link(host_plan, hostnames, rank, timeout)
     except BaseException:
         _end_group(owns_group)
         raise
-    link = Link(rank, world, timeout=timeout)
     split = host_plan.split
     if rank != 0:
         try:
-            StageServer(model, split, split.stages[rank], link, idle_timeout=idle_timeout).serve()
+            StageServer(model, split, split.stages[rank], link, idle_timeout=idle_timeout,
+                        device=entry_device(host_plan, rank)).serve()
         finally:
             _end_group(owns_group)
         return None
@@ -631,7 +684,7 @@ def _stop_quietly(pipeline: Pipeline) -> None:
 def _load_stage(path: str | Path, rank: int, world: int, *, model_class: Any, max_memory: Any,
                 max_memory_hosts: Any, strategy: str, dtype: Any, offload_folder: Any, context_length: int | None,
                 batch_size: int, strict: bool, progress: bool, prefetch: int,
-                no_split_module_classes: list[str] | None) -> tuple[nn.Module, HostPlan, RankLoad]:
+                no_split_module_classes: list[str] | None) -> tuple[nn.Module, HostPlan, RankLoad, list[str]]:
     """Steps 1-5 of the module docstring on this rank: meta model, agreement, plans, cut, load."""
     from bigload.checkpoint import open_checkpoint
     from bigload.dispatch import load_checkpoint_and_dispatch
@@ -647,8 +700,8 @@ def _load_stage(path: str | Path, rank: int, world: int, *, model_class: Any, ma
                "batch_size": batch_size, "prefetch": prefetch, "no_split": no_split_module_classes,
                "max_memory": max_memory, "max_memory_hosts": max_memory_hosts, "strict": strict,
                "model_class": getattr(model_class, "__name__", model_class)}
-    budgets = _agree(rank, world, _fingerprint(Path(path), checkpoint, options),
-                     _local_budget(max_memory, max_memory_hosts, rank))
+    budgets, hostnames = _agree(rank, world, _fingerprint(Path(path), checkpoint, options),
+                                _local_budget(max_memory, max_memory_hosts, rank))
     host_plan = plan_hosts(inventory, budgets, strategy=strategy, dtype=target, context_length=context_length,
                            batch_size=batch_size, prefetch=prefetch)
     stage = host_plan.split.stages[rank]
@@ -664,7 +717,7 @@ def _load_stage(path: str | Path, rank: int, world: int, *, model_class: Any, ma
     span = host_plan.split.layers[stage.first_layer:stage.end_layer]
     load = RankLoad(rank, seconds, model.bigload_load.bytes_read, tuple(p.name for p in index.files),
                     f"{span[0]}..{span[-1].rpartition('.')[2]}" if len(span) > 1 else span[0])
-    return model.eval(), host_plan, load
+    return model.eval(), host_plan, load, hostnames
 
 
 def _stage_selector(model: nn.Module, checkpoint: Path, stage: Stage) -> Any:

@@ -278,3 +278,19 @@ def test_torchrun_bigload_generate_matches_one_process(tmp_path: Path) -> None:
     assert [r["rank"] for r in report["ranks"]] == [0, 1]
     assert sum(r["bytes_read"] for r in report["ranks"]) == open_checkpoint(folder).total_bytes
     assert report["comm_seconds_per_token"] > 0
+
+
+def test_hidden_states_cross_over_nccl_only_between_distinct_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    from bigload.distributed import choose_backend, entry_device
+
+    inventory = _catalog_inventory()
+    gpu = parse_max_memory({0: "80GiB", "cpu": "64GiB"})
+    host_plan = plan_hosts(inventory, [gpu, gpu], dtype=inventory.dtype)
+    assert [entry_device(host_plan, rank).key for rank in (0, 1)] == [0, 0]
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    assert choose_backend(host_plan, ["a", "b"]) == "nccl"
+    assert choose_backend(host_plan, ["a", "a"]) == "gloo"  # one GPU, two ranks: NCCL refuses it
+    cpu = parse_max_memory({"cpu": "64GiB"})
+    assert choose_backend(plan_hosts(inventory, [gpu, cpu], dtype=inventory.dtype), ["a", "b"]) == "gloo"
