@@ -32,7 +32,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -483,8 +483,8 @@ class Pipeline:
     loads: tuple[RankLoad, ...]
     remote: RemoteStages
     owns_group: bool
+    ready_seconds: float = 0.0  # from the ranks agreeing on their inputs to every rank loaded
     stopped: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def stats(self) -> PipelineStats:
@@ -646,7 +646,7 @@ def from_pretrained_distributed(
     """
     rank, world, owns_group = _start_group(timeout)
     try:
-        model, host_plan, load, hostnames = _load_stage(
+        model, host_plan, load, hostnames, agreed = _load_stage(
             path, rank, world, model_class=model_class, max_memory=max_memory, max_memory_hosts=max_memory_hosts,
             strategy=strategy, dtype=dtype, offload_folder=offload_folder, context_length=context_length,
             batch_size=batch_size, strict=strict, progress=progress, prefetch=prefetch,
@@ -668,7 +668,7 @@ def from_pretrained_distributed(
     _, container = _container(model, split)
     container._modules["remote"] = remote
     _base_model(model, split).register_forward_pre_hook(remote.capture, with_kwargs=True)
-    pipeline = Pipeline(host_plan, loads, remote, owns_group)
+    pipeline = Pipeline(host_plan, loads, remote, owns_group, ready_seconds=time.perf_counter() - agreed)
     model.bigload_pipeline = pipeline  # type: ignore[assignment]
     atexit.register(_stop_quietly, pipeline)
     return model
@@ -684,7 +684,8 @@ def _stop_quietly(pipeline: Pipeline) -> None:
 def _load_stage(path: str | Path, rank: int, world: int, *, model_class: Any, max_memory: Any,
                 max_memory_hosts: Any, strategy: str, dtype: Any, offload_folder: Any, context_length: int | None,
                 batch_size: int, strict: bool, progress: bool, prefetch: int,
-                no_split_module_classes: list[str] | None) -> tuple[nn.Module, HostPlan, RankLoad, list[str]]:
+                no_split_module_classes: list[str] | None
+                ) -> tuple[nn.Module, HostPlan, RankLoad, list[str], float]:
     """Steps 1-5 of the module docstring on this rank: meta model, agreement, plans, cut, load."""
     from bigload.checkpoint import open_checkpoint
     from bigload.dispatch import load_checkpoint_and_dispatch
@@ -702,6 +703,7 @@ def _load_stage(path: str | Path, rank: int, world: int, *, model_class: Any, ma
                "model_class": getattr(model_class, "__name__", model_class)}
     budgets, hostnames = _agree(rank, world, _fingerprint(Path(path), checkpoint, options),
                                 _local_budget(max_memory, max_memory_hosts, rank))
+    agreed = time.perf_counter()
     host_plan = plan_hosts(inventory, budgets, strategy=strategy, dtype=target, context_length=context_length,
                            batch_size=batch_size, prefetch=prefetch)
     stage = host_plan.split.stages[rank]
@@ -717,7 +719,7 @@ def _load_stage(path: str | Path, rank: int, world: int, *, model_class: Any, ma
     span = host_plan.split.layers[stage.first_layer:stage.end_layer]
     load = RankLoad(rank, seconds, model.bigload_load.bytes_read, tuple(p.name for p in index.files),
                     f"{span[0]}..{span[-1].rpartition('.')[2]}" if len(span) > 1 else span[0])
-    return model.eval(), host_plan, load, hostnames
+    return model.eval(), host_plan, load, hostnames, agreed
 
 
 def _stage_selector(model: nn.Module, checkpoint: Path, stage: Stage) -> Any:

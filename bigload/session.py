@@ -175,7 +175,7 @@ class PipelineReport:
     def render_summary(self) -> str:
         g = self.generate
         lines = [
-            f"load {g.load_seconds:.2f} s (all ranks) | first token {g.first_token_seconds:.3f} s | "
+            f"load {g.load_seconds:.2f} s (until every rank is ready) | first token {g.first_token_seconds:.3f} s | "
             f"decode {g.decode_tokens_per_second:.1f} tokens/s ({g.new_tokens} new tokens)",
             f"communication per token: {self.comm_seconds_per_token * 1e3:.2f} ms (wire time around the ring, "
             "all hops, both ways)",
@@ -201,14 +201,13 @@ def run_generate_pipeline(path: str | Path, options: GenerateOptions, *, offload
     from bigload.distributed import stop_pipeline
     from bigload.hf import from_pretrained, load_tokenizer
 
-    start = time.perf_counter()
     model = from_pretrained(
         path, device_map=planning.pop("strategy", "auto"), offload_folder=offload_folder, progress=progress,
         distributed=True, pipeline={"max_memory_hosts": max_memory_hosts, "timeout": timeout}, **planning)
     if model is None:
         return None
-    load_seconds = time.perf_counter() - start
     pipeline = model.bigload_pipeline
+    load_seconds = pipeline.ready_seconds  # not the wait for the other ranks to start and build their models
     try:
         if echo is not None:
             echo(pipeline.plan.explain())
