@@ -92,7 +92,9 @@ class HostPlan:
             title = (f"host {stage.rank}: {_span(layers)} ({stage.end_layer - stage.first_layer} blocks"
                      f"{', plus ' + ', '.join(self.split.ends) if stage.rank == 0 and self.split.ends else ''}), "
                      f"{format_size(stage.weight_bytes)}")
-            parts.append(f"{title}\n{'=' * len(title)}\n{host_plan.explain()}")
+            # The planner names the root "(whole model)"; here the root is the host's part.
+            table = host_plan.explain().replace("(whole model)", "(its blocks) ")
+            parts.append(f"{title}\n{'=' * len(title)}\n{table}")
         parts.append("\n".join(f"why: {reason}" for reason in self.split.reasons))
         return "\n\n".join(parts)
 
@@ -173,7 +175,8 @@ def split_hosts(inventory: Inventory, capacities: Sequence[int]) -> HostSplit:
               sum(sizes[a:b]) + (fixed if rank == 0 else 0), int(capacities[rank]))
         for rank, (a, b) in enumerate(bounds)
     )
-    return HostSplit(layers, ends, stages, _split_reasons(layers, ends, stages, sizes, fixed, weights, forbidden))
+    reasons = _split_reasons(layers, ends, stages, sizes, fixed, weights, forbidden, inventory.tied_groups)
+    return HostSplit(layers, ends, stages, reasons)
 
 
 def _ends(inventory: Inventory, layers: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -194,8 +197,9 @@ def _ends(inventory: Inventory, layers: Sequence[str]) -> tuple[tuple[str, ...],
             )
     for i in range(len(inventory)):
         parent = inventory.parents[i]
-        if parent in chain[1:] and i not in chain and inventory.subtree_bytes(i) > 0:
-            only_buffers = inventory.subtree_bytes(i) == inventory.subtree_buffer_bytes(i)
+        # Tensors, not bytes: a tied head counts 0 bytes (its tensor is the embeddings') but is an end too.
+        if parent in chain[1:] and i not in chain and sum(inventory.own_tensors[i:inventory.ends[i]]) > 0:
+            only_buffers = 0 < inventory.subtree_buffer_bytes(i) == inventory.subtree_bytes(i)
             (shared if only_buffers else ends).append(inventory.names[i])
     return tuple(ends), tuple(shared)
 
@@ -260,12 +264,14 @@ def _balance(sizes: Sequence[int], fixed: int, weights: Sequence[int], forbidden
 
 
 def _split_reasons(layers: Sequence[str], ends: Sequence[str], stages: Sequence[Stage], sizes: Sequence[int],
-                   fixed: int, weights: Sequence[int], forbidden: frozenset[int]) -> tuple[str, ...]:
+                   fixed: int, weights: Sequence[int], forbidden: frozenset[int],
+                   tied_groups: Sequence[Sequence[str]]) -> tuple[str, ...]:
     total = sum(sizes) + fixed
+    tied = [group for group in tied_groups if sum(any(n.startswith(e + ".") for e in ends) for n in group) > 1]
+    why_ends = (f"{' = '.join(tied[0])} is one tied tensor, which stays whole there; " if tied else "")
     reasons = [
-        f"rank 0 holds the model's ends ({', '.join(ends) or 'none'}): the hidden state comes back to it for the "
-        "head, so tied embeddings and head stay one tensor and generate runs there; only hidden states cross "
-        "the wire.",
+        f"rank 0 holds the model's ends ({', '.join(ends) or 'none'}): {why_ends}the hidden state comes back to "
+        "it for the head and generate runs there; only hidden states, never logits, cross the wire.",
         f"{len(layers)} blocks, {format_size(total)} in all, split in contiguous ranges minimising the largest "
         "share of a host's memory" + (" (hosts have equal memory: balanced by bytes)." if len(set(weights)) == 1
                                       else f" (host memory ratio {':'.join(str(round(w / min(weights), 2)) for w in weights)})."),
