@@ -1,5 +1,10 @@
-"""One rank of a pipeline test: `python pipeline_worker.py FOLDER OUT SCENARIO` with RANK, WORLD_SIZE,
-MASTER_ADDR and MASTER_PORT set (as torchrun sets them). Writes what happened to OUT/rank-N.json.
+"""The ranks of a pipeline test: `python pipeline_worker.py FOLDER OUT SCENARIO WORLD PORT`.
+
+The process imports torch and transformers and builds the model on meta once (no computation, so forking
+is safe), then forks one child per rank with RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1 and MASTER_PORT set as
+torchrun sets them: the ranks are real processes that did not each pay for the imports. Each rank writes
+what happened to OUT/rank-N.json. The parent waits for rank 0, gives the others `GRACE` seconds, kills what
+is left (a hung rank) and exits.
 
 Scenarios: "generate" (rank 0 generates greedily for batch 1 and a left-padded batch 2), "mismatch" (rank 1
 is given another dtype), "kill" (rank 1 dies in the middle of the batch-2 generation), "hang" (rank 1 stops
@@ -21,9 +26,40 @@ MASKS = [[1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1]]
 NEW_TOKENS = 6
 
 
-def main() -> None:
-    folder, out, scenario = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-    rank = int(os.environ["RANK"])
+GRACE = 30.0
+
+
+def launch() -> None:
+    folder, out, scenario, world, port = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    from bigload.hf import meta_model_for_folder
+
+    meta_model_for_folder(folder)  # every import the ranks need, done once before forking
+    children = []
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                              LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            code = 0
+            try:
+                run_rank(folder, out, scenario, rank)
+            except BaseException:  # a child must never return into the launcher's loop
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    os.waitpid(children[0], 0)
+    deadline = time.monotonic() + (0 if scenario == "hang" else GRACE)
+    for pid in children[1:]:
+        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+            time.sleep(0.1)
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def run_rank(folder: Path, out: Path, scenario: str, rank: int) -> None:
     torch.set_num_threads(1)
     import bigload
     from bigload import distributed
@@ -78,4 +114,4 @@ def _generate(model: torch.nn.Module, record: dict | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    launch()
