@@ -197,7 +197,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         args.path, options, offload_folder=args.offload_folder, stream_text=not args.json,
         echo=None if args.json else print, **_planning_kwargs(args),
     )
-    if args.json:
+    return _print_report(report, args.json)
+
+
+def _print_report(report: Any, as_json: bool) -> int:
+    """A generate report as one JSON object, or as the summary after the streamed text."""
+    if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print()
@@ -214,14 +219,7 @@ def _generate_pipeline(args: argparse.Namespace, options: Any) -> int:
         echo=None if args.json else print, max_memory_hosts=_host_budgets(args), timeout=args.timeout,
         progress=False, **_planning_kwargs(args),
     )
-    if report is None:
-        return 0
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print()
-        print(report.render_summary())
-    return 0
+    return 0 if report is None else _print_report(report, args.json)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

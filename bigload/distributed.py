@@ -664,14 +664,20 @@ def from_pretrained_distributed(
         finally:
             _end_group(owns_group)
         return None
+    pipeline = Pipeline(host_plan, loads, _attach_remote(model, split, link), owns_group,
+                        ready_seconds=time.perf_counter() - agreed)
+    model.bigload_pipeline = pipeline  # type: ignore[assignment]
+    atexit.register(_stop_quietly, pipeline)
+    return model
+
+
+def _attach_remote(model: nn.Module, split: HostSplit, link: Link) -> RemoteStages:
+    """Rank 0: a `RemoteStages` after its own blocks in the stack, fed by a pre-hook on the base model."""
     remote = RemoteStages(link, int(model.config.hidden_size))
     _, container = _container(model, split)
     container._modules["remote"] = remote
     _base_model(model, split).register_forward_pre_hook(remote.capture, with_kwargs=True)
-    pipeline = Pipeline(host_plan, loads, remote, owns_group, ready_seconds=time.perf_counter() - agreed)
-    model.bigload_pipeline = pipeline  # type: ignore[assignment]
-    atexit.register(_stop_quietly, pipeline)
-    return model
+    return remote
 
 
 def _stop_quietly(pipeline: Pipeline) -> None:
