@@ -501,8 +501,9 @@ class Pipeline:
             return
         self.stopped = True
         try:
-            self.remote.control(Op.STOP)
+            self.remote.control(Op.STOP)  # returns at once when the ring already failed
         finally:
+            self.remote.broken = self.remote.broken or "it was stopped (stop_pipeline); load the model again"
             _end_group(self.owns_group)
 
 
@@ -594,7 +595,11 @@ def _gather_loads(load: RankLoad, world: int) -> tuple[RankLoad, ...]:
     import torch.distributed as dist
 
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, asdict(load))
+    try:
+        dist.all_gather_object(gathered, asdict(load))
+    except RuntimeError as error:
+        raise DistributedError(f"rank {load.rank} loaded its blocks but another rank failed while loading "
+                               f"({str(error).splitlines()[0][:200]}); see that rank's error.") from None
     return tuple(RankLoad(**{**entry, "files": tuple(entry["files"])}) for entry in gathered)
 
 

@@ -78,6 +78,10 @@ def run_rank(folder: Path, out: Path, scenario: str, rank: int) -> None:
             _generate(model, record)
             record["comm_per_token"] = pipeline.stats.comm_seconds_per_token
             bigload.stop_pipeline(model)
+            try:
+                _generate(model)
+            except bigload.DistributedError as error:
+                record["after_stop"] = str(error)
     except bigload.BigloadError as error:
         record["error"] = f"{type(error).__name__}: {error}"
         record["error_at"] = time.monotonic()

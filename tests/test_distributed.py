@@ -220,6 +220,7 @@ def test_ranks_generate_the_single_process_tokens_and_read_only_their_stage(tmp_
     all_shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
     assert all(f < all_shards for f in files)  # no rank opened every shard
     assert records[0]["comm_per_token"] > 0
+    assert "stopped" in records[0]["after_stop"]  # a stopped pipeline refuses to run, it does not hang
 
 
 def test_a_killed_rank_stops_the_others_with_errors_naming_it(tmp_path: Path) -> None:
