@@ -217,7 +217,7 @@ class RemoteStages(nn.Module):
         start = time.perf_counter()
         batch, seq, _ = hidden_states.shape
         past = int(self._call.get("past", 0))
-        mask_kind, mask = self._mask_message(self._call.get("mask"), seq)
+        mask_kind, mask = self._mask_message(self._call.get("mask"), seq, past)
         pos_kind, positions = _position_message(self._call.get("positions"), self._mask, seq, past)
         header = Header(Op.PREFILL if past == 0 else Op.DECODE, batch, seq, past, hidden_states.dtype, self.hidden,
                         mask_kind, pos_kind, 0 if positions is None else positions.shape[0])
@@ -231,11 +231,17 @@ class RemoteStages(nn.Module):
         self._account(header.op, time.perf_counter() - start, back.remote_ns)
         return out.to(hidden_states.device)
 
-    def _mask_message(self, mask: torch.Tensor | None, seq: int) -> tuple[MaskKind, torch.Tensor | None]:
+    def _mask_message(self, mask: torch.Tensor | None, seq: int, past: int
+                      ) -> tuple[MaskKind, torch.Tensor | None]:
         previous, self._mask = self._mask, None if mask is None else mask.to(torch.int64)
         if self._mask is None:
             return MaskKind.NONE, None
-        if previous is not None and _extends(previous, self._mask, seq):
+        if self._mask.ndim != 2 or self._mask.shape[1] != past + seq:
+            self._mask = None
+            raise DistributedError(
+                f"an attention mask of shape {tuple(mask.shape)} cannot cross ranks: it must be 2-D, one column per "
+                f"token so far ({past} cached + {seq} new).")
+        if past > 0 and previous is not None and _extends(previous, self._mask, seq):
             return MaskKind.EXTEND, None
         return MaskKind.FULL, self._mask
 
