@@ -21,6 +21,7 @@ from bigload.errors import BigloadError
 __all__ = ["main"]
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+POLICIES = ("stream", "local")  # bigload.devices.ExecutionPolicy's names (not imported: `--help` stays fast)
 
 
 def parse_max_memory_arg(text: str) -> dict[str, str]:
@@ -68,6 +69,9 @@ def _add_planning_flags(parser: argparse.ArgumentParser) -> None:
                         help="module classes never split across devices (default: the model's own list)")
     parser.add_argument("--prefetch", type=int, default=1, metavar="N",
                         help="offloaded blocks loaded ahead of the one running (default: 1)")
+    parser.add_argument("--policy", choices=POLICIES, default=None,
+                        help="where CPU-resident blocks run when a GPU exists: stream their weights to it, or "
+                             "run locally on the CPU (default: chosen by a bandwidth model of decoding)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +145,7 @@ def _planning_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "no_split_module_classes": args.no_split,
         "prefetch": args.prefetch,
+        "policy": args.policy,
     }
 
 

@@ -81,7 +81,7 @@ def plan_model_hosts(spec: str | Path, hosts: int, *, max_memory: Mapping[Any, A
                      max_memory_hosts: Mapping[int, Mapping[Any, Any]] | None = None, strategy: str = "auto",
                      dtype: torch.dtype | str | None = None, context_length: int | None = None,
                      batch_size: int = 1, no_split_module_classes: list[str] | None = None,
-                     prefetch: int = 1) -> HostPlan:
+                     prefetch: int = 1, policy: Any = None) -> HostPlan:
     """A dry run over `hosts` ranks: which blocks each owns and where they go on it. Reads no weight.
 
     Args:
@@ -89,7 +89,8 @@ def plan_model_hosts(spec: str | Path, hosts: int, *, max_memory: Mapping[Any, A
         hosts: how many ranks.
         max_memory: every host's budget (None: this machine's, for each host).
         max_memory_hosts: rank -> budget, for hosts that differ.
-        strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch: as `plan_model`.
+        strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch, policy: as
+            `plan_model`, for every host.
 
     Raises:
         PlanError: the model cannot be split over `hosts`, or a host's part does not fit.
@@ -100,7 +101,7 @@ def plan_model_hosts(spec: str | Path, hosts: int, *, max_memory: Mapping[Any, A
     inventory = inventory_for(spec, dtype=dtype, no_split_module_classes=no_split_module_classes)
     budgets = [rank_budget(max_memory, max_memory_hosts, rank) or detect_budget(None) for rank in range(hosts)]
     return plan_hosts(inventory, budgets, strategy=strategy, dtype=inventory.dtype, context_length=context_length,
-                      batch_size=batch_size, prefetch=prefetch)
+                      batch_size=batch_size, prefetch=prefetch, policy=policy)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -628,6 +629,7 @@ def from_pretrained_distributed(
     progress: bool = True,
     prefetch: int = 1,
     no_split_module_classes: list[str] | None = None,
+    policy: Any = None,
     timeout: float = 300.0,
     idle_timeout: float = 3600.0,
 ) -> nn.Module | None:
@@ -661,7 +663,7 @@ def from_pretrained_distributed(
             path, rank, world, model_class=model_class, max_memory=max_memory, max_memory_hosts=max_memory_hosts,
             strategy=strategy, dtype=dtype, offload_folder=offload_folder, context_length=context_length,
             batch_size=batch_size, strict=strict, progress=progress, prefetch=prefetch,
-            no_split_module_classes=no_split_module_classes)
+            no_split_module_classes=no_split_module_classes, policy=policy)
         loads = _gather_loads(load, world)
         link = _link(host_plan, hostnames, rank, timeout)
     except BaseException:
@@ -701,7 +703,7 @@ def _stop_quietly(pipeline: Pipeline) -> None:
 def _load_stage(path: str | Path, rank: int, world: int, *, model_class: Any, max_memory: Any,
                 max_memory_hosts: Any, strategy: str, dtype: Any, offload_folder: Any, context_length: int | None,
                 batch_size: int, strict: bool, progress: bool, prefetch: int,
-                no_split_module_classes: list[str] | None
+                no_split_module_classes: list[str] | None, policy: Any
                 ) -> tuple[nn.Module, HostPlan, RankLoad, list[str], float]:
     """Steps 1-5 of the module docstring on this rank: meta model, agreement, plans, cut, load."""
     from bigload.checkpoint import open_checkpoint
@@ -717,12 +719,12 @@ def _load_stage(path: str | Path, rank: int, world: int, *, model_class: Any, ma
     options = {"dtype": str(target), "strategy": strategy, "context_length": context_length, "world": world,
                "batch_size": batch_size, "prefetch": prefetch, "no_split": no_split_module_classes,
                "max_memory": max_memory, "max_memory_hosts": max_memory_hosts, "strict": strict,
-               "model_class": getattr(model_class, "__name__", model_class)}
+               "model_class": getattr(model_class, "__name__", model_class), "policy": str(policy)}
     budgets, hostnames = _agree(rank, world, _fingerprint(Path(path), checkpoint, options),
                                 _local_budget(max_memory, max_memory_hosts, rank))
     agreed = time.perf_counter()
     host_plan = plan_hosts(inventory, budgets, strategy=strategy, dtype=target, context_length=context_length,
-                           batch_size=batch_size, prefetch=prefetch)
+                           batch_size=batch_size, prefetch=prefetch, policy=policy)
     stage = host_plan.split.stages[rank]
     index = open_checkpoint(checkpoint, select=_stage_selector(model, checkpoint, stage))
     cut_to_stage(model, host_plan.split, stage)

@@ -126,7 +126,8 @@ def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: 
         offload_folder: where disk-offloaded weights go (needed when the plan puts anything on disk).
         stream_text: print tokens as they are generated.
         echo: where plan tables and notes go (None: silent).
-        planning: max_memory, strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch.
+        planning: max_memory, strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch,
+            policy.
     """
     from bigload.hf import from_pretrained, load_tokenizer, plan_model
 
