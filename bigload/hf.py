@@ -6,13 +6,14 @@ here needs it, and its absence is a clear error, not an ImportError from deep in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -45,7 +46,9 @@ __all__ = [
     "meta_model_for_folder",
     "meta_model_from_config",
     "model_tensor_names",
+    "require_model_folder",
     "resolve_model_source",
+    "without_transformers_progress",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,24 @@ def _require_transformers() -> Any:
     return transformers
 
 
+@contextlib.contextmanager
+def without_transformers_progress() -> Iterator[None]:
+    """Silence transformers' own progress bars ("Loading weights", "Writing model shards") for a block.
+
+    bigload shows one bar, its own; the two would otherwise interleave on one line. The previous
+    setting is restored on exit.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _has_weights(folder: Path) -> bool:
     return any(p.suffix in _WEIGHT_SUFFIXES or p.name.endswith(".index.json") for p in folder.iterdir())
 
@@ -106,10 +127,32 @@ def resolve_model_source(spec: str | Path) -> ModelSource:
     config = catalog_config(str(spec))
     if config is not None:
         return ModelSource(str(spec), "catalog", config, None)
+    if _looks_like_path(str(spec)):
+        raise BigloadError(f"{path.absolute()}: no such file or folder.")
     raise BigloadError(
         f"{spec!r} is not a file, a folder or a catalog name. Give a model folder, a config.json, a "
         f"checkpoint, or one of: {', '.join(catalog_names())}."
     )
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec the user meant as a path (a separator, ~, a leading dot), never a catalog name."""
+    return "/" in spec or "\\" in spec or spec.startswith(("~", "."))
+
+
+def require_model_folder(path: str | Path) -> Path:
+    """`path` as a folder, checked before anything else reads it, so a typo is reported as a typo.
+
+    Raises:
+        BigloadError: `path` does not exist or is not a folder.
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise BigloadError(f"{folder.absolute()}: no such folder; give the path of a model folder "
+                           "(config.json, weights and tokenizer files).")
+    if not folder.is_dir():
+        raise BigloadError(f"{folder}: is a file, not a model folder; give the folder that holds it.")
+    return folder
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -199,9 +242,10 @@ def meta_model_from_config(
 
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer saved in a model folder (`AutoTokenizer.from_pretrained`, local files only)."""
+    folder = require_model_folder(path)
     transformers = _require_transformers()
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise BigloadError(
             f"no tokenizer could be loaded from {path}: {exc}. A model folder needs tokenizer files "
@@ -243,21 +287,20 @@ def inventory_for(
     *,
     dtype: torch.dtype | str | None = None,
     no_split_module_classes: list[str] | None = None,
+    adapter: str | Path | Sequence[str | Path] | None = None,
 ) -> Any:
     """The inventory of what MODEL names: from a meta model when there is a config (and transformers),
-    else from checkpoint headers alone. No weight is read either way."""
+    else from checkpoint headers alone. No weight is read either way. With `adapter`, the meta model is
+    wrapped with the adapters first, so each block counts its adapter tensors."""
     source = resolve_model_source(spec)
     if source.config is not None and _transformers_available():
-        config = load_config(source.config)
-        target = _weights_dtype(source, config, dtype) or torch.float32
-        model = meta_model_from_config(config, dtype=target)
-        stored = None
-        if source.checkpoint is not None:
-            # The checkpoint's dtypes (headers only) decide tensors that are never cast (float8, integers).
-            index = open_checkpoint(source.checkpoint)
-            stored = source_dtypes(index, checkpoint_sources(model, index))
-        return inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes,
-                                     stored_dtypes=stored)
+        built = prepare_model(source, dtype, adapter)
+        return inventory_from_module(built.model, dtype=built.dtype, no_split_module_classes=no_split_module_classes,
+                                     keep_in_fp32_modules=built.keep_in_fp32_modules if built.adapters else None,
+                                     stored_dtypes=built.stored_dtypes())
+    if adapter is not None:
+        raise BigloadError(f"{spec} has no config.json, and adapters need the model built from one; plan the "
+                           "model folder (config.json beside the weights) with --adapter.")
     if source.checkpoint is None:
         raise BigloadError(
             f"{spec} is a config only and transformers is not installed; install it with "
@@ -268,6 +311,67 @@ def inventory_for(
     return inventory_from_checkpoint(
         open_checkpoint(source.checkpoint), dtype=_weights_dtype(source, None, dtype), config=source.config,
     )
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A meta model ready to plan and load: built from the config, wrapped with adapters if any.
+
+    model: the transformers model (inside `wrapped` when there are adapters); wrapped: peft's `PeftModel`, or
+    None; dtype: the load dtype; keep_in_fp32_modules: transformers' rule plus the adapter modules peft keeps
+    in float32; index, sources: where every tensor is (base checkpoint and adapter files, headers only; None
+    without a checkpoint); adapters: as read.
+    """
+
+    model: nn.Module
+    wrapped: nn.Module | None
+    dtype: torch.dtype
+    keep_in_fp32_modules: list[str]
+    index: CheckpointIndex | None
+    sources: SourcePlan | None
+    adapters: tuple[Any, ...] = ()
+
+    def stored_dtypes(self) -> dict[str, torch.dtype] | None:
+        """Tensor name -> its dtype in the files it loads from (None without a checkpoint)."""
+        return source_dtypes(self.index, self.sources) if self.index is not None else None
+
+
+def prepare_model(source: ModelSource, dtype: torch.dtype | str | None,
+                  adapter: str | Path | Sequence[str | Path] | None = None, *,
+                  model_class: Any = None) -> PreparedModel:
+    """The meta model of `source` (wrapped with `adapter`s) and where its tensors are; no weight is read.
+
+    Raises:
+        AdapterError: an adapter is unreadable or made for another base.
+    """
+    config = load_config(source.config)  # type: ignore[arg-type]
+    target = _weights_dtype(source, config, dtype) or torch.float32
+    model = meta_model_from_config(config, model_class=model_class, dtype=target)
+    index = open_checkpoint(source.checkpoint) if source.checkpoint is not None else None
+    sources = checkpoint_sources(model, index) if index is not None else None
+    keep = list(default_keep_in_fp32_modules(model, target))
+    if adapter is None:
+        return PreparedModel(model, None, target, keep, index, sources)
+    from bigload.adapters import adapter_fp32_modules, read_adapters, with_adapter_sources, wrap
+
+    adapters = read_adapters(adapter)
+    wrapped = wrap(model, adapters)
+    if index is not None and sources is not None:
+        index, sources = with_adapter_sources(wrapped, adapters, index, sources)
+    return PreparedModel(model, wrapped, target, [*keep, *adapter_fp32_modules(target)], index, sources,
+                         tuple(adapters))
+
+
+def describe_adapters(spec: str | Path, adapter: str | Path | Sequence[str | Path], plan: Any,
+                      dtype: torch.dtype | str | None = None) -> list[str]:
+    """Lines saying what each adapter adds to which planned block (for `bigload plan --adapter`)."""
+    from bigload.adapters import adapter_summary
+
+    source = resolve_model_source(spec)
+    if source.config is None:
+        raise BigloadError(f"{spec} has no config.json; adapters need the model built from one.")
+    built = prepare_model(source, dtype, adapter)
+    return adapter_summary(built.model, built.adapters, plan.device_map, built.dtype)
 
 
 def plan_model(
@@ -282,6 +386,7 @@ def plan_model(
     prefetch: int = 1,
     offload_folder: str | Path | None = None,
     policy: ExecutionPolicy | str | None = None,
+    adapter: str | Path | Sequence[str | Path] | None = None,
 ) -> Any:
     """A dry run: plan MODEL (catalog name, model folder, config.json or checkpoint) without reading a weight.
 
@@ -298,6 +403,7 @@ def plan_model(
         offload_folder: with no "disk" budget, its free space becomes the disk budget.
         policy: where CPU-resident blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local");
             default: chosen by `plan.choose_policy`.
+        adapter: peft adapter folder(s) whose tensors the blocks carry (see `from_pretrained`).
 
     Returns:
         A `Plan`.
@@ -310,7 +416,8 @@ def plan_model(
     options = PlanOptions(strategy=strategy, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
                           context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
                           no_split_module_classes=no_split_module_classes)
-    inventory = inventory_for(spec, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes)
+    inventory = inventory_for(spec, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes,
+                              adapter=adapter)
     budget = detect_budget(options.max_memory, offload_folder=options.offload_folder)
     return plan(inventory, budget, options.with_settings(dtype=inventory.dtype))
 
@@ -331,6 +438,7 @@ def from_pretrained(
     no_split_module_classes: list[str] | None = None,
     materialize: bool = False,
     policy: ExecutionPolicy | str | None = None,
+    adapter: str | Path | Sequence[str | Path] | None = None,
     distributed: bool = False,
     pipeline: Mapping[str, Any] | None = None,
 ) -> nn.Module | None:
@@ -366,6 +474,10 @@ def from_pretrained(
             `load_checkpoint_and_dispatch`).
         policy: where CPU-resident blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local");
             default: the planner's choice (with a dict map: stream).
+        adapter: a peft adapter folder, or several (the first is named "default", the others after their
+            folders; the first is active). The model is wrapped on meta before planning, so the plan counts
+            each adapter's bytes on the block that owns them and one pass streams base and adapter tensors.
+            The result is then peft's `PeftModel` (`set_adapter`, `disable_adapter`, `merge_and_unload` work).
         distributed: under `torchrun`, split the model over the ranks (`bigload.distributed`): every rank
             loads only its own blocks; rank 0 gets the model (its `generate` runs the whole pipeline) and
             the other ranks serve their blocks inside this call until rank 0 stops the pipeline
@@ -375,12 +487,16 @@ def from_pretrained(
             `bigload.distributed.from_pretrained_distributed`).
 
     Raises:
-        BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint.
+        BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint;
+            `AdapterError` for an adapter that is unreadable or made for another base (nothing is loaded).
 
     >>> model = from_pretrained("Llama-3-8B/", max_memory={"cpu": "8GiB", "disk": "64GiB"},
     ...                         offload_folder="offload/")  # doctest: +SKIP
     """
     if distributed:
+        if adapter is not None:
+            raise BigloadError("adapters are not supported with distributed=True yet; merge the adapter into the "
+                               "base model (peft's merge_and_unload, then save_pretrained) and load that.")
         from bigload.distributed import from_pretrained_distributed
 
         return from_pretrained_distributed(
@@ -389,20 +505,42 @@ def from_pretrained(
             prefetch=prefetch, no_split_module_classes=no_split_module_classes, strategy=device_map,
             policy=policy, **(pipeline or {}),
         )
-    model, target, checkpoint = meta_model_for_folder(path, model_class=model_class, dtype=dtype)
-    index = open_checkpoint(checkpoint)
+    require_model_folder(path)
+    source = resolve_model_source(path)
+    if source.config is None or source.checkpoint is None:
+        raise BigloadError(
+            f"{path} must be a model folder with config.json and weights (.safetensors or .bin); "
+            f"found {'no config.json' if source.config is None else 'no weights'}."
+        )
+    built = prepare_model(source, dtype, adapter, model_class=model_class)
+    model = built.model
     if isinstance(device_map, Mapping):
         device_map = _with_computed_buffers(model, device_map)
     load_checkpoint_and_dispatch(
-        model, index, device_map=device_map, max_memory=max_memory,
-        no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=target,
+        model, built.index, device_map=device_map, max_memory=max_memory,
+        no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=built.dtype,
         strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
-        progress=progress, keep_in_fp32_modules=default_keep_in_fp32_modules(model, target),
-        sources=checkpoint_sources(model, index), materialize=materialize, policy=policy,
+        progress=progress, keep_in_fp32_modules=built.keep_in_fp32_modules, sources=built.sources,
+        materialize=materialize, policy=policy,
     )
     _align_encoder_outputs(model)
     _load_generation_config(model, Path(path))
-    return model.eval()
+    if built.wrapped is None:
+        return model.eval()
+    from bigload.adapters import load_model_level_weights
+
+    load_model_level_weights(built.wrapped, built.adapters, _input_device(model))
+    return built.wrapped.eval()
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs start: the execution device of its first block (the CPU without hooks)."""
+    from bigload.hooks import runtime_of
+
+    runtime = runtime_of(model)
+    if runtime is None or not runtime.blocks:
+        return next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))
+    return next(iter(runtime.blocks.values())).execution_device
 
 
 def meta_model_for_folder(path: str | Path, *, model_class: Any = None, dtype: torch.dtype | str | None = None

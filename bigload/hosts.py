@@ -83,9 +83,9 @@ class HostPlan:
     split: HostSplit
     plans: tuple[Plan, ...]
 
-    def explain(self) -> str:
+    def explain(self, audience: Any = None) -> str:
         """One table per host (its blocks and where they go on that host), then why the boundaries are where
-        they are."""
+        they are. `audience`: as `Plan.explain` (how reasons name settings)."""
         parts = []
         for stage, host_plan in zip(self.split.stages, self.plans):
             layers = self.split.layers[stage.first_layer:stage.end_layer]
@@ -93,7 +93,8 @@ class HostPlan:
                      f"{', plus ' + ', '.join(self.split.ends) if stage.rank == 0 and self.split.ends else ''}), "
                      f"{format_size(stage.weight_bytes)}")
             # The planner names the root "(whole model)"; here the root is the host's part.
-            table = host_plan.explain().replace("(whole model)", "(its blocks) ")
+            text = host_plan.explain() if audience is None else host_plan.explain(audience)
+            table = text.replace("(whole model)", "(its blocks) ")
             parts.append(f"{title}\n{'=' * len(title)}\n{table}")
         parts.append("\n".join(f"why: {reason}" for reason in self.split.reasons))
         return "\n\n".join(parts)

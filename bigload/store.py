@@ -30,6 +30,7 @@ import torch
 
 from bigload.checkpoint import CheckpointIndex, MappedFiles, TensorRef, read_safetensors_header
 from bigload.errors import CheckpointError, OffloadError
+from bigload.messages import Setting, Text, setting
 from bigload.sizes import dtype_width, format_size
 
 __all__ = ["DiskStore", "StoreOrigin", "StoreWriter", "TensorMeta"]
@@ -72,10 +73,12 @@ class StoreOrigin:
     fingerprint: str
     source: str = ""
     dtype: str = ""
+    changed: str = ""  # what changed the bytes after the load (`DiskStore.rewrite`), if anything
 
     def describe(self) -> str:
         where = self.source or "an unnamed checkpoint"
-        return f"{where} (dtype {self.dtype or 'as stored'}, fingerprint {self.fingerprint[:12]})"
+        then = f", then changed: {self.changed}" if self.changed else ""
+        return f"{where} (dtype {self.dtype or 'as stored'}, fingerprint {self.fingerprint[:12]}{then})"
 
     @staticmethod
     def of(index: CheckpointIndex, dtype: torch.dtype | None, variant: str = "") -> "StoreOrigin":
@@ -216,6 +219,50 @@ class DiskStore:
         return out
 
     # -- internals -------------------------------------------------------------------------------------
+
+    def rewrite(self, name: str, tensor: torch.Tensor, *, change: str) -> None:
+        """Replace the stored bytes of `name` in a committed store (e.g. weights an adapter was merged into).
+
+        The new bytes go to `<name>.dat` through a temporary file and a rename, so views of the old bytes stay
+        valid and a crash leaves either the old or the new tensor; a reference entry into the source
+        checkpoint becomes a `.dat` entry (the checkpoint itself is never written). `bigload.json` then records
+        `change`, so a later load of the source checkpoint rebuilds this folder instead of reusing it.
+
+        Args:
+            name: a tensor of the store.
+            tensor: its new value, of the stored dtype and shape.
+            change: what changed the bytes (it becomes part of the store's fingerprint).
+
+        Raises:
+            OffloadError: `name` is not in the store, the tensor has another dtype or shape than the stored
+                one, or writing failed.
+        """
+        meta = self.meta(name)
+        if tensor.dtype != meta.dtype or tuple(tensor.shape) != meta.shape:
+            raise OffloadError(
+                f"{self.folder}: cannot replace {name!r} ({dtype_name(meta.dtype)} {list(meta.shape)}) with a "
+                f"{dtype_name(tensor.dtype)} {list(tensor.shape)} tensor."
+            )
+        final = self._dat_path(name)
+        temp = final.with_name(final.name + _TMP_MARK)
+        origin = _read_origin(self.folder) or StoreOrigin(fingerprint="")
+        try:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1)
+            _write_file(temp, [memoryview(data.view(torch.uint8).numpy())])
+            os.replace(temp, final)
+            self._entries[name] = {"dtype": dtype_name(meta.dtype), "shape": list(meta.shape)}
+            changed = hashlib.sha256(f"{origin.fingerprint}\0{change}".encode()).hexdigest()
+            changes = f"{origin.changed}; {change}" if origin.changed else change
+            _write_json_atomic(self.folder / ORIGIN_FILE, {"fingerprint": changed, "source": origin.source,
+                                                           "dtype": origin.dtype, "changed": changes})
+            _write_json_atomic(self.folder / INDEX_FILE, self._entries)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise OffloadError(
+                f"writing the new value of {name!r} into {self.folder} failed ({exc.strerror or exc}); the old "
+                "value is still there. Free disk space or fix the folder's permissions, then merge again."
+            ) from exc
+        self._files.clear()  # the old mapping of `final` views the replaced file
 
     def _dat_path(self, name: str) -> Path:
         return _dat_path(self.folder, name)
@@ -494,8 +541,8 @@ def _ensure_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise OffloadError(
-            f"cannot write to the offload folder {folder} ({exc.strerror or exc}); pass an offload_folder "
-            "you can write to."
+            Text(f"cannot write to the offload folder {folder} ({exc.strerror or exc}); pass an ",
+                 Setting("offload_folder", "--offload-folder DIR"), " you can write to.")
         ) from None
 
 
@@ -503,8 +550,8 @@ def _read_index(folder: Path) -> dict[str, dict[str, object]]:
     path = folder / INDEX_FILE
     if not path.is_file():
         raise OffloadError(
-            f"{folder}: no offload store here ({INDEX_FILE} is missing); load the checkpoint with "
-            f"offload_folder={str(folder)!r} first."
+            Text(f"{folder}: no offload store here ({INDEX_FILE} is missing); load the checkpoint with ",
+                 setting("offload_folder", repr(str(folder)), str(folder)), " first.")
         )
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
@@ -543,7 +590,7 @@ def _read_origin(folder: Path) -> StoreOrigin | None:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
         return StoreOrigin(str(content["fingerprint"]), str(content.get("source", "")),
-                           str(content.get("dtype", "")))
+                           str(content.get("dtype", "")), str(content.get("changed", "")))
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         return None
 
@@ -552,11 +599,12 @@ def _check_origin(folder: Path, expected: StoreOrigin) -> None:
     found = _read_origin(folder)
     if found is None:
         raise OffloadError(
-            f"{folder} holds an offload store that bigload did not write (no readable {ORIGIN_FILE}), so it "
-            f"cannot be checked against {expected.describe()}. Use another offload_folder, or delete it."
+            Text(f"{folder} holds an offload store that bigload did not write (no readable {ORIGIN_FILE}), so it "
+                 f"cannot be checked against {expected.describe()}. Use another ",
+                 setting("offload_folder"), ", or delete it.")
         )
     if found.fingerprint != expected.fingerprint:
         raise OffloadError(
-            f"{folder} holds weights from {found.describe()}, not from {expected.describe()}. "
-            "Use another offload_folder, or delete this one to rebuild it."
+            Text(f"{folder} holds weights from {found.describe()}, not from {expected.describe()}. "
+                 "Use another ", setting("offload_folder"), ", or delete this one to rebuild it.")
         )
