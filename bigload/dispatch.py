@@ -304,6 +304,7 @@ def load_checkpoint_and_dispatch(
     progress: bool | None = None,
     sources: SourcePlan | None = None,
     materialize: bool = False,
+    only: Sequence[str] | None = None,
 ) -> nn.Module:
     """Plan, stream, hook: load `checkpoint` into a model built with `init_empty_weights()` and dispatch it.
 
@@ -340,9 +341,11 @@ def load_checkpoint_and_dispatch(
         materialize: copy CPU-placed tensors into private memory instead of keeping them as views of the
             checkpoint files, for a checkpoint that may move or change, or for a first forward that must
             not wait on the disk after the page cache was dropped (costs the model's size in RAM).
+        only: load only the tensors under these module names (a pipeline stage; see `load_checkpoint_in_model`).
 
     Returns:
-        `model`, weights in place, hooked, `hf_device_map` set (and `bigload_plan` when planned).
+        `model`, weights in place, hooked, `hf_device_map` set (and `bigload_plan` when planned), and
+        `bigload_load`: the loader's `LoadResult` (bytes read, what went to disk).
 
     Raises:
         PlanError: the model does not fit, or a dict map splits a tied group or misses a module.
@@ -367,7 +370,7 @@ def load_checkpoint_and_dispatch(
     result = load_checkpoint_in_model(
         model, index, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
         offload_buffers=offload_buffers, keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes,
-        progress=progress, sources=sources, materialize=materialize, inventory=placement.inventory,
+        progress=progress, sources=sources, materialize=materialize, inventory=placement.inventory, only=only,
     )
     store = result.store
     runtime = None
@@ -383,10 +386,11 @@ def load_checkpoint_and_dispatch(
             slots=placement.plan.slots if placement.plan is not None else None,
         )
     _set_device_map(model, placement.device_map, runtime)
+    model.bigload_load = result  # type: ignore[assignment]
     if placement.plan is not None:
         model.bigload_plan = placement.plan  # type: ignore[assignment]
-        if runtime is not None:
-            runtime.owned_attributes.append("bigload_plan")
+    if runtime is not None:
+        runtime.owned_attributes.extend(["bigload_load", "bigload_plan"][: 2 if placement.plan is not None else 1])
     return model
 
 

@@ -92,7 +92,8 @@ def test_quick_benchmarks_run_and_agree(tmp_path):
     assert (out / "RESULTS.md").read_text() == rendered
     results = json.loads((out / "results.json").read_text())
     sections = {s["title"]: s for s in results["sections"]}
-    assert set(sections) == {"Loading a checkpoint into CPU memory", "Offloaded generation", "Planning a device map"}
+    assert set(sections) == {"Loading a checkpoint into CPU memory", "Offloaded generation", "Planning a device map",
+                             "Across ranks (torchrun, one machine)"}
 
     runs = [r for s in sections.values() for r in s["raw"]]
     for r in runs:
@@ -109,6 +110,10 @@ def test_quick_benchmarks_run_and_agree(tmp_path):
         assert reference, "transformers' in-memory reference did not run"
         for r in group:
             assert r["tokens"] == reference[0], r["spec"]
+
+    pipeline = sections["Across ranks (torchrun, one machine)"]["raw"]
+    tokens = {r["spec"]["method"]: r["tokens"] for r in pipeline}
+    assert tokens["two-ranks"] == tokens["one-process"]
 
 
 def test_full_results_carry_the_analysis_after_the_tables(tmp_path, monkeypatch):
