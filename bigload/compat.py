@@ -171,5 +171,5 @@ def _plan(model: nn.Module, max_memory: Mapping[int | str, int | str] | None,
     )
     budget = budget if budget is not None else detect_budget(max_memory)
     if DISK not in budget.devices:
-        budget = Budget((*budget.limits, (DISK, UNBOUNDED_DISK)))
+        budget = Budget((*budget.limits, (DISK, UNBOUNDED_DISK)), budget.sources)
     return plan(inventory, budget, strategy=strategy, dtype=dtype, collapse=collapse)

@@ -571,6 +571,7 @@ class _Setup:
     main: Device
     slots_template: tuple[_Slot, ...]
     layer_kv: int
+    sources: tuple[tuple[Device, str], ...]
 
 
 def plan(
@@ -672,7 +673,7 @@ def _setup(inv: Inventory, budget: Budget, strategy: str, dtype: torch.dtype | s
               runs_own=device.is_gpu or (device == CPU and (not gpus or chosen == "local")))
         for device, nbytes in devices
     )
-    return _Setup(resolved, chosen, reason, main, slots, layer_kv)
+    return _Setup(resolved, chosen, reason, main, slots, layer_kv, budget.sources)
 
 
 def _layer_kv(inv: Inventory, context_length: int | None, batch_size: int, width: int | None) -> int:
@@ -880,6 +881,11 @@ def _reasons(inv: Inventory, setup: _Setup, placements: Sequence[Placement], usa
              prefetch: int, offloaded: Sequence[Unit], walk: _Walk, context_length: int | None) -> list[str]:
     gpus = [u.device for u in usage if u.device.is_gpu]
     reasons = [_strategy_reason(setup.strategy, len(gpus))]
+    budgets = {u.device: u.budget for u in usage}
+    stated = [f"{device} {format_size(budgets[device])} from {source}"
+              for device, source in setup.sources if device in budgets]
+    if stated:
+        reasons.append("budgets: " + "; ".join(stated) + ".")
     if any(p.device == CPU for p in placements) and gpus:
         reasons.append(setup.policy_reason)
     if offloaded:
