@@ -14,6 +14,7 @@ __all__ = [
     "DeviceError",
     "OffloadError",
     "PlanError",
+    "QuantizationError",
 ]
 
 
@@ -39,3 +40,8 @@ class OffloadError(BigloadError):
 
 class DeviceError(BigloadError):
     """A device is unknown, or does not exist on this machine when loading onto it."""
+
+
+class QuantizationError(BigloadError, ValueError):
+    """A `quantize=` scheme bigload does not know, a model or Linear it cannot apply to, or a device that
+    cannot run it."""

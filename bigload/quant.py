@@ -1,0 +1,339 @@
+"""Quantized weights: int8 per output channel, int4 group-wise, packed while streaming, run by torch's kernels.
+
+A `Quantization` (scheme, int4 group size, modules to skip) is read once from the user's `quantize=` /
+`quantize_skip=`. `choose_linears` decides which `nn.Linear` modules of a model are quantized (every one but
+the output head, linears whose weight is tied to another tensor, and `skip`), and `swap_linears` replaces
+them on the meta model by `QuantLinear`s, whose tensors already have the quantized dtypes and shapes: from
+then on the inventory sizes quantized bytes, the planner places them, the store holds them and the runtime
+brings them in like any other tensor. The loader quantizes each checkpoint weight with `quantize_weight`,
+a few rows at a time, into the tensors the `QuantLinear` holds.
+
+Schemes (w: the float weight [N, K], N outputs, K inputs):
+- int8: symmetric per output channel. `weight` int8 [N, K], `weight_scale` [N] in the compute dtype;
+  w ~= weight * scale. Same layout on every device.
+- int4: asymmetric per group of `group_size` inputs (default 128). `weight` uint8 [N, K/2] (two values per
+  byte), `weight_scales_zeros` [K/group, N, 2] (scale, zero) in the compute dtype; w ~= (q - 8) * scale + zero,
+  the convention of torch's tinygemm kernels. The byte order of `weight` is the layout of the device that
+  runs the block (`Layout`): on the CPU the order `torch.ops.aten._convert_weight_to_int4pack_for_cpu`
+  produces, which depends on the CPU's vector width (AVX512, AVX2, none), so it is tagged with it; for CUDA
+  plain nibbles (even column in the high nibble) that `_convert_weight_to_int4pack` tiles on the GPU at each
+  call (a device-side copy of the packed bytes, cheap next to the matmul).
+
+Compute, chosen by measurement on this project's 2-core CPU VM (torch 2.13, bf16 activations, best of 5
+timings, other jobs running; milliseconds per matmul, weight N x K):
+
+| N x K, rows | bf16 linear | int8pack_mm | int8: linear(x, q.to(bf16)) * s | int4pack_mm_for_cpu |
+|---|---|---|---|---|
+| 5504 x 2048, 1 | 20.3 | 19.0 | 56.8 | 17.5 |
+| 11008 x 4096, 1 | 47.7 | 23.4 | 282 | 22.9 |
+| 5504 x 2048, 128 | 40.9 | 140 | 75.9 | 121 |
+| 11008 x 4096, 128 | 184 | 604 | 336 | 471 |
+
+So on the CPU the packed kernels run decode (few rows): int8 and int4 are as fast as bf16 or faster, since
+decode reads every weight once and they read 2x / 4x fewer bytes. At prefill sizes int8 converts its weight to
+the compute dtype and runs the dense matmul (`_DEQUANTIZE_ROWS`); int4 keeps the packed kernel (its CPU layout
+has no cheap dequantization), about 2.5x slower than bf16 there. float32 activations are the packed kernels'
+slow path (int8pack_mm: 25 ms at 1 row, 3.8 s at 128 rows for 4096 x 4096), so quantized models should compute
+in bfloat16 or float16. On CUDA int8 dequantizes on the device (`linear(x, q.to(dtype)) * scale`); int4 runs
+`_weight_int4pack_mm` in bfloat16.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigload.errors import QuantizationError
+
+__all__ = [
+    "Layout",
+    "QuantLinear",
+    "Quantization",
+    "Scheme",
+    "choose_linears",
+    "cpu_layout",
+    "quantize_weight",
+    "swap_linears",
+]
+
+# Rows (tokens x batch) from which int8 on the CPU dequantizes and runs the dense matmul (see the table above:
+# the packed kernel wins at 1 and 16 rows, the dense matmul at 128).
+_DEQUANTIZE_ROWS = 64
+# Rows quantized at once while loading: bounds the float32 copy of a weight (16 MiB for K = 4096) and is a
+# multiple of the CPU int4 layout's block of 64 output rows, so packing chunks equals packing the whole.
+_CHUNK_ROWS = 1024
+_INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernels accept
+
+
+class Scheme(str, enum.Enum):
+    """How a Linear weight is stored."""
+
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class Layout(str, enum.Enum):
+    """Byte order of packed int4 weights: for the CPU kernel, or plain nibbles tiled on the GPU per call.
+    int8 has one layout (`ANY`)."""
+
+    ANY = "any"
+    CPU = "cpu"
+    NIBBLES = "nibbles"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_layout() -> str:
+    """The CPU int4 layout tag: torch's packing order depends on the vector width it dispatches to."""
+    return f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What the user asked for: a scheme, the int4 group size, and modules kept unquantized.
+
+    `Quantization.parse("int8")`, `Quantization.parse("int4")` (groups of 128), `Quantization.parse("int4:64")`.
+    `skip` names modules (a name or a dotted prefix of one) whose Linears stay unquantized.
+    """
+
+    scheme: Scheme
+    group_size: int = 128
+    skip: tuple[str, ...] = ()
+
+    @staticmethod
+    def parse(value: "str | Quantization | None", skip: Iterable[str] | None = None) -> "Quantization | None":
+        """Read `quantize=` and `quantize_skip=`; None (or "none") means no quantization.
+
+        Raises:
+            QuantizationError: an unknown scheme ("int3"), a group size the kernels do not take, or
+                `quantize_skip` without `quantize`.
+        """
+        names = tuple(skip or ())
+        if isinstance(value, Quantization):
+            return Quantization(value.scheme, value.group_size, value.skip + names)
+        if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+            if names:
+                raise QuantizationError(f"quantize_skip={list(names)} was given without quantize=; add "
+                                        "quantize='int8' or 'int4', or drop quantize_skip.")
+            return None
+        text = str(value).strip().lower()
+        scheme_text, _, group_text = text.partition(":")
+        try:
+            scheme = Scheme(scheme_text)
+        except ValueError:
+            raise QuantizationError(f"quantize={value!r} is not a scheme bigload knows; use 'int8' (per-channel), "
+                                    "'int4' (groups of 128) or 'int4:GROUP' (GROUP in 32, 64, 128, 256).") from None
+        group = int(group_text) if group_text.isdigit() else 128
+        if group_text and (scheme is Scheme.INT8 or group not in _INT4_GROUPS):
+            raise QuantizationError(f"quantize={value!r}: a group size applies to int4 only and must be one of "
+                                    f"{', '.join(map(str, _INT4_GROUPS))}, e.g. 'int4:64'.")
+        return Quantization(scheme, group, names)
+
+    @property
+    def tag(self) -> str:
+        """A short name: "int8", "int4:128"."""
+        return self.scheme.value if self.scheme is Scheme.INT8 else f"int4:{self.group_size}"
+
+    def skips(self, name: str) -> bool:
+        """Whether module `name` is named by `skip` (itself or a parent)."""
+        return any(name == entry or name.startswith(entry + ".") for entry in self.skip)
+
+
+def choose_linears(model: nn.Module, quantization: Quantization) -> tuple[str, ...]:
+    """The names of the `nn.Linear` modules to quantize, in registration order.
+
+    Every Linear except: the output head (`model.get_output_embeddings()` in transformers models), Linears
+    whose weight is also registered elsewhere (tied to an embedding), and those `quantization.skip` names.
+
+    Raises:
+        QuantizationError: no Linear is left (a model without Linear layers, or all skipped), or a Linear's
+            shape is one the scheme's kernels cannot run (named, with the fix).
+    """
+    head = _output_head(model)
+    shared = _shared_weights(model)
+    chosen = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or module is head or quantization.skips(name):
+            continue
+        if id(module.weight) in shared:
+            continue
+        _check_shape(name, module.out_features, module.in_features, quantization)
+        chosen.append(name)
+    if not chosen:
+        raise QuantizationError(
+            f"quantize={quantization.tag!r}: {type(model).__name__} has no nn.Linear layer to quantize (outside "
+            "the output head, tied weights and quantize_skip); load it without quantize=."
+        )
+    return tuple(chosen)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        return getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, tensor in model.named_parameters(remove_duplicate=False):
+        seen[id(tensor)] = seen.get(id(tensor), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
+def _check_shape(name: str, out_features: int, in_features: int, quantization: Quantization) -> None:
+    if quantization.scheme is Scheme.INT8:
+        return
+    group = quantization.group_size
+    problems = []
+    if in_features % group:
+        problems.append(f"its {in_features} inputs are not a multiple of the group size {group}")
+    if out_features % 16:
+        problems.append(f"its {out_features} outputs are not a multiple of 16 (the int4 kernels' block)")
+    if problems:
+        smaller = [g for g in _INT4_GROUPS if in_features % g == 0 and g < group]
+        fixes = [f"quantize_skip=[{name!r}]", "quantize='int8'"]
+        if smaller and not out_features % 16:
+            fixes.insert(0, f"quantize='int4:{smaller[-1]}'")
+        raise QuantizationError(f"cannot quantize {name!r} to {quantization.tag}: {' and '.join(problems)}; use "
+                                f"{' or '.join(fixes)}.")
+
+
+def swap_linears(model: nn.Module, names: Sequence[str], quantization: Quantization,
+                 dtypes: Mapping[str, torch.dtype]) -> None:
+    """Replace each named `nn.Linear` by a `QuantLinear` on the meta device (no memory).
+
+    Args:
+        model: the model (meta or not; the new modules are on meta and are filled by the loader).
+        names: from `choose_linears`.
+        quantization: the scheme.
+        dtypes: module name -> compute dtype of that Linear (scales, zeros and bias are kept in it).
+    """
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = parent.get_submodule(child)
+        replacement = QuantLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  quantization=quantization, dtype=dtypes[name], device="meta")
+        setattr(parent, child, replacement)
+
+
+class QuantLinear(nn.Module):
+    """A Linear layer whose weight is int8 (per output channel) or int4 (group-wise).
+
+    Tensors: `weight` (int8 [N, K] or uint8 [N, K/2]), `weight_scale` [N] (int8) or `weight_scales_zeros`
+    [K/group, N, 2] (int4), `bias` [N] when the Linear had one; all parameters without gradients, so the
+    loader, planner, store and hooks treat them as ordinary weights. `layout` says in which byte order an int4
+    `weight` was packed (set by the loader, which knows the device that runs the block).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, quantization: Quantization,
+                 dtype: torch.dtype, device: torch.device | str = "meta") -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme, self.group_size = quantization.scheme, quantization.group_size
+        self.layout = Layout.ANY if self.scheme is Scheme.INT8 else Layout.NIBBLES
+        for name, (shape, tensor_dtype) in quantized_shapes(out_features, in_features, quantization, dtype).items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=tensor_dtype, device=device),
+                                                       requires_grad=False))
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.scheme is Scheme.INT8:
+            out = _int8_matmul(rows, self.weight, self.weight_scale)
+        else:
+            out = _int4_matmul(rows, self.weight, self.weight_scales_zeros, self.group_size, self.layout)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.scheme is Scheme.INT4 else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"scheme={self.scheme.value}{group}")
+
+
+def quantized_shapes(out_features: int, in_features: int, quantization: Quantization,
+                     dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors (name -> shape, dtype) a quantized Linear weight becomes, bias excluded."""
+    if quantization.scheme is Scheme.INT8:
+        return {"weight": ((out_features, in_features), torch.int8), "weight_scale": ((out_features,), dtype)}
+    groups = in_features // quantization.group_size
+    return {"weight": ((out_features, in_features // 2), torch.uint8),
+            "weight_scales_zeros": ((groups, out_features, 2), dtype)}
+
+
+def quantize_weight(weight: torch.Tensor, quantization: Quantization, dtype: torch.dtype,
+                    layout: Layout) -> dict[str, torch.Tensor]:
+    """Quantize one float weight [N, K] into the tensors of `quantized_shapes`, `_CHUNK_ROWS` rows at a time.
+
+    Peak extra memory is one chunk in float32 (plus, for the CPU int4 layout, its int32 codes), not a copy of
+    the whole weight. The result is on the CPU.
+    """
+    weight = weight.to("cpu")
+    chunks = [_quantize_rows(weight[start:start + _CHUNK_ROWS], quantization, dtype, layout)
+              for start in range(0, weight.shape[0], _CHUNK_ROWS)]
+    if quantization.scheme is Scheme.INT8:
+        return {"weight": torch.cat([c[0] for c in chunks]), "weight_scale": torch.cat([c[1] for c in chunks])}
+    return {"weight": torch.cat([c[0] for c in chunks]),
+            "weight_scales_zeros": torch.cat([c[1] for c in chunks], dim=1)}
+
+
+def _quantize_rows(rows: torch.Tensor, quantization: Quantization, dtype: torch.dtype,
+                   layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    w = rows.float()
+    if quantization.scheme is Scheme.INT8:
+        # The scale is rounded to the compute dtype first, so the codes are chosen against the scale used.
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(dtype)
+        codes = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        return codes, scale
+    n, k = w.shape
+    grouped = w.reshape(n, k // quantization.group_size, quantization.group_size)
+    low, high = grouped.amin(dim=2), grouped.amax(dim=2)
+    scale = ((high - low).clamp(min=1e-12) / 15).to(dtype)
+    zero = (low + scale.float() * 8).to(dtype)  # tinygemm: w = (q - 8) * scale + zero
+    base = zero.float() - scale.float() * 8
+    codes = torch.round((grouped - base[..., None]) / scale.float()[..., None]).clamp_(0, 15)
+    codes = codes.to(torch.int32).reshape(n, k)
+    scales_zeros = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()
+    return _pack_int4(codes, layout), scales_zeros
+
+
+def _pack_int4(codes: torch.Tensor, layout: Layout) -> torch.Tensor:
+    if layout is Layout.CPU:
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    return (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+
+
+def _int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if rows.device.type == "cpu" and rows.shape[0] < _DEQUANTIZE_ROWS:
+        return torch.ops.aten._weight_int8pack_mm(rows.contiguous(), weight, scale.to(rows.dtype))
+    # Per-output-channel scales commute with the matmul: scale the N outputs, not the N x K weight.
+    return F.linear(rows, weight.to(rows.dtype)) * scale.to(rows.dtype)
+
+
+def _int4_matmul(rows: torch.Tensor, weight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+                 layout: Layout) -> torch.Tensor:
+    if rows.device.type == "cpu":
+        if layout is not Layout.CPU:
+            raise QuantizationError("an int4 weight packed for CUDA is running on the CPU; load the model again "
+                                    "with the CPU as the block's execution device.")
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), weight, group_size,
+                                                          scales_zeros.to(rows.dtype))
+    if layout is not Layout.NIBBLES:
+        raise QuantizationError("an int4 weight packed for the CPU is running on a GPU; load the model again "
+                                "with that GPU as the block's execution device.")
+    k = weight.shape[1] * 2
+    inner = next(tiles for tiles in (8, 4, 2) if k % (tiles * 16) == 0)
+    tiled = torch.ops.aten._convert_weight_to_int4pack(weight.contiguous(), inner)
+    out = torch.ops.aten._weight_int4pack_mm(rows.to(torch.bfloat16).contiguous(), tiled, group_size,
+                                             scales_zeros.to(torch.bfloat16))
+    return out.to(rows.dtype)

@@ -1,0 +1,191 @@
+"""Quantized Linear layers: accuracy against the float Linear, packing in chunks, which Linears are chosen,
+and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bigload import quant
+from bigload.errors import QuantizationError
+from bigload.quant import Layout, QuantLinear, Quantization, Scheme, choose_linears, quantize_weight, swap_linears
+from tests.fixtures_ckpt import tiny_llama
+
+CUDA = torch.cuda.is_available()
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _quantized(linear: nn.Linear, quantization: Quantization, dtype: torch.dtype, layout: Layout,
+               device: str = "cpu") -> QuantLinear:
+    module = QuantLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                         quantization=quantization, dtype=dtype, device=device)
+    module.layout = layout
+    for name, tensor in quantize_weight(linear.weight.detach(), quantization, dtype, layout).items():
+        getattr(module, name).data = tensor.to(device)
+    if linear.bias is not None:
+        module.bias.data = linear.bias.detach().to(dtype=dtype, device=device)
+    return module
+
+
+_CASES = [  # (scheme, layout, bound on the relative error of the output)
+    ("int8", Layout.ANY, 0.01),
+    ("int4", Layout.CPU, 0.12),
+    ("int4:64", Layout.CPU, 0.12),
+]
+
+
+@pytest.mark.parametrize("scheme, layout, bound", _CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 100])  # decode (packed kernel) and prefill (int8 dequantizes)
+def test_quantized_linear_output_is_close_to_the_float_linear(scheme, layout, bound, dtype, rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 320)
+    module = _quantized(linear, Quantization.parse(scheme), dtype, layout)
+    x = torch.randn(2, rows, 512)
+    ref = linear(x)  # the float32 layer the checkpoint holds
+    out = module(x.to(dtype))
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert _relative_error(out, ref) < bound
+    assert _relative_error(out, ref) > 1e-4  # it really is quantized, not the float weight
+
+
+def test_int8_codes_and_scales_are_per_output_channel():
+    torch.manual_seed(1)
+    weight = torch.randn(40, 64)
+    weight[3] *= 100  # one loud channel must not coarsen the others
+    tensors = quantize_weight(weight, Quantization.parse("int8"), torch.float32, Layout.ANY)
+    assert tensors["weight"].dtype == torch.int8 and tensors["weight"].shape == (40, 64)
+    torch.testing.assert_close(tensors["weight_scale"], weight.abs().amax(dim=1) / 127)
+    assert tensors["weight"].abs().amax(dim=1).eq(127).all()
+    restored = tensors["weight"].float() * tensors["weight_scale"][:, None]
+    assert ((restored - weight).abs() <= tensors["weight_scale"][:, None] / 2 + 1e-6).all()
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The plain layout: column 2i in the high nibble, 2i+1 in the low one."""
+    return torch.stack([packed >> 4, packed & 15], dim=2).reshape(packed.shape[0], -1).to(torch.int32)
+
+
+def test_int4_nibble_layout_holds_the_same_codes_as_the_cpu_layout():
+    # The CUDA layout cannot run here; its codes, dequantized by hand, must give what the CPU kernel computes.
+    torch.manual_seed(2)
+    weight = torch.randn(64, 256)
+    q = Quantization.parse("int4")
+    nibbles = quantize_weight(weight, q, torch.float32, Layout.NIBBLES)
+    cpu = quantize_weight(weight, q, torch.float32, Layout.CPU)
+    torch.testing.assert_close(nibbles["weight_scales_zeros"], cpu["weight_scales_zeros"], rtol=0, atol=0)
+    codes = _unpack_nibbles(nibbles["weight"]).reshape(64, 2, 128).float()
+    scale, zero = nibbles["weight_scales_zeros"].transpose(0, 1).unbind(dim=2)
+    dequantized = ((codes - 8) * scale[..., None] + zero[..., None]).reshape(64, 256)
+    x = torch.randn(5, 256)
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, cpu["weight"], 128, cpu["weight_scales_zeros"])
+    torch.testing.assert_close(kernel, x @ dequantized.T, rtol=1e-4, atol=1e-4)
+    assert (dequantized - weight).abs().max() <= scale.max() / 2 + 1e-5
+
+
+@pytest.mark.parametrize("scheme, layout", [("int8", Layout.ANY), ("int4", Layout.CPU), ("int4", Layout.NIBBLES)])
+def test_packing_a_few_rows_at_a_time_equals_packing_the_whole(monkeypatch, scheme, layout):
+    torch.manual_seed(3)
+    weight = torch.randn(320, 256, dtype=torch.bfloat16)
+    q = Quantization.parse(scheme)
+    whole = quantize_weight(weight, q, torch.bfloat16, layout)
+    monkeypatch.setattr(quant, "_CHUNK_ROWS", 64)  # 5 chunks
+    chunked = quantize_weight(weight, q, torch.bfloat16, layout)
+    assert whole.keys() == chunked.keys()
+    for name in whole:
+        assert torch.equal(whole[name], chunked[name]), name
+
+
+def test_choose_linears_keeps_the_head_tied_weights_and_skipped_modules():
+    model = tiny_llama(hidden=64)
+    chosen = choose_linears(model, Quantization.parse("int8"))
+    assert "lm_head" not in chosen
+    assert chosen[:2] == ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj")
+    assert len(chosen) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    skipped = choose_linears(model, Quantization.parse("int8", skip=["model.layers.1", "model.layers.0.mlp"]))
+    assert skipped == ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                       "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj")
+
+    class TiedLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(16, 32)
+            self.body = nn.Linear(32, 32)
+            self.out = nn.Linear(32, 16, bias=False)
+            self.out.weight = self.embed.weight
+
+    assert choose_linears(TiedLinear(), Quantization.parse("int8")) == ("body",)
+
+
+def test_swap_linears_builds_meta_modules_with_quantized_tensors():
+    with torch.device("meta"):
+        model = tiny_llama(hidden=64)
+    q = Quantization.parse("int4:32")
+    names = choose_linears(model, q)
+    swap_linears(model, names, q, {name: torch.bfloat16 for name in names})
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(up, QuantLinear) and isinstance(model.lm_head, nn.Linear)
+    shapes = {name: (tuple(t.shape), t.dtype, t.device.type) for name, t in up.named_parameters()}
+    assert shapes == {"weight": ((128, 32), torch.uint8, "meta"),
+                      "weight_scales_zeros": ((2, 128, 2), torch.bfloat16, "meta")}
+    assert "scheme=int4, group_size=32" in repr(up)
+
+
+@pytest.mark.parametrize("value, match", [
+    ("int3", r"quantize='int3' is not a scheme bigload knows; use 'int8'"),
+    ("int4:48", r"must be one of 32, 64, 128, 256"),
+    ("int8:64", r"a group size applies to int4 only"),
+])
+def test_unknown_schemes_are_refused(value, match):
+    with pytest.raises(QuantizationError, match=match):
+        Quantization.parse(value)
+
+
+def test_parse_reads_none_and_groups():
+    assert Quantization.parse(None) is None and Quantization.parse("none") is None
+    assert Quantization.parse("INT4") == Quantization(Scheme.INT4, 128)
+    assert Quantization.parse("int4:64", skip=["lm"]).tag == "int4:64"
+    with pytest.raises(QuantizationError, match=r"quantize_skip=\['x'\] was given without quantize="):
+        Quantization.parse(None, skip=["x"])
+
+
+def test_a_model_without_linear_layers_is_refused():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8))
+    with pytest.raises(QuantizationError, match="Sequential has no nn.Linear layer to quantize .* load it without "
+                                                "quantize="):
+        choose_linears(model, Quantization.parse("int8"))
+
+
+def test_a_linear_the_int4_kernels_cannot_run_is_named_with_the_fix():
+    model = nn.Sequential(nn.Linear(96, 64), nn.Linear(64, 10))
+    with pytest.raises(QuantizationError, match=r"cannot quantize '0' to int4:128: its 96 inputs are not a "
+                                                r"multiple of the group size 128; use quantize='int4:32' or "
+                                                r"quantize_skip=\['0'\] or quantize='int8'"):
+        choose_linears(model, Quantization.parse("int4"))
+    with pytest.raises(QuantizationError, match=r"'1' .* its 10 outputs are not a multiple of 16"):
+        choose_linears(model, Quantization.parse("int4:32"))
+
+
+def test_a_layout_for_another_device_is_refused_not_miscomputed():
+    linear = nn.Linear(128, 32)
+    module = _quantized(linear, Quantization.parse("int4"), torch.float32, Layout.NIBBLES)
+    with pytest.raises(QuantizationError, match="packed for CUDA is running on the CPU"):
+        module(torch.randn(1, 128))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme, layout, bound", [("int8", Layout.ANY, 0.01), ("int4", Layout.NIBBLES, 0.12)])
+@pytest.mark.parametrize("rows", [1, 100])
+def test_quantized_linear_on_cuda(scheme, layout, bound, rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 320)
+    module = _quantized(linear, Quantization.parse(scheme), torch.bfloat16, layout, device="cuda")
+    x = torch.randn(rows, 512)
+    out = module(x.to("cuda", torch.bfloat16))
+    assert out.device.type == "cuda"
+    assert _relative_error(out.cpu(), linear(x)) < bound
