@@ -34,7 +34,8 @@ from bigload.inventory import inventory_from_module
 from bigload.plan import STRATEGIES, Plan, plan
 from bigload.store import DiskStore, StoreOrigin
 from bigload.checkpoint import CheckpointIndex
-from bigload.stream import SourcePlan, load_checkpoint_in_model
+from bigload.quant import Quantization
+from bigload.stream import SourcePlan, load_checkpoint_in_model, prepare_quantization
 
 __all__ = [
     "cpu_offload",
@@ -339,6 +340,8 @@ def load_checkpoint_and_dispatch(
     progress: bool | None = None,
     sources: SourcePlan | None = None,
     materialize: bool = False,
+    quantize: str | Quantization | None = None,
+    quantize_skip: Sequence[str] | None = None,
 ) -> nn.Module:
     """Plan, stream, hook: load `checkpoint` into a model built with `init_empty_weights()` and dispatch it.
 
@@ -368,6 +371,10 @@ def load_checkpoint_and_dispatch(
         materialize: copy CPU-placed tensors into private memory instead of keeping them as views of the
             checkpoint files, for a checkpoint that may move or change, or for a first forward that must
             not wait on the disk after the page cache was dropped (costs the model's size in RAM).
+        quantize: "int8", "int4" or "int4:GROUP": the Linear layers of the model's blocks are swapped for
+            `bigload.quant.QuantLinear`s before planning (so the plan sizes quantized bytes) and quantized
+            while streaming; the output head, embeddings and norms stay as they are.
+        quantize_skip: module names whose Linears stay unquantized.
 
     Returns:
         `model`, weights in place, hooked, `hf_device_map` set (and `bigload_plan` when planned).
@@ -376,7 +383,10 @@ def load_checkpoint_and_dispatch(
         PlanError: the model does not fit, or a dict map splits a tied group or misses a module.
         DeviceError: a dict map names a GPU this machine does not have.
         CheckpointError: the checkpoint is malformed or (with `strict`) does not match the model.
-        OffloadError: disk tensors without `offload_folder`, or a folder holding another checkpoint.
+        OffloadError: disk tensors without `offload_folder`, or a folder holding another checkpoint (or
+            the same one under another quantization scheme).
+        QuantizationError: an unknown scheme, a model without Linear layers, a Linear the scheme's
+            kernels cannot run.
         All of these are raised before any weight is read.
 
     >>> with init_empty_weights():  # doctest: +SKIP
@@ -384,12 +394,14 @@ def load_checkpoint_and_dispatch(
     >>> load_checkpoint_and_dispatch(model, "llama/", device_map="auto", offload_folder="offload/")  # doctest: +SKIP
     """
     del offload_state_dict, preload_module_classes  # see the docstring
+    prepare_quantization(model, quantize, quantize_skip, dtype=dtype, keep_in_fp32_modules=keep_in_fp32_modules)
     placement = _place(model, device_map, max_memory, no_split_module_classes, offload_folder, dtype, prefetch,
                        context_length, batch_size, keep_in_fp32_modules)
     placed = validate_device_map(model, placement.device_map)
     result = load_checkpoint_in_model(
         model, checkpoint, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
         keep_in_fp32_modules=keep_in_fp32_modules, progress=progress, sources=sources, materialize=materialize,
+        quantize=quantize, quantize_skip=quantize_skip,
     )
     store = DiskStore.open(result.store.folder) if result.store is not None else None
     runtime = None

@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import enum
 import functools
+import threading
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +57,12 @@ __all__ = [
     "QuantLinear",
     "Quantization",
     "Scheme",
+    "PackMemo",
     "choose_linears",
     "cpu_layout",
+    "quantize_model",
     "quantize_weight",
+    "quantized_linears",
     "swap_linears",
 ]
 
@@ -224,6 +228,59 @@ def swap_linears(model: nn.Module, names: Sequence[str], quantization: Quantizat
         setattr(parent, child, replacement)
 
 
+def quantize_model(model: nn.Module, quantization: Quantization,
+                   dtype_of: "Callable[[str, torch.dtype], torch.dtype]") -> tuple[str, ...]:
+    """Decide which Linears of `model` are quantized and swap them (once: a model that already holds
+    `QuantLinear`s of this scheme is left as it is).
+
+    Args:
+        model: usually on meta, before planning, so the inventory sizes the quantized tensors.
+        quantization: the scheme.
+        dtype_of: (weight name, its dtype in the model) -> the dtype the float weight would load in; the
+            scales, zeros and bias are kept in it.
+
+    Returns:
+        The quantized modules' names.
+
+    Raises:
+        QuantizationError: as `choose_linears`, or a model quantized before with another scheme.
+    """
+    existing = quantized_linears(model)
+    if existing:
+        schemes = {module.quantization.tag for module in existing.values()}
+        if schemes != {quantization.tag}:
+            raise QuantizationError(f"the model was quantized with {', '.join(sorted(schemes))} already; build it "
+                                    f"again (on meta) to load it with quantize={quantization.tag!r}.")
+        return tuple(existing)
+    names = choose_linears(model, quantization)
+    dtypes = {name: dtype_of(f"{name}.weight", model.get_submodule(name).weight.dtype) for name in names}
+    swap_linears(model, names, quantization, dtypes)
+    return names
+
+
+def quantized_linears(model: nn.Module) -> dict[str, "QuantLinear"]:
+    """The model's `QuantLinear` modules by name, in registration order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+
+
+class PackMemo:
+    """Quantizes each float weight once although it yields two tensors (codes and scales), loaded as two
+    tasks one after the other: keeps the last weight's result. Safe to call from the loader's reader thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple[str, Layout] | None = None
+        self._value: dict[str, torch.Tensor] = {}
+
+    def tensor(self, key: str, part: str, weight: "Callable[[], torch.Tensor]", module: "QuantLinear") -> torch.Tensor:
+        """Tensor `part` ("weight", "weight_scale", ...) of `module` quantized from the float weight `key`."""
+        with self._lock:
+            if self._key != (key, module.layout):
+                self._value = quantize_weight(weight(), module.quantization, module.compute_dtype, module.layout)
+                self._key = (key, module.layout)
+            return self._value[part]
+
+
 class QuantLinear(nn.Module):
     """A Linear layer whose weight is int8 (per output channel) or int4 (group-wise).
 
@@ -237,13 +294,26 @@ class QuantLinear(nn.Module):
                  dtype: torch.dtype, device: torch.device | str = "meta") -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.scheme, self.group_size = quantization.scheme, quantization.group_size
+        self.quantization = Quantization(quantization.scheme, quantization.group_size)
+        self.scheme, self.group_size, self.compute_dtype = quantization.scheme, quantization.group_size, dtype
         self.layout = Layout.ANY if self.scheme is Scheme.INT8 else Layout.NIBBLES
-        for name, (shape, tensor_dtype) in quantized_shapes(out_features, in_features, quantization, dtype).items():
+        for name, (shape, tensor_dtype) in self.shapes().items():
             self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=tensor_dtype, device=device),
                                                        requires_grad=False))
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
+
+    @property
+    def storage_tag(self) -> str:
+        """What its stored bytes are: "int8", "int4:128 in cpu-avx2 order", "int4:128 in cuda order"."""
+        if self.scheme is Scheme.INT8:
+            return self.quantization.tag
+        order = cpu_layout() if self.layout is Layout.CPU else "cuda"
+        return f"{self.quantization.tag} in {order} order"
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The quantized tensors (name -> shape, dtype), bias excluded."""
+        return quantized_shapes(self.out_features, self.in_features, self.quantization, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

@@ -63,19 +63,25 @@ class TensorMeta:
 
 @dataclass(frozen=True)
 class StoreOrigin:
-    """What a store was built from: the source checkpoint's fingerprint, where it was, and the dtype.
+    """What a store was built from: the source checkpoint's fingerprint, where it was, the dtype, and the
+    quantization scheme (with the int4 byte order) of its quantized tensors ("" for none).
 
-    `fingerprint` alone decides whether a folder can be reused; `source` and `dtype` make the refusal
-    readable.
+    `fingerprint` alone decides whether a folder can be reused (the loader folds the scheme into it);
+    `source`, `dtype` and `quantize` make the refusal readable.
     """
 
     fingerprint: str
     source: str = ""
     dtype: str = ""
+    quantize: str = ""
 
     def describe(self) -> str:
         where = self.source or "an unnamed checkpoint"
         return f"{where} (dtype {self.dtype or 'as stored'}, fingerprint {self.fingerprint[:12]})"
+
+    def describe_quantize(self) -> str:
+        """The quantization its bytes were written with, in the user's terms."""
+        return f"quantize={self.quantize}" if self.quantize else "no quantization"
 
     @staticmethod
     def of(index: CheckpointIndex, dtype: torch.dtype | None, variant: str = "") -> "StoreOrigin":
@@ -343,7 +349,8 @@ class DiskStore:
         origin = StoreOrigin.coerce(fingerprint)
         try:
             _write_json_atomic(self.folder / ORIGIN_FILE, {"fingerprint": origin.fingerprint,
-                                                           "source": origin.source, "dtype": origin.dtype})
+                                                           "source": origin.source, "dtype": origin.dtype,
+                                                           "quantize": origin.quantize})
             _write_json_atomic(self.folder / INDEX_FILE, self._entries)
             _fsync_dir(self.folder)
         except OSError as exc:
@@ -527,7 +534,7 @@ def _read_origin(folder: Path) -> StoreOrigin | None:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
         return StoreOrigin(str(content["fingerprint"]), str(content.get("source", "")),
-                           str(content.get("dtype", "")))
+                           str(content.get("dtype", "")), str(content.get("quantize", "")))
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         return None
 
@@ -538,6 +545,12 @@ def _check_origin(folder: Path, expected: StoreOrigin) -> None:
         raise OffloadError(
             f"{folder} holds an offload store that bigload did not write (no readable {ORIGIN_FILE}), so it "
             f"cannot be checked against {expected.describe()}. Use another offload_folder, or delete it."
+        )
+    if found.fingerprint != expected.fingerprint and found.quantize != expected.quantize:
+        raise OffloadError(
+            f"{folder} holds weights written with {found.describe_quantize()}, and this load asks for "
+            f"{expected.describe_quantize()}. Use another offload_folder for each scheme, or delete this one "
+            "to rebuild it."
         )
     if found.fingerprint != expected.fingerprint:
         raise OffloadError(
