@@ -3,6 +3,8 @@ and bad input."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -189,3 +191,130 @@ def test_quantized_linear_on_cuda(scheme, layout, bound, rows):
     out = module(x.to("cuda", torch.bfloat16))
     assert out.device.type == "cuda"
     assert _relative_error(out.cpu(), linear(x)) < bound
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading with quantize=: planned, streamed, stored and run quantized
+
+from bigload import init_empty_weights, load_checkpoint_and_dispatch  # noqa: E402
+from bigload.errors import OffloadError  # noqa: E402
+from bigload.inventory import inventory_from_module  # noqa: E402
+from bigload.store import DiskStore  # noqa: E402
+
+PROMPT = torch.tensor([[3, 17, 5, 42, 9, 11, 64]])
+_SPLIT_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+              "model.layers.2": "disk", "model.layers.3": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+              "lm_head": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    reference = tiny_llama(hidden=64, layers=4, dtype=torch.bfloat16)
+    folder = tmp_path_factory.mktemp("quant") / "llama"
+    reference.save_pretrained(folder)
+    return folder, reference
+
+
+def _load(folder, reference, scheme, device_map=None, **kwargs):
+    from transformers import LlamaForCausalLM
+
+    with init_empty_weights():
+        model = LlamaForCausalLM(reference.config)
+    return load_checkpoint_and_dispatch(model, folder, device_map=device_map, dtype=torch.bfloat16,
+                                        quantize=scheme, **kwargs).eval()
+
+
+def _last_hidden(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(PROMPT, output_hidden_states=True).hidden_states[-1].float()
+
+
+@pytest.mark.parametrize("scheme, bound", [("int8", 0.03), ("int4:32", 0.3)])
+def test_whole_model_last_hidden_states_close_to_unquantized(llama_folder, scheme, bound):
+    folder, reference = llama_folder
+    model = _load(folder, reference, scheme)
+    assert isinstance(model.model.layers[3].mlp.down_proj, QuantLinear)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.bfloat16  # the head stays
+    want = _last_hidden(reference)
+    error = _relative_error(_last_hidden(model), want)
+    assert 1e-4 < error < bound
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4:32"])
+def test_layers_on_cpu_and_disk_run_exactly_as_in_memory(llama_folder, tmp_path, scheme):
+    folder, reference = llama_folder
+    in_memory = _load(folder, reference, scheme)
+    split = _load(folder, reference, scheme, _SPLIT_MAP, offload_folder=tmp_path / "offload")
+    assert split.hf_device_map["model.layers.3"] == "disk"
+    torch.testing.assert_close(_last_hidden(split), _last_hidden(in_memory), rtol=0, atol=0)
+    want = in_memory.generate(PROMPT, max_new_tokens=6, do_sample=False)
+    got = split.generate(PROMPT, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want) and got.shape[1] == PROMPT.shape[1] + 6
+
+
+@pytest.mark.parametrize("scheme, weight_dtype, columns", [("int8", torch.int8, 64), ("int4:32", torch.uint8, 32)])
+def test_the_store_holds_quantized_bytes_and_records_the_scheme(llama_folder, tmp_path, scheme, weight_dtype,
+                                                                columns):
+    folder, reference = llama_folder
+    _load(folder, reference, scheme, _SPLIT_MAP, offload_folder=tmp_path / "offload")
+    store = DiskStore.open(tmp_path / "offload")
+    meta = store.meta("model.layers.2.mlp.up_proj.weight")
+    assert (meta.dtype, meta.shape) == (weight_dtype, (128, columns))
+    data = tmp_path / "offload" / "model.layers.2.mlp.up_proj.weight.dat"
+    assert data.stat().st_size == 128 * columns  # 2x (int8) / 4x (int4) fewer bytes than bf16's 128 * 64 * 2
+    recorded = json.loads((tmp_path / "offload" / "bigload.json").read_text())["quantize"]
+    assert recorded.startswith(scheme)
+    with pytest.raises(OffloadError, match=rf"written with quantize={scheme}.*this load asks for "
+                                           r"quantize=int8\b|written with quantize=int8, and this load asks for "
+                                           r"quantize=int4:32"):
+        _load(folder, reference, "int4:32" if scheme == "int8" else "int8", _SPLIT_MAP,
+              offload_folder=tmp_path / "offload")
+    with pytest.raises(OffloadError, match=rf"written with quantize={scheme}.*asks for no quantization"):
+        _load(folder, reference, None, _SPLIT_MAP, offload_folder=tmp_path / "offload")
+
+
+@pytest.mark.parametrize("scheme, cpu_bytes", [("int8", 110_000), ("int4:32", 90_000)])
+def test_planned_bytes_are_the_placed_bytes(llama_folder, tmp_path, scheme, cpu_bytes):
+    folder, reference = llama_folder
+    model = _load(folder, reference, scheme, "sequential", max_memory={"cpu": cpu_bytes, "disk": "1GiB"},
+                  offload_folder=tmp_path / "offload")
+    plan = model.bigload_plan
+    assert "disk" in plan.device_map.values() and "cpu" in plan.device_map.values()
+    inventory = inventory_from_module(model, dtype=torch.bfloat16)
+    store = DiskStore.open(tmp_path / "offload")
+    placed = {}
+    for name, tensor in model.named_parameters():
+        if tensor.device.type == "meta":
+            meta = store.meta(name)
+            placed[name] = torch.Size(meta.shape).numel() * torch.empty((), dtype=meta.dtype).element_size()
+        else:
+            placed[name] = tensor.nbytes
+    planned = {entry.name: entry.nbytes for entry in inventory.tensors if not entry.buffer}
+    assert placed == planned
+    quantized = [n for n in planned if n.endswith(("weight_scale", "weight_scales_zeros"))]
+    assert len(quantized) == 4 * 7
+    by_device = {"cpu": 0, "disk": 0}
+    for entry in inventory.tensors:
+        block = max((key for key in plan.device_map if entry.name.startswith(key + ".")), key=len)
+        by_device[plan.device_map[block]] += entry.nbytes
+        if not entry.buffer:  # what the plan sends to disk is exactly what is not in memory
+            assert (model.get_parameter(entry.name).device.type == "meta") == (plan.device_map[block] == "disk")
+    assert by_device == {"cpu": plan.usage_of("cpu").weights, "disk": plan.usage_of("disk").weights}
+
+
+def test_quantize_errors_come_before_any_byte_is_read(llama_folder, tmp_path):
+    _, reference = llama_folder
+    nowhere = tmp_path / "no-checkpoint-here"  # reading it would be a CheckpointError
+    with pytest.raises(QuantizationError, match="quantize='int3' is not a scheme"):
+        _load(nowhere, reference, "int3")
+    with pytest.raises(QuantizationError, match=r"'model.layers.0.self_attn.q_proj' to int4:128: its 64 inputs .* "
+                                                r"use quantize='int4:64' or quantize_skip="):
+        _load(nowhere, reference, "int4", "sequential")
+
+
+def test_quantize_skip_keeps_named_modules_in_float(llama_folder):
+    folder, reference = llama_folder
+    model = _load(folder, reference, "int8", quantize_skip=["model.layers.0"])
+    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
+    assert isinstance(model.model.layers[1].mlp.up_proj, QuantLinear)
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight, reference.model.layers[0].mlp.up_proj.weight)
