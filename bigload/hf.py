@@ -19,7 +19,7 @@ from torch import nn
 
 from bigload.catalog import catalog_config, catalog_names
 from bigload.empty import init_empty_weights
-from bigload.errors import BigloadError, CheckpointError
+from bigload.errors import BigloadError, CheckpointError, QuantizationError
 from bigload.inventory import default_keep_in_fp32_modules
 from bigload.sizes import parse_dtype
 
@@ -237,17 +237,32 @@ def inventory_for(
     *,
     dtype: torch.dtype | str | None = None,
     no_split_module_classes: list[str] | None = None,
+    quantize: str | None = None,
+    quantize_skip: list[str] | None = None,
 ) -> Any:
     """The inventory of what MODEL names: from a meta model when there is a config (and transformers),
-    else from checkpoint headers alone. No weight is read either way."""
+    else from checkpoint headers alone. No weight is read either way. With `quantize`, the meta model's
+    Linears are swapped first, so the inventory sizes quantized bytes.
+
+    Raises:
+        QuantizationError: `quantize` with checkpoint headers alone (no config.json to build modules from).
+    """
     from bigload.inventory import inventory_from_checkpoint, inventory_from_module
+    from bigload.stream import prepare_quantization
 
     source = resolve_model_source(spec)
     if source.config is not None and _transformers_available():
         config = load_config(source.config)
         target = _weights_dtype(source, config, dtype) or torch.float32
         model = meta_model_from_config(config, dtype=target)
+        prepare_quantization(model, quantize, quantize_skip, dtype=target,
+                             keep_in_fp32_modules=default_keep_in_fp32_modules(model, target))
         return inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes)
+    if quantize is not None:
+        raise QuantizationError(
+            f"{spec}: planning with quantize={quantize!r} needs the model's config.json (and transformers) to know "
+            "which tensors are Linear weights; plan the model folder or its config.json instead."
+        )
     if source.checkpoint is None:
         raise BigloadError(
             f"{spec} is a config only and transformers is not installed; install it with "
@@ -273,6 +288,8 @@ def plan_model(
     no_split_module_classes: list[str] | None = None,
     prefetch: int = 1,
     offload_folder: str | Path | None = None,
+    quantize: str | None = None,
+    quantize_skip: list[str] | None = None,
 ) -> Any:
     """A dry run: plan MODEL (catalog name, model folder, config.json or checkpoint) without reading a weight.
 
@@ -285,19 +302,23 @@ def plan_model(
         no_split_module_classes: classes never split (default: the model's `_no_split_modules`).
         prefetch: offloaded blocks loaded ahead (the reserve is sized for it).
         offload_folder: with no "disk" budget, its free space becomes the disk budget.
+        quantize, quantize_skip: plan the quantized model ("int8", "int4", "int4:GROUP"; see
+            `from_pretrained`); needs a config.
 
     Returns:
         A `Plan`.
 
     Raises:
         PlanError: the model does not fit; the message says how many bytes are missing where.
+        QuantizationError: a bad scheme, or `quantize` for checkpoint headers alone.
 
     >>> print(plan_model("llama-3.1-405b", max_memory={0: "80GiB", "cpu": "1TiB"}).explain())  # doctest: +SKIP
     """
     from bigload.budget import detect_budget
     from bigload.plan import plan
 
-    inventory = inventory_for(spec, dtype=dtype, no_split_module_classes=no_split_module_classes)
+    inventory = inventory_for(spec, dtype=dtype, no_split_module_classes=no_split_module_classes,
+                              quantize=quantize, quantize_skip=quantize_skip)
     budget = detect_budget(max_memory, offload_folder=offload_folder)
     return plan(inventory, budget, strategy=strategy, dtype=inventory.dtype, context_length=context_length,
                 batch_size=batch_size, prefetch=prefetch)
@@ -318,6 +339,8 @@ def from_pretrained(
     prefetch: int = 1,
     no_split_module_classes: list[str] | None = None,
     materialize: bool = False,
+    quantize: str | None = None,
+    quantize_skip: list[str] | None = None,
 ) -> nn.Module:
     """Load a Hugging Face model folder onto this machine's devices, ready for `generate`.
 
@@ -349,6 +372,10 @@ def from_pretrained(
         no_split_module_classes: classes never split (default: the model's `_no_split_modules`).
         materialize: CPU weights in private memory instead of views of the checkpoint files (see
             `load_checkpoint_and_dispatch`).
+        quantize: "int8" (per output channel), "int4" (groups of 128) or "int4:GROUP": the Linear layers of
+            the model's blocks are planned, streamed, offloaded and run quantized (`bigload.quant`); the
+            embeddings, norms and output head stay in `dtype`.
+        quantize_skip: module names whose Linears stay unquantized.
 
     Raises:
         BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint.
@@ -377,7 +404,8 @@ def from_pretrained(
         no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=target,
         strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
         progress=progress, keep_in_fp32_modules=default_keep_in_fp32_modules(model, target),
-        sources=checkpoint_sources(model, index), materialize=materialize,
+        sources=checkpoint_sources(model, index), materialize=materialize, quantize=quantize,
+        quantize_skip=quantize_skip,
     )
     _align_encoder_outputs(model)
     _load_generation_config(model, Path(path))

@@ -125,7 +125,8 @@ def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: 
         offload_folder: where disk-offloaded weights go (needed when the plan puts anything on disk).
         stream_text: print tokens as they are generated.
         echo: where plan tables and notes go (None: silent).
-        planning: max_memory, strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch.
+        planning: max_memory, strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch,
+            quantize, quantize_skip.
     """
     from bigload.hf import from_pretrained, load_tokenizer, plan_model
 
@@ -137,7 +138,8 @@ def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: 
         echo("")
     start = time.perf_counter()
     model = from_pretrained(path, device_map=plan, offload_folder=offload_folder, progress=progress,
-                            dtype=planning.get("dtype"))
+                            dtype=planning.get("dtype"), quantize=planning.get("quantize"),
+                            quantize_skip=planning.get("quantize_skip"))
     load_seconds = time.perf_counter() - start
     input_ids = tokenizer(options.prompt, return_tensors="pt")["input_ids"]
     read_before = _runtime_bytes_read(model)
