@@ -881,11 +881,7 @@ def _reasons(inv: Inventory, setup: _Setup, placements: Sequence[Placement], usa
              prefetch: int, offloaded: Sequence[Unit], walk: _Walk, context_length: int | None) -> list[str]:
     gpus = [u.device for u in usage if u.device.is_gpu]
     reasons = [_strategy_reason(setup.strategy, len(gpus))]
-    budgets = {u.device: u.budget for u in usage}
-    stated = [f"{device} {format_size(budgets[device])} from {source}"
-              for device, source in setup.sources if device in budgets]
-    if stated:
-        reasons.append("budgets: " + "; ".join(stated) + ".")
+    reasons.extend(_budget_sources(setup.sources, usage))
     if any(p.device == CPU for p in placements) and gpus:
         reasons.append(setup.policy_reason)
     if offloaded:
@@ -905,6 +901,18 @@ def _reasons(inv: Inventory, setup: _Setup, placements: Sequence[Placement], usa
             f"(context {context_length}), charged to the device that runs each layer."
         )
     return reasons
+
+
+def _budget_sources(sources: Sequence[tuple[Device, str]], usage: Sequence[DeviceUsage]) -> list[str]:
+    """Where each budget figure came from (max_memory, a memory cgroup, psutil, free disk space)."""
+    budgets = {u.device: u.budget for u in usage}
+    stated = [(device, source) for device, source in sources if device in budgets]
+    if not stated:
+        return []
+    if len(stated) > 1 and len({source for _, source in stated}) == 1:
+        return [f"budgets: {', '.join(str(device) for device, _ in stated)} from {stated[0][1]}."]
+    return ["budgets: " + "; ".join(f"{device} {format_size(budgets[device])} from {source}"
+                                    for device, source in stated) + "."]
 
 
 def _strategy_reason(strategy: str, gpus: int) -> str:

@@ -66,9 +66,9 @@ __all__ = [
     "swap_linears",
 ]
 
-# Rows (tokens x batch) from which int8 on the CPU dequantizes and runs the dense matmul (see the table above:
-# the packed kernel wins at 1 and 16 rows, the dense matmul at 128).
-_DEQUANTIZE_ROWS = 64
+# Rows (tokens x batch) from which int8 on the CPU converts its weight and runs the dense matmul (see the
+# module docstring: the packed kernel wins up to 16 rows, the two tie at 32, the dense matmul wins beyond).
+_DEQUANTIZE_ROWS = 32
 # Rows quantized at once while loading: bounds the float32 copy of a weight (16 MiB for K = 4096) and is a
 # multiple of the CPU int4 layout's block of 64 output rows, so packing chunks equals packing the whole.
 _CHUNK_ROWS = 1024

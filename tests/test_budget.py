@@ -178,6 +178,8 @@ def test_explain_states_where_the_cpu_budget_came_from(monkeypatch):
     assert "why: budgets: cpu 1.00 GiB from cgroup v1 limit 1.00 GiB at /x." in result.explain()
     given = plan(inventory_from_module(ThreeBlocks()), detect_budget({"cpu": "2GiB"}))
     assert "budgets: cpu 2.00 GiB from max_memory." in given.reasons
+    both = plan(inventory_from_module(ThreeBlocks()), detect_budget({"cpu": "2GiB", "disk": "9GiB"}))
+    assert "budgets: cpu, disk from max_memory." in both.reasons
 
 
 _PROBE = ("import json; from bigload.budget import detect_budget; b = detect_budget(); "
