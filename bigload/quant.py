@@ -58,6 +58,7 @@ __all__ = [
     "Quantization",
     "Scheme",
     "PackMemo",
+    "check_device",
     "choose_linears",
     "cpu_layout",
     "quantize_model",
@@ -207,6 +208,23 @@ def _check_shape(name: str, out_features: int, in_features: int, quantization: Q
             fixes.insert(0, f"quantize='int4:{smaller[-1]}'")
         raise QuantizationError(f"cannot quantize {name!r} to {quantization.tag}: {' and '.join(problems)}; use "
                                 f"{' or '.join(fixes)}.")
+
+
+def check_device(quantization: Quantization, device: torch.device, where: str = "") -> None:
+    """Refuse a scheme `device` cannot run: int4 on CUDA needs tinygemm's kernels, built for compute
+    capability 8.0 (Ampere) and newer.
+
+    Raises:
+        QuantizationError: naming the device, its capability and the fix.
+    """
+    if quantization.scheme is not Scheme.INT4 or device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise QuantizationError(
+            f"quantize={quantization.tag!r}{where}: {device} has compute capability {major}.{minor} and PyTorch's "
+            "int4 kernels need 8.0 (Ampere) or newer; use quantize='int8', or run those blocks on the CPU."
+        )
 
 
 def swap_linears(model: nn.Module, names: Sequence[str], quantization: Quantization,

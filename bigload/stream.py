@@ -34,7 +34,15 @@ from torch import nn
 from bigload.checkpoint import CheckpointIndex, CheckpointReader, TensorRef, open_checkpoint
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike
 from bigload.errors import BudgetError, CheckpointError, DeviceError, OffloadError
-from bigload.quant import Layout, PackMemo, QuantLinear, Quantization, quantize_model, quantized_linears
+from bigload.quant import (
+    Layout,
+    PackMemo,
+    QuantLinear,
+    Quantization,
+    check_device,
+    quantize_model,
+    quantized_linears,
+)
 from bigload.sizes import dtype_width, parse_dtype
 from bigload.store import DiskStore, StoreOrigin, dtype_name
 
@@ -838,7 +846,7 @@ def _quantized_sources(model: nn.Module, index: CheckpointIndex, sources: Source
     table: dict[str, Source] = dict(sources.tensors) if sources is not None else {}
     memo = PackMemo()
     for name, module in modules.items():
-        module.layout = _layout_for(module, _runs_on(name, dmap, execution))
+        module.layout = _layout_for(name, module, _runs_on(name, dmap, execution))
         weight = table.get(f"{name}.weight", index.tensors.get(f"{name}.weight"))
         if weight is None:
             continue  # reported as missing
@@ -881,10 +889,13 @@ def _runs_on(name: str, dmap: Mapping[str, Device], execution: Mapping[str, Devi
     return min((device for device in dmap.values() if device.is_gpu), default=CPU)
 
 
-def _layout_for(module: QuantLinear, device: Device) -> Layout:
+def _layout_for(name: str, module: QuantLinear, device: Device) -> Layout:
     if module.layout is Layout.ANY:
         return Layout.ANY
-    return Layout.NIBBLES if device.is_gpu else Layout.CPU
+    if device.is_gpu:
+        check_device(module.quantization, device.torch_device(), f" ({name!r} runs on {device})")
+        return Layout.NIBBLES
+    return Layout.CPU
 
 
 class _ProgressBar:

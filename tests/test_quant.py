@@ -318,3 +318,12 @@ def test_quantize_skip_keeps_named_modules_in_float(llama_folder):
     assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
     assert isinstance(model.model.layers[1].mlp.up_proj, QuantLinear)
     torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight, reference.model.layers[0].mlp.up_proj.weight)
+
+
+def test_int4_on_a_gpu_older_than_ampere_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(QuantizationError, match=r"quantize='int4:128' \('layers.3.up' runs on cuda:0\): cuda:0 has "
+                                                r"compute capability 7.5 .* use quantize='int8'"):
+        quant.check_device(Quantization.parse("int4"), torch.device("cuda", 0), " ('layers.3.up' runs on cuda:0)")
+    quant.check_device(Quantization.parse("int8"), torch.device("cuda", 0))  # int8 dequantizes: any GPU
+    quant.check_device(Quantization.parse("int4"), torch.device("cpu"))
