@@ -26,10 +26,12 @@ from bigload.errors import (
     DeviceError,
     OffloadError,
     PlanError,
+    QuantizationError,
 )
 from bigload.hf import from_pretrained, load_tokenizer, plan_model
 from bigload.inventory import Inventory, inventory_from_checkpoint, inventory_from_module
 from bigload.plan import Plan
+from bigload.quant import Quantization
 from bigload.store import DiskStore
 from bigload.stream import LoadResult, load_checkpoint_in_model
 
@@ -49,6 +51,8 @@ __all__ = [
     "OffloadError",
     "Plan",
     "PlanError",
+    "Quantization",
+    "QuantizationError",
     "TensorRef",
     "compute_module_sizes",
     "cpu_offload",
