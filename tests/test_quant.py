@@ -327,3 +327,26 @@ def test_int4_on_a_gpu_older_than_ampere_is_refused_with_the_fix(monkeypatch):
         quant.check_device(Quantization.parse("int4"), torch.device("cuda", 0), " ('layers.3.up' runs on cuda:0)")
     quant.check_device(Quantization.parse("int8"), torch.device("cuda", 0))  # int8 dequantizes: any GPU
     quant.check_device(Quantization.parse("int4"), torch.device("cpu"))
+
+
+_PEAK = """
+import resource, sys, torch
+from bigload.quant import Layout, Quantization, quantize_weight
+weight = torch.randn(8192, 4096, dtype=torch.bfloat16)  # 64 MiB; as float32 it would be 128 MiB
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+scheme = sys.argv[1]
+out = quantize_weight(weight, Quantization.parse(scheme), torch.bfloat16, Layout.ANY if scheme == "int8" else Layout.CPU)
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+print(grown, sum(t.nbytes for t in out.values()))
+"""
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantizing_a_weight_holds_a_chunk_not_a_float_copy_of_it(scheme):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _PEAK, scheme], capture_output=True, text=True, timeout=120,
+                         check=True)
+    grown, result = map(int, run.stdout.split())
+    assert grown < result + 40 * 2**20  # the result and a few MiB of chunks; a float32 copy alone is 128 MiB
