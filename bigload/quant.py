@@ -19,23 +19,29 @@ Schemes (w: the float weight [N, K], N outputs, K inputs):
   plain nibbles (even column in the high nibble) that `_convert_weight_to_int4pack` tiles on the GPU at each
   call (a device-side copy of the packed bytes, cheap next to the matmul).
 
-Compute, chosen by measurement on this project's 2-core CPU VM (torch 2.13, bf16 activations, best of 5
-timings, other jobs running; milliseconds per matmul, weight N x K):
+Compute, chosen by measurement on this project's 2-core CPU VM (torch 2.13, bf16 activations, load average
+10-15 from other jobs, so only ratios in one row mean anything; milliseconds per matmul, weight N x K, median
+of 7 interleaved timings; the int4 column from a separate best-of-5 run):
 
-| N x K, rows | bf16 linear | int8pack_mm | int8: linear(x, q.to(bf16)) * s | int4pack_mm_for_cpu |
+| N x K, rows | bf16 linear | `_weight_int8pack_mm` | int8: `linear(x, q.to(bf16)) * s` | `_weight_int4pack_mm_for_cpu` |
 |---|---|---|---|---|
-| 5504 x 2048, 1 | 20.3 | 19.0 | 56.8 | 17.5 |
-| 11008 x 4096, 1 | 47.7 | 23.4 | 282 | 22.9 |
-| 5504 x 2048, 128 | 40.9 | 140 | 75.9 | 121 |
-| 11008 x 4096, 128 | 184 | 604 | 336 | 471 |
+| 5504 x 2048, 1 | 21.6 | 19.2 | 52.8 | 17.5 (bf16: 20.3) |
+| 2048 x 5504, 1 | 26.0 | 19.1 | 52.1 | 4.6 (bf16: 23.4) |
+| 5504 x 2048, 16 | 29.4 | 33.8 | 98.8 | 20.0 (bf16: 20.3) |
+| 5504 x 2048, 32 | 31.3 | 62.7 | 63.1 | |
+| 5504 x 2048, 128 | 60.7 | 203 | 114 | 121 (bf16: 40.9) |
+| 2048 x 5504, 128 | 68.9 | 173 | 108 | 116 (bf16: 40.9) |
 
 So on the CPU the packed kernels run decode (few rows): int8 and int4 are as fast as bf16 or faster, since
-decode reads every weight once and they read 2x / 4x fewer bytes. At prefill sizes int8 converts its weight to
-the compute dtype and runs the dense matmul (`_DEQUANTIZE_ROWS`); int4 keeps the packed kernel (its CPU layout
-has no cheap dequantization), about 2.5x slower than bf16 there. float32 activations are the packed kernels'
-slow path (int8pack_mm: 25 ms at 1 row, 3.8 s at 128 rows for 4096 x 4096), so quantized models should compute
-in bfloat16 or float16. On CUDA int8 dequantizes on the device (`linear(x, q.to(dtype)) * scale`); int4 runs
-`_weight_int4pack_mm` in bfloat16.
+decode reads every weight once and they read 2x / 4x fewer bytes. From 32 rows (prefill) int8 converts its
+weight to the compute dtype and runs the dense matmul (`_DEQUANTIZE_ROWS`), 1.6-1.9x the bf16 time; int4 keeps
+the packed kernel (its CPU byte order has no cheap dequantization), about 2.5-3x slower than bf16 there.
+Whole model (the benchmarks' 1 GB Llama, 8 layers of 2048 / 5504, in memory, greedy decode after a 32-token
+prompt, medians of 3 interleaved runs under the same load): bf16 0.38, int8 0.35, int4 0.42 tokens/s (runs
+spread 0.34-0.83, so equal within the noise). float32 activations are the packed kernels' slow path
+(int8pack_mm: 25 ms at 1 row, 3.8 s at 128 rows for 4096 x 4096), so quantized models should compute in
+bfloat16 or float16. On CUDA int8 dequantizes on the device (`linear(x, q.to(dtype)) * scale`); int4 runs
+`_weight_int4pack_mm` in bfloat16 (compute capability 8.0 and newer).
 """
 
 from __future__ import annotations
