@@ -818,7 +818,8 @@ def prepare_quantization(model: nn.Module, quantize: str | Quantization | None,
                          quantize_skip: Sequence[str] | None = None, *, dtype: str | torch.dtype | None = None,
                          keep_in_fp32_modules: Sequence[str] | None = None) -> Quantization | None:
     """Read `quantize=`/`quantize_skip=` and swap the model's Linears for `QuantLinear`s (once), keeping
-    scales, zeros and biases in the dtype each float weight would load in. Call it before planning, so the
+    scales, zeros and biases in the dtype each float weight would load in; Linears under
+    `keep_in_fp32_modules` stay unquantized. Call it before planning, so the
     inventory sizes quantized bytes; `load_checkpoint_in_model` calls it too (a no-op the second time).
 
     Raises:
@@ -828,6 +829,11 @@ def prepare_quantization(model: nn.Module, quantize: str | Quantization | None,
     if quantization is not None:
         target = None if dtype is None else parse_dtype(dtype)
         keep = list(keep_in_fp32_modules or ())
+        # Modules kept in float32 are kept so for accuracy (T5's `wo` in float16), and their callers cast
+        # activations to their weight's dtype: they stay unquantized.
+        kept = tuple(name for name, module in model.named_modules()
+                     if isinstance(module, nn.Linear) and _keeps_fp32(f"{name}.weight", keep))
+        quantization = Quantization(quantization.scheme, quantization.group_size, quantization.skip + kept)
         quantize_model(model, quantization, lambda name, built: _target_dtype(name, built, built, target, keep))
     return quantization
 

@@ -350,3 +350,22 @@ def test_quantizing_a_weight_holds_a_chunk_not_a_float_copy_of_it(scheme):
                          check=True)
     grown, result = map(int, run.stdout.split())
     assert grown < result + 40 * 2**20  # the result and a few MiB of chunks; a float32 copy alone is 128 MiB
+
+
+def test_modules_kept_in_float32_stay_unquantized(tmp_path):
+    from tests.fixtures_hf import ARCHS, PROMPT as T5_PROMPT, build_model, write_model
+
+    import bigload
+
+    write_model(ARCHS["t5"], tmp_path / "t5")
+    reference = build_model(ARCHS["t5"]).to(torch.float16)
+    model = bigload.from_pretrained(tmp_path / "t5", device_map={"": "cpu"}, dtype=torch.float16, quantize="int8",
+                                    progress=False)
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert type(wo) is nn.Linear and wo.weight.dtype == torch.float32  # transformers keeps T5's wo in fp32
+    assert isinstance(model.encoder.block[0].layer[1].DenseReluDense.wi, QuantLinear)
+    ids = torch.tensor(T5_PROMPT)
+    with torch.no_grad():
+        got = model(input_ids=ids, decoder_input_ids=ids).logits
+        want = reference.float()(input_ids=ids, decoder_input_ids=ids).logits
+    assert _relative_error(got, want) < 0.05
