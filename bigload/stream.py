@@ -39,6 +39,7 @@ from bigload.quant import (
     PackMemo,
     QuantLinear,
     Quantization,
+    Scheme,
     check_device,
     quantize_model,
     quantized_linears,
@@ -896,7 +897,8 @@ def _runs_on(name: str, dmap: Mapping[str, Device], execution: Mapping[str, Devi
 
 
 def _layout_for(name: str, module: QuantLinear, device: Device) -> Layout:
-    if module.layout is Layout.ANY:
+    """The byte order of the module's packed weight: decided here, where the device that runs it is known."""
+    if module.scheme is Scheme.INT8:
         return Layout.ANY
     if device.is_gpu:
         check_device(module.quantization, device.torch_device(), f" ({name!r} runs on {device})")
