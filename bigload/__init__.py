@@ -8,7 +8,7 @@ for a Hugging Face model folder. The accelerate-named functions take accelerate'
 
 from bigload.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
 from bigload.compat import compute_module_sizes, find_tied_parameters, get_balanced_memory, infer_auto_device_map
-from bigload.devices import Budget, Device
+from bigload.devices import Budget, Device, ExecutionPolicy
 from bigload.dispatch import (
     cpu_offload,
     detach,
@@ -30,7 +30,7 @@ from bigload.errors import (
 )
 from bigload.hf import from_pretrained, load_tokenizer, plan_model
 from bigload.inventory import Inventory, inventory_from_checkpoint, inventory_from_module
-from bigload.plan import Plan
+from bigload.plan import Plan, PlanOptions
 from bigload.quant import Quantization
 from bigload.store import DiskStore
 from bigload.stream import LoadResult, load_checkpoint_in_model
@@ -46,11 +46,13 @@ __all__ = [
     "Device",
     "DeviceError",
     "DiskStore",
+    "ExecutionPolicy",
     "Inventory",
     "LoadResult",
     "OffloadError",
     "Plan",
     "PlanError",
+    "PlanOptions",
     "Quantization",
     "QuantizationError",
     "TensorRef",

@@ -294,11 +294,13 @@ def disk_free_space(folder: str | os.PathLike[str]) -> int:
     raise BudgetError(f"no parent of the offload folder {path} exists; create it or choose another folder.")
 
 
-def check_devices_exist(devices: Budget | Iterable[DeviceLike]) -> None:
-    """Refuse GPUs this machine does not have, before anything is loaded onto them.
+def check_devices_exist(devices: Budget | Iterable[DeviceLike], *, gpu_count: int | None = None) -> None:
+    """Refuse GPUs this machine does not have, before anything is loaded onto them. The one such check:
+    planning with `max_memory`, `validate_device_map` and the loader all call it.
 
     Args:
         devices: a `Budget`, or device-map values (GPU indices, "cuda:N", "cpu", "disk", `Device`s).
+        gpu_count: GPUs to check against; default: `torch.cuda.device_count()`.
 
     Raises:
         DeviceError: a GPU index at or beyond `torch.cuda.device_count()`, or a value that is no device.
@@ -310,7 +312,7 @@ def check_devices_exist(devices: Budget | Iterable[DeviceLike]) -> None:
     gpus = sorted({device.index for device in wanted if device.is_gpu})
     if not gpus:
         return
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = gpu_count if gpu_count is not None else (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     missing = [index for index in gpus if index >= available]
     if missing:
         names = ", ".join(f"cuda:{index}" for index in missing)

@@ -20,6 +20,7 @@ from bigload.errors import BigloadError
 __all__ = ["main"]
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+POLICIES = ("stream", "local")  # bigload.devices.ExecutionPolicy's names (not imported: `--help` stays fast)
 
 
 def parse_max_memory_arg(text: str) -> dict[str, str]:
@@ -56,6 +57,9 @@ def _add_planning_flags(parser: argparse.ArgumentParser) -> None:
                              "Linear layers of the model's blocks are planned, stored and run quantized")
     parser.add_argument("--quantize-skip", nargs="+", metavar="MODULE", default=None,
                         help="modules whose Linear layers stay unquantized (with --quantize)")
+    parser.add_argument("--policy", choices=POLICIES, default=None,
+                        help="where CPU-resident blocks run when a GPU exists: stream their weights to it, or "
+                             "run locally on the CPU (default: chosen by a bandwidth model of decoding)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +128,7 @@ def _planning_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "prefetch": args.prefetch,
         "quantize": args.quantize,
         "quantize_skip": args.quantize_skip,
+        "policy": args.policy,
     }
 
 

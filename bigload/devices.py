@@ -14,9 +14,9 @@ from typing import Iterator, Mapping, Union
 
 import torch
 
-from bigload.errors import DeviceError
+from bigload.errors import DeviceError, PlanError
 
-__all__ = ["Budget", "Device", "DeviceKind", "DeviceLike", "CPU", "DISK"]
+__all__ = ["Budget", "Device", "DeviceKind", "DeviceLike", "ExecutionPolicy", "CPU", "DISK"]
 
 
 class DeviceKind(enum.IntEnum):
@@ -145,3 +145,35 @@ class Budget:
     def as_max_memory(self) -> dict[int | str, int]:
         """accelerate's `max_memory` dict form."""
         return {device.key: nbytes for device, nbytes in self.limits}
+
+
+class ExecutionPolicy(str, enum.Enum):
+    """Where a block whose weights sit in CPU RAM runs when a GPU exists. One type everywhere: `plan`,
+    `load_checkpoint_and_dispatch`, `from_pretrained`, `attach` and the CLI (`--policy`) accept it or its name.
+
+    STREAM: copy its weights to the GPU for each forward (compute-bound blocks, large batches).
+    LOCAL: run it on the CPU and move only the activations (small batches, where the copy dominates).
+
+    A `str` enum, so `ExecutionPolicy.LOCAL == "local"` and it is written to JSON as its name.
+    """
+
+    STREAM = "stream"
+    LOCAL = "local"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @staticmethod
+    def parse(value: "ExecutionPolicy | str") -> "ExecutionPolicy":
+        """The policy a value or a name ("stream", "local") means.
+
+        Raises:
+            PlanError: any other value.
+
+        >>> ExecutionPolicy.parse("local")
+        <ExecutionPolicy.LOCAL: 'local'>
+        """
+        try:
+            return ExecutionPolicy(value)
+        except ValueError:
+            raise PlanError(f"unknown execution policy {value!r}; use 'stream' or 'local'.") from None

@@ -19,10 +19,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from bigload.devices import CPU, Device, DeviceKind, DeviceLike
+from bigload.devices import CPU, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import DeviceError, OffloadError, PlanError
 from bigload.hooks import (
-    ExecutionPolicy,
     HostWeights,
     Runtime,
     attach,
@@ -30,12 +29,13 @@ from bigload.hooks import (
 )
 from bigload.sizes import parse_dtype
 from bigload.budget import check_devices_exist, detect_budget, parse_max_memory
-from bigload.inventory import inventory_from_module
-from bigload.plan import STRATEGIES, Plan, plan
-from bigload.store import DiskStore, StoreOrigin
-from bigload.checkpoint import CheckpointIndex
+from bigload.inventory import DtypeRule, Inventory, inventory_from_module
+from bigload.plan import STRATEGIES, Plan, PlanOptions, plan
+from bigload.store import DiskStore, StoreOrigin, StoreWriter
+from bigload.checkpoint import CheckpointIndex, open_checkpoint
 from bigload.quant import Quantization
-from bigload.stream import SourcePlan, load_checkpoint_in_model, prepare_quantization
+from bigload.stream import SourcePlan, load_checkpoint_in_model, prepare_quantization, source_dtypes
+from bigload.tensors import owner_of, tensor_groups
 
 __all__ = [
     "cpu_offload",
@@ -55,26 +55,6 @@ DeviceMap = Mapping[str, DeviceLike]
 
 # --------------------------------------------------------------------------------------------------
 # Checking a device map against a model, before any byte is read
-
-
-def _tensor_names(model: nn.Module) -> list[list[str]]:
-    """Every parameter and buffer as the list of its names (tied tensors have several), by identity."""
-    groups: dict[int, list[str]] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{module_name}." if module_name else ""
-        for table in (module._parameters, module._buffers):
-            for attr, tensor in table.items():
-                if tensor is not None:
-                    groups.setdefault(id(tensor), []).append(prefix + attr)
-    return list(groups.values())
-
-
-def _owner(name: str, keys: Sequence[str]) -> str | None:
-    best: str | None = None
-    for key in keys:
-        if (key == "" or name == key or name.startswith(key + ".")) and (best is None or len(key) > len(best)):
-            best = key
-    return best
 
 
 def validate_device_map(
@@ -104,25 +84,18 @@ def validate_device_map(
     if not device_map:
         raise PlanError("the device map is empty; map at least '' (the whole model) to a device.")
     placed = {key: Device.parse(value) for key, value in device_map.items()}
-    gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
-    missing_gpus = sorted({device.index for device in placed.values() if device.is_gpu and device.index >= gpus})
-    if missing_gpus:
-        have = f"GPUs 0..{gpus - 1}" if gpus else "no GPU"
-        raise DeviceError(
-            f"the device map puts blocks on GPU {missing_gpus} but this machine has {have}; map them to an "
-            "existing GPU, 'cpu' or 'disk', or plan with device_map='auto'."
-        )
+    check_devices_exist(placed.values(), gpu_count=gpu_count)
     keys = list(device_map)
     _check_keys_exist(model, keys)
-    groups = _tensor_names(model)
-    uncovered = [names[0] for names in groups if all(_owner(name, keys) is None for name in names)]
+    groups = [list(group.names) for group in tensor_groups(model)]
+    uncovered = [names[0] for names in groups if all(owner_of(name, placed) is None for name in names)]
     if uncovered:
         raise PlanError(
             f"the device map places no module holding {len(uncovered)} tensor(s), e.g. {uncovered[:3]}; add "
             f"their modules (e.g. {_module_of(uncovered[0])!r}) to the map, or map '' for the rest."
         )
     for names in [*groups, *(list(group) for group in tied_groups)]:
-        _check_tied(names, keys, placed)
+        _check_tied(names, placed)
     return placed
 
 
@@ -141,8 +114,8 @@ def _check_keys_exist(model: nn.Module, keys: Sequence[str]) -> None:
         )
 
 
-def _check_tied(names: Sequence[str], keys: Sequence[str], placed: Mapping[str, Device]) -> None:
-    devices = {name: placed[owner] for name in names if (owner := _owner(name, keys)) is not None}
+def _check_tied(names: Sequence[str], placed: Mapping[str, Device]) -> None:
+    devices = {name: placed[owner] for name in names if (owner := owner_of(name, placed)) is not None}
     if len(set(devices.values())) > 1:
         where = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise PlanError(
@@ -157,20 +130,15 @@ def _check_tied(names: Sequence[str], keys: Sequence[str], placed: Mapping[str, 
 
 def _move_resident(model: nn.Module, device_map: DeviceMap, placed: Mapping[str, Device]) -> None:
     """Move the tensors of GPU blocks to their GPU, once per tensor (tied weights stay one object)."""
-    keys = list(device_map)
-    done: dict[int, torch.Tensor] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{module_name}." if module_name else ""
-        for table in (module._parameters, module._buffers):
-            for attr, tensor in list(table.items()):
-                owner = _owner(prefix + attr, keys)
-                if tensor is None or owner is None or not placed[owner].is_gpu:
-                    continue
-                if id(tensor) not in done:
-                    moved = tensor.data.to(placed[owner].torch_device())
-                    done[id(tensor)] = nn.Parameter(moved, tensor.requires_grad) if isinstance(
-                        tensor, nn.Parameter) else moved
-                table[attr] = done[id(tensor)]  # type: ignore[assignment]
+    for group in tensor_groups(model):
+        owner = owner_of(group.names[0], placed)
+        if owner is None or not placed[owner].is_gpu:
+            continue
+        tensor = group.tensor
+        moved = tensor.data.to(placed[owner].torch_device())
+        value = nn.Parameter(moved, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else moved
+        for site in group.sites:
+            site.set(value)
 
 
 def _write_disk_blocks(model: nn.Module, device_map: DeviceMap, placed: Mapping[str, Device], folder: Path,
@@ -178,13 +146,13 @@ def _write_disk_blocks(model: nn.Module, device_map: DeviceMap, placed: Mapping[
     """Write the real tensors of disk blocks into a DiskStore in `folder` (accelerate's layout)."""
     keys = list(device_map)
     disk_keys = {key for key in keys if placed[key].kind is DeviceKind.DISK}
-    store = DiskStore(folder, overwrite=True)
+    writer = StoreWriter(folder, overwrite=True)
     digest = hashlib.sha256()
-    with store:
-        for names in _tensor_names(model):
-            if _owner(names[0], keys) not in disk_keys:
+    with writer:
+        for group in tensor_groups(model):
+            names, tensor = group.names, group.tensor
+            if owner_of(names[0], placed) not in disk_keys:
                 continue
-            tensor = model.get_parameter(names[0]) if _is_parameter(model, names[0]) else model.get_buffer(names[0])
             if not offload_buffers and not isinstance(tensor, nn.Parameter):
                 continue  # buffers of offloaded blocks stay on the execution device (hooks.attach)
             if tensor.device.type == "meta":
@@ -193,15 +161,9 @@ def _write_disk_blocks(model: nn.Module, device_map: DeviceMap, placed: Mapping[
                     "the checkpoint first (load_checkpoint_and_dispatch), or pass offload_index for weights "
                     "already offloaded there."
                 )
-            store.put(names[0], tensor)
+            writer.put(names[0], tensor)
             digest.update(f"{names[0]}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        store.commit(StoreOrigin(digest.hexdigest(), source=f"dispatch_model({type(model).__name__})"))
-    return DiskStore.open(folder)
-
-
-def _is_parameter(model: nn.Module, name: str) -> bool:
-    module_name, _, attr = name.rpartition(".")
-    return attr in model.get_submodule(module_name)._parameters
+        return writer.commit(StoreOrigin(digest.hexdigest(), source=f"dispatch_model({type(model).__name__})"))
 
 
 def _main_device(placed: Mapping[str, Device], main_device: DeviceLike | None) -> Device:
@@ -315,6 +277,7 @@ class _Placement:
     execution_devices: Mapping[str, Device] | None
     prefetch: int
     plan: Any = None  # the bigload Plan, when there is one
+    inventory: Inventory | None = None  # what it was planned from: the loader places each tensor in its dtype
 
 
 def load_checkpoint_and_dispatch(
@@ -335,8 +298,9 @@ def load_checkpoint_and_dispatch(
     prefetch: int = 1,
     context_length: int | None = None,
     batch_size: int = 1,
-    policy: ExecutionPolicy = ExecutionPolicy.STREAM,
+    policy: ExecutionPolicy | str | None = None,
     keep_in_fp32_modules: Sequence[str] | None = None,
+    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     progress: bool | None = None,
     sources: SourcePlan | None = None,
     materialize: bool = False,
@@ -363,8 +327,11 @@ def load_checkpoint_and_dispatch(
         prefetch: offloaded blocks loaded ahead of the one running (the planner reserves room for them).
         context_length: tokens of KV cache the planner keeps room for on each GPU.
         batch_size: sequences of that length (the KV reserve scales with it).
-        policy: where cpu blocks run when a GPU exists and no plan decides it.
-        keep_in_fp32_modules: modules kept in float32 whatever `dtype` says.
+        policy: where cpu blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local"): passed to the
+            planner with a strategy string; with a dict map, None means STREAM (accelerate's behaviour).
+        keep_in_fp32_modules: modules kept in float32 whatever `dtype` says; None: transformers' default for
+            the model (see `inventory.DtypeRule.for_model`).
+        special_dtypes: tensor name -> dtype for those tensors (planned and loaded so).
         progress: show a progress bar (None: for long loads on a terminal).
         sources: where model tensors are when the checkpoint names or lays them out differently (see
             `bigload.stream.SourcePlan`; `bigload.hf` builds one from transformers' conversion mapping).
@@ -394,16 +361,24 @@ def load_checkpoint_and_dispatch(
     >>> load_checkpoint_and_dispatch(model, "llama/", device_map="auto", offload_folder="offload/")  # doctest: +SKIP
     """
     del offload_state_dict, preload_module_classes  # see the docstring
-    prepare_quantization(model, quantize, quantize_skip, dtype=dtype, keep_in_fp32_modules=keep_in_fp32_modules)
-    placement = _place(model, device_map, max_memory, no_split_module_classes, offload_folder, dtype, prefetch,
-                       context_length, batch_size, keep_in_fp32_modules)
+    # Quantization is decided before planning (the plan sizes quantized bytes) and before the checkpoint is
+    # opened (a bad scheme is reported first).
+    prepare_quantization(model, quantize, quantize_skip,
+                         rule=DtypeRule.for_model(model, dtype, special_dtypes, keep_in_fp32_modules))
+    index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
+    options = PlanOptions(
+        dtype=dtype, max_memory=max_memory, offload_folder=offload_folder, context_length=context_length,
+        batch_size=batch_size, prefetch=prefetch, policy=policy, keep_in_fp32_modules=keep_in_fp32_modules,
+        special_dtypes=special_dtypes, no_split_module_classes=no_split_module_classes)
+    placement = _place(model, device_map, options, source_dtypes(index, sources))
     placed = validate_device_map(model, placement.device_map)
     result = load_checkpoint_in_model(
-        model, checkpoint, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
-        keep_in_fp32_modules=keep_in_fp32_modules, progress=progress, sources=sources, materialize=materialize,
-        quantize=quantize, quantize_skip=quantize_skip,
+        model, index, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
+        keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes, progress=progress,
+        sources=sources, materialize=materialize, inventory=placement.inventory, quantize=quantize,
+        quantize_skip=quantize_skip,
     )
-    store = DiskStore.open(result.store.folder) if result.store is not None else None
+    store = result.store
     runtime = None
     if force_hooks or len(set(placed.values())) > 1 or store is not None:
         main = _main_device(placed, None)
@@ -412,7 +387,9 @@ def load_checkpoint_and_dispatch(
             execution_device=placement.execution_devices or main,
             store=store, prefetch=placement.prefetch,
             skip_keys=[skip_keys] if isinstance(skip_keys, str) else skip_keys,
-            offload_buffers=offload_buffers, policy=policy,
+            offload_buffers=offload_buffers,
+            policy=options.policy or ExecutionPolicy.STREAM,
+            slots=placement.plan.slots if placement.plan is not None else None,
         )
     _set_device_map(model, placement.device_map, runtime)
     if placement.plan is not None:
@@ -422,34 +399,44 @@ def load_checkpoint_and_dispatch(
     return model
 
 
-def _place(model: nn.Module, device_map: Any, max_memory: Mapping[int | str, int | str] | None,
-           no_split_module_classes: Sequence[str] | None, offload_folder: str | os.PathLike[str] | None,
-           dtype: str | torch.dtype | None, prefetch: int, context_length: int | None, batch_size: int,
-           keep_in_fp32_modules: Sequence[str] | None) -> _Placement:
+def _place(model: nn.Module, device_map: Any, options: PlanOptions,
+           stored_dtypes: Mapping[str, torch.dtype]) -> _Placement:
+    """Where blocks go and run: planned for a strategy string, else the caller's map or Plan."""
     if device_map is None:
-        return _Placement({"": "cpu"}, None, prefetch)
+        return _Placement({"": "cpu"}, None, options.prefetch)
     if isinstance(device_map, (int, torch.device)) or (isinstance(device_map, str) and device_map not in STRATEGIES):
         # transformers accepts one device for the whole model ("cpu", "cuda:1", 0); so do we.
         try:
-            return _Placement({"": Device.parse(device_map).key}, None, prefetch)
+            return _Placement({"": Device.parse(device_map).key}, None, options.prefetch)
         except DeviceError:
             raise PlanError(
                 f"device_map={device_map!r} is neither a strategy ({', '.join(STRATEGIES)}) nor a device "
                 "(0, 'cuda:N', 'cpu'); pass one of those or a dict such as {'': 'cpu'}."
             ) from None
     if isinstance(device_map, str):
-        if max_memory is not None:
+        if options.max_memory is not None:
             # Loading, unlike a dry run, needs every GPU the budget names to be here.
-            check_devices_exist(parse_max_memory(max_memory))
-        planned = plan_for_model(
-            model, device_map, max_memory=max_memory, no_split_module_classes=no_split_module_classes,
-            offload_folder=offload_folder, dtype=dtype, prefetch=prefetch, context_length=context_length,
-            batch_size=batch_size, keep_in_fp32_modules=keep_in_fp32_modules,
-        )
-        return _from_plan(planned)
+            check_devices_exist(parse_max_memory(options.max_memory))
+        inventory = _inventory(model, options, stored_dtypes)
+        planned = _plan_inventory(inventory, options.with_settings(strategy=device_map))
+        return _Placement(dict(planned.device_map), dict(planned.execution_devices), planned.prefetch, planned,
+                          inventory)
     if isinstance(device_map, Mapping):
-        return _Placement(dict(device_map), None, prefetch)
+        return _Placement(dict(device_map), None, options.prefetch)
     return _from_plan(device_map)
+
+
+def _inventory(model: nn.Module, options: PlanOptions, stored_dtypes: Mapping[str, torch.dtype] | None) -> Inventory:
+    return inventory_from_module(
+        model, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes,
+        keep_in_fp32_modules=options.keep_in_fp32_modules, special_dtypes=options.special_dtypes,
+        stored_dtypes=stored_dtypes)
+
+
+def _plan_inventory(inventory: Inventory, options: PlanOptions) -> Plan:
+    """The budget (probed here when `max_memory` is None: the planner never probes), then the plan."""
+    budget = detect_budget(options.max_memory, offload_folder=options.offload_folder)
+    return plan(inventory, budget, options)
 
 
 def plan_for_model(
@@ -464,18 +451,25 @@ def plan_for_model(
     context_length: int | None = None,
     batch_size: int = 1,
     keep_in_fp32_modules: Sequence[str] | None = None,
+    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
+    policy: ExecutionPolicy | str | None = None,
 ) -> Plan:
-    """inventory -> budget -> plan: where each block of `model` goes, without reading a weight.
+    """Plan an `nn.Module` you built (meta is fine): inventory -> budget -> plan, without reading a weight.
+
+    The three planning entry points: this one for a module in hand; `bigload.plan_model` for what a name
+    points to (catalog name, model folder, config.json, checkpoint headers); `bigload.plan.plan` for an
+    `Inventory` and `Budget` you built yourself (pure, no probing).
 
     `max_memory=None` plans for what this machine has free now; an `offload_folder` with no "disk" entry
-    in `max_memory` contributes its free space as the disk budget.
+    in `max_memory` contributes its free space as the disk budget. The other keywords are
+    `load_checkpoint_and_dispatch`'s.
     """
-    target = parse_dtype(dtype) if dtype is not None else None
-    inventory = inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes,
-                                      keep_in_fp32_modules=keep_in_fp32_modules)
-    budget = detect_budget(max_memory, offload_folder=offload_folder)
-    return plan(inventory, budget, strategy=strategy, dtype=target, context_length=context_length,
-                batch_size=batch_size, prefetch=prefetch)
+    options = PlanOptions(
+        strategy=strategy, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
+        context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
+        keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes,
+        no_split_module_classes=no_split_module_classes)
+    return _plan_inventory(_inventory(model, options, None), options)
 
 
 def _from_plan(planned: Any) -> _Placement:

@@ -17,17 +17,22 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from bigload.budget import detect_budget
 from bigload.catalog import catalog_config, catalog_names
+from bigload.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
+from bigload.devices import ExecutionPolicy
+from bigload.dispatch import load_checkpoint_and_dispatch
 from bigload.empty import init_empty_weights
 from bigload.errors import BigloadError, CheckpointError, QuantizationError
-from bigload.inventory import default_keep_in_fp32_modules
+from bigload.hooks import OutputAlignment, runtime_of
+from bigload.inventory import default_keep_in_fp32_modules, inventory_from_checkpoint, inventory_from_module
+from bigload.plan import PlanOptions, plan
 from bigload.sizes import parse_dtype
+from bigload.stream import DerivedTensor, SourcePlan, prepare_quantization, source_dtypes
+from bigload.tensors import owner_of
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-    from bigload.checkpoint import CheckpointIndex, TensorRef
-    from bigload.stream import SourcePlan
 
 __all__ = [
     "ModelSource",
@@ -40,7 +45,7 @@ __all__ = [
     "resolve_model_source",
 ]
 
-logger = logging.getLogger("bigload")
+logger = logging.getLogger(__name__)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -205,8 +210,6 @@ def _checkpoint_dtype(source: ModelSource) -> torch.dtype | None:
     """The dtype of the first floating tensor in the source's checkpoint (headers only), if any."""
     if source.checkpoint is None:
         return None
-    from bigload.checkpoint import open_checkpoint
-
     for ref in open_checkpoint(source.checkpoint).tensors.values():
         if ref.dtype.is_floating_point:
             return ref.dtype
@@ -247,17 +250,20 @@ def inventory_for(
     Raises:
         QuantizationError: `quantize` with checkpoint headers alone (no config.json to build modules from).
     """
-    from bigload.inventory import inventory_from_checkpoint, inventory_from_module
-    from bigload.stream import prepare_quantization
-
     source = resolve_model_source(spec)
     if source.config is not None and _transformers_available():
         config = load_config(source.config)
         target = _weights_dtype(source, config, dtype) or torch.float32
         model = meta_model_from_config(config, dtype=target)
+        stored = None
+        if source.checkpoint is not None:
+            # The checkpoint's dtypes (headers only) decide tensors that are never cast (float8, integers).
+            index = open_checkpoint(source.checkpoint)
+            stored = source_dtypes(index, checkpoint_sources(model, index))
         prepare_quantization(model, quantize, quantize_skip, dtype=target,
                              keep_in_fp32_modules=default_keep_in_fp32_modules(model, target))
-        return inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes)
+        return inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes,
+                                     stored_dtypes=stored)
     if quantize is not None:
         raise QuantizationError(
             f"{spec}: planning with quantize={quantize!r} needs the model's config.json (and transformers) to know "
@@ -268,8 +274,6 @@ def inventory_for(
             f"{spec} is a config only and transformers is not installed; install it with "
             "`pip install bigload[hf]`, or plan from a checkpoint's headers instead."
         )
-    from bigload.checkpoint import open_checkpoint
-
     # Headers carry no class names, so `no_split_module_classes` cannot apply here: every numbered
     # block (`model.layers.17`) is kept whole instead.
     return inventory_from_checkpoint(
@@ -288,10 +292,13 @@ def plan_model(
     no_split_module_classes: list[str] | None = None,
     prefetch: int = 1,
     offload_folder: str | Path | None = None,
+    policy: ExecutionPolicy | str | None = None,
     quantize: str | None = None,
     quantize_skip: list[str] | None = None,
 ) -> Any:
     """A dry run: plan MODEL (catalog name, model folder, config.json or checkpoint) without reading a weight.
+
+    For an `nn.Module` already built, use `plan_for_model`; for an `Inventory`, `bigload.plan.plan`.
 
     Args:
         spec: what to plan.
@@ -302,6 +309,8 @@ def plan_model(
         no_split_module_classes: classes never split (default: the model's `_no_split_modules`).
         prefetch: offloaded blocks loaded ahead (the reserve is sized for it).
         offload_folder: with no "disk" budget, its free space becomes the disk budget.
+        policy: where CPU-resident blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local");
+            default: chosen by `plan.choose_policy`.
         quantize, quantize_skip: plan the quantized model ("int8", "int4", "int4:GROUP"; see
             `from_pretrained`); needs a config.
 
@@ -314,14 +323,13 @@ def plan_model(
 
     >>> print(plan_model("llama-3.1-405b", max_memory={0: "80GiB", "cpu": "1TiB"}).explain())  # doctest: +SKIP
     """
-    from bigload.budget import detect_budget
-    from bigload.plan import plan
-
-    inventory = inventory_for(spec, dtype=dtype, no_split_module_classes=no_split_module_classes,
+    options = PlanOptions(strategy=strategy, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
+                          context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
+                          no_split_module_classes=no_split_module_classes)
+    inventory = inventory_for(spec, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes,
                               quantize=quantize, quantize_skip=quantize_skip)
-    budget = detect_budget(max_memory, offload_folder=offload_folder)
-    return plan(inventory, budget, strategy=strategy, dtype=inventory.dtype, context_length=context_length,
-                batch_size=batch_size, prefetch=prefetch)
+    budget = detect_budget(options.max_memory, offload_folder=options.offload_folder)
+    return plan(inventory, budget, options.with_settings(dtype=inventory.dtype))
 
 
 def from_pretrained(
@@ -339,6 +347,7 @@ def from_pretrained(
     prefetch: int = 1,
     no_split_module_classes: list[str] | None = None,
     materialize: bool = False,
+    policy: ExecutionPolicy | str | None = None,
     quantize: str | None = None,
     quantize_skip: list[str] | None = None,
 ) -> nn.Module:
@@ -372,6 +381,8 @@ def from_pretrained(
         no_split_module_classes: classes never split (default: the model's `_no_split_modules`).
         materialize: CPU weights in private memory instead of views of the checkpoint files (see
             `load_checkpoint_and_dispatch`).
+        policy: where CPU-resident blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local");
+            default: the planner's choice (with a dict map: stream).
         quantize: "int8" (per output channel), "int4" (groups of 128) or "int4:GROUP": the Linear layers of
             the model's blocks are planned, streamed, offloaded and run quantized (`bigload.quant`); the
             embeddings, norms and output head stay in `dtype`.
@@ -383,16 +394,12 @@ def from_pretrained(
     >>> model = from_pretrained("Llama-3-8B/", max_memory={"cpu": "8GiB", "disk": "64GiB"},
     ...                         offload_folder="offload/")  # doctest: +SKIP
     """
-    from bigload.dispatch import load_checkpoint_and_dispatch
-
     source = resolve_model_source(path)
     if source.config is None or source.checkpoint is None:
         raise BigloadError(
             f"{path} must be a model folder with config.json and weights (.safetensors or .bin); "
             f"found {'no config.json' if source.config is None else 'no weights'}."
         )
-    from bigload.checkpoint import open_checkpoint
-
     config = load_config(source.config)
     target = _weights_dtype(source, config, dtype) or torch.float32
     model = meta_model_from_config(config, model_class=model_class, dtype=target)
@@ -404,7 +411,7 @@ def from_pretrained(
         no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=target,
         strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
         progress=progress, keep_in_fp32_modules=default_keep_in_fp32_modules(model, target),
-        sources=checkpoint_sources(model, index), materialize=materialize, quantize=quantize,
+        sources=checkpoint_sources(model, index), materialize=materialize, policy=policy, quantize=quantize,
         quantize_skip=quantize_skip,
     )
     _align_encoder_outputs(model)
@@ -421,7 +428,7 @@ def _with_computed_buffers(model: nn.Module, device_map: Mapping[str, Any]) -> d
     main = next((value for value in device_map.values() if isinstance(value, int)), "cpu")
     placed = list(device_map)
     for name, module in model.named_modules():
-        if name and not any(key == "" or name == key or name.startswith(key + ".") for key in placed):
+        if name and owner_of(name, set(placed)) is None:
             if _only_computed_buffers(module):
                 placed.append(name)
     return {**device_map, **{name: main for name in placed[len(device_map):]}}
@@ -443,8 +450,6 @@ def _align_encoder_outputs(model: nn.Module) -> None:
     `detach` cannot remove when it is). An `OutputAlignment` there answers to the same attribute and brings
     the encoder's outputs back to its inputs' device, as accelerate's would.
     """
-    from bigload.hooks import OutputAlignment, runtime_of
-
     config = getattr(model, "config", None)
     get_encoder = getattr(model, "get_encoder", None)
     if not getattr(config, "is_encoder_decoder", False) or get_encoder is None:
@@ -486,8 +491,6 @@ def checkpoint_sources(model: nn.Module, index: "CheckpointIndex") -> "SourcePla
     Raises:
         CheckpointError: a conversion that cannot be planned from headers, naming it and the tensor.
     """
-    from bigload.stream import SourcePlan
-
     renamings, converters = _conversion_mapping(model)
     by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
     expected = set(model.state_dict())
@@ -579,8 +582,6 @@ def _derived_tensors(model: nn.Module, target: str, converter: Any,
                      parts: list[tuple[str, "TensorRef"]]) -> dict[str, Any]:
     """The model tensors one transformers `WeightConverter` makes from `parts`, as `DerivedTensor`s whose
     shapes come from running the conversion on meta tensors."""
-    from bigload.stream import DerivedTensor
-
     def run(tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         fresh = copy.deepcopy(converter)  # converters collect tensors in their own state
         for (pattern, ref), tensor in zip(parts, tensors):

@@ -17,8 +17,9 @@ the next `prefetch` blocks on a background thread while the current one computes
 - CUDA execution: weights are staged through pinned host buffers (or copied straight from pinned host
   weights) into reused device buffers on a side stream; events order the copies against compute.
 
-The prefetcher owns `1 + prefetch` slots per execution device (more when offloaded blocks nest), each as
-large as the largest offloaded block running there: the reserve the planner charges. `Runtime.stats()`
+The prefetcher owns the slots the plan decided (`Plan.slots`: count and size, `bigload.reserve`); for a
+device map with no plan, the same rule gives `1 + prefetch` slots per execution device (more when offloaded
+blocks nest), each as large as the largest offloaded block running there. `Runtime.stats()`
 reports buffers, bytes held and the order blocks were prefetched in.
 
 Cache objects (`past_key_values`, any `transformers` `Cache`) are never moved between devices: each layer
@@ -29,7 +30,6 @@ slower, accelerate issue 1394).
 from __future__ import annotations
 
 import ctypes
-import enum
 import functools
 import logging
 import math
@@ -45,8 +45,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bigload.devices import CPU, Device, DeviceKind, DeviceLike
-from bigload.errors import OffloadError, PlanError
+from bigload.devices import CPU, Device, DeviceKind, DeviceLike, ExecutionPolicy
+from bigload.errors import BigloadError, OffloadError, PlanError
+from bigload.reserve import SlotSpec, slot_count
+from bigload.tensors import Site, owner_of, tensor_groups
 from bigload.sizes import dtype_width
 
 __all__ = [
@@ -153,17 +155,6 @@ def _first_tensor_device(args: Sequence[Any], kwargs: Mapping[str, Any], skip: f
 # Where blocks run
 
 
-class ExecutionPolicy(enum.Enum):
-    """Where a block whose weights sit in CPU RAM runs when a GPU exists.
-
-    STREAM: copy its weights to the GPU for each forward (compute-bound blocks, large batches).
-    LOCAL: run it on the CPU and move only the activations (small batches, where the copy dominates).
-    """
-
-    STREAM = "stream"
-    LOCAL = "local"
-
-
 _PLACED_TO_EXECUTION: dict[tuple[DeviceKind, ExecutionPolicy], Callable[[Device, Device], Device]] = {
     (DeviceKind.GPU, ExecutionPolicy.STREAM): lambda placed, main: placed,
     (DeviceKind.GPU, ExecutionPolicy.LOCAL): lambda placed, main: placed,
@@ -257,25 +248,6 @@ class HostWeights:
 
 
 @dataclass(frozen=True)
-class _Site:
-    """One place a tensor is registered: `module._parameters[attr]` or `module._buffers[attr]`."""
-
-    module: nn.Module
-    attr: str
-    is_parameter: bool
-
-    def get(self) -> torch.Tensor | None:
-        table = self.module._parameters if self.is_parameter else self.module._buffers
-        return table[self.attr]
-
-    def set(self, tensor: torch.Tensor) -> None:
-        if self.is_parameter:
-            self.module._parameters[self.attr] = tensor  # type: ignore[assignment]
-        else:
-            self.module._buffers[self.attr] = tensor
-
-
-@dataclass(frozen=True)
 class _Entry:
     """One offloaded tensor of a block: where it comes from, where it goes in the slot, where it is used."""
 
@@ -283,7 +255,7 @@ class _Entry:
     dtype: torch.dtype
     shape: tuple[int, ...]
     offset: int  # byte offset in the block's slot
-    sites: tuple[_Site, ...]
+    sites: tuple[Site, ...]
     placeholder: torch.Tensor  # the meta tensor put back when the block is released
     source: WeightSource
 
@@ -324,6 +296,8 @@ class PrefetchStats:
         when stored tensors are used in place); never more than `reserve_bytes`;
     staging_bytes: pinned host buffers the CUDA copies go through (one per slot, the slot's size);
     reserve_bytes: what the slots may hold on the execution devices (slots x largest offloaded block);
+    resident_buffer_bytes: buffers of offloaded blocks kept on their execution device for good (not
+        offloaded, so not in slots); with `reserve_bytes`, the planned reserve;
     bytes_held / peak_bytes_held: bytes of weights the prefetcher keeps ready or in use, now and at most;
     prefetched: blocks loaded ahead on the background thread, in the order they were started (the last
         `PREFETCH_HISTORY`);
@@ -336,6 +310,7 @@ class PrefetchStats:
     buffer_bytes: int
     staging_bytes: int
     reserve_bytes: int
+    resident_buffer_bytes: int
     bytes_held: int
     peak_bytes_held: int
     prefetched: tuple[str, ...]
@@ -469,6 +444,26 @@ def _load_cuda(block: Block, slot: _Slot, stream: torch.cuda.Stream) -> dict[str
     return loaded
 
 
+def _slot_specs(blocks: Sequence[Block], prefetch: int, planned: SlotSpec | None) -> dict[torch.device, SlotSpec]:
+    """Slots per execution device: the plan's (one device runs every offloaded block of a plan), else
+    `reserve.slot_count` over the blocks running there. A slot is never smaller than the largest block it
+    must hold (a plan made for other dtypes, or `offload_buffers=True`, which the plan does not know)."""
+    by_device: dict[torch.device, list[Block]] = {}
+    for block in blocks:
+        by_device.setdefault(block.execution_device, []).append(block)
+    specs = {}
+    for device, group in by_device.items():
+        largest = max(block.nbytes for block in group)
+        if planned is not None and planned.count and len(by_device) == 1:
+            if largest > planned.nbytes:
+                logger.warning("offloaded block of %d bytes exceeds the plan's slot of %d bytes; slots grow to "
+                               "fit it", largest, planned.nbytes)
+            specs[device] = SlotSpec(planned.count, max(planned.nbytes, largest))
+        else:
+            specs[device] = SlotSpec(slot_count([block.name for block in group], prefetch), largest)
+    return specs
+
+
 class _Ticket:
     """A block being loaded or ready in a slot."""
 
@@ -486,22 +481,18 @@ class _Prefetcher:
     blocks in execution order (wrapping around to the next forward) are loaded while the current one runs.
     """
 
-    def __init__(self, blocks: Sequence[Block], prefetch: int, depth: int = 1) -> None:
+    def __init__(self, blocks: Sequence[Block], prefetch: int, slots: SlotSpec | None = None,
+                 resident_buffer_bytes: int = 0) -> None:
         self.prefetch = prefetch
+        self.resident_buffer_bytes = resident_buffer_bytes
         self.order: list[str] = [block.name for block in blocks]
         self.blocks = {block.name: block for block in blocks}
-        largest: dict[torch.device, int] = {}
-        count: dict[torch.device, int] = {}
-        for block in blocks:
-            largest[block.execution_device] = max(largest.get(block.execution_device, 0), block.nbytes)
-            count[block.execution_device] = count.get(block.execution_device, 0) + 1
-        # `depth` blocks may run at once (nested blocks), `prefetch` more wait ready; never more slots than blocks.
         self.free: dict[torch.device, list[_Slot]] = {
-            device: [_Slot(device, nbytes) for _ in range(min(depth + prefetch, count[device]))]
-            for device, nbytes in largest.items()
+            device: [_Slot(device, spec.nbytes) for _ in range(spec.count)]
+            for device, spec in _slot_specs(blocks, prefetch, slots).items()
         }
         self.all_slots = [slot for slots in self.free.values() for slot in slots]
-        self.streams = {device: torch.cuda.Stream(device) for device in largest if device.type == "cuda"}
+        self.streams = {device: torch.cuda.Stream(device) for device in self.free if device.type == "cuda"}
         self.tickets: dict[str, _Ticket] = {}  # scheduled or in use
         self.in_use: list[str] = []
         self.bytes_held = 0
@@ -566,6 +557,7 @@ class _Prefetcher:
             buffer_bytes=sum(buf.numel() for buf in allocated),
             staging_bytes=sum(buf.numel() for buf in staging),
             reserve_bytes=sum(slot.nbytes for slot in self.all_slots),
+            resident_buffer_bytes=self.resident_buffer_bytes,
             bytes_held=self.bytes_held,
             peak_bytes_held=self.peak_bytes_held,
             prefetched=tuple(self.prefetched),
@@ -839,31 +831,6 @@ def runtime_of(model: nn.Module) -> Runtime | None:
 # Attaching
 
 
-def _tensor_sites(model: nn.Module) -> dict[int, tuple[list[str], list[_Site]]]:
-    """Every parameter and buffer by identity: its names (tied tensors have several) and registrations."""
-    found: dict[int, tuple[list[str], list[_Site]]] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{module_name}." if module_name else ""
-        for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
-            for attr, tensor in table.items():
-                if tensor is None:
-                    continue
-                names, sites = found.setdefault(id(tensor), ([], []))
-                names.append(prefix + attr)
-                sites.append(_Site(module, attr, is_parameter))
-    return found
-
-
-def _block_of(name: str, keys: Sequence[str]) -> str | None:
-    """The device-map key owning tensor or module `name`: the longest key that is a dotted prefix."""
-    best: str | None = None
-    for key in keys:
-        if key == "" or name == key or name.startswith(key + "."):
-            if best is None or len(key) > len(best):
-                best = key
-    return best
-
-
 def _resolve_module(model: nn.Module, key: str) -> nn.Module:
     try:
         return model.get_submodule(key)
@@ -886,6 +853,7 @@ def attach(
     offload_buffers: bool = False,
     policy: ExecutionPolicy = ExecutionPolicy.STREAM,
     order: Sequence[str] | None = None,
+    slots: SlotSpec | None = None,
 ) -> Runtime:
     """Hook each block of `device_map` so `model` runs with its weights spread over GPUs, CPU and disk.
 
@@ -904,16 +872,22 @@ def attach(
             device for good (as accelerate does).
         policy: where CPU-placed blocks run when `execution_device` is a single GPU (ignored for a mapping).
         order: execution order of the blocks when it differs from the device map's order.
+        slots: the slots to keep for offloaded blocks, decided by the planner (`Plan.slots`); None (a map
+            with no plan): `reserve.slot_count` of the offloaded blocks, each the largest one's size.
 
     Returns:
         The `Runtime` (also `runtime_of(model)`), with `stats()` counters.
 
     Raises:
+        BigloadError: the model already has a runtime (detach it first).
         PlanError: a key names no module, or tied tensors are split between a resident and an offloaded block.
         OffloadError: a disk-placed tensor is missing from `store`.
     """
     if runtime_of(model) is not None:
-        detach(model)
+        raise BigloadError(
+            f"{type(model).__name__} already has a bigload runtime (hooks attached by a previous dispatch); "
+            "call bigload.detach(model) first to remove it, then attach or dispatch again."
+        )
     if prefetch < 0:
         raise PlanError(f"prefetch={prefetch} is negative; use 0 (no prefetch) or a positive depth.")
     keys = list(device_map)
@@ -923,11 +897,11 @@ def attach(
     pin = any(runs_on[key].is_gpu for key in offloaded_keys)
     exec_of = {key: device.torch_device() for key, device in runs_on.items()}
     host = host_weights if host_weights is not None else HostWeights(pin=pin)
-    blocks = _build_blocks(model, keys, placed, exec_of, set(offloaded_keys), store, host, offload_buffers)
+    blocks, resident = _build_blocks(model, keys, placed, exec_of, set(offloaded_keys), store, host,
+                                     offload_buffers)
     ordered = _execution_order(blocks, order)
     offloaded = [blocks[name] for name in ordered if blocks[name].offloaded]
-    depth = _nesting_depth([block.name for block in offloaded])
-    prefetcher = _Prefetcher(offloaded, prefetch, depth=depth)
+    prefetcher = _Prefetcher(offloaded, prefetch, slots, resident_buffer_bytes=resident)
     runtime = Runtime(
         model=model,
         blocks={name: blocks[name] for name in ordered},
@@ -972,20 +946,20 @@ def _build_blocks(
     store: WeightSource | None,
     host: HostWeights,
     offload_buffers: bool,
-) -> dict[str, Block]:
+) -> tuple[dict[str, Block], int]:
+    """The runtime's blocks, and the bytes of offloaded blocks' buffers kept resident where they run."""
     for key in keys:
         _resolve_module(model, key)
     # Everything is checked before the model changes: registrations are rewritten only after the loop.
-    rewrites: list[tuple[Sequence[_Site], torch.Tensor]] = []
+    rewrites: list[tuple[Sequence[Site], torch.Tensor]] = []
     entries: dict[str, list[_Entry]] = {key: [] for key in keys}
     offsets = {key: 0 for key in keys}
+    resident = 0
     # Wider dtypes first so every tensor's offset in a slot is aligned to its element size, with no padding.
-    by_width = sorted(
-        _tensor_sites(model).values(),
-        key=lambda item: -item[1][0].get().element_size(),  # type: ignore[union-attr]
-    )
-    for names, sites in by_width:
-        owners = {owner for owner in (_block_of(name, keys) for name in names) if owner is not None}
+    key_set = set(keys)
+    by_width = sorted(tensor_groups(model), key=lambda group: -group.tensor.element_size())
+    for names, sites in ((group.names, group.sites) for group in by_width):
+        owners = {owner for owner in (owner_of(name, key_set) for name in names) if owner is not None}
         in_offloaded = sorted(owners & offloaded, key=keys.index)
         if not in_offloaded:
             continue
@@ -995,9 +969,11 @@ def _build_blocks(
                 f"block(s) {in_offloaded}; put every block of a tied group on the same device."
             )
         tensor = sites[0].get()
-        assert tensor is not None  # _tensor_sites skips None entries
+        assert tensor is not None  # tensor_groups skips None entries
         if not sites[0].is_parameter and not offload_buffers:
-            rewrites.append((sites, _resident_buffer(names, tensor, exec_of[in_offloaded[0]], store)))
+            buffer = _resident_buffer(names, tensor, exec_of[in_offloaded[0]], store)
+            resident += buffer.numel() * buffer.element_size()
+            rewrites.append((sites, buffer))
             continue
         source, key = _source_for(names, tensor, placed[in_offloaded[0]], store, host, in_offloaded[0])
         # One placeholder object for every registration keeps tied parameters tied while released.
@@ -1011,7 +987,7 @@ def _build_blocks(
     for sites, value in rewrites:
         for site in sites:
             site.set(value)
-    return {key: Block(key, placed[key], exec_of[key], tuple(entries[key])) for key in keys}
+    return {key: Block(key, placed[key], exec_of[key], tuple(entries[key])) for key in keys}, resident
 
 
 def _resident_buffer(names: Sequence[str], tensor: torch.Tensor, device: torch.device,
@@ -1060,17 +1036,6 @@ def _execution_order(blocks: Mapping[str, Block], order: Sequence[str] | None) -
     if unknown:
         raise PlanError(f"execution order names blocks {unknown[:5]} that are not in the device map.")
     return list(dict.fromkeys(order)) + [name for name in names if name not in order]
-
-
-def _nesting_depth(names: Sequence[str]) -> int:
-    """How many of these blocks can run at once: the longest chain of blocks nested in one another."""
-    if not names:
-        return 1
-    depth = {}
-    for name in sorted(names, key=len):
-        parents = [other for other in depth if other == "" or name.startswith(other + ".")]
-        depth[name] = 1 + max((depth[p] for p in parents), default=0)
-    return max(depth.values())
 
 
 def _hook_block(runtime: Runtime, module: nn.Module, block: Block) -> None:

@@ -6,9 +6,9 @@ transformers model runs its blocks in), so a module's subtree is the contiguous 
 `[i, end(i))` and every subtree size is a difference of two prefix sums: the planner never walks a tree
 twice.
 
-Sizes are at the target dtype: floating tensors are cast to it (to float32 inside `keep_in_fp32_modules`,
-or to their `special_dtypes` entry), integer and bool tensors never are. A tensor registered under several
-names (tied weights) is counted once, under its first name in registration order.
+Every tensor's dtype once loaded is decided here, once, by a `DtypeRule`, and carried on its
+`TensorEntry`; the planner sizes with it and the loader (`stream`) places each tensor in it. A tensor
+registered under several names (tied weights) is counted once, under its first name in registration order.
 
 The KV-cache spec (`kv_cache_spec`) describes how many bytes each attention layer's cache takes per token,
 so the planner can keep room for a given context length on the device that runs each layer.
@@ -16,6 +16,7 @@ so the planner can keep room for a given context length on the device that runs 
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from bigload.errors import BigloadError, PlanError
 from bigload.sizes import dtype_width, parse_dtype
 
 __all__ = [
+    "DtypeRule",
+    "castable",
     "Inventory",
     "KVCacheSpec",
     "TensorEntry",
@@ -38,7 +41,90 @@ __all__ = [
     "kv_cache_spec",
 ]
 
-_NON_CASTABLE_PREFIXES = ("torch.int", "torch.uint", "torch.bool")
+# Only these are cast. Integer and bool tensors (ids, masks, quantized weights), complex tensors (a cast to
+# a real dtype drops the imaginary part) and float8 tensors (quantized weights with their own scales) keep
+# their stored dtype, since casting them would change what they mean.
+_CASTABLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def castable(dtype: torch.dtype) -> bool:
+    """Whether a tensor stored in `dtype` is cast to the load dtype (float16/bfloat16/float32/float64)."""
+    return dtype in _CASTABLE
+
+
+@dataclass(frozen=True)
+class DtypeRule:
+    """The one rule for the dtype a tensor has once loaded; `dtype_of` answers it for one tensor.
+
+    In order: a `special` entry for the tensor's name; a stored dtype that is not castable (integer, bool,
+    complex, float8) is kept; a tensor under a `keep_in_fp32` module is float32; else `dtype`; else (no
+    `dtype`) the dtype the model was built with, when that is castable; else the stored dtype. A
+    non-persistent buffer (computed, such as rotary `inv_freq`; never loaded) keeps the dtype it was built
+    with: `inventory_from_module` does not ask the rule for it.
+
+    Attributes:
+        dtype: the dtype floating tensors are loaded in; None: the model's own dtype.
+        special: tensor name -> dtype, overriding everything else for that tensor.
+        keep_in_fp32: module names (a dotted component such as "wo", or a dotted prefix) kept in float32.
+    """
+
+    dtype: torch.dtype | None = None
+    special: tuple[tuple[str, torch.dtype], ...] = ()
+    keep_in_fp32: tuple[str, ...] = ()
+
+    @staticmethod
+    def of(dtype: torch.dtype | str | None = None, special_dtypes: Mapping[str, torch.dtype | str] | None = None,
+           keep_in_fp32_modules: Iterable[str] = ()) -> "DtypeRule":
+        """A rule from user-facing arguments (dtype names are parsed).
+
+        Raises:
+            BudgetError: an unknown dtype name.
+        """
+        target = parse_dtype(dtype) if dtype is not None else None
+        special = tuple(sorted((name, parse_dtype(value)) for name, value in (special_dtypes or {}).items()))
+        return DtypeRule(target, special, tuple(dict.fromkeys(keep_in_fp32_modules)))
+
+    @staticmethod
+    def for_model(model: nn.Module, dtype: torch.dtype | str | None = None,
+                  special_dtypes: Mapping[str, torch.dtype | str] | None = None,
+                  keep_in_fp32_modules: Sequence[str] | None = None) -> "DtypeRule":
+        """The rule for loading `model`: `keep_in_fp32_modules=None` means transformers' default for the
+        model (`default_keep_in_fp32_modules`), so a transformers model loads as `from_pretrained` loads it.
+        (accelerate's `load_checkpoint_in_model` keeps nothing in float32 unless given the list; pass
+        `keep_in_fp32_modules=[]` for that.)"""
+        target = parse_dtype(dtype) if dtype is not None else None
+        kept = default_keep_in_fp32_modules(model, target) if keep_in_fp32_modules is None else keep_in_fp32_modules
+        return DtypeRule.of(target, special_dtypes, kept)
+
+    def dtype_of(self, name: str, stored: torch.dtype, model_dtype: torch.dtype | None = None) -> torch.dtype:
+        """The dtype tensor `name` is loaded in, stored as `stored`, built in the model as `model_dtype`."""
+        special = self._special.get(name)
+        if special is not None:
+            return special
+        if stored not in _CASTABLE:
+            return stored
+        if self._fp32.matches(name):
+            return torch.float32
+        if self.dtype is not None:
+            return self.dtype
+        return model_dtype if model_dtype in _CASTABLE else stored
+
+    def keeps_fp32(self, name: str) -> bool:
+        """Whether tensor `name` lies in a module kept in float32."""
+        return self._fp32.matches(name)
+
+    @functools.cached_property
+    def _special(self) -> dict[str, torch.dtype]:
+        return dict(self.special)
+
+    @functools.cached_property
+    def _fp32(self) -> "_Fp32Matcher":
+        return _Fp32Matcher(self.keep_in_fp32)
+
+    @property
+    def per_name(self) -> bool:
+        """Whether the answer depends on the tensor's name (not only on its dtypes)."""
+        return bool(self.special or self.keep_in_fp32)
 
 
 class TensorEntry(NamedTuple):
@@ -50,6 +136,8 @@ class TensorEntry(NamedTuple):
         nbytes: bytes at the target dtype.
         dtype: the dtype it will have once loaded.
         buffer: a buffer (persistent or not) rather than a parameter.
+        scheme: the quantization scheme it is part of ("int8", "int4:128": a quantized Linear's codes and
+            scales, which the loader builds from the checkpoint's float weight), "" for a plain tensor.
     """
 
     name: str
@@ -57,6 +145,7 @@ class TensorEntry(NamedTuple):
     nbytes: int
     dtype: torch.dtype
     buffer: bool
+    scheme: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,6 +191,7 @@ class Inventory:
         tied_groups: all names of each tensor registered under several names, first name first.
         kv: the KV-cache spec when the model's config describes one.
         dtype: the target dtype sizes were computed at (None: each tensor's own dtype).
+        rule: the `DtypeRule` that decided every entry's dtype.
     """
 
     names: tuple[str, ...]
@@ -116,6 +206,7 @@ class Inventory:
     tied_groups: tuple[tuple[str, ...], ...]
     kv: KVCacheSpec | None
     dtype: torch.dtype | None
+    rule: DtypeRule = DtypeRule()
 
     def __post_init__(self) -> None:
         # Prefix sums make every subtree size O(1); they are derived data, not part of equality.
@@ -167,6 +258,21 @@ class Inventory:
             j = self.ends[j]
         return out
 
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        """The dtype tensor `name` (any of a tied tensor's names) is loaded in; None for an unknown name."""
+        lookup = self.__dict__.get("_dtypes")
+        if lookup is None:
+            lookup = {entry.name: entry.dtype for entry in self.tensors}
+            for group in self.tied_groups:
+                for alias in group[1:]:
+                    lookup[alias] = lookup[group[0]]
+            object.__setattr__(self, "_dtypes", lookup)
+        return lookup.get(name)
+
+    def quantized(self) -> tuple[TensorEntry, ...]:
+        """The entries of quantized tensors (a scheme decided for them), in registration order."""
+        return tuple(entry for entry in self.tensors if entry.scheme)
+
     def no_split_names(self) -> tuple[str, ...]:
         """Names of the modules the planner keeps whole."""
         return tuple(name for name, flag in zip(self.names, self.no_split) if flag)
@@ -184,6 +290,7 @@ def inventory_from_module(
     keep_in_fp32_modules: Sequence[str] | None = None,
     no_split_module_classes: Iterable[str] | None = None,
     config: Any = None,
+    stored_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> Inventory:
     """Inventory a model (meta tensors are fine) in one pass over its modules.
 
@@ -192,9 +299,12 @@ def inventory_from_module(
         dtype: the dtype floating tensors will be loaded in (None: each tensor keeps its dtype).
         special_dtypes: tensor name -> dtype overriding `dtype` for that tensor.
         keep_in_fp32_modules: module names (a dotted component or a prefix of a tensor name) whose floating
-            tensors stay float32; default: transformers' rule (`default_keep_in_fp32_modules`).
+            tensors stay float32; default (None): transformers' rule (`default_keep_in_fp32_modules`; see
+            `DtypeRule.for_model` for what accelerate does).
         no_split_module_classes: class names never split; default: the model's `_no_split_modules`.
         config: a transformers-style config for the KV-cache spec; default: `model.config`.
+        stored_dtypes: tensor name -> dtype in the checkpoint it will be loaded from (a float8 or integer
+            checkpoint tensor keeps its dtype whatever the model was built with); default: the model's.
 
     Returns:
         An `Inventory`.
@@ -205,11 +315,10 @@ def inventory_from_module(
     >>> inv = inventory_from_module(model, dtype=torch.bfloat16)  # doctest: +SKIP
     >>> inv.size("model.layers.0")  # doctest: +SKIP
     """
-    target = parse_dtype(dtype) if dtype is not None else None
-    special = {name: parse_dtype(value) for name, value in (special_dtypes or {}).items()}
-    fp32 = _fp32_matcher(model, target, keep_in_fp32_modules)
+    rule = DtypeRule.for_model(model, dtype, special_dtypes, keep_in_fp32_modules)
+    target = rule.dtype
     no_split_classes = _no_split_classes(model, no_split_module_classes)
-    builder = _ModuleWalk(target, special, fp32, no_split_classes)
+    builder = _ModuleWalk(rule, stored_dtypes or {}, no_split_classes)
     builder.walk(model)
     names = tuple(builder.names)
     no_split = tuple(builder.no_split)
@@ -228,17 +337,16 @@ def inventory_from_module(
         tied_groups=tuple(tuple(group) for group in builder.groups.values()),
         kv=kv,
         dtype=target,
+        rule=rule,
     )
 
 
 class _ModuleWalk:
     """The single pass over a module tree (an explicit stack: `named_modules` is a recursive generator)."""
 
-    def __init__(self, target: torch.dtype | None, special: dict[str, torch.dtype],
-                 fp32: "_Fp32Matcher", no_split_classes: frozenset[str]) -> None:
-        self.target = target
-        self.special = special
-        self.fp32 = fp32
+    def __init__(self, rule: DtypeRule, stored: Mapping[str, torch.dtype], no_split_classes: frozenset[str]) -> None:
+        self.rule = rule
+        self.stored = stored
         self.no_split_classes = no_split_classes
         self.names: list[str] = []
         self.classes: list[str] = []
@@ -251,7 +359,7 @@ class _ModuleWalk:
         self.first_name: dict[int, str] = {}  # id(tensor) -> its first name
         self.groups: dict[int, list[str]] = {}  # id(tensor) -> every name, first name first (tied only)
         self._widths: dict[torch.dtype, int] = {}
-        self._by_stored: dict[torch.dtype, tuple[torch.dtype, int]] = {}
+        self._by_dtypes: dict[tuple[torch.dtype, torch.dtype], tuple[torch.dtype, int]] = {}
 
     def walk(self, model: nn.Module) -> None:
         # The walk allocates a few objects per module; on a 200,000-module model the cyclic collector would
@@ -269,8 +377,8 @@ class _ModuleWalk:
         names, classes, parents, no_split = self.names, self.classes, self.parents, self.no_split
         own_bytes, own_buffer_bytes, own_tensors = self.own_bytes, self.own_buffer_bytes, self.own_tensors
         tensors, first_name, groups = self.tensors, self.first_name, self.groups
-        no_split_classes, loaded_as = self.no_split_classes, self._loaded_as
-        by_stored = self._by_stored if not self.special and not self.fp32.active else None
+        no_split_classes, loaded_as, stored_dtypes = self.no_split_classes, self._loaded_as, self.stored
+        by_dtypes = self._by_dtypes if not self.rule.per_name else None
         stack: list[tuple[str, nn.Module, int]] = [("", model, -1)]
         pop, push = stack.pop, stack.extend
         while stack:
@@ -283,9 +391,14 @@ class _ModuleWalk:
             no_split.append(cls in no_split_classes)
             prefix = f"{name}." if name else ""
             own = own_buffers = count = 0
+            # A quantized Linear (`quant.QuantLinear`) declares its quantized tensors; they are built from a
+            # float weight, so the checkpoint's dtype says nothing about theirs: they keep their own.
+            # (Looked up on the class: a miss on an instance goes through nn.Module.__getattr__, slow here.)
+            quantized = module.bigload_quantized if hasattr(type(module), "bigload_quantized") else None
             for table, is_buffer in ((module._parameters, False), (module._buffers, True)):
                 if not table:
                     continue
+                computed = module._non_persistent_buffers_set if is_buffer else ()
                 for attr, tensor in table.items():
                     if tensor is None:
                         continue
@@ -297,12 +410,17 @@ class _ModuleWalk:
                         groups.setdefault(key, [first_name[key]]).append(tensor_name)
                         continue
                     first_name[key] = tensor_name
-                    stored = tensor.dtype
-                    cast = by_stored.get(stored) if by_stored is not None else None
-                    if cast is None:
-                        cast = loaded_as(tensor_name, stored)
+                    built = tensor.dtype
+                    scheme = quantized.get(attr, "") if quantized else ""
+                    if computed and attr in computed:
+                        cast = (built, tensor.element_size())  # computed, never loaded: keeps its dtype
+                    else:
+                        stored = stored_dtypes.get(tensor_name, built) if stored_dtypes and not scheme else built
+                        cast = by_dtypes.get((stored, built)) if by_dtypes is not None else None
+                        if cast is None:
+                            cast = loaded_as(tensor_name, stored, built)
                     nbytes = tensor.numel() * cast[1]
-                    tensors.append(TensorEntry(tensor_name, index, nbytes, cast[0], is_buffer))
+                    tensors.append(TensorEntry(tensor_name, index, nbytes, cast[0], is_buffer, scheme))
                     own += nbytes
                     if is_buffer:
                         own_buffers += nbytes
@@ -313,16 +431,13 @@ class _ModuleWalk:
             if children:
                 push([(prefix + key, child, index) for key, child in reversed(children.items()) if child is not None])
 
-    def _loaded_as(self, name: str, stored: torch.dtype) -> tuple[torch.dtype, int]:
-        """(dtype once loaded, its width); cached per stored dtype when no per-name rule applies."""
-        if not self.special and not self.fp32.active:
-            cached = self._by_stored.get(stored)
-            if cached is None:
-                dtype = _target_dtype(name, stored, self.target, self.special, self.fp32)
-                cached = self._by_stored[stored] = (dtype, self._width(dtype))
-            return cached
-        dtype = _target_dtype(name, stored, self.target, self.special, self.fp32)
-        return dtype, self._width(dtype)
+    def _loaded_as(self, name: str, stored: torch.dtype, built: torch.dtype) -> tuple[torch.dtype, int]:
+        """(dtype once loaded, its width); cached per (stored, built) dtypes when no per-name rule applies."""
+        dtype = self.rule.dtype_of(name, stored, built)
+        answer = (dtype, self._width(dtype))
+        if not self.rule.per_name:
+            self._by_dtypes[(stored, built)] = answer
+        return answer
 
     def _width(self, dtype: torch.dtype) -> int:
         width = self._widths.get(dtype)
@@ -331,25 +446,12 @@ class _ModuleWalk:
         return width
 
 
-def _target_dtype(name: str, stored: torch.dtype, target: torch.dtype | None,
-                  special: Mapping[str, torch.dtype], fp32: "_Fp32Matcher") -> torch.dtype:
-    """The dtype a tensor is loaded in: special entry, else kept-in-fp32, else target; ints never change."""
-    if name in special:
-        return special[name]
-    if str(stored).startswith(_NON_CASTABLE_PREFIXES) or not (stored.is_floating_point or stored.is_complex):
-        return stored
-    if fp32.matches(name):
-        return torch.float32
-    return target if target is not None else stored
-
-
 class _Fp32Matcher:
     """Whether a tensor name lies in a keep-in-fp32 module: a dotted component or a dotted prefix."""
 
     def __init__(self, modules: Iterable[str]) -> None:
         self.components = frozenset(m for m in modules if "." not in m)
         self.prefixes = tuple(f"{m}." for m in modules if "." in m)
-        self.active = bool(self.components or self.prefixes)
 
     def matches(self, name: str) -> bool:
         if not self.components and not self.prefixes:
@@ -357,13 +459,6 @@ class _Fp32Matcher:
         if self.prefixes and name.startswith(self.prefixes):
             return True
         return any(part in self.components for part in name.split(".")[:-1])
-
-
-def _fp32_matcher(model: nn.Module, target: torch.dtype | None,
-                  keep_in_fp32_modules: Sequence[str] | None) -> _Fp32Matcher:
-    if keep_in_fp32_modules is not None:
-        return _Fp32Matcher(keep_in_fp32_modules)
-    return _Fp32Matcher(default_keep_in_fp32_modules(model, target))
 
 
 def default_keep_in_fp32_modules(model: nn.Module, dtype: torch.dtype | None) -> list[str]:
@@ -466,13 +561,12 @@ def inventory_from_checkpoint(
     refs = list(index.tensors.values())
     if not refs:
         raise BigloadError("the checkpoint holds no tensor; nothing to plan.")
-    target = parse_dtype(dtype) if dtype is not None else None
-    special = {name: parse_dtype(value) for name, value in (special_dtypes or {}).items()}
+    rule = DtypeRule.of(dtype, special_dtypes, keep_in_fp32_modules)
+    target = rule.dtype
     tree = _HeaderTree.build(refs, getattr(index, "files", ()))
     names, parents = tree.preorder()
     position = {name: i for i, name in enumerate(names)}
     no_split = _header_no_split(names, no_split_prefixes)
-    fp32 = _Fp32Matcher(keep_in_fp32_modules)
     widths: dict[torch.dtype, int] = {}
     own = [0] * len(names)
     own_buffers = [0] * len(names)
@@ -480,7 +574,7 @@ def inventory_from_checkpoint(
     entries: list[TensorEntry] = []
     for ref in sorted(refs, key=lambda r: (position[_owner(r.name)], r.name)):
         module = position[_owner(ref.name)]
-        loaded = _target_dtype(ref.name, ref.dtype, target, special, fp32)
+        loaded = rule.dtype_of(ref.name, ref.dtype)
         width = widths.get(loaded) or widths.setdefault(loaded, dtype_width(loaded))
         nbytes = _numel(ref.shape) * width
         entries.append(TensorEntry(ref.name, module, nbytes, loaded, False))
@@ -501,6 +595,7 @@ def inventory_from_checkpoint(
         tied_groups=(),
         kv=kv_cache_spec(config, _decoder_blocks(names, flags), dtype=target or stored),
         dtype=target,
+        rule=rule,
     )
 
 

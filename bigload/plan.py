@@ -29,6 +29,8 @@ step (see `choose_policy`).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
 from bisect import bisect_left, bisect_right
@@ -37,9 +39,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from bigload.devices import CPU, Budget, Device, DeviceKind, DeviceLike
+from bigload.devices import CPU, Budget, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import PlanError
 from bigload.inventory import Inventory
+from bigload.reserve import SlotSpec, slot_count
 from bigload.sizes import dtype_width, format_size, parse_dtype, parse_size
 
 __all__ = [
@@ -49,13 +52,14 @@ __all__ = [
     "PCIE_BYTES_PER_S",
     "Placement",
     "Plan",
+    "PlanOptions",
     "STRATEGIES",
     "choose_policy",
     "plan",
 ]
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-POLICIES = ("stream", "local")
+POLICIES = tuple(policy.value for policy in ExecutionPolicy)
 
 # The bandwidth model behind the default execution policy (round figures for a PCIe 4 x16 host and a
 # server CPU running bf16 GEMV/GEMM; they only need to be right within a factor of two or so).
@@ -133,8 +137,10 @@ class Plan:
         usage: one entry per budget device with a nonzero budget, in placement order.
         strategy: the strategy used (`auto` resolved).
         main_device: where offloaded blocks run (first GPU in the budget, else the CPU).
-        policy: "stream" or "local": where CPU-resident blocks run when a GPU exists.
+        policy: where CPU-resident blocks run when a GPU exists (an `ExecutionPolicy`, equal to its name).
         prefetch: offloaded blocks loaded ahead of the running one (the reserve covers them).
+        slots: the slots the runtime keeps on `main_device` for offloaded blocks (count and size); the
+            runtime takes them from here. `SlotSpec(0, 0)` when nothing is offloaded.
         dtype: the compute dtype name the KV cache was sized for, or None.
         context_length: tokens of KV cache kept per sequence, or None.
         batch_size: sequences the KV cache was sized for.
@@ -145,8 +151,9 @@ class Plan:
     usage: tuple[DeviceUsage, ...]
     strategy: str
     main_device: Device
-    policy: str
+    policy: ExecutionPolicy
     prefetch: int
+    slots: SlotSpec = SlotSpec(0, 0)
     dtype: str | None = None
     context_length: int | None = None
     batch_size: int = 1
@@ -189,8 +196,9 @@ class Plan:
             "version": _JSON_VERSION,
             "strategy": self.strategy,
             "main_device": self.main_device.key,
-            "policy": self.policy,
+            "policy": self.policy.value,
             "prefetch": self.prefetch,
+            "slots": {"count": self.slots.count, "nbytes": self.slots.nbytes},
             "dtype": self.dtype,
             "context_length": self.context_length,
             "batch_size": self.batch_size,
@@ -232,8 +240,9 @@ class Plan:
                 ),
                 strategy=data["strategy"],
                 main_device=Device.parse(data["main_device"]),
-                policy=data["policy"],
+                policy=ExecutionPolicy.parse(data["policy"]),
                 prefetch=int(data["prefetch"]),
+                slots=SlotSpec(int(data.get("slots", {}).get("count", 0)), int(data.get("slots", {}).get("nbytes", 0))),
                 dtype=data["dtype"],
                 context_length=data["context_length"],
                 batch_size=int(data["batch_size"]),
@@ -332,7 +341,7 @@ def choose_policy(batch_size: int, width: int) -> tuple[str, str]:
 
 
 @dataclass
-class _Slot:
+class _DeviceFill:
     """One budget device during a walk."""
 
     device: Device
@@ -348,7 +357,7 @@ Unit = tuple[int, bool]  # (module index, whole module?); (i, False) is module i
 
 
 class _NoFit(Exception):
-    def __init__(self, unit: Unit, slots: Sequence[_Slot], placed_bytes: int) -> None:
+    def __init__(self, unit: Unit, slots: Sequence[_DeviceFill], placed_bytes: int) -> None:
         super().__init__()
         self.unit = unit
         self.slots = slots
@@ -358,7 +367,7 @@ class _NoFit(Exception):
 class _Walk:
     """One pass over the inventory, placing units on slots in order."""
 
-    def __init__(self, inv: Inventory, slots: list[_Slot], kv: "_KV", ties: "_Ties") -> None:
+    def __init__(self, inv: Inventory, slots: list[_DeviceFill], kv: "_KV", ties: "_Ties") -> None:
         self.inv = inv
         self.slots = slots
         self.kv = kv
@@ -421,7 +430,7 @@ class _Walk:
                 stack.append(unit)
         return self
 
-    def decide(self, slot: _Slot, unit: Unit, footprint: int) -> str:
+    def decide(self, slot: _DeviceFill, unit: Unit, footprint: int) -> str:
         splittable = self.splittable(unit)
         if not slot.runs_own and splittable:
             return "split"  # an offloaded entry is brought in whole: keep entries unsplittable blocks
@@ -566,45 +575,92 @@ class _Ties:
 @dataclass(frozen=True)
 class _Setup:
     strategy: str
-    policy: str
+    policy: ExecutionPolicy
     policy_reason: str
     main: Device
-    slots_template: tuple[_Slot, ...]
+    slots_template: tuple[_DeviceFill, ...]
     layer_kv: int
     sources: tuple[tuple[Device, str], ...]
 
 
-def plan(
-    inventory: Inventory,
-    budget: Budget,
-    *,
-    strategy: str = "auto",
-    dtype: torch.dtype | str | None = None,
-    headroom: int | str | Mapping[DeviceLike, int | str] | None = None,
-    context_length: int | None = None,
-    batch_size: int = 1,
-    prefetch: int = 1,
-    policy: str | None = None,
-    collapse: bool = True,
-) -> Plan:
-    """Plan where every block of `inventory` goes under `budget`.
+@dataclass(frozen=True)
+class PlanOptions:
+    """Every planning setting, gathered once at an entry point (`plan_for_model`, `plan_model`,
+    `load_checkpoint_and_dispatch`, `from_pretrained`, the CLI) from accelerate-style keywords, then passed
+    down as one value (as `torch.distributed.checkpoint` passes one planner object).
 
-    Args:
-        inventory: from `inventory_from_module` or `inventory_from_checkpoint`.
-        budget: bytes per device (`budget.detect_budget`, `budget.parse_max_memory` or `Budget.of`).
+    Attributes:
         strategy: "auto", "balanced", "balanced_low_0" or "sequential" (see the module docstring).
-        dtype: the compute dtype, used to size the KV cache (default: the inventory's dtype). Weights are
-            sized by the inventory; a different dtype here is an error.
+        dtype: the dtype floating weights are loaded in (None: the model's); sizes the KV cache too.
+        max_memory: per-device budgets in accelerate's format (`{0: "20GiB", "cpu": "60GiB"}`); None: what
+            the machine has free (probed by `budget.detect_budget` at the entry point, never here).
+        offload_folder: with no "disk" budget, its free space becomes the disk budget.
         headroom: bytes kept free on each device that runs blocks (an int or size string applies to every
             GPU, and to the CPU when it runs blocks), or a per-device mapping.
         context_length: tokens per sequence to keep KV cache for, charged to the device running each
             attention layer (needs a KV-cache spec in the inventory).
         batch_size: sequences decoded at once (KV cache size, and the execution-policy model).
         prefetch: offloaded blocks loaded ahead of the running one; the reserve covers them.
-        policy: "stream" or "local" for CPU-resident blocks when a GPU exists; default from `choose_policy`.
+        policy: an `ExecutionPolicy` (names are parsed) for CPU-resident blocks when a GPU exists; None:
+            `choose_policy` decides.
+        keep_in_fp32_modules, special_dtypes, no_split_module_classes: how the inventory is built (see
+            `inventory.DtypeRule`); None: the model's own lists.
+    """
+
+    strategy: str = "auto"
+    dtype: torch.dtype | None = None
+    max_memory: Mapping[int | str, int | str] | None = None
+    offload_folder: Any = None
+    headroom: int | str | Mapping[DeviceLike, int | str] | None = None
+    context_length: int | None = None
+    batch_size: int = 1
+    prefetch: int = 1
+    policy: ExecutionPolicy | None = None
+    keep_in_fp32_modules: tuple[str, ...] | None = None
+    special_dtypes: Mapping[str, torch.dtype] | None = None
+    no_split_module_classes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # Normalized once, here, so every reader sees parsed values (names -> dtypes and policies).
+        set_ = functools.partial(object.__setattr__, self)
+        if self.dtype is not None:
+            set_("dtype", parse_dtype(self.dtype))
+        if self.policy is not None:
+            set_("policy", ExecutionPolicy.parse(self.policy))
+        if self.special_dtypes is not None:
+            set_("special_dtypes", {name: parse_dtype(v) for name, v in self.special_dtypes.items()})
+        for name in ("keep_in_fp32_modules", "no_split_module_classes"):
+            value = getattr(self, name)
+            if value is not None:
+                set_(name, (value,) if isinstance(value, str) else tuple(value))
+
+    def with_settings(self, **settings: Any) -> "PlanOptions":
+        """A copy with some settings changed.
+
+        Raises:
+            TypeError: a name that is no planning setting.
+        """
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown planning setting(s) {unknown}; see bigload.plan.PlanOptions.")
+        return dataclasses.replace(self, **settings)
+
+
+def plan(inventory: Inventory, budget: Budget, options: PlanOptions | None = None, *, collapse: bool = True,
+         **settings: Any) -> Plan:
+    """Plan where every block of `inventory` goes under `budget`.
+
+    Args:
+        inventory: from `inventory_from_module` or `inventory_from_checkpoint`.
+        budget: bytes per device (`budget.detect_budget`, `budget.parse_max_memory` or `Budget.of`).
+        options: the planning settings (`PlanOptions`); its `strategy`, `dtype` (must be the inventory's
+            when given: weights are sized by the inventory), `headroom`, `context_length`, `batch_size`,
+            `prefetch` and `policy` are read here.
         collapse: merge entries into their parent when the whole parent sits on one device and runs there
             (`{"": 0}` when everything is on GPU 0). Offloaded entries are never merged: an entry is the unit
             the runtime brings in at once.
+        settings: `PlanOptions` fields given as keywords (`strategy="balanced"`, `policy="local"`, ...),
+            overriding `options`.
 
     Returns:
         A frozen `Plan`.
@@ -618,7 +674,9 @@ def plan(
     >>> p.device_map  # doctest: +SKIP
     {'model.embed_tokens': 0, 'model.layers.0': 0, ..., 'lm_head': 'cpu'}
     """
-    setup = _setup(inventory, budget, strategy, dtype, headroom, context_length, batch_size, prefetch, policy)
+    options = (options or PlanOptions()).with_settings(**settings) if settings else (options or PlanOptions())
+    setup = _setup(inventory, budget, options)
+    prefetch = options.prefetch
     kv = _KV(inventory, setup.layer_kv)
     ties = _Ties(inventory)
     charge = 0  # reserve + KV of offloaded layers, on the main device
@@ -631,16 +689,15 @@ def plan(
         if walks > _MAX_WALKS + 1:
             raise PlanError("the offload reserve did not settle; give the main device more memory or use "
                             "prefetch=0.")
-    return _build_plan(inventory, setup, walk, prefetch, context_length, batch_size, collapse, dtype)
+    return _build_plan(inventory, setup, walk, options, collapse)
 
 
-def _setup(inv: Inventory, budget: Budget, strategy: str, dtype: torch.dtype | str | None,
-           headroom: int | str | Mapping[DeviceLike, int | str] | None, context_length: int | None,
-           batch_size: int, prefetch: int, policy: str | None) -> _Setup:
+def _setup(inv: Inventory, budget: Budget, options: PlanOptions) -> _Setup:
+    strategy, dtype, headroom = options.strategy, options.dtype, options.headroom
+    context_length, batch_size, prefetch = options.context_length, options.batch_size, options.prefetch
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
-    if policy is not None and policy not in POLICIES:
-        raise PlanError(f"unknown execution policy {policy!r}; use 'stream' or 'local'.")
+    requested = options.policy
     if prefetch < 0:
         raise PlanError(f"prefetch={prefetch} is negative; use 0 (load on demand) or a positive depth.")
     if batch_size < 1:
@@ -662,18 +719,18 @@ def _setup(inv: Inventory, budget: Budget, strategy: str, dtype: torch.dtype | s
     resolved = strategy if strategy != "auto" else ("balanced" if len(gpus) > 1 else "sequential")
     if not gpus:
         chosen, reason = "local", "no GPU in the budget: every block runs on the CPU."
-    elif policy is not None:
-        chosen, reason = policy, f"CPU-resident blocks use policy '{policy}' as requested."
+    elif requested is not None:
+        chosen, reason = requested.value, f"CPU-resident blocks use policy '{requested}' as requested."
     else:
         chosen, reason = choose_policy(batch_size, width or (inv.kv.width if inv.kv else 2))
     layer_kv = _layer_kv(inv, context_length, batch_size, width)
     fixed = _fixed_headroom(headroom, devices, bool(gpus), chosen)
     slots = tuple(
-        _Slot(device, nbytes, fixed.get(device, 0),
+        _DeviceFill(device, nbytes, fixed.get(device, 0),
               runs_own=device.is_gpu or (device == CPU and (not gpus or chosen == "local")))
         for device, nbytes in devices
     )
-    return _Setup(resolved, chosen, reason, main, slots, layer_kv, budget.sources)
+    return _Setup(resolved, ExecutionPolicy.parse(chosen), reason, main, slots, layer_kv, budget.sources)
 
 
 def _layer_kv(inv: Inventory, context_length: int | None, batch_size: int, width: int | None) -> int:
@@ -714,7 +771,7 @@ def _attempt(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: int,
     offloaded = _offloaded_units(walk, setup)
     needed = _main_charge(inv, walk, offloaded, prefetch)
     main_slot = next(s for s in walk.slots if s.device == setup.main)
-    if needed > main_slot.budget - main_slot.fixed_headroom:
+    if needed > max(0, main_slot.budget - main_slot.fixed_headroom):  # nothing offloaded needs no room
         raise PlanError(_reserve_message(setup, main_slot, needed, walk, offloaded))
     return walk, needed
 
@@ -725,7 +782,7 @@ def _balanced_walk(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: 
     everything or the shares reach the budgets (then it is a plain fill)."""
     extra = 0
     while True:
-        slots = [_Slot(s.device, s.budget, s.fixed_headroom, s.runs_own) for s in setup.slots_template]
+        slots = [_DeviceFill(s.device, s.budget, s.fixed_headroom, s.runs_own) for s in setup.slots_template]
         for slot in slots:
             slot.cap = slot.budget - slot.fixed_headroom - (charge if slot.device == setup.main else 0)
         targeted = _set_targets(inv, setup.strategy, slots, kv, extra)
@@ -743,7 +800,7 @@ def _balanced_walk(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: 
         return walk
 
 
-def _set_targets(inv: Inventory, strategy: str, slots: list[_Slot], kv: _KV, extra: int) -> bool:
+def _set_targets(inv: Inventory, strategy: str, slots: list[_DeviceFill], kv: _KV, extra: int) -> bool:
     """Give each GPU but the last a cumulative share to stop at; False when the walk is a plain fill."""
     gpu_slots = [s for s in slots if s.device.is_gpu]
     if strategy == "sequential" or len(gpu_slots) < 2:
@@ -773,32 +830,23 @@ def _offloaded_units(walk: _Walk, setup: _Setup) -> list[Unit]:
 
 
 def _main_charge(inv: Inventory, walk: _Walk, offloaded: Sequence[Unit], prefetch: int) -> int:
-    """What the main device must hold for offloaded blocks: the prefetcher's slots of the largest offloaded
-    block's parameters, their resident buffers, and the KV cache of the offloaded attention layers."""
-    if not offloaded:
-        return 0
-    params = buffers = kv = 0
-    for unit in offloaded:
-        i, whole = unit
-        unit_buffers = inv.subtree_buffer_bytes(i) if whole else inv.own_buffer_bytes[i]
-        params = max(params, walk.unit_bytes(unit) - unit_buffers)
-        buffers += unit_buffers
-        kv += walk.units[unit][1]
-    slots = min(_nesting_depth(inv, offloaded) + prefetch, len(offloaded))
-    return slots * params + buffers + kv
+    """What the main device must hold for offloaded blocks: the runtime's slots (`_slots`), the buffers of
+    offloaded blocks (they stay resident where the blocks run), and the KV cache of offloaded attention layers."""
+    buffers = sum(_unit_buffers(inv, unit) for unit in offloaded)
+    kv = sum(walk.units[unit][1] for unit in offloaded)
+    return _slots(inv, walk, offloaded, prefetch).total + buffers + kv
 
 
-def _nesting_depth(inv: Inventory, units: Sequence[Unit]) -> int:
-    """How many offloaded entries can run at once: a split module's own entry encloses its children's."""
-    depth = 1
-    open_ends: list[int] = []
-    for i, whole in sorted(units):
-        while open_ends and open_ends[-1] <= i:
-            open_ends.pop()
-        depth = max(depth, len(open_ends) + 1)
-        if not whole:
-            open_ends.append(inv.ends[i])
-    return depth
+def _slots(inv: Inventory, walk: _Walk, offloaded: Sequence[Unit], prefetch: int) -> SlotSpec:
+    """The runtime's slots: `reserve.slot_count` of them, each the largest offloaded entry's parameters."""
+    count = slot_count([inv.names[i] for i, _ in offloaded], prefetch)
+    params = max((walk.unit_bytes(unit) - _unit_buffers(inv, unit) for unit in offloaded), default=0)
+    return SlotSpec(count, params if count else 0)
+
+
+def _unit_buffers(inv: Inventory, unit: Unit) -> int:
+    i, whole = unit
+    return inv.subtree_buffer_bytes(i) if whole else inv.own_buffer_bytes[i]
 
 
 def _upper_bound(inv: Inventory, kv: _KV, prefetch: int) -> int:
@@ -811,8 +859,9 @@ def _upper_bound(inv: Inventory, kv: _KV, prefetch: int) -> int:
 # From a walk to a Plan
 
 
-def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, prefetch: int, context_length: int | None,
-                batch_size: int, collapse: bool, dtype: torch.dtype | str | None) -> Plan:
+def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, options: PlanOptions, collapse: bool) -> Plan:
+    prefetch, context_length, batch_size = options.prefetch, options.context_length, options.batch_size
+    dtype = options.dtype
     entries = {unit: (walk.slots[slot], kv) for unit, (slot, kv) in walk.units.items()}
     if collapse:
         entries = _collapse(inv, walk, entries)
@@ -834,6 +883,7 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, prefetch: int, conte
         main_device=setup.main,
         policy=setup.policy,
         prefetch=prefetch,
+        slots=_slots(inv, walk, offloaded, prefetch),
         dtype=str(target).removeprefix("torch.") if target is not None else None,
         context_length=context_length,
         batch_size=batch_size,
@@ -842,7 +892,7 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, prefetch: int, conte
 
 
 def _collapse(inv: Inventory, walk: _Walk,
-              entries: dict[Unit, tuple[_Slot, int]]) -> dict[Unit, tuple[_Slot, int]]:
+              entries: dict[Unit, tuple[_DeviceFill, int]]) -> dict[Unit, tuple[_DeviceFill, int]]:
     """Merge a split module back into one entry when all of it sits on one device that runs it."""
     out = dict(entries)
     for i in sorted(set(walk.split), reverse=True):  # children before parents
@@ -860,7 +910,7 @@ def _collapse(inv: Inventory, walk: _Walk,
     return out
 
 
-def _usage(slots: Sequence[_Slot], placements: Sequence[Placement], main: Device,
+def _usage(slots: Sequence[_DeviceFill], placements: Sequence[Placement], main: Device,
            reserve: int) -> tuple[DeviceUsage, ...]:
     weights: dict[Device, int] = {}
     kv: dict[Device, int] = {}
@@ -882,11 +932,12 @@ def _reasons(inv: Inventory, setup: _Setup, placements: Sequence[Placement], usa
     gpus = [u.device for u in usage if u.device.is_gpu]
     reasons = [_strategy_reason(setup.strategy, len(gpus))]
     reasons.extend(_budget_sources(setup.sources, usage))
+    reasons.extend(_quantized_reason(inv))
     if any(p.device == CPU for p in placements) and gpus:
         reasons.append(setup.policy_reason)
     if offloaded:
         largest = max(offloaded, key=lambda u: walk.unit_bytes(u))
-        slots = min(_nesting_depth(inv, offloaded) + prefetch, len(offloaded))
+        slots = slot_count([inv.names[i] for i, _ in offloaded], prefetch)
         reserve = next(u.reserve for u in usage if u.device == setup.main)
         reasons.append(
             f"{len(offloaded)} block(s) are offloaded and run on {setup.main}; it keeps a reserve of "
@@ -901,6 +952,17 @@ def _reasons(inv: Inventory, setup: _Setup, placements: Sequence[Placement], usa
             f"(context {context_length}), charged to the device that runs each layer."
         )
     return reasons
+
+
+def _quantized_reason(inv: Inventory) -> list[str]:
+    """What quantization the inventory decided, and that its bytes are the ones planned."""
+    entries = inv.quantized()
+    if not entries:
+        return []
+    layers = len({entry.module for entry in entries})
+    schemes = ", ".join(sorted({entry.scheme for entry in entries}))
+    return [f"{layers} Linear layer(s) are quantized ({schemes}): planned at their quantized bytes, scales and "
+            f"zeros included ({format_size(sum(entry.nbytes for entry in entries))})."]
 
 
 def _budget_sources(sources: Sequence[tuple[Device, str]], usage: Sequence[DeviceUsage]) -> list[str]:
@@ -966,7 +1028,7 @@ def _no_fit_message(inv: Inventory, setup: _Setup, kv: _KV, walk: _Walk, failure
     return "\n".join(lines)
 
 
-def _reserve_message(setup: _Setup, slot: _Slot, needed: int, walk: _Walk, offloaded: Sequence[Unit]) -> str:
+def _reserve_message(setup: _Setup, slot: _DeviceFill, needed: int, walk: _Walk, offloaded: Sequence[Unit]) -> str:
     room = slot.budget - slot.fixed_headroom
     local = ", or policy='local' so CPU-resident blocks run on the CPU" if setup.policy == "stream" else ""
     return (

@@ -335,6 +335,11 @@ class QuantLinear(nn.Module):
         order = cpu_layout() if self.layout is Layout.CPU else "cuda"
         return f"{self.quantization.tag} in {order} order"
 
+    @property
+    def bigload_quantized(self) -> dict[str, str]:
+        """Its quantized tensors and their scheme, read by the inventory (`TensorEntry.scheme`)."""
+        return {name: self.quantization.tag for name in self.shapes()}
+
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The quantized tensors (name -> shape, dtype), bias excluded."""
         return quantized_shapes(self.out_features, self.in_features, self.quantization, self.compute_dtype)

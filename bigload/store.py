@@ -32,7 +32,7 @@ from bigload.checkpoint import CheckpointIndex, MappedFiles, TensorRef, read_saf
 from bigload.errors import CheckpointError, OffloadError
 from bigload.sizes import dtype_width, format_size
 
-__all__ = ["DiskStore", "StoreOrigin", "TensorMeta"]
+__all__ = ["DiskStore", "StoreOrigin", "StoreWriter", "TensorMeta"]
 
 INDEX_FILE = "index.json"
 ORIGIN_FILE = "bigload.json"
@@ -113,85 +113,40 @@ def _parse_dtype(folder: Path, name: str, value: object) -> torch.dtype:
 
 
 class DiskStore:
-    """An offload folder: write tensors with `put`/`put_reference` then `commit`, or read with `open`.
+    """A committed offload folder, read-only: bigload's or accelerate's layout. `StoreWriter.commit` returns
+    one; `DiskStore(folder)` (or `DiskStore.open`) opens one.
 
-    Writing (the loader does this):
-
-    >>> with DiskStore("offload/") as store:  # doctest: +SKIP
-    ...     store.put("lm_head.weight", weight)
-    ...     store.put_reference("model.embed_tokens.weight", index.tensors["model.embed_tokens.weight"])
-    ...     store.commit(StoreOrigin(index.fingerprint(), str(index.root), "bfloat16"))
-
-    Reading (the hooks do this):
-
-    >>> store = DiskStore.open("offload/")  # doctest: +SKIP
+    >>> store = DiskStore("offload/")  # doctest: +SKIP
     >>> store.get("lm_head.weight").shape  # doctest: +SKIP
     torch.Size([32000, 4096])
-
-    Leaving the `with` block by an exception before `commit` removes every file this writer created.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], *, overwrite: bool = False) -> None:
-        """Start writing a store in `folder` (created if needed).
-
-        Args:
-            folder: the offload folder.
-            overwrite: replace a store already in the folder (its index is removed first, so it never
-                describes files being rewritten).
-
-        Raises:
-            OffloadError: the folder cannot be created or written, or already holds a store and
-                `overwrite` is False.
-        """
-        self.folder = Path(folder).expanduser().resolve()
-        self._entries: dict[str, dict[str, object]] = {}
-        self._written: list[Path] = []
-        self._files = MappedFiles()
-        self._headers: dict[Path, dict[str, TensorRef]] = {}
-        self._scratch: torch.Tensor | None = None
-        self._committed = False
-        _ensure_writable(self.folder)
-        existing = self.folder / INDEX_FILE
-        if existing.exists():
-            if not overwrite:
-                raise OffloadError(
-                    f"{self.folder} already holds an offload store ({existing.name}); open it with "
-                    "DiskStore.open, pass overwrite=True to replace it, or use another folder."
-                )
-            existing.unlink()
-            (self.folder / ORIGIN_FILE).unlink(missing_ok=True)
-
-    # -- reading ---------------------------------------------------------------------------------------
-
-    @classmethod
-    def open(cls, folder: str | os.PathLike[str],
-             expect_fingerprint: "str | StoreOrigin | None" = None) -> "DiskStore":
-        """Open a committed store (bigload's or accelerate's) for reading.
+    def __init__(self, folder: str | os.PathLike[str],
+                 expect_fingerprint: "str | StoreOrigin | None" = None) -> None:
+        """Open a committed store for reading.
 
         Args:
             folder: the offload folder.
             expect_fingerprint: the origin (or just the fingerprint) the store must have been built from.
 
-        Returns:
-            The store; `get`/`read_into` read its tensors.
-
         Raises:
             OffloadError: no index in the folder, a corrupt index, a `.dat` file missing or of the wrong
                 size, or (with `expect_fingerprint`) a store built from another checkpoint or dtype.
         """
-        store = cls.__new__(cls)
-        store.folder = Path(folder).expanduser().resolve()
-        store._written = []
-        store._files = MappedFiles()
-        store._headers = {}
-        store._scratch = None
-        store._committed = True
-        store._entries = _read_index(store.folder)
+        self.folder = Path(folder).expanduser().resolve()
+        self._files = MappedFiles()
+        self._headers: dict[Path, dict[str, TensorRef]] = {}
+        self._entries = _read_index(self.folder)
         if expect_fingerprint is not None:
-            _check_origin(store.folder, StoreOrigin.coerce(expect_fingerprint))
-        for name in store._entries:
-            store._check_entry(name)
-        return store
+            _check_origin(self.folder, StoreOrigin.coerce(expect_fingerprint))
+        for name in self._entries:
+            self._check_entry(name)
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike[str],
+             expect_fingerprint: "str | StoreOrigin | None" = None) -> "DiskStore":
+        """Open a committed store (bigload's or accelerate's) for reading; the same as `DiskStore(...)`."""
+        return cls(folder, expect_fingerprint)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -266,9 +221,110 @@ class DiskStore:
         out.copy_(self.get(name), non_blocking=out.device.type != "cpu")
         return out
 
-    # -- writing ---------------------------------------------------------------------------------------
+    # -- internals -------------------------------------------------------------------------------------
 
-    def __enter__(self) -> "DiskStore":
+    def _dat_path(self, name: str) -> Path:
+        return _dat_path(self.folder, name)
+
+    def _entry(self, name: str) -> dict[str, object]:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise OffloadError(
+                f"{self.folder}: no tensor named {name!r} in the offload store ({len(self._entries)} tensors)."
+            )
+        return entry
+
+    def _reference(self, name: str, entry: Mapping[str, object]) -> TensorRef:
+        path = Path(entry["safetensors_file"])  # type: ignore[arg-type]
+        weight = entry.get("weight_name", name)
+        if path not in self._headers:
+            try:
+                self._headers[path] = {ref.name: ref for ref in read_safetensors_header(path)[0]}
+            except CheckpointError as exc:
+                raise OffloadError(
+                    f"{self.folder}: {name!r} points into {path}, which cannot be read ({exc}); "
+                    "delete the offload folder and load again."
+                ) from None
+        ref = self._headers[path].get(weight)
+        if ref is None:
+            raise OffloadError(
+                f"{self.folder}: {name!r} points to tensor {weight!r} of {path}, which has no such tensor; "
+                "the checkpoint changed. Delete the offload folder and load again."
+            )
+        return ref
+
+    def _check_entry(self, name: str) -> None:
+        entry = self._entries[name]
+        _check_entry_fields(self.folder, name, entry)
+        if "safetensors_file" in entry:
+            if not Path(entry["safetensors_file"]).is_file():  # type: ignore[arg-type]
+                raise OffloadError(
+                    f"{self.folder}: {name!r} points into {entry['safetensors_file']}, which no longer exists; "
+                    "delete the offload folder and load again."
+                )
+            return
+        meta = self.meta(name)
+        stored_elements = math.prod(meta.shape) if meta.shape else 1  # 0-d tensors are stored as one element
+        expected = stored_elements * dtype_width(meta.dtype)
+        path = self._dat_path(name)
+        size = path.stat().st_size if path.is_file() else -1
+        if size != expected:
+            found = "is missing" if size < 0 else f"has {size} bytes, expected {expected}"
+            raise OffloadError(
+                f"{path}: the data of {name!r} {found}; the store is damaged. Delete {self.folder} and load "
+                "again."
+            )
+
+
+class StoreWriter:
+    """Writes an offload folder: `put` / `put_reference`, then `commit`, which returns the `DiskStore` that
+    reads it. Nothing is listed until `commit`.
+
+    >>> with StoreWriter("offload/") as writer:  # doctest: +SKIP
+    ...     writer.put("lm_head.weight", weight)
+    ...     writer.put_reference("model.embed_tokens.weight", index.tensors["model.embed_tokens.weight"])
+    ...     store = writer.commit(StoreOrigin(index.fingerprint(), str(index.root), "bfloat16"))
+
+    Leaving the `with` block by an exception before `commit` removes every file this writer created.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Start writing a store in `folder` (created if needed).
+
+        Args:
+            folder: the offload folder.
+            overwrite: replace a store already in the folder (its index is removed first, so it never
+                describes files being rewritten).
+
+        Raises:
+            OffloadError: the folder cannot be created or written, or already holds a store and
+                `overwrite` is False.
+        """
+        self.folder = Path(folder).expanduser().resolve()
+        self._entries: dict[str, dict[str, object]] = {}
+        self._written: list[Path] = []
+        self._scratch: torch.Tensor | None = None
+        self._committed = False
+        _ensure_writable(self.folder)
+        existing = self.folder / INDEX_FILE
+        if existing.exists():
+            if not overwrite:
+                raise OffloadError(
+                    f"{self.folder} already holds an offload store ({existing.name}); open it with "
+                    "DiskStore(folder), pass overwrite=True to replace it, or use another folder."
+                )
+            existing.unlink()
+            (self.folder / ORIGIN_FILE).unlink(missing_ok=True)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Tensors written so far (the index lists them once committed)."""
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __enter__(self) -> "StoreWriter":
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -337,11 +393,14 @@ class DiskStore:
             "shape": list(ref.shape),  # not in accelerate's entries, which ignore it; saves a header read
         }
 
-    def commit(self, fingerprint: "str | StoreOrigin") -> None:
+    def commit(self, fingerprint: "str | StoreOrigin") -> "DiskStore":
         """Write `bigload.json` then `index.json` atomically; from now on the folder is a readable store.
 
         Args:
             fingerprint: the source checkpoint's origin (or just its fingerprint string).
+
+        Returns:
+            The `DiskStore` reading what was written.
 
         Raises:
             OffloadError: writing the index failed (nothing is left claiming tensors).
@@ -360,6 +419,7 @@ class DiskStore:
             (self.folder / ORIGIN_FILE).unlink(missing_ok=True)
             raise self._write_error(INDEX_FILE, 0, exc) from exc
         self._committed = True
+        return DiskStore(self.folder)
 
     def abort(self) -> None:
         """Remove every file this writer created (before `commit`); the folder holds no store afterwards."""
@@ -376,60 +436,11 @@ class DiskStore:
     # -- internals -------------------------------------------------------------------------------------
 
     def _dat_path(self, name: str) -> Path:
-        return self.folder / f"{name}.dat"
-
-    def _entry(self, name: str) -> dict[str, object]:
-        entry = self._entries.get(name)
-        if entry is None:
-            raise OffloadError(
-                f"{self.folder}: no tensor named {name!r} in the offload store ({len(self._entries)} tensors)."
-            )
-        return entry
-
-    def _reference(self, name: str, entry: Mapping[str, object]) -> TensorRef:
-        path = Path(entry["safetensors_file"])  # type: ignore[arg-type]
-        weight = entry.get("weight_name", name)
-        if path not in self._headers:
-            try:
-                self._headers[path] = {ref.name: ref for ref in read_safetensors_header(path)[0]}
-            except CheckpointError as exc:
-                raise OffloadError(
-                    f"{self.folder}: {name!r} points into {path}, which cannot be read ({exc}); "
-                    "delete the offload folder and load again."
-                ) from None
-        ref = self._headers[path].get(weight)
-        if ref is None:
-            raise OffloadError(
-                f"{self.folder}: {name!r} points to tensor {weight!r} of {path}, which has no such tensor; "
-                "the checkpoint changed. Delete the offload folder and load again."
-            )
-        return ref
-
-    def _check_entry(self, name: str) -> None:
-        entry = self._entries[name]
-        _check_entry_fields(self.folder, name, entry)
-        if "safetensors_file" in entry:
-            if not Path(entry["safetensors_file"]).is_file():  # type: ignore[arg-type]
-                raise OffloadError(
-                    f"{self.folder}: {name!r} points into {entry['safetensors_file']}, which no longer exists; "
-                    "delete the offload folder and load again."
-                )
-            return
-        meta = self.meta(name)
-        stored_elements = math.prod(meta.shape) if meta.shape else 1  # 0-d tensors are stored as one element
-        expected = stored_elements * dtype_width(meta.dtype)
-        path = self._dat_path(name)
-        size = path.stat().st_size if path.is_file() else -1
-        if size != expected:
-            found = "is missing" if size < 0 else f"has {size} bytes, expected {expected}"
-            raise OffloadError(
-                f"{path}: the data of {name!r} {found}; the store is damaged. Delete {self.folder} and load "
-                "again."
-            )
+        return _dat_path(self.folder, name)
 
     def _check_writable_name(self, name: str) -> None:
         if self._committed:
-            raise OffloadError(f"{self.folder}: the store is committed; start a new DiskStore to write.")
+            raise OffloadError(f"{self.folder}: the store is committed; start a new StoreWriter to write.")
         if not name or "/" in name or "\0" in name or name.startswith("."):
             raise OffloadError(
                 f"tensor name {name!r} cannot be a file name in {self.folder}; names must be non-empty, "
@@ -444,6 +455,11 @@ class DiskStore:
                 f"{format_size(free)} free). Free disk space or choose an offload_folder on a larger disk."
             )
         return OffloadError(f"cannot write {name!r} to {self.folder}: {exc}. Check the folder and disk.")
+
+
+
+def _dat_path(folder: Path, name: str) -> Path:
+    return folder / f"{name}.dat"
 
 
 def _write_file(path: Path, payload: Iterable[memoryview]) -> None:

@@ -17,6 +17,7 @@ results and requested copies plus that window (or the largest single tensor, if 
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import os
@@ -31,9 +32,11 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence, Union
 import torch
 from torch import nn
 
+from bigload.budget import check_devices_exist
 from bigload.checkpoint import CheckpointIndex, CheckpointReader, TensorRef, open_checkpoint
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike
 from bigload.errors import BudgetError, CheckpointError, DeviceError, OffloadError
+from bigload.inventory import DtypeRule, Inventory, castable, inventory_from_module
 from bigload.quant import (
     Layout,
     PackMemo,
@@ -45,7 +48,8 @@ from bigload.quant import (
     quantized_linears,
 )
 from bigload.sizes import dtype_width, parse_dtype
-from bigload.store import DiskStore, StoreOrigin, dtype_name
+from bigload.store import DiskStore, StoreOrigin, StoreWriter, dtype_name
+from bigload.tensors import Site, owner_of, tensor_groups
 
 __all__ = [
     "DerivedTensor",
@@ -54,15 +58,14 @@ __all__ = [
     "LoadResult",
     "Mismatch",
     "SourcePlan",
+    "Transfer",
     "load_checkpoint_in_model",
     "prepare_quantization",
+    "source_dtypes",
 ]
 
-logger = logging.getLogger("bigload")
+logger = logging.getLogger(__name__)
 
-# Only these are cast; integer, bool, complex and float8 tensors (quantized weights, their scales) keep
-# their stored dtype, since casting them would change what they mean.
-_CASTABLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _PROGRESS_MIN_BYTES = 2**30
 _MAX_PENDING = 64  # zero-copy tasks cost no window bytes; this bounds the queue of futures instead
 _STAGING_SLOTS = 4
@@ -160,7 +163,7 @@ class LoadResult:
         unexpected: checkpoint tensors the model does not have (not read).
         mismatched: tensors whose shapes differ (not read; the model's stays on meta).
         offloaded: model tensors placed on disk (on meta in the model, their bytes in `store`).
-        store: the offload store, when anything went to disk.
+        store: the offload store (a committed, read-only `DiskStore`), when anything went to disk.
         bytes_read: bytes of checkpoint data placed.
     """
 
@@ -176,21 +179,12 @@ class LoadResult:
 # the model side: which tensors exist, tied groups, where and in which dtype each goes
 
 
-@dataclass(frozen=True)
-class _Slot:
-    """One place a tensor is registered: `module._parameters[attr]` or `module._buffers[attr]`."""
-
-    module: nn.Module
-    attr: str
-    is_param: bool
-
-
 @dataclass
 class _Group:
     """One model tensor object and every name it is registered under (several when tied)."""
 
-    names: list[str]
-    slots: list[_Slot]
+    names: tuple[str, ...]
+    sites: tuple[Site, ...]
     original: torch.Tensor
     persistent: bool
     device: Device = CPU
@@ -200,10 +194,54 @@ class _Group:
 
 @dataclass(frozen=True)
 class _Task:
-    """Read `ref` (or build it from its parts) and put it into `group`."""
+    """Read `ref` (or build it from its parts) and put it into `group`, by `kind` (decided once, after
+    matching, by `_with_kinds`; None only between matching and that decision)."""
 
     ref: Source
     group: _Group
+    kind: Transfer | None = None
+
+
+class Transfer(enum.Enum):
+    """How one tensor gets to its place, decided once per tensor (`_transfer_kind`); the reading, placing,
+    window cost and page release of the loader all look it up instead of re-deriving it.
+
+    VIEW: CPU, same dtype: the model tensor is the memory-mapped view itself (no private memory).
+    CPU_CAST: CPU, private memory: a cast, a built (derived) tensor, or a copy asked for (`materialize`).
+    GPU_STAGE: to a GPU through the pinned staging ring (cast there).
+    STORE_WRITE: into the offload store as raw bytes (cast while writing).
+    STORE_REFERENCE: an offload-store entry pointing into the safetensors file (nothing written).
+    STORE_REUSED: the offload store already holds it (nothing read, nothing written).
+    """
+
+    VIEW = "view"
+    CPU_CAST = "cpu_cast"
+    GPU_STAGE = "gpu_stage"
+    STORE_WRITE = "store_write"
+    STORE_REFERENCE = "store_reference"
+    STORE_REUSED = "store_reused"
+
+
+# Kinds that copy the tensor's bytes out of the checkpoint file: its pages can be released once placed.
+_COPIES = frozenset({Transfer.CPU_CAST, Transfer.GPU_STAGE, Transfer.STORE_WRITE})
+
+
+def _transfer_kind(ref: Source, group: _Group, reuse_store: bool, materialize: bool) -> Transfer:
+    derived = isinstance(ref, DerivedTensor)
+    if group.device.kind is DeviceKind.DISK:
+        if reuse_store:
+            return Transfer.STORE_REUSED
+        referenced = (not derived and ref.format == "safetensors" and ref.stride is None  # type: ignore[union-attr]
+                      and ref.dtype == group.dtype)
+        return Transfer.STORE_REFERENCE if referenced else Transfer.STORE_WRITE
+    if group.device.is_gpu:
+        return Transfer.GPU_STAGE
+    return Transfer.CPU_CAST if derived or ref.dtype != group.dtype or materialize else Transfer.VIEW
+
+
+def _with_kinds(tasks: Sequence[_Task], reuse_store: bool, materialize: bool) -> tuple[_Task, ...]:
+    """The matched tasks, each with its transfer kind decided."""
+    return tuple(_Task(t.ref, t.group, _transfer_kind(t.ref, t.group, reuse_store, materialize)) for t in tasks)
 
 
 def _parts(source: Source) -> tuple[TensorRef, ...]:
@@ -217,21 +255,8 @@ def _read(reader: CheckpointReader, source: Source) -> torch.Tensor:
 
 
 def _model_groups(model: nn.Module) -> list[_Group]:
-    """Every parameter and buffer, grouped by tensor identity so tied weights form one group."""
-    groups: dict[int, _Group] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{module_name}." if module_name else ""
-        entries = [(attr, tensor, True, True) for attr, tensor in module._parameters.items()]
-        entries += [(attr, tensor, False, attr not in module._non_persistent_buffers_set)
-                    for attr, tensor in module._buffers.items()]
-        for attr, tensor, is_param, persistent in entries:
-            if tensor is None:
-                continue
-            group = groups.setdefault(id(tensor), _Group([], [], tensor, persistent=False))
-            group.names.append(prefix + attr)
-            group.slots.append(_Slot(module, attr, is_param))
-            group.persistent = group.persistent or persistent
-    return list(groups.values())
+    """Every parameter and buffer (`tensors.tensor_groups`: tied weights form one group), to be placed."""
+    return [_Group(group.names, group.sites, group.tensor, group.persistent) for group in tensor_groups(model)]
 
 
 def _resolve_map(device_map: DeviceMapLike | str | None) -> dict[str, Device]:
@@ -248,48 +273,14 @@ def _resolve_map(device_map: DeviceMapLike | str | None) -> dict[str, Device]:
     return {str(name): Device.parse(value) for name, value in device_map.items()}
 
 
-def _check_gpus_exist(dmap: Mapping[str, Device]) -> None:
-    wanted = sorted({device.index for device in dmap.values() if device.is_gpu})
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    absent = [index for index in wanted if index >= available]
-    if absent:
-        raise DeviceError(
-            f"the device map places tensors on GPU {', '.join(map(str, absent))} but this machine has "
-            f"{available} CUDA device(s); plan again for this machine, or map those modules to 'cpu' or 'disk'."
-        )
-
-
 def _device_of(name: str, dmap: Mapping[str, Device]) -> Device | None:
-    """The value of the longest key of `dmap` that is a dotted prefix of `name` ("" matches everything)."""
-    parts = name.split(".")
-    for end in range(len(parts), 0, -1):
-        device = dmap.get(".".join(parts[:end]))
-        if device is not None:
-            return device
-    return dmap.get("")
+    """Where tensor `name` goes: the map value of its owner (`tensors.owner_of`), None when unmapped."""
+    owner = owner_of(name, dmap)
+    return None if owner is None else dmap[owner]
 
 
 def _under(name: str, prefixes: Sequence[str]) -> bool:
     return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
-
-
-def _keeps_fp32(name: str, keep: Sequence[str]) -> bool:
-    # accelerate/transformers semantics: an entry matches a dotted component ("wo") or a dotted prefix.
-    components = name.split(".")
-    return any(entry in components or _under(name, [entry]) for entry in keep)
-
-
-def _target_dtype(name: str, stored: torch.dtype, model_dtype: torch.dtype, dtype: torch.dtype | None,
-                  keep_fp32: Sequence[str]) -> torch.dtype:
-    """The dtype a tensor is placed in: never cast integer/bool/float8; kept-fp32 modules stay float32;
-    else `dtype`, else the dtype the model was built with."""
-    if stored not in _CASTABLE:
-        return stored
-    if _keeps_fp32(name, keep_fp32):
-        return torch.float32
-    if dtype is not None:
-        return dtype
-    return model_dtype if model_dtype in _CASTABLE else stored
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,6 +317,12 @@ def _sources(index: CheckpointIndex, plan: SourcePlan | None) -> tuple[dict[str,
         else:
             table[checkpoint_name] = ref
     return table, shadowed
+
+
+def source_dtypes(index: CheckpointIndex, sources: SourcePlan | None = None) -> dict[str, torch.dtype]:
+    """Model tensor name -> the dtype its bytes have in the checkpoint (headers only), for the inventory's
+    dtype decisions (`inventory_from_module(stored_dtypes=...)`)."""
+    return {name: source.dtype for name, source in _sources(index, sources)[0].items()}
 
 
 def _match(index: CheckpointIndex, groups: list[_Group], only: Sequence[str],
@@ -391,9 +388,8 @@ def _assign(group: _Group, tensor: torch.Tensor) -> None:
         value.__dict__.update(original.__dict__)
     else:
         value = tensor
-    for slot in group.slots:
-        table = slot.module._parameters if slot.is_param else slot.module._buffers
-        table[slot.attr] = value
+    for site in group.sites:
+        site.set(value)
     group.original = value
     group.loaded = True
 
@@ -458,76 +454,66 @@ class _GpuStager:
 
 @dataclass
 class _Placer:
-    """Turns read tensors into model tensors (CPU, GPU) or store entries (disk)."""
+    """Executes each task's transfer kind: reads (on the reader thread), places, writes the store."""
 
-    store: DiskStore | None
-    reuse_store: bool
-    materialize: bool
+    store: StoreWriter | None  # None when nothing is written (no disk tensors, or a reused store)
     stager: _GpuStager | None
     offloaded: list[str] = field(default_factory=list)
 
-    def cost(self, task: _Task) -> int:
+    @staticmethod
+    def cost(task: _Task) -> int:
         """Private bytes `prepare` (or, for disk, `put`) allocates for this task until it is placed."""
-        ref, group = task.ref, task.group
+        ref, group, kind = task.ref, task.group, task.kind
+        if kind is Transfer.STORE_REUSED:
+            return 0
+        cast_bytes = group.original.numel() * dtype_width(group.dtype)
         if isinstance(ref, DerivedTensor):
-            if group.device.kind is DeviceKind.DISK and self.reuse_store:
-                return 0
-            cast = group.device.kind is DeviceKind.CPU and ref.dtype != group.dtype
-            return ref.size_bytes + (group.original.numel() * dtype_width(group.dtype) if cast else 0)
-        if ref.stride is not None and not (group.device.kind is DeviceKind.DISK and self.reuse_store):
+            return ref.size_bytes + (cast_bytes if kind is Transfer.CPU_CAST and ref.dtype != group.dtype else 0)
+        if ref.stride is not None:
             return ref.size_bytes  # strided .bin views are made contiguous first
-        if group.device.kind is DeviceKind.CPU and (ref.dtype != group.dtype or self.materialize):
-            return group.original.numel() * dtype_width(group.dtype)
-        return 0  # views; disk casts go through the store's small reused buffer; GPU casts run on the GPU
+        # Views cost nothing; disk casts go through the store's small reused buffer; GPU casts run on the GPU.
+        return cast_bytes if kind is Transfer.CPU_CAST else 0
 
-    def prepare(self, reader: CheckpointReader, task: _Task) -> torch.Tensor | None:
+    @staticmethod
+    def prepare(reader: CheckpointReader, task: _Task) -> torch.Tensor | None:
         """Read (and for the CPU, cast) one tensor; runs on the reader thread."""
-        ref, group = task.ref, task.group
-        if group.device.kind is DeviceKind.DISK:
-            if self.reuse_store or self._referenced(task):
-                return None  # nothing to read: the store already has it, or will point into the file
-            return _read(reader, ref)
-        tensor = _read(reader, ref)
-        if group.device.is_gpu:
+        kind = task.kind
+        if kind in (Transfer.STORE_REUSED, Transfer.STORE_REFERENCE):
+            return None  # nothing to read: the store already has it, or will point into the file
+        tensor = _read(reader, task.ref)
+        if kind is Transfer.GPU_STAGE:
             return tensor.contiguous()  # a copy only for the rare strided .bin view
-        if tensor.dtype != group.dtype:
-            return tensor.to(group.dtype)
-        # A derived tensor is already private memory; a plain read is a view of the file.
-        return tensor.clone() if self.materialize and not isinstance(ref, DerivedTensor) else tensor
+        if kind is not Transfer.CPU_CAST:
+            return tensor  # a view (VIEW), or bytes the store casts while writing (STORE_WRITE)
+        if tensor.dtype != task.group.dtype:
+            return tensor.to(task.group.dtype)
+        # A derived tensor is already private memory; a plain read is a view of the file: copy it (materialize).
+        return tensor if isinstance(task.ref, DerivedTensor) else tensor.clone()
 
     def place(self, task: _Task, tensor: torch.Tensor | None) -> None:
-        group = task.group
-        if group.device.kind is DeviceKind.DISK:
+        group, kind = task.group, task.kind
+        if kind in (Transfer.STORE_WRITE, Transfer.STORE_REFERENCE, Transfer.STORE_REUSED):
             self._offload(task, tensor)
-        elif group.device.is_gpu:
+        elif kind is Transfer.GPU_STAGE:
             assert self.stager is not None and tensor is not None  # set up whenever the map names a GPU
             _assign(group, self.stager.copy(tensor, group.device.torch_device(), group.dtype))
         else:
             assert tensor is not None  # CPU tasks always read
             _assign(group, tensor)
 
-    def copied(self, task: _Task) -> bool:
+    @staticmethod
+    def copied(task: _Task) -> bool:
         """Whether placing `task` copied its bytes out of the file, so no tensor views them any more."""
-        ref, group = task.ref, task.group
-        if group.device.kind is DeviceKind.DISK:
-            return not (self.reuse_store or self._referenced(task))
-        if group.device.is_gpu:
-            return True  # the staging copy has read the bytes by the time `place` returns
-        return isinstance(ref, DerivedTensor) or ref.dtype != group.dtype or self.materialize
-
-    def _referenced(self, task: _Task) -> bool:
-        ref = task.ref
-        return (isinstance(ref, TensorRef) and ref.format == "safetensors" and ref.stride is None
-                and ref.dtype == task.group.dtype)
+        return task.kind in _COPIES
 
     def _offload(self, task: _Task, tensor: torch.Tensor | None) -> None:
         group, name = task.group, task.group.names[0]
-        if not self.reuse_store:
+        if task.kind is Transfer.STORE_REFERENCE:
             assert self.store is not None  # created whenever the map names disk
-            if tensor is None:
-                self.store.put_reference(name, task.ref)  # type: ignore[arg-type]  # _referenced: a TensorRef
-            else:
-                self.store.put(name, tensor, dtype=group.dtype)
+            self.store.put_reference(name, task.ref)  # type: ignore[arg-type]  # only TensorRefs are referenced
+        elif task.kind is Transfer.STORE_WRITE:
+            assert self.store is not None and tensor is not None
+            self.store.put(name, tensor, dtype=group.dtype)
         _assign(group, torch.empty(group.original.shape, dtype=group.dtype, device="meta"))
         self.offloaded.extend(group.names)
 
@@ -592,8 +578,8 @@ def _settle_unloaded_buffers(groups: list[_Group]) -> None:
     """Put non-persistent buffers (rotary inv_freq, ...) on their device, recomputing those on meta."""
     rebuilt: dict[int, dict[str, torch.Tensor]] = {}
     for group in groups:
-        slot = group.slots[0]
-        if group.loaded or slot.is_param or group.persistent:
+        slot = group.sites[0]
+        if group.loaded or slot.is_parameter or group.persistent:
             continue
         tensor = group.original
         if tensor.device.type == "meta":
@@ -641,6 +627,7 @@ def load_checkpoint_in_model(
     offload_folder: str | os.PathLike[str] | None = None,
     offload_state_dict: bool | None = None,
     keep_in_fp32_modules: Sequence[str] | None = None,
+    special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     strict: bool = True,
     window_bytes: int = 256 * 2**20,
     materialize: bool = False,
@@ -648,6 +635,7 @@ def load_checkpoint_in_model(
     progress: bool | None = None,
     only: Sequence[str] | None = None,
     sources: SourcePlan | None = None,
+    inventory: Inventory | None = None,
     quantize: str | Quantization | None = None,
     quantize_skip: Sequence[str] | None = None,
 ) -> LoadResult:
@@ -660,12 +648,16 @@ def load_checkpoint_in_model(
             `""` for the whole model) or a bigload `Plan`; a tensor goes where its longest dotted prefix says.
             None puts everything on the CPU.
         dtype: cast floating-point tensors to this dtype; None casts them to the dtype the model was built
-            with. Integer, bool and float8 tensors are never cast.
+            with. Integer, bool, complex and float8 tensors are never cast (`inventory.DtypeRule`).
         offload_folder: where tensors mapped to "disk" go (a `DiskStore`). A store already there for the same
             checkpoint and dtypes is reused as is.
         offload_state_dict: accepted for accelerate compatibility and ignored: bigload never holds a whole
             state dict in memory, so there is nothing to offload while loading.
-        keep_in_fp32_modules: module names (or name components, e.g. "wo") kept in float32.
+        keep_in_fp32_modules: module names (or name components, e.g. "wo") kept in float32. None:
+            transformers' default for the model (its `_keep_in_fp32_modules` at float16,
+            `_keep_in_fp32_modules_strict` at float16 and bfloat16), as the planner sizes them; accelerate
+            keeps none unless given the list (pass `[]` for that).
+        special_dtypes: tensor name -> dtype for those tensors, whatever `dtype` says.
         strict: missing, unexpected and mis-shaped tensors raise (before any byte is read); with False they
             are logged as a warning and returned.
         window_bytes: cap on the bytes of temporaries in flight (cast results not yet placed, readahead,
@@ -677,6 +669,9 @@ def load_checkpoint_in_model(
             the model is left alone and not reported.
         sources: where model tensors are when the checkpoint names or lays them out differently (renamed
             keys, per-expert tensors of a fused MoE weight); see `SourcePlan`. None: matched by name.
+        inventory: the inventory the load was planned with; every tensor is placed in the dtype its entry
+            carries. None: built here from the model, `dtype`, `keep_in_fp32_modules`, `special_dtypes` and
+            the checkpoint's dtypes, exactly as the planner builds it.
         quantize: "int8", "int4" or "int4:GROUP" (see `bigload.quant`): the model's Linear layers (not the
             output head) become `QuantLinear`s and each weight is quantized as it streams in, one tensor at a
             time; quantized bytes are what goes to each device and to the offload store. A model already
@@ -702,30 +697,40 @@ def load_checkpoint_in_model(
     if window_bytes <= 0:
         raise BudgetError(f"window_bytes must be positive, got {window_bytes}.")
     dmap = _resolve_map(device_map)
-    _check_gpus_exist(dmap)
+    check_devices_exist(dmap.values())
     target_dtype = None if dtype is None else parse_dtype(dtype)
-    keep = list(keep_in_fp32_modules or ())
-    prepare_quantization(model, quantize, quantize_skip, dtype=target_dtype, keep_in_fp32_modules=keep)
+    rule = inventory.rule if inventory is not None else DtypeRule.for_model(
+        model, target_dtype, special_dtypes, keep_in_fp32_modules)
+    prepare_quantization(model, quantize, quantize_skip, rule=rule)
     index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
     index.check_unchanged()  # an index opened earlier may describe files changed since
-    sources = _quantized_sources(model, index, sources, dmap, getattr(device_map, "execution_devices", None))
     scope = list(only) if only is not None else [""]
     groups = [group for group in _model_groups(model) if any(_under(name, scope) for name in group.names)]
-    _place_groups(groups, dmap, _sources(index, sources)[0], target_dtype, keep)
+    if inventory is None:
+        inventory = inventory_from_module(
+            model, dtype=target_dtype, special_dtypes=special_dtypes, keep_in_fp32_modules=keep_in_fp32_modules,
+            stored_dtypes=source_dtypes(index, sources))
+    sources = _quantized_sources(model, index, sources, inventory, dmap, getattr(device_map, "execution_devices",
+                                                                                 None))
+    table = _sources(index, sources)[0]
+    _place_groups(groups, dmap, table, inventory)
     match = _match(index, groups, scope, sources)
     _report(match, index, strict)
 
     disk_tasks = [task for task in match.tasks if task.group.device.kind is DeviceKind.DISK]
     # dtype=None means "the model's dtype": name it, so the same load spelled either way reuses a store.
-    policy_dtype = target_dtype or next((g.original.dtype for g in groups if g.original.dtype in _CASTABLE), None)
-    origin = _store_origin(index, disk_tasks, policy_dtype, keep_in_fp32_modules, _storage_tags(model))
+    rule = inventory.rule
+    policy_dtype = rule.dtype or next((g.original.dtype for g in groups if castable(g.original.dtype)), None)
+    origin = _store_origin(index, disk_tasks, policy_dtype, rule, _storage_tags(model))
     store, reuse = _prepare_store(offload_folder, origin, disk_tasks)
     gpus = {task.group.device for task in match.tasks if task.group.device.is_gpu}
     stager = _GpuStager(window_bytes, pin_memory is not False, gpus) if gpus else None
-    placer = _Placer(store, reuse, materialize, stager)
-    total = sum(task.ref.nbytes for task in match.tasks)
+    writer = store if isinstance(store, StoreWriter) else None
+    placer = _Placer(writer, stager)
+    tasks = _with_kinds(match.tasks, reuse, materialize)
+    total = sum(task.ref.nbytes for task in tasks)
     with CheckpointReader(index) as reader, _ProgressBar(total, progress) as advance:
-        _stream_into(match.tasks, reader, placer, window_bytes, advance, store, reuse, origin)
+        reading = _stream_into(tasks, reader, placer, window_bytes, advance, writer, origin)
     if stager is not None:
         stager.finish()
     _settle_unloaded_buffers(groups)
@@ -734,25 +739,26 @@ def load_checkpoint_in_model(
         unexpected=match.unexpected,
         mismatched=match.mismatched,
         offloaded=tuple(placer.offloaded),
-        store=store,
+        store=reading if writer is not None else store,  # type: ignore[arg-type]  # a reused DiskStore
         bytes_read=total,
     )
 
 
 def _stream_into(tasks: Sequence[_Task], reader: CheckpointReader, placer: _Placer, window: int,
-                 advance: Callable[[int], None], store: DiskStore | None, reuse: bool,
-                 origin: StoreOrigin) -> None:
-    if store is None or reuse:
+                 advance: Callable[[int], None], writer: StoreWriter | None,
+                 origin: StoreOrigin) -> DiskStore | None:
+    """Run the load; with a store to write, commit it and return its reader."""
+    if writer is None:
         _run(tasks, reader, placer, window, advance)
-        return
-    with store:  # an exception removes what was written, and no index is left behind
+        return None
+    with writer:  # an exception removes what was written, and no index is left behind
         _run(tasks, reader, placer, window, advance)
-        store.commit(origin)
+        return writer.commit(origin)
 
 
 def _place_groups(groups: list[_Group], dmap: Mapping[str, Device], sources: Mapping[str, Source],
-                  dtype: torch.dtype | None, keep_fp32: Sequence[str]) -> None:
-    """Decide each group's device (its first name's) and dtype (from the tensor the checkpoint holds)."""
+                  inventory: Inventory) -> None:
+    """Find each group's device (its first name's) and the dtype the inventory decided for it."""
     for group in groups:
         devices = {_device_of(name, dmap) for name in group.names}
         device = _device_of(group.names[0], dmap)
@@ -766,13 +772,17 @@ def _place_groups(groups: list[_Group], dmap: Mapping[str, Device], sources: Map
             logger.warning("tied tensors %s are mapped to different devices; all are placed on %s",
                            ", ".join(group.names), device)
         group.device = device  # type: ignore[assignment]
-        stored = next((sources[n].dtype for n in group.names if n in sources), group.original.dtype)
-        group.dtype = _target_dtype(group.names[0], stored, group.original.dtype, dtype, keep_fp32)
+        decided = next((d for n in group.names if (d := inventory.dtype_of(n)) is not None), None)
+        if decided is None:  # an inventory of another model: the same rule, asked here
+            stored = next((sources[n].dtype for n in group.names if n in sources), group.original.dtype)
+            decided = inventory.rule.dtype_of(group.names[0], stored, group.original.dtype)
+        group.dtype = decided
 
 
 def _prepare_store(folder: str | os.PathLike[str] | None, origin: StoreOrigin,
-                   disk_tasks: Sequence[_Task]) -> tuple[DiskStore | None, bool]:
-    """The store disk tensors go to, and whether it already holds them all (then nothing is written)."""
+                   disk_tasks: Sequence[_Task]) -> tuple[DiskStore | StoreWriter | None, bool]:
+    """A writer for the disk tensors, or the store that already holds them all (reused: nothing is
+    written; the bool says so)."""
     if not disk_tasks:
         return None, False
     if folder is None:
@@ -787,8 +797,8 @@ def _prepare_store(folder: str | os.PathLike[str] | None, origin: StoreOrigin,
         if all(_holds(existing, task) for task in disk_tasks):
             logger.info("reusing the offload store in %s (same checkpoint and dtypes)", folder)
             return existing, True
-        return DiskStore(folder, overwrite=True), False
-    return DiskStore(folder), False
+        return StoreWriter(folder, overwrite=True), False
+    return StoreWriter(folder), False
 
 
 def _holds(store: DiskStore, task: _Task) -> bool:
@@ -800,13 +810,17 @@ def _holds(store: DiskStore, task: _Task) -> bool:
 
 
 def _store_origin(index: CheckpointIndex, disk_tasks: Sequence[_Task], dtype: torch.dtype | None,
-                  keep_fp32: Sequence[str] | None, quantize: str = "") -> StoreOrigin:
+                  rule: DtypeRule, quantize: str = "") -> StoreOrigin:
     # The stored bytes depend on the checkpoint, on how tensors are cast (the load's dtype policy) and on the
     # quantization scheme, not on which tensors a plan sends to disk: a store of the same load under another
     # plan is rebuilt in place.
     dtypes = sorted({dtype_name(task.group.dtype) for task in disk_tasks})
     policy = dtype_name(dtype) if dtype is not None else "model"
-    variant = f"{policy};fp32:{','.join(sorted(keep_fp32 or ()))}" + (f";quantize:{quantize}" if quantize else "")
+    variant = f"{policy};fp32:{','.join(sorted(rule.keep_in_fp32))}"
+    if rule.special:
+        variant += ";special:" + ",".join(f"{name}={dtype_name(dtype)}" for name, dtype in rule.special)
+    if quantize:
+        variant += f";quantize:{quantize}"
     origin = StoreOrigin.of(index, None, variant)
     return StoreOrigin(origin.fingerprint, origin.source, "/".join(dtypes), quantize)
 
@@ -816,26 +830,23 @@ def _store_origin(index: CheckpointIndex, disk_tasks: Sequence[_Task], dtype: to
 
 
 def prepare_quantization(model: nn.Module, quantize: str | Quantization | None,
-                         quantize_skip: Sequence[str] | None = None, *, dtype: str | torch.dtype | None = None,
-                         keep_in_fp32_modules: Sequence[str] | None = None) -> Quantization | None:
+                         quantize_skip: Sequence[str] | None = None, *, rule: DtypeRule) -> Quantization | None:
     """Read `quantize=`/`quantize_skip=` and swap the model's Linears for `QuantLinear`s (once), keeping
-    scales, zeros and biases in the dtype each float weight would load in; Linears under
-    `keep_in_fp32_modules` stay unquantized. Call it before planning, so the
-    inventory sizes quantized bytes; `load_checkpoint_in_model` calls it too (a no-op the second time).
+    scales, zeros and biases in the dtype `rule` gives each float weight; Linears the rule keeps in float32
+    stay unquantized. Call it before planning, so the inventory sizes quantized bytes;
+    `load_checkpoint_in_model` calls it too (a no-op the second time).
 
     Raises:
         QuantizationError: see `bigload.quant.Quantization.parse` and `choose_linears`.
     """
     quantization = Quantization.parse(quantize, quantize_skip)
     if quantization is not None:
-        target = None if dtype is None else parse_dtype(dtype)
-        keep = list(keep_in_fp32_modules or ())
         # Modules kept in float32 are kept so for accuracy (T5's `wo` in float16), and their callers cast
         # activations to their weight's dtype: they stay unquantized.
         kept = tuple(name for name, module in model.named_modules()
-                     if isinstance(module, nn.Linear) and _keeps_fp32(f"{name}.weight", keep))
+                     if isinstance(module, nn.Linear) and rule.keeps_fp32(f"{name}.weight"))
         quantization = Quantization(quantization.scheme, quantization.group_size, quantization.skip + kept)
-        quantize_model(model, quantization, lambda name, built: _target_dtype(name, built, built, target, keep))
+        quantize_model(model, quantization, lambda name, built: rule.dtype_of(name, built, built))
     return quantization
 
 
@@ -843,11 +854,13 @@ def _storage_tags(model: nn.Module) -> str:
     return ", ".join(sorted({module.storage_tag for module in quantized_linears(model).values()}))
 
 
-def _quantized_sources(model: nn.Module, index: CheckpointIndex, sources: SourcePlan | None,
+def _quantized_sources(model: nn.Module, index: CheckpointIndex, sources: SourcePlan | None, inventory: Inventory,
                        dmap: Mapping[str, Device], execution: Mapping[str, Device] | None) -> SourcePlan | None:
-    """`sources` plus, for each `QuantLinear`, its quantized tensors as tensors derived from the float weight
-    (found by name, or where `sources` says); each module's int4 byte order follows its execution device."""
-    modules = quantized_linears(model)
+    """`sources` plus, for each Linear the inventory says is quantized, its quantized tensors as tensors
+    derived from the float weight (found by name, or where `sources` says); each module's int4 byte order
+    follows its execution device."""
+    owners = dict.fromkeys(inventory.names[entry.module] for entry in inventory.quantized())
+    modules = {name: module for name, module in quantized_linears(model).items() if name in owners}
     if not modules:
         return sources
     table: dict[str, Source] = dict(sources.tensors) if sources is not None else {}

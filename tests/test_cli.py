@@ -225,3 +225,102 @@ def test_quantize_errors_are_one_line_with_the_fix(cli, model_folder: Path):
     assert out.returncode == 2
     assert "cannot quantize 'model.layers.0.mlp.down_proj' to int4:128: its 688 inputs" in out.stderr
     assert "quantize_skip=['model.layers.0.mlp.down_proj'] or quantize='int8'" in out.stderr
+# -- plan and inspect read headers only -----------------------------------------------------------------
+
+
+def _page_cache_fraction(path: Path, start: int) -> float:
+    """Fraction of `path`'s pages from byte `start` on that are in the page cache (mincore)."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    first = start // page * page
+    length = path.stat().st_size - first
+    pages = (length + page - 1) // page
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), length, access=mmap.ACCESS_COPY, offset=first)
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+        status = ctypes.create_string_buffer(pages)
+        assert libc.mincore(ctypes.c_void_p(address), length, status) == 0, ctypes.get_errno()
+        resident = sum(byte & 1 for byte in status.raw)
+        del address
+    finally:
+        mapped.close()
+    return resident / pages
+
+
+def _evict(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+@pytest.fixture(scope="module")
+def big_embedding_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama whose two 32 MiB embedding matrices dwarf any readahead of its safetensors header."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("big_embedding")
+    config = LlamaConfig(vocab_size=131072, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise and mincore (Linux)")
+def test_plan_and_inspect_read_no_weight(cli, big_embedding_folder: Path):
+    from bigload.checkpoint import open_checkpoint
+
+    (shard,) = big_embedding_folder.glob("*.safetensors")
+    data_start = min(ref.offset for ref in open_checkpoint(big_embedding_folder).tensors.values())
+    assert shard.stat().st_size - data_start > 64 * 2**20
+    _evict(shard)
+    assert _page_cache_fraction(shard, data_start) < 0.01  # the check below starts from a cold file
+    for args in (("plan", str(big_embedding_folder), "--max-memory", "0=50MiB,cpu=200MiB", "--json", "-"),
+                 ("plan", str(shard), "--max-memory", "0=50MiB,cpu=200MiB"),
+                 ("inspect", str(big_embedding_folder), "--json"),
+                 ("inspect", str(shard))):
+        out = cli(*args)
+        assert out.returncode == 0, (args, out.stderr)
+    # Readahead of the header may bring in the first few MiB of data; reading the weights brings in all.
+    assert _page_cache_fraction(shard, data_start) < 0.25
+    # The measure sees reads: reading the file brings its data into the page cache.
+    assert len(shard.read_bytes()) == shard.stat().st_size
+    assert _page_cache_fraction(shard, data_start) > 0.9
+
+
+def _plans_in_a_fresh_process(seed: str, folder: Path) -> str:
+    script = (
+        "import sys\n"
+        "from bigload.cli import main\n"
+        "from bigload.devices import Budget\n"
+        "from bigload.inventory import inventory_from_module\n"
+        "from bigload.plan import plan\n"
+        "from planner_models import tiny_llama, toy\n"
+        "for model in (tiny_llama(tie=True), toy(tie=True)):\n"
+        "    inventory = inventory_from_module(model)\n"
+        "    budget = Budget.of({0: inventory.total_bytes // 2, 1: inventory.total_bytes // 4, "
+        "'cpu': inventory.total_bytes // 8, 'disk': 10**9})\n"
+        "    for strategy in ('balanced', 'sequential'):\n"
+        "        print(plan(inventory, budget, strategy=strategy, policy='stream').to_json())\n"
+        f"sys.exit(main(['plan', {str(folder)!r}, '--max-memory', '0=3MiB,1=2MiB,cpu=3MiB,disk=1GiB', "
+        "'--context-length', '64', '--json', '-']))\n"
+    )
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONHASHSEED": seed,
+           "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_plans_are_identical_across_hash_seeds(model_folder: Path):
+    first = _plans_in_a_fresh_process("0", model_folder)
+    second = _plans_in_a_fresh_process("4242", model_folder)
+    assert first.count('"device_map"') == 5 and '"disk"' in first
+    assert first == second

@@ -88,12 +88,16 @@ def test_sequential_differs_where_accelerate_reserves_a_layer_for_nothing(llama)
 def test_balanced_memory_then_infer_reproduces_bigloads_balanced_plan(llama):
     budget = {0: 10**6, 1: 10**6, "cpu": 10**7}
     balanced = compat.get_balanced_memory(llama, max_memory=budget, no_split_module_classes=NO_SPLIT)
-    assert set(balanced) == {0, 1, "cpu"} and balanced[1] == 10**6 and 0 < balanced[0] < 10**6
+    inventory = inventory_from_module(llama, no_split_module_classes=NO_SPLIT)
+    layer = inventory.size("model.layers.0")
+    # 723,264 bytes over two equal GPUs: GPU 0 gets the embedding and two layers (361,472 bytes, the half is
+    # 361,632), and get_balanced_memory caps it at exactly that.
+    assert balanced == {0: inventory.size("model.embed_tokens") + 2 * layer, 1: 10**6, "cpu": 10**7}
     device_map = compat.infer_auto_device_map(llama, max_memory=balanced, no_split_module_classes=NO_SPLIT)
-    expected = plan(inventory_from_module(llama, no_split_module_classes=NO_SPLIT), Budget.of(budget),
-                    strategy="balanced")
-    assert dict(device_map) == expected.device_map
-    assert set(device_map.values()) == {0, 1}
+    expected = plan(inventory, Budget.of(budget), strategy="balanced")
+    assert dict(device_map) == expected.device_map == {
+        "model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 1,
+        "model.layers.3": 1, "model.norm": 1, "model.rotary_emb": 1, "lm_head": 1}
 
 
 def test_balanced_memory_low_zero_keeps_gpu_0_empty(llama):

@@ -33,7 +33,7 @@ from bad_inputs.models import (
 )
 from bigload.checkpoint import CheckpointReader, open_checkpoint
 from bigload.errors import CheckpointError, OffloadError
-from bigload.store import DiskStore
+from bigload.store import DiskStore, StoreWriter
 from bigload.stream import load_checkpoint_in_model
 from timeouts import with_timeout
 
@@ -115,16 +115,16 @@ def test_disk_full_while_committing_the_index(tmp_path: Path, ckpt: Path, monkey
 def test_keyboard_interrupt_while_writing_the_store(tmp_path: Path, ckpt: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "offload"
-    real_put = DiskStore.put
+    real_put = StoreWriter.put
     calls: list[str] = []
 
-    def put(self: DiskStore, name: str, tensor: torch.Tensor, **kwargs: Any) -> None:
+    def put(self: StoreWriter, name: str, tensor: torch.Tensor, **kwargs: Any) -> None:
         calls.append(name)
         if len(calls) == 3:
             raise KeyboardInterrupt
         real_put(self, name, tensor, **kwargs)
 
-    monkeypatch.setattr(DiskStore, "put", put)
+    monkeypatch.setattr(StoreWriter, "put", put)
     with pytest.raises(KeyboardInterrupt):
         with_timeout(lambda: load(ckpt, folder))
     assert len(calls) == 3

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from bad_inputs.corpus import raw_safetensors, two_shards, write_valid
 from bigload.checkpoint import SAFETENSORS_DTYPES, open_checkpoint
 from bigload.errors import CheckpointError, OffloadError
-from bigload.store import DiskStore
+from bigload.store import DiskStore, StoreWriter
 from fuzz.header_fuzz import FRAGMENTS, check_file, check_store_index, mutate, plain_loop, seed_files
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -148,7 +148,7 @@ def test_shard_index_gives_an_index_or_checkpoint_error(tmp_path: Path, weight_m
 def test_store_index_gives_a_store_or_offload_error(tmp_path: Path, entries: object) -> None:
     folder = tmp_path / "store"
     if not folder.exists():
-        with DiskStore(folder) as store:
+        with StoreWriter(folder) as store:
             store.put("w", torch.ones(3))
             store.put("v", torch.arange(4, dtype=torch.int8))
             store.commit("fp")

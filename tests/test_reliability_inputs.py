@@ -31,7 +31,7 @@ from bad_inputs.models import DISK_MAP, meta_tiny, save_reference
 from bigload.checkpoint import CheckpointReader, open_checkpoint
 from bigload.cli import main as cli_main
 from bigload.errors import CheckpointError, OffloadError
-from bigload.store import DiskStore
+from bigload.store import DiskStore, StoreWriter
 from bigload.stream import load_checkpoint_in_model
 
 
@@ -193,7 +193,7 @@ def test_read_only_offload_folder_is_refused(tmp_path: Path) -> None:
             probe.unlink()
             pytest.skip("running as root: chmod does not stop writes (the regular-file case covers this)")
         with pytest.raises(OffloadError, match="cannot write to the offload folder"):
-            DiskStore(folder)
+            StoreWriter(folder)
     finally:
         folder.chmod(0o700)
 
@@ -248,7 +248,7 @@ def test_damaged_offload_folder_is_reported_by_the_loader(tmp_path: Path) -> Non
 @pytest.mark.parametrize(("content", "match"), [(c, m) for _, c, m in OFFLOAD_ENTRY_CASES],
                          ids=[i for i, _, _ in OFFLOAD_ENTRY_CASES])
 def test_corrupt_offload_index_raises_offload_error(tmp_path: Path, content: object, match: str) -> None:
-    with DiskStore(tmp_path) as store:
+    with StoreWriter(tmp_path) as store:
         store.put("w", torch.ones(3))
         store.commit("fp")
     (tmp_path / "index.json").write_text(content if isinstance(content, str) else json.dumps(content))

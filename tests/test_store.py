@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import bigload.store as store_module
 from bigload.checkpoint import open_checkpoint
 from bigload.errors import OffloadError
-from bigload.store import DiskStore, StoreOrigin, TensorMeta
+from bigload.store import DiskStore, StoreWriter, StoreOrigin, TensorMeta
 from fixtures_ckpt import assert_bitwise_equal, mapped_file_of
 
 
@@ -35,7 +35,7 @@ def sample_tensors() -> dict[str, torch.Tensor]:
 
 
 def write_store(folder: Path, tensors: dict[str, torch.Tensor], origin: str | StoreOrigin = "fp") -> DiskStore:
-    with DiskStore(folder) as store:
+    with StoreWriter(folder) as store:
         for name, tensor in tensors.items():
             store.put(name, tensor)
         store.commit(origin)
@@ -90,7 +90,7 @@ def test_safetensors_references_copy_no_bytes_and_accelerate_follows_them(tmp_pa
     save_file(source, ckpt)
     index = open_checkpoint(ckpt)
     folder = tmp_path / "offload"
-    with DiskStore(folder) as store:
+    with StoreWriter(folder) as store:
         store.put_reference("model.a.weight", index.tensors["a.weight"])
         store.put_reference("b.weight", index.tensors["b.weight"])
         store.commit(StoreOrigin.of(index, None))
@@ -120,7 +120,7 @@ def test_reference_entries_written_by_accelerate_without_shape(tmp_path: Path) -
 def test_interrupted_write_leaves_no_index_and_no_files(tmp_path: Path) -> None:
     tensors = sample_tensors()
     with pytest.raises(KeyboardInterrupt):
-        with DiskStore(tmp_path) as store:
+        with StoreWriter(tmp_path) as store:
             store.put("model.ids", tensors["model.ids"])
             store.put("model.mask", tensors["model.mask"])
             raise KeyboardInterrupt
@@ -140,7 +140,7 @@ def test_enospc_raises_offload_error_and_removes_temp_files(tmp_path: Path,
         return real_write(fd, data)  # type: ignore[arg-type]
 
     monkeypatch.setattr(store_module.os, "write", full_disk)
-    store = DiskStore(tmp_path)
+    store = StoreWriter(tmp_path)
     store.put("small", torch.ones(4))
     with pytest.raises(OffloadError, match=r"no space left in .* writing 'big' \(4.00 KiB; .* free\)\. Free disk"):
         store.put("big", torch.ones(1024))
@@ -166,8 +166,8 @@ def test_store_from_another_checkpoint_or_dtype_is_refused(tmp_path: Path) -> No
 def test_existing_store_needs_overwrite(tmp_path: Path) -> None:
     write_store(tmp_path, {"a": torch.ones(3)})
     with pytest.raises(OffloadError, match="already holds an offload store.*overwrite=True"):
-        DiskStore(tmp_path)
-    store = DiskStore(tmp_path, overwrite=True)
+        StoreWriter(tmp_path)
+    store = StoreWriter(tmp_path, overwrite=True)
     assert not (tmp_path / "index.json").exists(), "the old index must not describe files being rewritten"
     store.put("b", torch.zeros(2))
     store.commit("fp2")
@@ -178,7 +178,7 @@ def test_unwritable_folder(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(OffloadError, match="cannot write to the offload folder .*file/offload"):
-        DiskStore(blocker / "offload")
+        StoreWriter(blocker / "offload")
 
 
 def test_damaged_store_is_reported(tmp_path: Path) -> None:
@@ -206,7 +206,7 @@ def test_read_into_copies_into_a_preallocated_buffer(tmp_path: Path) -> None:
 
 
 def test_bad_names_and_unknown_tensors(tmp_path: Path) -> None:
-    store = DiskStore(tmp_path)
+    store = StoreWriter(tmp_path)
     for bad in ("a/b", "", ".hidden"):
         with pytest.raises(OffloadError, match="cannot be a file name"):
             store.put(bad, torch.ones(1))
@@ -222,4 +222,4 @@ def test_torch_refs_cannot_be_referenced(tmp_path: Path) -> None:
     torch.save({"w": torch.ones(2)}, tmp_path / "m.bin")
     ref = open_checkpoint(tmp_path / "m.bin").tensors["w"]
     with pytest.raises(OffloadError, match=r"not a plain safetensors tensor.*put\(name, tensor\)"):
-        DiskStore(tmp_path / "off").put_reference("w", ref)
+        StoreWriter(tmp_path / "off").put_reference("w", ref)

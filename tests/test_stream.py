@@ -22,7 +22,7 @@ import bigload.stream as stream_module
 from bigload.checkpoint import open_checkpoint
 from bigload.empty import init_empty_weights
 from bigload.errors import CheckpointError, DeviceError, OffloadError
-from bigload.store import DiskStore
+from bigload.store import DiskStore, StoreWriter
 from bigload.stream import LoadResult, Mismatch, load_checkpoint_in_model
 from fixtures_ckpt import assert_bitwise_equal, mapped_file_of, save_bin_shards, tiny_llama, tiny_llama_config
 
@@ -264,7 +264,7 @@ def test_only_loads_the_named_modules(checkpoints: dict[str, Path], reference: n
 def test_gpu_in_map_without_gpu_fails_before_opening_anything(tmp_path: Path) -> None:
     if torch.cuda.is_available() and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a GPU 7")
-    with pytest.raises(DeviceError, match=r"places tensors on GPU 7 but this machine has \d+ CUDA"):
+    with pytest.raises(DeviceError, match=r"cuda:7 does not exist on this machine \(\d+ CUDA device\(s\) visible\)"):
         load_checkpoint_in_model(meta_llama(), tmp_path / "does-not-exist", {"": 7})
 
 
@@ -312,7 +312,7 @@ def test_disk_with_cast_writes_dat_files_and_reuses_them(tmp_path: Path, checkpo
     for name in result.offloaded:
         assert_bitwise_equal(result.store.get(name), reference.state_dict()[name].half(), name=name)
 
-    monkeypatch.setattr(DiskStore, "put", lambda *a, **k: pytest.fail("a matching store must be reused"))
+    monkeypatch.setattr(StoreWriter, "put", lambda *a, **k: pytest.fail("a matching store must be reused"))
     again = load_checkpoint_in_model(meta_llama(), checkpoints["bin_sharded"], DISK_MAP, offload_folder=folder,
                                      dtype=torch.float16)
     assert set(again.store.names) == set(result.store.names)
@@ -330,15 +330,15 @@ def test_failure_mid_load_leaves_no_index(tmp_path: Path, checkpoints: dict[str,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "offload"
     calls = []
-    real_put = DiskStore.put
+    real_put = StoreWriter.put
 
-    def failing_put(self: DiskStore, name: str, tensor: torch.Tensor, **kwargs: object) -> None:
+    def failing_put(self: StoreWriter, name: str, tensor: torch.Tensor, **kwargs: object) -> None:
         calls.append(name)
         if len(calls) == 3:
             raise OSError("disk unplugged")
         real_put(self, name, tensor, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(DiskStore, "put", failing_put)
+    monkeypatch.setattr(StoreWriter, "put", failing_put)
     with pytest.raises(OSError, match="disk unplugged"):
         load_checkpoint_in_model(meta_llama(), checkpoints["st_single"], DISK_MAP, offload_folder=folder,
                                  dtype=torch.float16)

@@ -1,0 +1,95 @@
+"""A model's registered tensors: the one walk over them, and the one rule for which map entry owns one.
+
+`tensor_groups(model)` lists every parameter and buffer once per tensor object, with every name and every
+registration (`Site`) it has: tied weights are one group with several names. The validator (`dispatch`),
+the loader (`stream`) and the runtime (`hooks`) all read this walk. (`inventory` keeps its own tight,
+sizes-only pass: it must stay linear on 200,000-module models and never needs the sites.)
+
+`owner_of(name, keys)` is the device-map rule: a tensor or module belongs to the longest key that is a
+dotted prefix of its name, `""` owning everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Container
+
+import torch
+from torch import nn
+
+__all__ = ["Site", "TensorGroup", "owner_of", "tensor_groups"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place a tensor is registered: `module._parameters[attr]` or `module._buffers[attr]`."""
+
+    module: nn.Module
+    attr: str
+    is_parameter: bool
+
+    def get(self) -> torch.Tensor | None:
+        """The tensor registered here now."""
+        return self._table()[self.attr]
+
+    def set(self, tensor: torch.Tensor) -> None:
+        """Register `tensor` here (a Parameter in a parameter site, any tensor in a buffer site)."""
+        self._table()[self.attr] = tensor  # type: ignore[assignment]
+
+    def _table(self) -> dict[str, torch.Tensor | None]:
+        return self.module._parameters if self.is_parameter else self.module._buffers  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    """One tensor object and every name and site it is registered under (several when tied).
+
+    Attributes:
+        names: its names in registration order (first name first).
+        sites: where each name is registered, in the same order.
+        tensor: the tensor object.
+        persistent: a parameter, or a buffer persistent under at least one name (it is in a state dict).
+    """
+
+    names: tuple[str, ...]
+    sites: tuple[Site, ...]
+    tensor: torch.Tensor
+    persistent: bool
+
+
+def tensor_groups(model: nn.Module) -> list[TensorGroup]:
+    """Every parameter and buffer of `model`, grouped by identity, in registration order.
+
+    >>> [g.names for g in tensor_groups(nn.Linear(2, 2))]
+    [('weight',), ('bias',)]
+    """
+    found: dict[int, tuple[list[str], list[Site], torch.Tensor, list[bool]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
+            for attr, tensor in table.items():
+                if tensor is None:
+                    continue
+                names, sites, _, persistent = found.setdefault(id(tensor), ([], [], tensor, [False]))
+                names.append(prefix + attr)
+                sites.append(Site(module, attr, is_parameter))
+                persistent[0] = persistent[0] or is_parameter or attr not in module._non_persistent_buffers_set
+    return [TensorGroup(tuple(names), tuple(sites), tensor, persistent[0])
+            for names, sites, tensor, persistent in found.values()]
+
+
+def owner_of(name: str, keys: Container[str]) -> str | None:
+    """The key owning tensor or module `name`: the longest of `keys` that is a dotted prefix of it (or it
+    itself); `""` owns everything; None when no key does. Linear in the name's depth.
+
+    >>> owner_of("model.layers.1.mlp.weight", {"model.layers.1", "model", ""})
+    'model.layers.1'
+    >>> owner_of("model.layers.10.weight", {"model.layers.1"}) is None
+    True
+    """
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in keys:
+            return prefix
+    return "" if "" in keys else None
