@@ -369,3 +369,30 @@ def test_modules_kept_in_float32_stay_unquantized(tmp_path):
         got = model(input_ids=ids, decoder_input_ids=ids).logits
         want = reference.float()(input_ids=ids, decoder_input_ids=ids).logits
     assert _relative_error(got, want) < 0.05
+
+
+def test_the_inventory_carries_each_tensors_scheme_and_the_planner_states_it():
+    from bigload.devices import Budget
+    from bigload.plan import plan
+
+    with torch.device("meta"):
+        model = tiny_llama(hidden=64)
+    q = Quantization.parse("int8")
+    names = choose_linears(model, q)
+    swap_linears(model, names, q, {name: torch.bfloat16 for name in names})
+    # The checkpoint holds the float weight under the same name: its dtype must not decide the codes'.
+    stored = {f"{name}.weight": torch.bfloat16 for name in names}
+    inventory = inventory_from_module(model, dtype=torch.bfloat16, stored_dtypes=stored)
+    by_name = {entry.name: entry for entry in inventory.tensors}
+    up = by_name["model.layers.0.mlp.up_proj.weight"]
+    assert (up.dtype, up.nbytes, up.scheme) == (torch.int8, 128 * 64, "int8")
+    scale = by_name["model.layers.0.mlp.up_proj.weight_scale"]
+    assert (scale.dtype, scale.nbytes, scale.scheme) == (torch.bfloat16, 128 * 2, "int8")
+    assert by_name["lm_head.weight"].scheme == "" and by_name["model.norm.weight"].scheme == ""
+    assert len(inventory.quantized()) == 2 * len(names)
+    result = plan(inventory, Budget.of({"cpu": 2**30}))
+    quantized_bytes = sum(entry.nbytes for entry in inventory.quantized())
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]  # q k v o gate up down
+    assert quantized_bytes == 2 * sum(n * k + 2 * n for n, k in shapes)  # int8 codes + bf16 scales, 2 layers
+    assert any(reason.startswith(f"{len(names)} Linear layer(s) are quantized (int8): planned at their quantized "
+                                 "bytes") for reason in result.reasons)
