@@ -123,12 +123,17 @@ def test_choose_linears_keeps_the_head_tied_weights_and_skipped_modules():
     assert choose_linears(TiedLinear(), Quantization.parse("int8")) == ("body",)
 
 
-def test_swap_linears_builds_meta_modules_with_quantized_tensors():
+def _meta_llama_quantized(scheme: str) -> tuple[nn.Module, tuple[str, ...]]:
     with torch.device("meta"):
         model = tiny_llama(hidden=64)
-    q = Quantization.parse("int4:32")
+    q = Quantization.parse(scheme)
     names = choose_linears(model, q)
     swap_linears(model, names, q, {name: torch.bfloat16 for name in names})
+    return model, names
+
+
+def test_swap_linears_builds_meta_modules_with_quantized_tensors():
+    model, _ = _meta_llama_quantized("int4:32")
     up = model.model.layers[0].mlp.up_proj
     assert isinstance(up, QuantLinear) and isinstance(model.lm_head, nn.Linear)
     shapes = {name: (tuple(t.shape), t.dtype, t.device.type) for name, t in up.named_parameters()}
@@ -375,11 +380,7 @@ def test_the_inventory_carries_each_tensors_scheme_and_the_planner_states_it():
     from bigload.devices import Budget
     from bigload.plan import plan
 
-    with torch.device("meta"):
-        model = tiny_llama(hidden=64)
-    q = Quantization.parse("int8")
-    names = choose_linears(model, q)
-    swap_linears(model, names, q, {name: torch.bfloat16 for name in names})
+    model, names = _meta_llama_quantized("int8")
     # The checkpoint holds the float weight under the same name: its dtype must not decide the codes'.
     stored = {f"{name}.weight": torch.bfloat16 for name in names}
     inventory = inventory_from_module(model, dtype=torch.bfloat16, stored_dtypes=stored)
