@@ -25,7 +25,12 @@ from bigload.dispatch import load_checkpoint_and_dispatch
 from bigload.empty import init_empty_weights
 from bigload.errors import BigloadError, CheckpointError, QuantizationError
 from bigload.hooks import OutputAlignment, runtime_of
-from bigload.inventory import default_keep_in_fp32_modules, inventory_from_checkpoint, inventory_from_module
+from bigload.inventory import (
+    DtypeRule,
+    default_keep_in_fp32_modules,
+    inventory_from_checkpoint,
+    inventory_from_module,
+)
 from bigload.plan import PlanOptions, plan
 from bigload.sizes import parse_dtype
 from bigload.stream import DerivedTensor, SourcePlan, prepare_quantization, source_dtypes
@@ -260,8 +265,7 @@ def inventory_for(
             # The checkpoint's dtypes (headers only) decide tensors that are never cast (float8, integers).
             index = open_checkpoint(source.checkpoint)
             stored = source_dtypes(index, checkpoint_sources(model, index))
-        prepare_quantization(model, quantize, quantize_skip, dtype=target,
-                             keep_in_fp32_modules=default_keep_in_fp32_modules(model, target))
+        prepare_quantization(model, quantize, quantize_skip, rule=DtypeRule.for_model(model, target))
         return inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes,
                                      stored_dtypes=stored)
     if quantize is not None:
