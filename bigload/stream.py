@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections import deque
 from itertools import accumulate
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +38,7 @@ from bigload.checkpoint import CheckpointIndex, CheckpointReader, TensorRef, ope
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike
 from bigload.errors import BudgetError, CheckpointError, DeviceError, OffloadError
 from bigload.inventory import DtypeRule, Inventory, castable, inventory_from_module
+from bigload.messages import Setting, Text, setting
 from bigload.quant import (
     Layout,
     PackMemo,
@@ -47,7 +49,7 @@ from bigload.quant import (
     quantize_model,
     quantized_linears,
 )
-from bigload.sizes import dtype_width, parse_dtype
+from bigload.sizes import dtype_width, format_size, parse_dtype
 from bigload.store import DiskStore, StoreOrigin, StoreWriter, dtype_name
 from bigload.tensors import Site, owner_of, tensor_groups
 
@@ -817,8 +819,9 @@ def _prepare_store(folder: str | os.PathLike[str] | None, origin: StoreOrigin,
         return None, False
     if folder is None:
         raise OffloadError(
-            f"the device map sends {len(disk_tasks)} tensors (e.g. {disk_tasks[0].group.names[0]!r}) to 'disk' "
-            "but no offload_folder was given; pass offload_folder= a folder on a disk with room for them."
+            Text(f"the device map sends {len(disk_tasks)} tensors (e.g. {disk_tasks[0].group.names[0]!r}) to "
+                 "'disk' but no ", setting("offload_folder"), " was given; pass ",
+                 Setting("offload_folder= a folder", "--offload-folder DIR, a folder"), " on a disk with room for them.")
         )
     if (Path(folder) / "index.json").is_file():
         existing = DiskStore.open(folder, expect_fingerprint=origin)
@@ -950,12 +953,20 @@ def _layout_for(name: str, module: QuantLinear, device: Device) -> Layout:
 
 
 class _ProgressBar:
-    """A tqdm bar over bytes when asked (or for long loads on a terminal); otherwise a no-op callable."""
+    """Progress over bytes when asked (or for long loads on a terminal); otherwise a no-op callable.
+
+    On a terminal, a tqdm bar. When stderr is not a terminal (a log file, a pipe) a bar's redraws would pile
+    up as carriage-return noise, so only one final line is written: bytes and seconds.
+    """
 
     def __init__(self, total: int, progress: bool | None) -> None:
-        show = progress if progress is not None else total >= _PROGRESS_MIN_BYTES and sys.stderr.isatty()
+        terminal = sys.stderr.isatty()
+        show = progress if progress is not None else total >= _PROGRESS_MIN_BYTES and terminal
         self.bar = None
-        if show:
+        self.total = total
+        self.final_line = show and not terminal
+        self.start = time.perf_counter()
+        if show and terminal:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading")
@@ -963,9 +974,12 @@ class _ProgressBar:
     def __enter__(self) -> Callable[[int], None]:
         return self.bar.update if self.bar is not None else _ignore
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *rest: object) -> None:
         if self.bar is not None:
             self.bar.close()
+        elif self.final_line and exc_type is None:
+            seconds = time.perf_counter() - self.start
+            sys.stderr.write(f"loading: {format_size(self.total)} in {seconds:.2f} s\n")
 
 
 def _ignore(_: int) -> None:

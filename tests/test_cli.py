@@ -72,8 +72,86 @@ def test_plan_that_does_not_fit_exits_2_with_the_shortfall():
     out = run_cli("plan", "llama-3-70b", "--max-memory", "0=24GiB,cpu=16GiB")
     assert out.returncode == 2
     assert out.stderr.startswith("bigload: error:")
-    assert "disk" in out.stderr  # the fix: add a disk budget and an offload folder
     assert "Traceback" not in out.stderr
+    # The fix is spelled as the flags a person types, not as Python keywords.
+    assert "--max-memory ...,disk=200GiB --offload-folder DIR" in out.stderr
+    assert "offload_folder" not in out.stderr and "max_memory" not in out.stderr
+    assert "give the devices more memory (--max-memory)" in out.stderr
+
+
+def test_does_not_fit_error_keeps_python_keywords_in_python():
+    from bigload.errors import PlanError
+    from bigload.hf import plan_model
+    from bigload.messages import Audience
+
+    with pytest.raises(PlanError, match=r"offload_folder=\.\.\.\); or give the devices more memory \(max_memory\)") as info:
+        plan_model("llama-3-70b", max_memory={0: "24GiB", "cpu": "16GiB"})
+    assert "max_memory={..., 'disk': '200GiB'}" in str(info.value)
+    assert "--offload-folder DIR" in info.value.render(Audience.CLI)
+
+
+def test_plan_policy_sentence_names_the_flag_in_the_cli_and_the_keyword_in_python(cli):
+    from bigload.hf import plan_model
+
+    budget = "0=24GiB,1=24GiB,cpu=64GiB,disk=500GiB"
+    out = cli("plan", "llama-3-70b", "--max-memory", budget)
+    assert out.returncode == 0, out.stderr
+    assert "pass --policy local|stream to override." in out.stdout
+    assert "policy=" not in out.stdout
+    python = plan_model("llama-3-70b", max_memory={0: "24GiB", 1: "24GiB", "cpu": "64GiB", "disk": "500GiB"})
+    assert "pass policy= to override." in python.explain()
+    assert any("pass policy= to override." in reason for reason in python.reasons)
+
+
+def test_unitless_small_cli_budget_is_refused_with_the_likely_meaning():
+    out = run_cli("plan", "llama-3-8b", "--max-memory", "0=24,cpu=64GiB")
+    assert out.returncode == 2
+    assert "0=24GiB" in out.stderr and "24 bytes" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_python_int_budgets_stay_bytes():
+    from bigload.budget import parse_max_memory
+
+    assert parse_max_memory({0: 24, "cpu": "64GiB"}).as_max_memory() == {0: 24, "cpu": 64 * 2**30}
+
+
+def test_generate_missing_folder_says_the_folder_does_not_exist(tmp_path: Path):
+    missing = tmp_path / "no-such-folder"
+    out = run_cli("generate", str(missing), "--prompt", "hi")
+    assert out.returncode == 2
+    assert f"{missing}: no such folder" in out.stderr
+    assert "tokenizer" not in out.stderr.split("no such folder")[0]
+    assert "huggingface" not in out.stderr.lower() and "hub" not in out.stderr.lower()
+
+
+def test_every_entry_point_checks_the_model_path_first(tmp_path: Path):
+    from bigload.errors import BigloadError
+    from bigload.hf import from_pretrained, load_tokenizer, plan_model
+
+    missing = tmp_path / "nope"
+    for call in (load_tokenizer, from_pretrained, plan_model):
+        with pytest.raises(BigloadError, match="no such"):
+            call(missing)
+    with pytest.raises(BigloadError, match="is a file, not a model folder"):
+        load_tokenizer(__file__)
+
+
+def test_generate_without_offload_folder_names_the_flag(cli, model_folder: Path):
+    out = cli("generate", str(model_folder), "--prompt", "Hi", "--max-new-tokens", "2",
+              "--max-memory", "cpu=8MiB,disk=1GiB")
+    assert out.returncode == 2
+    assert "but no --offload-folder was given; pass --offload-folder DIR, a folder on a disk" in out.stderr
+    assert "offload_folder" not in out.stderr
+
+
+def test_help_shows_defaults(cli):
+    def help_text(command: str) -> str:
+        return " ".join(cli(command, "--help").stdout.split())  # argparse wraps lines anywhere
+
+    assert "(default: small)" in help_text("demo") and "(default: 32)" in help_text("demo")
+    assert "(default: 64)" in help_text("generate")
+    assert "(default: 10)" in help_text("inspect")
 
 
 def test_plan_from_folder_and_from_headers_alone_agree(cli, model_folder: Path, tmp_path: Path):
@@ -124,6 +202,7 @@ def test_inspect_reports_headers(cli, model_folder: Path):
     assert "model.layers.0" in blocks and "model.layers.7" in blocks and "lm_head" in blocks
     text = cli("inspect", str(model_folder))
     assert text.returncode == 0
+    assert f"{report['total_bytes'] // 2 / 1e6:.3g}M parameters" in text.stdout  # bf16: 2 bytes each
     assert "largest tensors" in text.stdout and "mlp.gate_proj.weight" in text.stdout
 
 
@@ -172,6 +251,22 @@ def test_demo_runs_and_tokens_are_identical(tmp_path: Path):
     assert figures["tokens_identical"] is True
     assert figures["device_bytes"].get("disk", 0) > 0
     assert figures["ratio_to_in_memory"] > 0
+    assert len(figures["ratios"]) == 5
+    assert figures["ratio_conclusive"] == (figures["ratio_spread"] <= 0.25)
+    assert 0.5 < figures["disk_fraction"] < 1  # "half the weights" on the CPU budget leaves most on disk
+
+
+def test_demo_text_output_one_progress_line_and_honest_figures(tmp_path: Path):
+    out = run_cli("demo", "--dir", str(tmp_path / "demo"), "--max-new-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    # Not a terminal: bigload's bar is one final line; transformers' bars are off.
+    assert "\r" not in out.stderr and "Loading weights" not in out.stderr and "Writing model" not in out.stderr
+    assert [line for line in out.stderr.splitlines() if line] == [
+        next(line for line in out.stderr.splitlines() if line.startswith("loading: "))]
+    assert "gibberish" in out.stdout
+    assert "median of 5 interleaved runs" in out.stdout and "runs ranged" in out.stdout
+    assert "% of the weights) go to disk" in out.stdout
+    assert "tokens identical to the in-memory model: yes" in out.stdout
 
 
 def test_plan_with_quantize_sizes_quantized_bytes(cli, model_folder: Path):
