@@ -32,6 +32,7 @@ from bigload.inventory import (
     inventory_from_checkpoint,
     inventory_from_module,
 )
+from bigload.messages import Text, setting
 from bigload.plan import PlanOptions, plan
 from bigload.sizes import parse_dtype
 from bigload.stream import DerivedTensor, SourcePlan, prepare_quantization, source_dtypes
@@ -313,10 +314,10 @@ def inventory_for(
         return inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes,
                                      stored_dtypes=stored)
     if quantize is not None:
-        raise QuantizationError(
-            f"{spec}: planning with quantize={quantize!r} needs the model's config.json (and transformers) to know "
-            "which tensors are Linear weights; plan the model folder or its config.json instead."
-        )
+        raise QuantizationError(Text(
+            f"{spec}: planning with ", setting("quantize", repr(quantize)), " needs the model's config.json (and "
+            "transformers) to know which tensors are Linear weights; plan the model folder or its config.json "
+            "instead."))
     if source.checkpoint is None:
         raise BigloadError(
             f"{spec} is a config only and transformers is not installed; install it with "

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigload.errors import QuantizationError
+from bigload.messages import Setting, Text, setting
 
 __all__ = [
     "Layout",
@@ -129,20 +130,25 @@ class Quantization:
             return Quantization(value.scheme, value.group_size, value.skip + names)
         if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
             if names:
-                raise QuantizationError(f"quantize_skip={list(names)} was given without quantize=; add "
-                                        "quantize='int8' or 'int4', or drop quantize_skip.")
+                raise QuantizationError(Text(
+                    _skip_setting(names), " was given without ", setting("quantize"), "; add ",
+                    setting("quantize", "'int8'"), " or ", setting("quantize", "'int4'"), ", or drop ",
+                    setting("quantize_skip"), "."))
             return None
         text = str(value).strip().lower()
         scheme_text, _, group_text = text.partition(":")
         try:
             scheme = Scheme(scheme_text)
         except ValueError:
-            raise QuantizationError(f"quantize={value!r} is not a scheme bigload knows; use 'int8' (per-channel), "
-                                    "'int4' (groups of 128) or 'int4:GROUP' (GROUP in 32, 64, 128, 256).") from None
+            raise QuantizationError(Text(
+                setting("quantize", repr(value)), " is not a scheme bigload knows; use ", setting("quantize", "'int8'"),
+                " (per-channel), ", setting("quantize", "'int4'"), " (groups of 128) or ",
+                setting("quantize", "'int4:GROUP'"), " (GROUP in 32, 64, 128, 256).")) from None
         group = int(group_text) if group_text.isdigit() else 128
         if group_text and (scheme is Scheme.INT8 or group not in _INT4_GROUPS):
-            raise QuantizationError(f"quantize={value!r}: a group size applies to int4 only and must be one of "
-                                    f"{', '.join(map(str, _INT4_GROUPS))}, e.g. 'int4:64'.")
+            raise QuantizationError(Text(
+                setting("quantize", repr(value)), ": a group size applies to int4 only and must be one of "
+                f"{', '.join(map(str, _INT4_GROUPS))}, e.g. ", setting("quantize", "'int4:64'"), "."))
         return Quantization(scheme, group, names)
 
     @property
@@ -176,10 +182,10 @@ def choose_linears(model: nn.Module, quantization: Quantization) -> tuple[str, .
         _check_shape(name, module.out_features, module.in_features, quantization)
         chosen.append(name)
     if not chosen:
-        raise QuantizationError(
-            f"quantize={quantization.tag!r}: {type(model).__name__} has no nn.Linear layer to quantize (outside "
-            "the output head, tied weights and quantize_skip); load it without quantize=."
-        )
+        raise QuantizationError(Text(
+            setting("quantize", repr(quantization.tag)), f": {type(model).__name__} has no nn.Linear layer to "
+            "quantize (outside the output head, tied weights and ", setting("quantize_skip"), "); load it without ",
+            setting("quantize"), "."))
     return tuple(chosen)
 
 
@@ -209,11 +215,11 @@ def _check_shape(name: str, out_features: int, in_features: int, quantization: Q
         problems.append(f"its {out_features} outputs are not a multiple of 16 (the int4 kernels' block)")
     if problems:
         smaller = [g for g in _INT4_GROUPS if in_features % g == 0 and g < group]
-        fixes = [f"quantize_skip=[{name!r}]", "quantize='int8'"]
+        fixes: list[str | Setting] = [_skip_setting((name,)), " or ", setting("quantize", "'int8'")]
         if smaller and not out_features % 16:
-            fixes.insert(0, f"quantize='int4:{smaller[-1]}'")
-        raise QuantizationError(f"cannot quantize {name!r} to {quantization.tag}: {' and '.join(problems)}; use "
-                                f"{' or '.join(fixes)}.")
+            fixes[:0] = [setting("quantize", f"'int4:{smaller[-1]}'"), " or "]
+        raise QuantizationError(Text(f"cannot quantize {name!r} to {quantization.tag}: {' and '.join(problems)}; "
+                                     "use ", *fixes, "."))
 
 
 def check_device(quantization: Quantization, device: torch.device, where: str = "") -> None:
@@ -227,10 +233,14 @@ def check_device(quantization: Quantization, device: torch.device, where: str = 
         return
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
-        raise QuantizationError(
-            f"quantize={quantization.tag!r}{where}: {device} has compute capability {major}.{minor} and PyTorch's "
-            "int4 kernels need 8.0 (Ampere) or newer; use quantize='int8', or run those blocks on the CPU."
-        )
+        raise QuantizationError(Text(
+            setting("quantize", repr(quantization.tag)), f"{where}: {device} has compute capability {major}.{minor} "
+            "and PyTorch's int4 kernels need 8.0 (Ampere) or newer; use ", setting("quantize", "'int8'"),
+            ", or run those blocks on the CPU."))
+
+
+def _skip_setting(names: Sequence[str]) -> Setting:
+    return Setting(f"quantize_skip={list(names)!r}", "--quantize-skip " + " ".join(names))
 
 
 def swap_linears(model: nn.Module, names: Sequence[str], quantization: Quantization,

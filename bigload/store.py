@@ -565,11 +565,10 @@ def _check_origin(folder: Path, expected: StoreOrigin) -> None:
                  setting("offload_folder"), ", or delete it.")
         )
     if found.fingerprint != expected.fingerprint and found.quantize != expected.quantize:
-        raise OffloadError(
+        raise OffloadError(Text(
             f"{folder} holds weights written with {found.describe_quantize()}, and this load asks for "
-            f"{expected.describe_quantize()}. Use another offload_folder for each scheme, or delete this one "
-            "to rebuild it."
-        )
+            f"{expected.describe_quantize()}. Use another ", setting("offload_folder"), " for each scheme, or "
+            "delete this one to rebuild it."))
     if found.fingerprint != expected.fingerprint:
         raise OffloadError(
             Text(f"{folder} holds weights from {found.describe()}, not from {expected.describe()}. "

@@ -314,12 +314,12 @@ def test_generate_with_quantize_int8_and_disk_offload_equals_in_memory_int8(cli,
 def test_quantize_errors_are_one_line_with_the_fix(cli, model_folder: Path):
     out = cli("plan", str(model_folder), "--quantize", "int3")
     assert out.returncode == 2
-    assert out.stderr.startswith("bigload: error: quantize='int3' is not a scheme bigload knows; use 'int8'")
+    assert out.stderr.startswith("bigload: error: --quantize int3 is not a scheme bigload knows; use --quantize int8")
     # The demo's MLP width (688) is no multiple of an int4 group: the message names the layer and the ways out.
     out = cli("plan", str(model_folder), "--quantize", "int4")
     assert out.returncode == 2
     assert "cannot quantize 'model.layers.0.mlp.down_proj' to int4:128: its 688 inputs" in out.stderr
-    assert "quantize_skip=['model.layers.0.mlp.down_proj'] or quantize='int8'" in out.stderr
+    assert "use --quantize-skip model.layers.0.mlp.down_proj or --quantize int8." in out.stderr
 # -- plan and inspect read headers only -----------------------------------------------------------------
 
 

@@ -143,7 +143,7 @@ def test_swap_linears_builds_meta_modules_with_quantized_tensors():
 
 
 @pytest.mark.parametrize("value, match", [
-    ("int3", r"quantize='int3' is not a scheme bigload knows; use 'int8'"),
+    ("int3", r"quantize='int3' is not a scheme bigload knows; use quantize='int8'"),
     ("int4:48", r"must be one of 32, 64, 128, 256"),
     ("int8:64", r"a group size applies to int4 only"),
 ])
@@ -156,14 +156,14 @@ def test_parse_reads_none_and_groups():
     assert Quantization.parse(None) is None and Quantization.parse("none") is None
     assert Quantization.parse("INT4") == Quantization(Scheme.INT4, 128)
     assert Quantization.parse("int4:64", skip=["lm"]).tag == "int4:64"
-    with pytest.raises(QuantizationError, match=r"quantize_skip=\['x'\] was given without quantize="):
+    with pytest.raises(QuantizationError, match=r"quantize_skip=\['x'\] was given without quantize; add quantize="):
         Quantization.parse(None, skip=["x"])
 
 
 def test_a_model_without_linear_layers_is_refused():
     model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8))
-    with pytest.raises(QuantizationError, match="Sequential has no nn.Linear layer to quantize .* load it without "
-                                                "quantize="):
+    with pytest.raises(QuantizationError, match=r"Sequential has no nn.Linear layer to quantize .* load it without "
+                                                r"quantize\."):
         choose_linears(model, Quantization.parse("int8"))
 
 
