@@ -20,6 +20,7 @@ from bigload.dispatch import (
 )
 from bigload.empty import init_empty_weights, init_on_device
 from bigload.errors import (
+    AdapterError,
     BigloadError,
     BudgetError,
     CheckpointError,
@@ -38,6 +39,7 @@ from bigload.stream import LoadResult, load_checkpoint_in_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterError",
     "BigloadError",
     "Budget",
     "BudgetError",

@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("model", metavar="MODEL")
     _add_planning_flags(plan)
     plan.add_argument("--json", metavar="OUT", type=Path, help="write the plan as JSON to OUT ('-' for stdout)")
+    _add_adapter_flag(plan)
     plan.set_defaults(run=_cmd_plan)
 
     inspect = sub.add_parser("inspect", help="what a checkpoint holds, from headers only",
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="tokens to generate (default: 64)")
     _add_planning_flags(generate)
     generate.add_argument("--offload-folder", type=Path, help="where disk-offloaded weights go")
+    _add_adapter_flag(generate)
     sampling = generate.add_mutually_exclusive_group()
     sampling.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
     sampling.add_argument("--temperature", type=float, help="sample with this temperature")
@@ -137,8 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_adapter_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", action="append", type=Path, metavar="PATH",
+                        help="a peft adapter folder (repeat for several; the first is active); needs "
+                             "`pip install bigload[peft]`")
+
+
 def _planning_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
+        "adapter": args.adapter,
         "max_memory": args.max_memory,
         "strategy": args.strategy,
         "dtype": args.dtype,
@@ -160,6 +169,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(result.to_json())
         return 0
     print(result.explain(Audience.CLI))
+    if args.adapter:
+        from bigload.hf import describe_adapters
+
+        print()
+        print("\n".join(describe_adapters(args.model, args.adapter, result, args.dtype)))
     if args.json is not None:
         args.json.write_text(result.to_json())
         print(f"\nplan written to {args.json}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from bigload.messages import Audience, render
 
 __all__ = [
+    "AdapterError",
     "BigloadError",
     "BudgetError",
     "CheckpointError",
@@ -58,3 +59,7 @@ class DeviceError(BigloadError):
 class QuantizationError(BigloadError, ValueError):
     """A `quantize=` scheme bigload does not know, a model or Linear it cannot apply to, or a device that
     cannot run it."""
+
+
+class AdapterError(BigloadError):
+    """An adapter (peft) that cannot go on this model: unreadable, unknown method, or made for another base."""

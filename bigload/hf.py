@@ -290,29 +290,30 @@ def inventory_for(
     *,
     dtype: torch.dtype | str | None = None,
     no_split_module_classes: list[str] | None = None,
+    adapter: str | Path | Sequence[str | Path] | None = None,
     quantize: str | None = None,
     quantize_skip: list[str] | None = None,
 ) -> Any:
     """The inventory of what MODEL names: from a meta model when there is a config (and transformers),
-    else from checkpoint headers alone. No weight is read either way. With `quantize`, the meta model's
-    Linears are swapped first, so the inventory sizes quantized bytes.
+    else from checkpoint headers alone. No weight is read either way. With `adapter`, the meta model is
+    wrapped with the adapters first, so each block counts its adapter tensors. With `quantize`, the meta
+    model's Linears are swapped first, so the inventory sizes quantized bytes.
 
     Raises:
-        QuantizationError: `quantize` with checkpoint headers alone (no config.json to build modules from).
+        QuantizationError: `quantize` with checkpoint headers alone (no config.json to build modules from),
+            or with adapters.
     """
     source = resolve_model_source(spec)
+    _refuse_quantized_adapters(quantize, adapter)
     if source.config is not None and _transformers_available():
-        config = load_config(source.config)
-        target = _weights_dtype(source, config, dtype) or torch.float32
-        model = meta_model_from_config(config, dtype=target)
-        stored = None
-        if source.checkpoint is not None:
-            # The checkpoint's dtypes (headers only) decide tensors that are never cast (float8, integers).
-            index = open_checkpoint(source.checkpoint)
-            stored = source_dtypes(index, checkpoint_sources(model, index))
-        prepare_quantization(model, quantize, quantize_skip, rule=DtypeRule.for_model(model, target))
-        return inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes,
-                                     stored_dtypes=stored)
+        built = prepare_model(source, dtype, adapter)
+        prepare_quantization(built.model, quantize, quantize_skip, rule=DtypeRule.for_model(built.model, built.dtype))
+        return inventory_from_module(built.model, dtype=built.dtype, no_split_module_classes=no_split_module_classes,
+                                     keep_in_fp32_modules=built.keep_in_fp32_modules if built.adapters else None,
+                                     stored_dtypes=built.stored_dtypes())
+    if adapter is not None:
+        raise BigloadError(f"{spec} has no config.json, and adapters need the model built from one; plan the "
+                           "model folder (config.json beside the weights) with --adapter.")
     if quantize is not None:
         raise QuantizationError(Text(
             f"{spec}: planning with ", setting("quantize", repr(quantize)), " needs the model's config.json (and "
@@ -330,6 +331,75 @@ def inventory_for(
     )
 
 
+@dataclass(frozen=True)
+class PreparedModel:
+    """A meta model ready to plan and load: built from the config, wrapped with adapters if any.
+
+    model: the transformers model (inside `wrapped` when there are adapters); wrapped: peft's `PeftModel`, or
+    None; dtype: the load dtype; keep_in_fp32_modules: transformers' rule plus the adapter modules peft keeps
+    in float32; index, sources: where every tensor is (base checkpoint and adapter files, headers only; None
+    without a checkpoint); adapters: as read.
+    """
+
+    model: nn.Module
+    wrapped: nn.Module | None
+    dtype: torch.dtype
+    keep_in_fp32_modules: list[str]
+    index: CheckpointIndex | None
+    sources: SourcePlan | None
+    adapters: tuple[Any, ...] = ()
+
+    def stored_dtypes(self) -> dict[str, torch.dtype] | None:
+        """Tensor name -> its dtype in the files it loads from (None without a checkpoint)."""
+        return source_dtypes(self.index, self.sources) if self.index is not None else None
+
+
+def prepare_model(source: ModelSource, dtype: torch.dtype | str | None,
+                  adapter: str | Path | Sequence[str | Path] | None = None, *,
+                  model_class: Any = None) -> PreparedModel:
+    """The meta model of `source` (wrapped with `adapter`s) and where its tensors are; no weight is read.
+
+    Raises:
+        AdapterError: an adapter is unreadable or made for another base.
+    """
+    config = load_config(source.config)  # type: ignore[arg-type]
+    target = _weights_dtype(source, config, dtype) or torch.float32
+    model = meta_model_from_config(config, model_class=model_class, dtype=target)
+    index = open_checkpoint(source.checkpoint) if source.checkpoint is not None else None
+    sources = checkpoint_sources(model, index) if index is not None else None
+    keep = list(default_keep_in_fp32_modules(model, target))
+    if adapter is None:
+        return PreparedModel(model, None, target, keep, index, sources)
+    from bigload.adapters import adapter_fp32_modules, read_adapters, with_adapter_sources, wrap
+
+    adapters = read_adapters(adapter)
+    wrapped = wrap(model, adapters)
+    if index is not None and sources is not None:
+        index, sources = with_adapter_sources(wrapped, adapters, index, sources)
+    return PreparedModel(model, wrapped, target, [*keep, *adapter_fp32_modules(target)], index, sources,
+                         tuple(adapters))
+
+
+def _refuse_quantized_adapters(quantize: Any, adapter: Any) -> None:
+    if quantize is not None and adapter is not None:
+        raise QuantizationError(Text(
+            setting("quantize", repr(quantize)), " with ", setting("adapter"), " is not supported: peft wraps the "
+            "Linear layers that would be quantized. Load the adapter on the unquantized model, or drop ",
+            setting("adapter"), "."))
+
+
+def describe_adapters(spec: str | Path, adapter: str | Path | Sequence[str | Path], plan: Any,
+                      dtype: torch.dtype | str | None = None) -> list[str]:
+    """Lines saying what each adapter adds to which planned block (for `bigload plan --adapter`)."""
+    from bigload.adapters import adapter_summary
+
+    source = resolve_model_source(spec)
+    if source.config is None:
+        raise BigloadError(f"{spec} has no config.json; adapters need the model built from one.")
+    built = prepare_model(source, dtype, adapter)
+    return adapter_summary(built.model, built.adapters, plan.device_map, built.dtype)
+
+
 def plan_model(
     spec: str | Path,
     *,
@@ -342,6 +412,7 @@ def plan_model(
     prefetch: int = 1,
     offload_folder: str | Path | None = None,
     policy: ExecutionPolicy | str | None = None,
+    adapter: str | Path | Sequence[str | Path] | None = None,
     quantize: str | None = None,
     quantize_skip: list[str] | None = None,
 ) -> Any:
@@ -360,6 +431,7 @@ def plan_model(
         offload_folder: with no "disk" budget, its free space becomes the disk budget.
         policy: where CPU-resident blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local");
             default: chosen by `plan.choose_policy`.
+        adapter: peft adapter folder(s) whose tensors the blocks carry (see `from_pretrained`).
         quantize, quantize_skip: plan the quantized model ("int8", "int4", "int4:GROUP"; see
             `from_pretrained`); needs a config.
 
@@ -376,7 +448,7 @@ def plan_model(
                           context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
                           no_split_module_classes=no_split_module_classes)
     inventory = inventory_for(spec, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes,
-                              quantize=quantize, quantize_skip=quantize_skip)
+                              adapter=adapter, quantize=quantize, quantize_skip=quantize_skip)
     budget = detect_budget(options.max_memory, offload_folder=options.offload_folder)
     return plan(inventory, budget, options.with_settings(dtype=inventory.dtype))
 
@@ -397,6 +469,7 @@ def from_pretrained(
     no_split_module_classes: list[str] | None = None,
     materialize: bool = False,
     policy: ExecutionPolicy | str | None = None,
+    adapter: str | Path | Sequence[str | Path] | None = None,
     quantize: str | None = None,
     quantize_skip: list[str] | None = None,
 ) -> nn.Module:
@@ -432,13 +505,18 @@ def from_pretrained(
             `load_checkpoint_and_dispatch`).
         policy: where CPU-resident blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local");
             default: the planner's choice (with a dict map: stream).
+        adapter: a peft adapter folder, or several (the first is named "default", the others after their
+            folders; the first is active). The model is wrapped on meta before planning, so the plan counts
+            each adapter's bytes on the block that owns them and one pass streams base and adapter tensors.
+            The result is then peft's `PeftModel` (`set_adapter`, `disable_adapter`, `merge_and_unload` work).
         quantize: "int8" (per output channel), "int4" (groups of 128) or "int4:GROUP": the Linear layers of
             the model's blocks are planned, streamed, offloaded and run quantized (`bigload.quant`); the
-            embeddings, norms and output head stay in `dtype`.
+            embeddings, norms and output head stay in `dtype`. Not with `adapter` (refused).
         quantize_skip: module names whose Linears stay unquantized.
 
     Raises:
-        BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint.
+        BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint;
+            `AdapterError` for an adapter that is unreadable or made for another base (nothing is loaded).
 
     >>> model = from_pretrained("Llama-3-8B/", max_memory={"cpu": "8GiB", "disk": "64GiB"},
     ...                         offload_folder="offload/")  # doctest: +SKIP
@@ -450,23 +528,36 @@ def from_pretrained(
             f"{path} must be a model folder with config.json and weights (.safetensors or .bin); "
             f"found {'no config.json' if source.config is None else 'no weights'}."
         )
-    config = load_config(source.config)
-    target = _weights_dtype(source, config, dtype) or torch.float32
-    model = meta_model_from_config(config, model_class=model_class, dtype=target)
-    index = open_checkpoint(source.checkpoint)
+    _refuse_quantized_adapters(quantize, adapter)
+    built = prepare_model(source, dtype, adapter, model_class=model_class)
+    model = built.model
     if isinstance(device_map, Mapping):
         device_map = _with_computed_buffers(model, device_map)
     load_checkpoint_and_dispatch(
-        model, index, device_map=device_map, max_memory=max_memory,
-        no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=target,
+        model, built.index, device_map=device_map, max_memory=max_memory,
+        no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=built.dtype,
         strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
-        progress=progress, keep_in_fp32_modules=default_keep_in_fp32_modules(model, target),
-        sources=checkpoint_sources(model, index), materialize=materialize, policy=policy, quantize=quantize,
-        quantize_skip=quantize_skip,
+        progress=progress, keep_in_fp32_modules=built.keep_in_fp32_modules, sources=built.sources,
+        materialize=materialize, policy=policy, quantize=quantize, quantize_skip=quantize_skip,
     )
     _align_encoder_outputs(model)
     _load_generation_config(model, Path(path))
-    return model.eval()
+    if built.wrapped is None:
+        return model.eval()
+    from bigload.adapters import load_model_level_weights
+
+    load_model_level_weights(built.wrapped, built.adapters, _input_device(model))
+    return built.wrapped.eval()
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs start: the execution device of its first block (the CPU without hooks)."""
+    from bigload.hooks import runtime_of
+
+    runtime = runtime_of(model)
+    if runtime is None or not runtime.blocks:
+        return next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))
+    return next(iter(runtime.blocks.values())).execution_device
 
 
 def _with_computed_buffers(model: nn.Module, device_map: Mapping[str, Any]) -> dict[str, Any]:

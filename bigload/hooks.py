@@ -29,6 +29,7 @@ slower, accelerate issue 1394).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -36,10 +37,11 @@ import math
 import mmap
 import sys
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -59,7 +61,9 @@ __all__ = [
     "PrefetchStats",
     "Runtime",
     "WeightSource",
+    "adopt",
     "attach",
+    "sync_merges",
     "detach",
     "execution_device_for",
     "runtime_of",
@@ -195,12 +199,15 @@ class WeightSource(Protocol):
     """Somewhere offloaded tensors are kept: `DiskStore` (disk) or `HostWeights` (CPU RAM).
 
     `get` returns a CPU tensor in the stored dtype and shape; a zero-copy view (mmap'd file, host tensor)
-    where possible. It may be called from the prefetch thread.
+    where possible. It may be called from the prefetch thread. `rewrite` replaces a tensor's value (an
+    adapter merged into it), between forwards.
     """
 
     def __contains__(self, name: object) -> bool: ...
 
     def get(self, name: str) -> torch.Tensor: ...
+
+    def rewrite(self, name: str, tensor: torch.Tensor, *, change: str) -> None: ...
 
 
 class HostWeights:
@@ -228,6 +235,13 @@ class HostWeights:
 
     def __contains__(self, name: object) -> bool:
         return name in self._tensors
+
+    def rewrite(self, name: str, tensor: torch.Tensor, *, change: str) -> None:
+        """Replace `name` (e.g. with weights an adapter was merged into); `change` is for the disk store's
+        fingerprint and needs no record in memory."""
+        if name not in self._tensors:
+            raise OffloadError(f"tensor {name!r} is not among the host-offloaded weights.")
+        self.put(name, tensor)
 
     def get(self, name: str) -> torch.Tensor:
         try:
@@ -566,6 +580,14 @@ class _Prefetcher:
             order=tuple(self.order),
         )
 
+    def forget(self, name: str) -> None:
+        """Drop what is loaded or cached for block `name` (its stored tensors changed); it loads afresh."""
+        ticket = self.tickets.get(name)
+        if ticket is not None and name not in self.in_use:
+            self._wait_quietly(ticket)
+            self._drop(ticket)
+        self._views.pop(name, None)
+
     def close(self) -> None:
         for ticket in list(self.tickets.values()):
             self._wait_quietly(ticket)
@@ -698,6 +720,16 @@ class Runtime:
     # forward re-registers the same objects instead of wrapping new Parameters.
     _values: dict[str, tuple[Mapping[str, torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
     _input_devices: list[torch.device | None] = field(default_factory=list)
+    # Modules or tensors were registered somewhere since the last look (adapters added after attach).
+    changed: bool = False
+    # Offloaded tensors by (id of the module holding them, attribute): what a merge into them rewrites.
+    _offloaded_sites: dict[tuple[int, str], tuple[str, _Entry]] = field(default_factory=dict)
+    _placeholders: set[int] = field(default_factory=set)
+    # The model's modules: a registration elsewhere (transformers slicing a ModuleList per forward) is not ours.
+    _members: "weakref.WeakSet[nn.Module]" = field(default_factory=weakref.WeakSet)
+    # peft layers wrapping an offloaded weight, and which of their adapters that weight's stored bytes hold.
+    _adapter_layers: list[nn.Module] = field(default_factory=list)
+    _merged: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     def stats(self) -> PrefetchStats:
         """Counters of the prefetcher: buffers, bytes held, reserve, blocks prefetched in order."""
@@ -723,6 +755,11 @@ class Runtime:
             self.prefetcher.release(block.name)
 
     def _root_pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._input_devices:
+            if self.changed:
+                adopt(self)
+            for layer in self._adapter_layers:
+                sync_merges(self, layer)
         self._input_devices.append(_first_tensor_device(args, kwargs, self.skip_keys))
 
     def _root_post_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -914,6 +951,7 @@ def attach(
     for name in ordered:
         _hook_block(runtime, model.get_submodule(name), blocks[name])
     model.__dict__[_RUNTIME_ATTR] = runtime
+    _watch_additions(runtime)
     return runtime
 
 
@@ -1070,8 +1108,201 @@ def detach(model: nn.Module) -> nn.Module:
             for site in entry.sites:
                 site.set(real)
     del model.__dict__[_RUNTIME_ATTR]
+    _LIVE_RUNTIMES.pop(id(runtime), None)
     for attr in runtime.owned_attributes:
         model.__dict__.pop(attr, None)
     for undo in runtime.on_detach:
         undo()
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules added after attach (adapters)
+#
+# peft wraps layers of an attached model (LoRA's `lora_A`/`lora_B` beside the original layer, which becomes
+# `base_layer`) and moves the new weights to the device of the base weight: for an offloaded layer that is
+# the meta placeholder, so the weights would have no data. The runtime watches module and tensor
+# registrations (torch's global registration hooks: no monkeypatching) and, before the next forward or
+# state-dict load, gives every tensor added under a block a home: resident on the block's execution device
+# (adapters are small). When peft's `merge_and_unload` puts a merged layer's `base_layer` back in place, the
+# merged weight is computed from the stored base weight and written where the base weight lives.
+
+_LIVE_RUNTIMES: "weakref.WeakValueDictionary[int, Runtime]" = weakref.WeakValueDictionary()
+_WATCH_HANDLES: list[RemovableHandle] = []
+
+
+def _watch_additions(runtime: Runtime) -> None:
+    """Index the runtime's offloaded tensors and have registrations anywhere mark it changed."""
+    for block in runtime.blocks.values():
+        for entry in block.entries:
+            runtime._placeholders.add(id(entry.placeholder))
+            for site in entry.sites:
+                runtime._offloaded_sites[(id(site.module), site.attr)] = (block.name, entry)
+    for module in runtime.model.modules():
+        runtime._members.add(module)
+        if _wraps_offloaded_weight(runtime, module):  # wrapped before dispatch (adapters.py)
+            runtime._adapter_layers.append(module)
+    runtime.handles.append(runtime.model.register_load_state_dict_pre_hook(_before_state_dict_load))
+    # `model.to(...)` (peft's `from_pretrained` calls it on an offloaded base) must not touch placeholders.
+    runtime.model.__dict__["_apply"] = functools.partial(_apply_to_resident, runtime)
+    runtime.owned_attributes.append("_apply")
+    _LIVE_RUNTIMES[id(runtime)] = runtime
+    if not _WATCH_HANDLES:
+        from torch.nn.modules import module as torch_module
+
+        _WATCH_HANDLES.extend((
+            torch_module.register_module_module_registration_hook(_module_registered),
+            torch_module.register_module_parameter_registration_hook(_tensor_registered),
+            torch_module.register_module_buffer_registration_hook(_tensor_registered),
+        ))
+
+
+def _tensor_registered(module: nn.Module, name: str, value: Any) -> None:
+    for runtime in list(_LIVE_RUNTIMES.values()):
+        if module in runtime._members:
+            runtime.changed = True
+
+
+def _module_registered(parent: nn.Module, name: str, value: Any) -> None:
+    # Called before `value` replaces `parent._modules[name]`: the old module is still there.
+    for runtime in list(_LIVE_RUNTIMES.values()):
+        if parent not in runtime._members:
+            continue
+        runtime.changed = True
+        old = parent._modules.get(name)
+        if old is not None and old is not value and old in runtime._adapter_layers:
+            sync_merges(runtime, old)  # peft's merge_and_unload is putting the merged base layer back
+            runtime._adapter_layers.remove(old)
+            runtime._merged.pop(id(old), None)
+
+
+def _before_state_dict_load(module: nn.Module, *args: Any) -> None:
+    runtime = runtime_of(module)
+    if runtime is not None:
+        adopt(runtime, materialize=True)
+
+
+def adopt(runtime: Runtime, *, materialize: bool = False) -> None:
+    """Make tensors added to an attached model since `attach` (adapter weights) resident on their block's
+    execution device. The runtime calls this itself before a forward and before a state-dict load.
+
+    Args:
+        runtime: `runtime_of(model)`.
+        materialize: give tensors left on the meta device (peft creates the adapter weights of an offloaded
+            layer there) zero-filled storage, about to be overwritten by a state-dict load.
+
+    Raises:
+        OffloadError: (without `materialize`) tensors added after attach are on the meta device: they have
+            no data.
+    """
+    keys = set(runtime.blocks)
+    empty: list[str] = []
+    for module_name, module in runtime.model.named_modules():
+        runtime._members.add(module)
+        if _wraps_offloaded_weight(runtime, module) and module not in runtime._adapter_layers:
+            runtime._adapter_layers.append(module)
+        owner = owner_of(module_name, keys)
+        if owner is None:
+            continue
+        device = runtime.blocks[owner].execution_device
+        for site, tensor in _own_tensors(module):
+            if id(tensor) in runtime._placeholders or tensor.device == device:
+                continue
+            if tensor.device.type == "meta" and not materialize:
+                empty.append(f"{module_name}.{site.attr}" if module_name else site.attr)
+                continue
+            with torch.no_grad():
+                value = (torch.zeros(tensor.shape, dtype=tensor.dtype, device=device)
+                         if tensor.device.type == "meta" else tensor.detach().to(device))
+            site.set(_like(tensor, value))
+    if empty:
+        raise OffloadError(
+            f"tensors {empty[:5]} were added to the dispatched model after dispatch and have no data (meta "
+            "device). Load their weights (PeftModel.from_pretrained, load_adapter or load_state_dict), or add the "
+            "adapter before dispatching (bigload.from_pretrained(..., adapter=PATH))."
+        )
+    runtime.changed = False
+
+
+def _own_tensors(module: nn.Module) -> Iterable[tuple[Site, torch.Tensor]]:
+    for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
+        for attr, tensor in list(table.items()):
+            if tensor is not None:
+                yield Site(module, attr, is_parameter), tensor
+
+
+def _apply_to_resident(runtime: Runtime, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+                       ) -> nn.Module:
+    """`nn.Module._apply` for an attached model: `fn` (a `.to`, a `.float()`) reaches every tensor except the
+    placeholders of offloaded weights, which the runtime installs on their execution device itself."""
+    hidden = [(site, entry.placeholder) for block in runtime.blocks.values() for entry in block.entries
+              for site in entry.sites if site.get() is entry.placeholder]
+    for site, _ in hidden:
+        site.set(None)  # type: ignore[arg-type]  # nn.Module._apply skips None entries
+    try:
+        nn.Module._apply(runtime.model, fn, recurse)
+    finally:
+        for site, placeholder in hidden:
+            site.set(placeholder)
+    runtime.changed = True
+    return runtime.model
+
+
+def _wraps_offloaded_weight(runtime: Runtime, module: nn.Module) -> bool:
+    """A peft tuner layer (it tracks `merged_adapters`) whose base layer's weight is offloaded."""
+    get_base = getattr(module, "get_base_layer", None)
+    if not callable(get_base) or not hasattr(module, "merged_adapters"):
+        return False
+    return (id(get_base()), "weight") in runtime._offloaded_sites
+
+
+def sync_merges(runtime: Runtime, layer: nn.Module) -> None:
+    """Make the stored base weight under peft `layer` hold exactly the adapters peft says are merged into it.
+
+    peft merges (`merge_adapter`, `merge_and_unload`) by adding to `base_layer.weight` in place; for an
+    offloaded weight that is the meta placeholder, so the add is lost. The runtime calls this before each
+    forward and when peft puts a merged base layer back: it writes base + deltas of newly merged adapters
+    (minus those of unmerged ones) where the base weight is stored, so the merged weight never sits in RAM.
+
+    Raises:
+        OffloadError: a merged adapter is not plain LoRA (DoRA, lora_bias): its merge cannot be written here.
+    """
+    want, have = tuple(layer.merged_adapters), runtime._merged.get(id(layer), ())
+    if want == have:
+        return
+    block, entry = runtime._offloaded_sites[(id(layer.get_base_layer()), "weight")]
+    added = [name for name in want if name not in have]
+    removed = [name for name in have if name not in want]
+    unsupported = [name for name in added + removed if name in getattr(layer, "lora_variant", {})
+                   or getattr(layer, "lora_bias", {}).get(name)]
+    if unsupported or not hasattr(layer, "get_delta_weight"):
+        raise OffloadError(
+            f"cannot merge adapters {unsupported or added} into the offloaded weight {entry.key!r}: only plain "
+            "LoRA (no DoRA, no lora_bias) merges into offloaded weights. Unload without merging (unload()), or "
+            "load the base model onto the CPU to merge."
+        )
+    with torch.no_grad(), _installed(runtime, runtime.blocks[block]):
+        # Installed: adapter weights loaded with the block (bigload's own adapter loading) are real now.
+        stored = entry.source.get(entry.key)
+        merged = stored.reshape(entry.shape).to(entry.dtype, copy=True)
+        for name in added:
+            merged += layer.get_delta_weight(name).to(merged.device, merged.dtype)
+        for name in removed:
+            merged -= layer.get_delta_weight(name).to(merged.device, merged.dtype)
+    change = f"merged {added} into {entry.key}" if added else f"unmerged {removed} from {entry.key}"
+    entry.source.rewrite(entry.key, merged.to(stored.dtype), change=change)
+    runtime._merged[id(layer)] = want
+    runtime.prefetcher.forget(block)
+    runtime._values.pop(block, None)
+    logger.info("bigload: %s", change)
+
+
+@contextlib.contextmanager
+def _installed(runtime: Runtime, block: Block) -> Iterator[None]:
+    """The block's offloaded tensors installed, as during its forward."""
+    runtime._install(block, runtime.prefetcher.acquire(block.name))
+    try:
+        yield
+    finally:
+        runtime._uninstall(block)
+        runtime.prefetcher.release(block.name)

@@ -115,7 +115,8 @@ def timed_generate(model: Any, input_ids: torch.Tensor, options: GenerateOptions
 def _runtime_bytes_read(model: Any) -> int:
     from bigload.hooks import runtime_of
 
-    runtime = runtime_of(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model holds the base
+    runtime = runtime_of(base)
     return 0 if runtime is None else runtime.stats().bytes_loaded
 
 
@@ -148,8 +149,8 @@ def load_for_generate(path: str | Path, *, offload_folder: str | Path | None = N
     start = time.perf_counter()
     with without_transformers_progress():
         model = from_pretrained(path, device_map=plan, offload_folder=offload_folder, progress=progress,
-                                dtype=planning.get("dtype"), quantize=planning.get("quantize"),
-                                quantize_skip=planning.get("quantize_skip"))
+                                dtype=planning.get("dtype"), adapter=planning.get("adapter"),
+                                quantize=planning.get("quantize"), quantize_skip=planning.get("quantize_skip"))
     return Loaded(model, tokenizer, plan, time.perf_counter() - start)
 
 
@@ -190,7 +191,7 @@ def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: 
         progress: bigload's progress bar while loading (one final line when stderr is not a terminal).
         audience: how the plan's reasons name settings (Python keywords or CLI flags).
         planning: max_memory, strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch,
-            policy, quantize, quantize_skip.
+            policy, adapter (peft adapter folders, see `from_pretrained`), quantize, quantize_skip.
 
     Raises:
         BigloadError: the folder does not exist or has no tokenizer, the model does not fit, ...

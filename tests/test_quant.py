@@ -397,3 +397,11 @@ def test_the_inventory_carries_each_tensors_scheme_and_the_planner_states_it():
     assert quantized_bytes == 2 * sum(n * k + 2 * n for n, k in shapes)  # int8 codes + bf16 scales, 2 layers
     assert any(reason.startswith(f"{len(names)} Linear layer(s) are quantized (int8): planned at their quantized "
                                  "bytes") for reason in result.reasons)
+
+
+def test_quantize_with_an_adapter_is_refused_before_anything_is_read(tmp_path):
+    import bigload
+
+    with pytest.raises(QuantizationError, match=r"quantize='int8' with adapter is not supported: peft wraps the "
+                                                r"Linear layers"):
+        bigload.from_pretrained(tmp_path / "no-model", quantize="int8", adapter=tmp_path / "no-adapter")
