@@ -522,13 +522,13 @@ def from_pretrained(
     ...                         offload_folder="offload/")  # doctest: +SKIP
     """
     require_model_folder(path)
+    _refuse_quantized_adapters(quantize, adapter)  # before anything is read
     source = resolve_model_source(path)
     if source.config is None or source.checkpoint is None:
         raise BigloadError(
             f"{path} must be a model folder with config.json and weights (.safetensors or .bin); "
             f"found {'no config.json' if source.config is None else 'no weights'}."
         )
-    _refuse_quantized_adapters(quantize, adapter)
     built = prepare_model(source, dtype, adapter, model_class=model_class)
     model = built.model
     if isinstance(device_map, Mapping):
