@@ -34,7 +34,7 @@ from bigload.plan import STRATEGIES, Plan, PlanOptions, plan
 from bigload.store import DiskStore, StoreOrigin, StoreWriter
 from bigload.checkpoint import CheckpointIndex, open_checkpoint
 from bigload.quant import Quantization
-from bigload.stream import SourcePlan, load_checkpoint_in_model, prepare_quantization, source_dtypes
+from bigload.stream import SourcePlan, gpu_cast_bytes, load_checkpoint_in_model, prepare_quantization, source_dtypes
 from bigload.tensors import owner_of, tensor_groups
 
 __all__ = [
@@ -252,8 +252,7 @@ def dispatch_model(
             store = DiskStore.open(folder)
         else:
             store = _write_disk_blocks(model, device_map, placed, folder, offload_buffers)
-    pin = main.is_gpu and policy is ExecutionPolicy.STREAM
-    host = HostWeights(state_dict, pin=pin) if state_dict is not None else None
+    host = HostWeights(state_dict) if state_dict is not None else None
     runtime = attach(
         model,
         device_map,
@@ -375,7 +374,8 @@ def load_checkpoint_and_dispatch(
     options = PlanOptions(
         dtype=dtype, max_memory=max_memory, offload_folder=offload_folder, context_length=context_length,
         batch_size=batch_size, prefetch=prefetch, policy=policy, keep_in_fp32_modules=keep_in_fp32_modules,
-        special_dtypes=special_dtypes, no_split_module_classes=no_split_module_classes)
+        special_dtypes=special_dtypes, no_split_module_classes=no_split_module_classes,
+        cast_bytes=gpu_cast_bytes(index, parse_dtype(dtype) if dtype is not None else None))
     placement = _place(model, device_map, options, source_dtypes(index, sources))
     placed = validate_device_map(model, placement.device_map)
     result = load_checkpoint_in_model(
@@ -459,6 +459,7 @@ def plan_for_model(
     keep_in_fp32_modules: Sequence[str] | None = None,
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     policy: ExecutionPolicy | str | None = None,
+    headroom: int | str | Mapping[DeviceLike, int | str] | None = None,
 ) -> Plan:
     """Plan an `nn.Module` you built (meta is fine): inventory -> budget -> plan, without reading a weight.
 
@@ -467,14 +468,14 @@ def plan_for_model(
     `Inventory` and `Budget` you built yourself (pure, no probing).
 
     `max_memory=None` plans for what this machine has free now; an `offload_folder` with no "disk" entry
-    in `max_memory` contributes its free space as the disk budget. The other keywords are
-    `load_checkpoint_and_dispatch`'s.
+    in `max_memory` contributes its free space as the disk budget. `headroom` is kept free per device (see
+    `PlanOptions`; None: max(1 GiB, 5 %) on each GPU). The other keywords are `load_checkpoint_and_dispatch`'s.
     """
     options = PlanOptions(
         strategy=strategy, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
         context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
         keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes,
-        no_split_module_classes=no_split_module_classes)
+        no_split_module_classes=no_split_module_classes, headroom=headroom)
     return _plan_inventory(_inventory(model, options, None), options)
 
 

@@ -35,7 +35,7 @@ from bigload.inventory import (
 from bigload.messages import Text, setting
 from bigload.plan import PlanOptions, plan
 from bigload.sizes import parse_dtype
-from bigload.stream import DerivedTensor, SourcePlan, prepare_quantization, source_dtypes
+from bigload.stream import DerivedTensor, SourcePlan, gpu_cast_bytes, prepare_quantization, source_dtypes
 from bigload.tensors import owner_of
 
 if TYPE_CHECKING:
@@ -450,7 +450,10 @@ def plan_model(
     inventory = inventory_for(spec, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes,
                               adapter=adapter, quantize=quantize, quantize_skip=quantize_skip)
     budget = detect_budget(options.max_memory, offload_folder=options.offload_folder)
-    return plan(inventory, budget, options.with_settings(dtype=inventory.dtype))
+    source = resolve_model_source(spec)
+    # A load of this checkpoint casts on the GPU: the plan keeps its largest temporary free there.
+    cast = gpu_cast_bytes(open_checkpoint(source.checkpoint), inventory.dtype) if source.checkpoint else 0
+    return plan(inventory, budget, options.with_settings(dtype=inventory.dtype, cast_bytes=cast))
 
 
 def from_pretrained(

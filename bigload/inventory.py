@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bigload.errors import BigloadError, PlanError
+from bigload.reserve import SLOT_ALIGNMENT, aligned
 from bigload.sizes import dtype_width, parse_dtype
 
 __all__ = [
@@ -212,6 +213,11 @@ class Inventory:
         # Prefix sums make every subtree size O(1); they are derived data, not part of equality.
         object.__setattr__(self, "_bytes_prefix", tuple(itertools.accumulate(self.own_bytes, initial=0)))
         object.__setattr__(self, "_buffer_prefix", tuple(itertools.accumulate(self.own_buffer_bytes, initial=0)))
+        slot_own = [0] * len(self.names)
+        for entry in self.tensors:
+            if not entry.buffer:
+                slot_own[entry.module] += aligned(entry.nbytes)
+        object.__setattr__(self, "_slot_prefix", tuple(itertools.accumulate(slot_own, initial=0)))
         object.__setattr__(self, "_index", {name: i for i, name in enumerate(self.names)})
 
     def __len__(self) -> int:
@@ -240,6 +246,17 @@ class Inventory:
     def subtree_buffer_bytes(self, i: int) -> int:
         """Bytes of the buffers of module `i` and everything under it."""
         return self._buffer_prefix[self.ends[i]] - self._buffer_prefix[i]  # type: ignore[attr-defined]
+
+    def slot_bytes(self, i: int, *, whole: bool = True, alignment: int = SLOT_ALIGNMENT) -> int:
+        """Bytes of a runtime slot holding the parameters of module `i` (with everything under it, or only
+        its own when not `whole`), each at an `alignment`-aligned offset (`reserve.slot_bytes`)."""
+        end = self.ends[i] if whole else i + 1
+        if alignment == 1:
+            params = self._bytes_prefix[end] - self._bytes_prefix[i]  # type: ignore[attr-defined]
+            return params - (self._buffer_prefix[end] - self._buffer_prefix[i])  # type: ignore[attr-defined]
+        if alignment != SLOT_ALIGNMENT:
+            raise ValueError(f"slot alignment {alignment} is neither 1 nor SLOT_ALIGNMENT ({SLOT_ALIGNMENT}).")
+        return self._slot_prefix[end] - self._slot_prefix[i]  # type: ignore[attr-defined]
 
     def size(self, name: str) -> int:
         """Bytes of module `name` with everything under it.

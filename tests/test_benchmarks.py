@@ -64,6 +64,7 @@ def test_presets_have_the_documented_sizes():
     size = lambda p: sum(2 * torch.Size(s).numel() for s in tensor_shapes(PRESETS[p]).values())  # noqa: E731
     assert 0.9e9 < size("small") < 1.1e9
     assert 6.5e9 < size("large") < 7.5e9
+    assert 2.7e9 < size("medium") < 3.2e9  # the GPU check's "~3 GB" Llama
     assert size("tied") < size("small")
 
 
