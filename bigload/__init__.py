@@ -29,10 +29,12 @@ from bigload.errors import (
     DistributedError,
     OffloadError,
     PlanError,
+    QuantizationError,
 )
 from bigload.hf import from_pretrained, load_tokenizer, plan_model
 from bigload.inventory import Inventory, inventory_from_checkpoint, inventory_from_module
 from bigload.plan import Plan, PlanOptions
+from bigload.quant import Quantization
 from bigload.store import DiskStore
 from bigload.stream import LoadResult, load_checkpoint_in_model
 
@@ -56,6 +58,8 @@ __all__ = [
     "Plan",
     "PlanError",
     "PlanOptions",
+    "Quantization",
+    "QuantizationError",
     "TensorRef",
     "compute_module_sizes",
     "cpu_offload",

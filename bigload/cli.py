@@ -85,6 +85,11 @@ def _add_planning_flags(parser: argparse.ArgumentParser) -> None:
                         help="module classes never split across devices (default: the model's own list)")
     parser.add_argument("--prefetch", type=int, default=1, metavar="N",
                         help="offloaded blocks loaded ahead of the one running (default: 1)")
+    parser.add_argument("--quantize", metavar="SCHEME",
+                        help="int8 (per output channel) or int4 (groups of 128; int4:GROUP for 32/64/256): the "
+                             "Linear layers of the model's blocks are planned, stored and run quantized")
+    parser.add_argument("--quantize-skip", nargs="+", metavar="MODULE", default=None,
+                        help="modules whose Linear layers stay unquantized (with --quantize)")
     parser.add_argument("--policy", choices=POLICIES, default=None,
                         help="where CPU-resident blocks run when a GPU exists: stream their weights to it, or "
                              "run locally on the CPU (default: chosen by a bandwidth model of decoding)")
@@ -174,6 +179,8 @@ def _planning_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "no_split_module_classes": args.no_split,
         "prefetch": args.prefetch,
+        "quantize": args.quantize,
+        "quantize_skip": args.quantize_skip,
         "policy": args.policy,
     }
 

@@ -29,11 +29,12 @@ from bigload.hooks import (
 )
 from bigload.sizes import parse_dtype
 from bigload.budget import check_devices_exist, detect_budget, parse_max_memory
-from bigload.inventory import Inventory, inventory_from_module
+from bigload.inventory import DtypeRule, Inventory, inventory_from_module
 from bigload.plan import STRATEGIES, Plan, PlanOptions, plan
 from bigload.store import DiskStore, StoreOrigin, StoreWriter
 from bigload.checkpoint import CheckpointIndex, open_checkpoint
-from bigload.stream import SourcePlan, gpu_cast_bytes, load_checkpoint_in_model, source_dtypes
+from bigload.quant import Quantization
+from bigload.stream import SourcePlan, gpu_cast_bytes, load_checkpoint_in_model, prepare_quantization, source_dtypes
 from bigload.tensors import owner_of, tensor_groups
 
 __all__ = [
@@ -305,6 +306,8 @@ def load_checkpoint_and_dispatch(
     sources: SourcePlan | None = None,
     materialize: bool = False,
     only: Sequence[str] | None = None,
+    quantize: str | Quantization | None = None,
+    quantize_skip: Sequence[str] | None = None,
 ) -> nn.Module:
     """Plan, stream, hook: load `checkpoint` into a model built with `init_empty_weights()` and dispatch it.
 
@@ -342,6 +345,10 @@ def load_checkpoint_and_dispatch(
             checkpoint files, for a checkpoint that may move or change, or for a first forward that must
             not wait on the disk after the page cache was dropped (costs the model's size in RAM).
         only: load only the tensors under these module names (a pipeline stage; see `load_checkpoint_in_model`).
+        quantize: "int8", "int4" or "int4:GROUP": the Linear layers of the model's blocks are swapped for
+            `bigload.quant.QuantLinear`s before planning (so the plan sizes quantized bytes) and quantized
+            while streaming; the output head, embeddings and norms stay as they are.
+        quantize_skip: module names whose Linears stay unquantized.
 
     Returns:
         `model`, weights in place, hooked, `hf_device_map` set (and `bigload_plan` when planned), and
@@ -351,7 +358,10 @@ def load_checkpoint_and_dispatch(
         PlanError: the model does not fit, or a dict map splits a tied group or misses a module.
         DeviceError: a dict map names a GPU this machine does not have.
         CheckpointError: the checkpoint is malformed or (with `strict`) does not match the model.
-        OffloadError: disk tensors without `offload_folder`, or a folder holding another checkpoint.
+        OffloadError: disk tensors without `offload_folder`, or a folder holding another checkpoint (or
+            the same one under another quantization scheme).
+        QuantizationError: an unknown scheme, a model without Linear layers, a Linear the scheme's
+            kernels cannot run.
         All of these are raised before any weight is read.
 
     >>> with init_empty_weights():  # doctest: +SKIP
@@ -359,6 +369,10 @@ def load_checkpoint_and_dispatch(
     >>> load_checkpoint_and_dispatch(model, "llama/", device_map="auto", offload_folder="offload/")  # doctest: +SKIP
     """
     del offload_state_dict, preload_module_classes, full_state_dict, broadcast_from_rank0  # see the docstring
+    # Quantization is decided before planning (the plan sizes quantized bytes) and before the checkpoint is
+    # opened (a bad scheme is reported first).
+    prepare_quantization(model, quantize, quantize_skip,
+                         rule=DtypeRule.for_model(model, dtype, special_dtypes, keep_in_fp32_modules))
     index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
     options = PlanOptions(
         dtype=dtype, max_memory=max_memory, offload_folder=offload_folder, context_length=context_length,
@@ -371,6 +385,7 @@ def load_checkpoint_and_dispatch(
         model, index, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
         offload_buffers=offload_buffers, keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes,
         progress=progress, sources=sources, materialize=materialize, inventory=placement.inventory, only=only,
+        quantize=quantize, quantize_skip=quantize_skip,
     )
     store = result.store
     runtime = None

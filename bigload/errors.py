@@ -10,6 +10,7 @@ from __future__ import annotations
 from bigload.messages import Audience, render
 
 __all__ = [
+    "AdapterError",
     "BigloadError",
     "BudgetError",
     "CheckpointError",
@@ -17,6 +18,7 @@ __all__ = [
     "DistributedError",
     "OffloadError",
     "PlanError",
+    "QuantizationError",
 ]
 
 
@@ -63,6 +65,11 @@ class DistributedError(BigloadError):
     def __init__(self, message: str, rank: int | None = None) -> None:
         super().__init__(message)
         self.rank = rank
+
+
+class QuantizationError(BigloadError, ValueError):
+    """A `quantize=` scheme bigload does not know, a model or Linear it cannot apply to, or a device that
+    cannot run it."""
 
 
 class AdapterError(BigloadError):

@@ -24,12 +24,18 @@ from bigload.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
 from bigload.devices import ExecutionPolicy
 from bigload.dispatch import load_checkpoint_and_dispatch
 from bigload.empty import init_empty_weights
-from bigload.errors import BigloadError, CheckpointError
+from bigload.errors import BigloadError, CheckpointError, QuantizationError
 from bigload.hooks import OutputAlignment, runtime_of
-from bigload.inventory import default_keep_in_fp32_modules, inventory_from_checkpoint, inventory_from_module
+from bigload.inventory import (
+    DtypeRule,
+    default_keep_in_fp32_modules,
+    inventory_from_checkpoint,
+    inventory_from_module,
+)
+from bigload.messages import Text, setting
 from bigload.plan import PlanOptions, plan
 from bigload.sizes import parse_dtype
-from bigload.stream import DerivedTensor, SourcePlan, gpu_cast_bytes, source_dtypes
+from bigload.stream import DerivedTensor, SourcePlan, gpu_cast_bytes, prepare_quantization, source_dtypes
 from bigload.tensors import owner_of
 
 if TYPE_CHECKING:
@@ -288,19 +294,34 @@ def inventory_for(
     dtype: torch.dtype | str | None = None,
     no_split_module_classes: list[str] | None = None,
     adapter: str | Path | Sequence[str | Path] | None = None,
+    quantize: str | None = None,
+    quantize_skip: list[str] | None = None,
 ) -> Any:
     """The inventory of what MODEL names: from a meta model when there is a config (and transformers),
     else from checkpoint headers alone. No weight is read either way. With `adapter`, the meta model is
-    wrapped with the adapters first, so each block counts its adapter tensors."""
+    wrapped with the adapters first, so each block counts its adapter tensors. With `quantize`, the meta
+    model's Linears are swapped first, so the inventory sizes quantized bytes.
+
+    Raises:
+        QuantizationError: `quantize` with checkpoint headers alone (no config.json to build modules from),
+            or with adapters.
+    """
     source = resolve_model_source(spec)
+    _refuse_quantized_adapters(quantize, adapter)
     if source.config is not None and _transformers_available():
         built = prepare_model(source, dtype, adapter)
+        prepare_quantization(built.model, quantize, quantize_skip, rule=DtypeRule.for_model(built.model, built.dtype))
         return inventory_from_module(built.model, dtype=built.dtype, no_split_module_classes=no_split_module_classes,
                                      keep_in_fp32_modules=built.keep_in_fp32_modules if built.adapters else None,
                                      stored_dtypes=built.stored_dtypes())
     if adapter is not None:
         raise BigloadError(f"{spec} has no config.json, and adapters need the model built from one; plan the "
                            "model folder (config.json beside the weights) with --adapter.")
+    if quantize is not None:
+        raise QuantizationError(Text(
+            f"{spec}: planning with ", setting("quantize", repr(quantize)), " needs the model's config.json (and "
+            "transformers) to know which tensors are Linear weights; plan the model folder or its config.json "
+            "instead."))
     if source.checkpoint is None:
         raise BigloadError(
             f"{spec} is a config only and transformers is not installed; install it with "
@@ -362,6 +383,14 @@ def prepare_model(source: ModelSource, dtype: torch.dtype | str | None,
                          tuple(adapters))
 
 
+def _refuse_quantized_adapters(quantize: Any, adapter: Any) -> None:
+    if quantize is not None and adapter is not None:
+        raise QuantizationError(Text(
+            setting("quantize", repr(quantize)), " with ", setting("adapter"), " is not supported: peft wraps the "
+            "Linear layers that would be quantized. Load the adapter on the unquantized model, or drop ",
+            setting("adapter"), "."))
+
+
 def describe_adapters(spec: str | Path, adapter: str | Path | Sequence[str | Path], plan: Any,
                       dtype: torch.dtype | str | None = None) -> list[str]:
     """Lines saying what each adapter adds to which planned block (for `bigload plan --adapter`)."""
@@ -387,6 +416,8 @@ def plan_model(
     offload_folder: str | Path | None = None,
     policy: ExecutionPolicy | str | None = None,
     adapter: str | Path | Sequence[str | Path] | None = None,
+    quantize: str | None = None,
+    quantize_skip: list[str] | None = None,
 ) -> Any:
     """A dry run: plan MODEL (catalog name, model folder, config.json or checkpoint) without reading a weight.
 
@@ -404,12 +435,15 @@ def plan_model(
         policy: where CPU-resident blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local");
             default: chosen by `plan.choose_policy`.
         adapter: peft adapter folder(s) whose tensors the blocks carry (see `from_pretrained`).
+        quantize, quantize_skip: plan the quantized model ("int8", "int4", "int4:GROUP"; see
+            `from_pretrained`); needs a config.
 
     Returns:
         A `Plan`.
 
     Raises:
         PlanError: the model does not fit; the message says how many bytes are missing where.
+        QuantizationError: a bad scheme, or `quantize` for checkpoint headers alone.
 
     >>> print(plan_model("llama-3.1-405b", max_memory={0: "80GiB", "cpu": "1TiB"}).explain())  # doctest: +SKIP
     """
@@ -417,7 +451,7 @@ def plan_model(
                           context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
                           no_split_module_classes=no_split_module_classes)
     inventory = inventory_for(spec, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes,
-                              adapter=adapter)
+                              adapter=adapter, quantize=quantize, quantize_skip=quantize_skip)
     budget = detect_budget(options.max_memory, offload_folder=options.offload_folder)
     source = resolve_model_source(spec)
     # A load of this checkpoint casts on the GPU: the plan keeps its largest temporary free there.
@@ -444,6 +478,8 @@ def from_pretrained(
     adapter: str | Path | Sequence[str | Path] | None = None,
     distributed: bool = False,
     pipeline: Mapping[str, Any] | None = None,
+    quantize: str | None = None,
+    quantize_skip: list[str] | None = None,
 ) -> nn.Module | None:
     """Load a Hugging Face model folder onto this machine's devices, ready for `generate`.
 
@@ -488,6 +524,10 @@ def from_pretrained(
             `device_map` the strategy inside each rank.
         pipeline: more options of the distributed path (`max_memory_hosts`, `timeout`, `idle_timeout`; see
             `bigload.distributed.from_pretrained_distributed`).
+        quantize: "int8" (per output channel), "int4" (groups of 128) or "int4:GROUP": the Linear layers of
+            the model's blocks are planned, streamed, offloaded and run quantized (`bigload.quant`); the
+            embeddings, norms and output head stay in `dtype`. Not with `adapter` (refused).
+        quantize_skip: module names whose Linears stay unquantized.
 
     Raises:
         BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint;
@@ -500,6 +540,9 @@ def from_pretrained(
         if adapter is not None:
             raise BigloadError("adapters are not supported with distributed=True yet; merge the adapter into the "
                                "base model (peft's merge_and_unload, then save_pretrained) and load that.")
+        if quantize is not None:
+            raise BigloadError("quantize= is not supported with distributed=True yet; load without quantize=, "
+                               "or on one machine with distributed=False.")
         from bigload.distributed import from_pretrained_distributed
 
         return from_pretrained_distributed(
@@ -508,6 +551,7 @@ def from_pretrained(
             prefetch=prefetch, no_split_module_classes=no_split_module_classes, strategy=device_map,
             policy=policy, **(pipeline or {}),
         )
+    _refuse_quantized_adapters(quantize, adapter)  # arguments first, before any path is looked at
     require_model_folder(path)
     source = resolve_model_source(path)
     if source.config is None or source.checkpoint is None:
@@ -524,7 +568,7 @@ def from_pretrained(
         no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=built.dtype,
         strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
         progress=progress, keep_in_fp32_modules=built.keep_in_fp32_modules, sources=built.sources,
-        materialize=materialize, policy=policy,
+        materialize=materialize, policy=policy, quantize=quantize, quantize_skip=quantize_skip,
     )
     _align_encoder_outputs(model)
     _load_generation_config(model, Path(path))

@@ -113,6 +113,10 @@ class DtypeRule:
             return self.dtype
         return model_dtype if model_dtype in _CASTABLE else stored
 
+    def keeps_fp32(self, name: str) -> bool:
+        """Whether tensor `name` lies in a module kept in float32."""
+        return self._fp32.matches(name)
+
     @functools.cached_property
     def _special(self) -> dict[str, torch.dtype]:
         return dict(self.special)
@@ -136,6 +140,8 @@ class TensorEntry(NamedTuple):
         nbytes: bytes at the target dtype.
         dtype: the dtype it will have once loaded.
         buffer: a buffer (persistent or not) rather than a parameter.
+        scheme: the quantization scheme it is part of ("int8", "int4:128": a quantized Linear's codes and
+            scales, which the loader builds from the checkpoint's float weight), "" for a plain tensor.
     """
 
     name: str
@@ -143,6 +149,7 @@ class TensorEntry(NamedTuple):
     nbytes: int
     dtype: torch.dtype
     buffer: bool
+    scheme: str = ""
 
 
 @dataclass(frozen=True)
@@ -282,6 +289,10 @@ class Inventory:
             object.__setattr__(self, "_dtypes", lookup)
         return lookup.get(name)
 
+    def quantized(self) -> tuple[TensorEntry, ...]:
+        """The entries of quantized tensors (a scheme decided for them), in registration order."""
+        return tuple(entry for entry in self.tensors if entry.scheme)
+
     def no_split_names(self) -> tuple[str, ...]:
         """Names of the modules the planner keeps whole."""
         return tuple(name for name, flag in zip(self.names, self.no_split) if flag)
@@ -400,6 +411,10 @@ class _ModuleWalk:
             no_split.append(cls in no_split_classes)
             prefix = f"{name}." if name else ""
             own = own_buffers = count = 0
+            # A quantized Linear (`quant.QuantLinear`) declares its quantized tensors; they are built from a
+            # float weight, so the checkpoint's dtype says nothing about theirs: they keep their own.
+            # (Looked up on the class: a miss on an instance goes through nn.Module.__getattr__, slow here.)
+            quantized = module.bigload_quantized if hasattr(type(module), "bigload_quantized") else None
             for table, is_buffer in ((module._parameters, False), (module._buffers, True)):
                 if not table:
                     continue
@@ -416,15 +431,16 @@ class _ModuleWalk:
                         continue
                     first_name[key] = tensor_name
                     built = tensor.dtype
+                    scheme = quantized.get(attr, "") if quantized else ""
                     if computed and attr in computed:
                         cast = (built, tensor.element_size())  # computed, never loaded: keeps its dtype
                     else:
-                        stored = stored_dtypes.get(tensor_name, built) if stored_dtypes else built
+                        stored = stored_dtypes.get(tensor_name, built) if stored_dtypes and not scheme else built
                         cast = by_dtypes.get((stored, built)) if by_dtypes is not None else None
                         if cast is None:
                             cast = loaded_as(tensor_name, stored, built)
                     nbytes = tensor.numel() * cast[1]
-                    tensors.append(TensorEntry(tensor_name, index, nbytes, cast[0], is_buffer))
+                    tensors.append(TensorEntry(tensor_name, index, nbytes, cast[0], is_buffer, scheme))
                     own += nbytes
                     if is_buffer:
                         own_buffers += nbytes

@@ -596,6 +596,7 @@ class _Setup:
     main: Device
     slots_template: tuple[_DeviceFill, ...]
     layer_kv: int
+    sources: tuple[tuple[Device, str], ...]
     headroom_reason: str = ""
 
 
@@ -759,7 +760,7 @@ def _setup(inv: Inventory, budget: Budget, options: PlanOptions) -> _Setup:
               runs_own=device.is_gpu or (device == CPU and (not gpus or chosen == "local")))
         for device, nbytes in devices
     )
-    return _Setup(resolved, ExecutionPolicy.parse(chosen), reason, main, slots, layer_kv,
+    return _Setup(resolved, ExecutionPolicy.parse(chosen), reason, main, slots, layer_kv, budget.sources,
                   _headroom_reason(headroom, fixed, cast_bytes) if gpus else "")
 
 
@@ -982,6 +983,8 @@ def _reasons(inv: Inventory, setup: _Setup, placements: Sequence[Placement], usa
              prefetch: int, offloaded: Sequence[Unit], walk: _Walk, context_length: int | None) -> list[str]:
     gpus = [u.device for u in usage if u.device.is_gpu]
     reasons = [_strategy_reason(setup.strategy, len(gpus))]
+    reasons.extend(_budget_sources(setup.sources, usage))
+    reasons.extend(_quantized_reason(inv))
     if any(p.device == CPU for p in placements) and gpus:
         reasons.append(setup.policy_reason)
     if offloaded:
@@ -1003,6 +1006,29 @@ def _reasons(inv: Inventory, setup: _Setup, placements: Sequence[Placement], usa
             f"(context {context_length}), charged to the device that runs each layer."
         )
     return reasons
+
+
+def _quantized_reason(inv: Inventory) -> list[str]:
+    """What quantization the inventory decided, and that its bytes are the ones planned."""
+    entries = inv.quantized()
+    if not entries:
+        return []
+    layers = len({entry.module for entry in entries})
+    schemes = ", ".join(sorted({entry.scheme for entry in entries}))
+    return [f"{layers} Linear layer(s) are quantized ({schemes}): planned at their quantized bytes, scales and "
+            f"zeros included ({format_size(sum(entry.nbytes for entry in entries))})."]
+
+
+def _budget_sources(sources: Sequence[tuple[Device, str]], usage: Sequence[DeviceUsage]) -> list[str]:
+    """Where each budget figure came from (max_memory, a memory cgroup, psutil, free disk space)."""
+    budgets = {u.device: u.budget for u in usage}
+    stated = [(device, source) for device, source in sources if device in budgets]
+    if not stated:
+        return []
+    if len(stated) > 1 and len({source for _, source in stated}) == 1:
+        return [f"budgets: {', '.join(str(device) for device, _ in stated)} from {stated[0][1]}."]
+    return ["budgets: " + "; ".join(f"{device} {format_size(budgets[device])} from {source}"
+                                    for device, source in stated) + "."]
 
 
 def _strategy_reason(strategy: str, gpus: int) -> str:

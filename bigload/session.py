@@ -149,7 +149,8 @@ def load_for_generate(path: str | Path, *, offload_folder: str | Path | None = N
     start = time.perf_counter()
     with without_transformers_progress():
         model = from_pretrained(path, device_map=plan, offload_folder=offload_folder, progress=progress,
-                                dtype=planning.get("dtype"), adapter=planning.get("adapter"))
+                                dtype=planning.get("dtype"), adapter=planning.get("adapter"),
+                                quantize=planning.get("quantize"), quantize_skip=planning.get("quantize_skip"))
     return Loaded(model, tokenizer, plan, time.perf_counter() - start)
 
 
@@ -259,7 +260,7 @@ def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: 
         progress: bigload's progress bar while loading (one final line when stderr is not a terminal).
         audience: how the plan's reasons name settings (Python keywords or CLI flags).
         planning: max_memory, strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch,
-            policy, adapter (peft adapter folders, see `from_pretrained`).
+            policy, adapter (peft adapter folders, see `from_pretrained`), quantize, quantize_skip.
 
     Raises:
         BigloadError: the folder does not exist or has no tokenizer, the model does not fit, ...

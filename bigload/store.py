@@ -64,21 +64,27 @@ class TensorMeta:
 
 @dataclass(frozen=True)
 class StoreOrigin:
-    """What a store was built from: the source checkpoint's fingerprint, where it was, and the dtype.
+    """What a store was built from: the source checkpoint's fingerprint, where it was, the dtype, and the
+    quantization scheme (with the int4 byte order) of its quantized tensors ("" for none).
 
-    `fingerprint` alone decides whether a folder can be reused; `source` and `dtype` make the refusal
-    readable.
+    `fingerprint` alone decides whether a folder can be reused (the loader folds the scheme into it);
+    `source`, `dtype` and `quantize` make the refusal readable.
     """
 
     fingerprint: str
     source: str = ""
     dtype: str = ""
+    quantize: str = ""
     changed: str = ""  # what changed the bytes after the load (`DiskStore.rewrite`), if anything
 
     def describe(self) -> str:
         where = self.source or "an unnamed checkpoint"
         then = f", then changed: {self.changed}" if self.changed else ""
         return f"{where} (dtype {self.dtype or 'as stored'}, fingerprint {self.fingerprint[:12]}{then})"
+
+    def describe_quantize(self) -> str:
+        """The quantization its bytes were written with, in the user's terms."""
+        return f"quantize={self.quantize}" if self.quantize else "no quantization"
 
     @staticmethod
     def of(index: CheckpointIndex, dtype: torch.dtype | None, variant: str = "") -> "StoreOrigin":
@@ -254,7 +260,8 @@ class DiskStore:
             changed = hashlib.sha256(f"{origin.fingerprint}\0{change}".encode()).hexdigest()
             changes = f"{origin.changed}; {change}" if origin.changed else change
             _write_json_atomic(self.folder / ORIGIN_FILE, {"fingerprint": changed, "source": origin.source,
-                                                           "dtype": origin.dtype, "changed": changes})
+                                                           "dtype": origin.dtype, "quantize": origin.quantize,
+                                                           "changed": changes})
             _write_json_atomic(self.folder / INDEX_FILE, self._entries)
         except OSError as exc:
             temp.unlink(missing_ok=True)
@@ -449,7 +456,8 @@ class StoreWriter:
         origin = StoreOrigin.coerce(fingerprint)
         try:
             _write_json_atomic(self.folder / ORIGIN_FILE, {"fingerprint": origin.fingerprint,
-                                                           "source": origin.source, "dtype": origin.dtype})
+                                                           "source": origin.source, "dtype": origin.dtype,
+                                                           "quantize": origin.quantize})
             _write_json_atomic(self.folder / INDEX_FILE, self._entries)
             _fsync_dir(self.folder)
         except OSError as exc:
@@ -590,7 +598,8 @@ def _read_origin(folder: Path) -> StoreOrigin | None:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
         return StoreOrigin(str(content["fingerprint"]), str(content.get("source", "")),
-                           str(content.get("dtype", "")), str(content.get("changed", "")))
+                           str(content.get("dtype", "")), quantize=str(content.get("quantize", "")),
+                           changed=str(content.get("changed", "")))
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         return None
 
@@ -603,6 +612,11 @@ def _check_origin(folder: Path, expected: StoreOrigin) -> None:
                  f"cannot be checked against {expected.describe()}. Use another ",
                  setting("offload_folder"), ", or delete it.")
         )
+    if found.fingerprint != expected.fingerprint and found.quantize != expected.quantize:
+        raise OffloadError(Text(
+            f"{folder} holds weights written with {found.describe_quantize()}, and this load asks for "
+            f"{expected.describe_quantize()}. Use another ", setting("offload_folder"), " for each scheme, or "
+            "delete this one to rebuild it."))
     if found.fingerprint != expected.fingerprint:
         raise OffloadError(
             Text(f"{folder} holds weights from {found.describe()}, not from {expected.describe()}. "
