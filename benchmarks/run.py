@@ -23,7 +23,7 @@ from benchmarks.limits import measure_limits
 from benchmarks.make_checkpoint import make_checkpoint
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("load", "offload", "plan")
+BENCHES = ("load", "offload", "plan", "pipeline")
 
 
 @dataclass

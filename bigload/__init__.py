@@ -18,6 +18,7 @@ from bigload.dispatch import (
     plan_for_model,
     remove_hook_from_submodules,
 )
+from bigload.distributed import stop_pipeline
 from bigload.empty import init_empty_weights, init_on_device
 from bigload.errors import (
     AdapterError,
@@ -25,6 +26,7 @@ from bigload.errors import (
     BudgetError,
     CheckpointError,
     DeviceError,
+    DistributedError,
     OffloadError,
     PlanError,
 )
@@ -46,6 +48,7 @@ __all__ = [
     "Device",
     "DeviceError",
     "DiskStore",
+    "DistributedError",
     "ExecutionPolicy",
     "Inventory",
     "LoadResult",
@@ -74,4 +77,5 @@ __all__ = [
     "plan_for_model",
     "plan_model",
     "remove_hook_from_submodules",
+    "stop_pipeline",
 ]

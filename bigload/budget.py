@@ -10,6 +10,8 @@ dry run. Loading onto such a device is refused by `check_devices_exist`, which t
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -33,6 +35,8 @@ __all__ = [
 ]
 
 MaxMemory = Mapping[int | str, int | float | str]
+
+logger = logging.getLogger(__name__)
 
 
 def parse_max_memory(max_memory: MaxMemory) -> Budget:
@@ -115,10 +119,52 @@ def detect_budget(
 
 
 def gpu_free_memory() -> dict[int, int]:
-    """Free bytes on each visible CUDA device (`torch.cuda.mem_get_info`); empty without CUDA."""
+    """Free bytes on each visible CUDA device; empty without CUDA.
+
+    Read from NVML where it can be, since asking CUDA (`torch.cuda.mem_get_info`) creates a context, a few
+    hundred MiB, on every device asked, for the life of the process. Memory this process's caching allocator
+    holds but no tensor uses counts as free: the model's tensors will reuse it.
+    """
     if not torch.cuda.is_available():
         return {}
-    return {index: torch.cuda.mem_get_info(index)[0] for index in range(torch.cuda.device_count())}
+    count = torch.cuda.device_count()
+    free = _nvml_free_memory(count)
+    if free is None:
+        free = {index: torch.cuda.mem_get_info(index)[0] for index in range(count)}
+    return {index: free[index] + _cached_unused(index) for index in range(count)}
+
+
+def _cached_unused(index: int) -> int:
+    """Bytes the caching allocator reserved on GPU `index` that no tensor uses (0 before CUDA is in use)."""
+    if not torch.cuda.is_initialized():
+        return 0
+    return max(0, torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index))
+
+
+class _NvmlMemory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+def _nvml_free_memory(count: int) -> dict[int, int] | None:
+    """Free bytes per CUDA index from NVML (no CUDA context), or None where NVML cannot say (no library,
+    MIG instances, a CUDA_VISIBLE_DEVICES NVML cannot map)."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        if nvml.nvmlInit_v2() != 0:
+            return None
+        free: dict[int, int] = {}
+        for index in range(count):
+            handle, memory = ctypes.c_void_p(), _NvmlMemory()
+            nvml_index = torch.cuda._get_nvml_device_index(index)  # honours CUDA_VISIBLE_DEVICES
+            if nvml.nvmlDeviceGetHandleByIndex_v2(nvml_index, ctypes.byref(handle)) != 0:
+                return None
+            if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != 0:
+                return None
+            free[index] = int(memory.free)
+        return free
+    except (OSError, AttributeError, RuntimeError, ValueError) as error:
+        logger.debug("bigload: NVML cannot report free GPU memory (%s); asking CUDA", error)
+        return None
 
 
 def cpu_available_memory() -> int:

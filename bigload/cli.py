@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -43,6 +44,22 @@ def parse_max_memory_arg(text: str) -> dict[str, str]:
     if not result:
         raise argparse.ArgumentTypeError("--max-memory is empty; e.g. 0=24GiB,cpu=64GiB,disk=500GiB")
     return result
+
+
+def parse_host_max_memory_arg(text: str) -> tuple[int, dict[str, str]]:
+    """'1:0=24GiB,cpu=64GiB' -> (1, {'0': '24GiB', 'cpu': '64GiB'}): one host's budget."""
+    host, sep, rest = text.partition(":")
+    if not sep or not host.strip().isdigit():
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r}; write HOST:DEVICE=SIZE,..., e.g. 1:0=24GiB,cpu=64GiB (HOST is the rank)")
+    return int(host), parse_max_memory_arg(rest)
+
+
+def _add_host_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory-host", type=parse_host_max_memory_arg, action="append", default=None,
+                        metavar="HOST:DEV=SIZE,...",
+                        help="the budget of one host (rank) that differs from --max-memory, e.g. "
+                             "1:0=80GiB,cpu=512GiB; repeat for several hosts")
 
 
 def _budget_value(key: str, value: str) -> str:
@@ -88,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "or a checkpoint (headers only).")
     plan.add_argument("model", metavar="MODEL")
     _add_planning_flags(plan)
+    plan.add_argument("--hosts", type=int, default=1, metavar="N",
+                      help="split the model over N hosts (torchrun ranks): one table per host; --max-memory is "
+                           "each host's budget")
+    _add_host_flags(plan)
     plan.add_argument("--json", metavar="OUT", type=Path, help="write the plan as JSON to OUT ('-' for stdout)")
     _add_adapter_flag(plan)
     plan.set_defaults(run=_cmd_plan)
@@ -117,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature)")
     generate.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _add_host_flags(generate)
+    generate.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                          help="under torchrun: how long any wait between ranks may take (default: 300)")
     generate.set_defaults(run=_cmd_generate)
 
     demo = sub.add_parser("demo", help="the first thing to run: offloaded generation on a small model",
@@ -154,10 +178,23 @@ def _planning_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _host_budgets(args: argparse.Namespace) -> dict[int, dict[str, str]] | None:
+    return dict(args.max_memory_host) if args.max_memory_host else None
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from bigload.hf import plan_model
 
-    result = plan_model(args.model, **_planning_kwargs(args))
+    if args.hosts > 1 or args.max_memory_host:
+        from bigload.distributed import plan_model_hosts
+
+        planning = _planning_kwargs(args)
+        if planning.pop("adapter", None):
+            raise BigloadError("--adapter cannot be combined with --hosts yet; merge the adapter into the base "
+                               "model first (peft's merge_and_unload, then save_pretrained).")
+        result = plan_model_hosts(args.model, args.hosts, max_memory_hosts=_host_budgets(args), **planning)
+    else:
+        result = plan_model(args.model, **_planning_kwargs(args))
     if args.json is not None and str(args.json) == "-":
         print(result.to_json())
         return 0
@@ -182,6 +219,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from bigload.session import GenerateOptions, run_generate
 
@@ -192,16 +233,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
+    if _under_torchrun():
+        return _generate_pipeline(args, options)
     report = run_generate(
         args.path, options, offload_folder=args.offload_folder, stream_text=not args.json,
         echo=None if args.json else print, audience=Audience.CLI, **_planning_kwargs(args),
     )
-    if args.json:
+    return _print_report(report, args.json)
+
+
+def _print_report(report: Any, as_json: bool) -> int:
+    """A generate report as one JSON object, or as the summary after the streamed text."""
+    if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print()
         print(report.render_summary())
     return 0
+
+
+def _generate_pipeline(args: argparse.Namespace, options: Any) -> int:
+    """`bigload generate` on one torchrun rank: rank 0 prints, the others serve their blocks silently."""
+    from bigload.session import run_generate_pipeline
+
+    report = run_generate_pipeline(
+        args.path, options, offload_folder=args.offload_folder, stream_text=not args.json,
+        echo=None if args.json else print, max_memory_hosts=_host_budgets(args), timeout=args.timeout,
+        progress=False, **_planning_kwargs(args),
+    )
+    return 0 if report is None else _print_report(report, args.json)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from bigload.inventory import Inventory, inventory_from_module
 from bigload.plan import STRATEGIES, Plan, PlanOptions, plan
 from bigload.store import DiskStore, StoreOrigin, StoreWriter
 from bigload.checkpoint import CheckpointIndex, open_checkpoint
-from bigload.stream import SourcePlan, load_checkpoint_in_model, source_dtypes
+from bigload.stream import SourcePlan, gpu_cast_bytes, load_checkpoint_in_model, source_dtypes
 from bigload.tensors import owner_of, tensor_groups
 
 __all__ = [
@@ -251,8 +251,7 @@ def dispatch_model(
             store = DiskStore.open(folder)
         else:
             store = _write_disk_blocks(model, device_map, placed, folder, offload_buffers)
-    pin = main.is_gpu and policy is ExecutionPolicy.STREAM
-    host = HostWeights(state_dict, pin=pin) if state_dict is not None else None
+    host = HostWeights(state_dict) if state_dict is not None else None
     runtime = attach(
         model,
         device_map,
@@ -305,6 +304,7 @@ def load_checkpoint_and_dispatch(
     progress: bool | None = None,
     sources: SourcePlan | None = None,
     materialize: bool = False,
+    only: Sequence[str] | None = None,
 ) -> nn.Module:
     """Plan, stream, hook: load `checkpoint` into a model built with `init_empty_weights()` and dispatch it.
 
@@ -341,9 +341,11 @@ def load_checkpoint_and_dispatch(
         materialize: copy CPU-placed tensors into private memory instead of keeping them as views of the
             checkpoint files, for a checkpoint that may move or change, or for a first forward that must
             not wait on the disk after the page cache was dropped (costs the model's size in RAM).
+        only: load only the tensors under these module names (a pipeline stage; see `load_checkpoint_in_model`).
 
     Returns:
-        `model`, weights in place, hooked, `hf_device_map` set (and `bigload_plan` when planned).
+        `model`, weights in place, hooked, `hf_device_map` set (and `bigload_plan` when planned), and
+        `bigload_load`: the loader's `LoadResult` (bytes read, what went to disk).
 
     Raises:
         PlanError: the model does not fit, or a dict map splits a tied group or misses a module.
@@ -361,13 +363,14 @@ def load_checkpoint_and_dispatch(
     options = PlanOptions(
         dtype=dtype, max_memory=max_memory, offload_folder=offload_folder, context_length=context_length,
         batch_size=batch_size, prefetch=prefetch, policy=policy, keep_in_fp32_modules=keep_in_fp32_modules,
-        special_dtypes=special_dtypes, no_split_module_classes=no_split_module_classes)
+        special_dtypes=special_dtypes, no_split_module_classes=no_split_module_classes,
+        cast_bytes=gpu_cast_bytes(index, parse_dtype(dtype) if dtype is not None else None))
     placement = _place(model, device_map, options, source_dtypes(index, sources))
     placed = validate_device_map(model, placement.device_map)
     result = load_checkpoint_in_model(
         model, index, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
         offload_buffers=offload_buffers, keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes,
-        progress=progress, sources=sources, materialize=materialize, inventory=placement.inventory,
+        progress=progress, sources=sources, materialize=materialize, inventory=placement.inventory, only=only,
     )
     store = result.store
     runtime = None
@@ -383,10 +386,11 @@ def load_checkpoint_and_dispatch(
             slots=placement.plan.slots if placement.plan is not None else None,
         )
     _set_device_map(model, placement.device_map, runtime)
+    model.bigload_load = result  # type: ignore[assignment]
     if placement.plan is not None:
         model.bigload_plan = placement.plan  # type: ignore[assignment]
-        if runtime is not None:
-            runtime.owned_attributes.append("bigload_plan")
+    if runtime is not None:
+        runtime.owned_attributes.extend(["bigload_load", "bigload_plan"][: 2 if placement.plan is not None else 1])
     return model
 
 
@@ -444,6 +448,7 @@ def plan_for_model(
     keep_in_fp32_modules: Sequence[str] | None = None,
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     policy: ExecutionPolicy | str | None = None,
+    headroom: int | str | Mapping[DeviceLike, int | str] | None = None,
 ) -> Plan:
     """Plan an `nn.Module` you built (meta is fine): inventory -> budget -> plan, without reading a weight.
 
@@ -452,14 +457,14 @@ def plan_for_model(
     `Inventory` and `Budget` you built yourself (pure, no probing).
 
     `max_memory=None` plans for what this machine has free now; an `offload_folder` with no "disk" entry
-    in `max_memory` contributes its free space as the disk budget. The other keywords are
-    `load_checkpoint_and_dispatch`'s.
+    in `max_memory` contributes its free space as the disk budget. `headroom` is kept free per device (see
+    `PlanOptions`; None: max(1 GiB, 5 %) on each GPU). The other keywords are `load_checkpoint_and_dispatch`'s.
     """
     options = PlanOptions(
         strategy=strategy, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
         context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
         keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes,
-        no_split_module_classes=no_split_module_classes)
+        no_split_module_classes=no_split_module_classes, headroom=headroom)
     return _plan_inventory(_inventory(model, options, None), options)
 
 

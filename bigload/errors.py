@@ -14,6 +14,7 @@ __all__ = [
     "BudgetError",
     "CheckpointError",
     "DeviceError",
+    "DistributedError",
     "OffloadError",
     "PlanError",
 ]
@@ -52,6 +53,16 @@ class OffloadError(BigloadError):
 
 class DeviceError(BigloadError):
     """A device is unknown, or does not exist on this machine when loading onto it."""
+
+
+class DistributedError(BigloadError):
+    """A pipeline across ranks cannot start or went wrong: ranks given different inputs, a rank that died or
+    stopped answering within the timeout, a stage that failed. The message names the rank; `rank` holds it
+    when one rank is at fault."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
 
 
 class AdapterError(BigloadError):

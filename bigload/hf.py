@@ -29,7 +29,7 @@ from bigload.hooks import OutputAlignment, runtime_of
 from bigload.inventory import default_keep_in_fp32_modules, inventory_from_checkpoint, inventory_from_module
 from bigload.plan import PlanOptions, plan
 from bigload.sizes import parse_dtype
-from bigload.stream import DerivedTensor, SourcePlan, source_dtypes
+from bigload.stream import DerivedTensor, SourcePlan, gpu_cast_bytes, source_dtypes
 from bigload.tensors import owner_of
 
 if TYPE_CHECKING:
@@ -42,7 +42,10 @@ __all__ = [
     "from_pretrained",
     "load_config",
     "load_tokenizer",
+    "load_generation_config",
+    "meta_model_for_folder",
     "meta_model_from_config",
+    "model_tensor_names",
     "require_model_folder",
     "resolve_model_source",
     "without_transformers_progress",
@@ -416,7 +419,10 @@ def plan_model(
     inventory = inventory_for(spec, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes,
                               adapter=adapter)
     budget = detect_budget(options.max_memory, offload_folder=options.offload_folder)
-    return plan(inventory, budget, options.with_settings(dtype=inventory.dtype))
+    source = resolve_model_source(spec)
+    # A load of this checkpoint casts on the GPU: the plan keeps its largest temporary free there.
+    cast = gpu_cast_bytes(open_checkpoint(source.checkpoint), inventory.dtype) if source.checkpoint else 0
+    return plan(inventory, budget, options.with_settings(dtype=inventory.dtype, cast_bytes=cast))
 
 
 def from_pretrained(
@@ -436,7 +442,9 @@ def from_pretrained(
     materialize: bool = False,
     policy: ExecutionPolicy | str | None = None,
     adapter: str | Path | Sequence[str | Path] | None = None,
-) -> nn.Module:
+    distributed: bool = False,
+    pipeline: Mapping[str, Any] | None = None,
+) -> nn.Module | None:
     """Load a Hugging Face model folder onto this machine's devices, ready for `generate`.
 
     Builds the model from config.json on the meta device, plans with the model's `_no_split_modules` and
@@ -473,6 +481,13 @@ def from_pretrained(
             folders; the first is active). The model is wrapped on meta before planning, so the plan counts
             each adapter's bytes on the block that owns them and one pass streams base and adapter tensors.
             The result is then peft's `PeftModel` (`set_adapter`, `disable_adapter`, `merge_and_unload` work).
+        distributed: under `torchrun`, split the model over the ranks (`bigload.distributed`): every rank
+            loads only its own blocks; rank 0 gets the model (its `generate` runs the whole pipeline) and
+            the other ranks serve their blocks inside this call until rank 0 stops the pipeline
+            (`bigload.stop_pipeline(model)`, or at exit), then get None. `max_memory` is each rank's budget;
+            `device_map` the strategy inside each rank.
+        pipeline: more options of the distributed path (`max_memory_hosts`, `timeout`, `idle_timeout`; see
+            `bigload.distributed.from_pretrained_distributed`).
 
     Raises:
         BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint;
@@ -481,6 +496,18 @@ def from_pretrained(
     >>> model = from_pretrained("Llama-3-8B/", max_memory={"cpu": "8GiB", "disk": "64GiB"},
     ...                         offload_folder="offload/")  # doctest: +SKIP
     """
+    if distributed:
+        if adapter is not None:
+            raise BigloadError("adapters are not supported with distributed=True yet; merge the adapter into the "
+                               "base model (peft's merge_and_unload, then save_pretrained) and load that.")
+        from bigload.distributed import from_pretrained_distributed
+
+        return from_pretrained_distributed(
+            path, model_class=model_class, max_memory=max_memory, dtype=dtype, offload_folder=offload_folder,
+            context_length=context_length, batch_size=batch_size, strict=strict, progress=progress,
+            prefetch=prefetch, no_split_module_classes=no_split_module_classes, strategy=device_map,
+            policy=policy, **(pipeline or {}),
+        )
     require_model_folder(path)
     source = resolve_model_source(path)
     if source.config is None or source.checkpoint is None:
@@ -517,6 +544,29 @@ def _input_device(model: nn.Module) -> torch.device:
     if runtime is None or not runtime.blocks:
         return next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))
     return next(iter(runtime.blocks.values())).execution_device
+
+
+def meta_model_for_folder(path: str | Path, *, model_class: Any = None, dtype: torch.dtype | str | None = None
+                          ) -> tuple[nn.Module, torch.dtype, Path]:
+    """The meta model of a model folder, the dtype it loads in (see `from_pretrained`), and its checkpoint.
+
+    Raises:
+        BigloadError: the folder lacks config.json or weights.
+    """
+    source = resolve_model_source(path)
+    if source.config is None or source.checkpoint is None:
+        raise BigloadError(
+            f"{path} must be a model folder with config.json and weights (.safetensors or .bin); "
+            f"found {'no config.json' if source.config is None else 'no weights'}."
+        )
+    config = load_config(source.config)
+    target = _weights_dtype(source, config, dtype) or torch.float32
+    return meta_model_from_config(config, model_class=model_class, dtype=target), target, source.checkpoint
+
+
+def load_generation_config(model: nn.Module, folder: str | Path) -> None:
+    """Use the folder's generation_config.json, as transformers' from_pretrained does."""
+    _load_generation_config(model, Path(folder))
 
 
 def _with_computed_buffers(model: nn.Module, device_map: Mapping[str, Any]) -> dict[str, Any]:
@@ -600,10 +650,7 @@ def checkpoint_sources(model: nn.Module, index: "CheckpointIndex") -> "SourcePla
     unmatched: list[str] = []
     for key in sorted(index.tensors, key=_natural_key):
         ref = index.tensors[key]
-        renamed, pattern = _rename(key, renamings, converters)
-        renamed = _with_prefix(renamed, prefix, expected)
-        if renamed not in expected and key in expected:
-            renamed, pattern = key, None  # the key needed no renaming (transformers' rule)
+        renamed, pattern = _model_name(key, renamings, converters, prefix, expected)
         if renamed not in expected:
             unmatched.append(key)
         elif pattern is not None:
@@ -617,6 +664,27 @@ def checkpoint_sources(model: nn.Module, index: "CheckpointIndex") -> "SourcePla
         logger.info("not loading %d checkpoint tensors %s does not use (e.g. %s)", len(ignored),
                     type(model).__name__, sorted(ignored)[:3])
     return SourcePlan(tensors=tensors, ignored=frozenset(ignored))
+
+
+def model_tensor_names(model: nn.Module, checkpoint_names: Sequence[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> the model tensor it loads into, by transformers' rules (see
+    `checkpoint_sources`); names the model has no tensor for are left out. Reads nothing: a pipeline rank
+    uses it to know which shards hold its stage before opening any."""
+    renamings, converters = _conversion_mapping(model)
+    expected = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = {key: _model_name(key, renamings, converters, prefix, expected)[0] for key in checkpoint_names}
+    return {key: name for key, name in names.items() if name in expected}
+
+
+def _model_name(key: str, renamings: Sequence[Any], converters: Sequence[Any], prefix: str,
+                expected: set[str]) -> tuple[str, str | None]:
+    """The model name of checkpoint tensor `key`, and the converter pattern that matched it, if any."""
+    renamed, pattern = _rename(key, renamings, converters)
+    renamed = _with_prefix(renamed, prefix, expected)
+    if renamed not in expected and key in expected:
+        return key, None  # the key needed no renaming (transformers' rule)
+    return renamed, pattern
 
 
 def _conversion_mapping(model: nn.Module) -> tuple[list[Any], list[Any]]:

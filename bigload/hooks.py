@@ -49,7 +49,7 @@ from torch.utils.hooks import RemovableHandle
 
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import BigloadError, OffloadError, PlanError
-from bigload.reserve import SlotSpec, slot_count
+from bigload.reserve import SlotSpec, aligned, slot_alignment, slot_bytes, slot_count
 from bigload.tensors import Site, owner_of, tensor_groups
 from bigload.sizes import dtype_width
 
@@ -122,9 +122,17 @@ def send_to_device(value: Any, device: torch.device, *, skip_keys: Iterable[str]
     return _send(value, device, skip)
 
 
+# Device types a copy may be queued toward without waiting: the copy is ordered on the target's stream before
+# any kernel that reads it. A copy toward the CPU must wait: the CPU reads its result as soon as `to` returns,
+# and a queued GPU-to-CPU copy has not landed yet (uninitialised memory, no error).
+_ASYNC_COPY_TARGETS = frozenset({"cuda"})
+
+
 def _send(value: Any, device: torch.device, skip: frozenset[str]) -> Any:
     if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device, non_blocking=True)
+        if value.device == device:
+            return value
+        return value.to(device, non_blocking=device.type in _ASYNC_COPY_TARGETS)
     if _is_cache(value):
         return value
     if isinstance(value, Mapping):
@@ -211,7 +219,10 @@ class WeightSource(Protocol):
 
 
 class HostWeights:
-    """Offloaded tensors kept in CPU RAM, by full tensor name; pinned when a GPU reads them.
+    """Offloaded tensors kept in CPU RAM, by full tensor name, as they are (pinned only with `pin=True`).
+
+    A GPU reads them through the runtime's pinned staging buffers; `pin=True` pins each tensor instead
+    (a private, unswappable copy, rounded up by the pinned-memory allocator), so copies skip the staging.
 
     >>> weights = HostWeights({"fc.weight": torch.ones(2, 2)})
     >>> weights.get("fc.weight").sum().item()
@@ -297,9 +308,19 @@ class Block:
         """Bytes its offloaded tensors take on the execution device (tied tensors once)."""
         return sum(entry.nbytes for entry in self.entries)
 
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of a slot holding it: its tensors at aligned offsets (`reserve.slot_bytes`)."""
+        return slot_bytes((entry.nbytes for entry in self.entries), _alignment(self.execution_device))
+
+
+def _alignment(device: torch.device) -> int:
+    return slot_alignment(device.type == "cuda")
+
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype_width(dtype)
+
 
 
 @dataclass(frozen=True)
@@ -338,16 +359,23 @@ class PrefetchStats:
 
 
 class _Slot:
-    """Room for one block's weights on one execution device, reused for the runtime's whole life."""
+    """Room for one block's weights on one execution device, reused for the runtime's whole life.
+
+    Buffers are made outside inference mode even when the first forward runs under `torch.inference_mode()`:
+    the prefetch thread writes into them and later forwards (under `no_grad`, or with grad) wrap views of them
+    in Parameters, and a tensor created in inference mode allows neither. Events are blocking: waiting on
+    one sleeps instead of spinning a core that CPU-executed blocks compute on.
+    """
 
     def __init__(self, device: torch.device, nbytes: int) -> None:
         self.device = device
         self.nbytes = nbytes
-        self.buffer: torch.Tensor | None = None  # on `device`, allocated once, on first need
+        self.buffer: torch.Tensor | None = None  # on `device`, allocated once (CUDA: at attach)
         self.staging: torch.Tensor | None = None  # pinned host bytes for CUDA copies
         is_cuda = device.type == "cuda"
-        self.loaded = torch.cuda.Event() if is_cuda else None  # copies into this slot are done
-        self.released = torch.cuda.Event() if is_cuda else None  # compute reading this slot is done
+        # Copies into this slot are done / compute reading this slot is done.
+        self.loaded = torch.cuda.Event(blocking=True) if is_cuda else None
+        self.released = torch.cuda.Event(blocking=True) if is_cuda else None
 
     def view(self, buffer: torch.Tensor, entry: _Entry) -> torch.Tensor:
         raw = buffer[entry.offset : entry.offset + entry.nbytes]
@@ -355,12 +383,14 @@ class _Slot:
 
     def device_buffer(self) -> torch.Tensor:
         if self.buffer is None:
-            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+            with torch.inference_mode(False):
+                self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
         return self.buffer
 
     def staging_buffer(self) -> torch.Tensor:
         if self.staging is None:
-            self.staging = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
+            with torch.inference_mode(False):
+                self.staging = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
         return self.staging
 
 
@@ -467,7 +497,7 @@ def _slot_specs(blocks: Sequence[Block], prefetch: int, planned: SlotSpec | None
         by_device.setdefault(block.execution_device, []).append(block)
     specs = {}
     for device, group in by_device.items():
-        largest = max(block.nbytes for block in group)
+        largest = max(block.slot_bytes for block in group)
         if planned is not None and planned.count and len(by_device) == 1:
             if largest > planned.nbytes:
                 logger.warning("offloaded block of %d bytes exceeds the plan's slot of %d bytes; slots grow to "
@@ -507,6 +537,7 @@ class _Prefetcher:
         }
         self.all_slots = [slot for slots in self.free.values() for slot in slots]
         self.streams = {device: torch.cuda.Stream(device) for device in self.free if device.type == "cuda"}
+        self._allocate_cuda_slots()
         self.tickets: dict[str, _Ticket] = {}  # scheduled or in use
         self.in_use: list[str] = []
         self.bytes_held = 0
@@ -517,6 +548,19 @@ class _Prefetcher:
         self._views: dict[str, dict[str, torch.Tensor] | None] = {}  # per block, computed on its first load
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+
+    def _allocate_cuda_slots(self) -> None:
+        """Device and staging buffers of CUDA slots, now, on the caller's thread and stream.
+
+        The caching allocator may hand the side stream memory that kernels queued on the caller's stream
+        still read (tensors freed just before attach); `wait_stream` orders every later copy into a slot
+        after them, which waiting on a never-recorded `released` event would not.
+        """
+        for device, stream in self.streams.items():
+            for slot in self.free[device]:
+                slot.device_buffer()
+                slot.staging_buffer()
+            stream.wait_stream(torch.cuda.current_stream(device))
 
     # -- public, caller's thread
 
@@ -597,6 +641,9 @@ class _Prefetcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        # A prefetch copy may still be in flight on a side stream: its buffers are freed only after it lands.
+        for stream in self.streams.values():
+            stream.synchronize()
         for slot in self.all_slots:
             slot.buffer = slot.staging = None
 
@@ -619,6 +666,11 @@ class _Prefetcher:
         return self._views.get(name) is not None
 
     def _start(self, name: str, *, background: bool) -> _Ticket | None:
+        # Views resolved and buffers filled here are kept across forwards: never make them inference tensors.
+        with torch.inference_mode(False):
+            return self._start_ticket(name, background=background)
+
+    def _start_ticket(self, name: str, *, background: bool) -> _Ticket | None:
         block = self.blocks[name]
         slot = self._free_slot(block.execution_device, evict=not background)
         if slot is None:
@@ -796,7 +848,8 @@ class Runtime:
         if cached is not None and cached[0] is tensors:
             values = cached[1]
         else:
-            values = [_like(entry.placeholder, tensors[entry.key]) for entry in block.entries]
+            with torch.inference_mode(False):  # cached values are reused by forwards in any grad mode
+                values = [_like(entry.placeholder, tensors[entry.key]) for entry in block.entries]
             if self.prefetcher.stable(block.name):
                 self._values[block.name] = (tensors, values)
         for entry, value in zip(block.entries, values):
@@ -902,7 +955,7 @@ def attach(
             their GPU, disk blocks on the main device, CPU blocks as `policy` says.
         store: where disk-placed tensors are (a `DiskStore`).
         host_weights: where CPU-placed tensors that run on another device are; built from the model's own
-            CPU tensors (pinned for a GPU) when None.
+            CPU tensors (used where they are, never pinned) when None.
         prefetch: how many blocks to load ahead of the one computing (0: load on demand).
         skip_keys: keyword arguments never moved; default `DEFAULT_SKIP_KEYS` (cache objects never move).
         offload_buffers: offload the buffers of offloaded blocks too; otherwise they stay on the execution
@@ -931,9 +984,10 @@ def attach(
     placed = {key: Device.parse(value) for key, value in device_map.items()}
     runs_on = _execution_devices(keys, placed, execution_device, policy)
     offloaded_keys = [key for key in keys if placed[key] != runs_on[key]]
-    pin = any(runs_on[key].is_gpu for key in offloaded_keys)
     exec_of = {key: device.torch_device() for key, device in runs_on.items()}
-    host = host_weights if host_weights is not None else HostWeights(pin=pin)
+    # Host weights stay as they are (views of the checkpoint, pageable): the slots' pinned staging buffers
+    # already overlap the copies, and pinning them would copy the whole CPU share into unswappable memory.
+    host = host_weights if host_weights is not None else HostWeights()
     blocks, resident = _build_blocks(model, keys, placed, exec_of, set(offloaded_keys), store, host,
                                      offload_buffers)
     ordered = _execution_order(blocks, order)
@@ -993,7 +1047,8 @@ def _build_blocks(
     entries: dict[str, list[_Entry]] = {key: [] for key in keys}
     offsets = {key: 0 for key in keys}
     resident = 0
-    # Wider dtypes first so every tensor's offset in a slot is aligned to its element size, with no padding.
+    # Offsets are aligned as `reserve.slot_alignment` says (GPU slots); wider dtypes first keep them aligned to
+    # the element size too.
     key_set = set(keys)
     by_width = sorted(tensor_groups(model), key=lambda group: -group.tensor.element_size())
     for names, sites in ((group.names, group.sites) for group in by_width):
@@ -1021,7 +1076,7 @@ def _build_blocks(
         for owner in in_offloaded:
             entry = _Entry(key, meta.dtype, tuple(meta.shape), offsets[owner], tuple(sites), placeholder, source)
             entries[owner].append(entry)
-            offsets[owner] += entry.nbytes
+            offsets[owner] += aligned(entry.nbytes, _alignment(exec_of[owner]))
     for sites, value in rewrites:
         for site in sites:
             site.set(value)
@@ -1053,7 +1108,7 @@ def _source_for(names: Sequence[str], tensor: torch.Tensor, placed: Device, stor
             "there first (dispatch_model does, given offload_dir) or pass the store it was offloaded to."
         )
     if tensor.device.type != "meta":
-        # A real tensor of a block that runs elsewhere: keep it in host memory (pinned for a GPU).
+        # A real tensor of a block that runs elsewhere: keep it in host memory where it is.
         if names[0] not in host:
             host.put(names[0], tensor)
         return host, names[0]

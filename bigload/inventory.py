@@ -16,6 +16,7 @@ so the planner can keep room for a given context length on the device that runs 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import itertools
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from bigload.errors import BigloadError, PlanError
+from bigload.reserve import SLOT_ALIGNMENT, aligned
 from bigload.sizes import dtype_width, parse_dtype
 
 __all__ = [
@@ -35,10 +37,12 @@ __all__ = [
     "KVCacheSpec",
     "TensorEntry",
     "block_of",
+    "decoder_blocks",
     "default_keep_in_fp32_modules",
     "inventory_from_checkpoint",
     "inventory_from_module",
     "kv_cache_spec",
+    "sub_inventory",
 ]
 
 # Only these are cast. Integer and bool tensors (ids, masks, quantized weights), complex tensors (a cast to
@@ -205,6 +209,11 @@ class Inventory:
         # Prefix sums make every subtree size O(1); they are derived data, not part of equality.
         object.__setattr__(self, "_bytes_prefix", tuple(itertools.accumulate(self.own_bytes, initial=0)))
         object.__setattr__(self, "_buffer_prefix", tuple(itertools.accumulate(self.own_buffer_bytes, initial=0)))
+        slot_own = [0] * len(self.names)
+        for entry in self.tensors:
+            if not entry.buffer:
+                slot_own[entry.module] += aligned(entry.nbytes)
+        object.__setattr__(self, "_slot_prefix", tuple(itertools.accumulate(slot_own, initial=0)))
         object.__setattr__(self, "_index", {name: i for i, name in enumerate(self.names)})
 
     def __len__(self) -> int:
@@ -233,6 +242,17 @@ class Inventory:
     def subtree_buffer_bytes(self, i: int) -> int:
         """Bytes of the buffers of module `i` and everything under it."""
         return self._buffer_prefix[self.ends[i]] - self._buffer_prefix[i]  # type: ignore[attr-defined]
+
+    def slot_bytes(self, i: int, *, whole: bool = True, alignment: int = SLOT_ALIGNMENT) -> int:
+        """Bytes of a runtime slot holding the parameters of module `i` (with everything under it, or only
+        its own when not `whole`), each at an `alignment`-aligned offset (`reserve.slot_bytes`)."""
+        end = self.ends[i] if whole else i + 1
+        if alignment == 1:
+            params = self._bytes_prefix[end] - self._bytes_prefix[i]  # type: ignore[attr-defined]
+            return params - (self._buffer_prefix[end] - self._buffer_prefix[i])  # type: ignore[attr-defined]
+        if alignment != SLOT_ALIGNMENT:
+            raise ValueError(f"slot alignment {alignment} is neither 1 nor SLOT_ALIGNMENT ({SLOT_ALIGNMENT}).")
+        return self._slot_prefix[end] - self._slot_prefix[i]  # type: ignore[attr-defined]
 
     def size(self, name: str) -> int:
         """Bytes of module `name` with everything under it.
@@ -735,4 +755,68 @@ def kv_cache_spec(config: Any, block_names: Sequence[str], *, dtype: torch.dtype
                       if not any(word in str(kind).lower() for word in _NON_ATTENTION_LAYER_TYPES))
     width = dtype_width(parse_dtype(dtype)) if dtype is not None else 4
     return KVCacheSpec(layers=names, kv_heads=int(kv_heads), head_dim=int(head_dim), width=width)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Parts of an inventory (pipeline stages)
+
+
+def decoder_blocks(inventory: Inventory) -> tuple[str, ...]:
+    """The decoder stack's blocks in order (`model.layers.0`, ...): the largest group of numbered children
+    of one container, unsplittable ones preferred. Empty when the model has no numbered blocks."""
+    return _decoder_blocks(inventory.names, inventory.no_split)
+
+
+def sub_inventory(inventory: Inventory, modules: Iterable[str]) -> Inventory:
+    """The inventory of part of a model: the subtrees of `modules` and the ancestors that hold them.
+
+    Ancestors keep their names (so device-map keys stay the model's) but none of their own tensors; tied
+    groups keep their names inside the part; the KV-cache spec keeps the part's attention layers. What one
+    pipeline stage plans on its host.
+
+    Raises:
+        PlanError: a name is not a module of `inventory`.
+    """
+    roots = sorted(inventory.index(name) for name in modules)
+    keep = [False] * len(inventory)
+    inside = [False] * len(inventory)
+    for root in roots:
+        for i in range(root, inventory.ends[root]):
+            keep[i] = inside[i] = True
+        parent = inventory.parents[root]
+        while parent >= 0 and not keep[parent]:
+            keep[parent] = True
+            parent = inventory.parents[parent]
+    old = [i for i, kept in enumerate(keep) if kept]
+    new_index = {i: j for j, i in enumerate(old)}
+    tensors = tuple(entry._replace(module=new_index[entry.module]) for entry in inventory.tensors
+                    if inside[entry.module])
+    parents = tuple(new_index.get(inventory.parents[i], -1) for i in old)
+
+    def own(values: Sequence[int]) -> tuple[int, ...]:
+        return tuple(values[i] if inside[i] else 0 for i in old)
+
+    kept_names = {inventory.names[i] for i in old}
+    owners = {inventory.names[i] for i in old if inside[i]}
+    tied = tuple(group for group in (tuple(n for n in g if n.rpartition(".")[0] in owners)
+                                     for g in inventory.tied_groups) if len(group) > 1)
+    kv = inventory.kv
+    if kv is not None:
+        kv = dataclasses.replace(kv, layers=tuple(name for name in kv.layers if name in kept_names))
+    return Inventory(
+        names=tuple(inventory.names[i] for i in old),
+        classes=tuple(inventory.classes[i] for i in old),
+        parents=parents,
+        ends=_subtree_ends(parents),
+        own_bytes=own(inventory.own_bytes),
+        own_buffer_bytes=own(inventory.own_buffer_bytes),
+        own_tensors=own(inventory.own_tensors),
+        no_split=tuple(inventory.no_split[i] for i in old),
+        tensors=tensors,
+        tied_groups=tied,
+        kv=kv,
+        dtype=inventory.dtype,
+        rule=inventory.rule,
+    )
 

@@ -14,7 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-__all__ = ["SlotSpec", "nesting_depth", "slot_count"]
+__all__ = ["SLOT_ALIGNMENT", "SlotSpec", "aligned", "nesting_depth", "slot_alignment", "slot_bytes", "slot_count"]
+
+# Tensors start at multiples of this in a GPU slot, as the CUDA caching allocator aligns its blocks:
+# vectorized kernels and cuBLAS take their fast paths only on aligned pointers (and some refuse unaligned
+# ones). CPU slots need no padding: CPU kernels need element alignment, which width-sorted offsets give.
+SLOT_ALIGNMENT = 256
+
+
+def slot_alignment(on_gpu: bool) -> int:
+    """Bytes a slot's tensor offsets are multiples of: `SLOT_ALIGNMENT` on a GPU, 1 on the CPU."""
+    return SLOT_ALIGNMENT if on_gpu else 1
 
 
 @dataclass(frozen=True)
@@ -23,7 +33,8 @@ class SlotSpec:
 
     Attributes:
         count: number of slots.
-        nbytes: bytes of one slot (the largest offloaded block's weights; resident buffers excluded).
+        nbytes: bytes of one slot (the largest offloaded block's weights, each tensor at an aligned offset,
+            see `slot_bytes`; resident buffers excluded).
     """
 
     count: int
@@ -33,6 +44,25 @@ class SlotSpec:
     def total(self) -> int:
         """Bytes of all slots."""
         return self.count * self.nbytes
+
+
+def aligned(nbytes: int, alignment: int = SLOT_ALIGNMENT) -> int:
+    """`nbytes` rounded up to a multiple of `alignment`.
+
+    >>> aligned(1), aligned(256), aligned(257), aligned(3, 1)
+    (256, 256, 512, 3)
+    """
+    return -(-nbytes // alignment) * alignment
+
+
+def slot_bytes(tensor_nbytes: Iterable[int], alignment: int = SLOT_ALIGNMENT) -> int:
+    """Bytes of a slot holding tensors of these sizes, each at an `alignment`-aligned offset: the one formula
+    the planner (sizing slots) and the runtime (laying tensors out in them) both use.
+
+    >>> slot_bytes([1024, 64]), slot_bytes([1024, 64], 1)
+    (1280, 1088)
+    """
+    return sum(aligned(nbytes, alignment) for nbytes in tensor_nbytes)
 
 
 def nesting_depth(names: Iterable[str]) -> int:

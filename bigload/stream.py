@@ -50,6 +50,7 @@ __all__ = [
     "Mismatch",
     "SourcePlan",
     "Transfer",
+    "gpu_cast_bytes",
     "load_checkpoint_in_model",
     "source_dtypes",
 ]
@@ -392,6 +393,22 @@ def _assign(group: _Group, tensor: torch.Tensor) -> None:
     group.loaded = True
 
 
+def gpu_cast_bytes(index: CheckpointIndex, dtype: torch.dtype | None) -> int:
+    """The most a GPU briefly holds beyond a tensor's final bytes while loading into `dtype`.
+
+    `_GpuStager` lands a tensor in its stored dtype, then casts it on the GPU: the largest castable tensor
+    stored in another dtype is that temporary (its stored bytes). 0 when `dtype` is None (the model's own
+    dtype; nothing is known to be cast) or nothing needs a cast. The planner keeps this much free per GPU.
+
+    >>> gpu_cast_bytes(open_checkpoint("llama-f32/"), torch.bfloat16)  # doctest: +SKIP
+    2101346304
+    """
+    if dtype is None or not castable(dtype):
+        return 0
+    return max((ref.nbytes for ref in index.tensors.values() if castable(ref.dtype) and ref.dtype != dtype),
+               default=0)
+
+
 class _GpuStager:
     """Host-to-GPU copies through a ring of (pinned) staging buffers on one side stream per GPU.
 
@@ -426,7 +443,7 @@ class _GpuStager:
             staging.copy_(src[start:start + count])  # the disk read happens here, while earlier DMAs run
             with torch.cuda.stream(stream):
                 dst[start:start + count].copy_(staging, non_blocking=True)
-                self.events[slot] = torch.cuda.Event()
+                self.events[slot] = torch.cuda.Event(blocking=True)  # waited on by sleeping, not spinning
                 self.events[slot].record(stream)
         landed.record_stream(stream)  # freed (after a cast) only once the side stream is done with it
         if dtype == source.dtype:

@@ -87,3 +87,46 @@ def test_offload_folder_adds_its_free_space_as_disk(tmp_path):
     assert with_disk.get("disk") == disk_free_space(tmp_path) > 0
     explicit = detect_budget({"cpu": "1GiB", "disk": "5GiB"}, offload_folder=folder)
     assert explicit.get("disk") == 5 * GiB  # the user's figure wins
+
+
+def _fake_cuda(monkeypatch, *, nvml, reserved=0, allocated=0, initialized=True):
+    """Two visible GPUs, without a GPU: NVML's answer, and what this process's caching allocator holds."""
+    asked: list[int] = []
+
+    def mem_get_info(index):
+        asked.append(index)
+        return (5 * GiB, 80 * GiB)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: allocated)
+    monkeypatch.setattr(budget_module, "_nvml_free_memory", lambda count: nvml)
+    return asked
+
+
+def test_free_gpu_memory_comes_from_nvml_without_a_cuda_context(monkeypatch):
+    asked = _fake_cuda(monkeypatch, nvml={0: 10 * GiB, 1: 20 * GiB})
+    assert budget_module.gpu_free_memory() == {0: 10 * GiB, 1: 20 * GiB}
+    assert asked == []  # mem_get_info would create a context on every GPU it asks
+
+
+def test_cached_but_unused_allocator_memory_counts_as_free(monkeypatch):
+    _fake_cuda(monkeypatch, nvml={0: 10 * GiB, 1: 20 * GiB}, reserved=6 * GiB, allocated=2 * GiB)
+    assert budget_module.gpu_free_memory() == {0: 14 * GiB, 1: 24 * GiB}
+    _fake_cuda(monkeypatch, nvml={0: 10 * GiB, 1: 20 * GiB}, reserved=6 * GiB, initialized=False)
+    assert budget_module.gpu_free_memory() == {0: 10 * GiB, 1: 20 * GiB}
+
+
+def test_without_nvml_cuda_is_asked(monkeypatch):
+    asked = _fake_cuda(monkeypatch, nvml=None)
+    assert budget_module.gpu_free_memory() == {0: 5 * GiB, 1: 5 * GiB} and asked == [0, 1]
+
+
+def test_nvml_absent_is_no_error():
+    # No NVIDIA driver on this machine (or any other reason NVML cannot answer): the caller asks CUDA.
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine has NVML")
+    assert budget_module._nvml_free_memory(1) is None

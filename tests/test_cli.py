@@ -84,7 +84,9 @@ def test_does_not_fit_error_keeps_python_keywords_in_python():
     from bigload.hf import plan_model
     from bigload.messages import Audience
 
-    with pytest.raises(PlanError, match=r"offload_folder=\.\.\.\); or give the devices more memory \(max_memory\)") as info:
+    # "lower headroom" is a fix too: the default GPU headroom (max(1 GiB, 5 %)) is kept on cuda:0.
+    with pytest.raises(PlanError, match=r"offload_folder=\.\.\.\); or lower headroom; or give the devices more "
+                                        r"memory \(max_memory\)") as info:
         plan_model("llama-3-70b", max_memory={0: "24GiB", "cpu": "16GiB"})
     assert "max_memory={..., 'disk': '200GiB'}" in str(info.value)
     assert "--offload-folder DIR" in info.value.render(Audience.CLI)
@@ -325,8 +327,8 @@ def test_plan_and_inspect_read_no_weight(cli, big_embedding_folder: Path):
     assert shard.stat().st_size - data_start > 64 * 2**20
     _evict(shard)
     assert _page_cache_fraction(shard, data_start) < 0.01  # the check below starts from a cold file
-    for args in (("plan", str(big_embedding_folder), "--max-memory", "0=50MiB,cpu=200MiB", "--json", "-"),
-                 ("plan", str(shard), "--max-memory", "0=50MiB,cpu=200MiB"),
+    for args in (("plan", str(big_embedding_folder), "--max-memory", "0=1074MiB,cpu=200MiB", "--json", "-"),
+                 ("plan", str(shard), "--max-memory", "0=1074MiB,cpu=200MiB"),
                  ("inspect", str(big_embedding_folder), "--json"),
                  ("inspect", str(shard))):
         out = cli(*args)
@@ -351,8 +353,9 @@ def _plans_in_a_fresh_process(seed: str, folder: Path) -> str:
         "    budget = Budget.of({0: inventory.total_bytes // 2, 1: inventory.total_bytes // 4, "
         "'cpu': inventory.total_bytes // 8, 'disk': 10**9})\n"
         "    for strategy in ('balanced', 'sequential'):\n"
-        "        print(plan(inventory, budget, strategy=strategy, policy='stream').to_json())\n"
-        f"sys.exit(main(['plan', {str(folder)!r}, '--max-memory', '0=3MiB,1=2MiB,cpu=3MiB,disk=1GiB', "
+        "        print(plan(inventory, budget, strategy=strategy, policy='stream', headroom=0).to_json())\n"
+        # GPUs of 3 and 2 MiB beyond the default headroom (1 GiB each).
+        f"sys.exit(main(['plan', {str(folder)!r}, '--max-memory', '0=1027MiB,1=1026MiB,cpu=3MiB,disk=1GiB', "
         "'--context-length', '64', '--json', '-']))\n"
     )
     tests = str(Path(__file__).parent)
