@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bigload.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
+from bigload.devices import DISK, Device
 from bigload.errors import AdapterError, CheckpointError
 from bigload.sizes import format_size
 from bigload.stream import DerivedTensor, Source, SourcePlan
@@ -267,7 +268,7 @@ def load_model_level_weights(wrapped: nn.Module, adapters: Sequence[Adapter], de
     for adapter in adapters:
         if not adapter.config.is_prompt_learning:
             continue
-        _check_prefix_tuning_runs(wrapped, adapter)
+        _place_prefixes(wrapped, adapter)
         weights = peft.utils.load_peft_weights(str(adapter.folder), device="cpu")
         # peft put the encoder on the base model's device, meta: give it storage for the load to fill.
         encoder = wrapped.prompt_encoder[adapter.name].to_empty(device=device)
@@ -312,11 +313,21 @@ def adapter_summary(model: nn.Module, adapters: Sequence[Adapter], device_map: M
     return lines
 
 
-def _check_prefix_tuning_runs(wrapped: nn.Module, adapter: Adapter) -> None:
-    """peft 0.21's prefix tuning puts each layer's KV prefix on the device `hf_device_map` names for it, and for
-    "cpu"/"disk" entries on the map's first GPU (`peft.utils.integrations.get_layer_device_map`, StopIteration
-    when there is none, for accelerate's maps too). Say so before the first forward fails, when the map has no
-    GPU or a cpu/disk-placed layer runs on the CPU (its prefix would be on the GPU)."""
+def _place_prefixes(wrapped: nn.Module, adapter: Adapter) -> None:
+    """Make the map peft reads put each layer's prefix where the layer runs.
+
+    peft 0.21's prefix tuning moves each layer's KV prefix, on every forward, to the device `hf_device_map`
+    gives that layer: the value itself, or for "cpu"/"disk" the map's first other value, accelerate's main GPU
+    (`peft.utils.integrations.get_layer_device_map`; StopIteration when every value is "cpu" or "disk"). When
+    every block runs on the CPU, the blocks that stay in RAM are resident on the device they run on, as a block
+    on a GPU index is: their entries become `torch.device("cpu")`, a value transformers' own maps hold
+    (`device_map="cpu"` becomes `{"": torch.device("cpu")}`). peft's first non-offloaded value is then the CPU,
+    and every prefix lands there; "disk" entries stay "disk".
+
+    Raises:
+        AdapterError: every block is on disk (no value can name the CPU), or a GPU runs some blocks while a
+            cpu/disk-placed block runs on the CPU (peft would put that block's prefix on the GPU).
+    """
     from bigload.hooks import runtime_of
 
     base = wrapped.get_base_model()
@@ -324,13 +335,40 @@ def _check_prefix_tuning_runs(wrapped: nn.Module, adapter: Adapter) -> None:
     method = getattr(adapter.config.peft_type, "value", adapter.config.peft_type)
     if method != "PREFIX_TUNING" or not device_map:
         return
-    runtime = runtime_of(base)
-    offloaded = [key for key, value in device_map.items() if value in ("cpu", "disk")]
-    on_cpu = [key for key in offloaded if runtime is not None and key in runtime.blocks
-              and runtime.blocks[key].execution_device.type == "cpu"]
-    if len(offloaded) == len(device_map) or on_cpu:
+    runs_on = _execution_types(device_map, runtime_of(base))
+    offloaded = [key for key, value in device_map.items() if _is_offload_value(value)]
+    if set(runs_on.values()) == {"cpu"}:
+        resident = [key for key, value in device_map.items() if isinstance(value, str) and value == "cpu"]
+        if not resident and all(_is_offload_value(value) for value in device_map.values()):
+            raise AdapterError(
+                f"{adapter.folder / ADAPTER_CONFIG}: peft places prefix-tuning prefixes by the device map, and "
+                "every block of this map is on disk, so no entry names the CPU they run on. Give the CPU room for "
+                "at least one block (max_memory={'cpu': ...})."
+            )
+        for key in resident:
+            device_map[key] = torch.device("cpu")
+        return
+    on_cpu = [key for key in offloaded if runs_on[key] == "cpu"]
+    if on_cpu:
         raise AdapterError(
             f"{adapter.folder / ADAPTER_CONFIG}: peft puts the prefix of every layer the device map places on cpu "
-            f"or disk on the map's first GPU, but {(on_cpu or offloaded)[:3]} run on the CPU. Load the model "
-            "without offload (device_map='cpu' and enough max_memory), or give the GPU room for those layers."
+            f"or disk on the map's first GPU, but {on_cpu[:3]} run on the CPU. Give the GPU room for those layers, "
+            "or load the model without a GPU in the budget (max_memory={'cpu': ..., 'disk': ...})."
         )
+
+
+def _is_offload_value(value: Any) -> bool:
+    """An entry peft reads as offloaded: the strings "cpu" and "disk" (not `torch.device("cpu")`)."""
+    return isinstance(value, str) and value in ("cpu", "disk")
+
+
+def _execution_types(device_map: Mapping[str, Any], runtime: Any) -> dict[str, str]:
+    """Device map key -> the type of the device its block runs on ("cpu", "cuda")."""
+    blocks = runtime.blocks if runtime is not None else {}
+    return {key: blocks[key].execution_device.type if key in blocks else _resident_type(value)
+            for key, value in device_map.items()}
+
+
+def _resident_type(value: Any) -> str:
+    device = Device.parse(value)
+    return "cpu" if device == DISK else device.torch_device().type  # disk without a runtime: nothing runs it yet

@@ -282,15 +282,44 @@ def test_prompt_tuning_on_an_offloaded_base_equals_peft_in_memory(files, prompt_
         torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=0)
 
 
-def test_prefix_tuning_without_a_gpu_in_the_map_is_refused_with_the_fix(files, tmp_path):
+@pytest.fixture(scope="module")
+def prefix_tuning(files) -> Path:
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    return write_prompt_learning(files["base"].parent / "prefix", config)
+
+
+def prefix_reference(prefix: Path):
+    """peft's prefix tuning on the base fully in memory, checked to change the base's logits."""
+    reference = peft.PeftModel.from_pretrained(reference_llama(), prefix)
+    assert not torch.allclose(logits(reference), logits(reference_llama()), atol=1e-2)
+    return reference
+
+
+def test_prefix_tuning_on_a_cpu_executed_offloaded_base_equals_peft_in_memory(files, prefix_tuning, tmp_path):
     import bigload
 
-    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
-    prefix = write_prompt_learning(tmp_path / "prefix", config)
-    with pytest.raises(AdapterError, match=r"peft puts the prefix of every layer .* on the map's first GPU, but "
-                                           r"\['model.embed_tokens', 'model.layers.0', 'model.layers.1'\] run on"):
-        bigload.from_pretrained(files["base"], adapter=prefix, max_memory=MEMORY, offload_folder=tmp_path / "off",
-                                progress=False)
+    reference = prefix_reference(prefix_tuning)
+    ours = bigload.from_pretrained(files["base"], adapter=prefix_tuning, max_memory=MEMORY,
+                                   offload_folder=tmp_path / "off", progress=False)
+    device_map = ours.get_base_model().hf_device_map
+    # Blocks kept in RAM run where they live: named by torch.device, which peft reads as their execution device.
+    assert {str(value) for value in device_map.values()} == {"cpu", "disk"}
+    assert all(value == "disk" or value == torch.device("cpu") for value in device_map.values())
+    assert ours.prompt_encoder["default"].embedding.weight.device == torch.device("cpu")
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(ours), greedy(reference))
+
+
+def test_peft_prefix_tuning_on_a_dispatched_base_with_cpu_named_as_a_device(files, prefix_tuning, tmp_path):
+    reference = prefix_reference(prefix_tuning)
+    device_map = {key: "disk" if value == "disk" else torch.device("cpu")
+                  for key, value in llama_map(DISK_LAYERS).items()}
+    base = load_checkpoint_and_dispatch(empty_llama(), files["base"], device_map=device_map,
+                                        offload_folder=tmp_path / "off")
+    assert base.hf_device_map == device_map
+    ours = peft.PeftModel.from_pretrained(base, prefix_tuning)  # peft's own call
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(ours), greedy(reference))
 
 
 @pytest.mark.gpu
