@@ -199,6 +199,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if planning.pop("adapter", None):
             raise BigloadError("--adapter cannot be combined with --hosts yet; merge the adapter into the base "
                                "model first (peft's merge_and_unload, then save_pretrained).")
+        planning.pop("quantize_skip", None)
+        if planning.pop("quantize", None):
+            raise BigloadError("--quantize cannot be combined with --hosts yet; plan without --quantize, "
+                               "or for one machine (no --hosts).")
         result = plan_model_hosts(args.model, args.hosts, max_memory_hosts=_host_budgets(args), **planning)
     else:
         result = plan_model(args.model, **_planning_kwargs(args))

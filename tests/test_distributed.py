@@ -137,6 +137,15 @@ def test_cli_plan_prints_one_table_per_host_and_writes_json(tmp_path: Path) -> N
     assert [p.usage_of("cpu").budget for p in written.plans] == [20 * 2**30, 10 * 2**30]
 
 
+def test_cli_plan_over_hosts_refuses_quantize_with_the_fix() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bigload", "plan", "llama-3.1-8b", "--hosts", "2", "--max-memory", "cpu=20GiB",
+         "--quantize", "int8"],
+        capture_output=True, text=True, timeout=240, env=_env(), cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert "--quantize cannot be combined with --hosts" in done.stderr and "Traceback" not in done.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------
 # a stage opens only its shards
 

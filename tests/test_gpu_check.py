@@ -23,9 +23,11 @@ def test_driver_runs_a_step_in_its_own_process_and_writes_json_log_and_table(tmp
     assert report["steps"]["sanitizer"]["status"] == "skipped"  # needs CUDA
     features = report["steps"]["features"]
     assert features["status"] == "ok" and features["limit_s"] <= gpu_check.LIMITS["features"]
-    # This tree has neither feature yet: the step says so instead of failing.
-    assert features["results"] == {"quantize": "not in this tree", "adapter": "not in this tree"}
-    assert "quantize: not in this tree" in (tmp_path / "features.log").read_text()
+    # Both features are in this tree: int8 generates, and the adapter's tokens equal peft's.
+    quantize, adapter = features["results"]["quantize"], features["results"]["adapter"]
+    assert quantize["status"] == "ok" and quantize["scheme"] == "int8" and len(quantize["tokens"]) == 8
+    assert adapter["status"] == "ok" and adapter["tokens"] == adapter["peft_tokens"]
+    assert "quantize: {'status': 'ok', 'scheme': 'int8'" in (tmp_path / "features.log").read_text()
     assert table.splitlines()[-1].startswith("features   ok") and "step       status" in table
 
 
