@@ -7,14 +7,57 @@ A slot holds one offloaded block's weights while it runs or waits, prefetched. B
 module's own entry runs around its children's entries), so `nesting_depth` of them run at once, and
 `prefetch` more wait ready: `min(depth + prefetch, number of offloaded blocks)` slots, each the size of
 the largest offloaded block's weights.
+
+How disk-placed blocks come into the slots is decided here too (`choose_disk_reads`), from the budget: while
+the disk blocks fit in the CPU memory left over, they are used in place through the page cache (`MAPPED`);
+beyond that the page cache would evict the block about to run, so they are read with large explicit reads
+into the slots (`READ`), each slot then `READ_SLACK_BYTES` larger so a block's file ranges can be read
+rounded out to `READ_ALIGN` (what `O_DIRECT` asks).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Iterable, Sequence
 
-__all__ = ["SlotSpec", "nesting_depth", "slot_count"]
+from bigload.errors import PlanError
+
+__all__ = ["READ_ALIGN", "READ_SLACK_BYTES", "DiskReads", "SlotSpec", "choose_disk_reads", "nesting_depth",
+           "slot_bytes", "slot_count"]
+
+READ_ALIGN = 4096  # O_DIRECT reads: file offset, length and memory address in multiples of this
+# Per slot, with explicit reads: room to round each contiguous file range of a block out to READ_ALIGN at both
+# ends (64 ranges; a block laid out otherwise is read without O_DIRECT, see `bigload.reads.layout`).
+READ_SLACK_BYTES = 64 * 2 * READ_ALIGN
+
+
+class DiskReads(str, Enum):
+    """How disk-placed blocks are brought in on the CPU.
+
+    MAPPED: used in place, as views of the memory-mapped files (zero-copy; the page cache holds them; a
+        prefetch is `madvise(WILLNEED)`), right while they fit in memory.
+    READ: read with large explicit reads (`O_DIRECT` where the filesystem allows) into the slots, ahead of
+        use, by a pool of reader threads; for blocks that do not fit in memory.
+    """
+
+    MAPPED = "mapped"
+    READ = "read"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: "DiskReads | str") -> "DiskReads":
+        """`value` as a DiskReads ("mapped" or "read").
+
+        Raises:
+            PlanError: any other name.
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            raise PlanError(f"disk_reads={value!r}; use 'mapped' or 'read' (or None to decide from memory).") from None
 
 
 @dataclass(frozen=True)
@@ -23,11 +66,14 @@ class SlotSpec:
 
     Attributes:
         count: number of slots.
-        nbytes: bytes of one slot (the largest offloaded block's weights; resident buffers excluded).
+        nbytes: bytes of one slot (the largest offloaded block's weights, resident buffers excluded; plus
+            `READ_SLACK_BYTES` when disk blocks are read: `slot_bytes`).
+        reads: how disk-placed blocks come into the slots (`choose_disk_reads`).
     """
 
     count: int
     nbytes: int
+    reads: DiskReads = DiskReads.MAPPED
 
     @property
     def total(self) -> int:
@@ -69,3 +115,29 @@ def slot_count(names: Sequence[str], prefetch: int) -> int:
     if not names:
         return 0
     return min(nesting_depth(names) + prefetch, len(names))
+
+
+def choose_disk_reads(disk_bytes: int, memory_left: int) -> tuple[DiskReads, str]:
+    """How disk-placed blocks are brought in: in place through the page cache while they fit in the CPU
+    memory left over (`memory_left`: the CPU budget minus what the plan puts there), else explicit reads.
+
+    Returns:
+        (the choice, a one-line reason for `explain()`).
+
+    >>> choose_disk_reads(7 * 2**30, 3 * 2**30)[0]
+    <DiskReads.READ: 'read'>
+    """
+    gib = 2**30
+    if disk_bytes <= memory_left:
+        return DiskReads.MAPPED, (
+            f"disk blocks ({disk_bytes / gib:.2f} GiB) fit in the CPU memory left ({memory_left / gib:.2f} GiB): "
+            "they are used in place from the page cache (mapped, zero-copy), prefetched with madvise.")
+    return DiskReads.READ, (
+        f"disk blocks ({disk_bytes / gib:.2f} GiB) exceed the CPU memory left ({max(0, memory_left) / gib:.2f} GiB), "
+        "so the page cache cannot keep them: each is read with large explicit reads (O_DIRECT where the "
+        "filesystem allows) into the slots, ahead of use; pass disk_reads= to override.")
+
+
+def slot_bytes(largest: int, reads: DiskReads) -> int:
+    """Bytes of one slot for blocks of at most `largest` bytes: with explicit reads, `READ_SLACK_BYTES` more."""
+    return largest + READ_SLACK_BYTES if largest and reads is DiskReads.READ else largest
