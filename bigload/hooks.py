@@ -312,7 +312,9 @@ class PrefetchStats:
     order: the execution order the prefetcher follows;
     disk_reads: how disk blocks are brought in ("mapped" or "read", see `reserve.DiskReads`);
     paths: per offloaded block loaded so far, the path it takes: "read (O_DIRECT)", "read (buffered)",
-        "mapped (in place)" or "copy" (cast or staged into a slot).
+        "mapped (in place)" or "copy" (cast or staged into a slot);
+    buffered_files: files read explicitly but through the page cache, because their filesystem refused
+        `O_DIRECT` (tmpfs, some network filesystems).
     """
 
     buffers: int
@@ -328,6 +330,7 @@ class PrefetchStats:
     order: tuple[str, ...]
     disk_reads: str = DiskReads.MAPPED.value
     paths: Mapping[str, str] = field(default_factory=dict)
+    buffered_files: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -606,6 +609,7 @@ class _Prefetcher:
             order=tuple(self.order),
             disk_reads=self.reads.value,
             paths=dict(self.paths),
+            buffered_files=tuple(str(path) for path in self._reader.buffered_files) if self._reader else (),
         )
 
     def close(self) -> None:

@@ -167,6 +167,11 @@ class BlockReader:
         for future in futures:
             future.result()
 
+    @property
+    def buffered_files(self) -> tuple[Path, ...]:
+        """Files read through the page cache because they refused `O_DIRECT`."""
+        return tuple(sorted(self._buffered_only))
+
     def close(self) -> None:
         """Stop the reader threads (after the reads in flight) and close the files."""
         with self._lock:

@@ -11,7 +11,7 @@ the largest offloaded block's weights.
 How disk-placed blocks come into the slots is decided here too (`choose_disk_reads`), from the budget: while
 the disk blocks fit in the CPU memory left over, they are used in place through the page cache (`MAPPED`);
 beyond that the page cache would evict the block about to run, so they are read with large explicit reads
-into the slots (`READ`), each slot then `READ_SLACK_BYTES` larger so a block's file ranges can be read
+into the slots (`READ`), each slot then a little larger (`slot_bytes`) so a block's file ranges can be read
 rounded out to `READ_ALIGN` (what `O_DIRECT` asks).
 """
 
@@ -28,8 +28,9 @@ __all__ = ["READ_ALIGN", "READ_SLACK_BYTES", "DiskReads", "SlotSpec", "choose_di
 
 READ_ALIGN = 4096  # O_DIRECT reads: file offset, length and memory address in multiples of this
 # Per slot, with explicit reads: room to round each contiguous file range of a block out to READ_ALIGN at both
-# ends (64 ranges; a block laid out otherwise is read without O_DIRECT, see `bigload.reads.layout`).
+# ends (64 ranges; a block whose ranges do not fit is read without O_DIRECT, see `bigload.reads.layout`).
 READ_SLACK_BYTES = 64 * 2 * READ_ALIGN
+READ_SLACK_FROM = 1 << 20  # smaller blocks get no slack (see `slot_bytes`)
 
 
 class DiskReads(str, Enum):
@@ -139,5 +140,9 @@ def choose_disk_reads(disk_bytes: int, memory_left: int) -> tuple[DiskReads, str
 
 
 def slot_bytes(largest: int, reads: DiskReads) -> int:
-    """Bytes of one slot for blocks of at most `largest` bytes: with explicit reads, `READ_SLACK_BYTES` more."""
-    return largest + READ_SLACK_BYTES if largest and reads is DiskReads.READ else largest
+    """Bytes of one slot for blocks of at most `largest` bytes: with explicit reads of blocks of
+    `READ_SLACK_FROM` or more, up to `READ_SLACK_BYTES` more (a quarter of the block at most). Smaller blocks
+    get none: they are read packed, through the page cache, which costs nothing that matters at their size."""
+    if largest < READ_SLACK_FROM or reads is not DiskReads.READ:
+        return largest
+    return largest + min(READ_SLACK_BYTES, -(-largest // 4 // READ_ALIGN) * READ_ALIGN)
