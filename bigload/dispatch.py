@@ -468,6 +468,7 @@ def plan_for_model(
     keep_in_fp32_modules: Sequence[str] | None = None,
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     policy: ExecutionPolicy | str | None = None,
+    disk_reads: DiskReads | str | None = None,
 ) -> Plan:
     """Plan an `nn.Module` you built (meta is fine): inventory -> budget -> plan, without reading a weight.
 
@@ -483,7 +484,7 @@ def plan_for_model(
         strategy=strategy, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
         context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
         keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes,
-        no_split_module_classes=no_split_module_classes)
+        no_split_module_classes=no_split_module_classes, disk_reads=disk_reads)
     return _plan_inventory(_inventory(model, options, None), options)
 
 

@@ -279,6 +279,7 @@ def plan_model(
     prefetch: int = 1,
     offload_folder: str | Path | None = None,
     policy: ExecutionPolicy | str | None = None,
+    disk_reads: str | None = None,
 ) -> Any:
     """A dry run: plan MODEL (catalog name, model folder, config.json or checkpoint) without reading a weight.
 
@@ -295,6 +296,8 @@ def plan_model(
         offload_folder: with no "disk" budget, its free space becomes the disk budget.
         policy: where CPU-resident blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local");
             default: chosen by `plan.choose_policy`.
+        disk_reads: how disk blocks are brought in ("mapped" or "read"); default: decided from the CPU
+            memory the plan leaves (`reserve.choose_disk_reads`).
 
     Returns:
         A `Plan`.
@@ -306,7 +309,7 @@ def plan_model(
     """
     options = PlanOptions(strategy=strategy, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
                           context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
-                          no_split_module_classes=no_split_module_classes)
+                          no_split_module_classes=no_split_module_classes, disk_reads=disk_reads)
     inventory = inventory_for(spec, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes)
     budget = detect_budget(options.max_memory, offload_folder=options.offload_folder)
     return plan(inventory, budget, options.with_settings(dtype=inventory.dtype))
@@ -328,6 +331,7 @@ def from_pretrained(
     no_split_module_classes: list[str] | None = None,
     materialize: bool = False,
     policy: ExecutionPolicy | str | None = None,
+    disk_reads: str | None = None,
 ) -> nn.Module:
     """Load a Hugging Face model folder onto this machine's devices, ready for `generate`.
 
@@ -361,6 +365,9 @@ def from_pretrained(
             `load_checkpoint_and_dispatch`).
         policy: where CPU-resident blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local");
             default: the planner's choice (with a dict map: stream).
+        disk_reads: how disk blocks are brought in: "mapped" (in place from the page cache) or "read"
+            (explicit reads into the slots); default: decided from the CPU budget (see
+            `load_checkpoint_and_dispatch`).
 
     Raises:
         BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint.
@@ -386,6 +393,7 @@ def from_pretrained(
         strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
         progress=progress, keep_in_fp32_modules=default_keep_in_fp32_modules(model, target),
         sources=checkpoint_sources(model, index), materialize=materialize, policy=policy,
+        disk_reads=disk_reads,
     )
     _align_encoder_outputs(model)
     _load_generation_config(model, Path(path))

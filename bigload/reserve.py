@@ -22,6 +22,7 @@ from enum import Enum
 from typing import Iterable, Sequence
 
 from bigload.errors import PlanError
+from bigload.sizes import format_size
 
 __all__ = ["READ_ALIGN", "READ_SLACK_BYTES", "DiskReads", "SlotSpec", "choose_disk_reads", "nesting_depth",
            "slot_bytes", "slot_count"]
@@ -128,13 +129,12 @@ def choose_disk_reads(disk_bytes: int, memory_left: int) -> tuple[DiskReads, str
     >>> choose_disk_reads(7 * 2**30, 3 * 2**30)[0]
     <DiskReads.READ: 'read'>
     """
-    gib = 2**30
     if disk_bytes <= memory_left:
         return DiskReads.MAPPED, (
-            f"disk blocks ({disk_bytes / gib:.2f} GiB) fit in the CPU memory left ({memory_left / gib:.2f} GiB): "
+            f"disk blocks ({format_size(disk_bytes)}) fit in the CPU memory left ({format_size(memory_left)}): "
             "they are used in place from the page cache (mapped, zero-copy), prefetched with madvise.")
     return DiskReads.READ, (
-        f"disk blocks ({disk_bytes / gib:.2f} GiB) exceed the CPU memory left ({max(0, memory_left) / gib:.2f} GiB), "
+        f"disk blocks ({format_size(disk_bytes)}) exceed the CPU memory left ({format_size(max(0, memory_left))}), "
         "so the page cache cannot keep them: each is read with large explicit reads (O_DIRECT where the "
         "filesystem allows) into the slots, ahead of use; pass disk_reads= to override.")
 
