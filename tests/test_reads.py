@@ -262,3 +262,27 @@ def test_planned_load_holds_no_more_than_the_plan_reserves(checkpoints, tmp_path
     assert stats.reserve_bytes + stats.resident_buffer_bytes == plan.usage_of(plan.main_device).reserve
     assert stats.buffer_bytes <= stats.reserve_bytes and stats.peak_bytes_held <= stats.reserve_bytes
     assert set(stats.paths.values()) == {"read (O_DIRECT)"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_explicit_reads_into_pinned_staging_for_the_gpu(checkpoints, tmp_path, prefetch):
+    """Disk layers read into the slots' pinned staging buffers, then copied to the GPU: the same tokens as
+    the model on the GPU in memory."""
+    from transformers import LlamaForCausalLM
+
+    folder = checkpoints[torch.bfloat16]
+    device_map = {key: (0 if value == "cpu" else value) for key, value in ALL_ON_DISK.items()}
+    model = _empty()
+    load_checkpoint_and_dispatch(model, folder, device_map=device_map, offload_folder=tmp_path / "off",
+                                 dtype=torch.bfloat16, prefetch=prefetch, disk_reads="read", progress=False)
+    reference = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval().to("cuda:0")
+    ids = PROMPT.to("cuda:0")
+    with torch.no_grad():
+        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        out = with_timeout(lambda: model.generate(ids, **kwargs), 120)
+        assert torch.equal(out, reference.generate(ids, **kwargs))
+    stats = runtime_of(model).stats()
+    assert set(stats.paths.values()) <= {"read (O_DIRECT)", "read (buffered)"} and len(stats.paths) == LAYERS
+    assert stats.staging_bytes == stats.reserve_bytes and stats.peak_bytes_held <= stats.reserve_bytes
