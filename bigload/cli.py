@@ -55,6 +55,9 @@ def _add_planning_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", choices=POLICIES, default=None,
                         help="where CPU-resident blocks run when a GPU exists: stream their weights to it, or "
                              "run locally on the CPU (default: chosen by a bandwidth model of decoding)")
+    parser.add_argument("--disk-reads", choices=("mapped", "read"), default=None,
+                        help="how disk blocks are brought in: used in place from the page cache (mapped), or read "
+                             "explicitly ahead of use (read); default: read when they exceed the CPU memory left")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +125,7 @@ def _planning_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "no_split_module_classes": args.no_split,
         "prefetch": args.prefetch,
         "policy": args.policy,
+        "disk_reads": args.disk_reads,
     }
 
 

@@ -126,7 +126,7 @@ def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: 
         stream_text: print tokens as they are generated.
         echo: where plan tables and notes go (None: silent).
         planning: max_memory, strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch,
-            policy.
+            policy, disk_reads.
     """
     from bigload.hf import from_pretrained, load_tokenizer, plan_model
 
