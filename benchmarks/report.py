@@ -27,17 +27,27 @@ def ratio_cell(bigload, accelerate, transformers=None, *, floor: float = 0.0) ->
     return None if parts == ["—", "—"] else " · ".join(parts)
 
 
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def versions() -> dict[str, str]:
+    """The versions of the libraries a figure depends on; each section of results.json records them, so a
+    claim copied from it can say which releases it compares (they move faster than the machine)."""
+    import torch
+
+    return {"torch": torch.__version__, **{dist: _version(dist) for dist in
+                                          ("transformers", "accelerate", "safetensors", "bigload")}}
+
+
 def machine() -> dict[str, object]:
     import psutil
     import torch
-
-    def version(dist: str) -> str:
-        from importlib.metadata import PackageNotFoundError, version as dist_version
-
-        try:
-            return dist_version(dist)
-        except PackageNotFoundError:
-            return "not installed"
 
     cpu = platform.processor() or "unknown"
     try:
@@ -53,11 +63,7 @@ def machine() -> dict[str, object]:
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": version("transformers"),
-        "accelerate": version("accelerate"),
-        "safetensors": version("safetensors"),
-        "bigload": version("bigload"),
+        **versions(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
 
@@ -127,8 +133,10 @@ def render(payload: dict, *, analysis: str | None = None) -> str:
     for section in payload["sections"]:
         lines += ["", f"## {section['title']}", ""]
         measured = section.get("measured")
-        if measured and measured["command"] != command:
-            lines += [f"Measured {measured['date']} with `{measured['command']}`.", ""]
+        if measured and (measured["command"] != command or measured.get("versions")):
+            with_versions = ", ".join(f"{k} {v}" for k, v in (measured.get("versions") or {}).items())
+            lines += [f"Measured {measured['date']} with `{measured['command']}`"
+                      + (f" ({with_versions})." if with_versions else "."), ""]
         tables = section.get("tables") or [{"rows": section["rows"], "header": section.get("header")}]
         for i, table in enumerate(tables):
             if table.get("title"):

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             results[name] = run_specs(specs, isolated=True, timeout=ctx.timeout, before=prepare[name], log=ctx.log)
             ctx.log(f"{name}: done in {time.perf_counter() - bench_started:.0f} s")
     command = ("python -m benchmarks " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))).strip()
-    measured = {"date": report.now(), "command": command}
+    measured = {"date": report.now(), "command": command, "versions": report.versions()}
     sections = [dict(modules[name].summarize(ctx, results.get(name, [])), bench=name, measured=measured)
                 for name in args.only]
     sections = _with_earlier_sections(args.out / "results.json", sections, quick=args.quick)

@@ -20,6 +20,7 @@ import torch
 
 from bigload.devices import DISK, Budget, Device, DeviceLike
 from bigload.errors import BudgetError, DeviceError
+from bigload.messages import Setting, Text, setting
 from bigload.sizes import parse_size
 
 __all__ = [
@@ -64,9 +65,9 @@ def parse_max_memory(max_memory: MaxMemory) -> Budget:
         device = _parse_key(key)
         if device in limits:
             raise BudgetError(
-                f"max_memory names {device} twice ({first_key[device]!r} and {key!r}); keep one of them."
+                Text(setting("max_memory"), f" names {device} twice ({first_key[device]!r} and {key!r}); keep one of them.")
             )
-        limits[device] = parse_size(value, what=f"max_memory[{key!r}]")
+        limits[device] = parse_size(value, what=Text(Setting(f"max_memory[{key!r}]", f"--max-memory {key}=")))
         first_key[device] = key
     return Budget(tuple(sorted(limits.items())))
 
@@ -75,9 +76,10 @@ def _parse_key(key: object) -> Device:
     try:
         return Device.parse(key)  # type: ignore[arg-type]
     except DeviceError:
-        raise DeviceError(
-            f"max_memory key {key!r} names no device; use a GPU index (0, 1, ...), 'cuda:N', 'cpu' or 'disk'."
-        ) from None
+        raise DeviceError(Text(
+            setting("max_memory"), f" key {key!r} names no device; use a GPU index (0, 1, ...), 'cuda:N', 'cpu' "
+            "or 'disk'."
+        )) from None
 
 
 def detect_budget(
@@ -163,6 +165,7 @@ def check_devices_exist(devices: Budget | Iterable[DeviceLike], *, gpu_count: in
     if missing:
         names = ", ".join(f"cuda:{index}" for index in missing)
         raise DeviceError(
-            f"{names} does not exist on this machine ({available} CUDA device(s) visible). Plan again for this "
-            "machine (max_memory with existing GPUs only), or map those modules to 'cpu' or 'disk'."
+            Text(f"{names} does not exist on this machine ({available} CUDA device(s) visible). Plan again for "
+                 "this machine (", setting("max_memory"), " with existing GPUs only), or map those modules to "
+                 "'cpu' or 'disk'.")
         )

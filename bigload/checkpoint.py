@@ -431,9 +431,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointIndex:
     """Index a checkpoint from its headers alone.
 
     Args:
-        path: a `.safetensors` file, a `.bin`/`.pt`/`.pth` file, a `*.index.json` shard index, or a folder
-            holding `model.safetensors`, `*.safetensors.index.json`, `pytorch_model.bin` or
-            `pytorch_model.bin.index.json` (safetensors preferred when both exist).
+        path: a `.safetensors` file, a `.bin`/`.pt`/`.pth` file, a `.json` shard index (`{"weight_map":
+            {name: shard}}` or the bare `{name: shard}`), or a folder holding `model.safetensors`,
+            `*.safetensors.index.json`, `pytorch_model.bin`, `pytorch_model.bin.index.json` or one other
+            `*.index.json` (safetensors preferred when several exist).
 
     Returns:
         A CheckpointIndex listing every tensor's dtype, shape, file and byte range.
@@ -461,7 +462,8 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointIndex:
 
 def _discover(folder: Path) -> Path:
     for pattern in _DISCOVERY:
-        found = sorted(folder.glob(pattern))
+        found = [p for p in sorted(folder.glob(pattern)) if not p.name.endswith(_NOT_OTHER_INDEX)
+                 or pattern != _OTHER_INDEX]
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
@@ -475,11 +477,15 @@ def _discover(folder: Path) -> Path:
     )
 
 
+_OTHER_INDEX = "*.index.json"
+_NOT_OTHER_INDEX = (".safetensors.index.json", ".bin.index.json")
+
 # Safetensors first: they need no unpickling and map straight to bytes.
 _DISCOVERY = (
     "model.safetensors.index.json",
     "model.safetensors",
     "*.safetensors.index.json",
+    "*.index.json",  # accelerate takes any one index, e.g. weight_map.index.json (PyTorch ones come later)
     "*.safetensors",
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
@@ -548,12 +554,14 @@ def _read_index_json(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     # ValueError covers UnicodeDecodeError, JSONDecodeError and over-long integers; RecursionError deep nesting.
     except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: the shard index is not valid JSON ({exc}).") from None
-    weight_map = content.get("weight_map") if isinstance(content, dict) else None
-    if not isinstance(weight_map, dict) or not all(
+    # Hugging Face's {"weight_map": {...}, "metadata": {...}}, or (as accelerate accepts) the bare map.
+    weight_map = content.get("weight_map", content) if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError(
-            f"{path}: a shard index needs a 'weight_map' object mapping tensor names to shard file names."
+            f"{path}: a shard index needs a 'weight_map' object (or is itself an object) mapping tensor names to "
+            "shard file names."
         )
     raw_meta = content.get("metadata") or {}
     metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in dict(raw_meta).items()} \
@@ -595,6 +603,7 @@ _OPENERS: tuple[tuple[str, Callable[[Path], CheckpointIndex]], ...] = (
     (".bin", _open_single_torch),
     (".pt", _open_single_torch),
     (".pth", _open_single_torch),
+    (".json", _open_sharded),  # accelerate reads any .json file it is given as a shard index
 )
 
 

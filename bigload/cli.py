@@ -1,8 +1,10 @@
 """The `bigload` command line: plan, inspect, generate, demo.
 
-Argument parsing, printing and exit codes only; every decision is made by the library. Errors print one
-line and exit non-zero (2 for bigload's own errors: bad input, a model that does not fit; 1 for anything
-unexpected); `--debug` shows the traceback.
+Argument parsing, printing and exit codes only; every decision is made by the library. Errors print as
+"bigload: error: ..." with no traceback (one line, or a few when the message carries a breakdown, such as
+the does-not-fit shortfall per device) and exit non-zero (2 for bigload's own errors: bad input, a model
+that does not fit; 1 for anything unexpected); `--debug` shows the traceback. Messages name settings as
+flags (`--offload-folder`), not as the library's Python keywords.
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from bigload.errors import BigloadError
+from bigload.messages import Audience
 
 __all__ = ["main"]
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 POLICIES = ("stream", "local")  # bigload.devices.ExecutionPolicy's names (not imported: `--help` stays fast)
+
+# A bare number in a CLI budget is bytes (accelerate's meaning of an int), but nobody runs a model in less
+# than a megabyte: "0=24" is a forgotten unit, refused with the likely meaning instead of planned as 24 B.
+_SMALLEST_BARE_BUDGET = 2**20
 
 
 def parse_max_memory_arg(text: str) -> dict[str, str]:
@@ -32,10 +39,19 @@ def parse_max_memory_arg(text: str) -> dict[str, str]:
             raise argparse.ArgumentTypeError(
                 f"cannot read {item!r}; write DEVICE=SIZE pairs separated by commas, e.g. 0=24GiB,cpu=64GiB,disk=500GiB"
             )
-        result[key.strip()] = value.strip()
+        result[key.strip()] = _budget_value(key.strip(), value.strip())
     if not result:
         raise argparse.ArgumentTypeError("--max-memory is empty; e.g. 0=24GiB,cpu=64GiB,disk=500GiB")
     return result
+
+
+def _budget_value(key: str, value: str) -> str:
+    if value.isdigit() and int(value) < _SMALLEST_BARE_BUDGET:
+        raise argparse.ArgumentTypeError(
+            f"{key}={value} has no unit, so it would mean {value} bytes; did you mean {key}={value}GiB? "
+            "Write sizes with a unit: GiB/MiB (binary) or GB/MB (decimal)."
+        )
+    return value
 
 
 def _add_planning_flags(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Format, shards, tensor count, dtypes, parameters, the largest "
                                          "tensors and the planned blocks of a checkpoint. Reads headers only.")
     inspect.add_argument("checkpoint", metavar="CHECKPOINT")
-    inspect.add_argument("--top", type=int, default=10, help="how many of the largest tensors to list")
+    inspect.add_argument("--top", type=int, default=10, metavar="N",
+                         help="how many of the largest tensors to list (default: 10)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     inspect.set_defaults(run=_cmd_inspect)
 
@@ -91,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "generate from a prompt, streaming tokens as they come.")
     generate.add_argument("path", metavar="PATH", help="a Hugging Face model folder")
     generate.add_argument("--prompt", required=True, help="the prompt text")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                          help="tokens to generate (default: 64)")
     _add_planning_flags(generate)
     generate.add_argument("--offload-folder", type=Path, help="where disk-offloaded weights go")
     sampling = generate.add_mutually_exclusive_group()
@@ -106,10 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Write (once) a small random-weight Llama model folder, plan it with a "
                                       "budget that forces part of it to disk, load, generate, and compare "
                                       "speed and tokens with the same model fully in memory.")
-    demo.add_argument("--size", choices=("small", "medium"), default="small")
+    demo.add_argument("--size", choices=("small", "medium"), default="small",
+                      help="small: 11 MiB of weights, medium: 345 MiB (default: small)")
     demo.add_argument("--dir", type=Path, default=None, help="where the demo model is cached "
                       "(default: ~/.cache/bigload/demo-SIZE)")
-    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                      help="tokens generated per run (default: 32)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     demo.set_defaults(run=_cmd_demo)
     return parser
@@ -136,7 +156,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.json is not None and str(args.json) == "-":
         print(result.to_json())
         return 0
-    print(result.explain())
+    print(result.explain(Audience.CLI))
     if args.json is not None:
         args.json.write_text(result.to_json())
         print(f"\nplan written to {args.json}")
@@ -164,7 +184,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )
     report = run_generate(
         args.path, options, offload_folder=args.offload_folder, stream_text=not args.json,
-        echo=None if args.json else print, **_planning_kwargs(args),
+        echo=None if args.json else print, audience=Audience.CLI, **_planning_kwargs(args),
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -199,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BigloadError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"bigload: error: {exc}", file=sys.stderr)
+        print(f"bigload: error: {exc.render(Audience.CLI)}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError, ValueError) as exc:
         # Unexpected failures still get one line; --debug has the whole story.

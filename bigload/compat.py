@@ -1,175 +1,207 @@
-"""accelerate's planning helpers, with its names, keyword arguments and return formats, over bigload's planner.
+"""accelerate's planning helpers, with its names, keyword arguments, results and messages.
 
-Code that does `from accelerate import infer_auto_device_map` switches by importing from `bigload.compat`.
-The maps come from `bigload.plan`, so they differ from accelerate's where bigload plans differently on
-purpose (each difference is covered by tests):
-
-- accelerate keeps the largest layer free on the main GPU and on the CPU even when nothing is offloaded;
-  bigload keeps an offload reserve only when something is offloaded, sized as the runtime really uses it.
-- An offloaded entry is what the runtime brings in at once, so bigload keeps offloaded entries at block
-  granularity (`model.layers.7`), where accelerate may merge them (`model.layers`).
-- With `dtype`, floating tensors are sized at that dtype (they are loaded cast to it); accelerate sizes each
-  at the smaller of the two widths.
-- `max_memory=None` probes this machine (`budget.detect_budget`); like accelerate, a disk of unbounded size is
-  the last resort when `max_memory` names no disk.
+Code that does `from accelerate import infer_auto_device_map` switches by importing from `bigload`. These
+functions answer exactly as accelerate 1.15 does (the differential tests run both on the same models and
+budgets): the maps come from `compat_plan`, accelerate's strategy over bigload's inventory, not from
+bigload's own planner, whose `plan()` places blocks better (see the README's "Differences from accelerate").
+The messages accelerate emits are emitted too: `warnings.warn` where accelerate warns, and log records on the
+`bigload.compat` logger where accelerate logs (`verbose=True` logs the map at INFO instead of printing steps).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import warnings
 from collections import OrderedDict, defaultdict
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from bigload.budget import detect_budget
-from bigload.devices import DISK, Budget
+from bigload.compat_plan import Key, Note, Size, balanced_memory, infer_map, module_sizes
 from bigload.inventory import Inventory, inventory_from_module
-from bigload.plan import Plan, plan
+from bigload.sizes import parse_dtype
 
 __all__ = ["compute_module_sizes", "find_tied_parameters", "get_balanced_memory", "infer_auto_device_map"]
 
 logger = logging.getLogger(__name__)
 
-# accelerate treats a missing disk entry as a disk without limit.
-UNBOUNDED_DISK = 2**62
+
+def _inventory(model: nn.Module, no_split_module_classes: Iterable[str] | str | None = None) -> Inventory:
+    """The model at its stored dtypes; accelerate splits everything unless told: None means no class."""
+    if isinstance(no_split_module_classes, str):
+        no_split_module_classes = [no_split_module_classes]
+    return inventory_from_module(model, keep_in_fp32_modules=(),
+                                 no_split_module_classes=tuple(no_split_module_classes or ()))
+
+
+def _dtypes(dtype: str | torch.dtype | None, special_dtypes: Mapping[str, str | torch.dtype] | None,
+            ) -> tuple[torch.dtype | None, dict[str, torch.dtype]]:
+    target = parse_dtype(dtype) if dtype is not None else None
+    return target, {name: parse_dtype(value) for name, value in (special_dtypes or {}).items()}
 
 
 def compute_module_sizes(
     model: nn.Module,
     dtype: str | torch.dtype | None = None,
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
-) -> defaultdict[str, int]:
-    """Bytes of every module and tensor name, accelerate's format: `{"": total, "lm_head": ..., ...}`.
+    buffers_only: bool = False,
+) -> defaultdict[str, Size]:
+    """Bytes of every module and tensor name, as accelerate counts them: `{"": total, "lm_head": ..., ...}`.
 
     Args:
         model: the model (meta is fine).
-        dtype: the dtype floating tensors will be loaded in.
-        special_dtypes: tensor name -> dtype overriding `dtype`.
+        dtype: the load dtype; like accelerate, a floating tensor counts at the smaller of its width and this.
+        special_dtypes: tensor name -> dtype overriding that rule.
+        buffers_only: count buffers only.
 
     Returns:
-        A `defaultdict(int)` keyed by "" (the whole model), each module that holds tensors and each tensor
-        name; tied tensors are counted once, under their first name.
+        A `defaultdict(int)`; tied tensors count once, under their first name; bool tensors 1/8 byte each.
 
     >>> compute_module_sizes(torch.nn.Linear(4, 4))[""]
     80
     """
-    inventory = inventory_from_module(model, dtype=dtype, special_dtypes=special_dtypes, no_split_module_classes=())
-    sizes: defaultdict[str, int] = defaultdict(int)
-    for entry in inventory.tensors:
-        parts = entry.name.split(".")
-        for depth in range(len(parts) + 1):
-            sizes[".".join(parts[:depth])] += entry.nbytes
-    return sizes
+    target, special = _dtypes(dtype, special_dtypes)
+    return defaultdict(int, module_sizes(_inventory(model), target, special, buffers_only=buffers_only))
 
 
-def find_tied_parameters(model: nn.Module) -> list[list[str]]:
+def _tied(inv: Inventory) -> list[list[str]]:
+    parameters = {entry.name for entry in inv.tensors if not entry.buffer}
+    return [sorted(group) for group in inv.tied_groups if group[0] in parameters]
+
+
+def find_tied_parameters(model: nn.Module, **kwargs: Any) -> list[list[str]]:
     """Groups of parameter names that share one tensor, accelerate's format (each group sorted).
+
+    `kwargs` are accepted and ignored, as accelerate documents (they serve its recursion).
 
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     >>> model[1].weight = model[0].weight
     >>> find_tied_parameters(model)
     [['0.weight', '1.weight']]
     """
-    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    inventory = inventory_from_module(model, keep_in_fp32_modules=(), no_split_module_classes=())
-    groups = []
-    for group in inventory.tied_groups:
-        names = sorted(name for name in group if name in parameters)
-        if len(names) > 1:
-            groups.append(names)
-    return groups
+    del kwargs
+    return _tied(_inventory(model))
+
+
+def _max_memory(max_memory: Mapping[int | str, int | str] | None) -> dict[Key, Size]:
+    """accelerate's `get_max_memory`: sizes parsed, GPUs ascending then cpu then disk; None probes. Like
+    accelerate, a GPU index this machine lacks is logged and kept (a dry run for another machine)."""
+    budget = detect_budget(max_memory).as_max_memory()
+    if max_memory is not None:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        for key in budget:
+            if isinstance(key, int) and key >= count:
+                logger.warning("Device %s is not available, available devices are %s", key, list(range(count)))
+    return dict(budget)
+
+
+def _warn_untied(model: nn.Module, tied: list[list[str]]) -> None:
+    """accelerate's warning for a transformers model whose config ties weights that are not tied yet."""
+    if tied or "PreTrainedModel" not in [c.__name__ for c in inspect.getmro(type(model))]:
+        return
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    tied_embeddings = (text is not None and getattr(text, "tie_word_embeddings", False)
+                       and model.get_output_embeddings())
+    encoder_decoder = (config is not None and getattr(config, "is_encoder_decoder", False)
+                       and getattr(config, "tie_encoder_decoder", False))
+    if tied_embeddings or encoder_decoder or any(hasattr(m, "_tie_weights") for m in model.modules()):
+        logger.warning("The model weights are not tied. Please use the `tie_weights` method before using the "
+                       "`infer_auto_device` function.")
+
+
+def _emit(notes: Iterable[Note]) -> None:
+    for note in notes:
+        if note.kind == "warning":
+            warnings.warn(note.text, stacklevel=3)
+        else:
+            logger.info("%s", note.text)
 
 
 def infer_auto_device_map(
     model: nn.Module,
     max_memory: Mapping[int | str, int | str] | None = None,
-    no_split_module_classes: Iterable[str] | None = None,
+    no_split_module_classes: Iterable[str] | str | None = None,
     dtype: str | torch.dtype | None = None,
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     verbose: bool = False,
     clean_result: bool = True,
     offload_buffers: bool = False,
+    fallback_allocation: bool = False,
 ) -> "OrderedDict[str, int | str]":
-    """A device map filling GPUs, then the CPU, then disk, in execution order (bigload's `sequential`).
+    """accelerate's device map: GPUs in order, then the CPU, then disk, keeping room on the first GPU and on
+    the CPU for the largest layer still to place.
 
     Args:
         model: the model (meta is fine).
-        max_memory: device -> bytes or size string; None probes this machine.
-        no_split_module_classes: class names never split (accelerate's default: none).
-        dtype: the dtype floating tensors will be loaded in.
+        max_memory: device -> bytes or size string; None probes this machine. GPU indices this machine lacks
+            are planned for (a dry run), with accelerate's warning.
+        no_split_module_classes: class names never split (default: none, as in accelerate).
+        dtype: the load dtype (sizes as `compute_module_sizes`).
         special_dtypes: tensor name -> dtype overriding `dtype`.
-        verbose: log the plan table (logger `bigload.compat`, level INFO).
-        clean_result: merge entries whose whole parent sits on one device (offloaded entries stay blocks).
-        offload_buffers: accepted for accelerate compatibility; the map is the same either way (the reserve
-            already counts buffers of offloaded blocks as resident on the execution device).
+        verbose: log the map at INFO on `bigload.compat` (accelerate prints each step).
+        clean_result: merge entries whose whole parent sits on one device.
+        offload_buffers: buffers of offloaded modules go with them (else the warning below may be raised).
+        fallback_allocation: when a device would get nothing, put there the first module (depth first)
+            that fits.
 
     Returns:
-        An `OrderedDict` module name -> GPU index, "cpu" or "disk".
+        An `OrderedDict` module name -> GPU index, "cpu" or "disk". accelerate's warnings: a `UserWarning`
+        when the buffers of offloaded modules fit no GPU; INFO records naming devices that got nothing.
 
     Raises:
-        PlanError: the main device cannot hold what offloaded blocks need while they run (the disk is
-            unbounded when `max_memory` names none, so everything else fits).
         BudgetError, DeviceError: a malformed `max_memory`.
+        PlanError: where accelerate fails with an IndexError (a tied parameter whose module was already
+            placed elsewhere); give a device map by hand.
 
     >>> infer_auto_device_map(model, max_memory={0: "10GiB", "cpu": "30GiB"},
     ...                       no_split_module_classes=["LlamaDecoderLayer"])  # doctest: +SKIP
     OrderedDict([('model.embed_tokens', 0), ...])
     """
-    result = _plan(model, max_memory, no_split_module_classes, dtype, special_dtypes, "sequential",
-                   collapse=clean_result)
+    budget = _max_memory(max_memory)
+    inv = _inventory(model, no_split_module_classes)
+    tied = _tied(inv)
+    _warn_untied(model, tied)
+    target, special = _dtypes(dtype, special_dtypes)
+    result = infer_map(inv, budget, tied, dtype=target, special_dtypes=special, clean_result=clean_result,
+                       offload_buffers=offload_buffers, fallback_allocation=fallback_allocation)
+    _emit(result.notes)
     if verbose:
-        logger.info("%s", result.explain())
-    return OrderedDict(result.device_map)
+        logger.info("device map: %s", dict(result.device_map))
+    return result.device_map
 
 
 def get_balanced_memory(
     model: nn.Module,
     max_memory: Mapping[int | str, int | str] | None = None,
-    no_split_module_classes: Iterable[str] | None = None,
+    no_split_module_classes: Iterable[str] | str | None = None,
     dtype: str | torch.dtype | None = None,
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     low_zero: bool = False,
-) -> dict[int | str, int]:
-    """A `max_memory` that makes `infer_auto_device_map` spread the model over the GPUs.
+) -> dict[int | str, Size]:
+    """accelerate's `max_memory` that makes `infer_auto_device_map` spread the model over the GPUs.
 
-    Each GPU but the last gets exactly what bigload's `balanced` (or `balanced_low_0` with `low_zero`) plan
-    puts on it; the last GPU, the CPU and the disk keep their budgets, as in accelerate.
+    Each GPU but the last gets the model's size divided by the GPU count plus 1.25 x the larger of the first
+    no-split block and the mean final module; the last GPU, the CPU and the disk keep their budgets.
 
     Args:
         model, max_memory, no_split_module_classes, dtype, special_dtypes: as `infer_auto_device_map`.
         low_zero: keep GPU 0 as empty as possible (room for generation outputs).
 
     Returns:
-        accelerate's `max_memory` format: `{0: bytes, 1: bytes, "cpu": bytes}`.
+        accelerate's `max_memory` format: `{0: bytes, 1: bytes, "cpu": bytes}`. With one GPU and no
+        `max_memory`, 90% of its free memory (logged at INFO, as accelerate does). A "disk" entry is kept
+        (accelerate fails on one with a RuntimeError).
 
     >>> get_balanced_memory(model, max_memory={0: "24GiB", 1: "24GiB", "cpu": "64GiB"})  # doctest: +SKIP
-    {0: 7516192768, 1: 25769803776, 'cpu': 68719476736}
     """
-    budget = detect_budget(max_memory)
-    gpus = [device for device, nbytes in budget if device.is_gpu and nbytes > 0]
-    if len(gpus) < 2:
-        return budget.as_max_memory()
-    strategy = "balanced_low_0" if low_zero else "balanced"
-    result = _plan(model, max_memory, no_split_module_classes, dtype, special_dtypes, strategy, collapse=True,
-                   budget=budget)
-    balanced = budget.as_max_memory()
-    for device in gpus[:-1]:
-        balanced[device.key] = result.usage_of(device).weights
+    budget = _max_memory(max_memory)
+    inv = _inventory(model, no_split_module_classes)
+    target, special = _dtypes(dtype, special_dtypes)
+    balanced, notes = balanced_memory(inv, module_sizes(inv, target, special), budget, low_zero=low_zero,
+                                      probed=max_memory is None)
+    _emit(notes)
     return balanced
-
-
-def _plan(model: nn.Module, max_memory: Mapping[int | str, int | str] | None,
-          no_split_module_classes: Iterable[str] | None, dtype: str | torch.dtype | None,
-          special_dtypes: Mapping[str, str | torch.dtype] | None, strategy: str, *, collapse: bool,
-          budget: Budget | None = None) -> Plan:
-    inventory: Inventory = inventory_from_module(
-        model, dtype=dtype, special_dtypes=special_dtypes,
-        # accelerate splits everything unless told otherwise: None means no class, not `_no_split_modules`.
-        no_split_module_classes=tuple(no_split_module_classes or ()),
-    )
-    budget = budget if budget is not None else detect_budget(max_memory)
-    if DISK not in budget.devices:
-        budget = Budget((*budget.limits, (DISK, UNBOUNDED_DISK)))
-    return plan(inventory, budget, strategy=strategy, dtype=dtype, collapse=collapse)

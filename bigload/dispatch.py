@@ -294,7 +294,9 @@ def load_checkpoint_and_dispatch(
     skip_keys: str | Sequence[str] | None = None,
     preload_module_classes: Sequence[str] | None = None,
     force_hooks: bool = False,
-    strict: bool = True,
+    strict: bool = False,
+    full_state_dict: bool = True,
+    broadcast_from_rank0: bool = False,
     *,
     prefetch: int = 1,
     context_length: int | None = None,
@@ -323,7 +325,11 @@ def load_checkpoint_and_dispatch(
         skip_keys: forward keyword arguments never moved between devices (default: cache arguments).
         preload_module_classes: accepted for accelerate compatibility; blocks are materialized whole.
         force_hooks: hook the model even when it all lands on one device.
-        strict: missing, unexpected or mis-shaped tensors are an error (raised before any byte is read).
+        strict: accelerate's default False skips checkpoint tensors the model lacks (with accelerate's
+            warning) and warns about model tensors the checkpoint lacks; True makes both an error (raised
+            before any byte is read). Mis-shaped tensors are always an error.
+        full_state_dict, broadcast_from_rank0: accelerate's options for sharded (DTensor) models; accepted,
+            and change nothing (see `load_checkpoint_in_model`).
         prefetch: offloaded blocks loaded ahead of the one running (the planner reserves room for them).
         context_length: tokens of KV cache the planner keeps room for on each GPU.
         batch_size: sequences of that length (the KV reserve scales with it).
@@ -357,7 +363,7 @@ def load_checkpoint_and_dispatch(
     ...     model = AutoModelForCausalLM.from_config(config)
     >>> load_checkpoint_and_dispatch(model, "llama/", device_map="auto", offload_folder="offload/")  # doctest: +SKIP
     """
-    del offload_state_dict, preload_module_classes  # see the docstring
+    del offload_state_dict, preload_module_classes, full_state_dict, broadcast_from_rank0  # see the docstring
     index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
     options = PlanOptions(
         dtype=dtype, max_memory=max_memory, offload_folder=offload_folder, context_length=context_length,
@@ -367,8 +373,8 @@ def load_checkpoint_and_dispatch(
     placed = validate_device_map(model, placement.device_map)
     result = load_checkpoint_in_model(
         model, index, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
-        keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes, progress=progress,
-        sources=sources, materialize=materialize, inventory=placement.inventory,
+        offload_buffers=offload_buffers, keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes,
+        progress=progress, sources=sources, materialize=materialize, inventory=placement.inventory,
     )
     store = result.store
     runtime = None

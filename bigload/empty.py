@@ -37,13 +37,14 @@ def _as_torch_device(device: DeviceLike | torch.device) -> torch.device:
 
 
 @contextlib.contextmanager
-def init_on_device(device: DeviceLike | torch.device, include_buffers: bool = False) -> Iterator[None]:
+def init_on_device(device: DeviceLike | torch.device, include_buffers: bool | None = None) -> Iterator[None]:
     """Create every parameter built inside the block on `device` (e.g. "meta", "cuda:0").
 
     Args:
         device: where parameters are created; "meta" allocates nothing.
-        include_buffers: also create buffers there. Off by default so buffers computed in `__init__`
-            (rotary `inv_freq`, position ids) keep their real values on the CPU.
+        include_buffers: also create buffers there. Off by default (None, accelerate's default, means off:
+            bigload reads no `ACCELERATE_INIT_INCLUDE_BUFFERS`) so buffers computed in `__init__` (rotary
+            `inv_freq`, position ids) keep their real values on the CPU.
 
     Parameters keep their class and `requires_grad`; a parameter that is already on `device` (a tied
     weight being registered a second time) is kept as the same object.
@@ -102,12 +103,13 @@ class _EmptyOn(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def init_empty_weights(include_buffers: bool = False) -> Iterator[None]:
+def init_empty_weights(include_buffers: bool | None = None) -> Iterator[None]:
     """Build a model with no memory for its weights: parameters on the meta device.
 
     Args:
         include_buffers: put buffers on meta too (bigload's loader recomputes non-persistent buffers
-            that no checkpoint holds, so this is safe for loading, and saves memory on huge models).
+            that no checkpoint holds, so this is safe for loading, and saves memory on huge models). None
+            (accelerate's default) means False.
 
     >>> with init_empty_weights():
     ...     model = torch.nn.Sequential(torch.nn.Linear(100_000, 100_000))  # 40 GB, allocated: 0

@@ -7,6 +7,8 @@ tensor, module, device) and says what would fix it.
 
 from __future__ import annotations
 
+from bigload.messages import Audience, render
+
 __all__ = [
     "BigloadError",
     "BudgetError",
@@ -18,7 +20,18 @@ __all__ = [
 
 
 class BigloadError(Exception):
-    """Base class of every error bigload raises deliberately."""
+    """Base class of every error bigload raises deliberately.
+
+    The message is a `bigload.messages.Text` where it names a setting: `str(exc)` spells it as Python
+    keywords (`offload_folder=`), `exc.render(Audience.CLI)` as the flags a person types
+    (`--offload-folder`). The place that shows the error chooses.
+    """
+
+    def render(self, audience: Audience = Audience.PYTHON) -> str:
+        """The message for `audience` (Python keywords or CLI flags)."""
+        if len(self.args) == 1:
+            return render(self.args[0], audience)
+        return str(self)
 
 
 class BudgetError(BigloadError, ValueError):

@@ -6,13 +6,14 @@ here needs it, and its absence is a clear error, not an ImportError from deep in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -42,7 +43,9 @@ __all__ = [
     "load_config",
     "load_tokenizer",
     "meta_model_from_config",
+    "require_model_folder",
     "resolve_model_source",
+    "without_transformers_progress",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +79,24 @@ def _require_transformers() -> Any:
     return transformers
 
 
+@contextlib.contextmanager
+def without_transformers_progress() -> Iterator[None]:
+    """Silence transformers' own progress bars ("Loading weights", "Writing model shards") for a block.
+
+    bigload shows one bar, its own; the two would otherwise interleave on one line. The previous
+    setting is restored on exit.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _has_weights(folder: Path) -> bool:
     return any(p.suffix in _WEIGHT_SUFFIXES or p.name.endswith(".index.json") for p in folder.iterdir())
 
@@ -103,10 +124,32 @@ def resolve_model_source(spec: str | Path) -> ModelSource:
     config = catalog_config(str(spec))
     if config is not None:
         return ModelSource(str(spec), "catalog", config, None)
+    if _looks_like_path(str(spec)):
+        raise BigloadError(f"{path.absolute()}: no such file or folder.")
     raise BigloadError(
         f"{spec!r} is not a file, a folder or a catalog name. Give a model folder, a config.json, a "
         f"checkpoint, or one of: {', '.join(catalog_names())}."
     )
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec the user meant as a path (a separator, ~, a leading dot), never a catalog name."""
+    return "/" in spec or "\\" in spec or spec.startswith(("~", "."))
+
+
+def require_model_folder(path: str | Path) -> Path:
+    """`path` as a folder, checked before anything else reads it, so a typo is reported as a typo.
+
+    Raises:
+        BigloadError: `path` does not exist or is not a folder.
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise BigloadError(f"{folder.absolute()}: no such folder; give the path of a model folder "
+                           "(config.json, weights and tokenizer files).")
+    if not folder.is_dir():
+        raise BigloadError(f"{folder}: is a file, not a model folder; give the folder that holds it.")
+    return folder
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -196,9 +239,10 @@ def meta_model_from_config(
 
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer saved in a model folder (`AutoTokenizer.from_pretrained`, local files only)."""
+    folder = require_model_folder(path)
     transformers = _require_transformers()
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise BigloadError(
             f"no tokenizer could be loaded from {path}: {exc}. A model folder needs tokenizer files "
@@ -375,6 +419,7 @@ def from_pretrained(
     >>> model = from_pretrained("Llama-3-8B/", max_memory={"cpu": "8GiB", "disk": "64GiB"},
     ...                         offload_folder="offload/")  # doctest: +SKIP
     """
+    require_model_folder(path)
     source = resolve_model_source(path)
     if source.config is None or source.checkpoint is None:
         raise BigloadError(

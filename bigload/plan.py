@@ -42,6 +42,7 @@ import torch
 from bigload.devices import CPU, Budget, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import PlanError
 from bigload.inventory import Inventory
+from bigload.messages import Audience, Setting, Text, render, setting
 from bigload.reserve import DiskReads, SlotSpec, choose_disk_reads, slot_bytes, slot_count
 from bigload.sizes import dtype_width, format_size, parse_dtype, parse_size
 
@@ -252,9 +253,10 @@ class Plan:
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise PlanError(f"not a bigload plan JSON ({error!r}); write plans with Plan.to_json().") from error
 
-    def explain(self) -> str:
+    def explain(self, audience: Audience = Audience.PYTHON) -> str:
         """A table for humans: per device its blocks (numbered runs as ranges), weights, headroom, reserve,
-        budget and free bytes, then why offload and reserve decisions were made."""
+        budget and free bytes, then why offload and reserve decisions were made. Settings named in the
+        reasons are spelled for `audience` (Python keywords, or the CLI's flags)."""
         rows = [("device", "blocks", "weights", "headroom", "reserve", "budget", "free")]
         for entry in self.usage:
             names = [p.name for p in self.placements if p.device == entry.device]
@@ -272,7 +274,7 @@ class Plan:
             lines.append("  ".join(cells).rstrip())
         lines.insert(1, "-" * len(lines[0]))
         lines.append("")
-        lines.extend(f"why: {reason}" for reason in self.reasons)
+        lines.extend(f"why: {render(reason, audience)}" for reason in self.reasons)
         return "\n".join(lines)
 
 
@@ -312,6 +314,10 @@ def _run_text(run: list[Any]) -> str:
 # Execution policy
 
 
+# "pass policy= to override" in Python, "pass --policy local|stream to override" on the command line.
+_POLICY_OVERRIDE = setting("policy", "", "local|stream")
+
+
 def choose_policy(batch_size: int, width: int) -> tuple[str, str]:
     """Where CPU-resident blocks should run when a GPU exists, by a bandwidth model of one decode step.
 
@@ -335,9 +341,10 @@ def choose_policy(batch_size: int, width: int) -> tuple[str, str]:
     stream = 1 / PCIE_BYTES_PER_S
     local = max(1 / CPU_MEMORY_BYTES_PER_S, 2 * batch_size / width / CPU_FLOPS)
     choice = "local" if local < stream else "stream"
-    reason = (f"CPU-resident blocks {'run on the CPU' if choice == 'local' else 'stream their weights to the GPU'}"
-              f" ('{choice}'): per weight byte and decode step, streaming costs {stream * 1e12:.0f} ps over PCIe, "
-              f"running locally {local * 1e12:.0f} ps (batch {batch_size}); pass policy= to override.")
+    reason = Text(f"CPU-resident blocks {'run on the CPU' if choice == 'local' else 'stream their weights to the GPU'}"
+                  f" ('{choice}'): per weight byte and decode step, streaming costs {stream * 1e12:.0f} ps over "
+                  f"PCIe, running locally {local * 1e12:.0f} ps (batch {batch_size}); pass ",
+                  _POLICY_OVERRIDE, " to override.")
     return choice, reason
 
 
@@ -698,8 +705,8 @@ def plan(inventory: Inventory, budget: Budget, options: PlanOptions | None = Non
         walk, needed = _attempt(inventory, setup, kv, ties, charge, prefetch)
         walks += 1
         if walks > _MAX_WALKS + 1:
-            raise PlanError("the offload reserve did not settle; give the main device more memory or use "
-                            "prefetch=0.")
+            raise PlanError(Text("the offload reserve did not settle; give the main device more memory or "
+                                 "use ", setting("prefetch", "0"), "."))
     return _build_plan(inventory, setup, walk, options, collapse)
 
 
@@ -710,11 +717,12 @@ def _setup(inv: Inventory, budget: Budget, options: PlanOptions) -> _Setup:
         raise PlanError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
     requested = options.policy
     if prefetch < 0:
-        raise PlanError(f"prefetch={prefetch} is negative; use 0 (load on demand) or a positive depth.")
+        raise PlanError(Text(setting("prefetch", str(prefetch)),
+                             " is negative; use 0 (load on demand) or a positive depth."))
     if batch_size < 1:
-        raise PlanError(f"batch_size={batch_size} must be at least 1.")
+        raise PlanError(Text(setting("batch_size", str(batch_size)), " must be at least 1."))
     if context_length is not None and context_length < 0:
-        raise PlanError(f"context_length={context_length} is negative.")
+        raise PlanError(Text(setting("context_length", str(context_length)), " is negative."))
     target = parse_dtype(dtype) if dtype is not None else None
     if target is not None and inv.dtype is not None and target != inv.dtype:
         raise PlanError(f"dtype={target} differs from the inventory's {inv.dtype}; build the inventory at the "
@@ -724,8 +732,8 @@ def _setup(inv: Inventory, budget: Budget, options: PlanOptions) -> _Setup:
     gpus = [device for device, _ in devices if device.is_gpu]
     has_cpu = any(device == CPU for device, _ in devices)
     if not gpus and not has_cpu:
-        raise PlanError("the budget has no GPU and no CPU memory, so nothing could run the model; add a GPU "
-                        "or a 'cpu' entry to max_memory.")
+        raise PlanError(Text("the budget has no GPU and no CPU memory, so nothing could run the model; add a "
+                             "GPU or a 'cpu' entry to ", setting("max_memory"), "."))
     main = gpus[0] if gpus else CPU
     resolved = strategy if strategy != "auto" else ("balanced" if len(gpus) > 1 else "sequential")
     if not gpus:
@@ -782,7 +790,7 @@ def _attempt(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: int,
     offloaded = _offloaded_units(walk, setup)
     needed = _main_charge(inv, walk, offloaded, prefetch, _disk_reads(walk, setup)[0])
     main_slot = next(s for s in walk.slots if s.device == setup.main)
-    if needed > main_slot.budget - main_slot.fixed_headroom:
+    if needed > max(0, main_slot.budget - main_slot.fixed_headroom):  # nothing offloaded needs no room
         raise PlanError(_reserve_message(setup, main_slot, needed, walk, offloaded))
     return walk, needed
 
@@ -856,13 +864,14 @@ def _slots(inv: Inventory, walk: _Walk, offloaded: Sequence[Unit], prefetch: int
     return SlotSpec(count, slot_bytes(params, reads) if count else 0, reads)
 
 
-def _disk_reads(walk: _Walk, setup: _Setup) -> tuple[DiskReads, str]:
+def _disk_reads(walk: _Walk, setup: _Setup) -> tuple[DiskReads, Text]:
     """How disk blocks come in: as requested, else by `choose_disk_reads` from the disk blocks' bytes and the
     CPU memory this walk leaves (its cap minus what it placed there; none without a CPU budget)."""
     disk = sum(walk.unit_bytes(unit) for unit, (slot, _) in walk.units.items()
                if walk.slots[slot].device.kind is DeviceKind.DISK)
     if setup.disk_reads is not None:
-        return setup.disk_reads, f"disk blocks are brought in as '{setup.disk_reads}', as requested (disk_reads=)."
+        return setup.disk_reads, Text("disk blocks are brought in as '", str(setup.disk_reads), "', as requested (",
+                                      setting("disk_reads", repr(setup.disk_reads.value)), ").")
     left = sum(max(0, fill.cap - fill.used) for fill in walk.slots if fill.device == CPU)
     return choose_disk_reads(disk, left)
 
@@ -902,7 +911,7 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, options: PlanOptions
     reasons = _reasons(inv, setup, placements, usage, prefetch, offloaded, walk, context_length)
     if any(p.device.kind is DeviceKind.DISK for p in placements):
         disk_blocks = _summarize_names([p.name for p in placements if p.device.kind is DeviceKind.DISK])
-        reasons.append(f"{disk_blocks}: {reads_reason}")
+        reasons.append(Text(f"{disk_blocks}: ", reads_reason))
     return Plan(
         placements=tuple(placements),
         usage=usage,
@@ -994,7 +1003,7 @@ def _strategy_reason(strategy: str, gpus: int) -> str:
 # When nothing fits
 
 
-def _no_fit_message(inv: Inventory, setup: _Setup, kv: _KV, walk: _Walk, failure: _NoFit, charge: int) -> str:
+def _no_fit_message(inv: Inventory, setup: _Setup, kv: _KV, walk: _Walk, failure: _NoFit, charge: int) -> Text:
     unit = failure.unit
     name = inv.names[unit[0]] or "(whole model)"
     unit_bytes = walk.unit_bytes(unit)
@@ -1017,26 +1026,38 @@ def _no_fit_message(inv: Inventory, setup: _Setup, kv: _KV, walk: _Walk, failure
         )
     missing = max(0, remaining + (kv.total if setup.layer_kv else 0) - free_total)
     lines.append(f"  in all about {format_size(missing)} ({missing} bytes) are missing.")
-    fixes = []
+    fixes: list[Text] = []
     if not any(slot.device.kind is DeviceKind.DISK for slot in failure.slots):
-        fixes.append("add a disk budget and an offload folder (max_memory={..., 'disk': '200GiB'}, "
-                     "offload_folder=...)")
+        fixes.append(Text("add a disk budget and an offload folder (", _ADD_DISK, ")"))
     if setup.layer_kv:
-        fixes.append(f"lower context_length or batch_size (the KV cache takes {format_size(kv.total)})")
+        fixes.append(Text("lower ", setting("context_length"), " or ", setting("batch_size"),
+                          f" (the KV cache takes {format_size(kv.total)})"))
     if any(slot.fixed_headroom for slot in failure.slots):
-        fixes.append("lower headroom")
-    fixes.append("give the devices more memory (max_memory)")
-    lines.append("fix: " + "; or ".join(fixes) + ".")
-    return "\n".join(lines)
+        fixes.append(Text("lower headroom"))
+    fixes.append(Text("give the devices more memory (", setting("max_memory"), ")"))
+    return Text("\n".join(lines), "\nfix: ", *_joined(fixes, "; or "), ".")
 
 
-def _reserve_message(setup: _Setup, slot: _DeviceFill, needed: int, walk: _Walk, offloaded: Sequence[Unit]) -> str:
+_ADD_DISK = Setting("max_memory={..., 'disk': '200GiB'}, offload_folder=...",
+                    "--max-memory ...,disk=200GiB --offload-folder DIR")
+
+
+def _joined(texts: Sequence[Text], separator: str) -> list[Text | str]:
+    """`texts` with `separator` between them, as parts of one `Text`."""
+    out: list[Text | str] = []
+    for i, text in enumerate(texts):
+        out.extend((separator, text) if i else (text,))
+    return out
+
+
+def _reserve_message(setup: _Setup, slot: _DeviceFill, needed: int, walk: _Walk, offloaded: Sequence[Unit]) -> Text:
     room = slot.budget - slot.fixed_headroom
-    local = ", or policy='local' so CPU-resident blocks run on the CPU" if setup.policy == "stream" else ""
-    return (
+    local = (Text(", or ", setting("policy", "'local'"), " so CPU-resident blocks run on the CPU")
+             if setup.policy == "stream" else "")
+    return Text(
         f"the main device {setup.main} cannot hold what offloaded blocks need while they run: "
         f"{format_size(needed)} (prefetch slots of the largest of {len(offloaded)} offloaded block(s), their "
         f"buffers and KV cache) but only {format_size(max(0, room))} is available there; "
-        f"{needed - max(0, room)} bytes are missing. Fix: give {setup.main} more memory, use prefetch=0, "
-        f"lower context_length{local}."
+        f"{needed - max(0, room)} bytes are missing. Fix: give {setup.main} more memory, use ",
+        setting("prefetch", "0"), ", lower ", setting("context_length"), local, "."
     )

@@ -22,16 +22,21 @@ from enum import Enum
 from typing import Iterable, Sequence
 
 from bigload.errors import PlanError
+from bigload.messages import Text, setting
 from bigload.sizes import format_size
 
 __all__ = ["READ_ALIGN", "READ_SLACK_BYTES", "DiskReads", "SlotSpec", "choose_disk_reads", "nesting_depth",
            "slot_bytes", "slot_count"]
 
 READ_ALIGN = 4096  # O_DIRECT reads: file offset, length and memory address in multiples of this
-# Per slot, with explicit reads: room to round each contiguous file range of a block out to READ_ALIGN at both
-# ends (64 ranges; a block whose ranges do not fit is read without O_DIRECT, see `bigload.reads.layout`).
-READ_SLACK_BYTES = 64 * 2 * READ_ALIGN
+# Per slot, with explicit reads: room to round a block's contiguous file ranges out to READ_ALIGN at both ends
+# (two ranges: a layer spanning two shards; `.dat` files of sizes that are multiples of 4 KiB need none). A
+# block whose ranges do not fit is read packed, without O_DIRECT (see `bigload.reads.layout`).
+READ_SLACK_BYTES = 4 * READ_ALIGN
 READ_SLACK_FROM = 1 << 20  # smaller blocks get no slack (see `slot_bytes`)
+
+
+DISK_READS_OVERRIDE = setting("disk_reads", "", "mapped|read")
 
 
 class DiskReads(str, Enum):
@@ -59,7 +64,8 @@ class DiskReads(str, Enum):
         try:
             return cls(value)
         except ValueError:
-            raise PlanError(f"disk_reads={value!r}; use 'mapped' or 'read' (or None to decide from memory).") from None
+            raise PlanError(Text(setting("disk_reads", repr(value)), " is not a way to bring disk blocks in; use "
+                                 "'mapped' or 'read' (or none, to decide from the memory left).")) from None
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,7 @@ def slot_count(names: Sequence[str], prefetch: int) -> int:
     return min(nesting_depth(names) + prefetch, len(names))
 
 
-def choose_disk_reads(disk_bytes: int, memory_left: int) -> tuple[DiskReads, str]:
+def choose_disk_reads(disk_bytes: int, memory_left: int) -> tuple[DiskReads, Text]:
     """How disk-placed blocks are brought in: in place through the page cache while they fit in the CPU
     memory left over (`memory_left`: the CPU budget minus what the plan puts there), else explicit reads.
 
@@ -130,19 +136,20 @@ def choose_disk_reads(disk_bytes: int, memory_left: int) -> tuple[DiskReads, str
     <DiskReads.READ: 'read'>
     """
     if disk_bytes <= memory_left:
-        return DiskReads.MAPPED, (
+        return DiskReads.MAPPED, Text(
             f"disk blocks ({format_size(disk_bytes)}) fit in the CPU memory left ({format_size(memory_left)}): "
-            "they are used in place from the page cache (mapped, zero-copy), prefetched with madvise.")
-    return DiskReads.READ, (
+            "they are used in place from the page cache (mapped, zero-copy), prefetched with madvise; pass ",
+            DISK_READS_OVERRIDE, " to override.")
+    return DiskReads.READ, Text(
         f"disk blocks ({format_size(disk_bytes)}) exceed the CPU memory left ({format_size(max(0, memory_left))}), "
         "so the page cache cannot keep them: each is read with large explicit reads (O_DIRECT where the "
-        "filesystem allows) into the slots, ahead of use; pass disk_reads= to override.")
+        "filesystem allows) into the slots, ahead of use; pass ", DISK_READS_OVERRIDE, " to override.")
 
 
 def slot_bytes(largest: int, reads: DiskReads) -> int:
     """Bytes of one slot for blocks of at most `largest` bytes: with explicit reads of blocks of
-    `READ_SLACK_FROM` or more, up to `READ_SLACK_BYTES` more (a quarter of the block at most). Smaller blocks
-    get none: they are read packed, through the page cache, which costs nothing that matters at their size."""
+    `READ_SLACK_FROM` or more, `READ_SLACK_BYTES` more. Smaller blocks get none: they are read packed,
+    through the page cache, which costs nothing that matters at their size."""
     if largest < READ_SLACK_FROM or reads is not DiskReads.READ:
         return largest
-    return largest + min(READ_SLACK_BYTES, -(-largest // 4 // READ_ALIGN) * READ_ALIGN)
+    return largest + READ_SLACK_BYTES

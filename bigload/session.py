@@ -1,11 +1,14 @@
 """What `bigload generate` and `bigload demo` do: load, generate, time, and report.
 
 Timings come from a streamer that stamps each token as `generate` produces it, so time to first token and
-decode speed are measured inside one generate call, not estimated.
+decode speed are measured inside one generate call, not estimated. The demo compares two speeds the way the
+benchmarks do: several runs of each, interleaved, the median and the spread, and a plain warning when the
+spread is too wide for the ratio to mean anything.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,9 +16,11 @@ from typing import Any, Callable
 
 import torch
 
+from bigload.messages import Audience
 from bigload.sizes import format_size
 
-__all__ = ["GenerateOptions", "GenerateReport", "run_demo", "run_generate", "timed_generate"]
+__all__ = ["GenerateOptions", "GenerateReport", "Loaded", "load_for_generate", "run_demo", "run_generate",
+           "timed_generate"]
 
 Echo = Callable[[str], None] | None
 
@@ -114,32 +119,42 @@ def _runtime_bytes_read(model: Any) -> int:
     return 0 if runtime is None else runtime.stats().bytes_loaded
 
 
-def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: str | Path | None = None,
-                 stream_text: bool = True, echo: Echo = print, progress: bool = True,
-                 **planning: Any) -> GenerateReport:
-    """Load a model folder with bigload, print its plan, generate, and measure.
+@dataclass(frozen=True)
+class Loaded:
+    """A model loaded by bigload for generation, with its tokenizer, plan and load time."""
 
-    Args:
-        path: a Hugging Face model folder with tokenizer files.
-        options: prompt and decoding options.
-        offload_folder: where disk-offloaded weights go (needed when the plan puts anything on disk).
-        stream_text: print tokens as they are generated.
-        echo: where plan tables and notes go (None: silent).
-        planning: max_memory, strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch,
-            policy, disk_reads.
+    model: Any
+    tokenizer: Any
+    plan: Any
+    load_seconds: float
+
+
+def load_for_generate(path: str | Path, *, offload_folder: str | Path | None = None, echo: Echo = print,
+                      progress: bool = True, audience: Audience = Audience.PYTHON, **planning: Any) -> Loaded:
+    """Plan a model folder (printing the plan through `echo`), then load it with bigload.
+
+    The folder is checked first, then the tokenizer is loaded, so a wrong path or a folder without
+    tokenizer files fails before anything is planned or read. transformers' own progress bars stay off:
+    the load shows bigload's one bar (`progress`).
     """
-    from bigload.hf import from_pretrained, load_tokenizer, plan_model
+    from bigload.hf import from_pretrained, load_tokenizer, plan_model, without_transformers_progress
 
     tokenizer = load_tokenizer(path)
     # Plan first, so the table is on screen before the (possibly long) load starts.
     plan = plan_model(path, offload_folder=offload_folder, **planning)
     if echo is not None:
-        echo(plan.explain())
+        echo(plan.explain(audience))
         echo("")
     start = time.perf_counter()
-    model = from_pretrained(path, device_map=plan, offload_folder=offload_folder, progress=progress,
-                            dtype=planning.get("dtype"))
-    load_seconds = time.perf_counter() - start
+    with without_transformers_progress():
+        model = from_pretrained(path, device_map=plan, offload_folder=offload_folder, progress=progress,
+                                dtype=planning.get("dtype"))
+    return Loaded(model, tokenizer, plan, time.perf_counter() - start)
+
+
+def _generate_report(loaded: Loaded, options: GenerateOptions, *, echo: Echo, stream_text: bool) -> GenerateReport:
+    """Generate once with a loaded model and measure it."""
+    tokenizer, model = loaded.tokenizer, loaded.model
     input_ids = tokenizer(options.prompt, return_tensors="pt")["input_ids"]
     read_before = _runtime_bytes_read(model)
     if echo is not None and stream_text:
@@ -151,60 +166,163 @@ def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: 
     return GenerateReport(
         text=tokenizer.decode(new_ids, skip_special_tokens=True),
         new_tokens=len(new_ids),
-        load_seconds=load_seconds,
+        load_seconds=loaded.load_seconds,
         first_token_seconds=first,
         decode_tokens_per_second=decode,
-        device_bytes={str(k): v for k, v in plan.weight_bytes_by_device().items()},
+        device_bytes={str(k): v for k, v in loaded.plan.weight_bytes_by_device().items()},
         disk_bytes_per_token=read / max(1, len(new_ids)),
         token_ids=new_ids,
     )
 
 
+def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: str | Path | None = None,
+                 stream_text: bool = True, echo: Echo = print, progress: bool = True,
+                 audience: Audience = Audience.PYTHON, **planning: Any) -> GenerateReport:
+    """Load a model folder with bigload, print its plan, generate, and measure.
+
+    Args:
+        path: a Hugging Face model folder with tokenizer files.
+        options: prompt and decoding options.
+        offload_folder: where disk-offloaded weights go (needed when the plan puts anything on disk).
+        stream_text: print tokens as they are generated.
+        echo: where plan tables and notes go (None: silent).
+        progress: bigload's progress bar while loading (one final line when stderr is not a terminal).
+        audience: how the plan's reasons name settings (Python keywords or CLI flags).
+        planning: max_memory, strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch,
+            policy, disk_reads.
+
+    Raises:
+        BigloadError: the folder does not exist or has no tokenizer, the model does not fit, ...
+    """
+    loaded = load_for_generate(path, offload_folder=offload_folder, echo=echo, progress=progress,
+                               audience=audience, **planning)
+    return _generate_report(loaded, options, echo=echo, stream_text=stream_text)
+
+
+# The demo's speed comparison: runs per model after one warm-up each, and the relative spread of the
+# per-pair ratios (max - min over median) above which the median ratio is reported as inconclusive.
+DEMO_RUNS = 5
+DEMO_MAX_SPREAD = 0.25
+
+
+@dataclass(frozen=True)
+class SpeedComparison:
+    """Decode speeds of interleaved runs of two models, and what can be concluded from them."""
+
+    offloaded: tuple[float, ...]
+    in_memory: tuple[float, ...]
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        return tuple(a / b for a, b in zip(self.offloaded, self.in_memory))
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def spread(self) -> float:
+        """(largest - smallest ratio) / median ratio: 0.1 means the runs agree within about 10 %."""
+        return (max(self.ratios) - min(self.ratios)) / self.ratio
+
+    @property
+    def conclusive(self) -> bool:
+        return self.spread <= DEMO_MAX_SPREAD
+
+    def render(self) -> str:
+        lines = [
+            f"decode, median of {len(self.ratios)} interleaved runs: offloaded "
+            f"{statistics.median(self.offloaded):.1f} tokens/s, in memory (transformers) "
+            f"{statistics.median(self.in_memory):.1f} tokens/s",
+            f"offloaded runs at {self.ratio:.2f}x of in-memory (runs ranged {min(self.ratios):.2f}x to "
+            f"{max(self.ratios):.2f}x)",
+        ]
+        if not self.conclusive:
+            lines.append(
+                f"warning: the runs differ by {self.spread:.0%}, too much to conclude anything about the speed "
+                "(a busy machine, or tokens so fast that noise dominates); try again, or --size medium."
+            )
+        return "\n".join(lines)
+
+
+def _compare_speeds(offloaded: Any, reference: Any, input_ids: torch.Tensor,
+                    options: GenerateOptions) -> SpeedComparison:
+    """Interleave runs of both models (warm-up first), so drift on a busy machine hits both alike."""
+    fast: list[float] = []
+    ref: list[float] = []
+    for run in range(DEMO_RUNS + 1):
+        a = timed_generate(offloaded, input_ids, options)[2]
+        b = timed_generate(reference, input_ids, options)[2]
+        if run:  # run 0 warms up caches and lazy initialisation
+            fast.append(a)
+            ref.append(b)
+    return SpeedComparison(tuple(fast), tuple(ref))
+
+
+def _budget_note(plan: Any, total: int, cpu_budget: int) -> str:
+    """What the demo's budget really does: weights on the CPU, the reserve kept there, the rest on disk."""
+    placed = {str(k): v for k, v in plan.weight_bytes_by_device().items()}
+    reserve = sum(entry.reserve for entry in plan.usage if str(entry.device) == "cpu")
+    on_disk = placed.get("disk", 0)
+    return (
+        f"the CPU budget ({format_size(cpu_budget)}, half the weights) holds {format_size(placed.get('cpu', 0))} "
+        f"of weights plus a {format_size(reserve)} reserve for bringing offloaded blocks in, so "
+        f"{format_size(on_disk)} ({on_disk / total:.0%} of the weights) go to disk"
+    )
+
+
 def run_demo(*, size: str = "small", folder: str | Path | None = None, max_new_tokens: int = 32,
-             echo: Echo = print) -> dict[str, Any]:
+             echo: Echo = print, audience: Audience = Audience.PYTHON) -> dict[str, Any]:
     """The newcomer's first run; see `bigload demo --help`. Returns the figures it printed."""
     from transformers import AutoModelForCausalLM
 
     from bigload.checkpoint import open_checkpoint
     from bigload.demo import write_demo_model
+    from bigload.hf import without_transformers_progress
 
     say = echo or (lambda _text: None)
     folder = Path(folder) if folder is not None else Path.home() / ".cache" / "bigload" / f"demo-{size}"
     say(f"demo model ({size}): {folder}")
-    write_demo_model(folder, size)
+    say("(random weights: the generated text is gibberish; what counts is that the offloaded model's tokens "
+        "equal the in-memory model's)")
+    with without_transformers_progress():
+        write_demo_model(folder, size)
     total = open_checkpoint(folder).total_bytes
     # A CPU budget of about half the weights, so the plan must put the rest on disk.
     max_memory = {"cpu": total // 2, "disk": 64 * 2**30}
     say(f"weights {format_size(total)}; budget cpu={format_size(max_memory['cpu'])}, disk=64 GiB\n")
     options = GenerateOptions(prompt="The quick brown fox jumps over the lazy dog. " * 2,
                               max_new_tokens=max_new_tokens)
-    report = run_generate(folder, options, offload_folder=folder / "offload", stream_text=False, echo=echo,
-                          max_memory=max_memory, progress=echo is not None)
+    loaded = load_for_generate(folder, offload_folder=folder / "offload", echo=echo, progress=echo is not None,
+                               audience=audience, max_memory=max_memory)
+    report = _generate_report(loaded, options, echo=echo, stream_text=False)
+    say(_budget_note(loaded.plan, total, max_memory["cpu"]))
 
     # The reference: the same folder loaded fully in memory by transformers itself.
-    from bigload.hf import load_tokenizer
-
-    tokenizer = load_tokenizer(folder)
-    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    input_ids = tokenizer(options.prompt, return_tensors="pt")["input_ids"]
-    ref_out, _, ref_decode = timed_generate(reference, input_ids, options, tokenizer=tokenizer)
-    ref_ids = ref_out[0, input_ids.shape[1]:].tolist()
-    identical = ref_ids == report.token_ids
+    with without_transformers_progress():
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    input_ids = loaded.tokenizer(options.prompt, return_tensors="pt")["input_ids"]
+    ref_out = timed_generate(reference, input_ids, options, tokenizer=loaded.tokenizer)[0]
+    identical = ref_out[0, input_ids.shape[1]:].tolist() == report.token_ids
+    speeds = _compare_speeds(loaded.model, reference, input_ids, options)
     figures = {
         "folder": str(folder),
         "size": size,
         "load_seconds": report.load_seconds,
         "first_token_seconds": report.first_token_seconds,
-        "decode_tokens_per_second": report.decode_tokens_per_second,
-        "in_memory_decode_tokens_per_second": ref_decode,
-        "ratio_to_in_memory": report.decode_tokens_per_second / ref_decode,
+        "decode_tokens_per_second": statistics.median(speeds.offloaded),
+        "in_memory_decode_tokens_per_second": statistics.median(speeds.in_memory),
+        "ratio_to_in_memory": speeds.ratio,
+        "ratios": list(speeds.ratios),
+        "ratio_spread": speeds.spread,
+        "ratio_conclusive": speeds.conclusive,
         "device_bytes": report.device_bytes,
+        "disk_fraction": report.device_bytes.get("disk", 0) / total,
         "disk_bytes_per_token": report.disk_bytes_per_token,
         "new_tokens": report.new_tokens,
         "tokens_identical": identical,
     }
     say(report.render_summary())
-    say(f"in memory (transformers): decode {ref_decode:.1f} tokens/s; offloaded runs at "
-        f"{figures['ratio_to_in_memory']:.2f}x of it")
+    say(speeds.render())
     say(f"tokens identical to the in-memory model: {'yes' if identical else 'NO'}")
     return figures

@@ -12,6 +12,7 @@ import re
 import torch
 
 from bigload.errors import BudgetError
+from bigload.messages import Text
 
 __all__ = ["dtype_width", "format_size", "parse_dtype", "parse_size"]
 
@@ -64,7 +65,8 @@ def parse_size(value: int | float | str, *, what: str = "size") -> int:
 
     Args:
         value: an int (bytes), or a string such as "24GiB" (binary), "24GB" (decimal), "1.5TiB", "512MB".
-        what: what the size is for, used in the error message (e.g. "max_memory['cpu']").
+        what: what the size is for, used in the error message (e.g. "max_memory['cpu']"; a
+            `bigload.messages.Text` keeps its CLI spelling).
 
     Returns:
         The size in bytes, rounded down.
@@ -87,14 +89,14 @@ def parse_size(value: int | float | str, *, what: str = "size") -> int:
         raise BudgetError(f"{what}: {value!r} is not a size; give bytes as an int or a string like '24GiB'.")
     text = value.strip()
     if text.startswith("-"):
-        raise BudgetError(f"{what}: {value!r} is negative; sizes must be >= 0 bytes.")
+        raise BudgetError(Text(what, f": {value!r} is negative; sizes must be >= 0 bytes."))
     match = _SIZE_RE.match(text)
     unit = match.group("unit").lower() if match else None
     if match is None or unit not in _UNITS:
-        raise BudgetError(
-            f"{what}: cannot read {value!r} as a size. Use a number with one of the units "
+        raise BudgetError(Text(
+            what, f": cannot read {value!r} as a size. Use a number with one of the units "
             "B, KB, MB, GB, TB (decimal) or KiB, MiB, GiB, TiB (binary), e.g. '24GiB' or '80GB'."
-        )
+        ))
     return int(float(match.group("num")) * _UNITS[unit])
 
 

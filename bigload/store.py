@@ -30,6 +30,7 @@ import torch
 
 from bigload.checkpoint import CheckpointIndex, MappedFiles, TensorRef, read_safetensors_header
 from bigload.errors import CheckpointError, OffloadError
+from bigload.messages import Setting, Text, setting
 from bigload.reads import Extent
 from bigload.sizes import dtype_width, format_size
 
@@ -512,8 +513,8 @@ def _ensure_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise OffloadError(
-            f"cannot write to the offload folder {folder} ({exc.strerror or exc}); pass an offload_folder "
-            "you can write to."
+            Text(f"cannot write to the offload folder {folder} ({exc.strerror or exc}); pass an ",
+                 Setting("offload_folder", "--offload-folder DIR"), " you can write to.")
         ) from None
 
 
@@ -521,8 +522,8 @@ def _read_index(folder: Path) -> dict[str, dict[str, object]]:
     path = folder / INDEX_FILE
     if not path.is_file():
         raise OffloadError(
-            f"{folder}: no offload store here ({INDEX_FILE} is missing); load the checkpoint with "
-            f"offload_folder={str(folder)!r} first."
+            Text(f"{folder}: no offload store here ({INDEX_FILE} is missing); load the checkpoint with ",
+                 setting("offload_folder", repr(str(folder)), str(folder)), " first.")
         )
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
@@ -570,11 +571,12 @@ def _check_origin(folder: Path, expected: StoreOrigin) -> None:
     found = _read_origin(folder)
     if found is None:
         raise OffloadError(
-            f"{folder} holds an offload store that bigload did not write (no readable {ORIGIN_FILE}), so it "
-            f"cannot be checked against {expected.describe()}. Use another offload_folder, or delete it."
+            Text(f"{folder} holds an offload store that bigload did not write (no readable {ORIGIN_FILE}), so it "
+                 f"cannot be checked against {expected.describe()}. Use another ",
+                 setting("offload_folder"), ", or delete it.")
         )
     if found.fingerprint != expected.fingerprint:
         raise OffloadError(
-            f"{folder} holds weights from {found.describe()}, not from {expected.describe()}. "
-            "Use another offload_folder, or delete this one to rebuild it."
+            Text(f"{folder} holds weights from {found.describe()}, not from {expected.describe()}. "
+                 "Use another ", setting("offload_folder"), ", or delete this one to rebuild it.")
         )

@@ -21,6 +21,7 @@ import enum
 import logging
 import os
 import sys
+import time
 from collections import deque
 from itertools import accumulate
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +37,8 @@ from bigload.checkpoint import CheckpointIndex, CheckpointReader, TensorRef, ope
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike
 from bigload.errors import BudgetError, CheckpointError, DeviceError, OffloadError
 from bigload.inventory import DtypeRule, Inventory, castable, inventory_from_module
-from bigload.sizes import dtype_width, parse_dtype
+from bigload.messages import Setting, Text, setting
+from bigload.sizes import dtype_width, format_size, parse_dtype
 from bigload.store import DiskStore, StoreOrigin, StoreWriter, dtype_name
 from bigload.tensors import Site, owner_of, tensor_groups
 
@@ -339,23 +341,31 @@ def _match(index: CheckpointIndex, groups: list[_Group], only: Sequence[str],
     return _Match(tasks, tuple(missing), tuple(unexpected), tuple(mismatched))
 
 
-def _report(match: _Match, index: CheckpointIndex, strict: bool) -> None:
+def _report(match: _Match, index: CheckpointIndex, strict: bool, checkpoint: object, model_name: str) -> None:
+    """Raise for what cannot be loaded (before any byte is read); warn, as accelerate does, about the rest."""
     problems = [
         (f"{len(match.missing)} missing", list(match.missing)),
         (f"{len(match.unexpected)} unexpected", list(match.unexpected)),
         (f"{len(match.mismatched)} with mismatched shapes", [str(m) for m in match.mismatched]),
     ]
     lines = [f"{label}: {_first(names)}" for label, names in problems if names]
-    if not lines:
-        return
     where = index.files[0] if len(index.files) == 1 else index.root
-    if strict:
-        raise CheckpointError(
-            f"the checkpoint {where} does not match the model: " + "; ".join(lines)
-            + ". Check that the checkpoint is for this model and config, or pass strict=False to load the "
-              "matching tensors and get the rest in the LoadResult."
+    if match.mismatched or (strict and lines):
+        fix = ("Check that the checkpoint is for this model and config" + (
+            ", or pass strict=False to load the matching tensors and get the rest in the LoadResult."
+            if not match.mismatched else "; tensors of another shape cannot be loaded into it."))
+        raise CheckpointError(f"the checkpoint {where} does not match the model: " + "; ".join(lines) + ". " + fix)
+    if match.unexpected:
+        # accelerate's words, so logs and tests written against accelerate read the same.
+        logger.warning(
+            f"Some weights of the model checkpoint at {checkpoint} were not used when initializing {model_name}: "
+            f"{set(match.unexpected)}. This may or may not be an issue - make sure that the checkpoint does not "
+            "have unnecessary parameters, or that the model definition correctly corresponds to the checkpoint."
         )
-    logger.warning("checkpoint %s does not fully match the model (strict=False): %s", where, "; ".join(lines))
+    if match.missing:
+        # accelerate leaves them on meta silently; bigload says so.
+        logger.warning("%d tensors of %s are not in the checkpoint %s and stay on the meta device: %s",
+                       len(match.missing), model_name, where, _first(list(match.missing)))
 
 
 def _first(names: list[str]) -> str:
@@ -610,13 +620,17 @@ def load_checkpoint_in_model(
     model: nn.Module,
     checkpoint: str | os.PathLike[str] | CheckpointIndex,
     device_map: DeviceMapLike | None = None,
-    *,
-    dtype: str | torch.dtype | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
-    offload_state_dict: bool | None = None,
+    dtype: str | torch.dtype | None = None,
+    offload_state_dict: bool = False,
+    offload_buffers: bool = False,
     keep_in_fp32_modules: Sequence[str] | None = None,
+    offload_8bit_bnb: bool = False,
+    strict: bool = False,
+    full_state_dict: bool = True,
+    broadcast_from_rank0: bool = False,
+    *,
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
-    strict: bool = True,
     window_bytes: int = 256 * 2**20,
     materialize: bool = False,
     pin_memory: bool | None = None,
@@ -639,13 +653,21 @@ def load_checkpoint_in_model(
             checkpoint and dtypes is reused as is.
         offload_state_dict: accepted for accelerate compatibility and ignored: bigload never holds a whole
             state dict in memory, so there is nothing to offload while loading.
+        offload_buffers: also send the buffers of disk modules to disk; by default they are loaded into CPU
+            memory (the runtime keeps them on the execution device), as accelerate keeps them in memory.
         keep_in_fp32_modules: module names (or name components, e.g. "wo") kept in float32. None:
             transformers' default for the model (its `_keep_in_fp32_modules` at float16,
             `_keep_in_fp32_modules_strict` at float16 and bfloat16), as the planner sizes them; accelerate
             keeps none unless given the list (pass `[]` for that).
+        offload_8bit_bnb: accelerate's bitsandbytes 8-bit offload; bigload has none (True raises).
+        strict: accelerate's default False: checkpoint tensors the model lacks are skipped with accelerate's
+            warning naming them, and model tensors the checkpoint lacks stay on meta with a warning naming
+            them (both returned in the LoadResult). True: either is an error, raised before any byte is read.
+            Mis-shaped tensors are always an error (accelerate raises for them too).
+        full_state_dict, broadcast_from_rank0: accelerate's options for sharded (DTensor) models loaded
+            through `torch.distributed.checkpoint`; bigload loads plain tensors and every rank maps the files
+            itself, so both are accepted and change nothing.
         special_dtypes: tensor name -> dtype for those tensors, whatever `dtype` says.
-        strict: missing, unexpected and mis-shaped tensors raise (before any byte is read); with False they
-            are logged as a warning and returned.
         window_bytes: cap on the bytes of temporaries in flight (cast results not yet placed, readahead,
             pinned staging for GPUs).
         materialize: copy CPU tensors into private memory instead of keeping memory-mapped views.
@@ -672,7 +694,12 @@ def load_checkpoint_in_model(
     ...     model = LlamaForCausalLM(config)
     >>> result = load_checkpoint_in_model(model, "llama/", {"": "cpu"}, dtype=torch.bfloat16)  # doctest: +SKIP
     """
-    del offload_state_dict  # see the docstring: nothing to offload while loading
+    del offload_state_dict, full_state_dict, broadcast_from_rank0  # see the docstring
+    if offload_8bit_bnb:
+        raise OffloadError(
+            "offload_8bit_bnb=True asks for bitsandbytes 8-bit offload, which bigload does not do; load without it "
+            "(weights are offloaded in their dtype), or use accelerate for bitsandbytes models."
+        )
     if window_bytes <= 0:
         raise BudgetError(f"window_bytes must be positive, got {window_bytes}.")
     dmap = _resolve_map(device_map)
@@ -687,9 +714,10 @@ def load_checkpoint_in_model(
         inventory = inventory_from_module(
             model, dtype=target_dtype, special_dtypes=special_dtypes, keep_in_fp32_modules=keep_in_fp32_modules,
             stored_dtypes={name: source.dtype for name, source in table.items()})
-    _place_groups(groups, dmap, table, inventory)
+    _place_groups(groups, dmap, table, inventory, offload_buffers)
     match = _match(index, groups, scope, sources)
-    _report(match, index, strict)
+    _report(match, index, strict, index.root if isinstance(checkpoint, CheckpointIndex) else checkpoint,
+            type(model).__name__)
 
     disk_tasks = [task for task in match.tasks if task.group.device.kind is DeviceKind.DISK]
     # dtype=None means "the model's dtype": name it, so the same load spelled either way reuses a store.
@@ -731,8 +759,9 @@ def _stream_into(tasks: Sequence[_Task], reader: CheckpointReader, placer: _Plac
 
 
 def _place_groups(groups: list[_Group], dmap: Mapping[str, Device], sources: Mapping[str, Source],
-                  inventory: Inventory) -> None:
-    """Find each group's device (its first name's) and the dtype the inventory decided for it."""
+                  inventory: Inventory, offload_buffers: bool) -> None:
+    """Find each group's device (its first name's; buffers of disk modules stay in CPU memory unless
+    `offload_buffers`) and the dtype the inventory decided for it."""
     for group in groups:
         devices = {_device_of(name, dmap) for name in group.names}
         device = _device_of(group.names[0], dmap)
@@ -745,6 +774,9 @@ def _place_groups(groups: list[_Group], dmap: Mapping[str, Device], sources: Map
         if len(devices) > 1:
             logger.warning("tied tensors %s are mapped to different devices; all are placed on %s",
                            ", ".join(group.names), device)
+        buffer = not group.sites[0].is_parameter
+        if device is not None and device.kind is DeviceKind.DISK and buffer and not offload_buffers:
+            device = CPU
         group.device = device  # type: ignore[assignment]
         decided = next((d for n in group.names if (d := inventory.dtype_of(n)) is not None), None)
         if decided is None:  # an inventory of another model: the same rule, asked here
@@ -761,8 +793,9 @@ def _prepare_store(folder: str | os.PathLike[str] | None, origin: StoreOrigin,
         return None, False
     if folder is None:
         raise OffloadError(
-            f"the device map sends {len(disk_tasks)} tensors (e.g. {disk_tasks[0].group.names[0]!r}) to 'disk' "
-            "but no offload_folder was given; pass offload_folder= a folder on a disk with room for them."
+            Text(f"the device map sends {len(disk_tasks)} tensors (e.g. {disk_tasks[0].group.names[0]!r}) to "
+                 "'disk' but no ", setting("offload_folder"), " was given; pass ",
+                 Setting("offload_folder= a folder", "--offload-folder DIR, a folder"), " on a disk with room for them.")
         )
     if (Path(folder) / "index.json").is_file():
         existing = DiskStore.open(folder, expect_fingerprint=origin)
@@ -797,12 +830,20 @@ def _store_origin(index: CheckpointIndex, disk_tasks: Sequence[_Task], dtype: to
 
 
 class _ProgressBar:
-    """A tqdm bar over bytes when asked (or for long loads on a terminal); otherwise a no-op callable."""
+    """Progress over bytes when asked (or for long loads on a terminal); otherwise a no-op callable.
+
+    On a terminal, a tqdm bar. When stderr is not a terminal (a log file, a pipe) a bar's redraws would pile
+    up as carriage-return noise, so only one final line is written: bytes and seconds.
+    """
 
     def __init__(self, total: int, progress: bool | None) -> None:
-        show = progress if progress is not None else total >= _PROGRESS_MIN_BYTES and sys.stderr.isatty()
+        terminal = sys.stderr.isatty()
+        show = progress if progress is not None else total >= _PROGRESS_MIN_BYTES and terminal
         self.bar = None
-        if show:
+        self.total = total
+        self.final_line = show and not terminal
+        self.start = time.perf_counter()
+        if show and terminal:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading")
@@ -810,9 +851,12 @@ class _ProgressBar:
     def __enter__(self) -> Callable[[int], None]:
         return self.bar.update if self.bar is not None else _ignore
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *rest: object) -> None:
         if self.bar is not None:
             self.bar.close()
+        elif self.final_line and exc_type is None:
+            seconds = time.perf_counter() - self.start
+            sys.stderr.write(f"loading: {format_size(self.total)} in {seconds:.2f} s\n")
 
 
 def _ignore(_: int) -> None:

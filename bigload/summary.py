@@ -11,7 +11,7 @@ from bigload.checkpoint import CheckpointIndex
 from bigload.inventory import block_of, inventory_from_checkpoint
 from bigload.sizes import format_size
 
-__all__ = ["CheckpointSummary", "summarize"]
+__all__ = ["CheckpointSummary", "format_count", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class CheckpointSummary:
         lines = [
             f"checkpoint  {self.root}",
             f"format      {self.format}, {len(self.shards)} file(s), {self.tensor_count} tensors, "
-            f"{self.parameter_count / 1e9:.3f}B parameters, {format_size(self.total_bytes)}",
+            f"{format_count(self.parameter_count)} parameters, {format_size(self.total_bytes)}",
             "",
             "shards:",
         ]
@@ -58,6 +58,18 @@ class CheckpointSummary:
         lines += ["", f"blocks (planned units): {len(self.blocks)}"]
         lines += [f"  {n:<48} {c:>6} tensors {format_size(b):>12}" for n, c, b in _elide(self.blocks)]
         return "\n".join(lines)
+
+
+def format_count(count: int) -> str:
+    """A parameter count as people write it: 6.3M, 8.03B, 405B (thousand, million, billion); small ones exact.
+
+    >>> format_count(6_291_456), format_count(8_030_261_248), format_count(950)
+    ('6.29M', '8.03B', '950')
+    """
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return str(count)
 
 
 def _elide(rows: tuple[tuple[str, int, int], ...], keep: int = 6) -> list[tuple[str, int, int]]:

@@ -161,3 +161,19 @@ def test_ratios_of_noise_are_not_shown():
     assert report.ratio_cell(2 * mib, 1 * mib, 4 * mib, floor=64 * mib) is None  # a few MiB either way
     assert report.ratio_cell(6.8 * 2**30, 7.5 * 2**30, 13 * 2**30, floor=64 * mib) == "0.91 · 0.52"
     assert report.ratio_cell(1 * mib, 700 * mib, floor=64 * mib) == "0.00 · —"  # one side real: a real ratio
+
+
+def test_each_section_says_which_library_versions_measured_it(tmp_path):
+    versions = report.versions()
+    assert set(versions) == {"torch", "transformers", "accelerate", "safetensors", "bigload"}
+    from importlib.metadata import version
+
+    assert versions["transformers"] == version("transformers")
+    measured = {"date": "2026-11-30 00:00 UTC", "command": "python -m benchmarks", "versions": versions}
+    section = {"title": "Planning a device map", "rows": [["plan time", "1 s", "2 s", "—", "—", "0.50 · —"]],
+               "measured": measured}
+    report.write(tmp_path, command="python -m benchmarks", info={"cpu": "test"}, sections=[section],
+                 limits={"rows": []}, elapsed=60.0, quick=True)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert f"transformers {versions['transformers']}, accelerate {versions['accelerate']}" in text
+    assert json.loads((tmp_path / "results.json").read_text())["sections"][0]["measured"]["versions"] == versions

@@ -371,3 +371,19 @@ def test_read_safetensors_header_returns_refs_and_metadata(tmp_path: Path) -> No
     (length,) = struct.unpack("<Q", path.read_bytes()[:8])
     assert metadata == {"a": "b"}
     assert refs[0].offset == 8 + length and refs[0].nbytes == 16
+
+
+@pytest.mark.parametrize("index_name", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
+def test_index_mixing_safetensors_and_bin_shards_is_refused(tmp_path: Path, index_name: str) -> None:
+    save_file({"a": torch.ones(2)}, str(tmp_path / "a.safetensors"))
+    torch.save({"b": torch.zeros(2)}, tmp_path / "b.bin")
+    index_path = tmp_path / index_name
+    index_path.write_text(json.dumps({"weight_map": {"a": "a.safetensors", "b": "b.bin"}}))
+    expected = (f"{index_path}: the index names both safetensors and PyTorch shards (e.g. 'a.safetensors' and "
+                "'b.bin'); a checkpoint is in one format. Fix the index or download the checkpoint again.")
+    with pytest.raises(CheckpointError) as error:
+        open_checkpoint(index_path)
+    assert type(error.value) is CheckpointError and str(error.value) == expected
+    if index_name.startswith("model.safetensors"):  # a folder prefers safetensors, so finds this index first
+        with pytest.raises(CheckpointError, match="names both safetensors and PyTorch shards"):
+            open_checkpoint(tmp_path)

@@ -435,5 +435,8 @@ def test_tokenizer_is_loaded_from_the_folder(tmp_path: Path) -> None:
     transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path)
     tokenizer = hf.load_tokenizer(tmp_path)
     assert tokenizer("hello world")["input_ids"] == [1, 2]
-    with pytest.raises(BigloadError, match="no tokenizer could be loaded"):
+    with pytest.raises(BigloadError, match="missing: no such folder"):  # the path is checked first
         hf.load_tokenizer(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BigloadError, match="no tokenizer could be loaded"):
+        hf.load_tokenizer(tmp_path / "empty")

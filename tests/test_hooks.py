@@ -73,17 +73,49 @@ def test_disk_is_no_main_device():
         execution_device_for("cpu", main_device="disk", policy=ExecutionPolicy.STREAM)
 
 
-def test_local_policy_keeps_cpu_block_resident_and_stream_offloads_it():
-    """With the CPU as main device the decision is observable: LOCAL and STREAM agree on cpu blocks, while a
-    per-block execution device other than the placement makes the block offloaded."""
+@pytest.mark.parametrize("policy", list(ExecutionPolicy))
+def test_with_the_cpu_as_main_device_the_policy_changes_nothing(policy):
+    """The policy is about CPU-placed blocks when a GPU runs the model: with the CPU as main device, CPU
+    blocks stay resident and disk blocks are brought in, under either policy."""
     reference, model = _three()
+    store = _offload(model, _names(model, ("second",)))
+    runtime = attach(model, {"first": "cpu", "second": "disk", "third": "cpu", "": "cpu"},
+                     execution_device="cpu", store=store, policy=policy)
+    assert [name for name, block in runtime.blocks.items() if block.offloaded] == ["second"]
+    assert {block.execution_device for block in runtime.blocks.values()} == {torch.device("cpu")}
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    assert runtime.stats().bytes_loaded == runtime.blocks["second"].nbytes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy", list(ExecutionPolicy))
+def test_local_policy_keeps_cpu_block_resident_and_stream_offloads_it(policy):
+    """With a GPU as main device, LOCAL runs CPU-placed blocks on the CPU (nothing moves but activations)
+    and STREAM brings their weights to the GPU for every forward."""
+    reference, model = _three()
+    streamed = policy is ExecutionPolicy.STREAM
     runtime = attach(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"},
-                     execution_device="cpu", policy=ExecutionPolicy.LOCAL)
-    assert not any(block.offloaded for block in runtime.blocks.values())
-    detach(model)
-    runtime = attach(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"},
-                     execution_device={"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"})
-    assert [name for name, block in runtime.blocks.items() if block.offloaded] == []
+                     execution_device="cuda:0", policy=policy)
+    runs_on = "cuda" if streamed else "cpu"
+    assert {name: block.execution_device.type for name, block in runtime.blocks.items()} == \
+        {"first": runs_on, "second": runs_on, "third": runs_on, "": runs_on}
+    offloaded = [name for name, block in runtime.blocks.items() if block.offloaded]
+    assert offloaded == (["first", "second", "third"] if streamed else [])
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        out = model(x)
+    assert out.device.type == "cpu"
+    torch.testing.assert_close(out, reference(x))
+    stats = runtime.stats()
+    if streamed:
+        assert stats.bytes_loaded >= sum(runtime.blocks[name].nbytes for name in offloaded) > 0
+        assert stats.reserve_bytes > 0
+    else:
+        assert stats.bytes_loaded == 0 and stats.reserve_bytes == 0
+        assert all(p.device.type == "cpu" for p in model.parameters())
 
 
 # -- moving inputs ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 from bigload.devices import CPU, DISK, Budget, Device
 from bigload.errors import PlanError
@@ -54,10 +55,12 @@ def test_balanced_low_0_leaves_gpu_0_empty_when_the_others_suffice(inv):
 
 
 def test_balanced_low_0_gives_gpu_0_only_the_overflow(inv):
+    # GPUs 1 and 2 (5,000 bytes each) cannot hold the 12,416 bytes: GPU 0 takes the two blocks that do not
+    # fit there, and no more.
     result = plan(inv, Budget.of({0: 10_000, 1: 5_000, 2: 5_000}), strategy="balanced_low_0")
-    on_zero = result.usage_of(0).weights
-    assert 0 < on_zero <= TOTAL - 2 * 4096 + BLOCK
-    assert result.usage_of(1).weights > 0 and result.usage_of(2).weights > 0
+    assert result.device_map == {"embed": 0, "layers.0": 0, "layers.1": 1, "layers.2": 1,
+                                 "layers.3": 2, "norm": 2, "head": 2}
+    assert [result.usage_of(i).weights for i in range(3)] == [EMBED + BLOCK, 2 * BLOCK, BLOCK + NORM + HEAD]
 
 
 def test_balanced_really_balances_uneven_layers():
@@ -67,10 +70,14 @@ def test_balanced_really_balances_uneven_layers():
     inventory = inventory_from_module(model)
     gpus = 4
     result = plan(inventory, Budget.of({i: 10**6 for i in range(gpus)}), strategy="balanced")
+    small, large = BLOCK, 2 * 16 * 128 * 4  # the 16- and 128-wide blocks
+    # 77,952 bytes in all, 19,488 per GPU: each GPU stops where the next block's midpoint would pass its
+    # share, so the loads differ by one small block (2,048 bytes), not by a large one (16,384).
+    assert result.device_map == {"embed": 0, "layers.0": 0, "layers.1": 0, "layers.2": 1, "layers.3": 1,
+                                 "layers.4": 2, "layers.5": 2, "layers.6": 2, "layers.7": 3, "norm": 3, "head": 3}
     loads = [result.usage_of(i).weights for i in range(gpus)]
-    largest = 2 * 16 * 128 * 4
-    assert all(load > 0 for load in loads)
-    assert max(loads) - min(loads) <= largest, loads
+    assert loads == [EMBED + small + large, small + large, 2 * small + large, large + NORM + HEAD]
+    assert max(loads) - min(loads) == small
 
 
 def test_tied_head_follows_the_embedding(inv):
@@ -109,6 +116,15 @@ def test_fixed_headroom_is_kept_free_and_shown(inv):
     assert per_device.usage_of(1).headroom == 1024 and per_device.usage_of(0).headroom == 0
 
 
+def test_a_device_holding_weights_plus_headroom_to_the_byte_takes_everything(inv):
+    exact = plan(inv, Budget.of({0: TOTAL + 3_000, 1: 10**6}), strategy="sequential", headroom=3_000)
+    assert exact.device_map == {"": 0}
+    assert exact.usage_of(0).free == 0 and exact.usage_of(1).total == 0
+    short = plan(inv, Budget.of({0: TOTAL + 2_999, 1: 10**6}), strategy="sequential", headroom=3_000)
+    assert short.device_map == {"embed": 0, "layers": 0, "norm": 0, "head": 1}  # one byte short: head moves
+    assert short.usage_of(0).weights == TOTAL - HEAD and short.usage_of(0).headroom == 3_000
+
+
 def test_kv_cache_headroom_is_charged_where_each_layer_runs():
     model = tiny_llama()
     inventory = inventory_from_module(model)
@@ -123,6 +139,51 @@ def test_kv_cache_headroom_is_charged_where_each_layer_runs():
     assert all(u.total <= u.budget for u in result.usage)
     without = plan(inventory, budget, strategy="sequential")
     assert without.usage_of(0).weights >= result.usage_of(0).weights  # the KV cache took room from weights
+
+
+def test_kv_cache_of_streamed_layers_is_charged_to_the_gpu_not_to_the_cpu_holding_them():
+    inventory = inventory_from_module(tiny_llama())
+    per_layer = 2 * 2 * 16 * 100 * 4  # K and V x kv_heads x head_dim x context x fp32
+    layer = inventory.size("model.layers.0")
+    budget = {0: 400_000, "cpu": 10**6}
+    result = plan(inventory, Budget.of(budget), policy="stream", context_length=100, prefetch=1)
+    # cuda:0 keeps the KV cache of the 4 layers it runs plus 2 slots of a layer and the (resident) buffers of
+    # the offloaded blocks: 398,464 bytes, so not even the embedding (65,536 bytes) fits beside them.
+    assert set(result.device_map.values()) == {"cpu"}
+    gpu = result.usage_of(0)
+    assert (gpu.weights, gpu.headroom, gpu.reserve) == (0, 4 * per_layer, 2 * layer + inventory.subtree_buffer_bytes(0))
+    assert result.usage_of("cpu").headroom == 0
+    # The CPU only holds streamed weights: a budget of exactly those weights is enough.
+    exact = plan(inventory, Budget.of({**budget, "cpu": inventory.total_bytes}), policy="stream",
+                 context_length=100, prefetch=1)
+    assert exact.device_map == result.device_map and exact.usage_of("cpu").free == 0
+
+
+def test_a_split_module_running_with_its_child_needs_two_slots():
+    """An offloaded module split into its own tensors and a child holds both while the child runs (its
+    forward encloses the child's), so the reserve is two slots even with prefetch=0."""
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.empty(40, device="meta"))  # 160 bytes of its own
+            self.inner = nn.Linear(1, 1, bias=False, device="meta")  # 4 bytes
+
+    root = nn.Module()
+    root.body = Holder()
+    inventory = inventory_from_module(root)
+    # 160 bytes of CPU cannot run it: one slot for body's own tensors and one for body.inner are 320.
+    with pytest.raises(PlanError, match=r"cannot hold .* 160 bytes are missing"):
+        plan(inventory, Budget.of({"cpu": 160, "disk": 10**6}), prefetch=0)
+    assert plan(inventory, Budget.of({"cpu": 164, "disk": 10**6}), prefetch=0).device_map == {"": "cpu"}
+
+
+def test_a_gpu_smaller_than_its_headroom_is_left_unused(inv):
+    # Found by the property tests: the reserve check refused this plan ("0 bytes are missing") although
+    # nothing is offloaded and the CPU holds everything.
+    result = plan(inv, Budget.of({0: 1_000, "cpu": TOTAL + 3_000}), headroom=3_000, policy="local")
+    assert result.device_map == {"": "cpu"}
+    assert result.usage_of(0).total == 0 and result.usage_of("cpu").free == 0
 
 
 def test_reserve_only_when_something_is_offloaded(inv):

@@ -218,29 +218,38 @@ def test_strict_reports_missing_unexpected_and_mismatched_before_reading(
     monkeypatch.setattr(stream_module.CheckpointReader, "read",
                         lambda self, ref: pytest.fail("strict mode read a tensor before reporting"))
     pattern = (r"does not match the model: 1 missing: lm_head.weight; 1 unexpected: model.extra.weight; "
-               r"1 with mismatched shapes: model.norm.weight \(checkpoint \[5\], model \[32\]\).*strict=False")
+               r"1 with mismatched shapes: model.norm.weight \(checkpoint \[5\], model \[32\]\).*another shape")
     with pytest.raises(CheckpointError, match=pattern):
+        load_checkpoint_in_model(meta_llama(), tmp_path, strict=True)
+    # Shapes that differ are refused whatever strict says (accelerate raises for them too).
+    with pytest.raises(CheckpointError, match="mismatched shapes"):
         load_checkpoint_in_model(meta_llama(), tmp_path)
+    del state["model.norm.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"2 missing: .*1 unexpected: .*pass strict=False"):
+        load_checkpoint_in_model(meta_llama(), tmp_path, strict=True)
 
 
-def test_non_strict_returns_and_logs(tmp_path: Path, reference: nn.Module,
-                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_non_strict_by_default_returns_and_logs(tmp_path: Path, reference: nn.Module,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     state = {k: v.contiguous() for k, v in reference.state_dict().items() if "layers.1." not in k}
     state["model.extra.weight"] = torch.ones(2)
     save_file(state, tmp_path / "model.safetensors")
     model = meta_llama()
     with caplog.at_level(logging.WARNING, logger="bigload"):
-        result = load_checkpoint_in_model(model, tmp_path, strict=False)
+        result = load_checkpoint_in_model(model, tmp_path)  # accelerate's default: strict=False
     assert len(result.missing) == 9 and all("layers.1." in name for name in result.missing)
     assert result.unexpected == ("model.extra.weight",) and result.mismatched == ()
-    assert "9 missing" in caplog.text and "model.extra.weight" in caplog.text
+    assert (f"Some weights of the model checkpoint at {tmp_path} were not used when initializing LlamaForCausalLM: "
+            "{'model.extra.weight'}. This may or may not be an issue") in caplog.text
+    assert "9 tensors of LlamaForCausalLM are not in the checkpoint" in caplog.text
     assert sorted(tensors_on_meta(model)) == sorted(result.missing)
 
 
 def test_many_missing_names_are_cut_at_twenty(tmp_path: Path) -> None:
     save_file({"unrelated": torch.ones(1)}, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"21 missing: .*\.\.\. \(21 in all\)"):
-        load_checkpoint_in_model(meta_llama(), tmp_path)
+        load_checkpoint_in_model(meta_llama(), tmp_path, strict=True)
 
 
 def test_mismatch_value_prints_both_shapes() -> None:
