@@ -33,7 +33,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from benchmarks import cgroup
+from benchmarks import cgroup, pagecache
 from benchmarks.harness import Unavailable, failure_notes, median_of, need, status_of
 from benchmarks.make_checkpoint import checkpoint_files
 
@@ -245,7 +245,7 @@ def before(ctx):
         group = cgroup.MemoryCgroup.create(CGROUP_NAME, spec["limit"])
         _made.append(group)
         spec["cgroup"] = str(group.path)
-        dropped = False if ctx.quick else cgroup.drop_caches()  # quick: the code path, not a measurement
+        dropped = False if ctx.quick else pagecache.drop_caches()  # quick: the code path, not a measurement
         return {"cgroup": str(group.path), "caches_dropped": dropped}
 
     atexit.register(_remove_made)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MemoryCgroup", "drop_caches", "join", "peak_bytes", "unavailable"]
+__all__ = ["MemoryCgroup", "join", "peak_bytes", "unavailable"]
 
 ROOT = Path("/sys/fs/cgroup")
 
@@ -106,12 +106,3 @@ def peak_bytes(path: str | os.PathLike[str]) -> int | None:
             continue
     return None
 
-
-def drop_caches() -> bool:
-    """`sync; echo 3 > /proc/sys/vm/drop_caches` (root); False when it could not be done."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
