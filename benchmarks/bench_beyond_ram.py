@@ -9,7 +9,9 @@ the time per pass over the offloaded weights.
 
 The bound is a cold `cat` of the shards in the same cgroup, run before every measured run (interleaved, so
 it is measured in the state the runs see): its bytes per second, applied to the offloaded bytes, is the read
-bound per pass; its spread over the invocation is reported.
+bound per pass; its spread over the invocation is reported. Beside it, once per round, the layers' bytes read
+the way bigload's explicit path reads them (`bigload.reads`, no model): what the disk gives to parallel
+`O_DIRECT` reads, which can beat one buffered stream.
 
 Methods (the same device map for all):
 - bigload: `load_checkpoint_and_dispatch(..., max_memory={"cpu": limit})`: the budget decides how disk blocks
@@ -70,7 +72,40 @@ def measure(spec: dict) -> dict:
         cgroup.join(spec["cgroup"])  # first: everything this process allocates from now on counts
     if spec["method"] == "cat":
         return _measure_cat(spec)
+    if spec["method"] == "read-direct":
+        return _measure_direct_reads(spec)
     return _measure_generate(spec)
+
+
+def _measure_direct_reads(spec: dict) -> dict:
+    """The decoder layers' bytes read as bigload's explicit path reads them, with no model and no compute:
+    each layer into one reused buffer, `O_DIRECT`, `reads.READERS` reads of `reads.CHUNK_BYTES` in flight."""
+    import mmap
+
+    import torch
+
+    open_checkpoint = need("bigload.checkpoint", "open_checkpoint")
+    reads = need("bigload.reads")
+    layers: dict[int, list] = {}
+    for name, ref in open_checkpoint(spec["folder"]).tensors.items():
+        if name.startswith("model.layers."):
+            layers.setdefault(int(name.split(".")[2]), []).append(ref)
+    largest = max(sum(ref.nbytes for ref in refs) for refs in layers.values()) + (1 << 20)
+    buffer = torch.frombuffer(mmap.mmap(-1, largest), dtype=torch.uint8)
+    reader = reads.BlockReader()
+    total = 0
+    started = time.perf_counter()
+    try:
+        for refs in layers.values():
+            extents = [reads.Extent(ref.file, ref.offset, ref.nbytes) for ref in refs]
+            block = reads.layout(extents, [ref.dtype.itemsize for ref in refs], [0] * len(refs), largest)
+            reader.read(block, buffer)
+            total += sum(ref.nbytes for ref in refs)
+    finally:
+        reader.close()
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "bytes": total, "bytes_s": total / seconds,
+            "cgroup_peak": cgroup.peak_bytes(spec["cgroup"]) if spec.get("cgroup") else None}
 
 
 def _measure_cat(spec: dict) -> dict:
@@ -213,7 +248,7 @@ def specs(ctx) -> list[dict]:
     base = {"bench": "beyond_ram", "folder": str(folder), "work": str(work), "limit": limit, "budget": budget,
             "prompt_tokens": 8 if ctx.quick else PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "prefetch": PREFETCH,
             "cgroup": None}
-    methods = [m for m in METHODS if _quantize_in_tree() or not m.startswith("bigload-int")]
+    methods = ["read-direct"] + [m for m in METHODS if _quantize_in_tree() or not m.startswith("bigload-int")]
     out = []
     for r in range(ctx.repeats):
         order = methods[r % len(methods):] + methods[: r % len(methods)]
@@ -283,6 +318,14 @@ def summarize(ctx, results: list[dict]) -> dict:
         rows.append([f"read bound: cold `cat` of the shards, same cgroup ({gbs:.2f} GB/s; spread {spread} s)",
                      f"{bound:.2f}", "1.00", None, None, None,
                      _gib(median_of(cats, "cgroup_peak")), None, None])
+    direct = [r for r in results if r["spec"]["method"] == "read-direct" and r["status"] == "ok"]
+    if direct:
+        per_pass = sorted(disk_bytes / r["bytes_s"] for r in direct)
+        rows.append([f"explicit reads alone: the layers read as bigload reads them, no compute "
+                     f"({statistics.median(r['bytes_s'] for r in direct) / 1e9:.2f} GB/s)",
+                     f"{statistics.median(per_pass):.2f} ({per_pass[0]:.2f}–{per_pass[-1]:.2f})",
+                     _cell(bound / statistics.median(per_pass) if bound else None, "{:.2f}"),
+                     None, None, None, _gib(median_of(direct, "cgroup_peak")), None, None])
     for method in METHODS:
         runs = by[method]
         ok = [r for r in runs if r["status"] == "ok"]
