@@ -55,6 +55,7 @@ PRESETS: dict[str, Preset] = {
     "tiny-tied": Preset(64, 8, 4, 2, 176, 1024, max_shard_bytes=600 * 10**3, tie_word_embeddings=True),
     "small": _SMALL,  # ~0.97 GB
     "tied": replace(_SMALL, tie_word_embeddings=True),  # ~0.84 GB
+    "medium": replace(_SMALL, num_hidden_layers=30, max_shard_bytes=10**9),  # ~2.9 GB: the GPU check's model
     "large": Preset(4096, 16, 32, 32, 11008, 32000, max_shard_bytes=2 * 10**9),  # ~7.0 GB
 }
 

@@ -24,7 +24,7 @@ from benchmarks.limits import measure_limits
 from benchmarks.make_checkpoint import make_checkpoint
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("load", "offload", "plan", "beyond_ram")  # beyond_ram last: --quick runs all in one process, and it joins a cgroup
+BENCHES = ("load", "offload", "plan", "pipeline", "beyond_ram")  # beyond_ram last: --quick runs all in one process, and it joins a cgroup
 
 
 @dataclass

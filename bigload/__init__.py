@@ -18,24 +18,30 @@ from bigload.dispatch import (
     plan_for_model,
     remove_hook_from_submodules,
 )
+from bigload.distributed import stop_pipeline
 from bigload.empty import init_empty_weights, init_on_device
 from bigload.errors import (
+    AdapterError,
     BigloadError,
     BudgetError,
     CheckpointError,
     DeviceError,
+    DistributedError,
     OffloadError,
     PlanError,
+    QuantizationError,
 )
 from bigload.hf import from_pretrained, load_tokenizer, plan_model
 from bigload.inventory import Inventory, inventory_from_checkpoint, inventory_from_module
 from bigload.plan import Plan, PlanOptions
+from bigload.quant import Quantization
 from bigload.store import DiskStore
 from bigload.stream import LoadResult, load_checkpoint_in_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterError",
     "BigloadError",
     "Budget",
     "BudgetError",
@@ -44,6 +50,7 @@ __all__ = [
     "Device",
     "DeviceError",
     "DiskStore",
+    "DistributedError",
     "ExecutionPolicy",
     "Inventory",
     "LoadResult",
@@ -51,6 +58,8 @@ __all__ = [
     "Plan",
     "PlanError",
     "PlanOptions",
+    "Quantization",
+    "QuantizationError",
     "TensorRef",
     "compute_module_sizes",
     "cpu_offload",
@@ -72,4 +81,5 @@ __all__ = [
     "plan_for_model",
     "plan_model",
     "remove_hook_from_submodules",
+    "stop_pipeline",
 ]

@@ -38,6 +38,7 @@ __all__ = [
     "MappedFiles",
     "SAFETENSORS_DTYPES",
     "TensorRef",
+    "checkpoint_tensor_names",
     "open_checkpoint",
 ]
 
@@ -427,7 +428,7 @@ def _strided_extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
 # discovery: file, index, folder
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointIndex:
+def open_checkpoint(path: str | os.PathLike[str], *, select: Callable[[str], bool] | None = None) -> CheckpointIndex:
     """Index a checkpoint from its headers alone.
 
     Args:
@@ -435,6 +436,8 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointIndex:
             {name: shard}}` or the bare `{name: shard}`), or a folder holding `model.safetensors`,
             `*.safetensors.index.json`, `pytorch_model.bin`, `pytorch_model.bin.index.json` or one other
             `*.index.json` (safetensors preferred when several exist).
+        select: keep only the tensors whose checkpoint names it accepts (one pipeline stage's); shards of a
+            sharded checkpoint holding none of them are never opened.
 
     Returns:
         A CheckpointIndex listing every tensor's dtype, shape, file and byte range.
@@ -447,17 +450,38 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointIndex:
     >>> index.tensors["lm_head.weight"].shape  # doctest: +SKIP
     (32000, 4096)
     """
+    target = _checkpoint_file(path)
+    for suffix, opener in _OPENERS:
+        if target.name.endswith(suffix):
+            return opener(target, select or _everything)
+    raise CheckpointError(
+        f"{target}: unknown checkpoint format; expected .safetensors, .bin, .pt, .pth, or a *.index.json."
+    )
+
+
+def checkpoint_tensor_names(path: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The tensor names of a checkpoint: a shard index's `weight_map` (no shard opened), else the headers.
+
+    Raises:
+        CheckpointError: as `open_checkpoint`.
+    """
+    target = _checkpoint_file(path)
+    if target.name.endswith(".json"):
+        return tuple(_read_index_json(target)[0])
+    return tuple(open_checkpoint(target).tensors)
+
+
+def _checkpoint_file(path: str | os.PathLike[str]) -> Path:
     target = Path(path).expanduser().resolve()
     if target.is_dir():
         target = _discover(target)
     if not target.exists():
         raise CheckpointError(f"{target}: no such checkpoint file or folder.")
-    for suffix, opener in _OPENERS:
-        if target.name.endswith(suffix):
-            return opener(target)
-    raise CheckpointError(
-        f"{target}: unknown checkpoint format; expected .safetensors, .bin, .pt, .pth, or a *.index.json."
-    )
+    return target
+
+
+def _everything(_: str) -> bool:
+    return True
 
 
 def _discover(folder: Path) -> Path:
@@ -496,17 +520,19 @@ _DISCOVERY = (
 )
 
 
-def _open_single_safetensors(path: Path) -> CheckpointIndex:
+def _open_single_safetensors(path: Path, select: Callable[[str], bool]) -> CheckpointIndex:
     refs, metadata = read_safetensors_header(path)
-    return _build_index(path.parent, SAFETENSORS, [(path, refs)], metadata)
+    return _build_index(path.parent, SAFETENSORS, [(path, [ref for ref in refs if select(ref.name)])], metadata)
 
 
-def _open_single_torch(path: Path) -> CheckpointIndex:
-    return _build_index(path.parent, TORCH, [(path, read_torch_archive(path))], {})
+def _open_single_torch(path: Path, select: Callable[[str], bool]) -> CheckpointIndex:
+    refs = [ref for ref in read_torch_archive(path) if select(ref.name)]
+    return _build_index(path.parent, TORCH, [(path, refs)], {})
 
 
-def _open_sharded(path: Path) -> CheckpointIndex:
+def _open_sharded(path: Path, select: Callable[[str], bool]) -> CheckpointIndex:
     weight_map, metadata = _read_index_json(path)
+    weight_map = {name: shard for name, shard in weight_map.items() if select(name)}
     shards = sorted(set(weight_map.values()))
     for shard in shards:
         # Checked on the name as written, so shards that are symlinks (the Hugging Face cache) still load.
@@ -535,7 +561,8 @@ def _open_sharded(path: Path) -> CheckpointIndex:
                 "download or copy the missing shard."
             )
         refs = read_safetensors_header(shard_path)[0] if is_safetensors else read_torch_archive(shard_path)
-        kept = [ref for ref in refs if (path.parent / weight_map.get(ref.name, shard)).resolve() == shard_path]
+        kept = [ref for ref in refs if select(ref.name)
+                and (path.parent / weight_map.get(ref.name, shard)).resolve() == shard_path]
         per_file.append((shard_path, kept))
         owner.update({ref.name: shard_path for ref in kept})
     absent = [name for name in weight_map if name not in owner]
@@ -597,7 +624,7 @@ def _first(names: list[str], limit: int = 20) -> str:
 
 
 # Longest suffixes first so "x.safetensors.index.json" is not taken for a plain file.
-_OPENERS: tuple[tuple[str, Callable[[Path], CheckpointIndex]], ...] = (
+_OPENERS: tuple[tuple[str, Callable[[Path, Callable[[str], bool]], CheckpointIndex]], ...] = (
     (".index.json", _open_sharded),
     (".safetensors", _open_single_safetensors),
     (".bin", _open_single_torch),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -45,6 +46,22 @@ def parse_max_memory_arg(text: str) -> dict[str, str]:
     return result
 
 
+def parse_host_max_memory_arg(text: str) -> tuple[int, dict[str, str]]:
+    """'1:0=24GiB,cpu=64GiB' -> (1, {'0': '24GiB', 'cpu': '64GiB'}): one host's budget."""
+    host, sep, rest = text.partition(":")
+    if not sep or not host.strip().isdigit():
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r}; write HOST:DEVICE=SIZE,..., e.g. 1:0=24GiB,cpu=64GiB (HOST is the rank)")
+    return int(host), parse_max_memory_arg(rest)
+
+
+def _add_host_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory-host", type=parse_host_max_memory_arg, action="append", default=None,
+                        metavar="HOST:DEV=SIZE,...",
+                        help="the budget of one host (rank) that differs from --max-memory, e.g. "
+                             "1:0=80GiB,cpu=512GiB; repeat for several hosts")
+
+
 def _budget_value(key: str, value: str) -> str:
     if value.isdigit() and int(value) < _SMALLEST_BARE_BUDGET:
         raise argparse.ArgumentTypeError(
@@ -68,6 +85,11 @@ def _add_planning_flags(parser: argparse.ArgumentParser) -> None:
                         help="module classes never split across devices (default: the model's own list)")
     parser.add_argument("--prefetch", type=int, default=1, metavar="N",
                         help="offloaded blocks loaded ahead of the one running (default: 1)")
+    parser.add_argument("--quantize", metavar="SCHEME",
+                        help="int8 (per output channel) or int4 (groups of 128; int4:GROUP for 32/64/256): the "
+                             "Linear layers of the model's blocks are planned, stored and run quantized")
+    parser.add_argument("--quantize-skip", nargs="+", metavar="MODULE", default=None,
+                        help="modules whose Linear layers stay unquantized (with --quantize)")
     parser.add_argument("--policy", choices=POLICIES, default=None,
                         help="where CPU-resident blocks run when a GPU exists: stream their weights to it, or "
                              "run locally on the CPU (default: chosen by a bandwidth model of decoding)")
@@ -91,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "or a checkpoint (headers only).")
     plan.add_argument("model", metavar="MODEL")
     _add_planning_flags(plan)
+    plan.add_argument("--hosts", type=int, default=1, metavar="N",
+                      help="split the model over N hosts (torchrun ranks): one table per host; --max-memory is "
+                           "each host's budget")
+    _add_host_flags(plan)
     plan.add_argument("--json", metavar="OUT", type=Path, help="write the plan as JSON to OUT ('-' for stdout)")
+    _add_adapter_flag(plan)
     plan.set_defaults(run=_cmd_plan)
 
     inspect = sub.add_parser("inspect", help="what a checkpoint holds, from headers only",
@@ -112,12 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="tokens to generate (default: 64)")
     _add_planning_flags(generate)
     generate.add_argument("--offload-folder", type=Path, help="where disk-offloaded weights go")
+    _add_adapter_flag(generate)
     sampling = generate.add_mutually_exclusive_group()
     sampling.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
     sampling.add_argument("--temperature", type=float, help="sample with this temperature")
     generate.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature)")
     generate.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _add_host_flags(generate)
+    generate.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                          help="under torchrun: how long any wait between ranks may take (default: 300)")
     generate.set_defaults(run=_cmd_generate)
 
     demo = sub.add_parser("demo", help="the first thing to run: offloaded generation on a small model",
@@ -135,8 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_adapter_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", action="append", type=Path, metavar="PATH",
+                        help="a peft adapter folder (repeat for several; the first is active); needs "
+                             "`pip install bigload[peft]`")
+
+
 def _planning_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
+        "adapter": args.adapter,
         "max_memory": args.max_memory,
         "strategy": args.strategy,
         "dtype": args.dtype,
@@ -144,19 +182,46 @@ def _planning_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "no_split_module_classes": args.no_split,
         "prefetch": args.prefetch,
+        "quantize": args.quantize,
+        "quantize_skip": args.quantize_skip,
         "policy": args.policy,
         "disk_reads": args.disk_reads,
     }
 
 
+def _host_budgets(args: argparse.Namespace) -> dict[int, dict[str, str]] | None:
+    return dict(args.max_memory_host) if args.max_memory_host else None
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from bigload.hf import plan_model
 
-    result = plan_model(args.model, **_planning_kwargs(args))
+    if args.hosts > 1 or args.max_memory_host:
+        from bigload.distributed import plan_model_hosts
+
+        planning = _planning_kwargs(args)
+        if planning.pop("adapter", None):
+            raise BigloadError("--adapter cannot be combined with --hosts yet; merge the adapter into the base "
+                               "model first (peft's merge_and_unload, then save_pretrained).")
+        planning.pop("quantize_skip", None)
+        if planning.pop("quantize", None):
+            raise BigloadError("--quantize cannot be combined with --hosts yet; plan without --quantize, "
+                               "or for one machine (no --hosts).")
+        if planning.pop("disk_reads", None):
+            raise BigloadError("--disk-reads cannot be combined with --hosts yet; plan without --disk-reads, "
+                               "or for one machine (no --hosts).")
+        result = plan_model_hosts(args.model, args.hosts, max_memory_hosts=_host_budgets(args), **planning)
+    else:
+        result = plan_model(args.model, **_planning_kwargs(args))
     if args.json is not None and str(args.json) == "-":
         print(result.to_json())
         return 0
     print(result.explain(Audience.CLI))
+    if args.adapter:
+        from bigload.hf import describe_adapters
+
+        print()
+        print("\n".join(describe_adapters(args.model, args.adapter, result, args.dtype)))
     if args.json is not None:
         args.json.write_text(result.to_json())
         print(f"\nplan written to {args.json}")
@@ -172,6 +237,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from bigload.session import GenerateOptions, run_generate
 
@@ -182,16 +251,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
+    if _under_torchrun():
+        return _generate_pipeline(args, options)
     report = run_generate(
         args.path, options, offload_folder=args.offload_folder, stream_text=not args.json,
         echo=None if args.json else print, audience=Audience.CLI, **_planning_kwargs(args),
     )
-    if args.json:
+    return _print_report(report, args.json)
+
+
+def _print_report(report: Any, as_json: bool) -> int:
+    """A generate report as one JSON object, or as the summary after the streamed text."""
+    if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print()
         print(report.render_summary())
     return 0
+
+
+def _generate_pipeline(args: argparse.Namespace, options: Any) -> int:
+    """`bigload generate` on one torchrun rank: rank 0 prints, the others serve their blocks silently."""
+    from bigload.session import run_generate_pipeline
+
+    report = run_generate_pipeline(
+        args.path, options, offload_folder=args.offload_folder, stream_text=not args.json,
+        echo=None if args.json else print, max_memory_hosts=_host_budgets(args), timeout=args.timeout,
+        progress=False, **_planning_kwargs(args),
+    )
+    return 0 if report is None else _print_report(report, args.json)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ This module probes nothing; `budget.py` does.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Union
 
 import torch
@@ -101,10 +101,13 @@ class Budget:
     """Bytes each device may hold, in placement order (GPUs by index, then cpu, then disk).
 
     Build one with `Budget.of({0: 24 * 2**30, "cpu": 64 * 2**30})` or with `budget.parse_max_memory`.
-    A device absent from the budget gets nothing.
+    A device absent from the budget gets nothing. `sources` says where a limit came from ("max_memory",
+    "cgroup memory.max 3.0 GiB - usage ...", "psutil available"), so the pure planner can state it in
+    `explain()` without probing; a device without an entry has no stated source.
     """
 
     limits: tuple[tuple[Device, int], ...]
+    sources: tuple[tuple[Device, str], ...] = field(default=())
 
     @staticmethod
     def of(limits: Mapping[DeviceLike, int]) -> "Budget":
@@ -130,6 +133,11 @@ class Budget:
             if dev == wanted:
                 return nbytes
         return 0
+
+    def source_of(self, device: DeviceLike) -> str | None:
+        """Where the limit of `device` came from, or None when the budget does not say."""
+        wanted = Device.parse(device)
+        return next((text for dev, text in self.sources if dev == wanted), None)
 
     def __iter__(self) -> Iterator[tuple[Device, int]]:
         return iter(self.limits)

@@ -29,12 +29,13 @@ from bigload.hooks import (
 )
 from bigload.sizes import parse_dtype
 from bigload.budget import check_devices_exist, detect_budget, parse_max_memory
-from bigload.inventory import Inventory, inventory_from_module
+from bigload.inventory import DtypeRule, Inventory, inventory_from_module
 from bigload.plan import STRATEGIES, Plan, PlanOptions, plan
 from bigload.reserve import DiskReads, choose_disk_reads
 from bigload.store import DiskStore, StoreOrigin, StoreWriter
 from bigload.checkpoint import CheckpointIndex, open_checkpoint
-from bigload.stream import SourcePlan, load_checkpoint_in_model, source_dtypes
+from bigload.quant import Quantization
+from bigload.stream import SourcePlan, gpu_cast_bytes, load_checkpoint_in_model, prepare_quantization, source_dtypes
 from bigload.tensors import owner_of, tensor_groups
 
 __all__ = [
@@ -252,8 +253,7 @@ def dispatch_model(
             store = DiskStore.open(folder)
         else:
             store = _write_disk_blocks(model, device_map, placed, folder, offload_buffers)
-    pin = main.is_gpu and policy is ExecutionPolicy.STREAM
-    host = HostWeights(state_dict, pin=pin) if state_dict is not None else None
+    host = HostWeights(state_dict) if state_dict is not None else None
     runtime = attach(
         model,
         device_map,
@@ -307,6 +307,9 @@ def load_checkpoint_and_dispatch(
     progress: bool | None = None,
     sources: SourcePlan | None = None,
     materialize: bool = False,
+    only: Sequence[str] | None = None,
+    quantize: str | Quantization | None = None,
+    quantize_skip: Sequence[str] | None = None,
     disk_reads: DiskReads | str | None = None,
 ) -> nn.Module:
     """Plan, stream, hook: load `checkpoint` into a model built with `init_empty_weights()` and dispatch it.
@@ -344,19 +347,28 @@ def load_checkpoint_and_dispatch(
         materialize: copy CPU-placed tensors into private memory instead of keeping them as views of the
             checkpoint files, for a checkpoint that may move or change, or for a first forward that must
             not wait on the disk after the page cache was dropped (costs the model's size in RAM).
+        only: load only the tensors under these module names (a pipeline stage; see `load_checkpoint_in_model`).
+        quantize: "int8", "int4" or "int4:GROUP": the Linear layers of the model's blocks are swapped for
+            `bigload.quant.QuantLinear`s before planning (so the plan sizes quantized bytes) and quantized
+            while streaming; the output head, embeddings and norms stay as they are.
+        quantize_skip: module names whose Linears stay unquantized.
         disk_reads: how disk blocks are brought in: "mapped" (in place from the page cache, zero-copy) or
             "read" (explicit reads into the slots, for disk blocks bigger than the memory left); None: decided
             from the CPU budget (`max_memory`'s, else what the machine has available) and shown in
             `explain()`, see `reserve.choose_disk_reads`.
 
     Returns:
-        `model`, weights in place, hooked, `hf_device_map` set (and `bigload_plan` when planned).
+        `model`, weights in place, hooked, `hf_device_map` set (and `bigload_plan` when planned), and
+        `bigload_load`: the loader's `LoadResult` (bytes read, what went to disk).
 
     Raises:
         PlanError: the model does not fit, or a dict map splits a tied group or misses a module.
         DeviceError: a dict map names a GPU this machine does not have.
         CheckpointError: the checkpoint is malformed or (with `strict`) does not match the model.
-        OffloadError: disk tensors without `offload_folder`, or a folder holding another checkpoint.
+        OffloadError: disk tensors without `offload_folder`, or a folder holding another checkpoint (or
+            the same one under another quantization scheme).
+        QuantizationError: an unknown scheme, a model without Linear layers, a Linear the scheme's
+            kernels cannot run.
         All of these are raised before any weight is read.
 
     >>> with init_empty_weights():  # doctest: +SKIP
@@ -364,17 +376,23 @@ def load_checkpoint_and_dispatch(
     >>> load_checkpoint_and_dispatch(model, "llama/", device_map="auto", offload_folder="offload/")  # doctest: +SKIP
     """
     del offload_state_dict, preload_module_classes, full_state_dict, broadcast_from_rank0  # see the docstring
+    # Quantization is decided before planning (the plan sizes quantized bytes) and before the checkpoint is
+    # opened (a bad scheme is reported first).
+    prepare_quantization(model, quantize, quantize_skip,
+                         rule=DtypeRule.for_model(model, dtype, special_dtypes, keep_in_fp32_modules))
     index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
     options = PlanOptions(
         dtype=dtype, max_memory=max_memory, offload_folder=offload_folder, context_length=context_length,
         batch_size=batch_size, prefetch=prefetch, policy=policy, keep_in_fp32_modules=keep_in_fp32_modules,
-        special_dtypes=special_dtypes, no_split_module_classes=no_split_module_classes, disk_reads=disk_reads)
+        special_dtypes=special_dtypes, no_split_module_classes=no_split_module_classes, disk_reads=disk_reads,
+        cast_bytes=gpu_cast_bytes(index, parse_dtype(dtype) if dtype is not None else None))
     placement = _place(model, device_map, options, source_dtypes(index, sources))
     placed = validate_device_map(model, placement.device_map)
     result = load_checkpoint_in_model(
         model, index, placement.device_map, dtype=dtype, offload_folder=offload_folder, strict=strict,
         offload_buffers=offload_buffers, keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes,
-        progress=progress, sources=sources, materialize=materialize, inventory=placement.inventory,
+        progress=progress, sources=sources, materialize=materialize, inventory=placement.inventory, only=only,
+        quantize=quantize, quantize_skip=quantize_skip,
     )
     store = result.store
     runtime = None
@@ -391,10 +409,11 @@ def load_checkpoint_and_dispatch(
             disk_reads=placement.disk_reads,
         )
     _set_device_map(model, placement.device_map, runtime)
+    model.bigload_load = result  # type: ignore[assignment]
     if placement.plan is not None:
         model.bigload_plan = placement.plan  # type: ignore[assignment]
-        if runtime is not None:
-            runtime.owned_attributes.append("bigload_plan")
+    if runtime is not None:
+        runtime.owned_attributes.extend(["bigload_load", "bigload_plan"][: 2 if placement.plan is not None else 1])
     return model
 
 
@@ -474,6 +493,7 @@ def plan_for_model(
     keep_in_fp32_modules: Sequence[str] | None = None,
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     policy: ExecutionPolicy | str | None = None,
+    headroom: int | str | Mapping[DeviceLike, int | str] | None = None,
     disk_reads: DiskReads | str | None = None,
 ) -> Plan:
     """Plan an `nn.Module` you built (meta is fine): inventory -> budget -> plan, without reading a weight.
@@ -483,14 +503,14 @@ def plan_for_model(
     `Inventory` and `Budget` you built yourself (pure, no probing).
 
     `max_memory=None` plans for what this machine has free now; an `offload_folder` with no "disk" entry
-    in `max_memory` contributes its free space as the disk budget. The other keywords are
-    `load_checkpoint_and_dispatch`'s.
+    in `max_memory` contributes its free space as the disk budget. `headroom` is kept free per device (see
+    `PlanOptions`; None: max(1 GiB, 5 %) on each GPU). The other keywords are `load_checkpoint_and_dispatch`'s.
     """
     options = PlanOptions(
         strategy=strategy, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
         context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
         keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes,
-        no_split_module_classes=no_split_module_classes, disk_reads=disk_reads)
+        no_split_module_classes=no_split_module_classes, headroom=headroom, disk_reads=disk_reads)
     return _plan_inventory(_inventory(model, options, None), options)
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 from bigload.messages import Audience, render
 
 __all__ = [
+    "AdapterError",
     "BigloadError",
     "BudgetError",
     "CheckpointError",
     "DeviceError",
+    "DistributedError",
     "OffloadError",
     "PlanError",
+    "QuantizationError",
 ]
 
 
@@ -52,3 +55,22 @@ class OffloadError(BigloadError):
 
 class DeviceError(BigloadError):
     """A device is unknown, or does not exist on this machine when loading onto it."""
+
+
+class DistributedError(BigloadError):
+    """A pipeline across ranks cannot start or went wrong: ranks given different inputs, a rank that died or
+    stopped answering within the timeout, a stage that failed. The message names the rank; `rank` holds it
+    when one rank is at fault."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+class QuantizationError(BigloadError, ValueError):
+    """A `quantize=` scheme bigload does not know, a model or Linear it cannot apply to, or a device that
+    cannot run it."""
+
+
+class AdapterError(BigloadError):
+    """An adapter (peft) that cannot go on this model: unreadable, unknown method, or made for another base."""

@@ -24,12 +24,18 @@ from bigload.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
 from bigload.devices import ExecutionPolicy
 from bigload.dispatch import load_checkpoint_and_dispatch
 from bigload.empty import init_empty_weights
-from bigload.errors import BigloadError, CheckpointError
+from bigload.errors import BigloadError, CheckpointError, QuantizationError
 from bigload.hooks import OutputAlignment, runtime_of
-from bigload.inventory import default_keep_in_fp32_modules, inventory_from_checkpoint, inventory_from_module
+from bigload.inventory import (
+    DtypeRule,
+    default_keep_in_fp32_modules,
+    inventory_from_checkpoint,
+    inventory_from_module,
+)
+from bigload.messages import Text, setting
 from bigload.plan import PlanOptions, plan
 from bigload.sizes import parse_dtype
-from bigload.stream import DerivedTensor, SourcePlan, source_dtypes
+from bigload.stream import DerivedTensor, SourcePlan, gpu_cast_bytes, prepare_quantization, source_dtypes
 from bigload.tensors import owner_of
 
 if TYPE_CHECKING:
@@ -42,7 +48,10 @@ __all__ = [
     "from_pretrained",
     "load_config",
     "load_tokenizer",
+    "load_generation_config",
+    "meta_model_for_folder",
     "meta_model_from_config",
+    "model_tensor_names",
     "require_model_folder",
     "resolve_model_source",
     "without_transformers_progress",
@@ -284,21 +293,35 @@ def inventory_for(
     *,
     dtype: torch.dtype | str | None = None,
     no_split_module_classes: list[str] | None = None,
+    adapter: str | Path | Sequence[str | Path] | None = None,
+    quantize: str | None = None,
+    quantize_skip: list[str] | None = None,
 ) -> Any:
     """The inventory of what MODEL names: from a meta model when there is a config (and transformers),
-    else from checkpoint headers alone. No weight is read either way."""
+    else from checkpoint headers alone. No weight is read either way. With `adapter`, the meta model is
+    wrapped with the adapters first, so each block counts its adapter tensors. With `quantize`, the meta
+    model's Linears are swapped first, so the inventory sizes quantized bytes.
+
+    Raises:
+        QuantizationError: `quantize` with checkpoint headers alone (no config.json to build modules from),
+            or with adapters.
+    """
     source = resolve_model_source(spec)
+    _refuse_quantized_adapters(quantize, adapter)
     if source.config is not None and _transformers_available():
-        config = load_config(source.config)
-        target = _weights_dtype(source, config, dtype) or torch.float32
-        model = meta_model_from_config(config, dtype=target)
-        stored = None
-        if source.checkpoint is not None:
-            # The checkpoint's dtypes (headers only) decide tensors that are never cast (float8, integers).
-            index = open_checkpoint(source.checkpoint)
-            stored = source_dtypes(index, checkpoint_sources(model, index))
-        return inventory_from_module(model, dtype=target, no_split_module_classes=no_split_module_classes,
-                                     stored_dtypes=stored)
+        built = prepare_model(source, dtype, adapter)
+        prepare_quantization(built.model, quantize, quantize_skip, rule=DtypeRule.for_model(built.model, built.dtype))
+        return inventory_from_module(built.model, dtype=built.dtype, no_split_module_classes=no_split_module_classes,
+                                     keep_in_fp32_modules=built.keep_in_fp32_modules if built.adapters else None,
+                                     stored_dtypes=built.stored_dtypes())
+    if adapter is not None:
+        raise BigloadError(f"{spec} has no config.json, and adapters need the model built from one; plan the "
+                           "model folder (config.json beside the weights) with --adapter.")
+    if quantize is not None:
+        raise QuantizationError(Text(
+            f"{spec}: planning with ", setting("quantize", repr(quantize)), " needs the model's config.json (and "
+            "transformers) to know which tensors are Linear weights; plan the model folder or its config.json "
+            "instead."))
     if source.checkpoint is None:
         raise BigloadError(
             f"{spec} is a config only and transformers is not installed; install it with "
@@ -309,6 +332,75 @@ def inventory_for(
     return inventory_from_checkpoint(
         open_checkpoint(source.checkpoint), dtype=_weights_dtype(source, None, dtype), config=source.config,
     )
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A meta model ready to plan and load: built from the config, wrapped with adapters if any.
+
+    model: the transformers model (inside `wrapped` when there are adapters); wrapped: peft's `PeftModel`, or
+    None; dtype: the load dtype; keep_in_fp32_modules: transformers' rule plus the adapter modules peft keeps
+    in float32; index, sources: where every tensor is (base checkpoint and adapter files, headers only; None
+    without a checkpoint); adapters: as read.
+    """
+
+    model: nn.Module
+    wrapped: nn.Module | None
+    dtype: torch.dtype
+    keep_in_fp32_modules: list[str]
+    index: CheckpointIndex | None
+    sources: SourcePlan | None
+    adapters: tuple[Any, ...] = ()
+
+    def stored_dtypes(self) -> dict[str, torch.dtype] | None:
+        """Tensor name -> its dtype in the files it loads from (None without a checkpoint)."""
+        return source_dtypes(self.index, self.sources) if self.index is not None else None
+
+
+def prepare_model(source: ModelSource, dtype: torch.dtype | str | None,
+                  adapter: str | Path | Sequence[str | Path] | None = None, *,
+                  model_class: Any = None) -> PreparedModel:
+    """The meta model of `source` (wrapped with `adapter`s) and where its tensors are; no weight is read.
+
+    Raises:
+        AdapterError: an adapter is unreadable or made for another base.
+    """
+    config = load_config(source.config)  # type: ignore[arg-type]
+    target = _weights_dtype(source, config, dtype) or torch.float32
+    model = meta_model_from_config(config, model_class=model_class, dtype=target)
+    index = open_checkpoint(source.checkpoint) if source.checkpoint is not None else None
+    sources = checkpoint_sources(model, index) if index is not None else None
+    keep = list(default_keep_in_fp32_modules(model, target))
+    if adapter is None:
+        return PreparedModel(model, None, target, keep, index, sources)
+    from bigload.adapters import adapter_fp32_modules, read_adapters, with_adapter_sources, wrap
+
+    adapters = read_adapters(adapter)
+    wrapped = wrap(model, adapters)
+    if index is not None and sources is not None:
+        index, sources = with_adapter_sources(wrapped, adapters, index, sources)
+    return PreparedModel(model, wrapped, target, [*keep, *adapter_fp32_modules(target)], index, sources,
+                         tuple(adapters))
+
+
+def _refuse_quantized_adapters(quantize: Any, adapter: Any) -> None:
+    if quantize is not None and adapter is not None:
+        raise QuantizationError(Text(
+            setting("quantize", repr(quantize)), " with ", setting("adapter"), " is not supported: peft wraps the "
+            "Linear layers that would be quantized. Load the adapter on the unquantized model, or drop ",
+            setting("adapter"), "."))
+
+
+def describe_adapters(spec: str | Path, adapter: str | Path | Sequence[str | Path], plan: Any,
+                      dtype: torch.dtype | str | None = None) -> list[str]:
+    """Lines saying what each adapter adds to which planned block (for `bigload plan --adapter`)."""
+    from bigload.adapters import adapter_summary
+
+    source = resolve_model_source(spec)
+    if source.config is None:
+        raise BigloadError(f"{spec} has no config.json; adapters need the model built from one.")
+    built = prepare_model(source, dtype, adapter)
+    return adapter_summary(built.model, built.adapters, plan.device_map, built.dtype)
 
 
 def plan_model(
@@ -323,6 +415,9 @@ def plan_model(
     prefetch: int = 1,
     offload_folder: str | Path | None = None,
     policy: ExecutionPolicy | str | None = None,
+    adapter: str | Path | Sequence[str | Path] | None = None,
+    quantize: str | None = None,
+    quantize_skip: list[str] | None = None,
     disk_reads: str | None = None,
 ) -> Any:
     """A dry run: plan MODEL (catalog name, model folder, config.json or checkpoint) without reading a weight.
@@ -340,6 +435,9 @@ def plan_model(
         offload_folder: with no "disk" budget, its free space becomes the disk budget.
         policy: where CPU-resident blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local");
             default: chosen by `plan.choose_policy`.
+        adapter: peft adapter folder(s) whose tensors the blocks carry (see `from_pretrained`).
+        quantize, quantize_skip: plan the quantized model ("int8", "int4", "int4:GROUP"; see
+            `from_pretrained`); needs a config.
         disk_reads: how disk blocks are brought in ("mapped" or "read"); default: decided from the CPU
             memory the plan leaves (`reserve.choose_disk_reads`).
 
@@ -348,15 +446,20 @@ def plan_model(
 
     Raises:
         PlanError: the model does not fit; the message says how many bytes are missing where.
+        QuantizationError: a bad scheme, or `quantize` for checkpoint headers alone.
 
     >>> print(plan_model("llama-3.1-405b", max_memory={0: "80GiB", "cpu": "1TiB"}).explain())  # doctest: +SKIP
     """
     options = PlanOptions(strategy=strategy, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
                           context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
                           no_split_module_classes=no_split_module_classes, disk_reads=disk_reads)
-    inventory = inventory_for(spec, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes)
+    inventory = inventory_for(spec, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes,
+                              adapter=adapter, quantize=quantize, quantize_skip=quantize_skip)
     budget = detect_budget(options.max_memory, offload_folder=options.offload_folder)
-    return plan(inventory, budget, options.with_settings(dtype=inventory.dtype))
+    source = resolve_model_source(spec)
+    # A load of this checkpoint casts on the GPU: the plan keeps its largest temporary free there.
+    cast = gpu_cast_bytes(open_checkpoint(source.checkpoint), inventory.dtype) if source.checkpoint else 0
+    return plan(inventory, budget, options.with_settings(dtype=inventory.dtype, cast_bytes=cast))
 
 
 def from_pretrained(
@@ -375,8 +478,13 @@ def from_pretrained(
     no_split_module_classes: list[str] | None = None,
     materialize: bool = False,
     policy: ExecutionPolicy | str | None = None,
+    adapter: str | Path | Sequence[str | Path] | None = None,
+    distributed: bool = False,
+    pipeline: Mapping[str, Any] | None = None,
+    quantize: str | None = None,
+    quantize_skip: list[str] | None = None,
     disk_reads: str | None = None,
-) -> nn.Module:
+) -> nn.Module | None:
     """Load a Hugging Face model folder onto this machine's devices, ready for `generate`.
 
     Builds the model from config.json on the meta device, plans with the model's `_no_split_modules` and
@@ -409,17 +517,97 @@ def from_pretrained(
             `load_checkpoint_and_dispatch`).
         policy: where CPU-resident blocks run when a GPU exists (`ExecutionPolicy` or "stream"/"local");
             default: the planner's choice (with a dict map: stream).
+        adapter: a peft adapter folder, or several (the first is named "default", the others after their
+            folders; the first is active). The model is wrapped on meta before planning, so the plan counts
+            each adapter's bytes on the block that owns them and one pass streams base and adapter tensors.
+            The result is then peft's `PeftModel` (`set_adapter`, `disable_adapter`, `merge_and_unload` work).
+        distributed: under `torchrun`, split the model over the ranks (`bigload.distributed`): every rank
+            loads only its own blocks; rank 0 gets the model (its `generate` runs the whole pipeline) and
+            the other ranks serve their blocks inside this call until rank 0 stops the pipeline
+            (`bigload.stop_pipeline(model)`, or at exit), then get None. `max_memory` is each rank's budget;
+            `device_map` the strategy inside each rank.
+        pipeline: more options of the distributed path (`max_memory_hosts`, `timeout`, `idle_timeout`; see
+            `bigload.distributed.from_pretrained_distributed`).
+        quantize: "int8" (per output channel), "int4" (groups of 128) or "int4:GROUP": the Linear layers of
+            the model's blocks are planned, streamed, offloaded and run quantized (`bigload.quant`); the
+            embeddings, norms and output head stay in `dtype`. Not with `adapter` (refused).
+        quantize_skip: module names whose Linears stay unquantized.
         disk_reads: how disk blocks are brought in: "mapped" (in place from the page cache) or "read"
             (explicit reads into the slots); default: decided from the CPU budget (see
             `load_checkpoint_and_dispatch`).
 
     Raises:
-        BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint.
+        BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint;
+            `AdapterError` for an adapter that is unreadable or made for another base (nothing is loaded).
 
     >>> model = from_pretrained("Llama-3-8B/", max_memory={"cpu": "8GiB", "disk": "64GiB"},
     ...                         offload_folder="offload/")  # doctest: +SKIP
     """
+    if distributed:
+        if adapter is not None:
+            raise BigloadError("adapters are not supported with distributed=True yet; merge the adapter into the "
+                               "base model (peft's merge_and_unload, then save_pretrained) and load that.")
+        if quantize is not None:
+            raise BigloadError("quantize= is not supported with distributed=True yet; load without quantize=, "
+                               "or on one machine with distributed=False.")
+        if disk_reads is not None:
+            raise BigloadError("disk_reads= is not supported with distributed=True yet; leave it unset (each rank "
+                               "decides how its disk blocks come in), or load on one machine with distributed=False.")
+        from bigload.distributed import from_pretrained_distributed
+
+        return from_pretrained_distributed(
+            path, model_class=model_class, max_memory=max_memory, dtype=dtype, offload_folder=offload_folder,
+            context_length=context_length, batch_size=batch_size, strict=strict, progress=progress,
+            prefetch=prefetch, no_split_module_classes=no_split_module_classes, strategy=device_map,
+            policy=policy, **(pipeline or {}),
+        )
+    _refuse_quantized_adapters(quantize, adapter)  # arguments first, before any path is looked at
     require_model_folder(path)
+    source = resolve_model_source(path)
+    if source.config is None or source.checkpoint is None:
+        raise BigloadError(
+            f"{path} must be a model folder with config.json and weights (.safetensors or .bin); "
+            f"found {'no config.json' if source.config is None else 'no weights'}."
+        )
+    built = prepare_model(source, dtype, adapter, model_class=model_class)
+    model = built.model
+    if isinstance(device_map, Mapping):
+        device_map = _with_computed_buffers(model, device_map)
+    load_checkpoint_and_dispatch(
+        model, built.index, device_map=device_map, max_memory=max_memory,
+        no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=built.dtype,
+        strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
+        progress=progress, keep_in_fp32_modules=built.keep_in_fp32_modules, sources=built.sources,
+        materialize=materialize, policy=policy, quantize=quantize, quantize_skip=quantize_skip,
+        disk_reads=disk_reads,
+    )
+    _align_encoder_outputs(model)
+    _load_generation_config(model, Path(path))
+    if built.wrapped is None:
+        return model.eval()
+    from bigload.adapters import load_model_level_weights
+
+    load_model_level_weights(built.wrapped, built.adapters, _input_device(model))
+    return built.wrapped.eval()
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs start: the execution device of its first block (the CPU without hooks)."""
+    from bigload.hooks import runtime_of
+
+    runtime = runtime_of(model)
+    if runtime is None or not runtime.blocks:
+        return next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))
+    return next(iter(runtime.blocks.values())).execution_device
+
+
+def meta_model_for_folder(path: str | Path, *, model_class: Any = None, dtype: torch.dtype | str | None = None
+                          ) -> tuple[nn.Module, torch.dtype, Path]:
+    """The meta model of a model folder, the dtype it loads in (see `from_pretrained`), and its checkpoint.
+
+    Raises:
+        BigloadError: the folder lacks config.json or weights.
+    """
     source = resolve_model_source(path)
     if source.config is None or source.checkpoint is None:
         raise BigloadError(
@@ -428,21 +616,12 @@ def from_pretrained(
         )
     config = load_config(source.config)
     target = _weights_dtype(source, config, dtype) or torch.float32
-    model = meta_model_from_config(config, model_class=model_class, dtype=target)
-    index = open_checkpoint(source.checkpoint)
-    if isinstance(device_map, Mapping):
-        device_map = _with_computed_buffers(model, device_map)
-    load_checkpoint_and_dispatch(
-        model, index, device_map=device_map, max_memory=max_memory,
-        no_split_module_classes=no_split_module_classes, offload_folder=offload_folder, dtype=target,
-        strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
-        progress=progress, keep_in_fp32_modules=default_keep_in_fp32_modules(model, target),
-        sources=checkpoint_sources(model, index), materialize=materialize, policy=policy,
-        disk_reads=disk_reads,
-    )
-    _align_encoder_outputs(model)
-    _load_generation_config(model, Path(path))
-    return model.eval()
+    return meta_model_from_config(config, model_class=model_class, dtype=target), target, source.checkpoint
+
+
+def load_generation_config(model: nn.Module, folder: str | Path) -> None:
+    """Use the folder's generation_config.json, as transformers' from_pretrained does."""
+    _load_generation_config(model, Path(folder))
 
 
 def _with_computed_buffers(model: nn.Module, device_map: Mapping[str, Any]) -> dict[str, Any]:
@@ -526,10 +705,7 @@ def checkpoint_sources(model: nn.Module, index: "CheckpointIndex") -> "SourcePla
     unmatched: list[str] = []
     for key in sorted(index.tensors, key=_natural_key):
         ref = index.tensors[key]
-        renamed, pattern = _rename(key, renamings, converters)
-        renamed = _with_prefix(renamed, prefix, expected)
-        if renamed not in expected and key in expected:
-            renamed, pattern = key, None  # the key needed no renaming (transformers' rule)
+        renamed, pattern = _model_name(key, renamings, converters, prefix, expected)
         if renamed not in expected:
             unmatched.append(key)
         elif pattern is not None:
@@ -543,6 +719,27 @@ def checkpoint_sources(model: nn.Module, index: "CheckpointIndex") -> "SourcePla
         logger.info("not loading %d checkpoint tensors %s does not use (e.g. %s)", len(ignored),
                     type(model).__name__, sorted(ignored)[:3])
     return SourcePlan(tensors=tensors, ignored=frozenset(ignored))
+
+
+def model_tensor_names(model: nn.Module, checkpoint_names: Sequence[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> the model tensor it loads into, by transformers' rules (see
+    `checkpoint_sources`); names the model has no tensor for are left out. Reads nothing: a pipeline rank
+    uses it to know which shards hold its stage before opening any."""
+    renamings, converters = _conversion_mapping(model)
+    expected = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = {key: _model_name(key, renamings, converters, prefix, expected)[0] for key in checkpoint_names}
+    return {key: name for key, name in names.items() if name in expected}
+
+
+def _model_name(key: str, renamings: Sequence[Any], converters: Sequence[Any], prefix: str,
+                expected: set[str]) -> tuple[str, str | None]:
+    """The model name of checkpoint tensor `key`, and the converter pattern that matched it, if any."""
+    renamed, pattern = _rename(key, renamings, converters)
+    renamed = _with_prefix(renamed, prefix, expected)
+    if renamed not in expected and key in expected:
+        return key, None  # the key needed no renaming (transformers' rule)
+    return renamed, pattern
 
 
 def _conversion_mapping(model: nn.Module) -> tuple[list[Any], list[Any]]:

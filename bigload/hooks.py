@@ -34,6 +34,7 @@ slower, accelerate issue 1394).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -41,10 +42,11 @@ import math
 import mmap
 import sys
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -53,7 +55,7 @@ from torch.utils.hooks import RemovableHandle
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import BigloadError, OffloadError, PlanError
 from bigload.reads import BlockLayout, BlockReader, layout
-from bigload.reserve import DiskReads, SlotSpec, slot_bytes, slot_count
+from bigload.reserve import DiskReads, SlotSpec, aligned, read_slot_bytes, slot_alignment, slot_bytes, slot_count
 from bigload.tensors import Site, owner_of, tensor_groups
 from bigload.sizes import dtype_width
 
@@ -65,7 +67,9 @@ __all__ = [
     "PrefetchStats",
     "Runtime",
     "WeightSource",
+    "adopt",
     "attach",
+    "sync_merges",
     "detach",
     "execution_device_for",
     "runtime_of",
@@ -124,9 +128,17 @@ def send_to_device(value: Any, device: torch.device, *, skip_keys: Iterable[str]
     return _send(value, device, skip)
 
 
+# Device types a copy may be queued toward without waiting: the copy is ordered on the target's stream before
+# any kernel that reads it. A copy toward the CPU must wait: the CPU reads its result as soon as `to` returns,
+# and a queued GPU-to-CPU copy has not landed yet (uninitialised memory, no error).
+_ASYNC_COPY_TARGETS = frozenset({"cuda"})
+
+
 def _send(value: Any, device: torch.device, skip: frozenset[str]) -> Any:
     if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device, non_blocking=True)
+        if value.device == device:
+            return value
+        return value.to(device, non_blocking=device.type in _ASYNC_COPY_TARGETS)
     if _is_cache(value):
         return value
     if isinstance(value, Mapping):
@@ -201,16 +213,22 @@ class WeightSource(Protocol):
     """Somewhere offloaded tensors are kept: `DiskStore` (disk) or `HostWeights` (CPU RAM).
 
     `get` returns a CPU tensor in the stored dtype and shape; a zero-copy view (mmap'd file, host tensor)
-    where possible. It may be called from the prefetch thread.
+    where possible. It may be called from the prefetch thread. `rewrite` replaces a tensor's value (an
+    adapter merged into it), between forwards.
     """
 
     def __contains__(self, name: object) -> bool: ...
 
     def get(self, name: str) -> torch.Tensor: ...
 
+    def rewrite(self, name: str, tensor: torch.Tensor, *, change: str) -> None: ...
+
 
 class HostWeights:
-    """Offloaded tensors kept in CPU RAM, by full tensor name; pinned when a GPU reads them.
+    """Offloaded tensors kept in CPU RAM, by full tensor name, as they are (pinned only with `pin=True`).
+
+    A GPU reads them through the runtime's pinned staging buffers; `pin=True` pins each tensor instead
+    (a private, unswappable copy, rounded up by the pinned-memory allocator), so copies skip the staging.
 
     >>> weights = HostWeights({"fc.weight": torch.ones(2, 2)})
     >>> weights.get("fc.weight").sum().item()
@@ -234,6 +252,13 @@ class HostWeights:
 
     def __contains__(self, name: object) -> bool:
         return name in self._tensors
+
+    def rewrite(self, name: str, tensor: torch.Tensor, *, change: str) -> None:
+        """Replace `name` (e.g. with weights an adapter was merged into); `change` is for the disk store's
+        fingerprint and needs no record in memory."""
+        if name not in self._tensors:
+            raise OffloadError(f"tensor {name!r} is not among the host-offloaded weights.")
+        self.put(name, tensor)
 
     def get(self, name: str) -> torch.Tensor:
         try:
@@ -289,9 +314,19 @@ class Block:
         """Bytes its offloaded tensors take on the execution device (tied tensors once)."""
         return sum(entry.nbytes for entry in self.entries)
 
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of a slot holding it: its tensors at aligned offsets (`reserve.slot_bytes`)."""
+        return slot_bytes((entry.nbytes for entry in self.entries), _alignment(self.execution_device))
+
+
+def _alignment(device: torch.device) -> int:
+    return slot_alignment(device.type == "cuda")
+
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype_width(dtype)
+
 
 
 @dataclass(frozen=True)
@@ -338,16 +373,23 @@ class PrefetchStats:
 
 
 class _Slot:
-    """Room for one block's weights on one execution device, reused for the runtime's whole life."""
+    """Room for one block's weights on one execution device, reused for the runtime's whole life.
+
+    Buffers are made outside inference mode even when the first forward runs under `torch.inference_mode()`:
+    the prefetch thread writes into them and later forwards (under `no_grad`, or with grad) wrap views of them
+    in Parameters, and a tensor created in inference mode allows neither. Events are blocking: waiting on
+    one sleeps instead of spinning a core that CPU-executed blocks compute on.
+    """
 
     def __init__(self, device: torch.device, nbytes: int) -> None:
         self.device = device
         self.nbytes = nbytes
-        self.buffer: torch.Tensor | None = None  # on `device`, allocated once, on first need
+        self.buffer: torch.Tensor | None = None  # on `device`, allocated once (CUDA: at attach)
         self.staging: torch.Tensor | None = None  # pinned host bytes for CUDA copies
         is_cuda = device.type == "cuda"
-        self.loaded = torch.cuda.Event() if is_cuda else None  # copies into this slot are done
-        self.released = torch.cuda.Event() if is_cuda else None  # compute reading this slot is done
+        # Copies into this slot are done / compute reading this slot is done.
+        self.loaded = torch.cuda.Event(blocking=True) if is_cuda else None
+        self.released = torch.cuda.Event(blocking=True) if is_cuda else None
 
     def view(self, buffer: torch.Tensor, entry: _Entry) -> torch.Tensor:
         raw = buffer[entry.offset : entry.offset + entry.nbytes]
@@ -355,16 +397,19 @@ class _Slot:
 
     def device_buffer(self) -> torch.Tensor:
         if self.buffer is None:
-            if self.device.type == "cpu":
-                # Page-aligned (an anonymous mapping), so explicit reads can go straight in with O_DIRECT.
-                self.buffer = torch.frombuffer(mmap.mmap(-1, max(1, self.nbytes)), dtype=torch.uint8)[: self.nbytes]
-            else:
-                self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+            with torch.inference_mode(False):
+                if self.device.type == "cpu":
+                    # Page-aligned (an anonymous mapping), so explicit reads can go straight in with O_DIRECT.
+                    self.buffer = torch.frombuffer(mmap.mmap(-1, max(1, self.nbytes)),
+                                                   dtype=torch.uint8)[: self.nbytes]
+                else:
+                    self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
         return self.buffer
 
     def staging_buffer(self) -> torch.Tensor:
         if self.staging is None:
-            self.staging = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
+            with torch.inference_mode(False):
+                self.staging = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
         return self.staging
 
 
@@ -483,7 +528,8 @@ def _views_at(block: Block, buffer: torch.Tensor, plan: BlockLayout) -> dict[str
 def _slot_specs(blocks: Sequence[Block], prefetch: int, planned: SlotSpec | None,
                 reads: DiskReads) -> dict[torch.device, SlotSpec]:
     """Slots per execution device: the plan's (one device runs every offloaded block of a plan), else
-    `reserve.slot_count` over the blocks running there, sized by `reserve.slot_bytes`. A slot is never smaller
+    `reserve.slot_count` over the blocks running there, sized by `reserve.slot_bytes` (plus
+    `reserve.read_slot_bytes`' slack with explicit reads). A slot is never smaller
     than the largest block it must hold (a plan made for other dtypes, or `offload_buffers=True`, which the
     plan does not know)."""
     by_device: dict[torch.device, list[Block]] = {}
@@ -491,7 +537,7 @@ def _slot_specs(blocks: Sequence[Block], prefetch: int, planned: SlotSpec | None
         by_device.setdefault(block.execution_device, []).append(block)
     specs = {}
     for device, group in by_device.items():
-        largest = max(block.nbytes for block in group)
+        largest = max(block.slot_bytes for block in group)
         if planned is not None and planned.count and len(by_device) == 1:
             if largest > planned.nbytes:
                 logger.warning("offloaded block of %d bytes exceeds the plan's slot of %d bytes; slots grow to "
@@ -499,7 +545,7 @@ def _slot_specs(blocks: Sequence[Block], prefetch: int, planned: SlotSpec | None
             specs[device] = SlotSpec(planned.count, max(planned.nbytes, largest), reads)
         else:
             specs[device] = SlotSpec(slot_count([block.name for block in group], prefetch),
-                                     slot_bytes(largest, reads), reads)
+                                     read_slot_bytes(largest, reads), reads)
     return specs
 
 
@@ -533,6 +579,7 @@ class _Prefetcher:
         }
         self.all_slots = [slot for slots in self.free.values() for slot in slots]
         self.streams = {device: torch.cuda.Stream(device) for device in self.free if device.type == "cuda"}
+        self._allocate_cuda_slots()
         self.tickets: dict[str, _Ticket] = {}  # scheduled or in use
         self.in_use: list[str] = []
         self.bytes_held = 0
@@ -546,6 +593,19 @@ class _Prefetcher:
         self._reader: BlockReader | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+
+    def _allocate_cuda_slots(self) -> None:
+        """Device and staging buffers of CUDA slots, now, on the caller's thread and stream.
+
+        The caching allocator may hand the side stream memory that kernels queued on the caller's stream
+        still read (tensors freed just before attach); `wait_stream` orders every later copy into a slot
+        after them, which waiting on a never-recorded `released` event would not.
+        """
+        for device, stream in self.streams.items():
+            for slot in self.free[device]:
+                slot.device_buffer()
+                slot.staging_buffer()
+            stream.wait_stream(torch.cuda.current_stream(device))
 
     # -- public, caller's thread
 
@@ -612,6 +672,29 @@ class _Prefetcher:
             buffered_files=tuple(str(path) for path in self._reader.buffered_files) if self._reader else (),
         )
 
+    def forget(self, name: str) -> None:
+        """Drop what is loaded or cached for block `name` (its stored tensors changed); it loads afresh."""
+        ticket = self.tickets.get(name)
+        if ticket is not None and name not in self.in_use:
+            self._wait_quietly(ticket)
+            self._drop(ticket)
+        self._views.pop(name, None)
+        layout = self._layouts.pop(name, None)  # its tensors may now lie in other files (`DiskStore.rewrite`)
+        if layout is not None and self._reader is not None:
+            self._reader.reopen(run.path for run in layout.runs)
+        block = self.blocks.get(name)
+        if block is not None and self._reader is not None:
+            locate = [getattr(entry.source, "locate", None) for entry in block.entries]
+            paths = []
+            for entry, find in zip(block.entries, locate):
+                try:
+                    extent = find(entry.key) if find is not None else None
+                except Exception:  # surfaced when the block is next read
+                    extent = None
+                if extent is not None:
+                    paths.append(extent.path)
+            self._reader.reopen(paths)
+
     def close(self) -> None:
         for ticket in list(self.tickets.values()):
             self._wait_quietly(ticket)
@@ -624,6 +707,9 @@ class _Prefetcher:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        # A prefetch copy may still be in flight on a side stream: its buffers are freed only after it lands.
+        for stream in self.streams.values():
+            stream.synchronize()
         for slot in self.all_slots:
             slot.buffer = slot.staging = None
 
@@ -646,6 +732,11 @@ class _Prefetcher:
         return self._views.get(name) is not None
 
     def _start(self, name: str, *, background: bool) -> _Ticket | None:
+        # Views resolved and buffers filled here are kept across forwards: never make them inference tensors.
+        with torch.inference_mode(False):
+            return self._start_ticket(name, background=background)
+
+    def _start_ticket(self, name: str, *, background: bool) -> _Ticket | None:
         block = self.blocks[name]
         slot = self._free_slot(block.execution_device, evict=not background)
         if slot is None:
@@ -790,6 +881,16 @@ class Runtime:
     # forward re-registers the same objects instead of wrapping new Parameters.
     _values: dict[str, tuple[Mapping[str, torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
     _input_devices: list[torch.device | None] = field(default_factory=list)
+    # Modules or tensors were registered somewhere since the last look (adapters added after attach).
+    changed: bool = False
+    # Offloaded tensors by (id of the module holding them, attribute): what a merge into them rewrites.
+    _offloaded_sites: dict[tuple[int, str], tuple[str, _Entry]] = field(default_factory=dict)
+    _placeholders: set[int] = field(default_factory=set)
+    # The model's modules: a registration elsewhere (transformers slicing a ModuleList per forward) is not ours.
+    _members: "weakref.WeakSet[nn.Module]" = field(default_factory=weakref.WeakSet)
+    # peft layers wrapping an offloaded weight, and which of their adapters that weight's stored bytes hold.
+    _adapter_layers: list[nn.Module] = field(default_factory=list)
+    _merged: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     def stats(self) -> PrefetchStats:
         """Counters of the prefetcher: buffers, bytes held, reserve, blocks prefetched in order."""
@@ -815,6 +916,11 @@ class Runtime:
             self.prefetcher.release(block.name)
 
     def _root_pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._input_devices:
+            if self.changed:
+                adopt(self)
+            for layer in self._adapter_layers:
+                sync_merges(self, layer)
         self._input_devices.append(_first_tensor_device(args, kwargs, self.skip_keys))
 
     def _root_post_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -851,7 +957,8 @@ class Runtime:
         if cached is not None and cached[0] is tensors:
             values = cached[1]
         else:
-            values = [_like(entry.placeholder, tensors[entry.key]) for entry in block.entries]
+            with torch.inference_mode(False):  # cached values are reused by forwards in any grad mode
+                values = [_like(entry.placeholder, tensors[entry.key]) for entry in block.entries]
             if self.prefetcher.stable(block.name):
                 self._values[block.name] = (tensors, values)
         for entry, value in zip(block.entries, values):
@@ -958,7 +1065,7 @@ def attach(
             their GPU, disk blocks on the main device, CPU blocks as `policy` says.
         store: where disk-placed tensors are (a `DiskStore`).
         host_weights: where CPU-placed tensors that run on another device are; built from the model's own
-            CPU tensors (pinned for a GPU) when None.
+            CPU tensors (used where they are, never pinned) when None.
         prefetch: how many blocks to load ahead of the one computing (0: load on demand).
         skip_keys: keyword arguments never moved; default `DEFAULT_SKIP_KEYS` (cache objects never move).
         offload_buffers: offload the buffers of offloaded blocks too; otherwise they stay on the execution
@@ -989,9 +1096,10 @@ def attach(
     placed = {key: Device.parse(value) for key, value in device_map.items()}
     runs_on = _execution_devices(keys, placed, execution_device, policy)
     offloaded_keys = [key for key in keys if placed[key] != runs_on[key]]
-    pin = any(runs_on[key].is_gpu for key in offloaded_keys)
     exec_of = {key: device.torch_device() for key, device in runs_on.items()}
-    host = host_weights if host_weights is not None else HostWeights(pin=pin)
+    # Host weights stay as they are (views of the checkpoint, pageable): the slots' pinned staging buffers
+    # already overlap the copies, and pinning them would copy the whole CPU share into unswappable memory.
+    host = host_weights if host_weights is not None else HostWeights()
     blocks, resident = _build_blocks(model, keys, placed, exec_of, set(offloaded_keys), store, host,
                                      offload_buffers)
     ordered = _execution_order(blocks, order)
@@ -1013,6 +1121,7 @@ def attach(
     for name in ordered:
         _hook_block(runtime, model.get_submodule(name), blocks[name])
     model.__dict__[_RUNTIME_ATTR] = runtime
+    _watch_additions(runtime)
     return runtime
 
 
@@ -1054,7 +1163,8 @@ def _build_blocks(
     entries: dict[str, list[_Entry]] = {key: [] for key in keys}
     offsets = {key: 0 for key in keys}
     resident = 0
-    # Wider dtypes first so every tensor's offset in a slot is aligned to its element size, with no padding.
+    # Offsets are aligned as `reserve.slot_alignment` says (GPU slots); wider dtypes first keep them aligned to
+    # the element size too.
     key_set = set(keys)
     by_width = sorted(tensor_groups(model), key=lambda group: -group.tensor.element_size())
     for names, sites in ((group.names, group.sites) for group in by_width):
@@ -1082,7 +1192,7 @@ def _build_blocks(
         for owner in in_offloaded:
             entry = _Entry(key, meta.dtype, tuple(meta.shape), offsets[owner], tuple(sites), placeholder, source)
             entries[owner].append(entry)
-            offsets[owner] += entry.nbytes
+            offsets[owner] += aligned(entry.nbytes, _alignment(exec_of[owner]))
     for sites, value in rewrites:
         for site in sites:
             site.set(value)
@@ -1114,7 +1224,7 @@ def _source_for(names: Sequence[str], tensor: torch.Tensor, placed: Device, stor
             "there first (dispatch_model does, given offload_dir) or pass the store it was offloaded to."
         )
     if tensor.device.type != "meta":
-        # A real tensor of a block that runs elsewhere: keep it in host memory (pinned for a GPU).
+        # A real tensor of a block that runs elsewhere: keep it in host memory where it is.
         if names[0] not in host:
             host.put(names[0], tensor)
         return host, names[0]
@@ -1169,8 +1279,201 @@ def detach(model: nn.Module) -> nn.Module:
             for site in entry.sites:
                 site.set(real)
     del model.__dict__[_RUNTIME_ATTR]
+    _LIVE_RUNTIMES.pop(id(runtime), None)
     for attr in runtime.owned_attributes:
         model.__dict__.pop(attr, None)
     for undo in runtime.on_detach:
         undo()
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules added after attach (adapters)
+#
+# peft wraps layers of an attached model (LoRA's `lora_A`/`lora_B` beside the original layer, which becomes
+# `base_layer`) and moves the new weights to the device of the base weight: for an offloaded layer that is
+# the meta placeholder, so the weights would have no data. The runtime watches module and tensor
+# registrations (torch's global registration hooks: no monkeypatching) and, before the next forward or
+# state-dict load, gives every tensor added under a block a home: resident on the block's execution device
+# (adapters are small). When peft's `merge_and_unload` puts a merged layer's `base_layer` back in place, the
+# merged weight is computed from the stored base weight and written where the base weight lives.
+
+_LIVE_RUNTIMES: "weakref.WeakValueDictionary[int, Runtime]" = weakref.WeakValueDictionary()
+_WATCH_HANDLES: list[RemovableHandle] = []
+
+
+def _watch_additions(runtime: Runtime) -> None:
+    """Index the runtime's offloaded tensors and have registrations anywhere mark it changed."""
+    for block in runtime.blocks.values():
+        for entry in block.entries:
+            runtime._placeholders.add(id(entry.placeholder))
+            for site in entry.sites:
+                runtime._offloaded_sites[(id(site.module), site.attr)] = (block.name, entry)
+    for module in runtime.model.modules():
+        runtime._members.add(module)
+        if _wraps_offloaded_weight(runtime, module):  # wrapped before dispatch (adapters.py)
+            runtime._adapter_layers.append(module)
+    runtime.handles.append(runtime.model.register_load_state_dict_pre_hook(_before_state_dict_load))
+    # `model.to(...)` (peft's `from_pretrained` calls it on an offloaded base) must not touch placeholders.
+    runtime.model.__dict__["_apply"] = functools.partial(_apply_to_resident, runtime)
+    runtime.owned_attributes.append("_apply")
+    _LIVE_RUNTIMES[id(runtime)] = runtime
+    if not _WATCH_HANDLES:
+        from torch.nn.modules import module as torch_module
+
+        _WATCH_HANDLES.extend((
+            torch_module.register_module_module_registration_hook(_module_registered),
+            torch_module.register_module_parameter_registration_hook(_tensor_registered),
+            torch_module.register_module_buffer_registration_hook(_tensor_registered),
+        ))
+
+
+def _tensor_registered(module: nn.Module, name: str, value: Any) -> None:
+    for runtime in list(_LIVE_RUNTIMES.values()):
+        if module in runtime._members:
+            runtime.changed = True
+
+
+def _module_registered(parent: nn.Module, name: str, value: Any) -> None:
+    # Called before `value` replaces `parent._modules[name]`: the old module is still there.
+    for runtime in list(_LIVE_RUNTIMES.values()):
+        if parent not in runtime._members:
+            continue
+        runtime.changed = True
+        old = parent._modules.get(name)
+        if old is not None and old is not value and old in runtime._adapter_layers:
+            sync_merges(runtime, old)  # peft's merge_and_unload is putting the merged base layer back
+            runtime._adapter_layers.remove(old)
+            runtime._merged.pop(id(old), None)
+
+
+def _before_state_dict_load(module: nn.Module, *args: Any) -> None:
+    runtime = runtime_of(module)
+    if runtime is not None:
+        adopt(runtime, materialize=True)
+
+
+def adopt(runtime: Runtime, *, materialize: bool = False) -> None:
+    """Make tensors added to an attached model since `attach` (adapter weights) resident on their block's
+    execution device. The runtime calls this itself before a forward and before a state-dict load.
+
+    Args:
+        runtime: `runtime_of(model)`.
+        materialize: give tensors left on the meta device (peft creates the adapter weights of an offloaded
+            layer there) zero-filled storage, about to be overwritten by a state-dict load.
+
+    Raises:
+        OffloadError: (without `materialize`) tensors added after attach are on the meta device: they have
+            no data.
+    """
+    keys = set(runtime.blocks)
+    empty: list[str] = []
+    for module_name, module in runtime.model.named_modules():
+        runtime._members.add(module)
+        if _wraps_offloaded_weight(runtime, module) and module not in runtime._adapter_layers:
+            runtime._adapter_layers.append(module)
+        owner = owner_of(module_name, keys)
+        if owner is None:
+            continue
+        device = runtime.blocks[owner].execution_device
+        for site, tensor in _own_tensors(module):
+            if id(tensor) in runtime._placeholders or tensor.device == device:
+                continue
+            if tensor.device.type == "meta" and not materialize:
+                empty.append(f"{module_name}.{site.attr}" if module_name else site.attr)
+                continue
+            with torch.no_grad():
+                value = (torch.zeros(tensor.shape, dtype=tensor.dtype, device=device)
+                         if tensor.device.type == "meta" else tensor.detach().to(device))
+            site.set(_like(tensor, value))
+    if empty:
+        raise OffloadError(
+            f"tensors {empty[:5]} were added to the dispatched model after dispatch and have no data (meta "
+            "device). Load their weights (PeftModel.from_pretrained, load_adapter or load_state_dict), or add the "
+            "adapter before dispatching (bigload.from_pretrained(..., adapter=PATH))."
+        )
+    runtime.changed = False
+
+
+def _own_tensors(module: nn.Module) -> Iterable[tuple[Site, torch.Tensor]]:
+    for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
+        for attr, tensor in list(table.items()):
+            if tensor is not None:
+                yield Site(module, attr, is_parameter), tensor
+
+
+def _apply_to_resident(runtime: Runtime, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+                       ) -> nn.Module:
+    """`nn.Module._apply` for an attached model: `fn` (a `.to`, a `.float()`) reaches every tensor except the
+    placeholders of offloaded weights, which the runtime installs on their execution device itself."""
+    hidden = [(site, entry.placeholder) for block in runtime.blocks.values() for entry in block.entries
+              for site in entry.sites if site.get() is entry.placeholder]
+    for site, _ in hidden:
+        site.set(None)  # type: ignore[arg-type]  # nn.Module._apply skips None entries
+    try:
+        nn.Module._apply(runtime.model, fn, recurse)
+    finally:
+        for site, placeholder in hidden:
+            site.set(placeholder)
+    runtime.changed = True
+    return runtime.model
+
+
+def _wraps_offloaded_weight(runtime: Runtime, module: nn.Module) -> bool:
+    """A peft tuner layer (it tracks `merged_adapters`) whose base layer's weight is offloaded."""
+    get_base = getattr(module, "get_base_layer", None)
+    if not callable(get_base) or not hasattr(module, "merged_adapters"):
+        return False
+    return (id(get_base()), "weight") in runtime._offloaded_sites
+
+
+def sync_merges(runtime: Runtime, layer: nn.Module) -> None:
+    """Make the stored base weight under peft `layer` hold exactly the adapters peft says are merged into it.
+
+    peft merges (`merge_adapter`, `merge_and_unload`) by adding to `base_layer.weight` in place; for an
+    offloaded weight that is the meta placeholder, so the add is lost. The runtime calls this before each
+    forward and when peft puts a merged base layer back: it writes base + deltas of newly merged adapters
+    (minus those of unmerged ones) where the base weight is stored, so the merged weight never sits in RAM.
+
+    Raises:
+        OffloadError: a merged adapter is not plain LoRA (DoRA, lora_bias): its merge cannot be written here.
+    """
+    want, have = tuple(layer.merged_adapters), runtime._merged.get(id(layer), ())
+    if want == have:
+        return
+    block, entry = runtime._offloaded_sites[(id(layer.get_base_layer()), "weight")]
+    added = [name for name in want if name not in have]
+    removed = [name for name in have if name not in want]
+    unsupported = [name for name in added + removed if name in getattr(layer, "lora_variant", {})
+                   or getattr(layer, "lora_bias", {}).get(name)]
+    if unsupported or not hasattr(layer, "get_delta_weight"):
+        raise OffloadError(
+            f"cannot merge adapters {unsupported or added} into the offloaded weight {entry.key!r}: only plain "
+            "LoRA (no DoRA, no lora_bias) merges into offloaded weights. Unload without merging (unload()), or "
+            "load the base model onto the CPU to merge."
+        )
+    with torch.no_grad(), _installed(runtime, runtime.blocks[block]):
+        # Installed: adapter weights loaded with the block (bigload's own adapter loading) are real now.
+        stored = entry.source.get(entry.key)
+        merged = stored.reshape(entry.shape).to(entry.dtype, copy=True)
+        for name in added:
+            merged += layer.get_delta_weight(name).to(merged.device, merged.dtype)
+        for name in removed:
+            merged -= layer.get_delta_weight(name).to(merged.device, merged.dtype)
+    change = f"merged {added} into {entry.key}" if added else f"unmerged {removed} from {entry.key}"
+    entry.source.rewrite(entry.key, merged.to(stored.dtype), change=change)
+    runtime._merged[id(layer)] = want
+    runtime.prefetcher.forget(block)
+    runtime._values.pop(block, None)
+    logger.info("bigload: %s", change)
+
+
+@contextlib.contextmanager
+def _installed(runtime: Runtime, block: Block) -> Iterator[None]:
+    """The block's offloaded tensors installed, as during its forward."""
+    runtime._install(block, runtime.prefetcher.acquire(block.name))
+    try:
+        yield
+    finally:
+        runtime._uninstall(block)
+        runtime.prefetcher.release(block.name)

@@ -16,6 +16,7 @@ so the planner can keep room for a given context length on the device that runs 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import itertools
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from bigload.errors import BigloadError, PlanError
+from bigload.reserve import SLOT_ALIGNMENT, aligned
 from bigload.sizes import dtype_width, parse_dtype
 
 __all__ = [
@@ -35,10 +37,12 @@ __all__ = [
     "KVCacheSpec",
     "TensorEntry",
     "block_of",
+    "decoder_blocks",
     "default_keep_in_fp32_modules",
     "inventory_from_checkpoint",
     "inventory_from_module",
     "kv_cache_spec",
+    "sub_inventory",
 ]
 
 # Only these are cast. Integer and bool tensors (ids, masks, quantized weights), complex tensors (a cast to
@@ -109,6 +113,10 @@ class DtypeRule:
             return self.dtype
         return model_dtype if model_dtype in _CASTABLE else stored
 
+    def keeps_fp32(self, name: str) -> bool:
+        """Whether tensor `name` lies in a module kept in float32."""
+        return self._fp32.matches(name)
+
     @functools.cached_property
     def _special(self) -> dict[str, torch.dtype]:
         return dict(self.special)
@@ -132,6 +140,8 @@ class TensorEntry(NamedTuple):
         nbytes: bytes at the target dtype.
         dtype: the dtype it will have once loaded.
         buffer: a buffer (persistent or not) rather than a parameter.
+        scheme: the quantization scheme it is part of ("int8", "int4:128": a quantized Linear's codes and
+            scales, which the loader builds from the checkpoint's float weight), "" for a plain tensor.
     """
 
     name: str
@@ -139,6 +149,7 @@ class TensorEntry(NamedTuple):
     nbytes: int
     dtype: torch.dtype
     buffer: bool
+    scheme: str = ""
 
 
 @dataclass(frozen=True)
@@ -205,6 +216,11 @@ class Inventory:
         # Prefix sums make every subtree size O(1); they are derived data, not part of equality.
         object.__setattr__(self, "_bytes_prefix", tuple(itertools.accumulate(self.own_bytes, initial=0)))
         object.__setattr__(self, "_buffer_prefix", tuple(itertools.accumulate(self.own_buffer_bytes, initial=0)))
+        slot_own = [0] * len(self.names)
+        for entry in self.tensors:
+            if not entry.buffer:
+                slot_own[entry.module] += aligned(entry.nbytes)
+        object.__setattr__(self, "_slot_prefix", tuple(itertools.accumulate(slot_own, initial=0)))
         object.__setattr__(self, "_index", {name: i for i, name in enumerate(self.names)})
 
     def __len__(self) -> int:
@@ -234,6 +250,17 @@ class Inventory:
         """Bytes of the buffers of module `i` and everything under it."""
         return self._buffer_prefix[self.ends[i]] - self._buffer_prefix[i]  # type: ignore[attr-defined]
 
+    def slot_bytes(self, i: int, *, whole: bool = True, alignment: int = SLOT_ALIGNMENT) -> int:
+        """Bytes of a runtime slot holding the parameters of module `i` (with everything under it, or only
+        its own when not `whole`), each at an `alignment`-aligned offset (`reserve.slot_bytes`)."""
+        end = self.ends[i] if whole else i + 1
+        if alignment == 1:
+            params = self._bytes_prefix[end] - self._bytes_prefix[i]  # type: ignore[attr-defined]
+            return params - (self._buffer_prefix[end] - self._buffer_prefix[i])  # type: ignore[attr-defined]
+        if alignment != SLOT_ALIGNMENT:
+            raise ValueError(f"slot alignment {alignment} is neither 1 nor SLOT_ALIGNMENT ({SLOT_ALIGNMENT}).")
+        return self._slot_prefix[end] - self._slot_prefix[i]  # type: ignore[attr-defined]
+
     def size(self, name: str) -> int:
         """Bytes of module `name` with everything under it.
 
@@ -261,6 +288,10 @@ class Inventory:
                     lookup[alias] = lookup[group[0]]
             object.__setattr__(self, "_dtypes", lookup)
         return lookup.get(name)
+
+    def quantized(self) -> tuple[TensorEntry, ...]:
+        """The entries of quantized tensors (a scheme decided for them), in registration order."""
+        return tuple(entry for entry in self.tensors if entry.scheme)
 
     def no_split_names(self) -> tuple[str, ...]:
         """Names of the modules the planner keeps whole."""
@@ -380,6 +411,10 @@ class _ModuleWalk:
             no_split.append(cls in no_split_classes)
             prefix = f"{name}." if name else ""
             own = own_buffers = count = 0
+            # A quantized Linear (`quant.QuantLinear`) declares its quantized tensors; they are built from a
+            # float weight, so the checkpoint's dtype says nothing about theirs: they keep their own.
+            # (Looked up on the class: a miss on an instance goes through nn.Module.__getattr__, slow here.)
+            quantized = module.bigload_quantized if hasattr(type(module), "bigload_quantized") else None
             for table, is_buffer in ((module._parameters, False), (module._buffers, True)):
                 if not table:
                     continue
@@ -396,15 +431,16 @@ class _ModuleWalk:
                         continue
                     first_name[key] = tensor_name
                     built = tensor.dtype
+                    scheme = quantized.get(attr, "") if quantized else ""
                     if computed and attr in computed:
                         cast = (built, tensor.element_size())  # computed, never loaded: keeps its dtype
                     else:
-                        stored = stored_dtypes.get(tensor_name, built) if stored_dtypes else built
+                        stored = stored_dtypes.get(tensor_name, built) if stored_dtypes and not scheme else built
                         cast = by_dtypes.get((stored, built)) if by_dtypes is not None else None
                         if cast is None:
                             cast = loaded_as(tensor_name, stored, built)
                     nbytes = tensor.numel() * cast[1]
-                    tensors.append(TensorEntry(tensor_name, index, nbytes, cast[0], is_buffer))
+                    tensors.append(TensorEntry(tensor_name, index, nbytes, cast[0], is_buffer, scheme))
                     own += nbytes
                     if is_buffer:
                         own_buffers += nbytes
@@ -735,4 +771,68 @@ def kv_cache_spec(config: Any, block_names: Sequence[str], *, dtype: torch.dtype
                       if not any(word in str(kind).lower() for word in _NON_ATTENTION_LAYER_TYPES))
     width = dtype_width(parse_dtype(dtype)) if dtype is not None else 4
     return KVCacheSpec(layers=names, kv_heads=int(kv_heads), head_dim=int(head_dim), width=width)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Parts of an inventory (pipeline stages)
+
+
+def decoder_blocks(inventory: Inventory) -> tuple[str, ...]:
+    """The decoder stack's blocks in order (`model.layers.0`, ...): the largest group of numbered children
+    of one container, unsplittable ones preferred. Empty when the model has no numbered blocks."""
+    return _decoder_blocks(inventory.names, inventory.no_split)
+
+
+def sub_inventory(inventory: Inventory, modules: Iterable[str]) -> Inventory:
+    """The inventory of part of a model: the subtrees of `modules` and the ancestors that hold them.
+
+    Ancestors keep their names (so device-map keys stay the model's) but none of their own tensors; tied
+    groups keep their names inside the part; the KV-cache spec keeps the part's attention layers. What one
+    pipeline stage plans on its host.
+
+    Raises:
+        PlanError: a name is not a module of `inventory`.
+    """
+    roots = sorted(inventory.index(name) for name in modules)
+    keep = [False] * len(inventory)
+    inside = [False] * len(inventory)
+    for root in roots:
+        for i in range(root, inventory.ends[root]):
+            keep[i] = inside[i] = True
+        parent = inventory.parents[root]
+        while parent >= 0 and not keep[parent]:
+            keep[parent] = True
+            parent = inventory.parents[parent]
+    old = [i for i, kept in enumerate(keep) if kept]
+    new_index = {i: j for j, i in enumerate(old)}
+    tensors = tuple(entry._replace(module=new_index[entry.module]) for entry in inventory.tensors
+                    if inside[entry.module])
+    parents = tuple(new_index.get(inventory.parents[i], -1) for i in old)
+
+    def own(values: Sequence[int]) -> tuple[int, ...]:
+        return tuple(values[i] if inside[i] else 0 for i in old)
+
+    kept_names = {inventory.names[i] for i in old}
+    owners = {inventory.names[i] for i in old if inside[i]}
+    tied = tuple(group for group in (tuple(n for n in g if n.rpartition(".")[0] in owners)
+                                     for g in inventory.tied_groups) if len(group) > 1)
+    kv = inventory.kv
+    if kv is not None:
+        kv = dataclasses.replace(kv, layers=tuple(name for name in kv.layers if name in kept_names))
+    return Inventory(
+        names=tuple(inventory.names[i] for i in old),
+        classes=tuple(inventory.classes[i] for i in old),
+        parents=parents,
+        ends=_subtree_ends(parents),
+        own_bytes=own(inventory.own_bytes),
+        own_buffer_bytes=own(inventory.own_buffer_bytes),
+        own_tensors=own(inventory.own_tensors),
+        no_split=tuple(inventory.no_split[i] for i in old),
+        tensors=tensors,
+        tied_groups=tied,
+        kv=kv,
+        dtype=inventory.dtype,
+        rule=inventory.rule,
+    )
 

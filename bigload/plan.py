@@ -43,12 +43,14 @@ from bigload.devices import CPU, Budget, Device, DeviceKind, DeviceLike, Executi
 from bigload.errors import PlanError
 from bigload.inventory import Inventory
 from bigload.messages import Audience, Setting, Text, render, setting
-from bigload.reserve import DiskReads, SlotSpec, choose_disk_reads, slot_bytes, slot_count
+from bigload.reserve import DiskReads, SlotSpec, choose_disk_reads, read_slot_bytes, slot_alignment, slot_count
 from bigload.sizes import dtype_width, format_size, parse_dtype, parse_size
 
 __all__ = [
     "CPU_FLOPS",
     "CPU_MEMORY_BYTES_PER_S",
+    "DEFAULT_GPU_HEADROOM_FRACTION",
+    "DEFAULT_GPU_HEADROOM_MIN",
     "DeviceUsage",
     "PCIE_BYTES_PER_S",
     "Placement",
@@ -56,6 +58,7 @@ __all__ = [
     "PlanOptions",
     "STRATEGIES",
     "choose_policy",
+    "default_gpu_headroom",
     "plan",
 ]
 
@@ -67,6 +70,12 @@ POLICIES = tuple(policy.value for policy in ExecutionPolicy)
 PCIE_BYTES_PER_S = 25e9
 CPU_MEMORY_BYTES_PER_S = 50e9
 CPU_FLOPS = 0.5e12
+
+# What a GPU needs beyond weights, KV cache and the offload reserve, and no planner can size: CUDA context
+# and cuBLAS/attention workspaces (loaded lazily, at the first matmul), activations of a prefill, and the
+# caching allocator's rounding. Kept free on every GPU unless the caller gives `headroom=`.
+DEFAULT_GPU_HEADROOM_MIN = 1 << 30
+DEFAULT_GPU_HEADROOM_FRACTION = 0.05
 
 _JSON_VERSION = 1
 _MAX_WALKS = 32
@@ -592,6 +601,8 @@ class _Setup:
     main: Device
     slots_template: tuple[_DeviceFill, ...]
     layer_kv: int
+    sources: tuple[tuple[Device, str], ...]
+    headroom_reason: str = ""
     disk_reads: DiskReads | None = None  # as requested; None: `choose_disk_reads` decides from the walk
 
 
@@ -608,7 +619,8 @@ class PlanOptions:
             the machine has free (probed by `budget.detect_budget` at the entry point, never here).
         offload_folder: with no "disk" budget, its free space becomes the disk budget.
         headroom: bytes kept free on each device that runs blocks (an int or size string applies to every
-            GPU, and to the CPU when it runs blocks), or a per-device mapping.
+            GPU, and to the CPU when it runs blocks), or a per-device mapping. None: each GPU keeps
+            `default_gpu_headroom(budget)` free (max(1 GiB, 5 %)); pass 0 to plan GPUs full.
         context_length: tokens per sequence to keep KV cache for, charged to the device running each
             attention layer (needs a KV-cache spec in the inventory).
         batch_size: sequences decoded at once (KV cache size, and the execution-policy model).
@@ -620,6 +632,10 @@ class PlanOptions:
             CPU memory the plan leaves.
         keep_in_fp32_modules, special_dtypes, no_split_module_classes: how the inventory is built (see
             `inventory.DtypeRule`); None: the model's own lists.
+        cast_bytes: the largest temporary loading needs on a GPU beyond a tensor's final bytes (a float32
+            tensor loaded as bfloat16 lands whole in float32 before it is cast: its stored bytes, see
+            `stream.gpu_cast_bytes`). Each GPU's headroom is at least this much; it is not added to the
+            runtime headroom, since loading ends before the first forward.
     """
 
     strategy: str = "auto"
@@ -635,6 +651,7 @@ class PlanOptions:
     keep_in_fp32_modules: tuple[str, ...] | None = None
     special_dtypes: Mapping[str, torch.dtype] | None = None
     no_split_module_classes: tuple[str, ...] | None = None
+    cast_bytes: int = 0
 
     def __post_init__(self) -> None:
         # Normalized once, here, so every reader sees parsed values (names -> dtypes and policies).
@@ -713,6 +730,7 @@ def plan(inventory: Inventory, budget: Budget, options: PlanOptions | None = Non
 def _setup(inv: Inventory, budget: Budget, options: PlanOptions) -> _Setup:
     strategy, dtype, headroom = options.strategy, options.dtype, options.headroom
     context_length, batch_size, prefetch = options.context_length, options.batch_size, options.prefetch
+    cast_bytes = options.cast_bytes
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
     requested = options.policy
@@ -721,6 +739,8 @@ def _setup(inv: Inventory, budget: Budget, options: PlanOptions) -> _Setup:
                              " is negative; use 0 (load on demand) or a positive depth."))
     if batch_size < 1:
         raise PlanError(Text(setting("batch_size", str(batch_size)), " must be at least 1."))
+    if cast_bytes < 0:
+        raise PlanError(Text(setting("cast_bytes", str(cast_bytes)), " is negative."))
     if context_length is not None and context_length < 0:
         raise PlanError(Text(setting("context_length", str(context_length)), " is negative."))
     target = parse_dtype(dtype) if dtype is not None else None
@@ -744,12 +764,16 @@ def _setup(inv: Inventory, budget: Budget, options: PlanOptions) -> _Setup:
         chosen, reason = choose_policy(batch_size, width or (inv.kv.width if inv.kv else 2))
     layer_kv = _layer_kv(inv, context_length, batch_size, width)
     fixed = _fixed_headroom(headroom, devices, bool(gpus), chosen)
+    for device, nbytes in devices:
+        if device.is_gpu:
+            fixed[device] = max(fixed.get(device, 0), cast_bytes)
     slots = tuple(
         _DeviceFill(device, nbytes, fixed.get(device, 0),
               runs_own=device.is_gpu or (device == CPU and (not gpus or chosen == "local")))
         for device, nbytes in devices
     )
-    return _Setup(resolved, ExecutionPolicy.parse(chosen), reason, main, slots, layer_kv, options.disk_reads)
+    return _Setup(resolved, ExecutionPolicy.parse(chosen), reason, main, slots, layer_kv, budget.sources,
+                  _headroom_reason(headroom, fixed, cast_bytes) if gpus else "", options.disk_reads)
 
 
 def _layer_kv(inv: Inventory, context_length: int | None, batch_size: int, width: int | None) -> int:
@@ -764,10 +788,29 @@ def _layer_kv(inv: Inventory, context_length: int | None, batch_size: int, width
     return inv.kv.layer_bytes(context_length, batch_size, width)
 
 
+def default_gpu_headroom(budget: int) -> int:
+    """Bytes a GPU with `budget` bytes keeps free by default: max(1 GiB, 5 % of the budget), at most the budget.
+
+    >>> default_gpu_headroom(24 * 2**30) / 2**30
+    1.2
+    """
+    return min(budget, max(DEFAULT_GPU_HEADROOM_MIN, int(budget * DEFAULT_GPU_HEADROOM_FRACTION)))
+
+
+def _headroom_reason(headroom: object, fixed: Mapping[Device, int], cast_bytes: int) -> str:
+    gpus = ", ".join(f"{device} {format_size(nbytes)}" for device, nbytes in sorted(fixed.items()) if device.is_gpu)
+    why = ("default max(1 GiB, 5 % of its budget) for CUDA/cuBLAS workspaces, activations and allocator rounding"
+           if headroom is None else "as given by headroom=")
+    cast = (f"; at least the largest cast while loading ({format_size(cast_bytes)}: a tensor lands in its stored "
+            "dtype before it is cast)" if cast_bytes else "")
+    return f"each GPU keeps memory free beyond weights, KV cache and reserve ({gpus}): {why}{cast}; pass headroom= " \
+           "to change it."
+
+
 def _fixed_headroom(headroom: int | str | Mapping[DeviceLike, int | str] | None,
                     devices: Sequence[tuple[Device, int]], has_gpu: bool, policy: str) -> dict[Device, int]:
     if headroom is None:
-        return {}
+        return {device: default_gpu_headroom(nbytes) for device, nbytes in devices if device.is_gpu}
     known = {device for device, _ in devices}
     if isinstance(headroom, Mapping):
         out: dict[Device, int] = {}
@@ -788,7 +831,7 @@ def _attempt(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: int,
     """One placement with `charge` bytes set aside on the main device; returns it and the charge it needs."""
     walk = _balanced_walk(inv, setup, kv, ties, charge)
     offloaded = _offloaded_units(walk, setup)
-    needed = _main_charge(inv, walk, offloaded, prefetch, _disk_reads(walk, setup)[0])
+    needed = _main_charge(inv, walk, offloaded, prefetch, setup.main.is_gpu, _disk_reads(walk, setup)[0])
     main_slot = next(s for s in walk.slots if s.device == setup.main)
     if needed > max(0, main_slot.budget - main_slot.fixed_headroom):  # nothing offloaded needs no room
         raise PlanError(_reserve_message(setup, main_slot, needed, walk, offloaded))
@@ -848,20 +891,22 @@ def _offloaded_units(walk: _Walk, setup: _Setup) -> list[Unit]:
     return [unit for unit, (slot, _) in walk.units.items() if not walk.slots[slot].runs_own]
 
 
-def _main_charge(inv: Inventory, walk: _Walk, offloaded: Sequence[Unit], prefetch: int, reads: DiskReads) -> int:
+def _main_charge(inv: Inventory, walk: _Walk, offloaded: Sequence[Unit], prefetch: int, on_gpu: bool,
+                 reads: DiskReads) -> int:
     """What the main device must hold for offloaded blocks: the runtime's slots (`_slots`), the buffers of
     offloaded blocks (they stay resident where the blocks run), and the KV cache of offloaded attention layers."""
     buffers = sum(_unit_buffers(inv, unit) for unit in offloaded)
     kv = sum(walk.units[unit][1] for unit in offloaded)
-    return _slots(inv, walk, offloaded, prefetch, reads).total + buffers + kv
+    return _slots(inv, offloaded, prefetch, on_gpu, reads).total + buffers + kv
 
 
-def _slots(inv: Inventory, walk: _Walk, offloaded: Sequence[Unit], prefetch: int, reads: DiskReads) -> SlotSpec:
-    """The runtime's slots: `reserve.slot_count` of them, each the largest offloaded entry's parameters
-    (`reserve.slot_bytes`: more with explicit reads)."""
+def _slots(inv: Inventory, offloaded: Sequence[Unit], prefetch: int, on_gpu: bool, reads: DiskReads) -> SlotSpec:
+    """The runtime's slots: `reserve.slot_count` of them, each the largest offloaded entry's parameters at
+    aligned offsets (`Inventory.slot_bytes`; more with explicit reads: `reserve.read_slot_bytes`)."""
     count = slot_count([inv.names[i] for i, _ in offloaded], prefetch)
-    params = max((walk.unit_bytes(unit) - _unit_buffers(inv, unit) for unit in offloaded), default=0)
-    return SlotSpec(count, slot_bytes(params, reads) if count else 0, reads)
+    alignment = slot_alignment(on_gpu)
+    params = max((inv.slot_bytes(i, whole=whole, alignment=alignment) for i, whole in offloaded), default=0)
+    return SlotSpec(count, read_slot_bytes(params, reads) if count else 0, reads)
 
 
 def _disk_reads(walk: _Walk, setup: _Setup) -> tuple[DiskReads, Text]:
@@ -904,7 +949,7 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, options: PlanOptions
         placements.append(Placement(inv.names[unit[0]], slot.device, runs_on, walk.unit_bytes(unit), kv))
     offloaded = [unit for unit, (slot, _) in entries.items() if not slot.runs_own]
     reads, reads_reason = _disk_reads(walk, setup)
-    charge = _main_charge(inv, walk, offloaded, prefetch, reads)
+    charge = _main_charge(inv, walk, offloaded, prefetch, setup.main.is_gpu, reads)
     offload_kv = sum(kv for unit, (slot, kv) in entries.items() if not slot.runs_own)
     usage = _usage(walk.slots, placements, setup.main, charge - offload_kv)
     target = parse_dtype(dtype) if dtype is not None else inv.dtype
@@ -919,7 +964,7 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, options: PlanOptions
         main_device=setup.main,
         policy=setup.policy,
         prefetch=prefetch,
-        slots=_slots(inv, walk, offloaded, prefetch, reads),
+        slots=_slots(inv, offloaded, prefetch, setup.main.is_gpu, reads),
         dtype=str(target).removeprefix("torch.") if target is not None else None,
         context_length=context_length,
         batch_size=batch_size,
@@ -967,6 +1012,8 @@ def _reasons(inv: Inventory, setup: _Setup, placements: Sequence[Placement], usa
              prefetch: int, offloaded: Sequence[Unit], walk: _Walk, context_length: int | None) -> list[str]:
     gpus = [u.device for u in usage if u.device.is_gpu]
     reasons = [_strategy_reason(setup.strategy, len(gpus))]
+    reasons.extend(_budget_sources(setup.sources, usage))
+    reasons.extend(_quantized_reason(inv))
     if any(p.device == CPU for p in placements) and gpus:
         reasons.append(setup.policy_reason)
     if offloaded:
@@ -980,12 +1027,37 @@ def _reasons(inv: Inventory, setup: _Setup, placements: Sequence[Placement], usa
         )
     else:
         reasons.append("nothing is offloaded, so no reserve is kept for bringing weights in.")
+    if setup.headroom_reason:
+        reasons.append(setup.headroom_reason)
     if setup.layer_kv:
         reasons.append(
             f"headroom includes the KV cache: {format_size(setup.layer_kv)} per attention layer "
             f"(context {context_length}), charged to the device that runs each layer."
         )
     return reasons
+
+
+def _quantized_reason(inv: Inventory) -> list[str]:
+    """What quantization the inventory decided, and that its bytes are the ones planned."""
+    entries = inv.quantized()
+    if not entries:
+        return []
+    layers = len({entry.module for entry in entries})
+    schemes = ", ".join(sorted({entry.scheme for entry in entries}))
+    return [f"{layers} Linear layer(s) are quantized ({schemes}): planned at their quantized bytes, scales and "
+            f"zeros included ({format_size(sum(entry.nbytes for entry in entries))})."]
+
+
+def _budget_sources(sources: Sequence[tuple[Device, str]], usage: Sequence[DeviceUsage]) -> list[str]:
+    """Where each budget figure came from (max_memory, a memory cgroup, psutil, free disk space)."""
+    budgets = {u.device: u.budget for u in usage}
+    stated = [(device, source) for device, source in sources if device in budgets]
+    if not stated:
+        return []
+    if len(stated) > 1 and len({source for _, source in stated}) == 1:
+        return [f"budgets: {', '.join(str(device) for device, _ in stated)} from {stated[0][1]}."]
+    return ["budgets: " + "; ".join(f"{device} {format_size(budgets[device])} from {source}"
+                                    for device, source in stated) + "."]
 
 
 def _strategy_reason(strategy: str, gpus: int) -> str:

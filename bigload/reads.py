@@ -25,7 +25,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -141,6 +141,7 @@ class BlockReader:
         self.chunk_bytes = _up(chunk_bytes)
         self._pool: ThreadPoolExecutor | None = None
         self._fds: dict[tuple[Path, bool], int] = {}
+        self._stale: list[int] = []  # descriptors of files replaced since (`reopen`), closed at `close`
         self._buffered_only: set[Path] = set()  # files that refused O_DIRECT
         self._lock = threading.Lock()
 
@@ -172,6 +173,14 @@ class BlockReader:
         """Files read through the page cache because they refused `O_DIRECT`."""
         return tuple(sorted(self._buffered_only))
 
+    def reopen(self, paths: Iterable[Path]) -> None:
+        """Open these files afresh on their next read (they were replaced, e.g. by `DiskStore.rewrite`). The
+        old descriptors stay open until `close`: a read in flight may still use them."""
+        wanted = set(paths)
+        with self._lock:
+            for key in [key for key in self._fds if key[0] in wanted]:
+                self._stale.append(self._fds.pop(key))
+
     def close(self) -> None:
         """Stop the reader threads (after the reads in flight) and close the files."""
         with self._lock:
@@ -180,6 +189,8 @@ class BlockReader:
             pool.shutdown(wait=True)
         with self._lock:
             fds, self._fds = list(self._fds.values()), {}
+            fds += self._stale
+            self._stale = []
         for fd in fds:
             os.close(fd)
 

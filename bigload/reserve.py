@@ -11,7 +11,7 @@ the largest offloaded block's weights.
 How disk-placed blocks come into the slots is decided here too (`choose_disk_reads`), from the budget: while
 the disk blocks fit in the CPU memory left over, they are used in place through the page cache (`MAPPED`);
 beyond that the page cache would evict the block about to run, so they are read with large explicit reads
-into the slots (`READ`), each slot then a little larger (`slot_bytes`) so a block's file ranges can be read
+into the slots (`READ`), each slot then a little larger (`read_slot_bytes`) so a block's file ranges can be read
 rounded out to `READ_ALIGN` (what `O_DIRECT` asks).
 """
 
@@ -25,15 +25,15 @@ from bigload.errors import PlanError
 from bigload.messages import Text, setting
 from bigload.sizes import format_size
 
-__all__ = ["READ_ALIGN", "READ_SLACK_BYTES", "DiskReads", "SlotSpec", "choose_disk_reads", "nesting_depth",
-           "slot_bytes", "slot_count"]
+__all__ = ["READ_ALIGN", "READ_SLACK_BYTES", "SLOT_ALIGNMENT", "DiskReads", "SlotSpec", "aligned", "choose_disk_reads",
+           "nesting_depth", "read_slot_bytes", "slot_alignment", "slot_bytes", "slot_count"]
 
 READ_ALIGN = 4096  # O_DIRECT reads: file offset, length and memory address in multiples of this
 # Per slot, with explicit reads: room to round a block's contiguous file ranges out to READ_ALIGN at both ends
 # (two ranges: a layer spanning two shards; `.dat` files of sizes that are multiples of 4 KiB need none). A
 # block whose ranges do not fit is read packed, without O_DIRECT (see `bigload.reads.layout`).
 READ_SLACK_BYTES = 4 * READ_ALIGN
-READ_SLACK_FROM = 1 << 20  # smaller blocks get no slack (see `slot_bytes`)
+READ_SLACK_FROM = 1 << 20  # smaller blocks get no slack (see `read_slot_bytes`)
 
 
 DISK_READS_OVERRIDE = setting("disk_reads", "", "mapped|read")
@@ -68,14 +68,26 @@ class DiskReads(str, Enum):
                                  "'mapped' or 'read' (or none, to decide from the memory left).")) from None
 
 
+# Tensors start at multiples of this in a GPU slot, as the CUDA caching allocator aligns its blocks:
+# vectorized kernels and cuBLAS take their fast paths only on aligned pointers (and some refuse unaligned
+# ones). CPU slots need no padding: CPU kernels need element alignment, which width-sorted offsets give.
+SLOT_ALIGNMENT = 256
+
+
+def slot_alignment(on_gpu: bool) -> int:
+    """Bytes a slot's tensor offsets are multiples of: `SLOT_ALIGNMENT` on a GPU, 1 on the CPU."""
+    return SLOT_ALIGNMENT if on_gpu else 1
+
+
 @dataclass(frozen=True)
 class SlotSpec:
     """The slots the runtime holds on the device that runs offloaded blocks.
 
     Attributes:
         count: number of slots.
-        nbytes: bytes of one slot (the largest offloaded block's weights, resident buffers excluded; plus
-            `READ_SLACK_BYTES` when disk blocks are read: `slot_bytes`).
+        nbytes: bytes of one slot (the largest offloaded block's weights, each tensor at an aligned offset,
+            see `slot_bytes`; resident buffers excluded; plus `READ_SLACK_BYTES` when disk blocks are read:
+            `read_slot_bytes`).
         reads: how disk-placed blocks come into the slots (`choose_disk_reads`).
     """
 
@@ -87,6 +99,25 @@ class SlotSpec:
     def total(self) -> int:
         """Bytes of all slots."""
         return self.count * self.nbytes
+
+
+def aligned(nbytes: int, alignment: int = SLOT_ALIGNMENT) -> int:
+    """`nbytes` rounded up to a multiple of `alignment`.
+
+    >>> aligned(1), aligned(256), aligned(257), aligned(3, 1)
+    (256, 256, 512, 3)
+    """
+    return -(-nbytes // alignment) * alignment
+
+
+def slot_bytes(tensor_nbytes: Iterable[int], alignment: int = SLOT_ALIGNMENT) -> int:
+    """Bytes of a slot holding tensors of these sizes, each at an `alignment`-aligned offset: the one formula
+    the planner (sizing slots) and the runtime (laying tensors out in them) both use.
+
+    >>> slot_bytes([1024, 64]), slot_bytes([1024, 64], 1)
+    (1280, 1088)
+    """
+    return sum(aligned(nbytes, alignment) for nbytes in tensor_nbytes)
 
 
 def nesting_depth(names: Iterable[str]) -> int:
@@ -146,7 +177,7 @@ def choose_disk_reads(disk_bytes: int, memory_left: int) -> tuple[DiskReads, Tex
         "filesystem allows) into the slots, ahead of use; pass ", DISK_READS_OVERRIDE, " to override.")
 
 
-def slot_bytes(largest: int, reads: DiskReads) -> int:
+def read_slot_bytes(largest: int, reads: DiskReads) -> int:
     """Bytes of one slot for blocks of at most `largest` bytes: with explicit reads of blocks of
     `READ_SLACK_FROM` or more, `READ_SLACK_BYTES` more. Smaller blocks get none: they are read packed,
     through the page cache, which costs nothing that matters at their size."""

@@ -19,8 +19,8 @@ import torch
 from bigload.messages import Audience
 from bigload.sizes import format_size
 
-__all__ = ["GenerateOptions", "GenerateReport", "Loaded", "load_for_generate", "run_demo", "run_generate",
-           "timed_generate"]
+__all__ = ["GenerateOptions", "GenerateReport", "Loaded", "PipelineReport", "load_for_generate", "run_demo",
+           "run_generate", "run_generate_pipeline", "timed_generate"]
 
 Echo = Callable[[str], None] | None
 
@@ -115,7 +115,8 @@ def timed_generate(model: Any, input_ids: torch.Tensor, options: GenerateOptions
 def _runtime_bytes_read(model: Any) -> int:
     from bigload.hooks import runtime_of
 
-    runtime = runtime_of(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model holds the base
+    runtime = runtime_of(base)
     return 0 if runtime is None else runtime.stats().bytes_loaded
 
 
@@ -148,7 +149,8 @@ def load_for_generate(path: str | Path, *, offload_folder: str | Path | None = N
     start = time.perf_counter()
     with without_transformers_progress():
         model = from_pretrained(path, device_map=plan, offload_folder=offload_folder, progress=progress,
-                                dtype=planning.get("dtype"))
+                                dtype=planning.get("dtype"), adapter=planning.get("adapter"),
+                                quantize=planning.get("quantize"), quantize_skip=planning.get("quantize_skip"))
     return Loaded(model, tokenizer, plan, time.perf_counter() - start)
 
 
@@ -175,6 +177,75 @@ def _generate_report(loaded: Loaded, options: GenerateOptions, *, echo: Echo, st
     )
 
 
+@dataclass(frozen=True)
+class PipelineReport:
+    """Figures of one load-and-generate run across ranks (rank 0's view)."""
+
+    generate: GenerateReport
+    ranks: list[dict[str, Any]]
+    comm_seconds_per_token: float
+    plan: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.generate.to_dict(), "ranks": self.ranks, "comm_seconds_per_token": self.comm_seconds_per_token}
+
+    def render_summary(self) -> str:
+        g = self.generate
+        lines = [
+            f"load {g.load_seconds:.2f} s (until every rank is ready) | first token {g.first_token_seconds:.3f} s | "
+            f"decode {g.decode_tokens_per_second:.1f} tokens/s ({g.new_tokens} new tokens)",
+            f"communication per token: {self.comm_seconds_per_token * 1e3:.2f} ms (wire time around the ring, "
+            "all hops, both ways)",
+        ]
+        for rank in self.ranks:
+            lines.append(f"rank {rank['rank']}: {rank['blocks']}, loaded in {rank['seconds']:.2f} s, read "
+                         f"{format_size(rank['bytes_read'])} from {len(rank['files'])} file(s)")
+        return "\n".join(lines)
+
+
+def run_generate_pipeline(path: str | Path, options: GenerateOptions, *, offload_folder: str | Path | None = None,
+                          stream_text: bool = True, echo: Echo = print, progress: bool = True,
+                          max_memory_hosts: dict[int, Any] | None = None, timeout: float = 300.0,
+                          **planning: Any) -> PipelineReport | None:
+    """`run_generate` across the ranks of torchrun: every rank loads its blocks; rank 0 generates, prints and
+    returns the report; the other ranks serve until it is done and return None.
+
+    Args:
+        max_memory_hosts: rank -> budget for ranks that differ from `max_memory`.
+        timeout: seconds any wait between ranks may take.
+        The others: as `run_generate` (`strategy` plans inside each rank).
+    """
+    from bigload.distributed import stop_pipeline
+    from bigload.hf import from_pretrained, load_tokenizer
+
+    model = from_pretrained(
+        path, device_map=planning.pop("strategy", "auto"), offload_folder=offload_folder, progress=progress,
+        distributed=True, pipeline={"max_memory_hosts": max_memory_hosts, "timeout": timeout}, **planning)
+    if model is None:
+        return None
+    pipeline = model.bigload_pipeline
+    load_seconds = pipeline.ready_seconds  # not the wait for the other ranks to start and build their models
+    try:
+        if echo is not None:
+            echo(pipeline.plan.explain())
+            echo("")
+        tokenizer = load_tokenizer(path)
+        input_ids = tokenizer(options.prompt, return_tensors="pt")["input_ids"]
+        if echo is not None and stream_text:
+            echo(options.prompt)
+        output, first, decode = timed_generate(model, input_ids, options, tokenizer=tokenizer,
+                                               echo_text=stream_text and echo is not None)
+    finally:
+        stop_pipeline(model)
+    new_ids = output[0, input_ids.shape[1]:].tolist()
+    report = GenerateReport(
+        text=tokenizer.decode(new_ids, skip_special_tokens=True), new_tokens=len(new_ids),
+        load_seconds=load_seconds, first_token_seconds=first, decode_tokens_per_second=decode,
+        device_bytes={}, disk_bytes_per_token=0.0, token_ids=new_ids)
+    ranks = [{**asdict(load), "files": list(load.files)} for load in pipeline.loads]
+    return PipelineReport(report, ranks, pipeline.stats.comm_seconds_per_token, pipeline.plan.explain())
+
+
 def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: str | Path | None = None,
                  stream_text: bool = True, echo: Echo = print, progress: bool = True,
                  audience: Audience = Audience.PYTHON, **planning: Any) -> GenerateReport:
@@ -189,7 +260,8 @@ def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: 
         progress: bigload's progress bar while loading (one final line when stderr is not a terminal).
         audience: how the plan's reasons name settings (Python keywords or CLI flags).
         planning: max_memory, strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch,
-            policy, disk_reads.
+            policy, adapter (peft adapter folders, see `from_pretrained`), quantize, quantize_skip,
+            disk_reads.
 
     Raises:
         BigloadError: the folder does not exist or has no tokenizer, the model does not fit, ...

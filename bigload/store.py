@@ -65,19 +65,27 @@ class TensorMeta:
 
 @dataclass(frozen=True)
 class StoreOrigin:
-    """What a store was built from: the source checkpoint's fingerprint, where it was, and the dtype.
+    """What a store was built from: the source checkpoint's fingerprint, where it was, the dtype, and the
+    quantization scheme (with the int4 byte order) of its quantized tensors ("" for none).
 
-    `fingerprint` alone decides whether a folder can be reused; `source` and `dtype` make the refusal
-    readable.
+    `fingerprint` alone decides whether a folder can be reused (the loader folds the scheme into it);
+    `source`, `dtype` and `quantize` make the refusal readable.
     """
 
     fingerprint: str
     source: str = ""
     dtype: str = ""
+    quantize: str = ""
+    changed: str = ""  # what changed the bytes after the load (`DiskStore.rewrite`), if anything
 
     def describe(self) -> str:
         where = self.source or "an unnamed checkpoint"
-        return f"{where} (dtype {self.dtype or 'as stored'}, fingerprint {self.fingerprint[:12]})"
+        then = f", then changed: {self.changed}" if self.changed else ""
+        return f"{where} (dtype {self.dtype or 'as stored'}, fingerprint {self.fingerprint[:12]}{then})"
+
+    def describe_quantize(self) -> str:
+        """The quantization its bytes were written with, in the user's terms."""
+        return f"quantize={self.quantize}" if self.quantize else "no quantization"
 
     @staticmethod
     def of(index: CheckpointIndex, dtype: torch.dtype | None, variant: str = "") -> "StoreOrigin":
@@ -235,6 +243,51 @@ class DiskStore:
         return out
 
     # -- internals -------------------------------------------------------------------------------------
+
+    def rewrite(self, name: str, tensor: torch.Tensor, *, change: str) -> None:
+        """Replace the stored bytes of `name` in a committed store (e.g. weights an adapter was merged into).
+
+        The new bytes go to `<name>.dat` through a temporary file and a rename, so views of the old bytes stay
+        valid and a crash leaves either the old or the new tensor; a reference entry into the source
+        checkpoint becomes a `.dat` entry (the checkpoint itself is never written). `bigload.json` then records
+        `change`, so a later load of the source checkpoint rebuilds this folder instead of reusing it.
+
+        Args:
+            name: a tensor of the store.
+            tensor: its new value, of the stored dtype and shape.
+            change: what changed the bytes (it becomes part of the store's fingerprint).
+
+        Raises:
+            OffloadError: `name` is not in the store, the tensor has another dtype or shape than the stored
+                one, or writing failed.
+        """
+        meta = self.meta(name)
+        if tensor.dtype != meta.dtype or tuple(tensor.shape) != meta.shape:
+            raise OffloadError(
+                f"{self.folder}: cannot replace {name!r} ({dtype_name(meta.dtype)} {list(meta.shape)}) with a "
+                f"{dtype_name(tensor.dtype)} {list(tensor.shape)} tensor."
+            )
+        final = self._dat_path(name)
+        temp = final.with_name(final.name + _TMP_MARK)
+        origin = _read_origin(self.folder) or StoreOrigin(fingerprint="")
+        try:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1)
+            _write_file(temp, [memoryview(data.view(torch.uint8).numpy())])
+            os.replace(temp, final)
+            self._entries[name] = {"dtype": dtype_name(meta.dtype), "shape": list(meta.shape)}
+            changed = hashlib.sha256(f"{origin.fingerprint}\0{change}".encode()).hexdigest()
+            changes = f"{origin.changed}; {change}" if origin.changed else change
+            _write_json_atomic(self.folder / ORIGIN_FILE, {"fingerprint": changed, "source": origin.source,
+                                                           "dtype": origin.dtype, "quantize": origin.quantize,
+                                                           "changed": changes})
+            _write_json_atomic(self.folder / INDEX_FILE, self._entries)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise OffloadError(
+                f"writing the new value of {name!r} into {self.folder} failed ({exc.strerror or exc}); the old "
+                "value is still there. Free disk space or fix the folder's permissions, then merge again."
+            ) from exc
+        self._files.clear()  # the old mapping of `final` views the replaced file
 
     def _dat_path(self, name: str) -> Path:
         return _dat_path(self.folder, name)
@@ -421,7 +474,8 @@ class StoreWriter:
         origin = StoreOrigin.coerce(fingerprint)
         try:
             _write_json_atomic(self.folder / ORIGIN_FILE, {"fingerprint": origin.fingerprint,
-                                                           "source": origin.source, "dtype": origin.dtype})
+                                                           "source": origin.source, "dtype": origin.dtype,
+                                                           "quantize": origin.quantize})
             _write_json_atomic(self.folder / INDEX_FILE, self._entries)
             _fsync_dir(self.folder)
         except OSError as exc:
@@ -562,7 +616,8 @@ def _read_origin(folder: Path) -> StoreOrigin | None:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
         return StoreOrigin(str(content["fingerprint"]), str(content.get("source", "")),
-                           str(content.get("dtype", "")))
+                           str(content.get("dtype", "")), quantize=str(content.get("quantize", "")),
+                           changed=str(content.get("changed", "")))
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         return None
 
@@ -575,6 +630,11 @@ def _check_origin(folder: Path, expected: StoreOrigin) -> None:
                  f"cannot be checked against {expected.describe()}. Use another ",
                  setting("offload_folder"), ", or delete it.")
         )
+    if found.fingerprint != expected.fingerprint and found.quantize != expected.quantize:
+        raise OffloadError(Text(
+            f"{folder} holds weights written with {found.describe_quantize()}, and this load asks for "
+            f"{expected.describe_quantize()}. Use another ", setting("offload_folder"), " for each scheme, or "
+            "delete this one to rebuild it."))
     if found.fingerprint != expected.fingerprint:
         raise OffloadError(
             Text(f"{folder} holds weights from {found.describe()}, not from {expected.describe()}. "

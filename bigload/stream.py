@@ -18,6 +18,7 @@ results and requested copies plus that window (or the largest single tensor, if 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 import sys
@@ -38,6 +39,16 @@ from bigload.devices import CPU, Device, DeviceKind, DeviceLike
 from bigload.errors import BudgetError, CheckpointError, DeviceError, OffloadError
 from bigload.inventory import DtypeRule, Inventory, castable, inventory_from_module
 from bigload.messages import Setting, Text, setting
+from bigload.quant import (
+    Layout,
+    PackMemo,
+    QuantLinear,
+    Quantization,
+    Scheme,
+    check_device,
+    quantize_model,
+    quantized_linears,
+)
 from bigload.sizes import dtype_width, format_size, parse_dtype
 from bigload.store import DiskStore, StoreOrigin, StoreWriter, dtype_name
 from bigload.tensors import Site, owner_of, tensor_groups
@@ -50,7 +61,9 @@ __all__ = [
     "Mismatch",
     "SourcePlan",
     "Transfer",
+    "gpu_cast_bytes",
     "load_checkpoint_in_model",
+    "prepare_quantization",
     "source_dtypes",
 ]
 
@@ -392,6 +405,22 @@ def _assign(group: _Group, tensor: torch.Tensor) -> None:
     group.loaded = True
 
 
+def gpu_cast_bytes(index: CheckpointIndex, dtype: torch.dtype | None) -> int:
+    """The most a GPU briefly holds beyond a tensor's final bytes while loading into `dtype`.
+
+    `_GpuStager` lands a tensor in its stored dtype, then casts it on the GPU: the largest castable tensor
+    stored in another dtype is that temporary (its stored bytes). 0 when `dtype` is None (the model's own
+    dtype; nothing is known to be cast) or nothing needs a cast. The planner keeps this much free per GPU.
+
+    >>> gpu_cast_bytes(open_checkpoint("llama-f32/"), torch.bfloat16)  # doctest: +SKIP
+    2101346304
+    """
+    if dtype is None or not castable(dtype):
+        return 0
+    return max((ref.nbytes for ref in index.tensors.values() if castable(ref.dtype) and ref.dtype != dtype),
+               default=0)
+
+
 class _GpuStager:
     """Host-to-GPU copies through a ring of (pinned) staging buffers on one side stream per GPU.
 
@@ -426,7 +455,7 @@ class _GpuStager:
             staging.copy_(src[start:start + count])  # the disk read happens here, while earlier DMAs run
             with torch.cuda.stream(stream):
                 dst[start:start + count].copy_(staging, non_blocking=True)
-                self.events[slot] = torch.cuda.Event()
+                self.events[slot] = torch.cuda.Event(blocking=True)  # waited on by sleeping, not spinning
                 self.events[slot].record(stream)
         landed.record_stream(stream)  # freed (after a cast) only once the side stream is done with it
         if dtype == source.dtype:
@@ -638,6 +667,8 @@ def load_checkpoint_in_model(
     only: Sequence[str] | None = None,
     sources: SourcePlan | None = None,
     inventory: Inventory | None = None,
+    quantize: str | Quantization | None = None,
+    quantize_skip: Sequence[str] | None = None,
 ) -> LoadResult:
     """Stream `checkpoint` into `model`, each tensor straight to its device.
 
@@ -680,6 +711,12 @@ def load_checkpoint_in_model(
         inventory: the inventory the load was planned with; every tensor is placed in the dtype its entry
             carries. None: built here from the model, `dtype`, `keep_in_fp32_modules`, `special_dtypes` and
             the checkpoint's dtypes, exactly as the planner builds it.
+        quantize: "int8", "int4" or "int4:GROUP" (see `bigload.quant`): the model's Linear layers (not the
+            output head) become `QuantLinear`s and each weight is quantized as it streams in, one tensor at a
+            time; quantized bytes are what goes to each device and to the offload store. A model already
+            holding `QuantLinear`s (swapped by `load_checkpoint_and_dispatch` before planning) is loaded
+            into as it is. int4 weights are packed in the byte order of the device that runs their block.
+        quantize_skip: module names whose Linears stay unquantized.
 
     Returns:
         LoadResult with the missing/unexpected/mismatched names, the disk store and what went to disk.
@@ -688,7 +725,8 @@ def load_checkpoint_in_model(
         DeviceError: the map names a GPU this machine lacks, or is not a dict (checked before reading).
         CheckpointError: a malformed checkpoint, a strict mismatch, or a meta buffer that cannot be rebuilt.
         OffloadError: the map names disk without `offload_folder`, or the folder belongs to another
-            checkpoint or dtype, or cannot be written.
+            checkpoint, dtype or quantization scheme, or cannot be written.
+        QuantizationError: an unknown scheme, or a model it cannot apply to (see `bigload.quant`).
 
     >>> with init_empty_weights():  # doctest: +SKIP
     ...     model = LlamaForCausalLM(config)
@@ -705,15 +743,20 @@ def load_checkpoint_in_model(
     dmap = _resolve_map(device_map)
     check_devices_exist(dmap.values())
     target_dtype = None if dtype is None else parse_dtype(dtype)
+    rule = inventory.rule if inventory is not None else DtypeRule.for_model(
+        model, target_dtype, special_dtypes, keep_in_fp32_modules)
+    prepare_quantization(model, quantize, quantize_skip, rule=rule)
     index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
     index.check_unchanged()  # an index opened earlier may describe files changed since
     scope = list(only) if only is not None else [""]
     groups = [group for group in _model_groups(model) if any(_under(name, scope) for name in group.names)]
-    table = _sources(index, sources)[0]
     if inventory is None:
         inventory = inventory_from_module(
             model, dtype=target_dtype, special_dtypes=special_dtypes, keep_in_fp32_modules=keep_in_fp32_modules,
-            stored_dtypes={name: source.dtype for name, source in table.items()})
+            stored_dtypes=source_dtypes(index, sources))
+    sources = _quantized_sources(model, index, sources, inventory, dmap, getattr(device_map, "execution_devices",
+                                                                                 None))
+    table = _sources(index, sources)[0]
     _place_groups(groups, dmap, table, inventory, offload_buffers)
     match = _match(index, groups, scope, sources)
     _report(match, index, strict, index.root if isinstance(checkpoint, CheckpointIndex) else checkpoint,
@@ -723,7 +766,7 @@ def load_checkpoint_in_model(
     # dtype=None means "the model's dtype": name it, so the same load spelled either way reuses a store.
     rule = inventory.rule
     policy_dtype = rule.dtype or next((g.original.dtype for g in groups if castable(g.original.dtype)), None)
-    origin = _store_origin(index, disk_tasks, policy_dtype, rule)
+    origin = _store_origin(index, disk_tasks, policy_dtype, rule, _storage_tags(model))
     store, reuse = _prepare_store(offload_folder, origin, disk_tasks)
     gpus = {task.group.device for task in match.tasks if task.group.device.is_gpu}
     stager = _GpuStager(window_bytes, pin_memory is not False, gpus) if gpus else None
@@ -817,16 +860,113 @@ def _holds(store: DiskStore, task: _Task) -> bool:
 
 
 def _store_origin(index: CheckpointIndex, disk_tasks: Sequence[_Task], dtype: torch.dtype | None,
-                  rule: DtypeRule) -> StoreOrigin:
-    # The stored bytes depend on the checkpoint and on how tensors are cast (the load's dtype policy), not on
-    # which tensors a plan sends to disk: a store of the same load under another plan is rebuilt in place.
+                  rule: DtypeRule, quantize: str = "") -> StoreOrigin:
+    # The stored bytes depend on the checkpoint, on how tensors are cast (the load's dtype policy) and on the
+    # quantization scheme, not on which tensors a plan sends to disk: a store of the same load under another
+    # plan is rebuilt in place.
     dtypes = sorted({dtype_name(task.group.dtype) for task in disk_tasks})
     policy = dtype_name(dtype) if dtype is not None else "model"
     variant = f"{policy};fp32:{','.join(sorted(rule.keep_in_fp32))}"
     if rule.special:
         variant += ";special:" + ",".join(f"{name}={dtype_name(dtype)}" for name, dtype in rule.special)
+    if quantize:
+        variant += f";quantize:{quantize}"
     origin = StoreOrigin.of(index, None, variant)
-    return StoreOrigin(origin.fingerprint, origin.source, "/".join(dtypes))
+    return StoreOrigin(origin.fingerprint, origin.source, "/".join(dtypes), quantize)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# quantized Linears: their tensors are built from the checkpoint's float weights while streaming
+
+
+def prepare_quantization(model: nn.Module, quantize: str | Quantization | None,
+                         quantize_skip: Sequence[str] | None = None, *, rule: DtypeRule) -> Quantization | None:
+    """Read `quantize=`/`quantize_skip=` and swap the model's Linears for `QuantLinear`s (once), keeping
+    scales, zeros and biases in the dtype `rule` gives each float weight; Linears the rule keeps in float32
+    stay unquantized. Call it before planning, so the inventory sizes quantized bytes;
+    `load_checkpoint_in_model` calls it too (a no-op the second time).
+
+    Raises:
+        QuantizationError: see `bigload.quant.Quantization.parse` and `choose_linears`.
+    """
+    quantization = Quantization.parse(quantize, quantize_skip)
+    if quantization is not None:
+        # Modules kept in float32 are kept so for accuracy (T5's `wo` in float16), and their callers cast
+        # activations to their weight's dtype: they stay unquantized.
+        kept = tuple(name for name, module in model.named_modules()
+                     if isinstance(module, nn.Linear) and rule.keeps_fp32(f"{name}.weight"))
+        quantization = Quantization(quantization.scheme, quantization.group_size, quantization.skip + kept)
+        quantize_model(model, quantization, lambda name, built: rule.dtype_of(name, built, built))
+    return quantization
+
+
+def _storage_tags(model: nn.Module) -> str:
+    return ", ".join(sorted({module.storage_tag for module in quantized_linears(model).values()}))
+
+
+def _quantized_sources(model: nn.Module, index: CheckpointIndex, sources: SourcePlan | None, inventory: Inventory,
+                       dmap: Mapping[str, Device], execution: Mapping[str, Device] | None) -> SourcePlan | None:
+    """`sources` plus, for each Linear the inventory says is quantized, its quantized tensors as tensors
+    derived from the float weight (found by name, or where `sources` says); each module's int4 byte order
+    follows its execution device."""
+    owners = dict.fromkeys(inventory.names[entry.module] for entry in inventory.quantized())
+    modules = {name: module for name, module in quantized_linears(model).items() if name in owners}
+    if not modules:
+        return sources
+    table: dict[str, Source] = dict(sources.tensors) if sources is not None else {}
+    memo = PackMemo()
+    for name, module in modules.items():
+        module.layout = _layout_for(name, module, _runs_on(name, dmap, execution))
+        weight = table.get(f"{name}.weight", index.tensors.get(f"{name}.weight"))
+        if weight is None:
+            continue  # reported as missing
+        shapes = _quantized_shapes_from(module, weight.shape)
+        for part, (shape, dtype) in shapes.items():
+            table[f"{name}.{part}"] = DerivedTensor(
+                f"{name}.{part}", shape, dtype, _parts(weight),
+                functools.partial(_build_quantized, memo, weight, part, module),
+                how=f"quantize {name}.weight to {module.storage_tag}",
+            )
+    return SourcePlan(table, sources.ignored if sources is not None else frozenset())
+
+
+def _quantized_shapes_from(module: QuantLinear, float_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...],
+                                                                                            torch.dtype]]:
+    """The module's tensors as the checkpoint's weight would make them: a float weight of another shape gives
+    other shapes, which the loader reports as mismatched instead of quantizing it."""
+    if float_shape == (module.out_features, module.in_features):
+        return module.shapes()
+    return {part: (tuple(float_shape), dtype) for part, (_, dtype) in module.shapes().items()}
+
+
+def _build_quantized(memo: PackMemo, weight: Source, part: str, module: QuantLinear,
+                     parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    key = weight.name
+    return memo.tensor(key, part, lambda: weight.build(parts) if isinstance(weight, DerivedTensor) else parts[0],
+                       module)
+
+
+def _runs_on(name: str, dmap: Mapping[str, Device], execution: Mapping[str, Device] | None) -> Device:
+    """The device module `name` computes on: the plan's execution device, else a GPU it is placed on, else
+    (cpu or disk) the map's first GPU, which dispatch streams such blocks to, else the CPU."""
+    if execution:
+        device = _device_of(name, {key: Device.parse(value) for key, value in execution.items()})
+        if device is not None:
+            return device
+    placed = _device_of(name, dmap)
+    if placed is not None and placed.is_gpu:
+        return placed
+    return min((device for device in dmap.values() if device.is_gpu), default=CPU)
+
+
+def _layout_for(name: str, module: QuantLinear, device: Device) -> Layout:
+    """The byte order of the module's packed weight: decided here, where the device that runs it is known."""
+    if module.scheme is Scheme.INT8:
+        return Layout.ANY
+    if device.is_gpu:
+        check_device(module.quantization, device.torch_device(), f" ({name!r} runs on {device})")
+        return Layout.NIBBLES
+    return Layout.CPU
 
 
 class _ProgressBar:

@@ -64,6 +64,7 @@ def test_presets_have_the_documented_sizes():
     size = lambda p: sum(2 * torch.Size(s).numel() for s in tensor_shapes(PRESETS[p]).values())  # noqa: E731
     assert 0.9e9 < size("small") < 1.1e9
     assert 6.5e9 < size("large") < 7.5e9
+    assert 2.7e9 < size("medium") < 3.2e9  # the GPU check's "~3 GB" Llama
     assert size("tied") < size("small")
 
 
@@ -93,7 +94,7 @@ def test_quick_benchmarks_run_and_agree(tmp_path):
     sections = {s["title"]: s for s in results["sections"]}
     beyond = "Beyond RAM: offloaded generation inside a memory cgroup"
     assert set(sections) == {"Loading a checkpoint into CPU memory", "Offloaded generation", "Planning a device map",
-                             beyond}
+                             "Across ranks (torchrun, one machine)", beyond}
 
     runs = [r for s in sections.values() for r in s.get("raw", [])]
     for r in runs:
@@ -121,6 +122,10 @@ def test_quick_benchmarks_run_and_agree(tmp_path):
         assert reference, "transformers' in-memory reference did not run"
         for r in group:
             assert r["tokens"] == reference[0], r["spec"]
+
+    pipeline = sections["Across ranks (torchrun, one machine)"]["raw"]
+    tokens = {r["spec"]["method"]: r["tokens"] for r in pipeline}
+    assert tokens["two-ranks"] == tokens["one-process"]
 
 
 def test_full_results_carry_the_analysis_after_the_tables(tmp_path, monkeypatch):

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,3 +93,176 @@ def test_offload_folder_adds_its_free_space_as_disk(tmp_path):
     assert with_disk.get("disk") == disk_free_space(tmp_path) > 0
     explicit = detect_budget({"cpu": "1GiB", "disk": "5GiB"}, offload_folder=folder)
     assert explicit.get("disk") == 5 * GiB  # the user's figure wins
+
+
+# --------------------------------------------------------------------------------------------------
+# cgroup limits: fake v1 and v2 trees, then a real v1 cgroup where the machine allows one
+
+def _fake_proc(tmp_path, cgroup_lines, mounts):
+    """A fake /proc/self: `cgroup` lines and a `mountinfo` with (root, mount point, fstype, options)."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_text("\n".join(cgroup_lines) + "\n")
+    info = [f"{30 + i} 23 0:{40 + i} {root} {point} rw,relatime - {fstype} cgroup rw,{options}"
+            for i, (root, point, fstype, options) in enumerate(mounts)]
+    (proc / "mountinfo").write_text("\n".join(info) + "\n")
+    return proc
+
+
+def _write(folder, **files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name.replace("_", ".", 1)).write_text(text)
+
+
+def test_cgroup_v2_limit_minus_usage_and_reclaimable_cache(tmp_path):
+    mount = tmp_path / "unified"
+    _write(mount / "job" / "step", memory_max="max\n", memory_current="100\n")
+    _write(mount / "job", memory_max=f"{3 * GiB}\n", memory_current=f"{GiB}\n",
+           memory_stat=f"anon 1\ninactive_file {GiB // 4}\nactive_file 7\n")
+    proc = _fake_proc(tmp_path, ["0::/job/step"], [("/", mount, "cgroup2", "")])
+    limit = budget_module.cgroup_memory_limit(proc)
+    assert limit.version == 2 and limit.path == mount / "job"  # the ancestor binds; "max" is no limit
+    assert limit.available == 3 * GiB - (GiB - GiB // 4)
+
+
+def test_cgroup_v2_unlimited_everywhere_is_none(tmp_path):
+    mount = tmp_path / "unified"
+    _write(mount / "a", memory_max="max\n", memory_current="5\n")
+    proc = _fake_proc(tmp_path, ["0::/a"], [("/", mount, "cgroup2", "")])
+    assert budget_module.cgroup_memory_limit(proc) is None
+
+
+def test_cgroup_v1_memory_controller_with_namespaced_mount_root(tmp_path):
+    # A container sees its own cgroup (/docker/abc) mounted as the root of /sys/fs/cgroup/memory.
+    mount = tmp_path / "memory"
+    _write(mount, memory_limit_in_bytes=f"{2 * GiB}\n", memory_usage_in_bytes=f"{GiB // 2}\n",
+           memory_stat="cache 9\ntotal_inactive_file 0\n")
+    _write(mount / "inner", memory_limit_in_bytes="9223372036854771712\n", memory_usage_in_bytes="1\n")
+    proc = _fake_proc(tmp_path, ["9:pids:/docker/abc", "4:memory:/docker/abc/inner", "0::/"],
+                      [("/", tmp_path / "pids", "cgroup", "pids"),
+                       ("/docker/abc", mount, "cgroup", "memory"),
+                       ("/", tmp_path / "unified", "cgroup2", "")])
+    limit = budget_module.cgroup_memory_limit(proc)
+    assert (limit.version, limit.path, limit.limit, limit.usage) == (1, mount, 2 * GiB, GiB // 2)
+    assert limit.available == 2 * GiB - GiB // 2
+
+
+def test_no_cgroup_files_is_none(tmp_path):
+    assert budget_module.cgroup_memory_limit(tmp_path / "nothing") is None
+    proc = _fake_proc(tmp_path, ["4:memory:/gone"], [("/", tmp_path / "memory", "cgroup", "memory")])
+    assert budget_module.cgroup_memory_limit(proc) is None  # folders that do not exist: no limit
+
+
+def test_cpu_budget_is_the_smaller_of_cgroup_room_and_host(tmp_path, monkeypatch):
+    mount = tmp_path / "unified"
+    _write(mount / "job", memory_max=f"{3 * GiB}\n", memory_current=f"{GiB}\n")
+    proc = _fake_proc(tmp_path, ["0::/job"], [("/", mount, "cgroup2", "")])
+    monkeypatch.setattr(budget_module, "cpu_available_memory", lambda: 24 * GiB)
+    nbytes, source = budget_module.cpu_memory_budget(proc)
+    assert nbytes == 2 * GiB
+    assert source.startswith(f"cgroup v2 limit 3.00 GiB at {mount / 'job'}, 1.00 GiB in use")
+    monkeypatch.setattr(budget_module, "cpu_available_memory", lambda: GiB)
+    assert budget_module.cpu_memory_budget(proc) == (GiB, f"psutil available memory (below the cgroup v2 limit "
+                                                           f"3.00 GiB at {mount / 'job'})")
+
+
+def test_explain_states_where_the_cpu_budget_came_from(monkeypatch):
+    from bigload.inventory import inventory_from_module
+    from bigload.plan import plan
+    from tests.fixtures_models import ThreeBlocks
+
+    monkeypatch.setattr(budget_module, "gpu_free_memory", lambda: {})
+    monkeypatch.setattr(budget_module, "cpu_memory_budget", lambda: (GiB, "cgroup v1 limit 1.00 GiB at /x"))
+    result = plan(inventory_from_module(ThreeBlocks()), detect_budget())
+    assert "why: budgets: cpu 1.00 GiB from cgroup v1 limit 1.00 GiB at /x." in result.explain()
+    given = plan(inventory_from_module(ThreeBlocks()), detect_budget({"cpu": "2GiB"}))
+    assert "budgets: cpu 2.00 GiB from max_memory." in given.reasons
+    both = plan(inventory_from_module(ThreeBlocks()), detect_budget({"cpu": "2GiB", "disk": "9GiB"}))
+    assert "budgets: cpu, disk from max_memory." in both.reasons
+
+
+_PROBE = ("import json; from bigload.budget import detect_budget; b = detect_budget(); "
+          "print(json.dumps([b.get('cpu'), b.source_of('cpu')]))")
+
+
+def _own_memory_cgroup() -> Path:
+    """This process's v1 memory cgroup folder, or a skip saying why there is none to make a child in."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a memory cgroup needs root")
+    root = Path("/sys/fs/cgroup/memory")
+    group = budget_module._process_cgroups(Path("/proc/self/cgroup")).get(1)
+    if group is None or not (root / "memory.limit_in_bytes").exists():
+        pytest.skip("no cgroup v1 memory controller at /sys/fs/cgroup/memory")
+    own = root / group.lstrip("/")
+    if not own.is_dir():
+        pytest.skip(f"this process's memory cgroup {group} is not visible under {root}")
+    return own
+
+
+def test_probe_inside_a_real_memory_cgroup_sees_its_limit():
+    own = _own_memory_cgroup()
+    child = own / f"bigload-test-{os.getpid()}"
+    try:
+        child.mkdir()
+        (child / "memory.limit_in_bytes").write_text(str(GiB))
+    except OSError as error:
+        if child.exists():
+            child.rmdir()
+        pytest.skip(f"cannot create a memory cgroup under {own}: {error}")
+    try:
+        tasks = str(child / "cgroup.procs")
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=True,
+            # The child joins the cgroup before exec, so everything the probe allocates is charged there.
+            preexec_fn=lambda: Path(tasks).write_text(str(os.getpid())),
+        )
+        cpu, source = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        child.rmdir()
+    assert 0 < cpu < GiB  # the limit minus what the interpreter uses, not the host's memory
+    assert source.startswith(f"cgroup v1 limit 1.00 GiB at {child},"), source
+    assert not child.exists()
+
+
+def _fake_cuda(monkeypatch, *, nvml, reserved=0, allocated=0, initialized=True):
+    """Two visible GPUs, without a GPU: NVML's answer, and what this process's caching allocator holds."""
+    asked: list[int] = []
+
+    def mem_get_info(index):
+        asked.append(index)
+        return (5 * GiB, 80 * GiB)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: allocated)
+    monkeypatch.setattr(budget_module, "_nvml_free_memory", lambda count: nvml)
+    return asked
+
+
+def test_free_gpu_memory_comes_from_nvml_without_a_cuda_context(monkeypatch):
+    asked = _fake_cuda(monkeypatch, nvml={0: 10 * GiB, 1: 20 * GiB})
+    assert budget_module.gpu_free_memory() == {0: 10 * GiB, 1: 20 * GiB}
+    assert asked == []  # mem_get_info would create a context on every GPU it asks
+
+
+def test_cached_but_unused_allocator_memory_counts_as_free(monkeypatch):
+    _fake_cuda(monkeypatch, nvml={0: 10 * GiB, 1: 20 * GiB}, reserved=6 * GiB, allocated=2 * GiB)
+    assert budget_module.gpu_free_memory() == {0: 14 * GiB, 1: 24 * GiB}
+    _fake_cuda(monkeypatch, nvml={0: 10 * GiB, 1: 20 * GiB}, reserved=6 * GiB, initialized=False)
+    assert budget_module.gpu_free_memory() == {0: 10 * GiB, 1: 20 * GiB}
+
+
+def test_without_nvml_cuda_is_asked(monkeypatch):
+    asked = _fake_cuda(monkeypatch, nvml=None)
+    assert budget_module.gpu_free_memory() == {0: 5 * GiB, 1: 5 * GiB} and asked == [0, 1]
+
+
+def test_nvml_absent_is_no_error():
+    # No NVIDIA driver on this machine (or any other reason NVML cannot answer): the caller asks CUDA.
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine has NVML")
+    assert budget_module._nvml_free_memory(1) is None

@@ -84,7 +84,9 @@ def test_does_not_fit_error_keeps_python_keywords_in_python():
     from bigload.hf import plan_model
     from bigload.messages import Audience
 
-    with pytest.raises(PlanError, match=r"offload_folder=\.\.\.\); or give the devices more memory \(max_memory\)") as info:
+    # "lower headroom" is a fix too: the default GPU headroom (max(1 GiB, 5 %)) is kept on cuda:0.
+    with pytest.raises(PlanError, match=r"offload_folder=\.\.\.\); or lower headroom; or give the devices more "
+                                        r"memory \(max_memory\)") as info:
         plan_model("llama-3-70b", max_memory={0: "24GiB", "cpu": "16GiB"})
     assert "max_memory={..., 'disk': '200GiB'}" in str(info.value)
     assert "--offload-folder DIR" in info.value.render(Audience.CLI)
@@ -269,6 +271,57 @@ def test_demo_text_output_one_progress_line_and_honest_figures(tmp_path: Path):
     assert "tokens identical to the in-memory model: yes" in out.stdout
 
 
+def test_plan_with_quantize_sizes_quantized_bytes(cli, model_folder: Path):
+    budget = "cpu=8MiB,disk=1GiB"
+    plain = json.loads(cli("plan", str(model_folder), "--max-memory", budget, "--json", "-").stdout)
+    out = cli("plan", str(model_folder), "--max-memory", budget, "--quantize", "int8", "--json", "-")
+    assert out.returncode == 0, out.stderr
+    quantized = json.loads(out.stdout)
+
+    def total(plan):
+        return sum(usage["weights"] for usage in plan["usage"])
+
+    # Every block Linear shrinks from bfloat16 to int8 plus a bfloat16 scale per output; the rest stays.
+    config = json.loads((model_folder / "config.json").read_text())
+    hidden, inner, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = config["num_key_value_heads"] * hidden // config["num_attention_heads"]
+    shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inner, hidden), (inner, hidden),
+              (hidden, inner)]
+    saved = layers * sum(2 * n * k - (n * k + 2 * n) for n, k in shapes)
+    assert total(quantized) == total(plain) - saved
+    on_disk = [name for name, device in quantized["device_map"].items() if device == "disk"]
+    assert len(on_disk) < len([name for name, device in plain["device_map"].items() if device == "disk"])
+
+
+def test_generate_with_quantize_int8_and_disk_offload_equals_in_memory_int8(cli, model_folder: Path,
+                                                                            tmp_path: Path):
+    import torch
+
+    from bigload.hf import from_pretrained, load_tokenizer
+
+    out = cli("generate", str(model_folder), "--prompt", "Hello world", "--max-new-tokens", "6",
+              "--max-memory", "cpu=4MiB,disk=1GiB", "--offload-folder", str(tmp_path / "off"),
+              "--quantize", "int8", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["device_bytes"].get("disk", 0) > 0
+    assert json.loads((tmp_path / "off" / "bigload.json").read_text())["quantize"] == "int8"
+    in_memory = from_pretrained(model_folder, device_map={"": "cpu"}, quantize="int8", progress=False)
+    ids = load_tokenizer(model_folder)("Hello world", return_tensors="pt")["input_ids"]
+    expected = in_memory.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                                  do_sample=False)[0, ids.shape[1]:]
+    assert report["token_ids"] == expected.tolist()
+
+
+def test_quantize_errors_are_one_line_with_the_fix(cli, model_folder: Path):
+    out = cli("plan", str(model_folder), "--quantize", "int3")
+    assert out.returncode == 2
+    assert out.stderr.startswith("bigload: error: --quantize int3 is not a scheme bigload knows; use --quantize int8")
+    # The demo's MLP width (688) is no multiple of an int4 group: the message names the layer and the ways out.
+    out = cli("plan", str(model_folder), "--quantize", "int4")
+    assert out.returncode == 2
+    assert "cannot quantize 'model.layers.0.mlp.down_proj' to int4:128: its 688 inputs" in out.stderr
+    assert "use --quantize-skip model.layers.0.mlp.down_proj or --quantize int8." in out.stderr
 # -- plan and inspect read headers only -----------------------------------------------------------------
 
 
@@ -325,8 +378,8 @@ def test_plan_and_inspect_read_no_weight(cli, big_embedding_folder: Path):
     assert shard.stat().st_size - data_start > 64 * 2**20
     _evict(shard)
     assert _page_cache_fraction(shard, data_start) < 0.01  # the check below starts from a cold file
-    for args in (("plan", str(big_embedding_folder), "--max-memory", "0=50MiB,cpu=200MiB", "--json", "-"),
-                 ("plan", str(shard), "--max-memory", "0=50MiB,cpu=200MiB"),
+    for args in (("plan", str(big_embedding_folder), "--max-memory", "0=1074MiB,cpu=200MiB", "--json", "-"),
+                 ("plan", str(shard), "--max-memory", "0=1074MiB,cpu=200MiB"),
                  ("inspect", str(big_embedding_folder), "--json"),
                  ("inspect", str(shard))):
         out = cli(*args)
@@ -351,8 +404,9 @@ def _plans_in_a_fresh_process(seed: str, folder: Path) -> str:
         "    budget = Budget.of({0: inventory.total_bytes // 2, 1: inventory.total_bytes // 4, "
         "'cpu': inventory.total_bytes // 8, 'disk': 10**9})\n"
         "    for strategy in ('balanced', 'sequential'):\n"
-        "        print(plan(inventory, budget, strategy=strategy, policy='stream').to_json())\n"
-        f"sys.exit(main(['plan', {str(folder)!r}, '--max-memory', '0=3MiB,1=2MiB,cpu=3MiB,disk=1GiB', "
+        "        print(plan(inventory, budget, strategy=strategy, policy='stream', headroom=0).to_json())\n"
+        # GPUs of 3 and 2 MiB beyond the default headroom (1 GiB each).
+        f"sys.exit(main(['plan', {str(folder)!r}, '--max-memory', '0=1027MiB,1=1026MiB,cpu=3MiB,disk=1GiB', "
         "'--context-length', '64', '--json', '-']))\n"
     )
     tests = str(Path(__file__).parent)

@@ -165,7 +165,7 @@ def test_disk_offload_hooks_every_module_with_weights(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
     stats = runtime.stats()
-    largest = max(block.nbytes for block in runtime.blocks.values())
+    largest = max(block.slot_bytes for block in runtime.blocks.values())
     assert stats.reserve_bytes == 2 * largest and stats.peak_bytes_held <= stats.reserve_bytes
 
 

@@ -195,6 +195,6 @@ def test_disk_layers_streamed_to_the_gpu_generate_the_same_tokens(checkpoint, tm
         torch.testing.assert_close(model(ids).logits, reference(ids).logits)
     assert torch.equal(out, ref)
     stats = runtime_of(model).stats()
-    layer_bytes = runtime_of(model).blocks["model.layers.1"].nbytes
+    layer_bytes = runtime_of(model).blocks["model.layers.1"].slot_bytes
     assert stats.reserve_bytes == layer_bytes * min(1 + prefetch, LAYERS - 1)
     assert stats.peak_bytes_held <= stats.reserve_bytes

@@ -23,6 +23,7 @@ from bigload.hooks import (
     runtime_of,
     send_to_device,
 )
+from bigload.reserve import SLOT_ALIGNMENT
 from fixtures_models import OutOfOrder, ThreeBlocks, TiedEnds
 from timeouts import with_timeout
 
@@ -191,6 +192,7 @@ def test_stored_dtype_differs_then_weights_are_cast_into_reused_buffers():
     stats = runtime.stats()
     largest = max(block.nbytes for block in runtime.blocks.values())
     assert largest == sum(p.numel() * 4 for p in reference.second.parameters())
+    assert max(block.slot_bytes for block in runtime.blocks.values()) == largest  # CPU slots: no padding
     assert stats.reserve_bytes == largest * (1 + 1)
     assert stats.buffers == 2  # one per slot, allocated once, reused for every block and step
     assert stats.buffer_bytes == stats.reserve_bytes
@@ -204,6 +206,7 @@ def test_bytes_held_never_exceed_the_planned_reserve(prefetch):
     store = _offload(model, names)
     runtime = attach(model, THREE_MAP, execution_device="cpu", store=store, prefetch=prefetch)
     sizes = {name: block.nbytes for name, block in runtime.blocks.items() if block.offloaded}
+    spans = {name: block.slot_bytes for name, block in runtime.blocks.items() if block.offloaded}
     peak_seen = []
 
     def watch(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -214,7 +217,7 @@ def test_bytes_held_never_exceed_the_planned_reserve(prefetch):
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(2, 8))
-    reserve = max(sizes.values()) * min(1 + prefetch, len(sizes))
+    reserve = max(spans.values()) * min(1 + prefetch, len(sizes))
     stats = runtime.stats()
     assert stats.reserve_bytes == reserve
     assert max(peak_seen) <= reserve and stats.peak_bytes_held <= reserve
@@ -463,7 +466,7 @@ def test_cuda_streams_offloaded_weights_through_reused_buffers():
             assert out.device.type == "cpu"
             torch.testing.assert_close(out, reference(x))
     stats = runtime.stats()
-    largest = max(block.nbytes for block in runtime.blocks.values())
+    largest = max(block.slot_bytes for block in runtime.blocks.values())
     assert stats.reserve_bytes == 2 * largest
     # Two device slots, allocated once and reused for every block and step: exactly the reserve.
     assert stats.buffers == 2 and stats.buffer_bytes == stats.reserve_bytes
@@ -507,3 +510,99 @@ def test_kernel_advice_is_asked_only_for_pages_not_in_memory(tmp_path, monkeypat
     assert calls == []
     del tensor
     mapping.close()
+
+
+# -- the GPU path, checked without a GPU ---------------------------------------------------------------
+
+
+class _RecordsCopies(torch.Tensor):
+    """A tensor that records the device and `non_blocking` of every `.to` asked of it and copies nothing
+    (there is no GPU here): what `_send` asks of a real tensor, without a device. A meta tensor stands for
+    one on a GPU."""
+
+    calls: list[tuple[str, bool]] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to:
+            device = torch.device(args[1] if len(args) > 1 else kwargs["device"])
+            cls.calls.append((device.type, bool(kwargs.get("non_blocking", False))))
+            return args[0]
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_copies_toward_the_cpu_wait_and_only_copies_toward_a_gpu_are_queued(monkeypatch):
+    # A queued GPU-to-CPU copy returns before it lands: the CPU would read uninitialised memory.
+    monkeypatch.setattr(_RecordsCopies, "calls", [])
+    tensor = torch.ones(2).as_subclass(_RecordsCopies)
+    send_to_device({"x": tensor, "y": [tensor]}, torch.device("cuda", 0))
+    meta = torch.empty(2, device="meta").as_subclass(_RecordsCopies)
+    send_to_device((meta,), torch.device("cpu"))
+    assert _RecordsCopies.calls == [("cuda", True), ("cuda", True), ("cpu", False)]
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_inference_mode_then_no_grad_then_grad_through_cast_slots(prefetch):
+    # Stored as float64 for a float32 model: every block is cast into a slot, by the prefetch thread too.
+    reference, model = _three()
+    store = _offload(model, _names(model, ("first", "second", "third")), dtype=torch.float64)
+    runtime = attach(model, THREE_MAP, execution_device="cpu", store=store, prefetch=prefetch)
+    x = torch.randn(2, 8)
+    for mode in (torch.inference_mode, torch.inference_mode, torch.no_grad, torch.enable_grad):
+        with mode():
+            torch.testing.assert_close(with_timeout(lambda: model(x)), reference(x), rtol=0, atol=0)
+    slots = [slot.buffer for slot in runtime.prefetcher.all_slots]
+    assert len(slots) == min(1 + prefetch, 3) and not any(buffer.is_inference() for buffer in slots)
+
+
+def test_inference_mode_first_leaves_in_place_weights_usable_with_grad(tmp_path):
+    # Blocks used in place are resolved once: under inference_mode they must not become inference tensors,
+    # or a later forward with grad fails ("Inference tensors cannot be saved for backward").
+    from bigload.dispatch import disk_offload
+
+    reference, model = _three()
+    disk_offload(model, tmp_path / "off", execution_device="cpu", prefetch=1)
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    out = model(x)
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
+    out.sum().backward()  # gradients flow into the in-place weights' Parameters
+
+
+def _attach_to_a_fake_gpu(monkeypatch, model: nn.Module, **kwargs):
+    """attach() toward cuda:0 on a machine without one: streams, events and buffers are not made."""
+    monkeypatch.setattr(hooks._Prefetcher, "_allocate_cuda_slots", lambda self: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: object())
+    monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: object())
+    return attach(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"}, execution_device="cuda:0",
+                  prefetch=1, offload_buffers=True, **kwargs)
+
+
+def test_gpu_slot_offsets_are_aligned_for_vectorized_kernels_and_planned_so(monkeypatch):
+    from bigload.inventory import inventory_from_module
+
+    _, model = _three()
+    inventory = inventory_from_module(model)
+    runtime = _attach_to_a_fake_gpu(monkeypatch, model)
+    entries = [entry for block in runtime.blocks.values() for entry in block.entries]
+    assert len(entries) == 9 and all(entry.offset % SLOT_ALIGNMENT == 0 for entry in entries)
+    second = runtime.blocks["second"]
+    assert second.nbytes == 2048 + 128 + 2048 + 64 and second.slot_bytes == 2048 + 256 + 2048 + 256
+    # The planner sizes the slot by the same formula, from the inventory alone.
+    assert inventory.slot_bytes(inventory.index("second")) == second.slot_bytes
+    assert inventory.slot_bytes(inventory.index("second"), alignment=1) == second.nbytes
+
+
+def test_host_weights_are_not_pinned_for_a_gpu(monkeypatch):
+    # The CPU share stays where it is (checkpoint views, no private copy): pinning it all was a full copy
+    # in unswappable memory. Checked without a GPU: any pinning attempt fails here.
+    reference, model = _three()
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pytest.fail("pinned a host weight"))
+    pointers = {name: tensor.data_ptr() for name, tensor in model.state_dict().items()}
+    runtime = _attach_to_a_fake_gpu(monkeypatch, model)
+    sources = {entry.key: entry.source.get(entry.key) for block in runtime.blocks.values()
+               for entry in block.entries}
+    assert set(sources) == set(pointers)
+    assert all(tensor.data_ptr() == pointers[name] for name, tensor in sources.items())

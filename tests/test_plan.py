@@ -11,10 +11,18 @@ from torch import nn
 from bigload.devices import CPU, DISK, Budget, Device
 from bigload.errors import PlanError
 from bigload.inventory import inventory_from_module
-from bigload.plan import Plan, choose_policy, plan
-from planner_models import BLOCK, EMBED, HEAD, NORM, tiny_llama, tiny_llama_config, toy
+from bigload import plan as planner
+from bigload.plan import Plan, choose_policy, default_gpu_headroom
 
 GiB = 2**30
+
+
+def plan(*args, **kwargs):
+    """The planner with no default GPU headroom: these budgets are bytes, and the default (max(1 GiB, 5 %))
+    is tested on its own below."""
+    return planner.plan(*args, **{"headroom": 0, **kwargs})
+from planner_models import BLOCK, EMBED, HEAD, NORM, tiny_llama, tiny_llama_config, toy
+
 TOTAL = EMBED + 4 * BLOCK + NORM + HEAD  # 12416
 
 
@@ -352,3 +360,58 @@ def test_header_only_plan_equals_the_model_plan(saved_llama, strategy, budget):
     for name in index.tensors:
         assert device_of(from_headers.device_map, name) == device_of(from_model.device_map, name), name
     assert from_headers.offloaded == tuple(n for n in from_model.offloaded if n != "model.rotary_emb")
+
+
+# -- the default GPU headroom (the rest of this file plans with headroom=0) ---------------------------
+
+
+def test_each_gpu_keeps_a_default_headroom_shown_in_explain():
+    inventory = inventory_from_module(tiny_llama())
+    budget = Budget.of({0: 8 * GiB, 1: 40 * GiB, "cpu": 64 * GiB})
+    result = planner.plan(inventory, budget, strategy="sequential")
+    assert default_gpu_headroom(8 * GiB) == GiB and default_gpu_headroom(40 * GiB) == 2 * GiB
+    assert result.usage_of(0).headroom == GiB  # layers ran only on GPU 0, but GPU 1 is in the plan too
+    assert result.usage_of("cpu").headroom == 0
+    text = result.explain()
+    assert "default max(1 GiB, 5 % of its budget)" in text and "cuda:0 1.00 GiB" in text
+    # A GPU smaller than the default keeps nothing for weights: the model goes elsewhere.
+    small = planner.plan(inventory, Budget.of({0: GiB // 2, "cpu": 64 * GiB}))
+    assert set(small.device_map.values()) == {"cpu"}
+
+
+def test_the_default_headroom_stops_a_gpu_from_being_planned_full():
+    inventory = inventory_from_module(tiny_llama())
+    total = inventory.total_bytes
+    budget = Budget.of({0: GiB + total // 2, "cpu": 64 * GiB})
+    full = planner.plan(inventory, budget, headroom=0)
+    assert set(full.device_map.values()) == {0}  # planned 100 % full, as before
+    kept = planner.plan(inventory, budget)
+    assert kept.usage_of(0).headroom == GiB and kept.usage_of(0).total <= budget.get(0)
+    assert kept.usage_of(0).weights <= total // 2 and "cpu" in kept.device_map.values()
+
+
+def test_the_largest_cast_while_loading_is_kept_free_on_gpus():
+    inventory = inventory_from_module(tiny_llama())
+    result = planner.plan(inventory, Budget.of({0: 40 * GiB, "cpu": 64 * GiB}), cast_bytes=3 * GiB)
+    assert result.usage_of(0).headroom == 3 * GiB  # max(runtime headroom, load-time cast), not their sum
+    assert "largest cast while loading (3.00 GiB" in result.explain()
+    explicit = planner.plan(inventory, Budget.of({0: 40 * GiB, "cpu": 64 * GiB}), headroom=0, cast_bytes=GiB)
+    assert explicit.usage_of(0).headroom == GiB
+
+
+def test_dry_run_of_a_float32_checkpoint_loaded_as_bfloat16_charges_its_largest_cast(tmp_path):
+    from bigload.checkpoint import open_checkpoint
+    from bigload.hf import plan_model
+    from bigload.stream import gpu_cast_bytes
+
+    from fixtures_models import reference_llama
+
+    reference_llama().save_pretrained(tmp_path, max_shard_size="60KB")  # float32
+    index = open_checkpoint(tmp_path)
+    largest = max(ref.nbytes for ref in index.tensors.values())
+    assert gpu_cast_bytes(index, torch.bfloat16) == largest and gpu_cast_bytes(index, torch.float32) == 0
+    budget = {0: f"{2 * GiB}", "cpu": "1GiB"}
+    as_bf16 = plan_model(tmp_path, max_memory=budget, dtype="bfloat16")
+    assert as_bf16.usage_of(0).headroom == GiB  # the default covers this small cast
+    assert "largest cast while loading" in as_bf16.explain()
+    assert "largest cast while loading" not in plan_model(tmp_path, max_memory=budget).explain()

@@ -20,7 +20,7 @@ from bigload.hooks import runtime_of
 from bigload.plan import Plan
 from bigload import reads
 from bigload.reads import BlockReader, Extent, layout
-from bigload.reserve import READ_ALIGN, DiskReads, choose_disk_reads, slot_bytes
+from bigload.reserve import READ_ALIGN, DiskReads, choose_disk_reads, read_slot_bytes
 from bigload.empty import init_empty_weights
 from timeouts import with_timeout
 
@@ -219,7 +219,7 @@ def test_plan_decides_the_path_from_the_cpu_memory_left(checkpoints):
                               no_split_module_classes=["LlamaDecoderLayer"], disk_reads=requested)
         assert "disk" in plan.device_map.values() and plan.slots.reads is DiskReads(expected)
         layer = next(p.weights for p in plan.placements if p.name == "model.layers.0")
-        assert plan.slots.nbytes == slot_bytes(layer, plan.slots.reads)
+        assert plan.slots.nbytes == read_slot_bytes(layer, plan.slots.reads)
         assert plan.slots.nbytes > layer if expected == "read" else plan.slots.nbytes == layer
         assert plan.usage_of("cpu").reserve >= plan.slots.total and plan.usage_of("cpu").free >= 0  # + buffers
         words = "as requested" if requested else "exceed the CPU memory"

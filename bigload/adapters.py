@@ -1,0 +1,374 @@
+"""Adapters (peft) on a model built on the meta device, loaded in the same pass as the base weights.
+
+`hf.from_pretrained(..., adapter=PATHS)` reads each adapter folder (`adapter_config.json` and
+`adapter_model.safetensors`, headers only), wraps the meta model with peft as peft itself would (no weight
+exists yet), and turns the adapter tensors into one more checkpoint source for the loader: each adapter
+tensor is loaded under the name it has in the wrapped model, into the block that owns it. The planner then
+counts adapter bytes on that block, the loader streams base and adapter tensors in one pass, and the runtime
+brings them in with the block. Prompt and prefix tuning keep their few tensors outside the base model (peft's
+prompt encoder); they are loaded after the base, onto the device the model's inputs start on.
+
+Adapters added with peft's own calls to a model that is already dispatched are the runtime's concern
+(`hooks.adopt`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from bigload.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
+from bigload.devices import DISK, Device
+from bigload.errors import AdapterError, CheckpointError
+from bigload.sizes import format_size
+from bigload.stream import DerivedTensor, Source, SourcePlan
+
+__all__ = ["ADAPTER_FP32_MODULES", "Adapter", "adapter_fp32_modules", "adapter_summary", "load_model_level_weights",
+           "read_adapters", "with_adapter_sources", "wrap"]
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# peft keeps adapter weights in float32 over a float16/bfloat16 base (`autocast_adapter_dtype=True`).
+ADAPTER_FP32_MODULES: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                                         "lora_magnitude_vector")
+_PEFT_PREFIX = "base_model.model."  # how peft's saved keys and a PeftModel's names start
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapter folder, read from its config and safetensors header (no tensor bytes).
+
+    Attributes:
+        name: the adapter's name in the wrapped model ("default" for the first, as in peft; else the folder name).
+        folder: the adapter folder.
+        config: its peft config (`LoraConfig`, `PromptTuningConfig`, ...).
+        index: its weights, headers only.
+    """
+
+    name: str
+    folder: Path
+    config: Any
+    index: CheckpointIndex
+
+
+def adapter_fp32_modules(dtype: torch.dtype) -> tuple[str, ...]:
+    """Adapter modules the loader keeps in float32 at `dtype`: all of them over a float16/bfloat16 base,
+    as peft does (`autocast_adapter_dtype=True`); none otherwise."""
+    return ADAPTER_FP32_MODULES if dtype in (torch.float16, torch.bfloat16) else ()
+
+
+def _require_peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise AdapterError("adapters need peft; install it with `pip install bigload[peft]`.") from None
+    return peft
+
+
+def read_adapters(paths: str | Path | Sequence[str | Path]) -> list[Adapter]:
+    """Read adapter folders: the first is named "default" (peft's name), the others after their folders.
+
+    Raises:
+        AdapterError: peft is missing, a folder lacks its config or weights, the config names a method peft
+            does not know, the weights file is not valid safetensors, or two adapters get the same name.
+    """
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    adapters = [_read_adapter(Path(path), "default" if i == 0 else Path(path).name) for i, path in enumerate(items)]
+    names = [adapter.name for adapter in adapters]
+    if len(set(names)) != len(names):
+        raise AdapterError(f"adapters {[str(a.folder) for a in adapters]} would share a name ({names}); "
+                           "give each adapter its own folder name.")
+    return adapters
+
+
+def _read_adapter(folder: Path, name: str) -> Adapter:
+    peft = _require_peft()
+    folder = folder.expanduser()  # as the user wrote it, for messages
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise AdapterError(f"{path} is missing; an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
+                               "as peft's save_pretrained writes them. Pass that folder.")
+    try:
+        method = json.loads(config_path.read_text(encoding="utf-8")).get("peft_type")
+        config = peft.PeftConfig.from_pretrained(str(folder))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        known = ", ".join(sorted(str(t.value) for t in peft.PeftType))
+        raise AdapterError(
+            f"{config_path}: peft cannot read this config ({type(error).__name__}: {error}); its peft_type is "
+            f"{method!r}, and peft {peft.__version__} knows {known}. Save the adapter again with peft, or upgrade "
+            "peft if it is a newer method."
+        ) from None
+    try:
+        index = open_checkpoint(weights_path)
+    except CheckpointError as error:
+        # The checkpoint error already names the file and what is wrong in it.
+        raise AdapterError(f"{error} This adapter's weights are unreadable: save the adapter again with peft's "
+                           "save_pretrained.") from None
+    return Adapter(name, folder, config, index)
+
+
+def wrap(model: nn.Module, adapters: Sequence[Adapter]) -> nn.Module:
+    """Wrap a meta `model` with `adapters` as peft does (adapter weights on the meta device, none loaded).
+
+    Returns:
+        The `PeftModel` (of the class peft picks for the first adapter's task type); `model` is inside it.
+
+    Raises:
+        AdapterError: an adapter's target modules are not in `model` (an adapter for another base).
+    """
+    peft = _require_peft()
+    first = adapters[0]
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(first.config.task_type, peft.PeftModel)
+    with warnings.catch_warnings():
+        # peft reads a transformers attribute deprecated in transformers 5; nothing for our users to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        wrapped = _wrap_all(cls, model, adapters)
+    wrapped.eval()
+    return wrapped
+
+
+def _wrap_all(cls: Any, model: nn.Module, adapters: Sequence[Adapter]) -> nn.Module:
+    first = failing = adapters[0]
+    try:
+        # Adapter weights inside the base model are created on meta and streamed in by the loader; a prompt
+        # encoder (prompt, prefix tuning) is a few real tensors outside it, filled by load_model_level_weights.
+        wrapped = cls(model, _inference(first.config), first.name,
+                      low_cpu_mem_usage=not first.config.is_prompt_learning)
+        for failing in adapters[1:]:
+            wrapped.add_adapter(failing.name, _inference(failing.config),
+                                low_cpu_mem_usage=not failing.config.is_prompt_learning)
+    except ValueError as error:
+        _unwrap(model)
+        raise AdapterError(
+            f"{failing.folder / ADAPTER_CONFIG} does not fit {type(model).__name__}: {error} It was trained for "
+            f"another base model ({failing.config.base_model_name_or_path or 'unnamed'}); pass the base it was "
+            "made for, or an adapter made for this one."
+        ) from None
+    return wrapped
+
+
+def _inference(config: Any) -> Any:
+    return dataclasses.replace(config, inference_mode=True)
+
+
+def _unwrap(model: nn.Module) -> None:
+    """Take peft's layers out of `model` again after a failed wrap, so nothing is left half-attached."""
+    for name, module in list(model.named_modules()):
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, nn.Module) and name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    model.__dict__.pop("peft_config", None)
+
+
+def with_adapter_sources(wrapped: nn.Module, adapters: Sequence[Adapter], index: CheckpointIndex,
+                         sources: SourcePlan) -> tuple[CheckpointIndex, SourcePlan]:
+    """The checkpoint and source plan that load the base and every adapter into `wrapped`'s base model at once.
+
+    peft moved each wrapped layer's weights under `base_layer`: they are found where the base checkpoint
+    holds them (`sources`, else by name). Each adapter tensor is found in its adapter's file under the name
+    peft saved it as, mapped the way peft's own loading maps it. The index gets the adapter files, so the
+    offload store's fingerprint covers them.
+
+    Raises:
+        AdapterError: an adapter holds tensors this model has no place for, or of another shape.
+    """
+    base_model = wrapped.get_base_model()
+    model_tensors = {name: tensor for name, tensor in _named_tensors(base_model)}
+    entries: dict[str, Source] = dict(sources.tensors)
+    for name in model_tensors:
+        if ".base_layer." in name:
+            plain = name.replace(".base_layer.", ".")
+            entries[name] = sources.tensors.get(plain) or _ref(index, plain)
+            entries.pop(plain, None)
+    extra: dict[str, TensorRef] = {}
+    for adapter in adapters:
+        for model_name, ref in _adapter_tensors(wrapped, adapter, model_tensors).items():
+            key = f"{adapter.name}:{ref.name}"  # adapters save under the same names; the index needs distinct ones
+            part = dataclasses.replace(ref, name=key)
+            extra[key] = part
+            entries[model_name] = DerivedTensor(model_name, ref.shape, ref.dtype, (part,), _first,
+                                                how=f"adapter {adapter.name!r} tensor {ref.name}")
+    combined = dataclasses.replace(
+        index,
+        files=index.files + tuple(a.index.files[0] for a in adapters),
+        tensors={**index.tensors, **extra},
+        total_bytes=index.total_bytes + sum(ref.nbytes for ref in extra.values()),
+        file_stats={**index.file_stats, **{f: s for a in adapters for f, s in a.index.file_stats.items()}},
+    )
+    return combined, SourcePlan(entries, sources.ignored)
+
+
+def _first(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    return parts[0]
+
+
+def _ref(index: CheckpointIndex, name: str) -> TensorRef:
+    ref = index.tensors.get(name)
+    if ref is None:
+        raise AdapterError(f"{index.root}: the base checkpoint has no tensor {name!r}, which an adapter wraps.")
+    return ref
+
+
+def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
+def _adapter_tensors(wrapped: nn.Module, adapter: Adapter, model_tensors: dict[str, torch.Tensor]
+                     ) -> dict[str, TensorRef]:
+    """Base-model tensor name -> the adapter file's tensor, for the adapter tensors inside the base model."""
+    if adapter.config.is_prompt_learning:
+        return {}  # model-level tensors, see load_model_level_weights
+    peft = _require_peft()
+    tuner = peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[adapter.config.peft_type]
+    # peft's own mapping from saved keys to model keys, run on the keys alone (each value is its key).
+    saved = {name: name for name in adapter.index.tensors}
+    mapped = tuner._remap_adapter_state_dict_for_load(model=wrapped, config=adapter.config,
+                                                      adapter_name=adapter.name, state_dict=saved)
+    found: dict[str, TensorRef] = {}
+    stray: list[str] = []
+    mismatched: list[str] = []
+    for model_key, saved_key in mapped.items():
+        name = model_key.removeprefix(_PEFT_PREFIX)
+        ref = adapter.index.tensors[saved_key]
+        if name not in model_tensors:
+            stray.append(saved_key)
+        elif tuple(model_tensors[name].shape) != ref.shape:
+            mismatched.append(f"{saved_key} {list(ref.shape)} vs model {list(model_tensors[name].shape)}")
+        else:
+            found[name] = ref
+    if stray or mismatched:
+        what = f"tensors with no place in the model: {stray[:3]}" if stray else f"other shapes: {mismatched[:3]}"
+        raise AdapterError(
+            f"{adapter.folder / ADAPTER_WEIGHTS} holds {what}. It was made for another base model "
+            f"({adapter.config.base_model_name_or_path or 'unnamed'}); pass the base it was made for."
+        )
+    return found
+
+
+def load_model_level_weights(wrapped: nn.Module, adapters: Sequence[Adapter], device: torch.device) -> None:
+    """Load the tensors prompt and prefix tuning keep outside the base model (peft's prompt encoder), on
+    `device`, the device the model's inputs start on."""
+    peft = _require_peft()
+    from peft.utils import set_peft_model_state_dict
+
+    for adapter in adapters:
+        if not adapter.config.is_prompt_learning:
+            continue
+        _place_prefixes(wrapped, adapter)
+        weights = peft.utils.load_peft_weights(str(adapter.folder), device="cpu")
+        # peft put the encoder on the base model's device, meta: give it storage for the load to fill.
+        encoder = wrapped.prompt_encoder[adapter.name].to_empty(device=device)
+        try:
+            set_peft_model_state_dict(wrapped, weights, adapter_name=adapter.name)
+        except RuntimeError as error:  # load_state_dict's size mismatch
+            raise AdapterError(f"{adapter.folder / ADAPTER_WEIGHTS} does not fit this model: {error} Pass the base "
+                               "model the adapter was made for.") from None
+
+
+def adapter_summary(model: nn.Module, adapters: Sequence[Adapter], device_map: Mapping[str, Any],
+                    dtype: torch.dtype) -> list[str]:
+    """One line per adapter: its method and the bytes it adds to each block of `device_map` (as planned).
+
+    Args:
+        model: the base model, wrapped with `adapters` (meta is fine).
+        adapters: as `read_adapters` returned them.
+        device_map: block name -> device, in execution order.
+        dtype: the base's load dtype (adapter tensors are counted at the dtype the loader gives them).
+    """
+    keys = list(device_map)
+    width = 4 if adapter_fp32_modules(dtype) else dtype.itemsize
+    lines = []
+    for adapter in adapters:
+        marker = f".{adapter.name}."
+        per_block: dict[str, int] = {}
+        for name, tensor in _named_tensors(model):
+            if marker not in f".{name}.":
+                continue
+            block = max((k for k in keys if k == "" or name.startswith(k + ".")), key=len, default="")
+            per_block[block] = per_block.get(block, 0) + tensor.numel() * width
+        method = getattr(adapter.config.peft_type, "value", adapter.config.peft_type)
+        if adapter.config.is_prompt_learning:
+            lines.append(f"adapter {adapter.name!r} ({method}, {adapter.folder}): a model-level prompt encoder, "
+                         "loaded onto the device the inputs start on")
+            continue
+        lines.append(f"adapter {adapter.name!r} ({method}, {adapter.folder}): "
+                     f"{format_size(sum(per_block.values()))} in {len(per_block)} block(s)")
+        width_name = max(map(len, per_block), default=0)
+        lines += [f"  {block:<{width_name}}  {device_map[block]!s:<5} {format_size(size):>10}"
+                  for block, size in per_block.items()]
+    return lines
+
+
+def _place_prefixes(wrapped: nn.Module, adapter: Adapter) -> None:
+    """Make the map peft reads put each layer's prefix where the layer runs.
+
+    peft 0.21's prefix tuning moves each layer's KV prefix, on every forward, to the device `hf_device_map`
+    gives that layer: the value itself, or for "cpu"/"disk" the map's first other value, accelerate's main GPU
+    (`peft.utils.integrations.get_layer_device_map`; StopIteration when every value is "cpu" or "disk"). When
+    every block runs on the CPU, the blocks that stay in RAM are resident on the device they run on, as a block
+    on a GPU index is: their entries become `torch.device("cpu")`, a value transformers' own maps hold
+    (`device_map="cpu"` becomes `{"": torch.device("cpu")}`). peft's first non-offloaded value is then the CPU,
+    and every prefix lands there; "disk" entries stay "disk".
+
+    Raises:
+        AdapterError: every block is on disk (no value can name the CPU), or a GPU runs some blocks while a
+            cpu/disk-placed block runs on the CPU (peft would put that block's prefix on the GPU).
+    """
+    from bigload.hooks import runtime_of
+
+    base = wrapped.get_base_model()
+    device_map = getattr(base, "hf_device_map", None)
+    method = getattr(adapter.config.peft_type, "value", adapter.config.peft_type)
+    if method != "PREFIX_TUNING" or not device_map:
+        return
+    runs_on = _execution_types(device_map, runtime_of(base))
+    offloaded = [key for key, value in device_map.items() if _is_offload_value(value)]
+    if set(runs_on.values()) == {"cpu"}:
+        resident = [key for key, value in device_map.items() if isinstance(value, str) and value == "cpu"]
+        if not resident and all(_is_offload_value(value) for value in device_map.values()):
+            raise AdapterError(
+                f"{adapter.folder / ADAPTER_CONFIG}: peft places prefix-tuning prefixes by the device map, and "
+                "every block of this map is on disk, so no entry names the CPU they run on. Give the CPU room for "
+                "at least one block (max_memory={'cpu': ...})."
+            )
+        for key in resident:
+            device_map[key] = torch.device("cpu")
+        return
+    on_cpu = [key for key in offloaded if runs_on[key] == "cpu"]
+    if on_cpu:
+        raise AdapterError(
+            f"{adapter.folder / ADAPTER_CONFIG}: peft puts the prefix of every layer the device map places on cpu "
+            f"or disk on the map's first GPU, but {on_cpu[:3]} run on the CPU. Give the GPU room for those layers, "
+            "or load the model without a GPU in the budget (max_memory={'cpu': ..., 'disk': ...})."
+        )
+
+
+def _is_offload_value(value: Any) -> bool:
+    """An entry peft reads as offloaded: the strings "cpu" and "disk" (not `torch.device("cpu")`)."""
+    return isinstance(value, str) and value in ("cpu", "disk")
+
+
+def _execution_types(device_map: Mapping[str, Any], runtime: Any) -> dict[str, str]:
+    """Device map key -> the type of the device its block runs on ("cpu", "cuda")."""
+    blocks = runtime.blocks if runtime is not None else {}
+    return {key: blocks[key].execution_device.type if key in blocks else _resident_type(value)
+            for key, value in device_map.items()}
+
+
+def _resident_type(value: Any) -> str:
+    device = Device.parse(value)
+    return "cpu" if device == DISK else device.torch_device().type  # disk without a runtime: nothing runs it yet

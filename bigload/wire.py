@@ -1,0 +1,188 @@
+"""What crosses between pipeline ranks, and how: a fixed-size header, then the tensors it announces.
+
+Every message around the ring is an int64 header of `HEADER_LEN` numbers, so a receiver always knows how
+many bytes come next and in which shapes:
+
+    magic, op, batch, seq, past, dtype, hidden, mask, positions, position_rows, remote_ns, origin
+
+then, in this order and only when the header says so: the 2-D attention mask (batch x (past + seq), int64),
+the position ids (position_rows x seq, int64), and the hidden states (batch x seq x hidden, dtype). An ERROR
+carries the failing rank in `origin` and a UTF-8 message of `seq` bytes instead.
+
+`Link` sends to the next rank and receives from the previous one with `torch.distributed` point-to-point
+calls (`isend`/`irecv` + `wait(timeout)`), so no wait is unbounded: a peer that died surfaces as an error at
+once (its connection closes), one that hangs as an error after the timeout, both naming the rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from bigload.errors import DistributedError
+
+__all__ = ["Header", "Link", "MaskKind", "Op", "PositionKind", "HEADER_LEN"]
+
+HEADER_LEN = 12
+_MAGIC = 0x6269676C  # "bigl": a header from another program, or a misaligned stream, is refused
+
+
+class Op(enum.IntEnum):
+    """What a message asks the stages to do."""
+
+    PREFILL = 1  # a new sequence: stages drop their KV cache first
+    DECODE = 2  # more tokens of the current sequence
+    RESET = 3  # drop the KV caches (no hidden states)
+    STOP = 4  # stop serving
+    ERROR = 5  # a rank failed; the message says why
+
+
+class MaskKind(enum.IntEnum):
+    NONE = 0  # no attention mask: the model's causal default
+    FULL = 1  # the whole 2-D mask follows
+    EXTEND = 2  # the previous mask plus `seq` columns of ones (what generate appends each step)
+
+
+class PositionKind(enum.IntEnum):
+    NONE = 0  # the model derives positions from its cache length
+    FROM_MASK = 1  # generate's rule: cumsum(mask) - 1, 0 where masked; the last `seq` columns
+    SENT = 2  # the position ids follow
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fixed-size part of a message (see the module docstring)."""
+
+    op: Op
+    batch: int = 0
+    seq: int = 0
+    past: int = 0
+    dtype: torch.dtype = torch.float32
+    hidden: int = 0
+    mask: MaskKind = MaskKind.NONE
+    positions: PositionKind = PositionKind.NONE
+    position_rows: int = 0
+    remote_ns: int = 0  # compute time the stages spent on this message so far
+    origin: int = 0  # the rank an ERROR comes from
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.tensor([_MAGIC, int(self.op), self.batch, self.seq, self.past, _DTYPES.index(self.dtype),
+                             self.hidden, int(self.mask), int(self.positions), self.position_rows, self.remote_ns,
+                             self.origin], dtype=torch.int64)
+
+    @staticmethod
+    def from_tensor(values: torch.Tensor, sender: int) -> "Header":
+        v = [int(x) for x in values.tolist()]
+        if v[0] != _MAGIC or not 0 <= v[5] < len(_DTYPES):
+            raise DistributedError(
+                f"rank {sender} sent something that is not a bigload pipeline header; every rank must run the "
+                "same bigload version and nothing else may use this process group's point-to-point channel."
+            )
+        return Header(Op(v[1]), v[2], v[3], v[4], _DTYPES[v[5]], v[6], MaskKind(v[7]), PositionKind(v[8]), v[9],
+                      v[10], v[11])
+
+    def with_remote(self, extra_ns: int) -> "Header":
+        return replace(self, remote_ns=self.remote_ns + extra_ns)
+
+
+@dataclass
+class WireStats:
+    """Time spent waiting on the wire by this rank, and bytes sent."""
+
+    send_seconds: float = 0.0
+    recv_seconds: float = 0.0
+    bytes_sent: int = 0
+    messages: int = 0
+
+
+class Link:
+    """This rank's two ends of the ring: receive from `prev`, send to `next`.
+
+    Args:
+        rank, world: this rank and the number of ranks.
+        timeout: seconds any wait inside an operation may take.
+        device: where tensors cross (the CPU for gloo; this rank's GPU for NCCL).
+        group: the process group carrying the tensors (None: the default one).
+    """
+
+    def __init__(self, rank: int, world: int, *, timeout: float, device: torch.device = torch.device("cpu"),
+                 group: object = None) -> None:
+        self.rank = rank
+        self.prev = (rank - 1) % world
+        self.next = (rank + 1) % world
+        self.timeout = timeout
+        self.device = device
+        self.group = group
+        self.stats = WireStats()
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def send(self, header: Header, *tensors: torch.Tensor) -> None:
+        """Send a header and the tensors it announces to the next rank."""
+        start = time.perf_counter()
+        for tensor in (header.to_tensor(), *tensors):
+            payload = tensor.to(self.device).contiguous()
+            self._wait(self._dist().isend(payload, dst=self.next, group=self.group), self.next, "send to",
+                       self.timeout)
+            self.stats.bytes_sent += payload.numel() * payload.element_size()
+        self.stats.send_seconds += time.perf_counter() - start
+        self.stats.messages += 1
+
+    def send_error(self, origin: int, message: str) -> None:
+        """Tell the next rank that `origin` failed; best effort (the next rank may be the one that died)."""
+        data = torch.tensor(list(message.encode()[:4000]), dtype=torch.uint8)
+        try:
+            self.send(Header(Op.ERROR, seq=data.numel(), origin=origin), data)
+        except DistributedError:
+            pass
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def recv_header(self, timeout: float | None = None) -> Header:
+        """The next header from the previous rank; an ERROR header raises `DistributedError` naming its origin.
+
+        Args:
+            timeout: seconds to wait (default: the link's); serving ranks wait longer between requests.
+        """
+        values = self._recv(torch.empty(HEADER_LEN, dtype=torch.int64), self.timeout if timeout is None else timeout)
+        header = Header.from_tensor(values, self.prev)
+        if header.op is Op.ERROR:
+            message = bytes(self._recv(torch.empty(header.seq, dtype=torch.uint8), self.timeout).tolist()).decode(
+                errors="replace")
+            raise DistributedError(f"rank {header.origin} failed: {message}", rank=header.origin) from None
+        return header
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """One tensor announced by the last header."""
+        return self._recv(torch.empty(shape, dtype=dtype, device=self.device), self.timeout)
+
+    def _recv(self, buffer: torch.Tensor, timeout: float) -> torch.Tensor:
+        start = time.perf_counter()
+        self._wait(self._dist().irecv(buffer, src=self.prev, group=self.group), self.prev, "receive from", timeout)
+        self.stats.recv_seconds += time.perf_counter() - start
+        return buffer
+
+    def _wait(self, work: object, peer: int, what: str, timeout: float) -> None:
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=timeout))  # type: ignore[attr-defined]
+        except RuntimeError as error:
+            text = str(error)
+            why = (f"no answer within {timeout:g} s" if "imed out" in text or "timeout" in text.lower()
+                   else "its connection closed (the process died or was stopped)")
+            raise DistributedError(
+                f"rank {self.rank} could not {what} rank {peer}: {why}. Check rank {peer}'s log; the pipeline "
+                f"stops here. ({text.splitlines()[0][:200]})", rank=peer,
+            ) from None
+
+    @staticmethod
+    def _dist():  # type: ignore[no-untyped-def]
+        import torch.distributed as dist
+
+        return dist

@@ -1,0 +1,121 @@
+"""The ranks of a pipeline test: `python pipeline_worker.py FOLDER OUT SCENARIO WORLD PORT`.
+
+The process imports torch and transformers and builds the model on meta once (no computation, so forking
+is safe), then forks one child per rank with RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1 and MASTER_PORT set as
+torchrun sets them: the ranks are real processes that did not each pay for the imports. Each rank writes
+what happened to OUT/rank-N.json. The parent waits for rank 0, gives the others `GRACE` seconds, kills what
+is left (a hung rank) and exits.
+
+Scenarios: "generate" (rank 0 generates greedily for batch 1 and a left-padded batch 2), "mismatch" (rank 1
+is given another dtype), "kill" (rank 1 dies in the middle of the batch-2 generation), "hang" (rank 1 stops
+answering in the middle of the batch-1 generation; the timeout is 5 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS = [[3, 17, 5, 42, 9, 11, 64], [0, 0, 0, 8, 23, 7, 90]]  # row 2 left-padded (pad id 0)
+MASKS = [[1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1]]
+NEW_TOKENS = 6
+
+
+GRACE = 30.0
+
+
+def launch() -> None:
+    folder, out, scenario, world, port = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    from bigload.hf import meta_model_for_folder
+
+    meta_model_for_folder(folder)  # every import the ranks need, done once before forking
+    children = []
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                              LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            code = 0
+            try:
+                run_rank(folder, out, scenario, rank)
+            except BaseException:  # a child must never return into the launcher's loop
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    os.waitpid(children[0], 0)
+    deadline = time.monotonic() + (0 if scenario == "hang" else GRACE)
+    for pid in children[1:]:
+        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+            time.sleep(0.1)
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def run_rank(folder: Path, out: Path, scenario: str, rank: int) -> None:
+    torch.set_num_threads(1)
+    import bigload
+    from bigload import distributed
+
+    if scenario in ("kill", "hang") and rank == 1:
+        _fail_at_step(distributed.StageServer, 8 if scenario == "kill" else 3, scenario)
+    dtype = "bfloat16" if scenario == "mismatch" and rank == 1 else None
+    timeout = 5 if scenario == "hang" else 20
+    record: dict = {"rank": rank}
+    try:
+        model = bigload.from_pretrained(folder, distributed=True, dtype=dtype, progress=False,
+                                        pipeline={"timeout": timeout, "idle_timeout": 60})
+        if model is not None:
+            pipeline = model.bigload_pipeline
+            record["loads"] = [load.__dict__ | {"files": list(load.files)} for load in pipeline.loads]
+            _generate(model, record)
+            record["comm_per_token"] = pipeline.stats.comm_seconds_per_token
+            bigload.stop_pipeline(model)
+            try:
+                _generate(model)
+            except bigload.DistributedError as error:
+                record["after_stop"] = str(error)
+    except bigload.BigloadError as error:
+        record["error"] = f"{type(error).__name__}: {error}"
+        record["error_at"] = time.monotonic()
+    (out / f"rank-{rank}.json").write_text(json.dumps(record))
+
+
+def _fail_at_step(server: type, step: int, how: str) -> None:
+    """Make this rank die (os._exit) or hang (sleep) when it gets its `step`-th message."""
+    original = server._step
+    seen = []
+
+    def failing(self, header):  # type: ignore[no-untyped-def]
+        seen.append(header)
+        if len(seen) == step:
+            if how == "kill":
+                os._exit(9)
+            time.sleep(60)
+        return original(self, header)
+
+    server._step = failing
+
+
+def _generate(model: torch.nn.Module, record: dict | None = None) -> dict:
+    """Greedy tokens for batch 1, then a left-padded batch 2 (each one prefill + NEW_TOKENS - 1 decodes)."""
+    result = {} if record is None else record
+    with torch.inference_mode():
+        one = model.generate(torch.tensor(PROMPTS[:1]), attention_mask=torch.ones(1, 7, dtype=torch.long),
+                             max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        result["batch1"] = one[:, 7:].tolist()
+        two = model.generate(torch.tensor(PROMPTS), attention_mask=torch.tensor(MASKS),
+                             max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        result["batch2"] = two[:, 7:].tolist()
+    return result
+
+
+if __name__ == "__main__":
+    launch()

@@ -1,0 +1,426 @@
+"""Adapters (peft) on an offloaded base: peft's own calls on a model bigload dispatched with layers on disk,
+compared with peft on the same base fully in memory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigload import load_checkpoint_and_dispatch
+from bigload.errors import AdapterError, OffloadError
+from bigload.hooks import runtime_of
+from bigload.store import DiskStore
+from fixtures_models import empty_llama, llama_map, reference_llama, save_sharded
+from timeouts import with_timeout
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.tensor([[3, 17, 5, 42, 9, 11, 64, 8]])
+DISK_LAYERS = [1, 2]
+
+
+def save_adapter(base: torch.nn.Module, config: object, folder: Path, *, seed: int, widen: str, std: float) -> Path:
+    """`config` on `base`, the tensors whose names contain `widen` drawn with `std` (peft starts LoRA's B at
+    zero and prompts small; wide ones make the adapter change greedy tokens), saved with save_pretrained."""
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if widen in name:
+                param.normal_(0.0, std)
+    model.save_pretrained(folder)
+    return folder
+
+
+def write_lora(folder: Path, seed: int) -> Path:
+    """A LoRA adapter on q_proj/v_proj of the reference Llama, with random A and B."""
+    lora = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False)
+    return save_adapter(reference_llama(), lora, folder, seed=seed, widen="lora_B", std=0.3)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "base": save_sharded(reference_llama(), root / "base"),
+        "lora": write_lora(root / "lora", seed=1),
+        "lora2": write_lora(root / "lora2", seed=2),
+    }
+
+
+def dispatched(files: dict[str, Path], offload: Path):
+    return load_checkpoint_and_dispatch(empty_llama(), files["base"], device_map=llama_map(DISK_LAYERS),
+                                        offload_folder=offload)
+
+
+def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return with_timeout(lambda: model(input_ids=ids).logits)
+
+
+def greedy(model, tokens: int = 8) -> torch.Tensor:
+    return with_timeout(lambda: model.generate(input_ids=IDS, max_new_tokens=tokens, do_sample=False))
+
+
+def test_peft_calls_on_a_disk_offloaded_base_equal_peft_in_memory(files, tmp_path):
+    ours = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "offload"), files["lora"])
+    reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
+    base = logits(reference_llama())
+    assert not torch.allclose(logits(reference), base, atol=1e-2)  # the adapter really changes the outputs
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+
+    ours.load_adapter(files["lora2"], adapter_name="second")
+    reference.load_adapter(files["lora2"], adapter_name="second")
+    ours.set_adapter("second")
+    reference.set_adapter("second")
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(ours), greedy(reference))
+    with ours.disable_adapter(), reference.disable_adapter():
+        torch.testing.assert_close(logits(ours), base, atol=1e-5, rtol=0)
+    ours.set_adapter("default")
+    reference.set_adapter("default")
+    assert torch.equal(greedy(ours), greedy(reference))
+    assert not torch.equal(greedy(ours), greedy(reference_llama()))
+
+
+def test_adapter_weights_of_offloaded_layers_are_real_and_on_the_execution_device(files, tmp_path):
+    ours = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "offload"), files["lora"])
+    reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
+    expected = dict(reference.named_parameters())
+    adapter = {name: tensor for name, tensor in ours.named_parameters() if "lora_" in name}
+    assert len(adapter) == 4 * 2 * 2  # 4 layers x (q, v) x (A, B)
+    for name, tensor in adapter.items():
+        assert tensor.device == torch.device("cpu"), name
+        assert torch.equal(tensor, expected[name]), name
+    # The base weights of disk layers stay offloaded: placeholders between forwards, bytes in the store.
+    q_proj = ours.base_model.model.model.layers[1].self_attn.q_proj.base_layer.weight
+    assert q_proj.device.type == "meta"
+    assert runtime_of(ours.base_model.model).blocks["model.layers.1"].offloaded
+
+
+def test_merge_and_unload_writes_merged_weights_into_the_offload_store(files, tmp_path):
+    checkpoint = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in files["base"].iterdir()}
+    offload = tmp_path / "offload"
+    ours = peft.PeftModel.from_pretrained(dispatched(files, offload), files["lora"])
+    origin_before = json.loads((offload / "bigload.json").read_text())["fingerprint"]
+    merged = ours.merge_and_unload()
+    expected = peft.PeftModel.from_pretrained(reference_llama(), files["lora"]).merge_and_unload()
+
+    assert merged is ours.base_model.model and runtime_of(merged) is not None
+    torch.testing.assert_close(logits(merged), logits(expected), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(merged), greedy(expected))
+    store = DiskStore.open(offload)
+    reference = dict(expected.named_parameters())
+    for layer in DISK_LAYERS:
+        for proj in ("q_proj", "v_proj"):
+            name = f"model.layers.{layer}.self_attn.{proj}.weight"
+            assert (offload / f"{name}.dat").is_file()  # a copy now, no longer a reference into the checkpoint
+            assert torch.equal(store.get(name), reference[name]), name
+            assert merged.get_submodule(name.rsplit(".", 1)[0]).weight.device.type == "meta"  # not in RAM
+    assert json.loads((offload / "bigload.json").read_text())["fingerprint"] != origin_before
+    assert checkpoint == {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+                          for path in files["base"].iterdir()}
+
+
+def test_merge_adapter_and_unmerge_adapter_reach_the_offloaded_weights(files, tmp_path):
+    ours = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "offload"), files["lora"])
+    reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
+    adapted = logits(reference)
+    ours.merge_adapter()
+    reference.merge_adapter()
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(ours), adapted, atol=1e-4, rtol=0)
+    store = DiskStore.open(tmp_path / "offload")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(store.get(name), reference.get_parameter(f"base_model.model.{name[:-7]}.base_layer.weight"))
+    ours.unmerge_adapter()
+    reference.unmerge_adapter()
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    with ours.disable_adapter():
+        torch.testing.assert_close(logits(ours), logits(reference_llama()), atol=1e-5, rtol=0)
+
+
+def test_unload_gives_back_the_base_model(files, tmp_path):
+    ours = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "offload"), files["lora"])
+    base = ours.unload()
+    assert not any("lora_" in name for name, _ in base.named_parameters())
+    torch.testing.assert_close(logits(base), logits(reference_llama()), atol=1e-5, rtol=0)
+
+
+def test_a_folder_holding_merged_weights_is_not_reused_for_the_base(files, tmp_path):
+    offload = tmp_path / "offload"
+    peft.PeftModel.from_pretrained(dispatched(files, offload), files["lora"]).merge_and_unload()
+    with pytest.raises(OffloadError, match=r"then changed: merged \['default'\] into model\.layers\.1"):
+        dispatched(files, offload)  # the store no longer holds the checkpoint's bytes
+
+
+# --------------------------------------------------------------------------------------------------
+# bigload's own way: from_pretrained(adapter=...), plan and generate --adapter
+
+MEMORY = {"cpu": "700KB", "disk": "1GiB"}  # embeddings and two layers in RAM, the rest on disk
+
+
+def test_from_pretrained_with_adapters_equals_peft_in_memory(files, tmp_path):
+    import bigload
+
+    ours = bigload.from_pretrained(files["base"], adapter=[files["lora"], files["lora2"]], max_memory=MEMORY,
+                                   offload_folder=tmp_path / "offload", progress=False)
+    reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
+    reference.load_adapter(files["lora2"], adapter_name="lora2")
+    assert "disk" in ours.get_base_model().hf_device_map.values()
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(ours), greedy(reference))
+    ours.set_adapter("lora2")
+    reference.set_adapter("lora2")
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    # Adapter tensors of disk blocks were streamed into the store with their block.
+    store = DiskStore.open(tmp_path / "offload")
+    disk_layer = next(k for k, v in ours.get_base_model().hf_device_map.items() if v == "disk" and "layers" in k)
+    lora_b = f"{disk_layer}.self_attn.v_proj.lora_B.lora2.weight"
+    assert torch.equal(store.get(lora_b), dict(reference.named_parameters())[f"base_model.model.{lora_b}"])
+    merged, expected = ours.merge_and_unload(), reference.merge_and_unload()
+    torch.testing.assert_close(logits(merged), logits(expected), atol=1e-5, rtol=0)
+
+
+def test_the_plan_counts_adapter_bytes_on_the_block_that_owns_them(files):
+    from bigload.hf import plan_model
+
+    budget = MEMORY  # layers are blocks of their own
+    plain = {p.name: p.weights for p in plan_model(files["base"], max_memory=budget).placements}
+    adapted = {p.name: p.weights for p in
+               plan_model(files["base"], max_memory=budget, adapter=[files["lora"], files["lora2"]]).placements}
+    # q_proj: A (4 x 64) + B (64 x 4); v_proj: A (4 x 64) + B (32 x 4); two adapters; float32.
+    per_layer = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4)) * 4
+    assert adapted.keys() == plain.keys() and sum(".layers." in block for block in plain) == 4
+    for block, size in plain.items():
+        assert adapted[block] - size == (per_layer if ".layers." in block else 0), block
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, Path]:
+    """The CLI's demo model (bfloat16, with a tokenizer) and a LoRA adapter for it."""
+    from transformers import AutoModelForCausalLM
+
+    from bigload.demo import write_demo_model
+
+    root = tmp_path_factory.mktemp("demo")
+    folder = write_demo_model(root / "small", "small")
+    lora = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=8, init_lora_weights=False)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    return {"model": folder, "lora": save_adapter(base, lora, root / "lora", seed=3, widen="lora_B", std=0.3)}
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    from bigload.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_plan_shows_adapter_bytes_per_block(demo, capsys):
+    code, out, err = run_main(capsys, "plan", str(demo["model"]), "--adapter", str(demo["lora"]),
+                              "--max-memory", "cpu=8MiB,disk=1GiB")
+    assert code == 0, err
+    assert f"adapter 'default' (LORA, {demo['lora']}): 208.00 KiB in 8 block(s)" in out
+    assert "model.layers.7  disk   26.00 KiB" in out
+
+
+def test_cli_generate_with_an_adapter_matches_peft_in_memory(demo, capsys, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    code, out, err = run_main(capsys, "generate", str(demo["model"]), "--adapter", str(demo["lora"]), "--prompt",
+                              "Hello world", "--max-new-tokens", "4", "--max-memory", "cpu=8MiB,disk=1GiB",
+                              "--offload-folder", str(tmp_path / "off"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["device_bytes"].get("disk", 0) > 0
+    tokenizer = AutoTokenizer.from_pretrained(demo["model"])
+    base = AutoModelForCausalLM.from_pretrained(demo["model"], dtype=torch.bfloat16)
+    reference = peft.PeftModel.from_pretrained(base, demo["lora"])
+    ids = tokenizer("Hello world", return_tensors="pt")["input_ids"]
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, min_new_tokens=4,
+                  pad_token_id=tokenizer.eos_token_id)
+    expected = reference.generate(input_ids=ids, **kwargs)[0, ids.shape[1]:]
+    assert report["token_ids"] == expected.tolist()
+    with torch.no_grad(), reference.disable_adapter():
+        plain = reference(input_ids=ids).logits[0, -1].argmax().item()
+    assert report["token_ids"][0] != plain  # the adapter changes the text
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt tuning and prefix tuning
+
+
+def write_prompt_learning(folder: Path, config: object) -> Path:
+    """A prompt-learning adapter whose virtual tokens are drawn wide enough to change the outputs."""
+    return save_adapter(reference_llama(), config, folder, seed=5, widen="prompt_encoder", std=3.0)
+
+
+@pytest.fixture(scope="module")
+def prompt_tuning(files) -> Path:
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    return write_prompt_learning(files["base"].parent / "prompt", config)
+
+
+def test_prompt_tuning_on_an_offloaded_base_equals_peft_in_memory(files, prompt_tuning, tmp_path):
+    import bigload
+
+    reference = peft.PeftModel.from_pretrained(reference_llama(), prompt_tuning)
+    expected = greedy(reference, tokens=4)
+    assert not torch.equal(expected, greedy(reference_llama(), tokens=4))
+    with_peft = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "a"), prompt_tuning)
+    ours = bigload.from_pretrained(files["base"], adapter=prompt_tuning, max_memory=MEMORY,
+                                   offload_folder=tmp_path / "b", progress=False)
+    assert "disk" in ours.get_base_model().hf_device_map.values()
+    for model in (with_peft, ours):
+        assert torch.equal(greedy(model, tokens=4), expected)
+        torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def prefix_tuning(files) -> Path:
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    return write_prompt_learning(files["base"].parent / "prefix", config)
+
+
+def prefix_reference(prefix: Path):
+    """peft's prefix tuning on the base fully in memory, checked to change the base's logits."""
+    reference = peft.PeftModel.from_pretrained(reference_llama(), prefix)
+    assert not torch.allclose(logits(reference), logits(reference_llama()), atol=1e-2)
+    return reference
+
+
+def test_prefix_tuning_on_a_cpu_executed_offloaded_base_equals_peft_in_memory(files, prefix_tuning, tmp_path):
+    import bigload
+
+    reference = prefix_reference(prefix_tuning)
+    ours = bigload.from_pretrained(files["base"], adapter=prefix_tuning, max_memory=MEMORY,
+                                   offload_folder=tmp_path / "off", progress=False)
+    device_map = ours.get_base_model().hf_device_map
+    # Blocks kept in RAM run where they live: named by torch.device, which peft reads as their execution device.
+    assert {str(value) for value in device_map.values()} == {"cpu", "disk"}
+    assert all(value == "disk" or value == torch.device("cpu") for value in device_map.values())
+    assert ours.prompt_encoder["default"].embedding.weight.device == torch.device("cpu")
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(ours), greedy(reference))
+
+
+def test_peft_prefix_tuning_on_a_dispatched_base_with_cpu_named_as_a_device(files, prefix_tuning, tmp_path):
+    reference = prefix_reference(prefix_tuning)
+    device_map = {key: "disk" if value == "disk" else torch.device("cpu")
+                  for key, value in llama_map(DISK_LAYERS).items()}
+    base = load_checkpoint_and_dispatch(empty_llama(), files["base"], device_map=device_map,
+                                        offload_folder=tmp_path / "off")
+    assert base.hf_device_map == device_map
+    ours = peft.PeftModel.from_pretrained(base, prefix_tuning)  # peft's own call
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(ours), greedy(reference))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefix_tuning_with_disk_offload_to_a_gpu_equals_peft_in_memory(files, tmp_path):
+    import bigload
+
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    prefix = write_prompt_learning(tmp_path / "prefix", config)
+    reference = peft.PeftModel.from_pretrained(reference_llama(), prefix).to("cuda")
+    ours = bigload.from_pretrained(files["base"], adapter=prefix, max_memory={0: "700KB", "disk": "1GiB"},
+                                   offload_folder=tmp_path / "off", progress=False)  # disk layers run on the GPU
+    ids = IDS.to("cuda")
+    expected = reference.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(with_timeout(lambda: ours.generate(input_ids=ids, max_new_tokens=8, do_sample=False)),
+                       expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lora_on_a_gpu_with_disk_offload_equals_peft_in_memory(files, tmp_path):
+    import bigload
+
+    reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"]).to("cuda")
+    ours = bigload.from_pretrained(files["base"], adapter=files["lora"],
+                                   max_memory={0: "500KB", "cpu": "200KB", "disk": "1GiB"},
+                                   offload_folder=tmp_path / "off", progress=False)
+    ids = IDS.to("cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0)
+    merged, expected = ours.merge_and_unload(), reference.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: a bigload error naming the file and the fix, nothing loaded or written
+
+
+def load_with(files: dict[str, Path], adapter: Path, offload: Path):
+    import bigload
+
+    return bigload.from_pretrained(files["base"], adapter=adapter, max_memory=MEMORY, offload_folder=offload,
+                                   progress=False)
+
+
+def test_an_adapter_for_another_base_is_refused(files, tmp_path):
+    from fixtures_hf import ARCHS, build_model  # a Llama of another width (hidden 32)
+
+    torch.manual_seed(0)
+    lora = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights=False)
+    peft.get_peft_model(build_model(ARCHS["llama"]), lora).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(AdapterError, match=r"narrow/adapter_model\.safetensors holds other shapes: .*q_proj"
+                                           r".*pass the base it was made for"):
+        load_with(files, tmp_path / "narrow", tmp_path / "off")
+    assert not (tmp_path / "off").exists()
+
+
+def test_an_adapter_whose_target_modules_are_missing_is_refused(files, tmp_path):
+    from fixtures_hf import ARCHS, build_model
+
+    lora = peft.LoraConfig(target_modules=["c_attn"], r=4)  # GPT-2's attention, not in a Llama
+    peft.get_peft_model(build_model(ARCHS["gpt2"]), lora).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(AdapterError, match=r"gpt2/adapter_config\.json does not fit LlamaForCausalLM: .*c_attn"):
+        load_with(files, tmp_path / "gpt2", tmp_path / "off")
+    assert not (tmp_path / "off").exists()
+
+
+def test_a_corrupt_adapter_file_is_refused(files, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_bytes((files["lora"] / "adapter_config.json").read_bytes())
+    data = (files["lora"] / "adapter_model.safetensors").read_bytes()
+    (broken / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(AdapterError, match=r"broken/adapter_model\.safetensors: .*truncated.*This adapter's "
+                                           r"weights are unreadable: save the adapter again"):
+        load_with(files, broken, tmp_path / "off")
+    assert not (tmp_path / "off").exists()
+
+
+def test_an_adapter_config_naming_an_unknown_method_is_refused(files, tmp_path):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    config = json.loads((files["lora"] / "adapter_config.json").read_text())
+    (odd / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "SUPERLORA"}))
+    (odd / "adapter_model.safetensors").write_bytes((files["lora"] / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(AdapterError, match=r"odd/adapter_config\.json: peft cannot read this config .*'SUPERLORA'"
+                                           r".* knows .*LORA.*upgrade peft"):
+        load_with(files, odd, tmp_path / "off")
+
+
+def test_a_failed_wrap_leaves_the_model_as_it_was(files, tmp_path):
+    from bigload.adapters import read_adapters, wrap
+    from bigload.hf import load_config, meta_model_from_config
+
+    from fixtures_hf import ARCHS, build_model
+
+    peft.get_peft_model(build_model(ARCHS["gpt2"]), peft.LoraConfig(target_modules=["c_attn"], r=4)
+                        ).save_pretrained(tmp_path / "gpt2")
+    model = meta_model_from_config(load_config(files["base"] / "config.json"))
+    before = [name for name, _ in model.named_parameters()]
+    with pytest.raises(AdapterError):
+        wrap(model, read_adapters([files["lora"], tmp_path / "gpt2"]))  # the first fits, the second does not
+    assert [name for name, _ in model.named_parameters()] == before
