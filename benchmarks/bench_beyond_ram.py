@@ -144,15 +144,34 @@ def _loader(spec: dict, offload: Path):
     if method.startswith("bigload-int"):
         if "quantize" not in inspect.signature(load).parameters:
             raise Unavailable("quantize= is not in this tree")
-        kwargs["quantize"] = method.rsplit("-", 1)[1]
+        kwargs["quantize"] = _scheme(folder, method.rsplit("-", 1)[1])
 
     def run_bigload():
         model = _meta_model(folder, init_empty_weights)
+        extra = {}
+        if kwargs.get("quantize", "").startswith("int4:"):
+            # The tiny quick-mode checkpoint: Linears whose inputs no group size divides stay unquantized.
+            group = int(kwargs["quantize"].split(":")[1])
+            extra["quantize_skip"] = [name for name, module in model.named_modules()
+                                      if isinstance(module, torch.nn.Linear) and module.in_features % group]
         load(model, folder, device_map=dmap, offload_folder=str(offload), dtype=torch.bfloat16, progress=False,
-             **kwargs)
+             **kwargs, **extra)
         return model
 
     return run_bigload
+
+
+def _scheme(folder: str, scheme: str) -> str:
+    """`scheme`, with int4's groups of 128 made smaller when the model's widths are not multiples of 128 (the
+    tiny quick-mode checkpoint)."""
+    if scheme != "int4":
+        return scheme
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    widths = [getattr(config, name, 128) for name in ("hidden_size", "intermediate_size")]
+    group = next((g for g in (128, 64) if all(w % g == 0 for w in widths)), 32)
+    return scheme if group == 128 else f"int4:{group}"
 
 
 def _meta_model(folder: str, init_empty_weights):
