@@ -248,7 +248,7 @@ def summarize(ctx, results: list[dict]) -> dict:
         n = len(layer_bytes)
         disk_bytes = sum(v for k, v in layer_bytes.items() if map_ != "memory" and k >= (n // 2 if map_ == "half" else 0))
         for cache in ("warm", "cold") if map_ != "memory" else ("warm",):
-            tag = f"{MAP_TITLES[map_]}, {cache}"
+            tag = f"{MAP_TITLES[map_]}, page cache {cache}"  # RAM holds the model; beyond RAM: bench_beyond_ram
             b, b0, a, t = (runs(m, map_, cache) for m in ("bigload-p1", "bigload-p0", "accelerate", "transformers"))
             vb, vb0, va, vt = (median_of(x, "decode_tok_s") for x in (b, b0, a, t))
             limit = None

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["evict", "resident_fraction", "warm", "files_under"]
+__all__ = ["drop_caches", "evict", "resident_fraction", "warm", "files_under"]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -77,7 +77,8 @@ def _fadvise_dontneed(path: Path) -> None:
         os.close(fd)
 
 
-def _drop_caches() -> bool:
+def drop_caches() -> bool:
+    """`sync; echo 3 > /proc/sys/vm/drop_caches` (root; every file's clean pages); False when refused."""
     try:
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -93,7 +94,7 @@ def evict(paths: Iterable[Path], *, allow_global: bool = True) -> dict[str, obje
         _fadvise_dontneed(f)
     method = "posix_fadvise(DONTNEED)"
     left = resident_fraction(files)
-    if left > 0.05 and allow_global and _drop_caches():
+    if left > 0.05 and allow_global and drop_caches():
         left = resident_fraction(files)
         method += " + drop_caches"
     return {"method": method, "resident_after": round(left, 4)}

@@ -24,6 +24,8 @@ def _bench(name: str):
         from benchmarks import bench_plan as mod
     elif name == "pipeline":
         from benchmarks import bench_pipeline as mod
+    elif name == "beyond_ram":
+        from benchmarks import bench_beyond_ram as mod
     else:
         raise ValueError(f"unknown bench {name!r}")
     return mod

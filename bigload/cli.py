@@ -93,6 +93,9 @@ def _add_planning_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", choices=POLICIES, default=None,
                         help="where CPU-resident blocks run when a GPU exists: stream their weights to it, or "
                              "run locally on the CPU (default: chosen by a bandwidth model of decoding)")
+    parser.add_argument("--disk-reads", choices=("mapped", "read"), default=None,
+                        help="how disk blocks are brought in: used in place from the page cache (mapped), or read "
+                             "explicitly ahead of use (read); default: read when they exceed the CPU memory left")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +185,7 @@ def _planning_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "quantize": args.quantize,
         "quantize_skip": args.quantize_skip,
         "policy": args.policy,
+        "disk_reads": args.disk_reads,
     }
 
 
@@ -202,6 +206,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         planning.pop("quantize_skip", None)
         if planning.pop("quantize", None):
             raise BigloadError("--quantize cannot be combined with --hosts yet; plan without --quantize, "
+                               "or for one machine (no --hosts).")
+        if planning.pop("disk_reads", None):
+            raise BigloadError("--disk-reads cannot be combined with --hosts yet; plan without --disk-reads, "
                                "or for one machine (no --hosts).")
         result = plan_model_hosts(args.model, args.hosts, max_memory_hosts=_host_budgets(args), **planning)
     else:

@@ -31,6 +31,7 @@ from bigload.sizes import parse_dtype
 from bigload.budget import check_devices_exist, detect_budget, parse_max_memory
 from bigload.inventory import DtypeRule, Inventory, inventory_from_module
 from bigload.plan import STRATEGIES, Plan, PlanOptions, plan
+from bigload.reserve import DiskReads, choose_disk_reads
 from bigload.store import DiskStore, StoreOrigin, StoreWriter
 from bigload.checkpoint import CheckpointIndex, open_checkpoint
 from bigload.quant import Quantization
@@ -277,6 +278,7 @@ class _Placement:
     prefetch: int
     plan: Any = None  # the bigload Plan, when there is one
     inventory: Inventory | None = None  # what it was planned from: the loader places each tensor in its dtype
+    disk_reads: DiskReads | None = None  # a dict map's (a Plan carries its own in `slots.reads`)
 
 
 def load_checkpoint_and_dispatch(
@@ -308,6 +310,7 @@ def load_checkpoint_and_dispatch(
     only: Sequence[str] | None = None,
     quantize: str | Quantization | None = None,
     quantize_skip: Sequence[str] | None = None,
+    disk_reads: DiskReads | str | None = None,
 ) -> nn.Module:
     """Plan, stream, hook: load `checkpoint` into a model built with `init_empty_weights()` and dispatch it.
 
@@ -349,6 +352,10 @@ def load_checkpoint_and_dispatch(
             `bigload.quant.QuantLinear`s before planning (so the plan sizes quantized bytes) and quantized
             while streaming; the output head, embeddings and norms stay as they are.
         quantize_skip: module names whose Linears stay unquantized.
+        disk_reads: how disk blocks are brought in: "mapped" (in place from the page cache, zero-copy) or
+            "read" (explicit reads into the slots, for disk blocks bigger than the memory left); None: decided
+            from the CPU budget (`max_memory`'s, else what the machine has available) and shown in
+            `explain()`, see `reserve.choose_disk_reads`.
 
     Returns:
         `model`, weights in place, hooked, `hf_device_map` set (and `bigload_plan` when planned), and
@@ -377,7 +384,7 @@ def load_checkpoint_and_dispatch(
     options = PlanOptions(
         dtype=dtype, max_memory=max_memory, offload_folder=offload_folder, context_length=context_length,
         batch_size=batch_size, prefetch=prefetch, policy=policy, keep_in_fp32_modules=keep_in_fp32_modules,
-        special_dtypes=special_dtypes, no_split_module_classes=no_split_module_classes,
+        special_dtypes=special_dtypes, no_split_module_classes=no_split_module_classes, disk_reads=disk_reads,
         cast_bytes=gpu_cast_bytes(index, parse_dtype(dtype) if dtype is not None else None))
     placement = _place(model, device_map, options, source_dtypes(index, sources))
     placed = validate_device_map(model, placement.device_map)
@@ -399,6 +406,7 @@ def load_checkpoint_and_dispatch(
             offload_buffers=offload_buffers,
             policy=options.policy or ExecutionPolicy.STREAM,
             slots=placement.plan.slots if placement.plan is not None else None,
+            disk_reads=placement.disk_reads,
         )
     _set_device_map(model, placement.device_map, runtime)
     model.bigload_load = result  # type: ignore[assignment]
@@ -432,8 +440,30 @@ def _place(model: nn.Module, device_map: Any, options: PlanOptions,
         return _Placement(dict(planned.device_map), dict(planned.execution_devices), planned.prefetch, planned,
                           inventory)
     if isinstance(device_map, Mapping):
-        return _Placement(dict(device_map), None, options.prefetch)
+        reads = _map_disk_reads(model, device_map, options, stored_dtypes)
+        return _Placement(dict(device_map), None, options.prefetch, disk_reads=reads)
     return _from_plan(device_map)
+
+
+def _map_disk_reads(model: nn.Module, device_map: DeviceMap, options: PlanOptions,
+                    stored_dtypes: Mapping[str, torch.dtype]) -> DiskReads | None:
+    """How a dict map's disk blocks are brought in: as asked, else `choose_disk_reads` from the bytes placed on
+    disk and the CPU budget (`max_memory`'s, else available memory) minus the bytes placed on the CPU."""
+    if options.disk_reads is not None:
+        return options.disk_reads
+    placed = {key: Device.parse(value) for key, value in device_map.items()}
+    if not any(device.kind is DeviceKind.DISK for device in placed.values()):
+        return None
+    inventory = _inventory(model, options, stored_dtypes)
+    on: dict[DeviceKind, int] = {}
+    for tensor in inventory.tensors:
+        owner = owner_of(tensor.name, placed)
+        if owner is not None:
+            on[placed[owner].kind] = on.get(placed[owner].kind, 0) + tensor.nbytes
+    cpu = detect_budget(options.max_memory).get(CPU)
+    reads, reason = choose_disk_reads(on.get(DeviceKind.DISK, 0), cpu - on.get(DeviceKind.CPU, 0))
+    logger.info("bigload: %s", reason)
+    return reads
 
 
 def _inventory(model: nn.Module, options: PlanOptions, stored_dtypes: Mapping[str, torch.dtype] | None) -> Inventory:
@@ -464,6 +494,7 @@ def plan_for_model(
     special_dtypes: Mapping[str, str | torch.dtype] | None = None,
     policy: ExecutionPolicy | str | None = None,
     headroom: int | str | Mapping[DeviceLike, int | str] | None = None,
+    disk_reads: DiskReads | str | None = None,
 ) -> Plan:
     """Plan an `nn.Module` you built (meta is fine): inventory -> budget -> plan, without reading a weight.
 
@@ -479,7 +510,7 @@ def plan_for_model(
         strategy=strategy, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
         context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
         keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes,
-        no_split_module_classes=no_split_module_classes, headroom=headroom)
+        no_split_module_classes=no_split_module_classes, headroom=headroom, disk_reads=disk_reads)
     return _plan_inventory(_inventory(model, options, None), options)
 
 

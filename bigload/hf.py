@@ -418,6 +418,7 @@ def plan_model(
     adapter: str | Path | Sequence[str | Path] | None = None,
     quantize: str | None = None,
     quantize_skip: list[str] | None = None,
+    disk_reads: str | None = None,
 ) -> Any:
     """A dry run: plan MODEL (catalog name, model folder, config.json or checkpoint) without reading a weight.
 
@@ -437,6 +438,8 @@ def plan_model(
         adapter: peft adapter folder(s) whose tensors the blocks carry (see `from_pretrained`).
         quantize, quantize_skip: plan the quantized model ("int8", "int4", "int4:GROUP"; see
             `from_pretrained`); needs a config.
+        disk_reads: how disk blocks are brought in ("mapped" or "read"); default: decided from the CPU
+            memory the plan leaves (`reserve.choose_disk_reads`).
 
     Returns:
         A `Plan`.
@@ -449,7 +452,7 @@ def plan_model(
     """
     options = PlanOptions(strategy=strategy, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
                           context_length=context_length, batch_size=batch_size, prefetch=prefetch, policy=policy,
-                          no_split_module_classes=no_split_module_classes)
+                          no_split_module_classes=no_split_module_classes, disk_reads=disk_reads)
     inventory = inventory_for(spec, dtype=options.dtype, no_split_module_classes=options.no_split_module_classes,
                               adapter=adapter, quantize=quantize, quantize_skip=quantize_skip)
     budget = detect_budget(options.max_memory, offload_folder=options.offload_folder)
@@ -480,6 +483,7 @@ def from_pretrained(
     pipeline: Mapping[str, Any] | None = None,
     quantize: str | None = None,
     quantize_skip: list[str] | None = None,
+    disk_reads: str | None = None,
 ) -> nn.Module | None:
     """Load a Hugging Face model folder onto this machine's devices, ready for `generate`.
 
@@ -528,6 +532,9 @@ def from_pretrained(
             the model's blocks are planned, streamed, offloaded and run quantized (`bigload.quant`); the
             embeddings, norms and output head stay in `dtype`. Not with `adapter` (refused).
         quantize_skip: module names whose Linears stay unquantized.
+        disk_reads: how disk blocks are brought in: "mapped" (in place from the page cache) or "read"
+            (explicit reads into the slots); default: decided from the CPU budget (see
+            `load_checkpoint_and_dispatch`).
 
     Raises:
         BigloadError subclasses: no config or weights, a plan that does not fit, a malformed checkpoint;
@@ -543,6 +550,9 @@ def from_pretrained(
         if quantize is not None:
             raise BigloadError("quantize= is not supported with distributed=True yet; load without quantize=, "
                                "or on one machine with distributed=False.")
+        if disk_reads is not None:
+            raise BigloadError("disk_reads= is not supported with distributed=True yet; leave it unset (each rank "
+                               "decides how its disk blocks come in), or load on one machine with distributed=False.")
         from bigload.distributed import from_pretrained_distributed
 
         return from_pretrained_distributed(
@@ -569,6 +579,7 @@ def from_pretrained(
         strict=strict, prefetch=prefetch, context_length=context_length, batch_size=batch_size,
         progress=progress, keep_in_fp32_modules=built.keep_in_fp32_modules, sources=built.sources,
         materialize=materialize, policy=policy, quantize=quantize, quantize_skip=quantize_skip,
+        disk_reads=disk_reads,
     )
     _align_encoder_outputs(model)
     _load_generation_config(model, Path(path))

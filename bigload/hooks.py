@@ -16,6 +16,11 @@ the next `prefetch` blocks on a background thread while the current one computes
   on the background thread.
 - CUDA execution: weights are staged through pinned host buffers (or copied straight from pinned host
   weights) into reused device buffers on a side stream; events order the copies against compute.
+- Disk blocks that do not fit in memory (`DiskReads.READ`, decided by the planner from the budget, or by the
+  caller): read explicitly into the slot (on the CPU) or its pinned staging buffer (CUDA) by a pool of reader
+  threads (`bigload.reads`: large `preadv` calls, `O_DIRECT` where the filesystem allows), on the background
+  thread, so compute never waits on page faults, the page cache never evicts the block about to run, and a
+  file truncated since loading is an `OffloadError` in the caller rather than a SIGBUS.
 
 The prefetcher owns the slots the plan decided (`Plan.slots`: count and size, `bigload.reserve`); for a
 device map with no plan, the same rule gives `1 + prefetch` slots per execution device (more when offloaded
@@ -49,7 +54,8 @@ from torch.utils.hooks import RemovableHandle
 
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import BigloadError, OffloadError, PlanError
-from bigload.reserve import SlotSpec, aligned, slot_alignment, slot_bytes, slot_count
+from bigload.reads import BlockLayout, BlockReader, layout
+from bigload.reserve import DiskReads, SlotSpec, aligned, read_slot_bytes, slot_alignment, slot_bytes, slot_count
 from bigload.tensors import Site, owner_of, tensor_groups
 from bigload.sizes import dtype_width
 
@@ -338,7 +344,12 @@ class PrefetchStats:
         `PREFETCH_HISTORY`);
     sync_loads: blocks that had to be loaded on the caller's thread (not prefetched in time or evicted);
     bytes_loaded: bytes of offloaded weights brought in since attach (read from disk or host memory);
-    order: the execution order the prefetcher follows.
+    order: the execution order the prefetcher follows;
+    disk_reads: how disk blocks are brought in ("mapped" or "read", see `reserve.DiskReads`);
+    paths: per offloaded block loaded so far, the path it takes: "read (O_DIRECT)", "read (buffered)",
+        "mapped (in place)" or "copy" (cast or staged into a slot);
+    buffered_files: files read explicitly but through the page cache, because their filesystem refused
+        `O_DIRECT` (tmpfs, some network filesystems).
     """
 
     buffers: int
@@ -352,6 +363,9 @@ class PrefetchStats:
     sync_loads: int
     bytes_loaded: int
     order: tuple[str, ...]
+    disk_reads: str = DiskReads.MAPPED.value
+    paths: Mapping[str, str] = field(default_factory=dict)
+    buffered_files: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,7 +398,12 @@ class _Slot:
     def device_buffer(self) -> torch.Tensor:
         if self.buffer is None:
             with torch.inference_mode(False):
-                self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+                if self.device.type == "cpu":
+                    # Page-aligned (an anonymous mapping), so explicit reads can go straight in with O_DIRECT.
+                    self.buffer = torch.frombuffer(mmap.mmap(-1, max(1, self.nbytes)),
+                                                   dtype=torch.uint8)[: self.nbytes]
+                else:
+                    self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
         return self.buffer
 
     def staging_buffer(self) -> torch.Tensor:
@@ -488,10 +507,31 @@ def _load_cuda(block: Block, slot: _Slot, stream: torch.cuda.Stream) -> dict[str
     return loaded
 
 
-def _slot_specs(blocks: Sequence[Block], prefetch: int, planned: SlotSpec | None) -> dict[torch.device, SlotSpec]:
+def _read_layout(block: Block, slot_size: int) -> BlockLayout | None:
+    """The block's explicit-read layout, when every tensor's source says where its bytes lie as used."""
+    extents = []
+    for entry in block.entries:
+        locate = getattr(entry.source, "locate", None)
+        extent = locate(entry.key) if locate is not None else None
+        if extent is None or extent.nbytes != entry.nbytes:
+            return None
+        extents.append(extent)
+    widths = [dtype_width(entry.dtype) for entry in block.entries]
+    return layout(extents, widths, [entry.offset for entry in block.entries], slot_size)
+
+
+def _views_at(block: Block, buffer: torch.Tensor, plan: BlockLayout) -> dict[str, torch.Tensor]:
+    return {entry.key: buffer[at: at + entry.nbytes].view(entry.dtype).view(entry.shape)
+            for entry, at in zip(block.entries, plan.offsets)}
+
+
+def _slot_specs(blocks: Sequence[Block], prefetch: int, planned: SlotSpec | None,
+                reads: DiskReads) -> dict[torch.device, SlotSpec]:
     """Slots per execution device: the plan's (one device runs every offloaded block of a plan), else
-    `reserve.slot_count` over the blocks running there. A slot is never smaller than the largest block it
-    must hold (a plan made for other dtypes, or `offload_buffers=True`, which the plan does not know)."""
+    `reserve.slot_count` over the blocks running there, sized by `reserve.slot_bytes` (plus
+    `reserve.read_slot_bytes`' slack with explicit reads). A slot is never smaller
+    than the largest block it must hold (a plan made for other dtypes, or `offload_buffers=True`, which the
+    plan does not know)."""
     by_device: dict[torch.device, list[Block]] = {}
     for block in blocks:
         by_device.setdefault(block.execution_device, []).append(block)
@@ -502,9 +542,10 @@ def _slot_specs(blocks: Sequence[Block], prefetch: int, planned: SlotSpec | None
             if largest > planned.nbytes:
                 logger.warning("offloaded block of %d bytes exceeds the plan's slot of %d bytes; slots grow to "
                                "fit it", largest, planned.nbytes)
-            specs[device] = SlotSpec(planned.count, max(planned.nbytes, largest))
+            specs[device] = SlotSpec(planned.count, max(planned.nbytes, largest), reads)
         else:
-            specs[device] = SlotSpec(slot_count([block.name for block in group], prefetch), largest)
+            specs[device] = SlotSpec(slot_count([block.name for block in group], prefetch),
+                                     read_slot_bytes(largest, reads), reads)
     return specs
 
 
@@ -526,14 +567,15 @@ class _Prefetcher:
     """
 
     def __init__(self, blocks: Sequence[Block], prefetch: int, slots: SlotSpec | None = None,
-                 resident_buffer_bytes: int = 0) -> None:
+                 resident_buffer_bytes: int = 0, reads: DiskReads = DiskReads.MAPPED) -> None:
         self.prefetch = prefetch
         self.resident_buffer_bytes = resident_buffer_bytes
+        self.reads = reads
         self.order: list[str] = [block.name for block in blocks]
         self.blocks = {block.name: block for block in blocks}
         self.free: dict[torch.device, list[_Slot]] = {
             device: [_Slot(device, spec.nbytes) for _ in range(spec.count)]
-            for device, spec in _slot_specs(blocks, prefetch, slots).items()
+            for device, spec in _slot_specs(blocks, prefetch, slots, reads).items()
         }
         self.all_slots = [slot for slots in self.free.values() for slot in slots]
         self.streams = {device: torch.cuda.Stream(device) for device in self.free if device.type == "cuda"}
@@ -546,6 +588,9 @@ class _Prefetcher:
         self.bytes_loaded = 0
         self.sync_loads = 0
         self._views: dict[str, dict[str, torch.Tensor] | None] = {}  # per block, computed on its first load
+        self._layouts: dict[str, BlockLayout | None] = {}  # per block, with explicit reads: how it is read
+        self.paths: dict[str, str] = {}  # per block loaded so far: the path it takes (stats)
+        self._reader: BlockReader | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -622,6 +667,9 @@ class _Prefetcher:
             sync_loads=self.sync_loads,
             bytes_loaded=self.bytes_loaded,
             order=tuple(self.order),
+            disk_reads=self.reads.value,
+            paths=dict(self.paths),
+            buffered_files=tuple(str(path) for path in self._reader.buffered_files) if self._reader else (),
         )
 
     def forget(self, name: str) -> None:
@@ -631,6 +679,21 @@ class _Prefetcher:
             self._wait_quietly(ticket)
             self._drop(ticket)
         self._views.pop(name, None)
+        layout = self._layouts.pop(name, None)  # its tensors may now lie in other files (`DiskStore.rewrite`)
+        if layout is not None and self._reader is not None:
+            self._reader.reopen(run.path for run in layout.runs)
+        block = self.blocks.get(name)
+        if block is not None and self._reader is not None:
+            locate = [getattr(entry.source, "locate", None) for entry in block.entries]
+            paths = []
+            for entry, find in zip(block.entries, locate):
+                try:
+                    extent = find(entry.key) if find is not None else None
+                except Exception:  # surfaced when the block is next read
+                    extent = None
+                if extent is not None:
+                    paths.append(extent.path)
+            self._reader.reopen(paths)
 
     def close(self) -> None:
         for ticket in list(self.tickets.values()):
@@ -641,6 +704,9 @@ class _Prefetcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         # A prefetch copy may still be in flight on a side stream: its buffers are freed only after it lands.
         for stream in self.streams.values():
             stream.synchronize()
@@ -677,23 +743,19 @@ class _Prefetcher:
             return None
         future: Future[dict[str, torch.Tensor]] = Future()
         try:
-            views = self._stable(block)
+            plan = self._layout(block)
+            views = None if plan is not None else self._stable(block)
         except Exception as error:  # surfaced by acquire, which names the block
             future.set_exception(error)
         else:
-            if views is not None and background:
+            if plan is not None:
+                future = self._run(functools.partial(self._read, block, slot, plan), background)
+            elif views is not None:
                 # Nothing to copy: prefetching is asking the kernel to read the pages while the current block
                 # runs. On the thread, since `madvise` blocks while it queues the reads of a cold block.
-                future = self._pool().submit(_advised, views)
-            elif views is not None:
-                future.set_result(_advised(views))
-            elif background:
-                future = self._pool().submit(self._load, block, slot)
+                future = self._run(functools.partial(_advised, views), background)
             else:
-                try:
-                    future.set_result(self._load(block, slot))
-                except Exception as error:  # surfaced by acquire with its cause
-                    future.set_exception(error)
+                future = self._run(functools.partial(self._load, block, slot), background)
         ticket = _Ticket(block, slot, future)
         self.tickets[name] = ticket
         self.bytes_held += block.nbytes
@@ -704,7 +766,54 @@ class _Prefetcher:
     def _stable(self, block: Block) -> dict[str, torch.Tensor] | None:
         if block.name not in self._views:
             self._views[block.name] = _stable_views(block)
+            self.paths[block.name] = "mapped (in place)" if self._views[block.name] is not None else "copy"
         return self._views[block.name]
+
+    def _layout(self, block: Block) -> BlockLayout | None:
+        """How block is read explicitly (`DiskReads.READ`, a disk block whose tensors lie in files as they are
+        used), or None: it takes the mapped or copy path."""
+        if block.name not in self._layouts:
+            self._layouts[block.name] = None
+            if self.reads is DiskReads.READ and block.placed.kind is DeviceKind.DISK:
+                slot_size = next(slot.nbytes for slot in self.all_slots if slot.device == block.execution_device)
+                self._layouts[block.name] = _read_layout(block, slot_size)
+            if self._layouts[block.name] is not None:
+                direct = self._layouts[block.name].direct  # type: ignore[union-attr]
+                self.paths[block.name] = "read (O_DIRECT)" if direct else "read (buffered)"
+        return self._layouts[block.name]
+
+    def _run(self, load: Callable[[], dict[str, torch.Tensor]], background: bool) -> Future[dict[str, torch.Tensor]]:
+        """`load` on the background thread, or now on the caller's thread (its error kept in the future)."""
+        if background:
+            return self._pool().submit(load)
+        future: Future[dict[str, torch.Tensor]] = Future()
+        try:
+            future.set_result(load())
+        except Exception as error:  # surfaced by acquire with its cause
+            future.set_exception(error)
+        return future
+
+    def _read(self, block: Block, slot: _Slot, plan: BlockLayout) -> dict[str, torch.Tensor]:
+        with self._lock:
+            if self._reader is None:
+                self._reader = BlockReader()
+            reader = self._reader
+        what = f"block {block.name!r}"
+        if slot.device.type == "cpu":
+            buffer = slot.device_buffer()
+            reader.read(plan, buffer, what=what)
+            return _views_at(block, buffer, plan)
+        assert slot.loaded is not None and slot.released is not None
+        slot.loaded.synchronize()  # the previous copy out of the staging buffer is over
+        staging = slot.staging_buffer()
+        reader.read(plan, staging, what=what)
+        device_buffer = slot.device_buffer()
+        stream = self.streams[slot.device]
+        with torch.cuda.stream(stream):
+            stream.wait_event(slot.released)  # compute reading the slot's previous block is over
+            device_buffer[: plan.nbytes].copy_(staging[: plan.nbytes], non_blocking=True)
+            slot.loaded.record(stream)
+        return _views_at(block, device_buffer, plan)
 
     def _free_slot(self, device: torch.device, *, evict: bool) -> _Slot | None:
         free = self.free[device]
@@ -944,6 +1053,7 @@ def attach(
     policy: ExecutionPolicy = ExecutionPolicy.STREAM,
     order: Sequence[str] | None = None,
     slots: SlotSpec | None = None,
+    disk_reads: DiskReads | str | None = None,
 ) -> Runtime:
     """Hook each block of `device_map` so `model` runs with its weights spread over GPUs, CPU and disk.
 
@@ -964,6 +1074,8 @@ def attach(
         order: execution order of the blocks when it differs from the device map's order.
         slots: the slots to keep for offloaded blocks, decided by the planner (`Plan.slots`); None (a map
             with no plan): `reserve.slot_count` of the offloaded blocks, each the largest one's size.
+        disk_reads: how disk blocks are brought in on the CPU ("mapped" in place, or "read" explicitly into
+            the slots; see `reserve.DiskReads`); None: the plan's (`slots.reads`), else "mapped".
 
     Returns:
         The `Runtime` (also `runtime_of(model)`), with `stats()` counters.
@@ -992,7 +1104,11 @@ def attach(
                                      offload_buffers)
     ordered = _execution_order(blocks, order)
     offloaded = [blocks[name] for name in ordered if blocks[name].offloaded]
-    prefetcher = _Prefetcher(offloaded, prefetch, slots, resident_buffer_bytes=resident)
+    if disk_reads is not None:
+        reads = DiskReads.parse(disk_reads)
+    else:
+        reads = slots.reads if slots is not None else DiskReads.MAPPED
+    prefetcher = _Prefetcher(offloaded, prefetch, slots, resident_buffer_bytes=resident, reads=reads)
     runtime = Runtime(
         model=model,
         blocks={name: blocks[name] for name in ordered},

@@ -43,7 +43,7 @@ from bigload.devices import CPU, Budget, Device, DeviceKind, DeviceLike, Executi
 from bigload.errors import PlanError
 from bigload.inventory import Inventory
 from bigload.messages import Audience, Setting, Text, render, setting
-from bigload.reserve import SlotSpec, slot_alignment, slot_count
+from bigload.reserve import DiskReads, SlotSpec, choose_disk_reads, read_slot_bytes, slot_alignment, slot_count
 from bigload.sizes import dtype_width, format_size, parse_dtype, parse_size
 
 __all__ = [
@@ -149,8 +149,9 @@ class Plan:
         main_device: where offloaded blocks run (first GPU in the budget, else the CPU).
         policy: where CPU-resident blocks run when a GPU exists (an `ExecutionPolicy`, equal to its name).
         prefetch: offloaded blocks loaded ahead of the running one (the reserve covers them).
-        slots: the slots the runtime keeps on `main_device` for offloaded blocks (count and size); the
-            runtime takes them from here. `SlotSpec(0, 0)` when nothing is offloaded.
+        slots: the slots the runtime keeps on `main_device` for offloaded blocks (count and size), and how
+            disk blocks come into them (`slots.reads`: mapped in place or read explicitly, decided from the
+            CPU memory left); the runtime takes them from here. `SlotSpec(0, 0)` when nothing is offloaded.
         dtype: the compute dtype name the KV cache was sized for, or None.
         context_length: tokens of KV cache kept per sequence, or None.
         batch_size: sequences the KV cache was sized for.
@@ -208,7 +209,7 @@ class Plan:
             "main_device": self.main_device.key,
             "policy": self.policy.value,
             "prefetch": self.prefetch,
-            "slots": {"count": self.slots.count, "nbytes": self.slots.nbytes},
+            "slots": {"count": self.slots.count, "nbytes": self.slots.nbytes, "reads": self.slots.reads.value},
             "dtype": self.dtype,
             "context_length": self.context_length,
             "batch_size": self.batch_size,
@@ -252,7 +253,7 @@ class Plan:
                 main_device=Device.parse(data["main_device"]),
                 policy=ExecutionPolicy.parse(data["policy"]),
                 prefetch=int(data["prefetch"]),
-                slots=SlotSpec(int(data.get("slots", {}).get("count", 0)), int(data.get("slots", {}).get("nbytes", 0))),
+                slots=_slots_from_json(data.get("slots", {})),
                 dtype=data["dtype"],
                 context_length=data["context_length"],
                 batch_size=int(data["batch_size"]),
@@ -284,6 +285,10 @@ class Plan:
         lines.append("")
         lines.extend(f"why: {render(reason, audience)}" for reason in self.reasons)
         return "\n".join(lines)
+
+
+def _slots_from_json(data: Mapping[str, Any]) -> SlotSpec:
+    return SlotSpec(int(data.get("count", 0)), int(data.get("nbytes", 0)), DiskReads.parse(data.get("reads", "mapped")))
 
 
 def _summarize_names(names: Sequence[str], limit: int = 8) -> str:
@@ -598,6 +603,7 @@ class _Setup:
     layer_kv: int
     sources: tuple[tuple[Device, str], ...]
     headroom_reason: str = ""
+    disk_reads: DiskReads | None = None  # as requested; None: `choose_disk_reads` decides from the walk
 
 
 @dataclass(frozen=True)
@@ -621,6 +627,9 @@ class PlanOptions:
         prefetch: offloaded blocks loaded ahead of the running one; the reserve covers them.
         policy: an `ExecutionPolicy` (names are parsed) for CPU-resident blocks when a GPU exists; None:
             `choose_policy` decides.
+        disk_reads: how disk blocks are brought in (`reserve.DiskReads`: "mapped" in place from the page
+            cache, or "read" explicitly into the slots); None: `reserve.choose_disk_reads` decides from the
+            CPU memory the plan leaves.
         keep_in_fp32_modules, special_dtypes, no_split_module_classes: how the inventory is built (see
             `inventory.DtypeRule`); None: the model's own lists.
         cast_bytes: the largest temporary loading needs on a GPU beyond a tensor's final bytes (a float32
@@ -638,6 +647,7 @@ class PlanOptions:
     batch_size: int = 1
     prefetch: int = 1
     policy: ExecutionPolicy | None = None
+    disk_reads: DiskReads | None = None
     keep_in_fp32_modules: tuple[str, ...] | None = None
     special_dtypes: Mapping[str, torch.dtype] | None = None
     no_split_module_classes: tuple[str, ...] | None = None
@@ -650,6 +660,8 @@ class PlanOptions:
             set_("dtype", parse_dtype(self.dtype))
         if self.policy is not None:
             set_("policy", ExecutionPolicy.parse(self.policy))
+        if self.disk_reads is not None:
+            set_("disk_reads", DiskReads.parse(self.disk_reads))
         if self.special_dtypes is not None:
             set_("special_dtypes", {name: parse_dtype(v) for name, v in self.special_dtypes.items()})
         for name in ("keep_in_fp32_modules", "no_split_module_classes"):
@@ -761,7 +773,7 @@ def _setup(inv: Inventory, budget: Budget, options: PlanOptions) -> _Setup:
         for device, nbytes in devices
     )
     return _Setup(resolved, ExecutionPolicy.parse(chosen), reason, main, slots, layer_kv, budget.sources,
-                  _headroom_reason(headroom, fixed, cast_bytes) if gpus else "")
+                  _headroom_reason(headroom, fixed, cast_bytes) if gpus else "", options.disk_reads)
 
 
 def _layer_kv(inv: Inventory, context_length: int | None, batch_size: int, width: int | None) -> int:
@@ -819,7 +831,7 @@ def _attempt(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: int,
     """One placement with `charge` bytes set aside on the main device; returns it and the charge it needs."""
     walk = _balanced_walk(inv, setup, kv, ties, charge)
     offloaded = _offloaded_units(walk, setup)
-    needed = _main_charge(inv, walk, offloaded, prefetch, setup.main.is_gpu)
+    needed = _main_charge(inv, walk, offloaded, prefetch, setup.main.is_gpu, _disk_reads(walk, setup)[0])
     main_slot = next(s for s in walk.slots if s.device == setup.main)
     if needed > max(0, main_slot.budget - main_slot.fixed_headroom):  # nothing offloaded needs no room
         raise PlanError(_reserve_message(setup, main_slot, needed, walk, offloaded))
@@ -879,21 +891,34 @@ def _offloaded_units(walk: _Walk, setup: _Setup) -> list[Unit]:
     return [unit for unit, (slot, _) in walk.units.items() if not walk.slots[slot].runs_own]
 
 
-def _main_charge(inv: Inventory, walk: _Walk, offloaded: Sequence[Unit], prefetch: int, on_gpu: bool) -> int:
+def _main_charge(inv: Inventory, walk: _Walk, offloaded: Sequence[Unit], prefetch: int, on_gpu: bool,
+                 reads: DiskReads) -> int:
     """What the main device must hold for offloaded blocks: the runtime's slots (`_slots`), the buffers of
     offloaded blocks (they stay resident where the blocks run), and the KV cache of offloaded attention layers."""
     buffers = sum(_unit_buffers(inv, unit) for unit in offloaded)
     kv = sum(walk.units[unit][1] for unit in offloaded)
-    return _slots(inv, offloaded, prefetch, on_gpu).total + buffers + kv
+    return _slots(inv, offloaded, prefetch, on_gpu, reads).total + buffers + kv
 
 
-def _slots(inv: Inventory, offloaded: Sequence[Unit], prefetch: int, on_gpu: bool) -> SlotSpec:
+def _slots(inv: Inventory, offloaded: Sequence[Unit], prefetch: int, on_gpu: bool, reads: DiskReads) -> SlotSpec:
     """The runtime's slots: `reserve.slot_count` of them, each the largest offloaded entry's parameters at
-    aligned offsets (`Inventory.slot_bytes`)."""
+    aligned offsets (`Inventory.slot_bytes`; more with explicit reads: `reserve.read_slot_bytes`)."""
     count = slot_count([inv.names[i] for i, _ in offloaded], prefetch)
     alignment = slot_alignment(on_gpu)
     params = max((inv.slot_bytes(i, whole=whole, alignment=alignment) for i, whole in offloaded), default=0)
-    return SlotSpec(count, params if count else 0)
+    return SlotSpec(count, read_slot_bytes(params, reads) if count else 0, reads)
+
+
+def _disk_reads(walk: _Walk, setup: _Setup) -> tuple[DiskReads, Text]:
+    """How disk blocks come in: as requested, else by `choose_disk_reads` from the disk blocks' bytes and the
+    CPU memory this walk leaves (its cap minus what it placed there; none without a CPU budget)."""
+    disk = sum(walk.unit_bytes(unit) for unit, (slot, _) in walk.units.items()
+               if walk.slots[slot].device.kind is DeviceKind.DISK)
+    if setup.disk_reads is not None:
+        return setup.disk_reads, Text("disk blocks are brought in as '", str(setup.disk_reads), "', as requested (",
+                                      setting("disk_reads", repr(setup.disk_reads.value)), ").")
+    left = sum(max(0, fill.cap - fill.used) for fill in walk.slots if fill.device == CPU)
+    return choose_disk_reads(disk, left)
 
 
 def _unit_buffers(inv: Inventory, unit: Unit) -> int:
@@ -923,11 +948,15 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, options: PlanOptions
         runs_on = slot.device if slot.runs_own else setup.main
         placements.append(Placement(inv.names[unit[0]], slot.device, runs_on, walk.unit_bytes(unit), kv))
     offloaded = [unit for unit, (slot, _) in entries.items() if not slot.runs_own]
-    charge = _main_charge(inv, walk, offloaded, prefetch, setup.main.is_gpu)
+    reads, reads_reason = _disk_reads(walk, setup)
+    charge = _main_charge(inv, walk, offloaded, prefetch, setup.main.is_gpu, reads)
     offload_kv = sum(kv for unit, (slot, kv) in entries.items() if not slot.runs_own)
     usage = _usage(walk.slots, placements, setup.main, charge - offload_kv)
     target = parse_dtype(dtype) if dtype is not None else inv.dtype
     reasons = _reasons(inv, setup, placements, usage, prefetch, offloaded, walk, context_length)
+    if any(p.device.kind is DeviceKind.DISK for p in placements):
+        disk_blocks = _summarize_names([p.name for p in placements if p.device.kind is DeviceKind.DISK])
+        reasons.append(Text(f"{disk_blocks}: ", reads_reason))
     return Plan(
         placements=tuple(placements),
         usage=usage,
@@ -935,7 +964,7 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, options: PlanOptions
         main_device=setup.main,
         policy=setup.policy,
         prefetch=prefetch,
-        slots=_slots(inv, offloaded, prefetch, setup.main.is_gpu),
+        slots=_slots(inv, offloaded, prefetch, setup.main.is_gpu, reads),
         dtype=str(target).removeprefix("torch.") if target is not None else None,
         context_length=context_length,
         batch_size=batch_size,

@@ -7,14 +7,66 @@ A slot holds one offloaded block's weights while it runs or waits, prefetched. B
 module's own entry runs around its children's entries), so `nesting_depth` of them run at once, and
 `prefetch` more wait ready: `min(depth + prefetch, number of offloaded blocks)` slots, each the size of
 the largest offloaded block's weights.
+
+How disk-placed blocks come into the slots is decided here too (`choose_disk_reads`), from the budget: while
+the disk blocks fit in the CPU memory left over, they are used in place through the page cache (`MAPPED`);
+beyond that the page cache would evict the block about to run, so they are read with large explicit reads
+into the slots (`READ`), each slot then a little larger (`read_slot_bytes`) so a block's file ranges can be read
+rounded out to `READ_ALIGN` (what `O_DIRECT` asks).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Iterable, Sequence
 
-__all__ = ["SLOT_ALIGNMENT", "SlotSpec", "aligned", "nesting_depth", "slot_alignment", "slot_bytes", "slot_count"]
+from bigload.errors import PlanError
+from bigload.messages import Text, setting
+from bigload.sizes import format_size
+
+__all__ = ["READ_ALIGN", "READ_SLACK_BYTES", "SLOT_ALIGNMENT", "DiskReads", "SlotSpec", "aligned", "choose_disk_reads",
+           "nesting_depth", "read_slot_bytes", "slot_alignment", "slot_bytes", "slot_count"]
+
+READ_ALIGN = 4096  # O_DIRECT reads: file offset, length and memory address in multiples of this
+# Per slot, with explicit reads: room to round a block's contiguous file ranges out to READ_ALIGN at both ends
+# (two ranges: a layer spanning two shards; `.dat` files of sizes that are multiples of 4 KiB need none). A
+# block whose ranges do not fit is read packed, without O_DIRECT (see `bigload.reads.layout`).
+READ_SLACK_BYTES = 4 * READ_ALIGN
+READ_SLACK_FROM = 1 << 20  # smaller blocks get no slack (see `read_slot_bytes`)
+
+
+DISK_READS_OVERRIDE = setting("disk_reads", "", "mapped|read")
+
+
+class DiskReads(str, Enum):
+    """How disk-placed blocks are brought in on the CPU.
+
+    MAPPED: used in place, as views of the memory-mapped files (zero-copy; the page cache holds them; a
+        prefetch is `madvise(WILLNEED)`), right while they fit in memory.
+    READ: read with large explicit reads (`O_DIRECT` where the filesystem allows) into the slots, ahead of
+        use, by a pool of reader threads; for blocks that do not fit in memory.
+    """
+
+    MAPPED = "mapped"
+    READ = "read"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: "DiskReads | str") -> "DiskReads":
+        """`value` as a DiskReads ("mapped" or "read").
+
+        Raises:
+            PlanError: any other name.
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            raise PlanError(Text(setting("disk_reads", repr(value)), " is not a way to bring disk blocks in; use "
+                                 "'mapped' or 'read' (or none, to decide from the memory left).")) from None
+
 
 # Tensors start at multiples of this in a GPU slot, as the CUDA caching allocator aligns its blocks:
 # vectorized kernels and cuBLAS take their fast paths only on aligned pointers (and some refuse unaligned
@@ -34,11 +86,14 @@ class SlotSpec:
     Attributes:
         count: number of slots.
         nbytes: bytes of one slot (the largest offloaded block's weights, each tensor at an aligned offset,
-            see `slot_bytes`; resident buffers excluded).
+            see `slot_bytes`; resident buffers excluded; plus `READ_SLACK_BYTES` when disk blocks are read:
+            `read_slot_bytes`).
+        reads: how disk-placed blocks come into the slots (`choose_disk_reads`).
     """
 
     count: int
     nbytes: int
+    reads: DiskReads = DiskReads.MAPPED
 
     @property
     def total(self) -> int:
@@ -99,3 +154,33 @@ def slot_count(names: Sequence[str], prefetch: int) -> int:
     if not names:
         return 0
     return min(nesting_depth(names) + prefetch, len(names))
+
+
+def choose_disk_reads(disk_bytes: int, memory_left: int) -> tuple[DiskReads, Text]:
+    """How disk-placed blocks are brought in: in place through the page cache while they fit in the CPU
+    memory left over (`memory_left`: the CPU budget minus what the plan puts there), else explicit reads.
+
+    Returns:
+        (the choice, a one-line reason for `explain()`).
+
+    >>> choose_disk_reads(7 * 2**30, 3 * 2**30)[0]
+    <DiskReads.READ: 'read'>
+    """
+    if disk_bytes <= memory_left:
+        return DiskReads.MAPPED, Text(
+            f"disk blocks ({format_size(disk_bytes)}) fit in the CPU memory left ({format_size(memory_left)}): "
+            "they are used in place from the page cache (mapped, zero-copy), prefetched with madvise; pass ",
+            DISK_READS_OVERRIDE, " to override.")
+    return DiskReads.READ, Text(
+        f"disk blocks ({format_size(disk_bytes)}) exceed the CPU memory left ({format_size(max(0, memory_left))}), "
+        "so the page cache cannot keep them: each is read with large explicit reads (O_DIRECT where the "
+        "filesystem allows) into the slots, ahead of use; pass ", DISK_READS_OVERRIDE, " to override.")
+
+
+def read_slot_bytes(largest: int, reads: DiskReads) -> int:
+    """Bytes of one slot for blocks of at most `largest` bytes: with explicit reads of blocks of
+    `READ_SLACK_FROM` or more, `READ_SLACK_BYTES` more. Smaller blocks get none: they are read packed,
+    through the page cache, which costs nothing that matters at their size."""
+    if largest < READ_SLACK_FROM or reads is not DiskReads.READ:
+        return largest
+    return largest + READ_SLACK_BYTES

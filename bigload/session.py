@@ -260,7 +260,8 @@ def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: 
         progress: bigload's progress bar while loading (one final line when stderr is not a terminal).
         audience: how the plan's reasons name settings (Python keywords or CLI flags).
         planning: max_memory, strategy, dtype, context_length, batch_size, no_split_module_classes, prefetch,
-            policy, adapter (peft adapter folders, see `from_pretrained`), quantize, quantize_skip.
+            policy, adapter (peft adapter folders, see `from_pretrained`), quantize, quantize_skip,
+            disk_reads.
 
     Raises:
         BigloadError: the folder does not exist or has no tokenizer, the model does not fit, ...

@@ -31,6 +31,7 @@ import torch
 from bigload.checkpoint import CheckpointIndex, MappedFiles, TensorRef, read_safetensors_header
 from bigload.errors import CheckpointError, OffloadError
 from bigload.messages import Setting, Text, setting
+from bigload.reads import Extent
 from bigload.sizes import dtype_width, format_size
 
 __all__ = ["DiskStore", "StoreOrigin", "StoreWriter", "TensorMeta"]
@@ -208,6 +209,23 @@ class DiskStore:
             raise OffloadError(f"{path}: the data of {name!r} is missing; delete {self.folder} and load again.")
         shape = meta.shape or (1,)  # 0-d tensors are stored as one element, as accelerate does
         return self._files.view(path, 0, meta.dtype, shape, what=repr(name), error=OffloadError).view(meta.shape)
+
+    def locate(self, name: str) -> Extent | None:
+        """Where `name`'s bytes are on disk, exactly as `get` returns them (its `.dat` file, or its range of the
+        safetensors file it points into), for explicit reads; None when `get` casts them.
+
+        Raises:
+            OffloadError: `name` is not in the store, or its reference cannot be resolved.
+        """
+        entry = self._entry(name)
+        meta = self.meta(name)
+        nbytes = (math.prod(meta.shape) if meta.shape else 1) * dtype_width(meta.dtype)
+        if "safetensors_file" not in entry:
+            return Extent(self._dat_path(name), 0, nbytes)
+        ref = self._reference(name, entry)
+        if ref.dtype != meta.dtype or ref.shape != meta.shape or ref.stride is not None or ref.nbytes != nbytes:
+            return None
+        return Extent(ref.file, ref.offset, nbytes)
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Copy `name` into the preallocated `out` (pinned host memory, or a GPU tensor) and return `out`.

@@ -1,0 +1,397 @@
+"""Offloaded generation with the RAM really smaller than the model: inside a memory cgroup.
+
+The situation disk offload exists for. Every run is a fresh process inside its own memory cgroup (v1 or v2,
+`benchmarks/cgroup.py`) whose limit is a fraction of the checkpoint (`LIMIT_FRACTION`; page cache counted),
+after `sync; echo 3 > /proc/sys/vm/drop_caches`. Model: the `large` checkpoint (16 layers of 0.4 GB, bf16),
+every decoder layer on disk, embeddings, final norm and head on the CPU. One warm-up token, then a greedy
+`generate` of `NEW_TOKENS` tokens: each step reads every decoder layer once, so the time per decode step is
+the time per pass over the offloaded weights.
+
+The bound is a cold `cat` of the shards in the same cgroup, run before every measured run (interleaved, so
+it is measured in the state the runs see): its bytes per second, applied to the offloaded bytes, is the read
+bound per pass; its spread over the invocation is reported. Beside it, once per round, the layers' bytes read
+the way bigload's explicit path reads them (`bigload.reads`, no model): what the disk gives to parallel
+`O_DIRECT` reads, which can beat one buffered stream.
+
+Methods (the same device map for all):
+- bigload: `load_checkpoint_and_dispatch(..., max_memory={"cpu": limit})`: the budget decides how disk blocks
+  come in (`disk_reads`, recorded per run: explicit reads when they exceed the memory left);
+- bigload-mapped: the same with `disk_reads="mapped"` (in place through the page cache, the path used while
+  the weights fit in memory);
+- bigload-int8 / bigload-int4: `quantize="int8"|"int4"`, when this tree's `load_checkpoint_and_dispatch` has
+  `quantize=` (otherwise reported as not in this tree);
+- accelerate: `accelerate.load_checkpoint_and_dispatch(model, folder, device_map=map, offload_folder=...)`;
+- transformers: `AutoModelForCausalLM.from_pretrained(folder, device_map=map, offload_folder=...)`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import json
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from benchmarks import cgroup, pagecache
+from benchmarks.harness import Unavailable, failure_notes, median_of, need, status_of
+from benchmarks.make_checkpoint import checkpoint_files
+
+LIMIT_FRACTION = 0.45  # of the checkpoint's bytes: ~3 GiB for the 7 GB `large`
+QUICK_LIMIT = 2 * 2**30  # --quick: the process alone needs more than a fraction of a tiny model
+CGROUP_NAME = "bigload-bench-beyond-ram"
+PROMPT_TOKENS = 16
+NEW_TOKENS = 4
+PREFETCH = 1
+METHODS = ("bigload", "bigload-mapped", "bigload-int8", "bigload-int4", "accelerate", "transformers")
+TITLES = {
+    "bigload": "bigload (disk reads decided from the budget)",
+    "bigload-mapped": "bigload, disk_reads='mapped' (in place via page cache)",
+    "bigload-int8": "bigload, quantize='int8'",
+    "bigload-int4": "bigload, quantize='int4'",
+    "accelerate": "accelerate",
+    "transformers": "transformers from_pretrained(device_map=, offload_folder=)",
+}
+HEADER = ("method", "s per pass", "÷ read bound", "prefill s", "kernel s per pass", "peak RSS", "cgroup peak",
+          "load s", "tokens = accelerate's")
+
+
+def device_map(num_layers: int) -> dict[str, str]:
+    """Every decoder layer on disk; embeddings, rotary, norm and head on the CPU."""
+    layers = {f"model.layers.{i}": "disk" for i in range(num_layers)}
+    return {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", **layers, "model.norm": "cpu", "lm_head": "cpu"}
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def measure(spec: dict) -> dict:
+    if spec.get("cgroup"):
+        cgroup.join(spec["cgroup"])  # first: everything this process allocates from now on counts
+    if spec["method"] == "cat":
+        return _measure_cat(spec)
+    if spec["method"] == "read-direct":
+        return _measure_direct_reads(spec)
+    return _measure_generate(spec)
+
+
+def _measure_direct_reads(spec: dict) -> dict:
+    """The decoder layers' bytes read as bigload's explicit path reads them, with no model and no compute:
+    each layer into one reused buffer, `O_DIRECT`, `reads.READERS` reads of `reads.CHUNK_BYTES` in flight."""
+    import mmap
+
+    import torch
+
+    open_checkpoint = need("bigload.checkpoint", "open_checkpoint")
+    reads = need("bigload.reads")
+    layers: dict[int, list] = {}
+    for name, ref in open_checkpoint(spec["folder"]).tensors.items():
+        if name.startswith("model.layers."):
+            layers.setdefault(int(name.split(".")[2]), []).append(ref)
+    largest = max(sum(ref.nbytes for ref in refs) for refs in layers.values()) + (1 << 20)
+    buffer = torch.frombuffer(mmap.mmap(-1, largest), dtype=torch.uint8)
+    reader = reads.BlockReader()
+    total = 0
+    started = time.perf_counter()
+    try:
+        for refs in layers.values():
+            extents = [reads.Extent(ref.file, ref.offset, ref.nbytes) for ref in refs]
+            block = reads.layout(extents, [ref.dtype.itemsize for ref in refs], [0] * len(refs), largest)
+            reader.read(block, buffer)
+            total += sum(ref.nbytes for ref in refs)
+    finally:
+        reader.close()
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "bytes": total, "bytes_s": total / seconds,
+            "cgroup_peak": cgroup.peak_bytes(spec["cgroup"]) if spec.get("cgroup") else None}
+
+
+def _measure_cat(spec: dict) -> dict:
+    files = [str(f) for f in checkpoint_files(Path(spec["folder"]))]
+    started = time.perf_counter()
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True, timeout=600)
+    seconds = time.perf_counter() - started
+    total = sum(Path(f).stat().st_size for f in files)
+    return {"seconds": seconds, "bytes": total, "bytes_s": total / seconds,
+            "cgroup_peak": cgroup.peak_bytes(spec["cgroup"]) if spec.get("cgroup") else None}
+
+
+def _loader(spec: dict, offload: Path):
+    import torch
+
+    folder, method = spec["folder"], spec["method"]
+    dmap = device_map(json.loads((Path(folder) / "config.json").read_text())["num_hidden_layers"])
+    if method == "transformers":
+        auto = need("transformers", "AutoModelForCausalLM")
+        return lambda: auto.from_pretrained(folder, device_map=dmap, offload_folder=str(offload),
+                                            dtype=torch.bfloat16)
+    if method == "accelerate":
+        init_empty_weights, load = need("accelerate", "init_empty_weights", "load_checkpoint_and_dispatch")
+
+        def run_accelerate():
+            model = _meta_model(folder, init_empty_weights)
+            model.tie_weights()  # accelerate's docs ask for it after its init_empty_weights
+            return load(model, folder, device_map=dmap, offload_folder=str(offload), dtype=torch.bfloat16)
+
+        return run_accelerate
+    init_empty_weights = need("bigload.empty", "init_empty_weights")
+    load = need("bigload.dispatch", "load_checkpoint_and_dispatch")
+    kwargs: dict = {"prefetch": spec["prefetch"], "max_memory": {"cpu": spec["budget"]}}
+    if method == "bigload-mapped":
+        kwargs["disk_reads"] = "mapped"
+    if method.startswith("bigload-int"):
+        if "quantize" not in inspect.signature(load).parameters:
+            raise Unavailable("quantize= is not in this tree")
+        kwargs["quantize"] = _scheme(folder, method.rsplit("-", 1)[1])
+
+    def run_bigload():
+        model = _meta_model(folder, init_empty_weights)
+        extra = {}
+        if kwargs.get("quantize", "").startswith("int4:"):
+            # The tiny quick-mode checkpoint: Linears whose inputs no group size divides stay unquantized.
+            group = int(kwargs["quantize"].split(":")[1])
+            extra["quantize_skip"] = [name for name, module in model.named_modules()
+                                      if isinstance(module, torch.nn.Linear) and module.in_features % group]
+        load(model, folder, device_map=dmap, offload_folder=str(offload), dtype=torch.bfloat16, progress=False,
+             **kwargs, **extra)
+        return model
+
+    return run_bigload
+
+
+def _scheme(folder: str, scheme: str) -> str:
+    """`scheme`, with int4's groups of 128 made smaller when the model's widths are not multiples of 128 (the
+    tiny quick-mode checkpoint)."""
+    if scheme != "int4":
+        return scheme
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    widths = [getattr(config, name, 128) for name in ("hidden_size", "intermediate_size")]
+    group = next((g for g in (128, 64) if all(w % g == 0 for w in widths)), 32)
+    return scheme if group == 128 else f"int4:{group}"
+
+
+def _meta_model(folder: str, init_empty_weights):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
+def _measure_generate(spec: dict) -> dict:
+    import resource
+
+    import torch
+
+    from benchmarks.bench_offload import _Clock, prompt_ids
+    from benchmarks.procmem import MemorySampler
+
+    torch.manual_seed(0)
+    offload = Path(spec["work"]) / f"offload-{spec['method']}"
+    shutil.rmtree(offload, ignore_errors=True)
+    run = _loader(spec, offload)
+    try:
+        with MemorySampler() as mem:
+            t0 = time.perf_counter()
+            model = run().eval()
+            load_s = time.perf_counter() - t0
+            ids = prompt_ids(model.config.vocab_size, spec["prompt_tokens"])
+            args = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=model.config.pad_token_id)
+            with torch.inference_mode():
+                model.generate(ids, max_new_tokens=1, min_new_tokens=1, **args)  # warm-up: one pass
+                clock = _Clock()
+                system0, t1 = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.perf_counter()
+                out = model.generate(ids, max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"],
+                                     streamer=clock, **args)
+                t2, system1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
+        stamps = clock.times[-spec["new_tokens"]:]
+        passes = spec["new_tokens"]  # prefill + one decode step per further token, each over every layer
+        result = {
+            "load_s": load_s,
+            "prefill_s": stamps[0] - t1,
+            "pass_s": (stamps[-1] - stamps[0]) / (len(stamps) - 1),
+            "generate_s": t2 - t1,
+            "system_s_per_pass": (system1 - system0) / passes,
+            "tokens": out[0, ids.shape[1]:].tolist(),
+            "cgroup_peak": cgroup.peak_bytes(spec["cgroup"]) if spec.get("cgroup") else None,
+            **mem.result(),
+        }
+        result["rss_peak"] = result["total_peak"] + result["baseline_rss"]  # the process's whole RSS at its peak
+        result.update(_bigload_facts(model))
+        return result
+    finally:
+        shutil.rmtree(offload, ignore_errors=True)
+
+
+def _bigload_facts(model) -> dict:
+    """How bigload brought disk blocks in (the path is decided at load time; recorded, not assumed)."""
+    try:
+        from bigload.hooks import runtime_of
+    except ImportError:
+        return {}
+    runtime = runtime_of(model)
+    if runtime is None:
+        return {}
+    stats = runtime.stats()
+    return {"disk_reads": getattr(stats, "disk_reads", None),
+            "paths": sorted(set(getattr(stats, "paths", {}).values())),
+            "reserve_bytes": stats.reserve_bytes, "peak_bytes_held": stats.peak_bytes_held}
+
+
+# ---------------------------------------------------------------- parent side
+
+
+def _folder(ctx) -> Path:
+    return ctx.checkpoint(ctx.beyond_preset)
+
+
+def _limit(ctx) -> tuple[int, int]:
+    """(the cgroup's limit, the CPU budget bigload is told): both the fraction of the checkpoint, except that
+    in --quick the cgroup gets `QUICK_LIMIT` (a Python process with torch needs more than a tiny model)."""
+    budget = int(sum(f.stat().st_size for f in checkpoint_files(_folder(ctx))) * LIMIT_FRACTION)
+    return (QUICK_LIMIT if ctx.quick else budget), budget
+
+
+def specs(ctx) -> list[dict]:
+    if cgroup.unavailable() is not None:
+        return []  # the section says why (summarize)
+    folder = _folder(ctx)
+    work = ctx.work / "beyond_ram"
+    work.mkdir(parents=True, exist_ok=True)
+    limit, budget = _limit(ctx)
+    base = {"bench": "beyond_ram", "folder": str(folder), "work": str(work), "limit": limit, "budget": budget,
+            "prompt_tokens": 8 if ctx.quick else PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "prefetch": PREFETCH,
+            "cgroup": None}
+    methods = ["read-direct"] + [m for m in METHODS if _quantize_in_tree() or not m.startswith("bigload-int")]
+    out = []
+    for r in range(ctx.repeats):
+        order = methods[r % len(methods):] + methods[: r % len(methods)]
+        for method in order:
+            # The bound is measured right before every run, in the state that run sees.
+            out += [{**base, "method": "cat", "before": method, "repeat": r}, {**base, "method": method, "repeat": r}]
+    return out
+
+
+def _quantize_in_tree() -> bool:
+    """Whether this tree's `load_checkpoint_and_dispatch` takes `quantize=` (it lands with another branch)."""
+    try:
+        from bigload.dispatch import load_checkpoint_and_dispatch
+    except ImportError:
+        return False
+    return "quantize" in inspect.signature(load_checkpoint_and_dispatch).parameters
+
+
+_made: list[cgroup.MemoryCgroup] = []
+
+
+def before(ctx):
+    """Per run: a fresh cgroup with the limit and (full runs) a dropped page cache; removed at exit."""
+    if cgroup.unavailable() is not None:
+        return None
+
+    def prepare(spec: dict) -> dict:
+        _remove_made()
+        group = cgroup.MemoryCgroup.create(CGROUP_NAME, spec["limit"])
+        _made.append(group)
+        spec["cgroup"] = str(group.path)
+        dropped = False if ctx.quick else pagecache.drop_caches()  # quick: the code path, not a measurement
+        return {"cgroup": str(group.path), "caches_dropped": dropped}
+
+    atexit.register(_remove_made)
+    return prepare
+
+
+def _remove_made() -> None:
+    while _made:
+        _made.pop().remove()
+
+
+def _cell(value, fmt: str):
+    return None if value is None else fmt.format(value)
+
+
+def summarize(ctx, results: list[dict]) -> dict:
+    _remove_made()
+    title = "Beyond RAM: offloaded generation inside a memory cgroup"
+    why = cgroup.unavailable()
+    if why is not None:
+        return {"title": title, "header": HEADER, "rows": [], "notes": [f"Skipped: {why}. Nothing was measured."]}
+    folder = _folder(ctx)
+    from benchmarks.bench_offload import _layer_bytes
+
+    disk_bytes = sum(_layer_bytes(folder).values())
+    cats = [r for r in results if r["spec"]["method"] == "cat" and r["status"] == "ok"]
+    bounds = sorted(disk_bytes / r["bytes_s"] for r in cats)
+    bound = statistics.median(bounds) if bounds else None
+    by = {m: [r for r in results if r["spec"]["method"] == m] for m in METHODS}
+    reference = next((r["tokens"] for r in by["accelerate"] if r["status"] == "ok"), None)
+    rows = []
+    if bound is not None:
+        spread = f"{bounds[0]:.2f}–{bounds[-1]:.2f}"
+        gbs = statistics.median(r["bytes_s"] for r in cats) / 1e9
+        rows.append([f"read bound: cold `cat` of the shards, same cgroup ({gbs:.2f} GB/s; spread {spread} s)",
+                     f"{bound:.2f}", "1.00", None, None, None,
+                     _gib(median_of(cats, "cgroup_peak")), None, None])
+    direct = [r for r in results if r["spec"]["method"] == "read-direct" and r["status"] == "ok"]
+    if direct:
+        per_pass = sorted(disk_bytes / r["bytes_s"] for r in direct)
+        rows.append([f"explicit reads alone: the layers read as bigload reads them, no compute "
+                     f"({statistics.median(r['bytes_s'] for r in direct) / 1e9:.2f} GB/s)",
+                     f"{statistics.median(per_pass):.2f} ({per_pass[0]:.2f}–{per_pass[-1]:.2f})",
+                     _cell(bound / statistics.median(per_pass) if bound else None, "{:.2f}"),
+                     None, None, None, _gib(median_of(direct, "cgroup_peak")), None, None])
+    for method in METHODS:
+        runs = by[method]
+        ok = [r for r in runs if r["status"] == "ok"]
+        if not ok:
+            reason = runs[0].get("reason", status_of(runs)) if runs else "not run"
+            if not runs and method.startswith("bigload-int") and not _quantize_in_tree():
+                reason = "quantize= is not in this tree"
+            rows.append([TITLES[method], reason, None, None, None, None, None, None, None])
+            continue
+        per_pass = median_of(ok, "pass_s")
+        spread = f" ({min(r['pass_s'] for r in ok):.2f}–{max(r['pass_s'] for r in ok):.2f})" if len(ok) > 1 else ""
+        same = None
+        if reference is not None:
+            equal = sum(r["tokens"] == reference for r in ok)
+            same = "yes" if equal == len(ok) else f"**NO** ({equal}/{len(ok)})"
+        label = TITLES[method]
+        paths = sorted({p for r in ok for p in r.get("paths", [])})
+        if paths:
+            label += f" [{', '.join(paths)}]"
+        rows.append([label, f"{per_pass:.2f}{spread}", _cell(bound / per_pass if bound else None, "{:.2f}"),
+                     _cell(median_of(ok, "prefill_s"), "{:.2f}"), _cell(median_of(ok, "system_s_per_pass"), "{:.2f}"),
+                     _gib(median_of(ok, "rss_peak")),
+                     _gib(median_of(ok, "cgroup_peak")), _cell(median_of(ok, "load_s"), "{:.1f}"),
+                     "reference" if method == "accelerate" else same])
+    limit = _limit(ctx)[0]
+    notes = [
+        f"Limit {limit / 2**30:.2f} GiB (memory cgroup, page cache counted) for a checkpoint of "
+        f"{sum(f.stat().st_size for f in checkpoint_files(folder)) / 1e9:.2f} GB; {disk_bytes / 1e9:.2f} GB of decoder "
+        "layers on disk, embeddings/norm/head on the CPU; bf16 on the CPU, greedy.",
+        f"One warm-up token, then {NEW_TOKENS} tokens: `s per pass` = time per decode step (each reads every "
+        "layer once), median (min–max) over runs; `prefill s` = time to the first of them; `kernel s per pass` "
+        "= the process's system CPU time over the generate ÷ passes (page-cache reclaim shows here).",
+        "`÷ read bound` = read bound per pass ÷ s per pass (1.00 = the disk's speed). The bound: bytes per "
+        "second of a cold `cat` of all shards, run before every measured run in a fresh cgroup with the same "
+        "limit, applied to the decoder layers' bytes.",
+        f"bigload prefetch {PREFETCH}; bigload is given `max_memory={{'cpu': limit}}` (the memory it may use).",
+        "`peak RSS`: the process's VmHWM over load and generate; `cgroup peak`: the cgroup's peak usage, page "
+        "cache included.",
+    ]
+    if ctx.quick:
+        notes.append("Quick mode: tiny model, a 2 GiB cgroup limit (bigload told the fraction of the model), page "
+                     "cache not dropped: the code path, not a measurement.")
+    notes += failure_notes(results)
+    for r in results:
+        r.setdefault("tokens", None)
+    return {"title": title, "header": HEADER, "rows": rows, "notes": notes, "raw": results}
+
+
+def _gib(value):
+    return None if value is None else f"{value / 2**30:.2f} GiB"
