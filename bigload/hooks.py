@@ -813,8 +813,6 @@ class _Prefetcher:
         buffer = slot.device_buffer()
         views = _views_at(block, buffer, plan)  # on this thread, outside inference mode (see `_start`)
         read = self._block_reader().start(plan, buffer, what=f"block {block.name!r}")
-        if not background:
-            return self._run(lambda: (read.wait(), views)[1], background=False)
         done: Future[dict[str, torch.Tensor]] = Future()
 
         def finish(landed: Future[None]) -> None:
@@ -824,6 +822,12 @@ class _Prefetcher:
             else:
                 done.set_exception(error)
 
+        if not background:
+            try:
+                read.wait()  # bounded: a read that does not finish in time is an OffloadError
+            except OffloadError as error:
+                done.set_exception(error)
+                return done
         read.future.add_done_callback(finish)
         return done
 
