@@ -346,7 +346,7 @@ def saved_llama(tmp_path_factory):
     ("sequential", {0: 400_000, 1: 400_000, "cpu": 10**7}),
     ("balanced", {0: 10**6, 1: 10**6, 2: 10**6}),
     ("balanced_low_0", {0: 10**6, 1: 10**6, 2: 10**6}),
-    ("sequential", {0: 500_000, "cpu": 800_000, "disk": 10**8}),  # cpu: 512 KiB of it is pinned staging
+    ("sequential", {0: 500_000, "cpu": 700_000, "disk": 10**8}),  # less cpu: disk blocks need 512 KiB pinned staging
     ("auto", {0: 10**7}),
 ])
 def test_header_only_plan_equals_the_model_plan(saved_llama, strategy, budget):
