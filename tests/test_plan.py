@@ -13,6 +13,7 @@ from bigload.errors import PlanError
 from bigload.inventory import inventory_from_module
 from bigload import plan as planner
 from bigload.plan import Plan, choose_policy, default_gpu_headroom
+from bigload.reserve import SlotSpec, pinned_bytes
 
 GiB = 2**30
 
@@ -207,6 +208,61 @@ def test_reserve_only_when_something_is_offloaded(inv):
     assert all(u.total <= u.budget for u in streamed.usage)
     deeper = plan(inv, Budget.of({0: 8_000, "cpu": 10**6}), policy="stream", prefetch=2)
     assert deeper.usage_of(0).reserve == 3 * BLOCK
+
+
+# -- finding 5 of issue 15: the GPU slots' pinned staging is charged to the cpu -------------------------
+
+
+def test_gpu_slots_pinned_staging_is_the_cpus_reserve(inv):
+    result = plan(inv, Budget.of({0: 8_000, "cpu": 10**6}), policy="stream", prefetch=1)
+    assert result.offloaded and all(p.execution_device == Device.parse(0) for p in result.placements)
+    slots = result.slots
+    # One page-locked buffer per slot, the slot's size, as torch's pinned allocator takes it (a power of two).
+    assert slots.staged and slots.count == 2 and slots.nbytes == BLOCK
+    assert result.usage_of("cpu").reserve == slots.staging_bytes == 2 * pinned_bytes(BLOCK) == 4096
+    cpu = result.usage_of("cpu")
+    assert cpu.weights + cpu.reserve == cpu.total <= cpu.budget
+    assert "pinned host staging" in result.explain() and "the cpu's reserve" in result.explain()
+    assert Plan.from_json(result.to_json()) == result
+    deeper = plan(inv, Budget.of({0: 10_000, "cpu": 10**6}), policy="stream", prefetch=2)
+    assert deeper.usage_of("cpu").reserve == 3 * pinned_bytes(deeper.slots.nbytes)
+
+
+def test_pinned_staging_rounds_up_as_torch_pins():
+    assert [pinned_bytes(n) for n in (0, 1, 4096, 4097, 3 << 20)] == [0, 1, 4096, 8192, 4 << 20]
+    assert SlotSpec(2, 3 << 20, staged=True).staging_bytes == 8 << 20
+    assert SlotSpec(2, 3 << 20).staging_bytes == 0  # slots on the CPU have no staging
+
+
+def test_no_staging_when_offloaded_blocks_run_on_the_cpu(inv):
+    on_cpu = plan(inv, Budget.of({"cpu": 7_000, "disk": 10**6}), prefetch=1)
+    assert on_cpu.offloaded and not on_cpu.slots.staged and on_cpu.slots.staging_bytes == 0
+    assert on_cpu.usage_of("cpu").reserve == on_cpu.slots.total  # the slots themselves, nothing pinned
+    assert "pinned host staging" not in on_cpu.explain()
+    resident = plan(inv, Budget.of({0: 10**6, "cpu": 10**6}))
+    assert resident.usage_of("cpu").reserve == 0 and not resident.slots.staged
+    local = plan(inv, Budget.of({0: 6_000, "cpu": 10**6}), policy="local")
+    assert not local.offloaded and local.usage_of("cpu").reserve == 0
+
+
+def test_weights_the_cpu_cannot_hold_beside_the_staging_move_to_disk(inv):
+    exact = plan(inv, Budget.of({0: 8_000, "cpu": 10_368 + 4_096, "disk": 10**6}), policy="stream")
+    assert DISK not in {p.device for p in exact.placements} and exact.usage_of("cpu").free == 0
+    short = plan(inv, Budget.of({0: 8_000, "cpu": 10_368 + 4_096 - 1, "disk": 10**6}), policy="stream")
+    assert short.device_map["head"] == "disk"  # one byte short: the last block goes to disk
+    cpu = short.usage_of("cpu")
+    assert cpu.reserve == 4_096 and cpu.total <= cpu.budget
+
+
+def test_a_cpu_budget_below_the_staging_is_refused_naming_the_fix(inv):
+    with pytest.raises(PlanError, match=r"cpu cannot hold the pinned staging buffers .* 4.00 KiB .* "
+                                        r"Fix: give the cpu more memory \(max_memory\), use prefetch=0"):
+        plan(inv, Budget.of({0: 8_000, "cpu": 4_095, "disk": 10**6}), policy="stream")
+    assert plan(inv, Budget.of({0: 8_000, "cpu": 4_096, "disk": 10**6}), policy="stream").usage_of("cpu").weights == 0
+    # Without a disk, the weights do not fit beside the staging: the usual error, the staging named in it.
+    with pytest.raises(PlanError, match=r"(?s)cpu: budget .*kept free 4.00 KiB \(pinned staging 4.00 KiB\).*"
+                                        r"fix: add a disk budget.*prefetch=0 \(fewer pinned staging buffers"):
+        plan(inv, Budget.of({0: 8_000, "cpu": 10_000}), policy="stream")
 
 
 def test_local_policy_runs_cpu_blocks_on_the_cpu_without_reserve(inv):
