@@ -635,6 +635,44 @@ def test_slots_without_a_plan_are_staged_only_on_cuda(monkeypatch):
     assert cpu_runtime.stats().staging_bytes == 0
 
 
+def test_cuda_slots_are_made_at_attach_ordered_after_the_callers_stream_and_synced_at_close(monkeypatch):
+    # Findings 4 and 7 of issue 15, without a GPU: the calls attach/detach make on a recording stand-in.
+    log: list[str] = []
+    events: list[dict] = []
+
+    class Stream:
+        def __init__(self, device):
+            pass
+
+        def wait_stream(self, other):
+            log.append(f"wait_stream({other})")
+
+        def synchronize(self):
+            log.append("synchronize")
+
+    def buffer(name):
+        def make(slot):
+            log.append(name)
+            return torch.empty(slot.nbytes, dtype=torch.uint8)
+        return make
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: events.append(kwargs))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "caller")
+    monkeypatch.setattr(hooks._Slot, "device_buffer", buffer("device"))
+    monkeypatch.setattr(hooks._Slot, "staging_buffer", buffer("staging"))
+    _, model = _three()
+    runtime = attach(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"}, execution_device="cuda:0",
+                     prefetch=1, offload_buffers=True)
+    count = len(runtime.prefetcher.all_slots)
+    # Every slot's buffers exist at attach, then the side stream waits on the caller's stream (once).
+    assert log == ["device", "staging"] * count + ["wait_stream(caller)"]
+    assert events and all(kwargs == {"blocking": True} for kwargs in events)  # waits sleep, never spin
+    slots = runtime.prefetcher.all_slots
+    detach(model)
+    assert log[-1] == "synchronize" and all(slot.buffer is None and slot.staging is None for slot in slots)
+
+
 def test_host_weights_are_not_pinned_for_a_gpu(monkeypatch):
     # The CPU share stays where it is (checkpoint views, no private copy): pinning it all was a full copy
     # in unswappable memory. Checked without a GPU: any pinning attempt fails here.
