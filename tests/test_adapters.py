@@ -328,6 +328,27 @@ def test_from_pretrained_with_adapters_equals_peft_in_memory(files, tmp_path):
     torch.testing.assert_close(logits(merged), logits(expected), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_from_pretrained_with_a_dora_or_lora_bias_adapter_merges_into_the_store(biased, kind, tmp_path):
+    import bigload
+
+    offload = tmp_path / "offload"
+    ours = bigload.from_pretrained(biased["base"], adapter=biased[kind], max_memory=MEMORY, offload_folder=offload,
+                                   progress=False)  # the adapter's tensors (DoRA magnitudes too) go to the store
+    reference = peft.PeftModel.from_pretrained(reference_llama(bias=True), biased[kind])
+    disk_layers = [int(key.split(".")[2]) for key, value in ours.get_base_model().hf_device_map.items()
+                   if value == "disk" and ".layers." in key]
+    assert disk_layers
+    merged, expected = ours.merge_and_unload(), reference.merge_and_unload()
+    store = DiskStore.open(offload)
+    for name in merged_names(kind, disk_layers):
+        module, attr = name.rsplit(".", 1)  # stored under the name it had in the wrapped model
+        torch.testing.assert_close(store.get(f"{module}.base_layer.{attr}"), expected.get_parameter(name), atol=1e-5,
+                                   rtol=0, msg=name)
+    torch.testing.assert_close(logits(merged), logits(expected), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(merged), greedy(expected))
+
+
 def test_the_plan_counts_adapter_bytes_on_the_block_that_owns_them(files):
     from bigload.hf import plan_model
 
@@ -495,6 +516,23 @@ def test_lora_on_a_gpu_with_disk_offload_equals_peft_in_memory(files, tmp_path):
     merged, expected = ours.merge_and_unload(), reference.merge_and_unload()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_dora_and_lora_bias_merge_on_a_gpu_with_cpu_and_disk_offload_equals_peft_in_memory(biased, kind, tmp_path):
+    import bigload
+
+    reference = peft.PeftModel.from_pretrained(reference_llama(bias=True), biased[kind]).to("cuda")
+    ours = bigload.from_pretrained(biased["base"], adapter=biased[kind],
+                                   max_memory={0: "500KB", "cpu": "200KB", "disk": "1GiB"},
+                                   offload_folder=tmp_path / "off", progress=False)  # host weights and disk
+    assert {"cpu", "disk"} <= set(ours.get_base_model().hf_device_map.values())
+    ids = IDS.to("cuda")
+    merged, expected = ours.merge_and_unload(), reference.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------
