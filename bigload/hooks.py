@@ -79,7 +79,7 @@ __all__ = [
     "WeightSource",
     "adopt",
     "attach",
-    "sync_merges",
+    "check_merges",
     "detach",
     "execution_device_for",
     "runtime_of",
@@ -913,6 +913,7 @@ class Runtime:
     # peft layers wrapping an offloaded weight, and which of their adapters that weight's stored bytes hold.
     _adapter_layers: list[nn.Module] = field(default_factory=list)
     _merged: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    _merging: set[int] = field(default_factory=set)  # layers inside a merge/unmerge (peft re-enters them)
 
     def stats(self) -> PrefetchStats:
         """Counters of the prefetcher: buffers, bytes held, reserve, blocks prefetched in order."""
@@ -942,7 +943,7 @@ class Runtime:
             if self.changed:
                 adopt(self)
             for layer in self._adapter_layers:
-                sync_merges(self, layer)
+                check_merges(self, layer)
         self._input_devices.append(_first_tensor_device(args, kwargs, self.skip_keys))
 
     def _root_post_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -1304,6 +1305,8 @@ def detach(model: nn.Module) -> nn.Module:
     _LIVE_RUNTIMES.pop(id(runtime), None)
     for attr in runtime.owned_attributes:
         model.__dict__.pop(attr, None)
+    for layer in list(runtime._adapter_layers):
+        _untrack_adapter_layer(runtime, layer)
     for undo in runtime.on_detach:
         undo()
     return model
@@ -1317,8 +1320,8 @@ def detach(model: nn.Module) -> nn.Module:
 # the meta placeholder, so the weights would have no data. The runtime watches module and tensor
 # registrations (torch's global registration hooks: no monkeypatching) and, before the next forward or
 # state-dict load, gives every tensor added under a block a home: resident on the block's execution device
-# (adapters are small). When peft's `merge_and_unload` puts a merged layer's `base_layer` back in place, the
-# merged weight is computed from the stored base weight and written where the base weight lives.
+# (adapters are small). peft merges (`merge_adapter`, `merge_and_unload`, any variant) run peft's own code on
+# real copies of the stored base tensors, and what they change is written where those tensors live.
 
 _LIVE_RUNTIMES: "weakref.WeakValueDictionary[int, Runtime]" = weakref.WeakValueDictionary()
 _WATCH_HANDLES: list[RemovableHandle] = []
@@ -1334,7 +1337,7 @@ def _watch_additions(runtime: Runtime) -> None:
     for module in runtime.model.modules():
         runtime._members.add(module)
         if _wraps_offloaded_weight(runtime, module):  # wrapped before dispatch (adapters.py)
-            runtime._adapter_layers.append(module)
+            _track_adapter_layer(runtime, module)
     runtime.handles.append(runtime.model.register_load_state_dict_pre_hook(_before_state_dict_load))
     # `model.to(...)` (peft's `from_pretrained` calls it on an offloaded base) must not touch placeholders.
     runtime.model.__dict__["_apply"] = functools.partial(_apply_to_resident, runtime)
@@ -1364,9 +1367,8 @@ def _module_registered(parent: nn.Module, name: str, value: Any) -> None:
         runtime.changed = True
         old = parent._modules.get(name)
         if old is not None and old is not value and old in runtime._adapter_layers:
-            sync_merges(runtime, old)  # peft's merge_and_unload is putting the merged base layer back
-            runtime._adapter_layers.remove(old)
-            runtime._merged.pop(id(old), None)
+            check_merges(runtime, old)  # peft's merge_and_unload is putting the merged base layer back
+            _untrack_adapter_layer(runtime, old)
 
 
 def _before_state_dict_load(module: nn.Module, *args: Any) -> None:
@@ -1393,7 +1395,7 @@ def adopt(runtime: Runtime, *, materialize: bool = False) -> None:
     for module_name, module in runtime.model.named_modules():
         runtime._members.add(module)
         if _wraps_offloaded_weight(runtime, module) and module not in runtime._adapter_layers:
-            runtime._adapter_layers.append(module)
+            _track_adapter_layer(runtime, module)
         owner = owner_of(module_name, keys)
         if owner is None:
             continue
@@ -1449,45 +1451,144 @@ def _wraps_offloaded_weight(runtime: Runtime, module: nn.Module) -> bool:
     return (id(get_base()), "weight") in runtime._offloaded_sites
 
 
-def sync_merges(runtime: Runtime, layer: nn.Module) -> None:
-    """Make the stored base weight under peft `layer` hold exactly the adapters peft says are merged into it.
+# peft's merge methods, which the runtime runs with the base layer's offloaded tensors real (`_merge_in_store`).
+_MERGE_CALLS = ("merge", "unmerge")
 
-    peft merges (`merge_adapter`, `merge_and_unload`) by adding to `base_layer.weight` in place; for an
-    offloaded weight that is the meta placeholder, so the add is lost. The runtime calls this before each
-    forward and when peft puts a merged base layer back: it writes base + deltas of newly merged adapters
-    (minus those of unmerged ones) where the base weight is stored, so the merged weight never sits in RAM.
+
+def _track_adapter_layer(runtime: Runtime, layer: nn.Module) -> None:
+    """Follow peft `layer`, which wraps an offloaded weight: its `merge` and `unmerge` reach the stored weight.
+
+    peft merges in place into `base_layer.weight`, which between forwards is the meta placeholder, and DoRA
+    and `safe_merge` need the real values (a weight norm, a NaN check). No torch hook sees a method call, so
+    the layer gets `merge`/`unmerge` instance attributes (the runtime's own state, removed by
+    `_untrack_adapter_layer` and `detach`) that run peft's own methods through `_merge_in_store`.
+    """
+    runtime._adapter_layers.append(layer)
+    for name in _MERGE_CALLS:
+        if name not in layer.__dict__:
+            layer.__dict__[name] = functools.partial(_merge_in_store, runtime, layer, getattr(layer, name))
+
+
+def _untrack_adapter_layer(runtime: Runtime, layer: nn.Module) -> None:
+    """Stop following `layer` (peft replaced it by its base layer, or the runtime is detached)."""
+    for name in _MERGE_CALLS:
+        layer.__dict__.pop(name, None)
+    runtime._adapter_layers.remove(layer)
+    runtime._merged.pop(id(layer), None)
+
+
+def _merge_in_store(runtime: Runtime, layer: nn.Module, peft_call: Callable[..., Any], *args: Any,
+                    **kwargs: Any) -> Any:
+    """peft's `merge`/`unmerge` of `layer`, run by peft itself on real tensors, with the result stored.
+
+    The block's tensors are installed (adapter weights streamed with the block are real) and each offloaded
+    tensor of the base layer is replaced by a private copy, so peft's own arithmetic (plain LoRA, DoRA and
+    its weight norm, `lora_bias`, `safe_merge`'s checks) runs exactly as in memory; the copies peft changed
+    are then written where those tensors are stored, so the merged weight never stays in RAM. Resident
+    tensors of the base layer (not offloaded) are changed in place by peft, as in memory. What peft merged
+    before raising part way (an adapter before a failing one) is written too: the stored weights always hold
+    what `layer.merged_adapters` says.
+    """
+    if id(layer) in runtime._merging:  # DoRA unmerges and re-merges the others to see the unmerged weight
+        return peft_call(*args, **kwargs)
+    check_merges(runtime, layer)
+    block = runtime.blocks[runtime._offloaded_sites[(id(layer.get_base_layer()), "weight")][0]]
+    before = tuple(layer.merged_adapters)
+    changed: list[tuple[_Entry, torch.Tensor]] = []
+    runtime._merging.add(id(layer))
+    try:
+        with torch.no_grad(), _in_use(runtime, block):
+            copies = _private_copies(runtime, layer.get_base_layer())
+            try:
+                return peft_call(*args, **kwargs)
+            finally:
+                if tuple(layer.merged_adapters) != before:
+                    changed = _changed(copies)
+    finally:
+        runtime._merging.discard(id(layer))
+        _write_merges(runtime, block, changed, before, tuple(layer.merged_adapters))
+        runtime._merged[id(layer)] = tuple(layer.merged_adapters)
+
+
+@contextlib.contextmanager
+def _in_use(runtime: Runtime, block: Block) -> Iterator[None]:
+    """The block's offloaded tensors installed: those of its running forward (peft unmerges in the forward of a
+    merged layer whose adapters are disabled), else installed for the duration."""
+    if block.name in runtime.prefetcher.in_use:
+        yield
+    else:
+        with _installed(runtime, block):
+            yield
+
+
+_Copy = tuple[_Entry, torch.Tensor, torch.Tensor]  # an offloaded tensor: its entry, installed value, private copy
+
+
+def _private_copies(runtime: Runtime, base: nn.Module) -> list[_Copy]:
+    """Register a private copy of each installed offloaded tensor of `base` for peft to change in place: the
+    installed values may be the store's own bytes (an mmap'd file, host weights) or kept for later forwards."""
+    copies: dict[str, _Copy] = {}
+    for module in base.modules():
+        for site, tensor in _own_tensors(module):
+            found = runtime._offloaded_sites.get((id(module), site.attr))
+            if found is None or found[1].key in copies:
+                continue
+            entry = found[1]
+            with torch.inference_mode(False):
+                copy = _like(entry.placeholder, tensor.detach().clone())
+            for each in entry.sites:  # every alias of a tied weight, as peft changes them all in memory
+                each.set(copy)
+            copies[entry.key] = (entry, tensor, copy)
+    return list(copies.values())
+
+
+def _changed(copies: list[_Copy]) -> list[tuple[_Entry, torch.Tensor]]:
+    """The tensors peft changed (in place, or by giving the Parameter new data), with their new values."""
+    changed = []
+    for entry, installed, _ in copies:
+        value = entry.sites[0].get()
+        assert value is not None  # _private_copies registered a copy here
+        if not torch.equal(value, installed):
+            changed.append((entry, value.detach()))
+    return changed
+
+
+def _write_merges(runtime: Runtime, block: Block, changed: list[tuple[_Entry, torch.Tensor]],
+                  before: tuple[str, ...], after: tuple[str, ...]) -> None:
+    """Store the values a merge changed (`DiskStore.rewrite` records the change in the folder's fingerprint)
+    and drop what the runtime loaded or cached of the old ones."""
+    added = [name for name in after if name not in before]
+    removed = [name for name in before if name not in after]
+    for entry, value in changed:
+        stored = entry.source.get(entry.key)
+        change = f"merged {added} into {entry.key}" if added else f"unmerged {removed} from {entry.key}"
+        entry.source.rewrite(entry.key, value.to(stored.dtype).reshape(stored.shape), change=change)
+        logger.info("bigload: %s", change)
+    if changed:
+        runtime.prefetcher.forget(block.name)
+        runtime._values.pop(block.name, None)
+
+
+def check_merges(runtime: Runtime, layer: nn.Module) -> None:
+    """Check that the stored weights under peft `layer` hold the adapters peft says are merged into them.
+
+    peft's `merge`/`unmerge` write where the weights are stored as they run (`_merge_in_store`). The runtime
+    checks before each forward and when peft puts a merged base layer back, so a merge that bypassed them
+    is an error rather than silently wrong outputs.
 
     Raises:
-        OffloadError: a merged adapter is not plain LoRA (DoRA, lora_bias): its merge cannot be written here.
+        OffloadError: the adapters peft marks merged differ from those the stored weights hold.
     """
     want, have = tuple(layer.merged_adapters), runtime._merged.get(id(layer), ())
     if want == have:
         return
-    block, entry = runtime._offloaded_sites[(id(layer.get_base_layer()), "weight")]
-    added = [name for name in want if name not in have]
-    removed = [name for name in have if name not in want]
-    unsupported = [name for name in added + removed if name in getattr(layer, "lora_variant", {})
-                   or getattr(layer, "lora_bias", {}).get(name)]
-    if unsupported or not hasattr(layer, "get_delta_weight"):
-        raise OffloadError(
-            f"cannot merge adapters {unsupported or added} into the offloaded weight {entry.key!r}: only plain "
-            "LoRA (no DoRA, no lora_bias) merges into offloaded weights. Unload without merging (unload()), or "
-            "load the base model onto the CPU to merge."
-        )
-    with torch.no_grad(), _installed(runtime, runtime.blocks[block]):
-        # Installed: adapter weights loaded with the block (bigload's own adapter loading) are real now.
-        stored = entry.source.get(entry.key)
-        merged = stored.reshape(entry.shape).to(entry.dtype, copy=True)
-        for name in added:
-            merged += layer.get_delta_weight(name).to(merged.device, merged.dtype)
-        for name in removed:
-            merged -= layer.get_delta_weight(name).to(merged.device, merged.dtype)
-    change = f"merged {added} into {entry.key}" if added else f"unmerged {removed} from {entry.key}"
-    entry.source.rewrite(entry.key, merged.to(stored.dtype), change=change)
-    runtime._merged[id(layer)] = want
-    runtime.prefetcher.forget(block)
-    runtime._values.pop(block, None)
-    logger.info("bigload: %s", change)
+    key = runtime._offloaded_sites[(id(layer.get_base_layer()), "weight")][1].key
+    raise OffloadError(
+        f"peft marks adapters {list(want)} merged into the offloaded weight {key!r}, whose stored value holds "
+        f"{list(have)}: the change did not go through the layer's merge()/unmerge() (called on its class, or "
+        "`merged_adapters` edited), so it never reached the stored weight. Use peft's calls on the model "
+        "(merge_adapter(), unmerge_adapter(), merge_and_unload()), or reload the model."
+    )
 
 
 @contextlib.contextmanager
