@@ -22,7 +22,8 @@ the next `prefetch` blocks on a background thread while the current one computes
   thread, so compute never waits on page faults, the page cache never evicts the block about to run, and a
   file truncated since loading is an `OffloadError` in the caller rather than a SIGBUS.
 
-The prefetcher owns the slots the plan decided (`Plan.slots`: count and size, `bigload.reserve`); for a
+The prefetcher owns the slots the plan decided (`Plan.slots`: count, size, and whether each has a pinned
+host staging buffer, which the plan charged to the CPU budget; `bigload.reserve`); for a
 device map with no plan, the same rule gives `1 + prefetch` slots per execution device (more when offloaded
 blocks nest), each as large as the largest offloaded block running there. `Runtime.stats()`
 reports buffers, bytes held and the order blocks were prefetched in.
@@ -55,7 +56,16 @@ from torch.utils.hooks import RemovableHandle
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import BigloadError, OffloadError, PlanError
 from bigload.reads import BlockLayout, BlockReader, layout
-from bigload.reserve import DiskReads, SlotSpec, aligned, read_slot_bytes, slot_alignment, slot_bytes, slot_count
+from bigload.reserve import (
+    DiskReads,
+    SlotSpec,
+    aligned,
+    pinned_bytes,
+    read_slot_bytes,
+    slot_alignment,
+    slot_bytes,
+    slot_count,
+)
 from bigload.tensors import Site, owner_of, tensor_groups
 from bigload.sizes import dtype_width
 
@@ -335,7 +345,9 @@ class PrefetchStats:
 
     buffers / buffer_bytes: slot buffers allocated on the execution devices, and their bytes (0 on the CPU
         when stored tensors are used in place); never more than `reserve_bytes`;
-    staging_bytes: pinned host buffers the CUDA copies go through (one per slot, the slot's size);
+    staging_bytes: pinned host memory the CUDA copies go through (one buffer per slot, the slot's size), as
+        torch's pinned allocator takes it (`reserve.pinned_bytes`); equal to the plan's
+        `slots.staging_bytes`, the cpu's reserve;
     reserve_bytes: what the slots may hold on the execution devices (slots x largest offloaded block);
     resident_buffer_bytes: buffers of offloaded blocks kept on their execution device for good (not
         offloaded, so not in slots); with `reserve_bytes`, the planned reserve;
@@ -381,9 +393,10 @@ class _Slot:
     one sleeps instead of spinning a core that CPU-executed blocks compute on.
     """
 
-    def __init__(self, device: torch.device, nbytes: int) -> None:
+    def __init__(self, device: torch.device, nbytes: int, staged: bool = False) -> None:
         self.device = device
         self.nbytes = nbytes
+        self.staged = staged  # has a pinned host staging buffer (`SlotSpec.staged`)
         self.buffer: torch.Tensor | None = None  # on `device`, allocated once (CUDA: at attach)
         self.staging: torch.Tensor | None = None  # pinned host bytes for CUDA copies
         is_cuda = device.type == "cuda"
@@ -408,6 +421,9 @@ class _Slot:
 
     def staging_buffer(self) -> torch.Tensor:
         if self.staging is None:
+            if not self.staged:
+                raise OffloadError(f"a slot on {self.device} has no staging buffer (the plan did not stage its "
+                                   "slots); attach with the plan made for this machine.")
             with torch.inference_mode(False):
                 self.staging = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
         return self.staging
@@ -527,11 +543,12 @@ def _views_at(block: Block, buffer: torch.Tensor, plan: BlockLayout) -> dict[str
 
 def _slot_specs(blocks: Sequence[Block], prefetch: int, planned: SlotSpec | None,
                 reads: DiskReads) -> dict[torch.device, SlotSpec]:
-    """Slots per execution device: the plan's (one device runs every offloaded block of a plan), else
-    `reserve.slot_count` over the blocks running there, sized by `reserve.slot_bytes` (plus
-    `reserve.read_slot_bytes`' slack with explicit reads). A slot is never smaller
+    """Slots per execution device: the plan's (one device runs every offloaded block of a plan: count, size,
+    staging), else `reserve.slot_count` over the blocks running there, sized by `reserve.slot_bytes` (plus
+    `reserve.read_slot_bytes`' slack with explicit reads), staged on CUDA. A slot is never smaller
     than the largest block it must hold (a plan made for other dtypes, or `offload_buffers=True`, which the
-    plan does not know)."""
+    plan does not know), and CUDA slots are always staged (copies need the pinned buffer): both with a
+    warning, since the pinned memory then exceeds what the plan charged."""
     by_device: dict[torch.device, list[Block]] = {}
     for block in blocks:
         by_device.setdefault(block.execution_device, []).append(block)
@@ -542,10 +559,14 @@ def _slot_specs(blocks: Sequence[Block], prefetch: int, planned: SlotSpec | None
             if largest > planned.nbytes:
                 logger.warning("offloaded block of %d bytes exceeds the plan's slot of %d bytes; slots grow to "
                                "fit it", largest, planned.nbytes)
-            specs[device] = SlotSpec(planned.count, max(planned.nbytes, largest), reads)
+            if device.type == "cuda" and not planned.staged:
+                logger.warning("the plan keeps no pinned staging for slots on %s (planned for another main "
+                               "device); staging them anyway, uncharged", device)
+            specs[device] = SlotSpec(planned.count, max(planned.nbytes, largest), reads,
+                                     staged=planned.staged or device.type == "cuda")
         else:
             specs[device] = SlotSpec(slot_count([block.name for block in group], prefetch),
-                                     read_slot_bytes(largest, reads), reads)
+                                     read_slot_bytes(largest, reads), reads, staged=device.type == "cuda")
     return specs
 
 
@@ -574,7 +595,7 @@ class _Prefetcher:
         self.order: list[str] = [block.name for block in blocks]
         self.blocks = {block.name: block for block in blocks}
         self.free: dict[torch.device, list[_Slot]] = {
-            device: [_Slot(device, spec.nbytes) for _ in range(spec.count)]
+            device: [_Slot(device, spec.nbytes, spec.staged) for _ in range(spec.count)]
             for device, spec in _slot_specs(blocks, prefetch, slots, reads).items()
         }
         self.all_slots = [slot for slots in self.free.values() for slot in slots]
@@ -604,7 +625,8 @@ class _Prefetcher:
         for device, stream in self.streams.items():
             for slot in self.free[device]:
                 slot.device_buffer()
-                slot.staging_buffer()
+                if slot.staged:
+                    slot.staging_buffer()
             stream.wait_stream(torch.cuda.current_stream(device))
 
     # -- public, caller's thread
@@ -658,7 +680,7 @@ class _Prefetcher:
         return PrefetchStats(
             buffers=len(allocated),
             buffer_bytes=sum(buf.numel() for buf in allocated),
-            staging_bytes=sum(buf.numel() for buf in staging),
+            staging_bytes=sum(pinned_bytes(buf.numel()) for buf in staging),
             reserve_bytes=sum(slot.nbytes for slot in self.all_slots),
             resident_buffer_bytes=self.resident_buffer_bytes,
             bytes_held=self.bytes_held,
