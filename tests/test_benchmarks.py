@@ -111,11 +111,14 @@ def test_quick_benchmarks_run_and_agree(tmp_path):
         for method in ("bigload", "bigload-mapped", "transformers"):
             assert by_method[method]["tokens"] == by_method["accelerate"]["tokens"], method
         rows = {row[0].split(" [")[0]: row for row in sections[beyond]["rows"]}
-        for method in ("bigload-int8", "bigload-int4"):
+        for method in bench_beyond_ram.QUANTIZED:
             if method in by_method:  # the same quantized store, through the other disk path: the same tokens
                 run = by_method[method]
                 assert run["check_path"] != run["disk_reads"] and run["check_tokens"] == run["tokens"], run
                 assert rows[bench_beyond_ram.TITLES[method]][-1] == f"yes: its {run['check_path']} path"
+        if "bigload-int8" in by_method:  # the store an earlier load built, reused: the same int8 bytes
+            reused = by_method["bigload-int8-reused"]
+            assert reused["store_reused"] and reused["tokens"] == by_method["bigload-int8"]["tokens"], reused
 
     for check in sections["Loading a checkpoint into CPU memory"]["checks"]:
         assert check["weights_equal"], check
