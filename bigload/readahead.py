@@ -184,10 +184,10 @@ class ReadAhead:
         self.close()
 
     def _submit(self, *, needed: int, consumed: int) -> None:
-        """Start the pieces up to `needed` and those starting within the window past `consumed` bytes."""
+        """Start the pieces up to `needed` and those ending within the window past `consumed` bytes."""
         assert self._pool is not None or not self._pieces
         while len(self._futures) < len(self._pieces) and (
-                len(self._futures) < needed or self._starts[len(self._futures)] < consumed + self._window):
+                len(self._futures) < needed or self._starts[len(self._futures) + 1] <= consumed + self._window):
             piece = self._pieces[len(self._futures)]
             self._futures.append(self._pool.submit(  # type: ignore[union-attr]
                 self._read, piece.path, piece.offset, piece.nbytes))
