@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import os
 import re
 import sys
 import threading
@@ -46,27 +47,30 @@ MADV_POPULATE_READ = 22  # <linux/mman.h>; Python's mmap module does not name it
 _GAP_PAGES = 256  # resident runs shorter than this (1 MiB of 4 KiB pages) are read over, not around
 
 
-def _libc_calls() -> tuple[Callable[[int, int, int], int] | None, Callable[[int, int, Any], int] | None]:
-    """`madvise` and `mincore` from the C library, or None where they do not exist (Windows).
+def _libc_calls() -> tuple[Any, Any, Any]:
+    """`madvise`, `mincore` and `syscall` from the C library, or Nones where they do not exist (Windows).
 
     Called through ctypes, which releases the GIL for the call (Python's `mmap.madvise` holds it), so
     several threads can wait on the disk at once.
     """
     if MADV_WILLNEED is None or sys.platform == "win32":
-        return None, None
+        return None, None, None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        madvise, mincore = libc.madvise, libc.mincore
+        madvise, mincore, syscall = libc.madvise, libc.mincore, libc.syscall
     except (OSError, AttributeError):
-        return None, None
+        return None, None, None
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     madvise.restype = mincore.restype = ctypes.c_int
-    return madvise, mincore
+    syscall.restype = ctypes.c_long
+    return madvise, mincore, syscall
 
 
-_madvise, _mincore = _libc_calls()
+_madvise, _mincore, _syscall = _libc_calls()
 _populate_works = sys.platform.startswith("linux")  # cleared on the first EINVAL (a kernel before 5.14)
+_cachestat_works = sys.platform.startswith("linux") and _syscall is not None  # cleared before Linux 6.5
+_CACHESTAT = 451  # the same number on every Linux architecture
 
 
 def _pages(address: int, length: int) -> tuple[int, int]:
@@ -101,10 +105,10 @@ def advise(address: int, length: int) -> None:
 def populate(address: int, length: int) -> int:
     """Read these mapped pages into memory and map them, returning once they are there.
 
+    Only the runs of pages not in memory (`mincore`) are read, so pages already there stay as they were.
     Returns 0, or the errno of the failure: `EFAULT` when the range reaches past the end of the file (it
-    shrank after it was mapped), `EIO` for a read error. Only the runs of pages not in memory are read
-    (`mincore` costs far less than `madvise` on pages already there, and leaves a warm load as it was).
-    Without `MADV_POPULATE_READ` (Linux before 5.14) the pages are only advised.
+    shrank after it was mapped), `EIO` for a read error. Without `MADV_POPULATE_READ` (Linux before 5.14)
+    the pages are only advised.
     """
     if _madvise is None or length <= 0:
         return 0
@@ -116,6 +120,39 @@ def populate(address: int, length: int) -> int:
         if failure:
             return failure
     return 0
+
+
+def cached(path: Path, offset: int, length: int) -> bool:
+    """Whether every page of `length` bytes of `path` from `offset` is in the page cache; False if unknown.
+
+    One `cachestat` call (Linux 6.5 and later): microseconds, where `mincore` on a mapping takes about a
+    millisecond per 32 MiB, which made a warm load of 7 GB 0.25 s slower.
+    """
+    global _cachestat_works
+    if not _cachestat_works or length <= 0:
+        return length <= 0
+    first, last = offset // PAGE, (offset + length - 1) // PAGE
+    request, stat = _CachestatRange(first * PAGE, (last - first + 1) * PAGE), _Cachestat()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        if _syscall(_CACHESTAT, fd, ctypes.byref(request), ctypes.byref(stat), 0) != 0:  # type: ignore[misc]
+            _cachestat_works = ctypes.get_errno() not in (errno.ENOSYS, errno.EPERM)  # before 6.5, or seccomp
+            return False
+    finally:
+        os.close(fd)
+    return stat.nr_cache >= last - first + 1
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
 
 
 def _missing_runs(pages: bytes) -> list[tuple[int, int]]:
@@ -141,6 +178,10 @@ def _populate_pages(start: int, span: int) -> int:
         _populate_works = False  # an older kernel: advice is all there is
     _madvise(start, span, MADV_WILLNEED)  # type: ignore[misc]
     return 0
+
+
+_DONE: Future[None] = Future()
+_DONE.set_result(None)
 
 
 @dataclass(frozen=True)
@@ -223,8 +264,11 @@ class ReadAhead:
         while len(self._futures) < len(self._pieces) and (
                 len(self._futures) < needed or self._starts[len(self._futures) + 1] <= consumed + self._window):
             piece = self._pieces[len(self._futures)]
-            self._futures.append(self._pool.submit(  # type: ignore[union-attr]
-                self._read, piece.path, piece.offset, piece.nbytes))
+            if cached(piece.path, piece.offset, piece.nbytes):
+                self._futures.append(_DONE)  # warm: no thread hand-off at all
+            else:
+                self._futures.append(self._pool.submit(  # type: ignore[union-attr]
+                    self._read, piece.path, piece.offset, piece.nbytes))
 
 
 def _pieces(uses: Sequence[Sequence[Extent]], chunk: int) -> tuple[list[Extent], list[int]]:

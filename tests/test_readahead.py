@@ -76,6 +76,7 @@ def test_every_placed_range_is_populated_before_it_is_read_and_weights_are_equal
 
     monkeypatch.setattr(CheckpointReader, "populate", populate)
     monkeypatch.setattr(CheckpointReader, "read", read)
+    monkeypatch.setattr(readahead, "cached", lambda path, offset, nbytes: False)  # as if the cache were cold
     model = _meta_llama()
     # A small window makes small pieces (a page): joined across tensors stored side by side, cut inside them.
     load_checkpoint_in_model(model, sharded, dtype=dtype, window_bytes=16_384)
@@ -93,6 +94,28 @@ def test_every_placed_range_is_populated_before_it_is_read_and_weights_are_equal
     for name, tensor in model.state_dict().items():
         want = expected[name] if dtype is None else expected[name].to(dtype)
         assert_bitwise_equal(tensor, want, name=name)
+
+
+@pytest.mark.skipif(not readahead._cachestat_works, reason="needs cachestat (Linux 6.5 or later)")
+def test_a_warm_load_reads_nothing_and_a_cold_piece_is_known(sharded: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    index = open_checkpoint(sharded)
+    for file in index.files:
+        file.read_bytes()  # every page in the page cache
+    called: list[tuple[Path, int, int]] = []
+    monkeypatch.setattr(CheckpointReader, "populate", lambda self, *where: called.append(where))
+    load_checkpoint_in_model(_meta_llama(), index)
+    assert called == []
+
+    path = tmp_path / "cold.bin"
+    path.write_bytes(os.urandom(16 * mmap.PAGESIZE))
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if readahead.cached(path, 0, 16 * mmap.PAGESIZE):
+        pytest.skip("the page cache would not drop the file")
+    path.read_bytes()
+    assert readahead.cached(path, mmap.PAGESIZE + 1, 3 * mmap.PAGESIZE)
 
 
 def test_pieces_join_neighbours_and_cut_at_the_chunk() -> None:
