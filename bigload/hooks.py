@@ -22,7 +22,8 @@ the next `prefetch` blocks on a background thread while the current one computes
   thread, so compute never waits on page faults, the page cache never evicts the block about to run, and a
   file truncated since loading is an `OffloadError` in the caller rather than a SIGBUS.
 
-The prefetcher owns the slots the plan decided (`Plan.slots`: count and size, `bigload.reserve`); for a
+The prefetcher owns the slots the plan decided (`Plan.slots`: count, size, and whether each has a pinned
+host staging buffer, which the plan charged to the CPU budget; `bigload.reserve`); for a
 device map with no plan, the same rule gives `1 + prefetch` slots per execution device (more when offloaded
 blocks nest), each as large as the largest offloaded block running there. `Runtime.stats()`
 reports buffers, bytes held and the order blocks were prefetched in.
@@ -55,7 +56,16 @@ from bigload.devices import CPU, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import BigloadError, OffloadError, PlanError
 from bigload import readahead as pages
 from bigload.reads import BlockLayout, BlockReader, layout
-from bigload.reserve import DiskReads, SlotSpec, aligned, read_slot_bytes, slot_alignment, slot_bytes, slot_count
+from bigload.reserve import (
+    DiskReads,
+    SlotSpec,
+    aligned,
+    pinned_bytes,
+    read_slot_bytes,
+    slot_alignment,
+    slot_bytes,
+    slot_count,
+)
 from bigload.tensors import Site, owner_of, tensor_groups
 from bigload.sizes import dtype_width
 
@@ -69,7 +79,7 @@ __all__ = [
     "WeightSource",
     "adopt",
     "attach",
-    "sync_merges",
+    "check_merges",
     "detach",
     "execution_device_for",
     "runtime_of",
@@ -315,7 +325,9 @@ class PrefetchStats:
 
     buffers / buffer_bytes: slot buffers allocated on the execution devices, and their bytes (0 on the CPU
         when stored tensors are used in place); never more than `reserve_bytes`;
-    staging_bytes: pinned host buffers the CUDA copies go through (one per slot, the slot's size);
+    staging_bytes: pinned host memory the CUDA copies go through (one buffer per slot, the slot's size), as
+        torch's pinned allocator takes it (`reserve.pinned_bytes`); equal to the plan's
+        `slots.staging_bytes`, the cpu's reserve;
     reserve_bytes: what the slots may hold on the execution devices (slots x largest offloaded block);
     resident_buffer_bytes: buffers of offloaded blocks kept on their execution device for good (not
         offloaded, so not in slots); with `reserve_bytes`, the planned reserve;
@@ -361,9 +373,10 @@ class _Slot:
     one sleeps instead of spinning a core that CPU-executed blocks compute on.
     """
 
-    def __init__(self, device: torch.device, nbytes: int) -> None:
+    def __init__(self, device: torch.device, nbytes: int, staged: bool = False) -> None:
         self.device = device
         self.nbytes = nbytes
+        self.staged = staged  # has a pinned host staging buffer (`SlotSpec.staged`)
         self.buffer: torch.Tensor | None = None  # on `device`, allocated once (CUDA: at attach)
         self.staging: torch.Tensor | None = None  # pinned host bytes for CUDA copies
         is_cuda = device.type == "cuda"
@@ -388,6 +401,9 @@ class _Slot:
 
     def staging_buffer(self) -> torch.Tensor:
         if self.staging is None:
+            if not self.staged:
+                raise OffloadError(f"a slot on {self.device} has no staging buffer (the plan did not stage its "
+                                   "slots); attach with the plan made for this machine.")
             with torch.inference_mode(False):
                 self.staging = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
         return self.staging
@@ -499,11 +515,12 @@ def _views_at(block: Block, buffer: torch.Tensor, plan: BlockLayout) -> dict[str
 
 def _slot_specs(blocks: Sequence[Block], prefetch: int, planned: SlotSpec | None,
                 reads: DiskReads) -> dict[torch.device, SlotSpec]:
-    """Slots per execution device: the plan's (one device runs every offloaded block of a plan), else
-    `reserve.slot_count` over the blocks running there, sized by `reserve.slot_bytes` (plus
-    `reserve.read_slot_bytes`' slack with explicit reads). A slot is never smaller
+    """Slots per execution device: the plan's (one device runs every offloaded block of a plan: count, size,
+    staging), else `reserve.slot_count` over the blocks running there, sized by `reserve.slot_bytes` (plus
+    `reserve.read_slot_bytes`' slack with explicit reads), staged on CUDA. A slot is never smaller
     than the largest block it must hold (a plan made for other dtypes, or `offload_buffers=True`, which the
-    plan does not know)."""
+    plan does not know), and CUDA slots are always staged (copies need the pinned buffer): both with a
+    warning, since the pinned memory then exceeds what the plan charged."""
     by_device: dict[torch.device, list[Block]] = {}
     for block in blocks:
         by_device.setdefault(block.execution_device, []).append(block)
@@ -514,10 +531,14 @@ def _slot_specs(blocks: Sequence[Block], prefetch: int, planned: SlotSpec | None
             if largest > planned.nbytes:
                 logger.warning("offloaded block of %d bytes exceeds the plan's slot of %d bytes; slots grow to "
                                "fit it", largest, planned.nbytes)
-            specs[device] = SlotSpec(planned.count, max(planned.nbytes, largest), reads)
+            if device.type == "cuda" and not planned.staged:
+                logger.warning("the plan keeps no pinned staging for slots on %s (planned for another main "
+                               "device); staging them anyway, uncharged", device)
+            specs[device] = SlotSpec(planned.count, max(planned.nbytes, largest), reads,
+                                     staged=planned.staged or device.type == "cuda")
         else:
             specs[device] = SlotSpec(slot_count([block.name for block in group], prefetch),
-                                     read_slot_bytes(largest, reads), reads)
+                                     read_slot_bytes(largest, reads), reads, staged=device.type == "cuda")
     return specs
 
 
@@ -546,7 +567,7 @@ class _Prefetcher:
         self.order: list[str] = [block.name for block in blocks]
         self.blocks = {block.name: block for block in blocks}
         self.free: dict[torch.device, list[_Slot]] = {
-            device: [_Slot(device, spec.nbytes) for _ in range(spec.count)]
+            device: [_Slot(device, spec.nbytes, spec.staged) for _ in range(spec.count)]
             for device, spec in _slot_specs(blocks, prefetch, slots, reads).items()
         }
         self.all_slots = [slot for slots in self.free.values() for slot in slots]
@@ -576,7 +597,8 @@ class _Prefetcher:
         for device, stream in self.streams.items():
             for slot in self.free[device]:
                 slot.device_buffer()
-                slot.staging_buffer()
+                if slot.staged:
+                    slot.staging_buffer()
             stream.wait_stream(torch.cuda.current_stream(device))
 
     # -- public, caller's thread
@@ -630,7 +652,7 @@ class _Prefetcher:
         return PrefetchStats(
             buffers=len(allocated),
             buffer_bytes=sum(buf.numel() for buf in allocated),
-            staging_bytes=sum(buf.numel() for buf in staging),
+            staging_bytes=sum(pinned_bytes(buf.numel()) for buf in staging),
             reserve_bytes=sum(slot.nbytes for slot in self.all_slots),
             resident_buffer_bytes=self.resident_buffer_bytes,
             bytes_held=self.bytes_held,
@@ -863,6 +885,7 @@ class Runtime:
     # peft layers wrapping an offloaded weight, and which of their adapters that weight's stored bytes hold.
     _adapter_layers: list[nn.Module] = field(default_factory=list)
     _merged: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    _merging: set[int] = field(default_factory=set)  # layers inside a merge/unmerge (peft re-enters them)
 
     def stats(self) -> PrefetchStats:
         """Counters of the prefetcher: buffers, bytes held, reserve, blocks prefetched in order."""
@@ -892,7 +915,7 @@ class Runtime:
             if self.changed:
                 adopt(self)
             for layer in self._adapter_layers:
-                sync_merges(self, layer)
+                check_merges(self, layer)
         self._input_devices.append(_first_tensor_device(args, kwargs, self.skip_keys))
 
     def _root_post_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -1254,6 +1277,8 @@ def detach(model: nn.Module) -> nn.Module:
     _LIVE_RUNTIMES.pop(id(runtime), None)
     for attr in runtime.owned_attributes:
         model.__dict__.pop(attr, None)
+    for layer in list(runtime._adapter_layers):
+        _untrack_adapter_layer(runtime, layer)
     for undo in runtime.on_detach:
         undo()
     return model
@@ -1267,8 +1292,8 @@ def detach(model: nn.Module) -> nn.Module:
 # the meta placeholder, so the weights would have no data. The runtime watches module and tensor
 # registrations (torch's global registration hooks: no monkeypatching) and, before the next forward or
 # state-dict load, gives every tensor added under a block a home: resident on the block's execution device
-# (adapters are small). When peft's `merge_and_unload` puts a merged layer's `base_layer` back in place, the
-# merged weight is computed from the stored base weight and written where the base weight lives.
+# (adapters are small). peft merges (`merge_adapter`, `merge_and_unload`, any variant) run peft's own code on
+# real copies of the stored base tensors, and what they change is written where those tensors live.
 
 _LIVE_RUNTIMES: "weakref.WeakValueDictionary[int, Runtime]" = weakref.WeakValueDictionary()
 _WATCH_HANDLES: list[RemovableHandle] = []
@@ -1284,7 +1309,7 @@ def _watch_additions(runtime: Runtime) -> None:
     for module in runtime.model.modules():
         runtime._members.add(module)
         if _wraps_offloaded_weight(runtime, module):  # wrapped before dispatch (adapters.py)
-            runtime._adapter_layers.append(module)
+            _track_adapter_layer(runtime, module)
     runtime.handles.append(runtime.model.register_load_state_dict_pre_hook(_before_state_dict_load))
     # `model.to(...)` (peft's `from_pretrained` calls it on an offloaded base) must not touch placeholders.
     runtime.model.__dict__["_apply"] = functools.partial(_apply_to_resident, runtime)
@@ -1314,9 +1339,8 @@ def _module_registered(parent: nn.Module, name: str, value: Any) -> None:
         runtime.changed = True
         old = parent._modules.get(name)
         if old is not None and old is not value and old in runtime._adapter_layers:
-            sync_merges(runtime, old)  # peft's merge_and_unload is putting the merged base layer back
-            runtime._adapter_layers.remove(old)
-            runtime._merged.pop(id(old), None)
+            check_merges(runtime, old)  # peft's merge_and_unload is putting the merged base layer back
+            _untrack_adapter_layer(runtime, old)
 
 
 def _before_state_dict_load(module: nn.Module, *args: Any) -> None:
@@ -1343,7 +1367,7 @@ def adopt(runtime: Runtime, *, materialize: bool = False) -> None:
     for module_name, module in runtime.model.named_modules():
         runtime._members.add(module)
         if _wraps_offloaded_weight(runtime, module) and module not in runtime._adapter_layers:
-            runtime._adapter_layers.append(module)
+            _track_adapter_layer(runtime, module)
         owner = owner_of(module_name, keys)
         if owner is None:
             continue
@@ -1399,45 +1423,144 @@ def _wraps_offloaded_weight(runtime: Runtime, module: nn.Module) -> bool:
     return (id(get_base()), "weight") in runtime._offloaded_sites
 
 
-def sync_merges(runtime: Runtime, layer: nn.Module) -> None:
-    """Make the stored base weight under peft `layer` hold exactly the adapters peft says are merged into it.
+# peft's merge methods, which the runtime runs with the base layer's offloaded tensors real (`_merge_in_store`).
+_MERGE_CALLS = ("merge", "unmerge")
 
-    peft merges (`merge_adapter`, `merge_and_unload`) by adding to `base_layer.weight` in place; for an
-    offloaded weight that is the meta placeholder, so the add is lost. The runtime calls this before each
-    forward and when peft puts a merged base layer back: it writes base + deltas of newly merged adapters
-    (minus those of unmerged ones) where the base weight is stored, so the merged weight never sits in RAM.
+
+def _track_adapter_layer(runtime: Runtime, layer: nn.Module) -> None:
+    """Follow peft `layer`, which wraps an offloaded weight: its `merge` and `unmerge` reach the stored weight.
+
+    peft merges in place into `base_layer.weight`, which between forwards is the meta placeholder, and DoRA
+    and `safe_merge` need the real values (a weight norm, a NaN check). No torch hook sees a method call, so
+    the layer gets `merge`/`unmerge` instance attributes (the runtime's own state, removed by
+    `_untrack_adapter_layer` and `detach`) that run peft's own methods through `_merge_in_store`.
+    """
+    runtime._adapter_layers.append(layer)
+    for name in _MERGE_CALLS:
+        if name not in layer.__dict__:
+            layer.__dict__[name] = functools.partial(_merge_in_store, runtime, layer, getattr(layer, name))
+
+
+def _untrack_adapter_layer(runtime: Runtime, layer: nn.Module) -> None:
+    """Stop following `layer` (peft replaced it by its base layer, or the runtime is detached)."""
+    for name in _MERGE_CALLS:
+        layer.__dict__.pop(name, None)
+    runtime._adapter_layers.remove(layer)
+    runtime._merged.pop(id(layer), None)
+
+
+def _merge_in_store(runtime: Runtime, layer: nn.Module, peft_call: Callable[..., Any], *args: Any,
+                    **kwargs: Any) -> Any:
+    """peft's `merge`/`unmerge` of `layer`, run by peft itself on real tensors, with the result stored.
+
+    The block's tensors are installed (adapter weights streamed with the block are real) and each offloaded
+    tensor of the base layer is replaced by a private copy, so peft's own arithmetic (plain LoRA, DoRA and
+    its weight norm, `lora_bias`, `safe_merge`'s checks) runs exactly as in memory; the copies peft changed
+    are then written where those tensors are stored, so the merged weight never stays in RAM. Resident
+    tensors of the base layer (not offloaded) are changed in place by peft, as in memory. What peft merged
+    before raising part way (an adapter before a failing one) is written too: the stored weights always hold
+    what `layer.merged_adapters` says.
+    """
+    if id(layer) in runtime._merging:  # DoRA unmerges and re-merges the others to see the unmerged weight
+        return peft_call(*args, **kwargs)
+    check_merges(runtime, layer)
+    block = runtime.blocks[runtime._offloaded_sites[(id(layer.get_base_layer()), "weight")][0]]
+    before = tuple(layer.merged_adapters)
+    changed: list[tuple[_Entry, torch.Tensor]] = []
+    runtime._merging.add(id(layer))
+    try:
+        with torch.no_grad(), _in_use(runtime, block):
+            copies = _private_copies(runtime, layer.get_base_layer())
+            try:
+                return peft_call(*args, **kwargs)
+            finally:
+                if tuple(layer.merged_adapters) != before:
+                    changed = _changed(copies)
+    finally:
+        runtime._merging.discard(id(layer))
+        _write_merges(runtime, block, changed, before, tuple(layer.merged_adapters))
+        runtime._merged[id(layer)] = tuple(layer.merged_adapters)
+
+
+@contextlib.contextmanager
+def _in_use(runtime: Runtime, block: Block) -> Iterator[None]:
+    """The block's offloaded tensors installed: those of its running forward (peft unmerges in the forward of a
+    merged layer whose adapters are disabled), else installed for the duration."""
+    if block.name in runtime.prefetcher.in_use:
+        yield
+    else:
+        with _installed(runtime, block):
+            yield
+
+
+_Copy = tuple[_Entry, torch.Tensor, torch.Tensor]  # an offloaded tensor: its entry, installed value, private copy
+
+
+def _private_copies(runtime: Runtime, base: nn.Module) -> list[_Copy]:
+    """Register a private copy of each installed offloaded tensor of `base` for peft to change in place: the
+    installed values may be the store's own bytes (an mmap'd file, host weights) or kept for later forwards."""
+    copies: dict[str, _Copy] = {}
+    for module in base.modules():
+        for site, tensor in _own_tensors(module):
+            found = runtime._offloaded_sites.get((id(module), site.attr))
+            if found is None or found[1].key in copies:
+                continue
+            entry = found[1]
+            with torch.inference_mode(False):
+                copy = _like(entry.placeholder, tensor.detach().clone())
+            for each in entry.sites:  # every alias of a tied weight, as peft changes them all in memory
+                each.set(copy)
+            copies[entry.key] = (entry, tensor, copy)
+    return list(copies.values())
+
+
+def _changed(copies: list[_Copy]) -> list[tuple[_Entry, torch.Tensor]]:
+    """The tensors peft changed (in place, or by giving the Parameter new data), with their new values."""
+    changed = []
+    for entry, installed, _ in copies:
+        value = entry.sites[0].get()
+        assert value is not None  # _private_copies registered a copy here
+        if not torch.equal(value, installed):
+            changed.append((entry, value.detach()))
+    return changed
+
+
+def _write_merges(runtime: Runtime, block: Block, changed: list[tuple[_Entry, torch.Tensor]],
+                  before: tuple[str, ...], after: tuple[str, ...]) -> None:
+    """Store the values a merge changed (`DiskStore.rewrite` records the change in the folder's fingerprint)
+    and drop what the runtime loaded or cached of the old ones."""
+    added = [name for name in after if name not in before]
+    removed = [name for name in before if name not in after]
+    for entry, value in changed:
+        stored = entry.source.get(entry.key)
+        change = f"merged {added} into {entry.key}" if added else f"unmerged {removed} from {entry.key}"
+        entry.source.rewrite(entry.key, value.to(stored.dtype).reshape(stored.shape), change=change)
+        logger.info("bigload: %s", change)
+    if changed:
+        runtime.prefetcher.forget(block.name)
+        runtime._values.pop(block.name, None)
+
+
+def check_merges(runtime: Runtime, layer: nn.Module) -> None:
+    """Check that the stored weights under peft `layer` hold the adapters peft says are merged into them.
+
+    peft's `merge`/`unmerge` write where the weights are stored as they run (`_merge_in_store`). The runtime
+    checks before each forward and when peft puts a merged base layer back, so a merge that bypassed them
+    is an error rather than silently wrong outputs.
 
     Raises:
-        OffloadError: a merged adapter is not plain LoRA (DoRA, lora_bias): its merge cannot be written here.
+        OffloadError: the adapters peft marks merged differ from those the stored weights hold.
     """
     want, have = tuple(layer.merged_adapters), runtime._merged.get(id(layer), ())
     if want == have:
         return
-    block, entry = runtime._offloaded_sites[(id(layer.get_base_layer()), "weight")]
-    added = [name for name in want if name not in have]
-    removed = [name for name in have if name not in want]
-    unsupported = [name for name in added + removed if name in getattr(layer, "lora_variant", {})
-                   or getattr(layer, "lora_bias", {}).get(name)]
-    if unsupported or not hasattr(layer, "get_delta_weight"):
-        raise OffloadError(
-            f"cannot merge adapters {unsupported or added} into the offloaded weight {entry.key!r}: only plain "
-            "LoRA (no DoRA, no lora_bias) merges into offloaded weights. Unload without merging (unload()), or "
-            "load the base model onto the CPU to merge."
-        )
-    with torch.no_grad(), _installed(runtime, runtime.blocks[block]):
-        # Installed: adapter weights loaded with the block (bigload's own adapter loading) are real now.
-        stored = entry.source.get(entry.key)
-        merged = stored.reshape(entry.shape).to(entry.dtype, copy=True)
-        for name in added:
-            merged += layer.get_delta_weight(name).to(merged.device, merged.dtype)
-        for name in removed:
-            merged -= layer.get_delta_weight(name).to(merged.device, merged.dtype)
-    change = f"merged {added} into {entry.key}" if added else f"unmerged {removed} from {entry.key}"
-    entry.source.rewrite(entry.key, merged.to(stored.dtype), change=change)
-    runtime._merged[id(layer)] = want
-    runtime.prefetcher.forget(block)
-    runtime._values.pop(block, None)
-    logger.info("bigload: %s", change)
+    key = runtime._offloaded_sites[(id(layer.get_base_layer()), "weight")][1].key
+    raise OffloadError(
+        f"peft marks adapters {list(want)} merged into the offloaded weight {key!r}, whose stored value holds "
+        f"{list(have)}: the change did not go through the layer's merge()/unmerge() (called on its class, or "
+        "`merged_adapters` edited), so it never reached the stored weight. Use peft's calls on the model "
+        "(merge_adapter(), unmerge_adapter(), merge_and_unload()), or reload the model."
+    )
 
 
 @contextlib.contextmanager

@@ -16,11 +16,12 @@ GPU is allowed to take before the walk moves on:
 - `auto` is `balanced` with several GPUs, `sequential` otherwise.
 
 Per device the plan charges weights, headroom (a fixed amount plus the KV cache of the attention layers
-that run there, when a context length is given) and, on the main device, the offload reserve: what the
-runtime's prefetcher really holds (`min(nesting + prefetch, blocks)` slots of the largest offloaded block's
-parameters, plus the buffers of offloaded blocks, which stay resident). The reserve and the KV cache of
-offloaded layers depend on what gets offloaded, so the walk is repeated with a growing charge on the main
-device until the charge covers what the resulting plan needs (a fixed point, usually reached in two walks).
+that run there, when a context length is given) and reserves. On the main device, the offload reserve: what
+the runtime's prefetcher really holds (`min(nesting + prefetch, blocks)` slots of the largest offloaded
+block's parameters, plus the buffers of offloaded blocks, which stay resident). When the main device is a
+GPU, the CPU's reserve is the slots' pinned host staging buffers (`SlotSpec.staging_bytes`: page-locked RAM,
+which the CPU budget must pay for like weights). Both depend on what gets offloaded, so the walk is repeated
+with growing charges until they cover what the resulting plan needs (a fixed point, usually two walks).
 
 CPU-resident blocks, when a GPU exists, either stream their weights to the GPU for every forward (accelerate's
 behaviour) or run on the CPU, moving only activations. The default follows a bandwidth model of one decode
@@ -151,7 +152,9 @@ class Plan:
         prefetch: offloaded blocks loaded ahead of the running one (the reserve covers them).
         slots: the slots the runtime keeps on `main_device` for offloaded blocks (count and size), and how
             disk blocks come into them (`slots.reads`: mapped in place or read explicitly, decided from the
-            CPU memory left); the runtime takes them from here. `SlotSpec(0, 0)` when nothing is offloaded.
+            CPU memory left), and whether each has a pinned host staging buffer (`slots.staged`: slots on a
+            GPU; their `slots.staging_bytes` are the CPU's reserve); the runtime takes them from here.
+            `SlotSpec(0, 0)` when nothing is offloaded.
         dtype: the compute dtype name the KV cache was sized for, or None.
         context_length: tokens of KV cache kept per sequence, or None.
         batch_size: sequences the KV cache was sized for.
@@ -209,7 +212,8 @@ class Plan:
             "main_device": self.main_device.key,
             "policy": self.policy.value,
             "prefetch": self.prefetch,
-            "slots": {"count": self.slots.count, "nbytes": self.slots.nbytes, "reads": self.slots.reads.value},
+            "slots": {"count": self.slots.count, "nbytes": self.slots.nbytes, "reads": self.slots.reads.value,
+                      "staged": self.slots.staged},
             "dtype": self.dtype,
             "context_length": self.context_length,
             "batch_size": self.batch_size,
@@ -253,7 +257,7 @@ class Plan:
                 main_device=Device.parse(data["main_device"]),
                 policy=ExecutionPolicy.parse(data["policy"]),
                 prefetch=int(data["prefetch"]),
-                slots=_slots_from_json(data.get("slots", {})),
+                slots=_slots_from_json(data.get("slots", {}), Device.parse(data["main_device"]).is_gpu),
                 dtype=data["dtype"],
                 context_length=data["context_length"],
                 batch_size=int(data["batch_size"]),
@@ -287,8 +291,10 @@ class Plan:
         return "\n".join(lines)
 
 
-def _slots_from_json(data: Mapping[str, Any]) -> SlotSpec:
-    return SlotSpec(int(data.get("count", 0)), int(data.get("nbytes", 0)), DiskReads.parse(data.get("reads", "mapped")))
+def _slots_from_json(data: Mapping[str, Any], on_gpu: bool) -> SlotSpec:
+    count = int(data.get("count", 0))
+    return SlotSpec(count, int(data.get("nbytes", 0)), DiskReads.parse(data.get("reads", "mapped")),
+                    bool(data.get("staged", on_gpu and count > 0)))
 
 
 def _summarize_names(names: Sequence[str], limit: int = 8) -> str:
@@ -714,12 +720,13 @@ def plan(inventory: Inventory, budget: Budget, options: PlanOptions | None = Non
     prefetch = options.prefetch
     kv = _KV(inventory, setup.layer_kv)
     ties = _Ties(inventory)
-    charge = 0  # reserve + KV of offloaded layers, on the main device
-    walk, needed = _attempt(inventory, setup, kv, ties, charge, prefetch)
+    charges: dict[Device, int] = {}  # main: reserve + KV of offloaded layers; cpu: pinned staging
+    walk, needed = _attempt(inventory, setup, kv, ties, charges, prefetch)
     walks = 1
-    while needed > charge:
-        charge = needed if walks < _MAX_WALKS else _upper_bound(inventory, kv, prefetch)
-        walk, needed = _attempt(inventory, setup, kv, ties, charge, prefetch)
+    while any(nbytes > charges.get(device, 0) for device, nbytes in needed.items()):
+        charges = ({device: max(nbytes, charges.get(device, 0)) for device, nbytes in needed.items()}
+                   if walks < _MAX_WALKS else _upper_bounds(inventory, setup, kv, prefetch))
+        walk, needed = _attempt(inventory, setup, kv, ties, charges, prefetch)
         walks += 1
         if walks > _MAX_WALKS + 1:
             raise PlanError(Text("the offload reserve did not settle; give the main device more memory or "
@@ -826,19 +833,33 @@ def _fixed_headroom(headroom: int | str | Mapping[DeviceLike, int | str] | None,
     return {device: amount for device in known if device.is_gpu or (device == CPU and cpu_runs)}
 
 
-def _attempt(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: int,
-             prefetch: int) -> tuple[_Walk, int]:
-    """One placement with `charge` bytes set aside on the main device; returns it and the charge it needs."""
-    walk = _balanced_walk(inv, setup, kv, ties, charge)
+def _attempt(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charges: Mapping[Device, int],
+             prefetch: int) -> tuple[_Walk, dict[Device, int]]:
+    """One placement with `charges` set aside per device; returns it and the charges it needs."""
+    walk = _balanced_walk(inv, setup, kv, ties, charges)
     offloaded = _offloaded_units(walk, setup)
-    needed = _main_charge(inv, walk, offloaded, prefetch, setup.main.is_gpu, _disk_reads(walk, setup)[0])
+    needed = _charges(inv, walk, setup, offloaded, prefetch)
     main_slot = next(s for s in walk.slots if s.device == setup.main)
-    if needed > max(0, main_slot.budget - main_slot.fixed_headroom):  # nothing offloaded needs no room
-        raise PlanError(_reserve_message(setup, main_slot, needed, walk, offloaded))
+    if needed[setup.main] > max(0, main_slot.budget - main_slot.fixed_headroom):  # nothing offloaded needs no room
+        raise PlanError(_reserve_message(setup, main_slot, needed[setup.main], walk, offloaded))
+    cpu = next((s for s in walk.slots if s.device == CPU), None)
+    if cpu is not None and needed.get(CPU, 0) > max(0, cpu.budget - cpu.fixed_headroom):
+        raise PlanError(_staging_message(setup, cpu, needed[CPU], offloaded))
     return walk, needed
 
 
-def _balanced_walk(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: int) -> _Walk:
+def _charges(inv: Inventory, walk: _Walk, setup: _Setup, offloaded: Sequence[Unit],
+             prefetch: int) -> dict[Device, int]:
+    """What a walk needs set aside: on the main device its reserve (`_main_charge`); on the CPU, when the budget
+    has one, the slots' pinned staging buffers (none when the slots are on the CPU)."""
+    slots = _slots(inv, offloaded, prefetch, setup.main.is_gpu, _disk_reads(walk, setup)[0])
+    needed = {setup.main: _main_charge(inv, walk, offloaded, slots)}
+    if slots.staging_bytes and any(fill.device == CPU for fill in walk.slots):
+        needed[CPU] = slots.staging_bytes
+    return needed
+
+
+def _balanced_walk(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charges: Mapping[Device, int]) -> _Walk:
     """Walk with balanced shares; when unsplittable blocks leave the last GPUs short (the shares were met
     but the remainder does not pack), walk again with shares grown by the shortfall, until the GPUs hold
     everything or the shares reach the budgets (then it is a plain fill)."""
@@ -846,14 +867,14 @@ def _balanced_walk(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charge: 
     while True:
         slots = [_DeviceFill(s.device, s.budget, s.fixed_headroom, s.runs_own) for s in setup.slots_template]
         for slot in slots:
-            slot.cap = slot.budget - slot.fixed_headroom - (charge if slot.device == setup.main else 0)
+            slot.cap = slot.budget - slot.fixed_headroom - charges.get(slot.device, 0)
         targeted = _set_targets(inv, setup.strategy, slots, kv, extra)
         walk = _Walk(inv, slots, kv, ties)
         try:
             walk.run()
         except _NoFit as failure:
             if not targeted:
-                raise PlanError(_no_fit_message(inv, setup, kv, walk, failure, charge)) from None
+                raise PlanError(_no_fit_message(inv, setup, kv, walk, failure, charges)) from None
             extra += max(1, inv.total_bytes + kv.total - walk.cum)
             continue
         if targeted and any(not walk.slots[slot].device.is_gpu for slot, _ in walk.units.values()):
@@ -891,22 +912,22 @@ def _offloaded_units(walk: _Walk, setup: _Setup) -> list[Unit]:
     return [unit for unit, (slot, _) in walk.units.items() if not walk.slots[slot].runs_own]
 
 
-def _main_charge(inv: Inventory, walk: _Walk, offloaded: Sequence[Unit], prefetch: int, on_gpu: bool,
-                 reads: DiskReads) -> int:
+def _main_charge(inv: Inventory, walk: _Walk, offloaded: Sequence[Unit], slots: SlotSpec) -> int:
     """What the main device must hold for offloaded blocks: the runtime's slots (`_slots`), the buffers of
     offloaded blocks (they stay resident where the blocks run), and the KV cache of offloaded attention layers."""
     buffers = sum(_unit_buffers(inv, unit) for unit in offloaded)
     kv = sum(walk.units[unit][1] for unit in offloaded)
-    return _slots(inv, offloaded, prefetch, on_gpu, reads).total + buffers + kv
+    return slots.total + buffers + kv
 
 
 def _slots(inv: Inventory, offloaded: Sequence[Unit], prefetch: int, on_gpu: bool, reads: DiskReads) -> SlotSpec:
     """The runtime's slots: `reserve.slot_count` of them, each the largest offloaded entry's parameters at
-    aligned offsets (`Inventory.slot_bytes`; more with explicit reads: `reserve.read_slot_bytes`)."""
+    aligned offsets (`Inventory.slot_bytes`; more with explicit reads: `reserve.read_slot_bytes`); on a GPU,
+    each with a pinned host staging buffer."""
     count = slot_count([inv.names[i] for i, _ in offloaded], prefetch)
     alignment = slot_alignment(on_gpu)
     params = max((inv.slot_bytes(i, whole=whole, alignment=alignment) for i, whole in offloaded), default=0)
-    return SlotSpec(count, read_slot_bytes(params, reads) if count else 0, reads)
+    return SlotSpec(count, read_slot_bytes(params, reads) if count else 0, reads, staged=on_gpu and count > 0)
 
 
 def _disk_reads(walk: _Walk, setup: _Setup) -> tuple[DiskReads, Text]:
@@ -926,10 +947,13 @@ def _unit_buffers(inv: Inventory, unit: Unit) -> int:
     return inv.subtree_buffer_bytes(i) if whole else inv.own_buffer_bytes[i]
 
 
-def _upper_bound(inv: Inventory, kv: _KV, prefetch: int) -> int:
+def _upper_bounds(inv: Inventory, setup: _Setup, kv: _KV, prefetch: int) -> dict[Device, int]:
+    """Charges no plan can need more than (the fixed point's way out when it does not settle)."""
     largest = max((inv.subtree_bytes(i) for i in range(len(inv)) if inv.no_split[i] or inv.ends[i] == i + 1),
                   default=0)
-    return (2 + prefetch) * largest + inv.subtree_buffer_bytes(0) + kv.total
+    bound = (2 + prefetch) * largest + inv.subtree_buffer_bytes(0) + kv.total
+    # Pinned staging: at most twice the slots' bytes (power-of-two rounding), and the slots are in `bound`.
+    return {setup.main: bound, CPU: 2 * bound} if setup.main.is_gpu else {setup.main: bound}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -949,11 +973,13 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, options: PlanOptions
         placements.append(Placement(inv.names[unit[0]], slot.device, runs_on, walk.unit_bytes(unit), kv))
     offloaded = [unit for unit, (slot, _) in entries.items() if not slot.runs_own]
     reads, reads_reason = _disk_reads(walk, setup)
-    charge = _main_charge(inv, walk, offloaded, prefetch, setup.main.is_gpu, reads)
+    slots = _slots(inv, offloaded, prefetch, setup.main.is_gpu, reads)
+    charges = _charges(inv, walk, setup, offloaded, prefetch)
     offload_kv = sum(kv for unit, (slot, kv) in entries.items() if not slot.runs_own)
-    usage = _usage(walk.slots, placements, setup.main, charge - offload_kv)
+    usage = _usage(walk.slots, placements, {**charges, setup.main: charges[setup.main] - offload_kv})
     target = parse_dtype(dtype) if dtype is not None else inv.dtype
     reasons = _reasons(inv, setup, placements, usage, prefetch, offloaded, walk, context_length)
+    reasons.extend(_staging_reason(slots, usage))
     if any(p.device.kind is DeviceKind.DISK for p in placements):
         disk_blocks = _summarize_names([p.name for p in placements if p.device.kind is DeviceKind.DISK])
         reasons.append(Text(f"{disk_blocks}: ", reads_reason))
@@ -964,7 +990,7 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, options: PlanOptions
         main_device=setup.main,
         policy=setup.policy,
         prefetch=prefetch,
-        slots=_slots(inv, offloaded, prefetch, setup.main.is_gpu, reads),
+        slots=slots,
         dtype=str(target).removeprefix("torch.") if target is not None else None,
         context_length=context_length,
         batch_size=batch_size,
@@ -991,8 +1017,8 @@ def _collapse(inv: Inventory, walk: _Walk,
     return out
 
 
-def _usage(slots: Sequence[_DeviceFill], placements: Sequence[Placement], main: Device,
-           reserve: int) -> tuple[DeviceUsage, ...]:
+def _usage(slots: Sequence[_DeviceFill], placements: Sequence[Placement],
+           reserves: Mapping[Device, int]) -> tuple[DeviceUsage, ...]:
     weights: dict[Device, int] = {}
     kv: dict[Device, int] = {}
     active: set[Device] = set()
@@ -1004,7 +1030,7 @@ def _usage(slots: Sequence[_DeviceFill], placements: Sequence[Placement], main: 
     for slot in slots:
         fixed = slot.fixed_headroom if slot.device in active else 0
         out.append(DeviceUsage(slot.device, slot.budget, weights.get(slot.device, 0),
-                               fixed + kv.get(slot.device, 0), reserve if slot.device == main else 0))
+                               fixed + kv.get(slot.device, 0), reserves.get(slot.device, 0)))
     return tuple(out)
 
 
@@ -1035,6 +1061,18 @@ def _reasons(inv: Inventory, setup: _Setup, placements: Sequence[Placement], usa
             f"(context {context_length}), charged to the device that runs each layer."
         )
     return reasons
+
+
+def _staging_reason(slots: SlotSpec, usage: Sequence[DeviceUsage]) -> list[str]:
+    """Why the CPU keeps a reserve: the pinned staging buffers of GPU slots (or why they are not charged)."""
+    if not slots.staging_bytes:
+        return []
+    what = (f"pinned host staging: each of the {slots.count} slot(s) on the GPU has a page-locked buffer of "
+            f"{format_size(slots.nbytes)} that copies of offloaded weights go through ({format_size(slots.staging_bytes)}"
+            " as torch's pinned allocator takes it, each rounded up to a power of two)")
+    if not any(u.device == CPU for u in usage):
+        return [f"{what}; not charged: the budget has no cpu entry, so host memory is not limited."]
+    return [f"{what}; unswappable RAM, so it is the cpu's reserve."]
 
 
 def _quantized_reason(inv: Inventory) -> list[str]:
@@ -1075,7 +1113,8 @@ def _strategy_reason(strategy: str, gpus: int) -> str:
 # When nothing fits
 
 
-def _no_fit_message(inv: Inventory, setup: _Setup, kv: _KV, walk: _Walk, failure: _NoFit, charge: int) -> Text:
+def _no_fit_message(inv: Inventory, setup: _Setup, kv: _KV, walk: _Walk, failure: _NoFit,
+                    charges: Mapping[Device, int]) -> Text:
     unit = failure.unit
     name = inv.names[unit[0]] or "(whole model)"
     unit_bytes = walk.unit_bytes(unit)
@@ -1090,10 +1129,12 @@ def _no_fit_message(inv: Inventory, setup: _Setup, kv: _KV, walk: _Walk, failure
         footprint = unit_bytes + (unit_kv if slot.runs_own else 0)
         free = max(0, slot.cap - slot.used)
         free_total += free
-        reserved = slot.fixed_headroom + (charge if slot.device == setup.main else 0)
+        reserved = slot.fixed_headroom + charges.get(slot.device, 0)
+        staging = (f" (pinned staging {format_size(charges[CPU])})"
+                   if slot.device == CPU and charges.get(CPU) and setup.main != CPU else "")
         lines.append(
             f"  {slot.device}: budget {format_size(slot.budget)}, used {format_size(slot.used)}, kept free "
-            f"{format_size(reserved)}; {format_size(max(0, footprint - free))} ({max(0, footprint - free)} bytes) "
+            f"{format_size(reserved)}{staging}; {format_size(max(0, footprint - free))} ({max(0, footprint - free)} bytes) "
             f"missing for {name!r}"
         )
     missing = max(0, remaining + (kv.total if setup.layer_kv else 0) - free_total)
@@ -1106,6 +1147,8 @@ def _no_fit_message(inv: Inventory, setup: _Setup, kv: _KV, walk: _Walk, failure
                           f" (the KV cache takes {format_size(kv.total)})"))
     if any(slot.fixed_headroom for slot in failure.slots):
         fixes.append(Text("lower headroom"))
+    if charges.get(CPU) and setup.main != CPU:
+        fixes.append(Text("use ", setting("prefetch", "0"), " (fewer pinned staging buffers on the cpu)"))
     fixes.append(Text("give the devices more memory (", setting("max_memory"), ")"))
     return Text("\n".join(lines), "\nfix: ", *_joined(fixes, "; or "), ".")
 
@@ -1132,4 +1175,15 @@ def _reserve_message(setup: _Setup, slot: _DeviceFill, needed: int, walk: _Walk,
         f"buffers and KV cache) but only {format_size(max(0, room))} is available there; "
         f"{needed - max(0, room)} bytes are missing. Fix: give {setup.main} more memory, use ",
         setting("prefetch", "0"), ", lower ", setting("context_length"), local, "."
+    )
+
+
+def _staging_message(setup: _Setup, cpu: _DeviceFill, needed: int, offloaded: Sequence[Unit]) -> Text:
+    room = max(0, cpu.budget - cpu.fixed_headroom)
+    return Text(
+        f"the cpu cannot hold the pinned staging buffers that copies of the {len(offloaded)} offloaded block(s) "
+        f"to {setup.main} go through: {format_size(needed)} of page-locked memory (one buffer per slot, the "
+        f"size of the largest offloaded block) but the cpu budget leaves {format_size(room)}; "
+        f"{needed - room} bytes are missing. Fix: give the cpu more memory (", setting("max_memory"), "), use ",
+        setting("prefetch", "0"), ", or give ", str(setup.main), " more memory so fewer blocks are offloaded."
     )

@@ -3,7 +3,10 @@
 Decided once, by the planner (`Plan.slots`), from the rule here; the runtime (`hooks.attach`) takes the
 count and size from the plan, and uses the same rule only for a hand-written device map that has no plan.
 
-A slot holds one offloaded block's weights while it runs or waits, prefetched. Blocks can nest (a split
+A slot holds one offloaded block's weights while it runs or waits, prefetched. A slot on a GPU also has a
+pinned host staging buffer of its size (host-to-GPU copies go through it, and explicit disk reads land in it):
+pinned memory is host RAM that cannot be swapped, so the planner charges it to the CPU budget
+(`SlotSpec.staging_bytes`, at the size torch's pinned allocator really takes: `pinned_bytes`). Blocks can nest (a split
 module's own entry runs around its children's entries), so `nesting_depth` of them run at once, and
 `prefetch` more wait ready: `min(depth + prefetch, number of offloaded blocks)` slots, each the size of
 the largest offloaded block's weights.
@@ -26,7 +29,7 @@ from bigload.messages import Text, setting
 from bigload.sizes import format_size
 
 __all__ = ["READ_ALIGN", "READ_SLACK_BYTES", "SLOT_ALIGNMENT", "DiskReads", "SlotSpec", "aligned", "choose_disk_reads",
-           "nesting_depth", "read_slot_bytes", "slot_alignment", "slot_bytes", "slot_count"]
+           "nesting_depth", "pinned_bytes", "read_slot_bytes", "slot_alignment", "slot_bytes", "slot_count"]
 
 READ_ALIGN = 4096  # O_DIRECT reads: file offset, length and memory address in multiples of this
 # Per slot, with explicit reads: room to round a block's contiguous file ranges out to READ_ALIGN at both ends
@@ -89,16 +92,36 @@ class SlotSpec:
             see `slot_bytes`; resident buffers excluded; plus `READ_SLACK_BYTES` when disk blocks are read:
             `read_slot_bytes`).
         reads: how disk-placed blocks come into the slots (`choose_disk_reads`).
+        staged: each slot has a pinned host staging buffer of `nbytes` (slots on a GPU: copies from pageable
+            host memory and explicit reads go through it); the runtime allocates exactly these.
     """
 
     count: int
     nbytes: int
     reads: DiskReads = DiskReads.MAPPED
+    staged: bool = False
 
     @property
     def total(self) -> int:
         """Bytes of all slots."""
         return self.count * self.nbytes
+
+    @property
+    def staging_bytes(self) -> int:
+        """Pinned host bytes of the slots' staging buffers, as torch pins them (`pinned_bytes` each); 0 when
+        the slots are not staged. The planner charges this to the CPU budget."""
+        return self.count * pinned_bytes(self.nbytes) if self.staged else 0
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """Host memory torch really pins for a buffer of `nbytes`: its caching host allocator (behind
+    `pin_memory=True`) rounds every allocation up to a power of two, so a 300 MiB staging buffer takes 512 MiB
+    of page-locked RAM.
+
+    >>> pinned_bytes(0), pinned_bytes(4096), pinned_bytes(4097), pinned_bytes(300 << 20) >> 20
+    (0, 4096, 8192, 512)
+    """
+    return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
 
 
 def aligned(nbytes: int, alignment: int = SLOT_ALIGNMENT) -> int:

@@ -430,6 +430,12 @@ class _GpuStager:
 
     Filling buffer k+1 from the memory-mapped file (the actual disk read) overlaps the DMA out of buffer k;
     an event per buffer says when it may be refilled. `finish` waits for every copy before the model runs.
+
+    The ring is pinned host memory beside the CPU-resident weights while loading, so it is part of the
+    loader's window (`_STAGING_SLOTS` buffers of `window_bytes / _STAGING_SLOTS`, never a shard), not of the
+    plan: the plan charges what is held while the model runs. `finish` gives it back to the system (torch's
+    pinned allocator would otherwise cache it for good), so it never coexists with the runtime's staging
+    buffers, which the plan charges to the CPU (`SlotSpec.staging_bytes`).
     """
 
     def __init__(self, window_bytes: int, pin: bool, devices: Iterable[Device]) -> None:
@@ -479,8 +485,23 @@ class _GpuStager:
         return slot
 
     def finish(self) -> None:
+        """Wait for every copy, then return the ring's pinned memory to the system."""
         for stream in self.streams.values():
             stream.synchronize()
+        self.buffers.clear()
+        self.events.clear()
+        _empty_pinned_cache()
+
+
+def _empty_pinned_cache() -> None:
+    """Release the pinned blocks torch's host allocator caches but nobody uses (freed staging rings)."""
+    if not torch.cuda.is_initialized():
+        return  # nothing was pinned (and the call below refuses to run without a device)
+    # The public name (torch >= 2.9), else the one torch.cuda itself calls in older CUDA builds.
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    empty = empty or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
 
 
 @dataclass

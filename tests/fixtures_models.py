@@ -18,7 +18,7 @@ LAYERS = 4
 HIDDEN = 64
 
 
-def llama_config(*, tie: bool = False, dtype: torch.dtype = torch.float32):
+def llama_config(*, tie: bool = False, dtype: torch.dtype = torch.float32, bias: bool = False):
     from transformers import LlamaConfig
 
     config = LlamaConfig(
@@ -33,17 +33,19 @@ def llama_config(*, tie: bool = False, dtype: torch.dtype = torch.float32):
         bos_token_id=1,
         eos_token_id=None,
         pad_token_id=0,
+        attention_bias=bias,  # biased projections: what peft's `lora_bias` merges into
+        mlp_bias=bias,
     )
     config.dtype = dtype
     return config
 
 
-def reference_llama(*, tie: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0):
+def reference_llama(*, tie: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0, bias: bool = False):
     """A randomly initialised LlamaForCausalLM fully in memory, in `dtype`, in eval mode."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(tie=tie, dtype=torch.float32))
+    model = LlamaForCausalLM(llama_config(tie=tie, dtype=torch.float32, bias=bias))
     # Random weights large enough that greedy tokens are not all the same id.
     with torch.no_grad():
         for param in model.parameters():
@@ -57,12 +59,12 @@ def save_sharded(model: nn.Module, folder: Path, max_shard_size: str = "60KB") -
     return folder
 
 
-def empty_llama(*, tie: bool = False, dtype: torch.dtype = torch.float32):
+def empty_llama(*, tie: bool = False, dtype: torch.dtype = torch.float32, bias: bool = False):
     """The same architecture built with no memory, as a bigload user does, in `dtype`."""
     from transformers import LlamaForCausalLM
 
     with init_empty_weights():
-        model = LlamaForCausalLM(llama_config(tie=tie, dtype=dtype))
+        model = LlamaForCausalLM(llama_config(tie=tie, dtype=dtype, bias=bias))
     if dtype != torch.float32:
         # Only floating parameters are on meta; buffers (rotary inv_freq) keep the float32 values
         # transformers computes, exactly like the reference model's.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Iterable
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from bigload import load_checkpoint_and_dispatch
 from bigload.errors import AdapterError, OffloadError
 from bigload.hooks import runtime_of
 from bigload.store import DiskStore
-from fixtures_models import empty_llama, llama_map, reference_llama, save_sharded
+from fixtures_models import LAYERS, empty_llama, llama_map, reference_llama, save_sharded
 from timeouts import with_timeout
 
 peft = pytest.importorskip("peft")
@@ -159,6 +160,147 @@ def test_a_folder_holding_merged_weights_is_not_reused_for_the_base(files, tmp_p
 
 
 # --------------------------------------------------------------------------------------------------
+# DoRA and lora_bias merged into offloaded weights: peft's own arithmetic, on the stored weights
+
+VARIANTS = {"dora": {"use_dora": True}, "lora_bias": {"lora_bias": True}}
+
+
+def write_variant(folder: Path, kind: str, seed: int) -> Path:
+    """A LoRA adapter of `kind` on q_proj/v_proj of the biased reference Llama, saved with save_pretrained:
+    random A, B and lora_B's bias, DoRA magnitudes scaled away from the weight norms (at their initial value
+    DoRA merges like plain LoRA)."""
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False,
+                             **VARIANTS[kind])
+    model = peft.get_peft_model(reference_llama(bias=True), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.3)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def biased(tmp_path_factory) -> dict[str, Path]:
+    """A Llama whose projections have biases (what lora_bias merges into), and one adapter per variant."""
+    root = tmp_path_factory.mktemp("biased")
+    return {"base": save_sharded(reference_llama(bias=True), root / "base"),
+            **{kind: write_variant(root / kind, kind, seed=3) for kind in VARIANTS}}
+
+
+def variant_pair(biased: dict[str, Path], kind: str, offload: Path):
+    """peft's `from_pretrained` of adapter `kind` on the base dispatched with layers on disk, and in memory."""
+    base = load_checkpoint_and_dispatch(empty_llama(bias=True), biased["base"], device_map=llama_map(DISK_LAYERS),
+                                        offload_folder=offload)
+    return (peft.PeftModel.from_pretrained(base, biased[kind]),
+            peft.PeftModel.from_pretrained(reference_llama(bias=True), biased[kind]))
+
+
+def merged_names(kind: str, layers: Iterable[int] = range(LAYERS)) -> list[str]:
+    """The base tensors a merge of `kind` changes (lora_bias: the projections' biases too)."""
+    attrs = ("weight", "bias") if kind == "lora_bias" else ("weight",)
+    return [f"model.layers.{i}.self_attn.{proj}.{attr}" for i in layers for proj in ("q_proj", "v_proj")
+            for attr in attrs]
+
+
+def base_layer_value(model, name: str) -> torch.Tensor:
+    """Tensor `name` of the base model under a PeftModel whose layers are wrapped (not yet unloaded)."""
+    module, attr = name.rsplit(".", 1)
+    return model.get_parameter(f"base_model.model.{module}.base_layer.{attr}")
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.iterdir()}
+
+
+@pytest.mark.parametrize("safe_merge", [False, True], ids=["merge", "safe_merge"])
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_merge_and_unload_of_dora_and_lora_bias_writes_into_the_offload_store(biased, kind, safe_merge, tmp_path):
+    checkpoint = folder_hashes(biased["base"])
+    offload = tmp_path / "offload"
+    ours, reference = variant_pair(biased, kind, offload)
+    assert not torch.allclose(logits(reference), logits(reference_llama(bias=True)), atol=1e-2)
+    merged = ours.merge_and_unload(safe_merge=safe_merge)
+    expected = reference.merge_and_unload(safe_merge=safe_merge)
+
+    store = DiskStore.open(offload)
+    for name in merged_names(kind):
+        on_disk = int(name.split(".")[2]) in DISK_LAYERS
+        value = store.get(name) if on_disk else merged.get_parameter(name)
+        torch.testing.assert_close(value, expected.get_parameter(name), atol=1e-5, rtol=0, msg=name)
+        assert not torch.allclose(value, reference_llama(bias=True).get_parameter(name), atol=1e-3), name
+        if on_disk:
+            assert (offload / f"{name}.dat").is_file(), name
+            assert merged.get_parameter(name).device.type == "meta", name  # between forwards: not in RAM
+    torch.testing.assert_close(logits(merged), logits(expected), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(merged), greedy(expected))
+    changed = json.loads((offload / "bigload.json").read_text())["changed"]
+    for name in merged_names(kind, DISK_LAYERS):
+        assert f"merged ['default'] into {name}" in changed, name
+    assert folder_hashes(biased["base"]) == checkpoint
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_merge_adapter_then_unmerge_adapter_of_dora_and_lora_bias_restore_the_stored_weights(biased, kind, tmp_path):
+    offload = tmp_path / "offload"
+    ours, reference = variant_pair(biased, kind, offload)
+    on_disk = merged_names(kind, DISK_LAYERS)
+    originals = {name: DiskStore.open(offload).get(name).clone() for name in on_disk}
+    adapted, base = logits(reference), logits(reference_llama(bias=True))
+
+    ours.merge_adapter()
+    reference.merge_adapter()
+    for name in on_disk:
+        stored = DiskStore.open(offload).get(name)
+        torch.testing.assert_close(stored, base_layer_value(reference, name), atol=1e-5, rtol=0, msg=name)
+        assert not torch.allclose(stored, originals[name], atol=1e-3), name
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+
+    ours.unmerge_adapter()
+    reference.unmerge_adapter()
+    for name in on_disk:
+        stored = DiskStore.open(offload).get(name)
+        torch.testing.assert_close(stored, originals[name], atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(stored, base_layer_value(reference, name), atol=1e-6, rtol=0, msg=name)
+    torch.testing.assert_close(logits(ours), adapted, atol=1e-5, rtol=0)
+    assert "unmerged ['default'] from model.layers.1.self_attn.q_proj.weight" in json.loads(
+        (offload / "bigload.json").read_text())["changed"]
+
+    # Adapters disabled on a merged model: peft unmerges in each layer's forward, with the block installed.
+    ours.merge_adapter()
+    with ours.disable_adapter():
+        torch.testing.assert_close(logits(ours), base, atol=1e-5, rtol=0)
+    for name in on_disk:
+        torch.testing.assert_close(DiskStore.open(offload).get(name), originals[name], atol=1e-5, rtol=0, msg=name)
+    torch.testing.assert_close(logits(ours), adapted, atol=1e-5, rtol=0)
+
+
+def test_a_safe_merge_finding_nans_leaves_the_offload_store_as_it_was(biased, tmp_path):
+    offload = tmp_path / "offload"
+    ours, _ = variant_pair(biased, "dora", offload)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    record, original = (offload / "bigload.json").read_text(), DiskStore.open(offload).get(name).clone()
+    with torch.no_grad():
+        ours.base_model.model.model.layers[1].self_attn.q_proj.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected"):
+        ours.merge_and_unload(safe_merge=True)
+    assert (offload / "bigload.json").read_text() == record
+    assert torch.equal(DiskStore.open(offload).get(name), original)
+
+
+def test_a_merge_that_bypasses_the_runtime_is_refused(files, tmp_path):
+    ours = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "offload"), files["lora"])
+    layer = ours.base_model.model.model.layers[1].self_attn.q_proj
+    type(layer).merge(layer)  # peft's method called on the class: the add lands on the meta placeholder
+    with pytest.raises(OffloadError, match=r"adapters \['default'\] merged into the offloaded weight "
+                                           r"'model\.layers\.1\.self_attn\.q_proj\.weight'.*merge_adapter\(\)"):
+        logits(ours)
+
+
+# --------------------------------------------------------------------------------------------------
 # bigload's own way: from_pretrained(adapter=...), plan and generate --adapter
 
 MEMORY = {"cpu": "700KB", "disk": "1GiB"}  # embeddings and two layers in RAM, the rest on disk
@@ -184,6 +326,27 @@ def test_from_pretrained_with_adapters_equals_peft_in_memory(files, tmp_path):
     assert torch.equal(store.get(lora_b), dict(reference.named_parameters())[f"base_model.model.{lora_b}"])
     merged, expected = ours.merge_and_unload(), reference.merge_and_unload()
     torch.testing.assert_close(logits(merged), logits(expected), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_from_pretrained_with_a_dora_or_lora_bias_adapter_merges_into_the_store(biased, kind, tmp_path):
+    import bigload
+
+    offload = tmp_path / "offload"
+    ours = bigload.from_pretrained(biased["base"], adapter=biased[kind], max_memory=MEMORY, offload_folder=offload,
+                                   progress=False)  # the adapter's tensors (DoRA magnitudes too) go to the store
+    reference = peft.PeftModel.from_pretrained(reference_llama(bias=True), biased[kind])
+    disk_layers = [int(key.split(".")[2]) for key, value in ours.get_base_model().hf_device_map.items()
+                   if value == "disk" and ".layers." in key]
+    assert disk_layers
+    merged, expected = ours.merge_and_unload(), reference.merge_and_unload()
+    store = DiskStore.open(offload)
+    for name in merged_names(kind, disk_layers):
+        module, attr = name.rsplit(".", 1)  # stored under the name it had in the wrapped model
+        torch.testing.assert_close(store.get(f"{module}.base_layer.{attr}"), expected.get_parameter(name), atol=1e-5,
+                                   rtol=0, msg=name)
+    torch.testing.assert_close(logits(merged), logits(expected), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(merged), greedy(expected))
 
 
 def test_the_plan_counts_adapter_bytes_on_the_block_that_owns_them(files):
@@ -350,6 +513,22 @@ def test_lora_on_a_gpu_with_disk_offload_equals_peft_in_memory(files, tmp_path):
     ids = IDS.to("cuda")
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0)
+    merged, expected = ours.merge_and_unload(), reference.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_dora_and_lora_bias_merge_on_a_gpu_with_cpu_and_disk_offload_equals_peft_in_memory(biased, kind, tmp_path):
+    import bigload
+
+    reference = peft.PeftModel.from_pretrained(reference_llama(bias=True), biased[kind]).to("cuda")
+    ours = bigload.from_pretrained(biased["base"], adapter=biased[kind],
+                                   max_memory={0: "500KB", "cpu": "200KB", "disk": "1GiB"},
+                                   offload_folder=tmp_path / "off", progress=False)  # host weights and disk
+    ids = IDS.to("cuda")
     merged, expected = ours.merge_and_unload(), reference.merge_and_unload()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-5, rtol=0)

@@ -402,11 +402,11 @@ def _plans_in_a_fresh_process(seed: str, folder: Path) -> str:
         "for model in (tiny_llama(tie=True), toy(tie=True)):\n"
         "    inventory = inventory_from_module(model)\n"
         "    budget = Budget.of({0: inventory.total_bytes // 2, 1: inventory.total_bytes // 4, "
-        "'cpu': inventory.total_bytes // 8, 'disk': 10**9})\n"
+        "'cpu': inventory.total_bytes // 8 + 2**19, 'disk': 10**9})\n"  # + the pinned staging of 2 slots
         "    for strategy in ('balanced', 'sequential'):\n"
         "        print(plan(inventory, budget, strategy=strategy, policy='stream', headroom=0).to_json())\n"
-        # GPUs of 3 and 2 MiB beyond the default headroom (1 GiB each).
-        f"sys.exit(main(['plan', {str(folder)!r}, '--max-memory', '0=1027MiB,1=1026MiB,cpu=3MiB,disk=1GiB', "
+        # GPUs of 3 and 2 MiB beyond the default headroom (1 GiB each); 3 MiB of cpu beyond 4 MiB of pinned staging.
+        f"sys.exit(main(['plan', {str(folder)!r}, '--max-memory', '0=1027MiB,1=1026MiB,cpu=7MiB,disk=1GiB', "
         "'--context-length', '64', '--json', '-']))\n"
     )
     tests = str(Path(__file__).parent)

@@ -204,3 +204,40 @@ def test_auto_map_of_a_float32_checkpoint_loaded_as_bf16_prefills_2k_tokens_with
                              pad_token_id=0)
     assert out.shape == (1, 2050)
     assert torch.cuda.max_memory_reserved(0) <= budget
+
+
+# -- finding 5: pinned host memory within what the plan charged the cpu ----------------------------------
+
+
+def _pinned_now() -> int:
+    """Bytes torch's pinned host allocator holds (in use or cached), as it took them from the system."""
+    stats = getattr(torch.cuda, "host_memory_stats", lambda: {})()
+    return int(stats.get("allocated_bytes.current", 0))
+
+
+@gpu
+@needs_cuda
+def test_pinned_staging_stays_within_the_cpu_reserve_the_plan_charged(checkpoint):
+    from bigload.dispatch import plan_for_model
+    from bigload.inventory import inventory_from_module
+    from bigload.stream import _empty_pinned_cache
+
+    total = inventory_from_module(empty_llama()).total_bytes
+    plan = plan_for_model(empty_llama(), "sequential", max_memory={0: total // 2, "cpu": "1GiB"},
+                          policy="stream", headroom=0)
+    charged = plan.usage_of("cpu").reserve
+    assert plan.offloaded and plan.slots.staged and charged == plan.slots.staging_bytes > 0
+    torch.cuda.synchronize()
+    _empty_pinned_cache()
+    before = _pinned_now()
+    model = empty_llama()
+    load_checkpoint_and_dispatch(model, checkpoint, device_map=plan)  # streams through the loader's ring
+    ids = PROMPT.to("cuda:0")
+    with torch.no_grad():
+        out = _generate(model, ids)
+        ref = _generate(_reference(checkpoint), PROMPT)
+    assert torch.equal(out.cpu(), ref)
+    stats = runtime_of(model).stats()
+    assert stats.staging_bytes == plan.slots.staging_bytes <= charged
+    # What torch really pins now: the slots' staging; the loader's ring went back to the system after loading.
+    assert _pinned_now() - before <= charged

@@ -25,7 +25,7 @@ from bigload.hooks import (
     runtime_of,
     send_to_device,
 )
-from bigload.reserve import SLOT_ALIGNMENT
+from bigload.reserve import SLOT_ALIGNMENT, SlotSpec, pinned_bytes
 from fixtures_models import OutOfOrder, ThreeBlocks, TiedEnds
 from timeouts import with_timeout
 
@@ -476,7 +476,7 @@ def test_cuda_streams_offloaded_weights_through_reused_buffers():
     assert stats.reserve_bytes == 2 * largest
     # Two device slots, allocated once and reused for every block and step: exactly the reserve.
     assert stats.buffers == 2 and stats.buffer_bytes == stats.reserve_bytes
-    assert stats.staging_bytes == stats.reserve_bytes
+    assert stats.staging_bytes == 2 * pinned_bytes(largest)  # one pinned buffer per slot, as torch pins it
     assert stats.peak_bytes_held <= stats.reserve_bytes
 
 
@@ -577,9 +577,10 @@ def test_inference_mode_first_leaves_in_place_weights_usable_with_grad(tmp_path)
     out.sum().backward()  # gradients flow into the in-place weights' Parameters
 
 
-def _attach_to_a_fake_gpu(monkeypatch, model: nn.Module, **kwargs):
-    """attach() toward cuda:0 on a machine without one: streams, events and buffers are not made."""
-    monkeypatch.setattr(hooks._Prefetcher, "_allocate_cuda_slots", lambda self: None)
+def _attach_to_a_fake_gpu(monkeypatch, model: nn.Module, staging: bool = False, **kwargs):
+    """attach() toward cuda:0 on a machine without one: streams, events and device buffers are not made;
+    with `staging`, staged slots get their staging buffers as at attach (unpinned: no GPU here)."""
+    monkeypatch.setattr(hooks._Prefetcher, "_allocate_cuda_slots", _fake_staging if staging else lambda self: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: object())
     monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: object())
     return attach(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"}, execution_device="cuda:0",
@@ -599,6 +600,78 @@ def test_gpu_slot_offsets_are_aligned_for_vectorized_kernels_and_planned_so(monk
     # The planner sizes the slot by the same formula, from the inventory alone.
     assert inventory.slot_bytes(inventory.index("second")) == second.slot_bytes
     assert inventory.slot_bytes(inventory.index("second"), alignment=1) == second.nbytes
+
+
+def _fake_staging(prefetcher) -> None:
+    for slot in prefetcher.all_slots:
+        if slot.staged:
+            slot.staging = torch.empty(slot.nbytes, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("planned", [SlotSpec(2, 5000, staged=True), SlotSpec(3, 4608, staged=True)],
+                         ids=["rounded-up", "power-of-two"])
+def test_gpu_slots_take_count_size_and_staging_from_the_plan(monkeypatch, planned):
+    # finding 5: the pinned staging is what the plan charged to the cpu (`SlotSpec.staging_bytes`), no more.
+    _, model = _three()
+    runtime = _attach_to_a_fake_gpu(monkeypatch, model, staging=True, slots=planned)
+    slots = runtime.prefetcher.all_slots
+    assert len(slots) == planned.count and {(slot.nbytes, slot.staged) for slot in slots} == {(planned.nbytes, True)}
+    stats = runtime.stats()
+    assert stats.staging_bytes == planned.staging_bytes == planned.count * pinned_bytes(planned.nbytes)
+    assert stats.reserve_bytes == planned.total
+
+
+def test_slots_without_a_plan_are_staged_only_on_cuda(monkeypatch):
+    _, model = _three()
+    runtime = _attach_to_a_fake_gpu(monkeypatch, model, staging=True)
+    largest = max(block.slot_bytes for block in runtime.blocks.values())
+    count = len(runtime.prefetcher.all_slots)  # the root encloses the others: 2 at once + 1 prefetched
+    assert count == 3 and runtime.stats().staging_bytes == count * pinned_bytes(largest) > 0
+    _, on_cpu = _three()
+    store = _offload(on_cpu, _names(on_cpu, ("first", "second", "third")))
+    cpu_runtime = attach(on_cpu, THREE_MAP, execution_device="cpu", store=store, prefetch=1)
+    assert not any(slot.staged for slot in cpu_runtime.prefetcher.all_slots)
+    with torch.no_grad():
+        on_cpu(torch.randn(2, 8))
+    assert cpu_runtime.stats().staging_bytes == 0
+
+
+def test_cuda_slots_are_made_at_attach_ordered_after_the_callers_stream_and_synced_at_close(monkeypatch):
+    # Findings 4 and 7 of issue 15, without a GPU: the calls attach/detach make on a recording stand-in.
+    log: list[str] = []
+    events: list[dict] = []
+
+    class Stream:
+        def __init__(self, device):
+            pass
+
+        def wait_stream(self, other):
+            log.append(f"wait_stream({other})")
+
+        def synchronize(self):
+            log.append("synchronize")
+
+    def buffer(name):
+        def make(slot):
+            log.append(name)
+            return torch.empty(slot.nbytes, dtype=torch.uint8)
+        return make
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: events.append(kwargs))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "caller")
+    monkeypatch.setattr(hooks._Slot, "device_buffer", buffer("device"))
+    monkeypatch.setattr(hooks._Slot, "staging_buffer", buffer("staging"))
+    _, model = _three()
+    runtime = attach(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"}, execution_device="cuda:0",
+                     prefetch=1, offload_buffers=True)
+    count = len(runtime.prefetcher.all_slots)
+    # Every slot's buffers exist at attach, then the side stream waits on the caller's stream (once).
+    assert log == ["device", "staging"] * count + ["wait_stream(caller)"]
+    assert events and all(kwargs == {"blocking": True} for kwargs in events)  # waits sleep, never spin
+    slots = runtime.prefetcher.all_slots
+    detach(model)
+    assert log[-1] == "synchronize" and all(slot.buffer is None and slot.staging is None for slot in slots)
 
 
 def test_host_weights_are_not_pinned_for_a_gpu(monkeypatch):

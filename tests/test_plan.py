@@ -13,6 +13,7 @@ from bigload.errors import PlanError
 from bigload.inventory import inventory_from_module
 from bigload import plan as planner
 from bigload.plan import Plan, choose_policy, default_gpu_headroom
+from bigload.reserve import SlotSpec, pinned_bytes
 
 GiB = 2**30
 
@@ -153,7 +154,7 @@ def test_kv_cache_of_streamed_layers_is_charged_to_the_gpu_not_to_the_cpu_holdin
     inventory = inventory_from_module(tiny_llama())
     per_layer = 2 * 2 * 16 * 100 * 4  # K and V x kv_heads x head_dim x context x fp32
     layer = inventory.size("model.layers.0")
-    budget = {0: 400_000, "cpu": 10**6}
+    budget = {0: 400_000, "cpu": 2 * 10**6}
     result = plan(inventory, Budget.of(budget), policy="stream", context_length=100, prefetch=1)
     # cuda:0 keeps the KV cache of the 4 layers it runs plus 2 slots of a layer and the (resident) buffers of
     # the offloaded blocks: 398,464 bytes, so not even the embedding (65,536 bytes) fits beside them.
@@ -161,8 +162,11 @@ def test_kv_cache_of_streamed_layers_is_charged_to_the_gpu_not_to_the_cpu_holdin
     gpu = result.usage_of(0)
     assert (gpu.weights, gpu.headroom, gpu.reserve) == (0, 4 * per_layer, 2 * layer + inventory.subtree_buffer_bytes(0))
     assert result.usage_of("cpu").headroom == 0
-    # The CPU only holds streamed weights: a budget of exactly those weights is enough.
-    exact = plan(inventory, Budget.of({**budget, "cpu": inventory.total_bytes}), policy="stream",
+    # The CPU holds the streamed weights and the slots' pinned staging buffers (its reserve), no KV cache:
+    # a budget of exactly those is enough.
+    staging = result.slots.staging_bytes
+    assert result.usage_of("cpu").reserve == staging == 2 * 2 ** (result.slots.nbytes - 1).bit_length()
+    exact = plan(inventory, Budget.of({**budget, "cpu": inventory.total_bytes + staging}), policy="stream",
                  context_length=100, prefetch=1)
     assert exact.device_map == result.device_map and exact.usage_of("cpu").free == 0
 
@@ -204,6 +208,61 @@ def test_reserve_only_when_something_is_offloaded(inv):
     assert all(u.total <= u.budget for u in streamed.usage)
     deeper = plan(inv, Budget.of({0: 8_000, "cpu": 10**6}), policy="stream", prefetch=2)
     assert deeper.usage_of(0).reserve == 3 * BLOCK
+
+
+# -- finding 5 of issue 15: the GPU slots' pinned staging is charged to the cpu -------------------------
+
+
+def test_gpu_slots_pinned_staging_is_the_cpus_reserve(inv):
+    result = plan(inv, Budget.of({0: 8_000, "cpu": 10**6}), policy="stream", prefetch=1)
+    assert result.offloaded and all(p.execution_device == Device.parse(0) for p in result.placements)
+    slots = result.slots
+    # One page-locked buffer per slot, the slot's size, as torch's pinned allocator takes it (a power of two).
+    assert slots.staged and slots.count == 2 and slots.nbytes == BLOCK
+    assert result.usage_of("cpu").reserve == slots.staging_bytes == 2 * pinned_bytes(BLOCK) == 4096
+    cpu = result.usage_of("cpu")
+    assert cpu.weights + cpu.reserve == cpu.total <= cpu.budget
+    assert "pinned host staging" in result.explain() and "the cpu's reserve" in result.explain()
+    assert Plan.from_json(result.to_json()) == result
+    deeper = plan(inv, Budget.of({0: 10_000, "cpu": 10**6}), policy="stream", prefetch=2)
+    assert deeper.usage_of("cpu").reserve == 3 * pinned_bytes(deeper.slots.nbytes)
+
+
+def test_pinned_staging_rounds_up_as_torch_pins():
+    assert [pinned_bytes(n) for n in (0, 1, 4096, 4097, 3 << 20)] == [0, 1, 4096, 8192, 4 << 20]
+    assert SlotSpec(2, 3 << 20, staged=True).staging_bytes == 8 << 20
+    assert SlotSpec(2, 3 << 20).staging_bytes == 0  # slots on the CPU have no staging
+
+
+def test_no_staging_when_offloaded_blocks_run_on_the_cpu(inv):
+    on_cpu = plan(inv, Budget.of({"cpu": 7_000, "disk": 10**6}), prefetch=1)
+    assert on_cpu.offloaded and not on_cpu.slots.staged and on_cpu.slots.staging_bytes == 0
+    assert on_cpu.usage_of("cpu").reserve == on_cpu.slots.total  # the slots themselves, nothing pinned
+    assert "pinned host staging" not in on_cpu.explain()
+    resident = plan(inv, Budget.of({0: 10**6, "cpu": 10**6}))
+    assert resident.usage_of("cpu").reserve == 0 and not resident.slots.staged
+    local = plan(inv, Budget.of({0: 6_000, "cpu": 10**6}), policy="local")
+    assert not local.offloaded and local.usage_of("cpu").reserve == 0
+
+
+def test_weights_the_cpu_cannot_hold_beside_the_staging_move_to_disk(inv):
+    exact = plan(inv, Budget.of({0: 8_000, "cpu": 10_368 + 4_096, "disk": 10**6}), policy="stream")
+    assert DISK not in {p.device for p in exact.placements} and exact.usage_of("cpu").free == 0
+    short = plan(inv, Budget.of({0: 8_000, "cpu": 10_368 + 4_096 - 1, "disk": 10**6}), policy="stream")
+    assert short.device_map["head"] == "disk"  # one byte short: the last block goes to disk
+    cpu = short.usage_of("cpu")
+    assert cpu.reserve == 4_096 and cpu.total <= cpu.budget
+
+
+def test_a_cpu_budget_below_the_staging_is_refused_naming_the_fix(inv):
+    with pytest.raises(PlanError, match=r"cpu cannot hold the pinned staging buffers .* 4.00 KiB .* "
+                                        r"Fix: give the cpu more memory \(max_memory\), use prefetch=0"):
+        plan(inv, Budget.of({0: 8_000, "cpu": 4_095, "disk": 10**6}), policy="stream")
+    assert plan(inv, Budget.of({0: 8_000, "cpu": 4_096, "disk": 10**6}), policy="stream").usage_of("cpu").weights == 0
+    # Without a disk, the weights do not fit beside the staging: the usual error, the staging named in it.
+    with pytest.raises(PlanError, match=r"(?s)cpu: budget .*kept free 4.00 KiB \(pinned staging 4.00 KiB\).*"
+                                        r"fix: add a disk budget.*prefetch=0 \(fewer pinned staging buffers"):
+        plan(inv, Budget.of({0: 8_000, "cpu": 10_000}), policy="stream")
 
 
 def test_local_policy_runs_cpu_blocks_on_the_cpu_without_reserve(inv):
@@ -298,7 +357,7 @@ def test_collapse_merges_a_split_module_that_landed_on_one_device():
 
 
 def test_plan_is_deterministic(inv):
-    budget = Budget.of({0: 7_000, 1: 4_000, "cpu": 3_000, "disk": 10**6})
+    budget = Budget.of({0: 7_000, 1: 4_000, "cpu": 8_000, "disk": 10**6})
     assert plan(inv, budget, policy="stream") == plan(inv, budget, policy="stream")
 
 
@@ -343,7 +402,7 @@ def saved_llama(tmp_path_factory):
     ("sequential", {0: 400_000, 1: 400_000, "cpu": 10**7}),
     ("balanced", {0: 10**6, 1: 10**6, 2: 10**6}),
     ("balanced_low_0", {0: 10**6, 1: 10**6, 2: 10**6}),
-    ("sequential", {0: 500_000, "cpu": 300_000, "disk": 10**8}),
+    ("sequential", {0: 500_000, "cpu": 700_000, "disk": 10**8}),  # less cpu: disk blocks need 512 KiB pinned staging
     ("auto", {0: 10**7}),
 ])
 def test_header_only_plan_equals_the_model_plan(saved_llama, strategy, budget):
