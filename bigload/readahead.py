@@ -227,6 +227,9 @@ class ReadAhead:
         self._starts = [0]
         for piece in self._pieces:
             self._starts.append(self._starts[-1] + piece.nbytes)
+        # Asked before any piece is read: once reading starts, the kernel's readahead puts pages of the next
+        # pieces in the page cache before their bytes arrive, and `cachestat` counts those as cached.
+        self._cached = [cached(piece.path, piece.offset, piece.nbytes) for piece in self._pieces]
         self._futures: list[Future[None]] = []
         self._done = 0  # pieces before this one are known to be read
         self._lock = threading.Lock()
@@ -275,7 +278,7 @@ class ReadAhead:
         while len(self._futures) < len(self._pieces) and (
                 len(self._futures) < needed or self._starts[len(self._futures) + 1] <= consumed + self._window):
             piece = self._pieces[len(self._futures)]
-            if cached(piece.path, piece.offset, piece.nbytes):
+            if self._cached[len(self._futures)]:
                 self._futures.append(_DONE)  # warm: no thread hand-off at all
             else:
                 self._futures.append(self._pool.submit(  # type: ignore[union-attr]

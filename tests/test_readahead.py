@@ -179,8 +179,8 @@ def test_pages_in_memory_never_run_more_than_the_window_ahead(tmp_path: Path) ->
     if ra is None:
         pytest.skip("the readahead window of this filesystem's device is unknown")
     window, numel = 4 << 20, 1 << 19
-    path = tmp_path / "model.safetensors"  # 32 tensors of 2 MiB: far more than the window and read-around
-    save_file({f"t{i:02d}": torch.full((numel,), float(i)) for i in range(32)}, path)
+    path = tmp_path / "model.safetensors"  # 48 tensors of 2 MiB: far more than the window and read-around
+    save_file({f"t{i:02d}": torch.full((numel,), float(i)) for i in range(48)}, path)
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
         os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
@@ -189,8 +189,9 @@ def test_pages_in_memory_never_run_more_than_the_window_ahead(tmp_path: Path) ->
     index = open_checkpoint(path)
     refs = sorted(index.tensors.values(), key=lambda ref: ref.offset)
     end = refs[-1].offset + refs[-1].nbytes
-    # The kernel's fault read-around (and its asynchronous follow-up) may add up to two readahead windows.
-    slack = 2 * ra + mmap.PAGESIZE
+    # The kernel's fault read-around and its asynchronous follow-ups (one readahead state shared by the
+    # threads, so they may race) add a few readahead windows beyond what was asked for.
+    slack = 4 * ra + mmap.PAGESIZE
     if window + slack >= (end - refs[0].offset) // 2:
         pytest.skip(f"a readahead window of {ra} bytes leaves nothing to check in a {end}-byte file")
     with CheckpointReader(index) as reader, ReadAhead(
