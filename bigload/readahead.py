@@ -10,10 +10,12 @@ reads at most one readahead window (`read_ahead_kb`) per call and does not say w
 pieces, on `THREADS` threads, and never starts a piece more than `window` bytes past what the consumer has
 finished with (`wait`), so a checkpoint bigger than memory is not read in faster than it is used (and evicted
 before its turn). Each piece is read by `populate`: `madvise(MADV_POPULATE_READ)` (Linux 5.14 and later)
-reads the pages into the page cache and maps them, waiting until they are there, so the consumer then neither
-faults nor waits; no private memory is used. Pieces whose pages are all in memory already (`mincore`) are
-skipped, so a warm load costs one residency check per piece. Where `MADV_POPULATE_READ` does not exist the
-piece is only advised (`MADV_WILLNEED`): the load still works, as fast as the kernel's readahead makes it.
+reads the pages into the page cache and maps them, waiting until they are there, then the thread reads one
+byte per page (the first CPU access, slow on a VM), so the consumer then neither faults nor waits; no private
+memory is used. Pieces all in the page cache when reading starts (`cachestat`, one call each) are skipped
+without a thread hand-off, so a warm load is unchanged; of a piece partly in memory only the missing runs of
+pages (`mincore`) are read. Where `MADV_POPULATE_READ` does not exist the piece is only advised
+(`MADV_WILLNEED`): the load still works, as fast as the kernel's readahead makes it.
 
 `resident`, `advise` and `populate` are the page-level calls, on addresses of mapped memory; the runtime
 (`bigload.hooks`) uses them to prefetch offloaded blocks kept in place.
@@ -209,9 +211,9 @@ class ReadAhead:
 
     `uses[i]` are the ranges use `i` reads (none for a use that reads nothing). The consumer calls
     `wait(i)` before use `i`, in order: it returns once those bytes are in memory, and counts every use
-    before `i` as finished, so reading moves on. `read(path, offset, nbytes)` does the reading (on a pool thread) and
-    raises the caller's error for a file that is missing or too short; that error is raised again by the
-    `wait` that needs the piece. `close` stops reading (pieces in flight finish on their own).
+    before `i` as finished, so reading moves on. `read(path, offset, nbytes)` does the reading (on a pool
+    thread) and raises the caller's error for a file that is missing or too short; that error is raised
+    again by the `wait` that needs the piece. `close` stops reading (pieces in flight finish on their own).
 
     >>> ahead = ReadAhead(reader.populate, [[Extent(path, 8, 4096)]], window=256 << 20)  # doctest: +SKIP
     >>> ahead.wait(0); use(path); ahead.close()  # doctest: +SKIP
