@@ -231,7 +231,7 @@ class ReadAhead:
             self._starts.append(self._starts[-1] + piece.nbytes)
         # Asked before any piece is read: once reading starts, the kernel's readahead puts pages of the next
         # pieces in the page cache before their bytes arrive, and `cachestat` counts those as cached.
-        self._cached = [cached(piece.path, piece.offset, piece.nbytes) for piece in self._pieces]
+        self._cached = _cached_pieces(self._pieces)
         self._futures: list[Future[None]] = []
         self._done = 0  # pieces before this one are known to be read
         self._lock = threading.Lock()
@@ -285,6 +285,17 @@ class ReadAhead:
             else:
                 self._futures.append(self._pool.submit(  # type: ignore[union-attr]
                     self._read, piece.path, piece.offset, piece.nbytes))
+
+
+def _cached_pieces(pieces: Sequence[Extent]) -> list[bool]:
+    """Whether each piece is all in the page cache: one `cachestat` call per file when all its pieces are
+    (the warm case: a few calls instead of one per piece), else one per piece."""
+    spans: dict[Path, tuple[int, int]] = {}
+    for piece in pieces:
+        first, end = spans.get(piece.path, (piece.offset, piece.offset + piece.nbytes))
+        spans[piece.path] = (min(first, piece.offset), max(end, piece.offset + piece.nbytes))
+    warm = {path for path, (first, end) in spans.items() if cached(path, first, end - first)}
+    return [piece.path in warm or cached(piece.path, piece.offset, piece.nbytes) for piece in pieces]
 
 
 def _pieces(uses: Sequence[Sequence[Extent]], chunk: int) -> tuple[list[Extent], list[int]]:
