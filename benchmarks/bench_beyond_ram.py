@@ -55,7 +55,10 @@ TITLES = {
     "transformers": "transformers from_pretrained(device_map=, offload_folder=)",
 }
 HEADER = ("method", "s per pass", "÷ read bound", "prefill s", "kernel s per pass", "peak RSS", "cgroup peak",
-          "load s", "tokens = accelerate's")
+          "load s", "tokens = reference")
+QUANTIZED = ("bigload-int8", "bigload-int4")
+# A quantized run's tokens are checked against the same store generated again through the other disk path.
+OTHER_PATH = {"read": "mapped", "mapped": "read"}
 
 
 def device_map(num_layers: int) -> dict[str, str]:
@@ -118,7 +121,8 @@ def _measure_cat(spec: dict) -> dict:
             "cgroup_peak": cgroup.peak_bytes(spec["cgroup"]) if spec.get("cgroup") else None}
 
 
-def _loader(spec: dict, offload: Path):
+def _loader(spec: dict, offload: Path, disk_reads: str | None = None):
+    """A callable that loads the model as `spec["method"]` does (bigload: with `disk_reads` if given)."""
     import torch
 
     folder, method = spec["folder"], spec["method"]
@@ -139,8 +143,8 @@ def _loader(spec: dict, offload: Path):
     init_empty_weights = need("bigload.empty", "init_empty_weights")
     load = need("bigload.dispatch", "load_checkpoint_and_dispatch")
     kwargs: dict = {"prefetch": spec["prefetch"], "max_memory": {"cpu": spec["budget"]}}
-    if method == "bigload-mapped":
-        kwargs["disk_reads"] = "mapped"
+    if method == "bigload-mapped" or disk_reads is not None:
+        kwargs["disk_reads"] = disk_reads or "mapped"
     if method.startswith("bigload-int"):
         if "quantize" not in inspect.signature(load).parameters:
             raise Unavailable("quantize= is not in this tree")
@@ -223,9 +227,48 @@ def _measure_generate(spec: dict) -> dict:
         }
         result["rss_peak"] = result["total_peak"] + result["baseline_rss"]  # the process's whole RSS at its peak
         result.update(_bigload_facts(model))
+        if spec["method"] in QUANTIZED and result.get("disk_reads") in OTHER_PATH:
+            del model, out
+            result.update(_check_tokens(spec, offload, ids, args, OTHER_PATH[result["disk_reads"]]))
         return result
     finally:
         shutil.rmtree(offload, ignore_errors=True)
+
+
+def _check_tokens(spec: dict, offload: Path, ids, args: dict, path: str) -> dict:
+    """The quantized run's tokens again, from the same offload store (reused, not rebuilt) brought in through
+    the other disk path (`path`: "mapped" in place, or "read" explicitly): quantized weights approximate the
+    bf16 ones, so accelerate's tokens are no reference for them, but both paths must bring in the same bytes.
+    Measured after the timed run, in the same cgroup; not timed."""
+    import gc
+
+    import torch
+
+    gc.collect()  # the measured model's slots go before the second one's come
+    model = _loader(spec, offload, disk_reads=path)().eval()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"], **args)
+    return {"check_path": path, "check_tokens": out[0, ids.shape[1]:].tolist()}
+
+
+def tokens_cell(method: str, ok: list[dict], reference: list[int] | None) -> str | None:
+    """The `tokens = reference` cell of one method's row from its successful runs: accelerate's tokens are the
+    reference of unquantized methods; a quantized method's runs are each compared with their own check
+    (`_check_tokens`: the same store through the other disk path)."""
+    if method == "accelerate":
+        return "reference"
+    if method in QUANTIZED:
+        checked = [r for r in ok if r.get("check_tokens") is not None]
+        if not checked:
+            return None
+        equal = sum(r["tokens"] == r["check_tokens"] for r in checked)
+        paths = "/".join(sorted({r["check_path"] for r in checked}))
+        verdict = "yes" if equal == len(checked) else f"**NO** ({equal}/{len(checked)})"
+        return f"{verdict}: its {paths} path"
+    if reference is None:
+        return None
+    equal = sum(r["tokens"] == reference for r in ok)
+    return "yes" if equal == len(ok) else f"**NO** ({equal}/{len(ok)})"
 
 
 def _bigload_facts(model) -> dict:
@@ -356,10 +399,6 @@ def summarize(ctx, results: list[dict]) -> dict:
             continue
         per_pass = median_of(ok, "pass_s")
         spread = f" ({min(r['pass_s'] for r in ok):.2f}–{max(r['pass_s'] for r in ok):.2f})" if len(ok) > 1 else ""
-        same = None
-        if reference is not None:
-            equal = sum(r["tokens"] == reference for r in ok)
-            same = "yes" if equal == len(ok) else f"**NO** ({equal}/{len(ok)})"
         label = TITLES[method]
         paths = sorted({p for r in ok for p in r.get("paths", [])})
         if paths:
@@ -368,7 +407,7 @@ def summarize(ctx, results: list[dict]) -> dict:
                      _cell(median_of(ok, "prefill_s"), "{:.2f}"), _cell(median_of(ok, "system_s_per_pass"), "{:.2f}"),
                      _gib(median_of(ok, "rss_peak")),
                      _gib(median_of(ok, "cgroup_peak")), _cell(median_of(ok, "load_s"), "{:.1f}"),
-                     "reference" if method == "accelerate" else same])
+                     tokens_cell(method, ok, reference)])
     limit = _limit(ctx)[0]
     notes = [
         f"Limit {limit / 2**30:.2f} GiB (memory cgroup, page cache counted) for a checkpoint of "
@@ -381,6 +420,12 @@ def summarize(ctx, results: list[dict]) -> dict:
         "second of a cold `cat` of all shards, run before every measured run in a fresh cgroup with the same "
         "limit, applied to the decoder layers' bytes.",
         f"bigload prefetch {PREFETCH}; bigload is given `max_memory={{'cpu': limit}}` (the memory it may use).",
+        "`tokens = reference`: greedy tokens equal to accelerate's, for the unquantized methods. int8/int4 weights "
+        "only approximate the bf16 ones, so their greedy tokens can (and on the large random-weight model do) "
+        "differ from accelerate's after a few steps; each quantized run is instead checked against itself: after "
+        "the timed generate, the same offload store (reused, not rebuilt) is loaded again through the other disk "
+        "path (explicit O_DIRECT reads vs mapped in place, named in the cell) and must give the same tokens, so "
+        "the beyond-RAM path brings the quantized bytes in exactly.",
         "`peak RSS`: the process's VmHWM over load and generate; `cgroup peak`: the cgroup's peak usage, page "
         "cache included.",
     ]

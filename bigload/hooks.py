@@ -45,6 +45,7 @@ import threading
 import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -55,7 +56,7 @@ from torch.utils.hooks import RemovableHandle
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import BigloadError, OffloadError, PlanError
 from bigload import readahead as pages
-from bigload.reads import BlockLayout, BlockReader, layout
+from bigload.reads import READ_TIMEOUT_S, BlockLayout, BlockReader, layout
 from bigload.reserve import (
     DiskReads,
     SlotSpec,
@@ -615,7 +616,12 @@ class _Prefetcher:
                 "device-map entry."
             )
         try:
-            tensors = ticket.future.result()
+            tensors = ticket.future.result(timeout=READ_TIMEOUT_S)
+        except FutureTimeout:
+            self._drop(ticket)
+            raise OffloadError(
+                f"loading the offloaded weights of block {name!r} did not finish in {READ_TIMEOUT_S:.0f} s; check "
+                "the disk holding the offload folder (or the checkpoint it points into).") from None
         except Exception as error:
             self._drop(ticket)
             raise OffloadError(
@@ -636,7 +642,10 @@ class _Prefetcher:
         if ticket.slot.released is not None:
             ticket.slot.released.record(torch.cuda.current_stream(ticket.slot.device))
         self._drop(ticket)
-        self._top_up(name)
+        # The slot just freed goes to the block after the one that runs next: between two blocks, the next one
+        # counts as running. With explicit reads its read then starts while the next block's last pieces are
+        # still being read, instead of after them (the disk never waits for the next acquire).
+        self._top_up(name, ahead=self.prefetch + 1)
 
     def reorder(self, observed: Sequence[str]) -> None:
         """Follow the order blocks really ran in (first forward), keeping unseen blocks in planned order."""
@@ -709,11 +718,12 @@ class _Prefetcher:
 
     # -- internals
 
-    def _top_up(self, current: str) -> None:
+    def _top_up(self, current: str, ahead: int | None = None) -> None:
+        """Start loading the `ahead` (default `prefetch`) blocks after `current` in order, as slots allow."""
         if self.prefetch == 0 or current not in self.order:
             return
         start = self.order.index(current)
-        for step in range(1, min(self.prefetch, len(self.order) - 1) + 1):
+        for step in range(1, min(self.prefetch if ahead is None else ahead, len(self.order) - 1) + 1):
             name = self.order[(start + step) % len(self.order)]
             if name in self.tickets:
                 continue
@@ -743,7 +753,7 @@ class _Prefetcher:
             future.set_exception(error)
         else:
             if plan is not None:
-                future = self._run(functools.partial(self._read, block, slot, plan), background)
+                future = self._start_read(block, slot, plan, background)
             elif views is not None:
                 # Nothing to copy: prefetching is asking the kernel to read the pages while the current block
                 # runs. On the thread, since `madvise` blocks while it queues the reads of a cold block.
@@ -787,20 +797,40 @@ class _Prefetcher:
             future.set_exception(error)
         return future
 
-    def _read(self, block: Block, slot: _Slot, plan: BlockLayout) -> dict[str, torch.Tensor]:
-        with self._lock:
-            if self._reader is None:
-                self._reader = BlockReader()
-            reader = self._reader
-        what = f"block {block.name!r}"
-        if slot.device.type == "cpu":
-            buffer = slot.device_buffer()
-            reader.read(plan, buffer, what=what)
-            return _views_at(block, buffer, plan)
+    def _start_read(self, block: Block, slot: _Slot, plan: BlockLayout,
+                    background: bool) -> Future[dict[str, torch.Tensor]]:
+        """Explicit reads. Into a CPU slot, queued straight on the reader threads, so the reads of the next
+        blocks can be in flight at once (`BlockReader.start`); for a GPU, through the slot's pinned staging
+        buffer, on the prefetch thread (`_read_staged`)."""
+        if slot.device.type != "cpu":
+            return self._run(functools.partial(self._read_staged, block, slot, plan), background)
+        buffer = slot.device_buffer()
+        views = _views_at(block, buffer, plan)  # on this thread, outside inference mode (see `_start`)
+        read = self._block_reader().start(plan, buffer, what=f"block {block.name!r}")
+        done: Future[dict[str, torch.Tensor]] = Future()
+
+        def finish(landed: Future[None]) -> None:
+            error = landed.exception()
+            if error is None:
+                done.set_result(views)
+            else:
+                done.set_exception(error)
+
+        if not background:
+            try:
+                read.wait()  # bounded: a read that does not finish in time is an OffloadError
+            except OffloadError as error:
+                done.set_exception(error)
+                return done
+        read.future.add_done_callback(finish)
+        return done
+
+    def _read_staged(self, block: Block, slot: _Slot, plan: BlockLayout) -> dict[str, torch.Tensor]:
+        reader = self._block_reader()
         assert slot.loaded is not None and slot.released is not None
         slot.loaded.synchronize()  # the previous copy out of the staging buffer is over
         staging = slot.staging_buffer()
-        reader.read(plan, staging, what=what)
+        reader.read(plan, staging, what=f"block {block.name!r}")
         device_buffer = slot.device_buffer()
         stream = self.streams[slot.device]
         with torch.cuda.stream(stream):
@@ -808,6 +838,12 @@ class _Prefetcher:
             device_buffer[: plan.nbytes].copy_(staging[: plan.nbytes], non_blocking=True)
             slot.loaded.record(stream)
         return _views_at(block, device_buffer, plan)
+
+    def _block_reader(self) -> BlockReader:
+        with self._lock:
+            if self._reader is None:
+                self._reader = BlockReader()
+            return self._reader
 
     def _free_slot(self, device: torch.device, *, evict: bool) -> _Slot | None:
         free = self.free[device]

@@ -46,11 +46,12 @@ bfloat16 or float16. On CUDA int8 dequantizes on the device (`linear(x, q.to(dty
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,7 @@ __all__ = [
     "check_device",
     "choose_linears",
     "cpu_layout",
+    "pin_thread_counts",
     "quantize_model",
     "quantize_weight",
     "quantized_linears",
@@ -387,7 +389,46 @@ def quantize_weight(weight: torch.Tensor, quantization: Quantization, dtype: tor
     Peak extra memory is the result plus one chunk in float32 (and, for the CPU int4 layout, its int32 codes),
     not a float copy of the whole weight: an 8192 x 4096 bfloat16 weight grows RSS by about 55 MiB (int8:
     32 MiB result) / 35-46 MiB (int4: 17 MiB result), measured with `ru_maxrss`. The result is on the CPU.
+
+    Runs on one intra-op thread (`_one_thread`): its steps are short memory-bound passes over one chunk, and
+    split over OpenMP threads they spend most of their CPU waiting at barriers.
     """
+    with _one_thread():
+        return _quantize_chunks(weight, quantization, dtype, layout)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch's CPU ops of the calling thread on one intra-op thread, then restore the count.
+
+    Measured on this project's 2-core VM under other jobs' load (11008 x 4096 bfloat16 weight to int8): 0.05 s
+    of CPU on one thread, 0.25-0.98 s on two (OpenMP threads spinning at the barriers of ~350 short parallel
+    regions while the other core is taken); a whole 7 GB model's int8 load spent 50-71 s of CPU quantizing.
+    With OpenMP the count is per thread, so the caller's compute elsewhere keeps its threads; torch also
+    records the last count as the default of threads that have not run a parallel op yet, which is why it is
+    restored at once (and why the loader starts its threads' counts before quantizing: `pin_thread_counts`).
+    Other backends keep one process-wide pool, which is left alone.
+    """
+    if not torch.backends.openmp.is_available() or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def pin_thread_counts() -> None:
+    """Fix the calling thread's intra-op thread count now, if it is not yet: torch sets a thread's count on its
+    first parallel op from a process-wide default, which `quantize_weight` lowers for a moment on the thread
+    that quantizes. The loader calls it on the caller's thread before its reader thread starts quantizing."""
+    torch.get_num_threads()
+
+
+def _quantize_chunks(weight: torch.Tensor, quantization: Quantization, dtype: torch.dtype,
+                     layout: Layout) -> dict[str, torch.Tensor]:
     weight = weight.to("cpu")
     n, k = weight.shape
     out = {name: torch.empty(shape, dtype=tensor_dtype)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -32,7 +33,7 @@ import torch
 from bigload.errors import OffloadError
 from bigload.reserve import READ_ALIGN
 
-__all__ = ["CHUNK_BYTES", "READERS", "BlockLayout", "BlockReader", "Extent", "Run", "layout"]
+__all__ = ["CHUNK_BYTES", "READERS", "BlockLayout", "BlockRead", "BlockReader", "Extent", "Run", "layout"]
 
 READERS = 8
 CHUNK_BYTES = 16 << 20
@@ -146,27 +147,25 @@ class BlockReader:
         self._lock = threading.Lock()
 
     def read(self, block: BlockLayout, buffer: torch.Tensor, *, what: str = "block") -> None:
-        """Fill `buffer` (a CPU uint8 tensor of at least `block.nbytes`) as `block` says.
+        """Fill `buffer` (a CPU uint8 tensor of at least `block.nbytes`) as `block` says; returns when done.
 
         Raises:
             OffloadError: a file is missing, unreadable or shorter than the layout needs (truncated or
                 changed since it was written), or the reads did not finish within `READ_TIMEOUT_S`.
         """
+        self.start(block, buffer, what=what).wait()
+
+    def start(self, block: BlockLayout, buffer: torch.Tensor, *, what: str = "block") -> "BlockRead":
+        """Queue the reads of `block` into `buffer` and return at once; `BlockRead.wait` or its `future` tells
+        when every piece has landed. Reads of several blocks (into different buffers) can be in flight at once:
+        their pieces queue in order, so the reader threads go on to the next block's first pieces while the
+        last pieces of one are still being read (a block's tail alone leaves most of them idle)."""
         direct = block.direct and bool(_O_DIRECT) and buffer.data_ptr() % READ_ALIGN == 0
         view = memoryview(buffer.numpy()).cast("B")
         pool = self._executor()
-        futures: list[Future[None]] = [
-            pool.submit(self._read_piece, run, pos, min(self.chunk_bytes, run.length - pos), view, direct)
-            for run in block.runs for pos in range(0, run.length, self.chunk_bytes)
-        ]
-        _, pending = wait(futures, timeout=READ_TIMEOUT_S)
-        if pending:
-            for future in pending:
-                future.cancel()
-            raise OffloadError(f"reading {what} from disk did not finish in {READ_TIMEOUT_S:.0f} s; check the "
-                               "disk holding the offload folder (or the checkpoint it points into).")
-        for future in futures:
-            future.result()
+        pieces = [pool.submit(self._read_piece, run, pos, min(self.chunk_bytes, run.length - pos), view, direct)
+                  for run in block.runs for pos in range(0, run.length, self.chunk_bytes)]
+        return BlockRead(pieces, what)
 
     @property
     def buffered_files(self) -> tuple[Path, ...]:
@@ -240,6 +239,50 @@ class BlockReader:
                                        "or moved after the model was loaded. Load the model again.") from None
             self._fds[key] = fd
             return fd
+
+
+class BlockRead:
+    """One block's reads in flight (`BlockReader.start`). `future` is done once every piece has landed (none
+    still writes into the buffer), with the first piece's error if one failed."""
+
+    def __init__(self, pieces: Sequence[Future[None]], what: str) -> None:
+        self.what = what
+        self.future: Future[None] = Future()
+        self._pieces = list(pieces)
+        self._left = len(self._pieces)
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        if not self._pieces:
+            self.future.set_result(None)
+        for piece in self._pieces:
+            piece.add_done_callback(self._landed)
+
+    def wait(self, timeout: float = READ_TIMEOUT_S) -> None:
+        """Return once every piece has landed.
+
+        Raises:
+            OffloadError: a piece failed (its error), or the pieces did not all land within `timeout` seconds
+                (those not started are cancelled).
+        """
+        try:
+            self.future.result(timeout=timeout)
+        except FutureTimeout:
+            for piece in self._pieces:
+                piece.cancel()
+            raise OffloadError(f"reading {self.what} from disk did not finish in {timeout:.0f} s; check the disk "
+                               "holding the offload folder (or the checkpoint it points into).") from None
+
+    def _landed(self, piece: Future[None]) -> None:
+        error = OffloadError(f"reading {self.what} was cancelled") if piece.cancelled() else piece.exception()
+        with self._lock:
+            self._left -= 1
+            self._error = self._error or error
+            if self._left:
+                return
+        if self._error is not None:
+            self.future.set_exception(self._error)
+        else:
+            self.future.set_result(None)
 
 
 def _pread_full(fd: int, dest: memoryview, offset: int) -> int:

@@ -47,6 +47,7 @@ from bigload.quant import (
     Quantization,
     Scheme,
     check_device,
+    pin_thread_counts,
     quantize_model,
     quantized_linears,
 )
@@ -767,7 +768,8 @@ def load_checkpoint_in_model(
     target_dtype = None if dtype is None else parse_dtype(dtype)
     rule = inventory.rule if inventory is not None else DtypeRule.for_model(
         model, target_dtype, special_dtypes, keep_in_fp32_modules)
-    prepare_quantization(model, quantize, quantize_skip, rule=rule)
+    if prepare_quantization(model, quantize, quantize_skip, rule=rule) is not None or quantized_linears(model):
+        pin_thread_counts()  # before the reader thread quantizes (see `bigload.quant._one_thread`)
     index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
     index.check_unchanged()  # an index opened earlier may describe files changed since
     scope = list(only) if only is not None else [""]

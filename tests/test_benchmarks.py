@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import pagecache, report  # noqa: E402
+from benchmarks import bench_beyond_ram, pagecache, report  # noqa: E402
 from benchmarks.make_checkpoint import checkpoint_files, make_checkpoint, tensor_shapes, PRESETS  # noqa: E402
 
 
@@ -110,6 +110,12 @@ def test_quick_benchmarks_run_and_agree(tmp_path):
         assert by_method["bigload-mapped"]["disk_reads"] == "mapped"
         for method in ("bigload", "bigload-mapped", "transformers"):
             assert by_method[method]["tokens"] == by_method["accelerate"]["tokens"], method
+        rows = {row[0].split(" [")[0]: row for row in sections[beyond]["rows"]}
+        for method in ("bigload-int8", "bigload-int4"):
+            if method in by_method:  # the same quantized store, through the other disk path: the same tokens
+                run = by_method[method]
+                assert run["check_path"] != run["disk_reads"] and run["check_tokens"] == run["tokens"], run
+                assert rows[bench_beyond_ram.TITLES[method]][-1] == f"yes: its {run['check_path']} path"
 
     for check in sections["Loading a checkpoint into CPU memory"]["checks"]:
         assert check["weights_equal"], check
@@ -182,3 +188,18 @@ def test_each_section_says_which_library_versions_measured_it(tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     assert f"transformers {versions['transformers']}, accelerate {versions['accelerate']}" in text
     assert json.loads((tmp_path / "results.json").read_text())["sections"][0]["measured"]["versions"] == versions
+
+
+def test_beyond_ram_tokens_column_checks_quantized_runs_against_their_other_path():
+    """Quantized rows are never judged by accelerate's tokens (their weights are approximate) but by the same
+    store's tokens through the other disk path; unquantized rows by accelerate's."""
+    cell = bench_beyond_ram.tokens_cell
+    reference = [5, 6, 7]
+    assert cell("accelerate", [{"tokens": reference}], reference) == "reference"
+    assert cell("bigload", [{"tokens": reference}] * 2, reference) == "yes"
+    assert cell("bigload", [{"tokens": reference}, {"tokens": [5, 6, 8]}], reference) == "**NO** (1/2)"
+    quantized = {"tokens": [9, 9, 9], "check_tokens": [9, 9, 9], "check_path": "mapped"}
+    assert cell("bigload-int8", [quantized, quantized], reference) == "yes: its mapped path"
+    drifted = dict(quantized, check_tokens=[9, 9, 1])
+    assert cell("bigload-int4", [quantized, drifted], reference) == "**NO** (1/2): its mapped path"
+    assert cell("bigload-int8", [{"tokens": [9, 9, 9]}], reference) is None  # no check recorded: no verdict

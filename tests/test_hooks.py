@@ -254,16 +254,19 @@ def test_prefetch_runs_in_background_in_execution_order():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
     stats = runtime.stats()
-    # The first block is loaded on demand once; from then on the next block is always loaded ahead,
-    # wrapping around to the next forward.
+    # The first block is loaded on demand once; from then on the blocks are always loaded ahead, wrapping
+    # around to the next forward: each acquire starts the next block, each release gives its slot to the block
+    # after the next ('third' as 'first' ends, ..., 'second' as the last 'third' ends).
     assert stats.sync_loads == 1
-    assert stats.prefetched == ("second", "third", "first", "second", "third", "first")
-    # The last prefetch ('first', for a forward that never comes) may still be running: wait for it (bounded).
+    expected = ["second", "third", "first", "second", "third", "first", "second"]
+    assert stats.prefetched == tuple(expected)
+    # The last prefetches (for a forward that never comes) may still be running: wait for them (bounded).
     deadline = time.monotonic() + 10
-    while len(_runs(b for b, t in list(threads) if t.startswith("bigload-prefetch"))) < 6 and time.monotonic() < deadline:
+    while (len(_runs(b for b, t in list(threads) if t.startswith("bigload-prefetch"))) < len(expected)
+           and time.monotonic() < deadline):
         time.sleep(0.01)
     loads = [(block, thread) for block, thread in threads if thread.startswith("bigload-prefetch")]
-    assert _runs(block for block, _ in loads) == ["second", "third", "first", "second", "third", "first"]
+    assert _runs(block for block, _ in loads) == expected
 
 
 def test_in_place_blocks_are_resolved_once_and_prefetched_by_kernel_advice(monkeypatch):
@@ -326,7 +329,8 @@ def test_first_forward_confirms_the_execution_order():
     stats = runtime.stats()
     assert stats.order == ("first", "middle", "last")
     assert stats.sync_loads == misses_after_first  # no miss once the order is known
-    assert stats.prefetched[-3:] == ("middle", "last", "first")
+    # Prefetches follow the execution order, wrapping around (each release starts the block after the next).
+    assert stats.prefetched[-4:] == ("middle", "last", "first", "middle")
 
 
 def test_error_in_prefetch_thread_surfaces_in_forward_with_its_cause():

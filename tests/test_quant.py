@@ -4,8 +4,10 @@ and bad input."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
+
 import torch
 from torch import nn
 
@@ -405,3 +407,32 @@ def test_quantize_with_an_adapter_is_refused_before_anything_is_read(tmp_path):
     with pytest.raises(QuantizationError, match=r"quantize='int8' with adapter is not supported: peft wraps the "
                                                 r"Linear layers"):
         bigload.from_pretrained(tmp_path / "no-model", quantize="int8", adapter=tmp_path / "no-adapter")
+
+
+def test_quantizing_runs_on_one_thread_and_leaves_thread_counts_as_they_were(monkeypatch):
+    """Quantizing is many short memory-bound passes: one intra-op thread (see `quant._one_thread`). The count is
+    restored, also as the default of threads that start later (torch keeps the last count set for them)."""
+    before = torch.get_num_threads()
+    seen: dict[str, int] = {}
+    chunks = quant._quantize_chunks
+
+    def recording(*args):
+        seen["while quantizing"] = torch.get_num_threads()
+        return chunks(*args)
+
+    monkeypatch.setattr(quant, "_quantize_chunks", recording)
+
+    def quantize() -> None:
+        quantize_weight(torch.randn(64, 256), Quantization.parse("int8"), torch.float32, Layout.ANY)
+        seen["quantizer after"] = torch.get_num_threads()
+
+    def later() -> None:
+        seen["thread started later"] = torch.get_num_threads()
+
+    for target in (quantize, later):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join(timeout=60)
+    one = 1 if torch.backends.openmp.is_available() else before
+    assert seen == {"while quantizing": one, "quantizer after": before, "thread started later": before}
+    assert torch.get_num_threads() == before

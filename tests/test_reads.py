@@ -186,6 +186,33 @@ def test_a_short_file_is_an_offload_error(tmp_path):
         reader.close()
 
 
+def test_reads_of_several_blocks_in_flight_land_exactly_and_report_errors_after_every_piece(tmp_path):
+    """`BlockReader.start` returns at once; two blocks queued together (as the prefetcher queues the next one
+    while the last pieces of the previous land) each get their own bytes, and a failing block's error is
+    reported only once none of its pieces still writes into the buffer."""
+    data = os.urandom(6 * READ_ALIGN)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    reader = BlockReader(readers=2, chunk_bytes=READ_ALIGN)  # several pieces per block, from two threads
+    try:
+        first = layout([Extent(path, 0, 3 * READ_ALIGN)], [1], [0], 4 * READ_ALIGN)
+        second = layout([Extent(path, 3 * READ_ALIGN, 3 * READ_ALIGN)], [1], [0], 4 * READ_ALIGN)
+        buffers = [_anonymous(4 * READ_ALIGN), _anonymous(4 * READ_ALIGN)]
+        pending = [reader.start(first, buffers[0]), reader.start(second, buffers[1])]
+        for read in pending:
+            read.wait(timeout=60)
+        assert bytes(buffers[0][: 3 * READ_ALIGN].numpy()) == data[: 3 * READ_ALIGN]
+        assert bytes(buffers[1][: 3 * READ_ALIGN].numpy()) == data[3 * READ_ALIGN:]
+        # A block needing bytes past the end: its first pieces succeed, the last fails; the error waits for all.
+        short = layout([Extent(path, 3 * READ_ALIGN, 4 * READ_ALIGN)], [1], [0], 4 * READ_ALIGN)
+        failing = reader.start(short, _anonymous(4 * READ_ALIGN), what="block 'late'")
+        with pytest.raises(OffloadError, match="truncated"):
+            failing.wait(timeout=60)
+        assert all(piece.done() for piece in failing._pieces)
+    finally:
+        reader.close()
+
+
 def _shards_of_layers(folder: Path, layers: range) -> set[Path]:
     weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     return {folder / file for name, file in weight_map.items()
