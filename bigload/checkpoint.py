@@ -14,6 +14,7 @@ until someone writes to its weights.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from bigload import readahead as pages
 from bigload.errors import BigloadError, CheckpointError
 from bigload.sizes import dtype_width
 
@@ -683,17 +685,26 @@ class MappedFiles:
             flat = torch.frombuffer(bytearray(mapping[offset:offset + nbytes]), dtype=dtype)
         return flat.view(shape) if stride is None else flat.as_strided(shape, stride)
 
-    def willneed(self, path: Path, offset: int, nbytes: int, *,
+    def populate(self, path: Path, offset: int, nbytes: int, *,
                  error: type[BigloadError] = CheckpointError) -> None:
-        """Ask the kernel to read these bytes ahead, in the background (no-op where unsupported)."""
-        advice = getattr(mmap, "MADV_WILLNEED", None)
-        if advice is None or nbytes <= 0:
+        """Read these bytes of `path` into memory and map them, returning once they are there
+        (`readahead.populate`: pages already in memory are left alone; only advised on old kernels).
+
+        Raises:
+            `error` (CheckpointError by default): the file is missing, shorter than `offset + nbytes`, shrank
+                after it was mapped, or could not be read; or whatever `check` raises for the file.
+        """
+        if nbytes <= 0:
             return
-        mapping = self._mapping(path, error)
-        start = offset - offset % mmap.PAGESIZE
-        end = min(len(mapping), offset + nbytes)
-        if end > start:
-            mapping.madvise(advice, start, end - start)
+        mapping = self._mapping(path, error, end=offset + nbytes)
+        anchor = ctypes.c_char.from_buffer(mapping)  # holds the mapping open while the kernel reads into it
+        failure = pages.populate(ctypes.addressof(anchor) + offset, nbytes)
+        del anchor
+        if failure:
+            raise error(
+                f"{path}: reading bytes {offset}..{offset + nbytes} failed ({os.strerror(failure)}); the file was "
+                "truncated or changed after it was indexed, or the disk failed. Open it again or write it again."
+            )
 
     def release(self, path: Path, offset: int, nbytes: int) -> None:
         """Unmap these bytes' whole pages from this process; the page cache keeps them (no-op where unsupported).
@@ -784,10 +795,14 @@ class CheckpointReader:
         return self._files.view(ref.file, ref.offset, ref.dtype, ref.shape, ref.stride,
                                 what=f"tensor {ref.name!r}")
 
-    def willneed(self, refs: Iterable[TensorRef]) -> None:
-        """Ask the kernel to start reading these tensors' bytes in the background (no-op where unsupported)."""
-        for ref in refs:
-            self._files.willneed(ref.file, ref.offset, ref.nbytes)
+    def populate(self, path: Path, offset: int, nbytes: int) -> None:
+        """Read these bytes of one of the index's files into memory, returning once they are there (see
+        `MappedFiles.populate`); `readahead.ReadAhead` calls it on its threads.
+
+        Raises:
+            CheckpointError: the file is gone, shrank, failed to read, or changed since it was indexed.
+        """
+        self._files.populate(path, offset, nbytes)
 
     def release(self, refs: Iterable[TensorRef]) -> None:
         """Unmap the pages of tensors whose bytes were copied elsewhere (see `MappedFiles.release`)."""

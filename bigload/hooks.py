@@ -36,7 +36,6 @@ slower, accelerate issue 1394).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import logging
 import math
@@ -56,6 +55,7 @@ from torch.utils.hooks import RemovableHandle
 
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import BigloadError, OffloadError, PlanError
+from bigload import readahead as pages
 from bigload.reads import READ_TIMEOUT_S, BlockLayout, BlockReader, layout
 from bigload.reserve import (
     DiskReads,
@@ -95,26 +95,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_SKIP_KEYS: tuple[str, ...] = ("cache", "past_key_values", "past_key_value", "layer_past", "cache_params")
 
 _RUNTIME_ATTR = "_bigload_runtime"
-_PAGE = mmap.PAGESIZE
-_MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
-
-
-def _libc_calls() -> tuple[Callable[[int, int, int], int] | None, Callable[[int, int, Any], int] | None]:
-    """`madvise` and `mincore` from the C library, or None where they do not exist (Windows)."""
-    if _MADV_WILLNEED is None or sys.platform == "win32":
-        return None, None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise, mincore = libc.madvise, libc.mincore
-    except (OSError, AttributeError):
-        return None, None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    madvise.restype = mincore.restype = ctypes.c_int
-    return madvise, mincore
-
-
-_madvise, _mincore = _libc_calls()
 PREFETCH_HISTORY = 4096  # how many prefetched block names `PrefetchStats.prefetched` remembers
 
 
@@ -438,19 +418,11 @@ def _advise_willneed(tensors: Iterable[torch.Tensor]) -> None:
     `madvise` walks the page cache page by page and costs several times more. A no-op where the calls do
     not exist (Windows): pages then fault in on first use.
     """
-    if _madvise is None or _mincore is None:
-        return
     for tensor in tensors:
         length = tensor.numel() * tensor.element_size()
-        if length == 0 or tensor.device.type != "cpu":
+        if length == 0 or tensor.device.type != "cpu" or pages.resident(tensor.data_ptr(), length):
             continue
-        address = tensor.data_ptr()
-        start = address - address % _PAGE
-        span = length + address - start
-        resident = ctypes.create_string_buffer((span + _PAGE - 1) // _PAGE)
-        if _mincore(start, span, resident) == 0 and b"\x00" not in resident.raw:
-            continue
-        _madvise(start, span, _MADV_WILLNEED)  # advice only: a failure changes nothing
+        pages.advise(tensor.data_ptr(), length)
 
 
 def _advised(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

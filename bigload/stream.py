@@ -10,9 +10,11 @@ mis-shaped tensors are an error by default, before any byte is read), then walks
 - disk: written into a `DiskStore` in `offload_folder` (a reference to the safetensors file when nothing
   needs converting); the model's tensor stays on meta, in its final dtype.
 
-Reads run ahead of placement on a small thread pool and the kernel is asked to read ahead (`willneed`), but
-the bytes of temporaries in flight are capped by `window_bytes`: peak private memory is the CPU-resident cast
-results and requested copies plus that window (or the largest single tensor, if larger), never a whole shard.
+The disk is read ahead of the reader thread by several threads at once (`bigload.readahead`: pages read into
+the page cache and mapped, at most `window_bytes` ahead, pages already in memory skipped), since one stream of
+page faults leaves the disk mostly idle. The bytes of temporaries in flight are capped by `window_bytes` too:
+peak private memory is the CPU-resident cast results and requested copies plus that window (or the largest
+single tensor, if larger), never a whole shard.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import os
 import sys
 import time
 from collections import deque
-from itertools import accumulate
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ from bigload.quant import (
     quantize_model,
     quantized_linears,
 )
+from bigload.readahead import Extent, ReadAhead
 from bigload.sizes import dtype_width, format_size, parse_dtype
 from bigload.store import DiskStore, StoreOrigin, StoreWriter, dtype_name
 from bigload.tensors import Site, owner_of, tensor_groups
@@ -73,8 +75,8 @@ logger = logging.getLogger(__name__)
 _PROGRESS_MIN_BYTES = 2**30
 _MAX_PENDING = 64  # zero-copy tasks cost no window bytes; this bounds the queue of futures instead
 _STAGING_SLOTS = 4
-# One reader thread overlaps reading and casting with placement; the kernel's readahead does the I/O and
-# torch's intra-op threads already split each cast, so more threads would only hold more temporaries.
+# One reader thread overlaps casting with placement; `ReadAhead`'s threads do the I/O and torch's intra-op
+# threads already split each cast, so more reader threads would only hold more temporaries.
 _READERS = 1
 _LISTED = 20
 
@@ -228,6 +230,8 @@ class Transfer(enum.Enum):
 
 # Kinds that copy the tensor's bytes out of the checkpoint file: its pages can be released once placed.
 _COPIES = frozenset({Transfer.CPU_CAST, Transfer.GPU_STAGE, Transfer.STORE_WRITE})
+# Kinds whose bytes are never read while loading: the store has them, or will point into the file.
+_UNREAD = frozenset({Transfer.STORE_REUSED, Transfer.STORE_REFERENCE})
 
 
 def _transfer_kind(ref: Source, group: _Group, reuse_store: bool, materialize: bool) -> Transfer:
@@ -527,7 +531,7 @@ class _Placer:
     def prepare(reader: CheckpointReader, task: _Task) -> torch.Tensor | None:
         """Read (and for the CPU, cast) one tensor; runs on the reader thread."""
         kind = task.kind
-        if kind in (Transfer.STORE_REUSED, Transfer.STORE_REFERENCE):
+        if kind in _UNREAD:
             return None  # nothing to read: the store already has it, or will point into the file
         tensor = _read(reader, task.ref)
         if kind is Transfer.GPU_STAGE:
@@ -549,6 +553,11 @@ class _Placer:
         else:
             assert tensor is not None  # CPU tasks always read
             _assign(group, tensor)
+
+    @staticmethod
+    def reads(task: _Task) -> bool:
+        """Whether `prepare` reads this task's bytes from the checkpoint (a store entry may need none)."""
+        return task.kind not in _UNREAD
 
     @staticmethod
     def copied(task: _Task) -> bool:
@@ -573,24 +582,32 @@ class _Placer:
 
 def _run(tasks: Sequence[_Task], reader: CheckpointReader, placer: _Placer, window: int,
          on_placed: Callable[[int], None]) -> None:
-    """Read ahead on a thread pool, place in file order; bytes of unplaced temporaries stay within `window`."""
+    """Read ahead on threads, place in file order; bytes of unplaced temporaries stay within `window`, and the
+    disk is read at most `window` bytes ahead of the reader thread (`ReadAhead`)."""
     pending: deque[tuple[_Task, Future[torch.Tensor | None], int]] = deque()
     in_flight = 0
-    advised = _Readahead(tasks, reader, window)
-    with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="bigload-read") as pool:
+    uses = [[Extent(part.file, part.offset, part.nbytes) for part in _parts(task.ref)] if placer.reads(task) else []
+            for task in tasks]
+    with ReadAhead(reader.populate, uses, window) as ahead, \
+            ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="bigload-read") as pool:
         try:
             for position, task in enumerate(tasks):
                 cost = placer.cost(task)
                 while pending and (in_flight + cost > window or len(pending) >= _MAX_PENDING):
                     in_flight -= _place_oldest(pending, placer, reader, on_placed)
-                advised.up_to(position)
-                pending.append((task, pool.submit(placer.prepare, reader, task), cost))
+                pending.append((task, pool.submit(_prepare_read, ahead, position, placer, reader, task), cost))
                 in_flight += cost
             while pending:
                 _place_oldest(pending, placer, reader, on_placed)
         finally:
             for _, future, _ in pending:
                 future.cancel()
+
+
+def _prepare_read(ahead: ReadAhead, position: int, placer: _Placer, reader: CheckpointReader,
+                  task: _Task) -> torch.Tensor | None:
+    ahead.wait(position)  # its bytes in memory first: a cast or copy then never waits on a page fault
+    return placer.prepare(reader, task)
 
 
 def _place_oldest(pending: deque[tuple[_Task, Future[torch.Tensor | None], int]], placer: _Placer,
@@ -601,22 +618,6 @@ def _place_oldest(pending: deque[tuple[_Task, Future[torch.Tensor | None], int]]
         reader.release(_parts(task.ref))  # keeps file-backed RSS at the bytes in flight, not the checkpoint
     on_placed(task.ref.nbytes)
     return cost
-
-
-class _Readahead:
-    """Keeps the kernel reading about `window` bytes ahead of the tensor being submitted."""
-
-    def __init__(self, tasks: Sequence[_Task], reader: CheckpointReader, window: int) -> None:
-        self.tasks, self.reader, self.window = tasks, reader, window
-        self.starts = list(accumulate((task.ref.nbytes for task in tasks), initial=0))
-        self.cursor = 0  # tasks before this one have been advised
-
-    def up_to(self, position: int) -> None:
-        self.cursor = max(self.cursor, position)
-        first = self.cursor
-        while self.cursor < len(self.tasks) and self.starts[self.cursor] - self.starts[position] < self.window:
-            self.cursor += 1
-        self.reader.willneed(part for task in self.tasks[first:self.cursor] for part in _parts(task.ref))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -108,3 +108,27 @@ def test_400b_parameter_model_builds_in_seconds_and_allocates_nothing():
     assert int(count) > 400e9
     assert float(elapsed) < 10.0
     assert int(grown_kib) < 50 * 1024  # well under 1e-4 of the 1.6 TB the weights would take
+
+
+def test_initializers_skip_meta_tensors_and_still_run_on_real_ones():
+    calls = []
+
+    class Recording(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    for include_buffers in (False, True):
+        calls.clear()
+        # Entered first, so it sees only what init_empty_weights' own mode passes on to torch.
+        with Recording(), init_empty_weights(include_buffers=include_buffers):
+            layer = nn.Linear(8, 8)
+            assert nn.init.normal_(layer.weight) is layer.weight
+            layer.bias.data.zero_()
+            real = torch.zeros(4, device="cpu")
+            nn.init.uniform_(real, 1.0, 2.0)
+        assert layer.weight.is_meta
+        assert bool((real >= 1.0).all()), "an initializer on a real tensor must still run"
+        names = [getattr(func, "__name__", "") for func in calls]
+        assert "uniform_" in names  # the real tensor's
+        assert "normal_" not in names and "zero_" not in names, names

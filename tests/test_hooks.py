@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import bigload.hooks as hooks
+import bigload.readahead as readahead
 from bigload.devices import CPU, Device
 from bigload.errors import OffloadError, PlanError
 from bigload.hooks import (
@@ -494,7 +495,7 @@ def test_failed_attach_leaves_the_model_untouched():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
 
 
-@pytest.mark.skipif(hooks._madvise is None or not hasattr(os, "posix_fadvise"), reason="needs madvise/fadvise")
+@pytest.mark.skipif(readahead._madvise is None or not hasattr(os, "posix_fadvise"), reason="needs madvise/fadvise")
 def test_kernel_advice_is_asked_only_for_pages_not_in_memory(tmp_path, monkeypatch):
     path = tmp_path / "weights.bin"
     path.write_bytes(os.urandom(64 * 4096))
@@ -504,13 +505,13 @@ def test_kernel_advice_is_asked_only_for_pages_not_in_memory(tmp_path, monkeypat
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     tensor = torch.frombuffer(mapping, dtype=torch.uint8)
     calls: list[tuple[int, int, int]] = []
-    real = hooks._madvise
+    real = readahead._madvise
 
     def recording(start: int, length: int, advice: int) -> int:
         calls.append((start, length, advice))
         return real(start, length, advice)
 
-    monkeypatch.setattr(hooks, "_madvise", recording)
+    monkeypatch.setattr(readahead, "_madvise", recording)
     hooks._advise_willneed([tensor[4096:]])
     assert calls == [(tensor.data_ptr() + 4096, 63 * 4096, mmap.MADV_WILLNEED)]
     tensor.sum()  # every page in memory and mapped: advice would only cost time

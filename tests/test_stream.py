@@ -361,22 +361,6 @@ def test_progress_bar_on_demand(checkpoints: dict[str, Path], capsys: pytest.Cap
     assert capsys.readouterr().err == ""
 
 
-def test_every_tensor_is_advised_for_readahead_before_it_is_read(
-        checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    events: list[tuple[str, str]] = []
-    original_read = stream_module.CheckpointReader.read
-    monkeypatch.setattr(stream_module.CheckpointReader, "willneed",
-                        lambda self, refs: events.extend(("advise", ref.name) for ref in refs))
-    monkeypatch.setattr(stream_module.CheckpointReader, "read",
-                        lambda self, ref: events.append(("read", ref.name)) or original_read(self, ref))
-    load_checkpoint_in_model(meta_llama(), checkpoints["st_sharded"], window_bytes=20_000)
-    advised = [name for kind, name in events if kind == "advise"]
-    assert sorted(advised) == sorted(open_checkpoint(checkpoints["st_sharded"]).tensors)
-    for position, (kind, name) in enumerate(events):
-        if kind == "read":
-            assert ("advise", name) in events[:position]
-
-
 def test_window_smaller_than_a_tensor_still_loads(checkpoints: dict[str, Path], reference: nn.Module) -> None:
     model = meta_llama()
     load_checkpoint_in_model(model, checkpoints["st_sharded"], dtype=torch.float16, window_bytes=1)
