@@ -404,7 +404,8 @@ def step_decode(rows: _Rows, sizes: Sizes, out: Path) -> None:
             if first:
                 row.update(tokens_equal=row["tokens"] == first["tokens"],
                            ratio=round(row["s_per_token"] / first["s"], 2) if first["s"] else None)
-            row["bound_s"] = round(_moved_bytes(folder, device_map, _device_key(sizes)) / (gbps * 1e9), 4)
+            # Three significant digits, not fixed decimals: the CPU fallback's tiny bounds are microseconds.
+            row["bound_s"] = float(f"{_moved_bytes(folder, device_map, _device_key(sizes)) / (gbps * 1e9):.3g}")
             rows[key] = row
 
 
