@@ -838,7 +838,8 @@ def _attempt(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charges: Mappi
     """One placement with `charges` set aside per device; returns it and the charges it needs."""
     walk = _balanced_walk(inv, setup, kv, ties, charges)
     offloaded = _offloaded_units(walk, setup)
-    needed = _charges(inv, walk, setup, offloaded, prefetch)
+    slots = _slots(inv, offloaded, prefetch, setup.main.is_gpu, _disk_reads(walk, setup)[0])
+    needed = _charges(inv, walk, setup, offloaded, slots)
     main_slot = next(s for s in walk.slots if s.device == setup.main)
     if needed[setup.main] > max(0, main_slot.budget - main_slot.fixed_headroom):  # nothing offloaded needs no room
         raise PlanError(_reserve_message(setup, main_slot, needed[setup.main], walk, offloaded))
@@ -849,10 +850,9 @@ def _attempt(inv: Inventory, setup: _Setup, kv: _KV, ties: _Ties, charges: Mappi
 
 
 def _charges(inv: Inventory, walk: _Walk, setup: _Setup, offloaded: Sequence[Unit],
-             prefetch: int) -> dict[Device, int]:
-    """What a walk needs set aside: on the main device its reserve (`_main_charge`); on the CPU, when the budget
-    has one, the slots' pinned staging buffers (none when the slots are on the CPU)."""
-    slots = _slots(inv, offloaded, prefetch, setup.main.is_gpu, _disk_reads(walk, setup)[0])
+             slots: SlotSpec) -> dict[Device, int]:
+    """What a walk with these `slots` needs set aside: on the main device its reserve (`_main_charge`); on the
+    CPU, when the budget has one, the slots' pinned staging buffers (none when the slots are on the CPU)."""
     needed = {setup.main: _main_charge(inv, walk, offloaded, slots)}
     if slots.staging_bytes and any(fill.device == CPU for fill in walk.slots):
         needed[CPU] = slots.staging_bytes
@@ -974,7 +974,7 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, options: PlanOptions
     offloaded = [unit for unit, (slot, _) in entries.items() if not slot.runs_own]
     reads, reads_reason = _disk_reads(walk, setup)
     slots = _slots(inv, offloaded, prefetch, setup.main.is_gpu, reads)
-    charges = _charges(inv, walk, setup, offloaded, prefetch)
+    charges = _charges(inv, walk, setup, offloaded, slots)
     offload_kv = sum(kv for unit, (slot, kv) in entries.items() if not slot.runs_own)
     usage = _usage(walk.slots, placements, {**charges, setup.main: charges[setup.main] - offload_kv})
     target = parse_dtype(dtype) if dtype is not None else inv.dtype

@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 import torch
 
 from bigload.errors import OffloadError
+from bigload.readahead import Extent  # where a tensor's bytes are: one type for both read paths
 from bigload.reserve import READ_ALIGN
 
 __all__ = ["CHUNK_BYTES", "READERS", "BlockLayout", "BlockRead", "BlockReader", "Extent", "Run", "layout"]
@@ -40,15 +41,6 @@ CHUNK_BYTES = 16 << 20
 READ_TIMEOUT_S = 600.0  # one block read; a disk that takes longer is reported, not waited on for ever
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
-
-
-@dataclass(frozen=True)
-class Extent:
-    """Where one tensor's bytes are: `nbytes` bytes of `path` from byte `offset`, as they are used."""
-
-    path: Path
-    offset: int
-    nbytes: int
 
 
 @dataclass(frozen=True)

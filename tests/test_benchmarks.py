@@ -104,21 +104,18 @@ def test_quick_benchmarks_run_and_agree(tmp_path):
         assert "Skipped" in sections[beyond]["notes"][0]
     else:
         by_method = {r["spec"]["method"]: r for r in sections[beyond]["raw"] if r["status"] == "ok"}
-        if "bigload-int8" not in by_method:  # quantization lands with another branch; the row says so
-            assert any("quantize= is not in this tree" in str(row) for row in sections[beyond]["rows"])
+        assert set(bench_beyond_ram.QUANTIZED) <= set(by_method)  # this tree has quantize=: every row ran
         assert by_method["bigload"]["disk_reads"] == "read"  # told a fraction of the model: explicit reads
         assert by_method["bigload-mapped"]["disk_reads"] == "mapped"
         for method in ("bigload", "bigload-mapped", "transformers"):
             assert by_method[method]["tokens"] == by_method["accelerate"]["tokens"], method
         rows = {row[0].split(" [")[0]: row for row in sections[beyond]["rows"]}
-        for method in bench_beyond_ram.QUANTIZED:
-            if method in by_method:  # the same quantized store, through the other disk path: the same tokens
-                run = by_method[method]
-                assert run["check_path"] != run["disk_reads"] and run["check_tokens"] == run["tokens"], run
-                assert rows[bench_beyond_ram.TITLES[method]][-1] == f"yes: its {run['check_path']} path"
-        if "bigload-int8" in by_method:  # the store an earlier load built, reused: the same int8 bytes
-            reused = by_method["bigload-int8-reused"]
-            assert reused["store_reused"] and reused["tokens"] == by_method["bigload-int8"]["tokens"], reused
+        for method in bench_beyond_ram.QUANTIZED:  # the same quantized store, through the other disk path
+            run = by_method[method]
+            assert run["check_path"] != run["disk_reads"] and run["check_tokens"] == run["tokens"], run
+            assert rows[bench_beyond_ram.TITLES[method]][-1] == f"yes: its {run['check_path']} path"
+        reused = by_method["bigload-int8-reused"]  # the store an earlier load built, reused: the same int8 bytes
+        assert reused["store_reused"] and reused["tokens"] == by_method["bigload-int8"]["tokens"], reused
 
     for check in sections["Loading a checkpoint into CPU memory"]["checks"]:
         assert check["weights_equal"], check
