@@ -20,10 +20,11 @@ Methods (the same device map for all):
   the weights fit in memory);
 - bigload-int8 / bigload-int4: `quantize="int8"|"int4"`, when this tree's `load_checkpoint_and_dispatch` has
   `quantize=` (otherwise reported as not in this tree); the timed load writes the quantized offload store;
-- bigload-int8-reused: the same int8 load into an offload folder an earlier load (untimed, same process) already
-  filled, page cache dropped in between: how a user runs a model a second time (bigload reuses a store built
-  from the same checkpoint, dtype and scheme). Decode right after writing 3 GB of store is slower on this VM
-  (the virtual disk is still absorbing the writes), so both are shown;
+- bigload-int8-reused: the same int8 load into an offload folder that an earlier process (`store-int8`, an
+  untimed load run just before, in its own cgroup) filled, the page cache dropped in between: how a user runs
+  a model a second time (bigload reuses a store built from the same checkpoint, dtype and scheme). A process
+  that has just written 3 GB of store decodes more slowly on this VM (its written pages and the virtual
+  disk's write-back compete with the reads), so both are shown;
 - accelerate: `accelerate.load_checkpoint_and_dispatch(model, folder, device_map=map, offload_folder=...)`;
 - transformers: `AutoModelForCausalLM.from_pretrained(folder, device_map=map, offload_folder=...)`.
 """
@@ -40,6 +41,7 @@ import time
 from pathlib import Path
 
 from benchmarks import cgroup, pagecache
+from benchmarks.bench_offload import quantize_kwargs
 from benchmarks.harness import Unavailable, failure_notes, median_of, need, status_of
 from benchmarks.make_checkpoint import checkpoint_files
 
@@ -55,7 +57,7 @@ TITLES = {
     "bigload": "bigload (disk reads decided from the budget)",
     "bigload-mapped": "bigload, disk_reads='mapped' (in place via page cache)",
     "bigload-int8": "bigload, quantize='int8'",
-    "bigload-int8-reused": "bigload, quantize='int8', offload store reused (built by an earlier load)",
+    "bigload-int8-reused": "bigload, quantize='int8', offload store reused (built by an earlier process)",
     "bigload-int4": "bigload, quantize='int4'",
     "accelerate": "accelerate",
     "transformers": "transformers from_pretrained(device_map=, offload_folder=)",
@@ -64,7 +66,8 @@ HEADER = ("method", "s per pass", "÷ read bound", "prefill s", "kernel s per pa
           "load s", "tokens = reference")
 QUANTIZED = ("bigload-int8", "bigload-int8-reused", "bigload-int4")
 SCHEMES = {"bigload-int8": "int8", "bigload-int8-reused": "int8", "bigload-int4": "int4"}
-REUSED = ("bigload-int8-reused",)
+# A reused method's store is written by an untimed load in an earlier process (`BUILDS[method]`).
+BUILDS = {"bigload-int8-reused": "store-int8"}
 # A quantized run's tokens are checked against the same store generated again through the other disk path.
 OTHER_PATH = {"read": "mapped", "mapped": "read"}
 
@@ -85,12 +88,15 @@ def measure(spec: dict) -> dict:
         return _measure_cat(spec)
     if spec["method"] == "read-direct":
         return _measure_direct_reads(spec)
+    if spec["method"] in BUILDS.values():
+        return _build_store(spec)
     return _measure_generate(spec)
 
 
 def _measure_direct_reads(spec: dict) -> dict:
     """The decoder layers' bytes read as bigload's explicit path reads them, with no model and no compute:
-    each layer into one reused buffer, `O_DIRECT`, `reads.READERS` reads of `reads.CHUNK_BYTES` in flight."""
+    `O_DIRECT`, `reads.READERS` reads of `reads.CHUNK_BYTES` in flight, into two buffers used in turn, the next
+    layer's read started before the current one is waited on (as the runtime's prefetch 1 does)."""
     import mmap
 
     import torch
@@ -102,16 +108,22 @@ def _measure_direct_reads(spec: dict) -> dict:
         if name.startswith("model.layers."):
             layers.setdefault(int(name.split(".")[2]), []).append(ref)
     largest = max(sum(ref.nbytes for ref in refs) for refs in layers.values()) + (1 << 20)
-    buffer = torch.frombuffer(mmap.mmap(-1, largest), dtype=torch.uint8)
+    buffers = [torch.frombuffer(mmap.mmap(-1, largest), dtype=torch.uint8) for _ in range(2)]
     reader = reads.BlockReader()
     total = 0
     started = time.perf_counter()
     try:
-        for refs in layers.values():
+        pending = None
+        for i, refs in enumerate(layers.values()):
             extents = [reads.Extent(ref.file, ref.offset, ref.nbytes) for ref in refs]
             block = reads.layout(extents, [ref.dtype.itemsize for ref in refs], [0] * len(refs), largest)
-            reader.read(block, buffer)
+            current = reader.start(block, buffers[i % 2])
+            if pending is not None:
+                pending.wait()
+            pending = current
             total += sum(ref.nbytes for ref in refs)
+        if pending is not None:
+            pending.wait()
     finally:
         reader.close()
     seconds = time.perf_counter() - started
@@ -156,34 +168,15 @@ def _loader(spec: dict, offload: Path, disk_reads: str | None = None):
     if method.startswith("bigload-int"):
         if "quantize" not in inspect.signature(load).parameters:
             raise Unavailable("quantize= is not in this tree")
-        kwargs["quantize"] = _scheme(folder, SCHEMES[method])
 
     def run_bigload():
         model = _meta_model(folder, init_empty_weights)
-        extra = {}
-        if kwargs.get("quantize", "").startswith("int4:"):
-            # The tiny quick-mode checkpoint: Linears whose inputs no group size divides stay unquantized.
-            group = int(kwargs["quantize"].split(":")[1])
-            extra["quantize_skip"] = [name for name, module in model.named_modules()
-                                      if isinstance(module, torch.nn.Linear) and module.in_features % group]
+        extra = quantize_kwargs(folder, SCHEMES[method], model) if method in SCHEMES else {}
         load(model, folder, device_map=dmap, offload_folder=str(offload), dtype=torch.bfloat16, progress=False,
              **kwargs, **extra)
         return model
 
     return run_bigload
-
-
-def _scheme(folder: str, scheme: str) -> str:
-    """`scheme`, with int4's groups of 128 made smaller when the model's widths are not multiples of 128 (the
-    tiny quick-mode checkpoint)."""
-    if scheme != "int4":
-        return scheme
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(folder)
-    widths = [getattr(config, name, 128) for name in ("hidden_size", "intermediate_size")]
-    group = next((g for g in (128, 64) if all(w % g == 0 for w in widths)), 32)
-    return scheme if group == 128 else f"int4:{group}"
 
 
 def _meta_model(folder: str, init_empty_weights):
@@ -204,11 +197,15 @@ def _measure_generate(spec: dict) -> dict:
     from benchmarks.procmem import MemorySampler
 
     torch.manual_seed(0)
-    offload = Path(spec["work"]) / f"offload-{spec['method']}"
-    shutil.rmtree(offload, ignore_errors=True)
+    offload = _offload_folder(spec)
+    reused = spec["method"] in BUILDS
+    if not reused:
+        shutil.rmtree(offload, ignore_errors=True)
+    elif not (offload / "index.json").is_file():
+        raise RuntimeError(f"no offload store in {offload}: its build ({BUILDS[spec['method']]}) did not run or failed")
     run = _loader(spec, offload)
     try:
-        built = _build_store(run, spec, offload) if spec["method"] in REUSED else None
+        built = _index_stamp(offload) if reused else None
         with MemorySampler() as mem:
             t0 = time.perf_counter()
             model = run().eval()
@@ -246,17 +243,19 @@ def _measure_generate(spec: dict) -> dict:
         shutil.rmtree(offload, ignore_errors=True)
 
 
-def _build_store(run, spec: dict, offload: Path) -> tuple[int, int]:
-    """Fill the offload folder with an untimed load, then free it and drop the page cache: the timed load
-    that follows finds the store and reuses it. Returns the stamp of the index it wrote."""
-    import gc
+def _offload_folder(spec: dict) -> Path:
+    """Where a method's offload store goes; a reused method's store is the one its build wrote."""
+    return Path(spec["work"]) / f"offload-{spec.get('for', spec['method'])}"
 
-    model = run()
-    del model
-    gc.collect()
-    if not spec.get("quick"):
-        pagecache.drop_caches()
-    return _index_stamp(offload)
+
+def _build_store(spec: dict) -> dict:
+    """An untimed load (as the reused method `spec["for"]` loads) that fills its offload folder, in a process of
+    its own before the timed one: the timed process finds the store and reuses it."""
+    offload = _offload_folder(spec)
+    shutil.rmtree(offload, ignore_errors=True)
+    started = time.perf_counter()
+    _loader({**spec, "method": spec["for"]}, offload)()
+    return {"seconds": time.perf_counter() - started, "store_bytes": sum(f.stat().st_size for f in offload.iterdir())}
 
 
 def _index_stamp(offload: Path) -> tuple[int, int]:
@@ -344,6 +343,8 @@ def specs(ctx) -> list[dict]:
     for r in range(ctx.repeats):
         order = methods[r % len(methods):] + methods[: r % len(methods)]
         for method in order:
+            if method in BUILDS:  # its store, written by an earlier process
+                out.append({**base, "method": BUILDS[method], "for": method, "repeat": r})
             # The bound is measured right before every run, in the state that run sees.
             out += [{**base, "method": "cat", "before": method, "repeat": r}, {**base, "method": method, "repeat": r}]
     return out

@@ -30,6 +30,9 @@ from benchmarks.make_checkpoint import checkpoint_files
 PROMPT_TOKENS = 32
 NEW_TOKENS = 32
 MAPS = ("memory", "half", "all")
+# bigload with `quantize=`: in memory only (beyond RAM, where they matter most: bench_beyond_ram).
+QUANTIZED = {"bigload-int8-p1": "int8", "bigload-int4-p1": "int4"}
+METHODS = ("bigload-p1", "accelerate", "bigload-p0", "transformers", *QUANTIZED)
 MAP_TITLES = {"memory": "in memory", "half": "layers 4-7 on disk", "all": "all decoder layers on disk"}
 
 
@@ -93,10 +96,32 @@ def _load(spec: dict, offload: Path):
         model = _meta_model(folder, init_empty_weights)
         if retie:
             model.tie_weights()
-        out = load(model, folder, device_map=dmap, offload_folder=str(offload), dtype=torch.bfloat16, **kwargs)
+        extra = quantize_kwargs(folder, QUANTIZED[method], model) if method in QUANTIZED else {}
+        out = load(model, folder, device_map=dmap, offload_folder=str(offload), dtype=torch.bfloat16, **kwargs,
+                   **extra)
         return out if isinstance(out, torch.nn.Module) else model
 
     return run, api
+
+
+def quantize_kwargs(folder: str, scheme: str, model) -> dict:
+    """bigload's `quantize=` (and `quantize_skip=`) for `scheme` on the model of checkpoint `folder`: int4's
+    groups of 128 get smaller when the model's widths are not multiples of 128, and Linears whose inputs no
+    group size divides stay unquantized (both only in the tiny quick-mode checkpoints)."""
+    import torch
+
+    if scheme != "int4":
+        return {"quantize": scheme}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    widths = [getattr(config, name, 128) for name in ("hidden_size", "intermediate_size")]
+    group = next((g for g in (128, 64) if all(w % g == 0 for w in widths)), 32)
+    if group == 128:
+        return {"quantize": scheme}
+    skip = [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module.in_features % group]
+    return {"quantize": f"int4:{group}", "quantize_skip": skip}
 
 
 def prompt_ids(vocab_size: int, length: int):
@@ -186,18 +211,19 @@ def specs(ctx) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     tokens = 8 if ctx.quick else NEW_TOKENS
     base = {"bench": "offload", "folder": str(folder), "work": str(work), "prompt_tokens": tokens, "new_tokens": tokens}
+    offloaded = ("transformers", *QUANTIZED)
     cases = [
         {**base, "map": "memory", "cache": "warm", "_skip": ("bigload-p0",)},
-        {**base, "map": "half", "cache": "warm", "_skip": ("transformers",)},
-        {**base, "map": "all", "cache": "warm", "_skip": ("transformers",)},
-        {**base, "map": "half", "cache": "cold", "_skip": ("transformers",)},
-        {**base, "map": "all", "cache": "cold", "_skip": ("transformers",)},
+        {**base, "map": "half", "cache": "warm", "_skip": offloaded},
+        {**base, "map": "all", "cache": "warm", "_skip": offloaded},
+        {**base, "map": "half", "cache": "cold", "_skip": offloaded},
+        {**base, "map": "all", "cache": "cold", "_skip": offloaded},
         # tied embeddings: lm_head shares the embedding's tensor; offloading must keep them one tensor
-        {**base, "folder": str(tied), "map": "all", "cache": "warm", "tied": True, "_skip": ("bigload-p0",)},
+        {**base, "folder": str(tied), "map": "all", "cache": "warm", "tied": True, "_skip": ("bigload-p0", *QUANTIZED)},
     ]
     if ctx.quick:  # every code path once: the cold path is the same for both maps
         cases = [c for c in cases if (c["map"], c["cache"]) != ("half", "cold")]
-    return interleave(cases, ("bigload-p1", "accelerate", "bigload-p0", "transformers"), ctx.repeats)
+    return interleave(cases, METHODS, ctx.repeats)
 
 
 def before(ctx):
@@ -270,6 +296,8 @@ def summarize(ctx, results: list[dict]) -> dict:
             rows.append([f"tokens equal to transformers in memory — {tag}",
                          same_tokens(b) if map_ == "memory" else f"p1: {same_tokens(b)}; p0: {same_tokens(b0)}",
                          same_tokens(a), "reference" if map_ == "memory" else None, None, None])
+            if map_ == "memory":
+                rows += _quantized_rows(runs, vb, cell)
         # Loads are the same in the warm and cold cases (eviction happens after loading): pool them.
         b, a, t = ([r for c in ("warm", "cold") for r in runs(m, map_, c)] for m in ("bigload-p1", "accelerate", "transformers"))
         tag = MAP_TITLES[map_]
@@ -300,6 +328,9 @@ def summarize(ctx, results: list[dict]) -> dict:
         "Cold: checkpoint and offload folder evicted after loading, just before generating; pages resident then: "
         + (", ".join(f"{v:.2f}" for v in residency) or "—") + ". Decode reads them again after the first token.",
         "Private peak: RssAnon above the process's baseline, over load and generation.",
+        "quantize='int8' / 'int4' rows: bigload with its Linear weights quantized while loading (in memory, "
+        "prefetch 1); `÷ bf16` is its decode speed over bigload's own bf16 in memory. Their tokens are not "
+        "compared (quantized weights approximate the bf16 ones).",
     ]
     apis = sorted({r.get("api") for r in results if r.get("api")})
     notes.append("Entry points measured: " + ", ".join(f"`{a}`" for a in apis) + ".")
@@ -309,6 +340,20 @@ def summarize(ctx, results: list[dict]) -> dict:
     tables = [{"title": "Generation", "rows": rows},
               {"title": "Loading with offload (warm and cold runs pooled)", "rows": load_rows}]
     return {"title": "Offloaded generation", "tables": tables, "notes": notes, "raw": results}
+
+
+def _quantized_rows(runs, bf16_tok_s: float | None, cell) -> list[list]:
+    """In-memory decode and prefill of bigload with `quantize=`, beside bigload's bf16 (`bf16_tok_s`)."""
+    rows = []
+    for method, scheme in QUANTIZED.items():
+        rs = runs(method, "memory")
+        tok_s = median_of(rs, "decode_tok_s")
+        ratio = f"÷ bf16: {tok_s / bf16_tok_s:.2f}" if tok_s and bf16_tok_s else None
+        rows.append([f"**decode tokens/s, bigload quantize='{scheme}'** — in memory", cell(rs, "decode_tok_s", " tok/s"),
+                     None, None, None, ratio])
+        rows.append([f"prefill, bigload quantize='{scheme}' — in memory", cell(rs, "prefill_s", " s"), None, None, None,
+                     None])
+    return rows
 
 
 def _gib(rs, key="anon_peak"):
