@@ -15,6 +15,9 @@ Methods:
 - transformers: `AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=...)`.
 - bigload-hf: `bigload.hf.from_pretrained(folder, device_map="cpu", dtype=...)`, beside transformers' (one row).
 - cat: `cat` of the safetensors files to /dev/null (the cost of reading the bytes, nothing else).
+- read: the files read with 8 MiB `readinto` calls, one stream (`limits.read_through`): the read bound, measured
+  interleaved with the loads so that it sees the disk in the state they see (this VM's disk is up to 3x
+  slower for minutes after heavy reads), beside the once-per-invocation figure of *Machine limits*.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from benchmarks import pagecache
 from benchmarks.harness import Unavailable, failure_notes, interleave, median_of, need, status_of
 from benchmarks.make_checkpoint import checkpoint_files
 
-METHODS = ("bigload", "accelerate", "transformers", "bigload-hf", "cat")
+METHODS = ("bigload", "accelerate", "transformers", "bigload-hf", "cat", "read")
 
 
 # ---------------------------------------------------------------- worker side (runs in the fresh process)
@@ -96,12 +99,26 @@ def _loader_cat(folder: str, dtype):
     return run, "cat"
 
 
+def _loader_read(folder: str, dtype):
+    from benchmarks.limits import read_through
+
+    files = checkpoint_files(Path(folder))
+
+    def run():
+        for f in files:
+            read_through(f)
+        return None
+
+    return run, "readinto (8 MiB)"
+
+
 LOADERS = {
     "bigload": _loader_bigload,
     "accelerate": _loader_accelerate,
     "transformers": _loader_transformers,
     "bigload-hf": _loader_bigload_hf,
     "cat": _loader_cat,
+    "read": _loader_read,
 }
 
 
@@ -177,7 +194,7 @@ def specs(ctx) -> list[dict]:
              for c in ("warm", "cold") if not (ctx.quick and (d, c) == ("float16", "cold"))]
     for case in cases:
         if case["dtype"] != "bfloat16":
-            case["_skip"] = ("cat",)  # cat reads bytes; it has no dtype
+            case["_skip"] = ("cat", "read")  # they read bytes; they have no dtype
     return interleave(cases, METHODS, ctx.repeats)
 
 
@@ -195,6 +212,10 @@ def before(ctx):
 
 def _fmt_s(v):
     return None if v is None else f"{v:.2f} s"
+
+
+def _ratio(bound: float | None, value: float | None) -> str | None:
+    return None if not bound or not value else f"{bound / value:.2f}"
 
 
 def _fmt_gb(v):
@@ -233,6 +254,7 @@ def summarize(ctx, results: list[dict]) -> dict:
             touch_bw = limits.get("mmap_touch_bytes_s") if cache == "warm" else None
             fastest = max(filter(None, [read_bw, touch_bw]), default=None)
             cat = by.get((dtype, cache, "cat"), [])
+            read = by.get((dtype, cache, "read"), [])
             for label, key, fmt in FIGURES:
                 runs = {m: by.get((dtype, cache, m), []) for m in LOADERS_SHOWN}
                 vals = {m: median_of(rs, key) for m, rs in runs.items()}
@@ -242,11 +264,18 @@ def summarize(ctx, results: list[dict]) -> dict:
                     limit = _fmt_s(total / fastest)
                     if status_of(cat) == "ok":
                         limit += f" (`cat`: {_fmt_s(median_of(cat, 'load_s'))})"
+                    if cache == "cold" and status_of(read) == "ok":
+                        limit += f"; interleaved: {_fmt_s(median_of(read, 'load_s'))}"
                 elif key == "total_peak":
                     limit = f"model {_fmt_gb(total)}"
                 rows.append([f"{label} — {tag}", *cells, limit,
                              ratio_cell(vals["bigload"], vals["accelerate"], vals["transformers"],
                                         floor=MEMORY_NOISE if key.endswith("_peak") else 0.0)])
+                if key == "ready_s" and cache == "cold" and status_of(read) == "ok":
+                    bound = median_of(read, "load_s")
+                    rows.append([f"cold read bound ÷ ready (1.00: at the disk's speed) — {tag}",
+                                 *[_ratio(bound, vals[m]) for m in LOADERS_SHOWN],
+                                 f"bound: {_fmt_s(bound)}, 8 MiB reads interleaved with the loads", None])
                 if key == "ready_s":
                     hf = by.get((dtype, cache, "bigload-hf"), [])
                     v = median_of(hf, key)
@@ -272,7 +301,9 @@ def summarize(ctx, results: list[dict]) -> dict:
         f"Checkpoint `{folder.name}`: {total / 1e9:.2f} GB of bf16 safetensors in "
         f"{len(checkpoint_files(folder))} shards; {len({r['spec']['repeat'] for r in results})} round(s).",
         "`limit` for ready: bytes ÷ the fastest way this machine makes them readable (warm: the larger of "
-        "buffered-read and mmap page-fault bandwidth; cold: cold sequential read); `cat` of the same files beside it.",
+        "buffered-read and mmap page-fault bandwidth; cold: cold sequential read, measured once before the runs; `interleaved`: the same 8 MiB reads of the "
+        "checkpoint's files, cold, run among the loads, the bound the `÷ ready` row uses); `cat` of the same files "
+        "beside it.",
         "Memory peaks are above each process's baseline after its imports. Private = RssAnon (memory the "
         "process owns); file-backed = RssFile (page-cache pages it maps: shared, reclaimable).",
         "Checkpoint pages resident at the start of each run: "
