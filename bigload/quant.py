@@ -36,9 +36,9 @@ So on the CPU the packed kernels run decode (few rows): int8 and int4 are as fas
 decode reads every weight once and they read 2x / 4x fewer bytes. From 32 rows (prefill) int8 converts its
 weight to the compute dtype and runs the dense matmul (`_DEQUANTIZE_ROWS`), 1.6-1.9x the bf16 time; int4 keeps
 the packed kernel (its CPU byte order has no cheap dequantization), about 2.5-3x slower than bf16 there.
-Whole model (the benchmarks' 1 GB Llama, 8 layers of 2048 / 5504, in memory, greedy decode after a 32-token
-prompt, medians of 3 interleaved runs under the same load): bf16 0.38, int8 0.35, int4 0.42 tokens/s (runs
-spread 0.34-0.83, so equal within the noise). float32 activations are the packed kernels' slow path
+Whole model, in memory (`python -m benchmarks --only offload`, the 1 GB Llama, 8 layers of 2048 / 5504, greedy
+decode after a 32-token prompt, medians of 3 interleaved runs, 2026-11-30): bf16 14.9, int8 25.8, int4 36.7
+tokens/s (1.73x and 2.46x); prefill 0.18 / 0.20 / 0.20 s. float32 activations are the packed kernels' slow path
 (int8pack_mm: 25 ms at 1 row, 3.8 s at 128 rows for 4096 x 4096), so quantized models should compute in
 bfloat16 or float16. On CUDA int8 dequantizes on the device (`linear(x, q.to(dtype)) * scale`); int4 runs
 `_weight_int4pack_mm` in bfloat16 (compute capability 8.0 and newer).
