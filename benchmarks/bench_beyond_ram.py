@@ -23,8 +23,8 @@ Methods (the same device map for all):
 - bigload-int8-reused: the same int8 load into an offload folder that an earlier process (`store-int8`, an
   untimed load run just before, in its own cgroup) filled, the page cache dropped in between: how a user runs
   a model a second time (bigload reuses a store built from the same checkpoint, dtype and scheme). A process
-  that has just written 3 GB of store decodes more slowly on this VM (its written pages and the virtual
-  disk's write-back compete with the reads), so both are shown;
+  that has just written 3 GB of store decodes more slowly on this VM (the virtual disk is still absorbing the
+  writes; dropping the written pages from the page cache made no difference), so both are shown;
 - accelerate: `accelerate.load_checkpoint_and_dispatch(model, folder, device_map=map, offload_folder=...)`;
 - transformers: `AutoModelForCausalLM.from_pretrained(folder, device_map=map, offload_folder=...)`.
 """
