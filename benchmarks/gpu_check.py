@@ -16,7 +16,9 @@ Five steps, each in its own process under its own time limit (and all of them un
 4. auto: `bigload.hf.from_pretrained(device_map="auto", context_length=C)` (probed budget, and a small
    `max_memory` for GPU 0), then generate that whole context; peak reserved GPU memory beside the budget;
 5. features: `quantize=` and a LoRA `adapter=` on the GPU, when this tree's `from_pretrained` has them
-   ("not in this tree" otherwise).
+   ("not in this tree" otherwise); and the same adapter through peft's own `PeftModel.from_pretrained` on a
+   model bigload dispatched over the GPU, cpu and disk (peft then re-dispatches it through accelerate's
+   `dispatch_model`, a path only a GPU machine takes: row "peft-own", its error recorded if it fails).
 
 Writes DIR/gpu_check.json (every step: status, seconds, results), DIR/<step>.log (the step's output) and
 DIR/<step>.json (its results, written row by row, so a step cut off by its limit keeps what it measured),
@@ -480,6 +482,10 @@ def step_features(rows: _Rows, sizes: Sizes, out: Path) -> None:
         rows["adapter"] = "not in this tree"
     else:
         _guarded(rows, "adapter", lambda: _adapter_row(folder, sizes, out / "lora"))
+        adapter = rows.data["adapter"]
+        if isinstance(adapter, dict) and "peft_tokens" in adapter:  # the adapter and peft's tokens exist
+            expected = adapter["peft_tokens"]
+            _guarded(rows, "peft-own", lambda: _peft_own_row(folder, sizes, out / "lora", expected, out / "peft-off"))
 
 
 def _quantize_row(folder: Path, sizes: Sizes) -> dict[str, Any]:
@@ -525,6 +531,36 @@ def _adapter_row(folder: Path, sizes: Sizes, adapter_dir: Path) -> dict[str, Any
         got = model.generate(ids, **kwargs)
     return {"status": "ok" if torch.equal(got.cpu(), expected.cpu()) else "tokens differ from peft",
             "tokens": got[0].tolist(), "peft_tokens": expected[0].tolist()}
+
+
+def _peft_own_row(folder: Path, sizes: Sizes, adapter_dir: Path, expected: list[int], offload: Path
+                  ) -> dict[str, Any]:
+    """The adapter `_adapter_row` wrote, through peft's own `PeftModel.from_pretrained`, on the checkpoint
+    dispatched by bigload with half its layers on the device, a quarter on cpu and a quarter on disk: tokens
+    equal to peft's on the model in memory (`expected`)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bigload.dispatch import load_checkpoint_and_dispatch
+    from bigload.empty import init_empty_weights
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    n, device = config.num_hidden_layers, _device_key(sizes)
+    layers = {f"model.layers.{i}": device if i < n // 2 else "cpu" if i < 3 * n // 4 else "disk" for i in range(n)}
+    device_map = {"model.embed_tokens": device, "model.rotary_emb": device, **layers, "model.norm": device,
+                  "lm_head": device}
+    base = load_checkpoint_and_dispatch(empty, folder, device_map=device_map, offload_folder=offload,
+                                        dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, adapter_dir)  # peft's own call, unchanged
+    ids = torch.tensor([[1, 5, 9, 13, 21, 34]], device=sizes.device)
+    with torch.inference_mode():
+        got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=0)
+    return {"status": "ok" if got[0].tolist() == expected else "tokens differ from peft",
+            "tokens": got[0].tolist(), "peft_tokens": expected, "map_devices": sorted({str(v) for v in layers.values()})}
 
 
 _WORKERS: dict[str, Callable[[_Rows, Sizes, Path], None]] = {

@@ -27,6 +27,10 @@ def test_driver_runs_a_step_in_its_own_process_and_writes_json_log_and_table(tmp
     quantize, adapter = features["results"]["quantize"], features["results"]["adapter"]
     assert quantize["status"] == "ok" and quantize["scheme"] == "int8" and len(quantize["tokens"]) == 8
     assert adapter["status"] == "ok" and adapter["tokens"] == adapter["peft_tokens"]
+    # peft's own PeftModel.from_pretrained on a model bigload dispatched over cpu and disk: peft's tokens.
+    own = features["results"]["peft-own"]
+    assert own["status"] == "ok" and own["tokens"] == adapter["peft_tokens"], own
+    assert own["map_devices"] == ["cpu", "disk"]
     assert "quantize: {'status': 'ok', 'scheme': 'int8'" in (tmp_path / "features.log").read_text()
     assert table.splitlines()[-1].startswith("features   ok") and "step       status" in table
 
