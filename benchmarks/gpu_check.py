@@ -18,7 +18,9 @@ Five steps, each in its own process under its own time limit (and all of them un
 5. features: `quantize=` and a LoRA `adapter=` on the GPU, when this tree's `from_pretrained` has them
    ("not in this tree" otherwise); and the same adapter through peft's own `PeftModel.from_pretrained` on a
    model bigload dispatched over the GPU, cpu and disk (peft then re-dispatches it through accelerate's
-   `dispatch_model`, a path only a GPU machine takes: row "peft-own", its error recorded if it fails).
+   `dispatch_model`): unchanged ("peft-own"), with a small GPU budget given to peft so that its map spans the
+   GPU and the CPU as on a consumer GPU ("peft-own-tight": bigload's OffloadError naming the fix is the
+   expected outcome), and with that fix, `device_map={"": 0}` ("peft-own-main"); errors are recorded.
 
 Writes DIR/gpu_check.json (every step: status, seconds, results), DIR/<step>.log (the step's output) and
 DIR/<step>.json (its results, written row by row, so a step cut off by its limit keeps what it measured),
@@ -485,7 +487,21 @@ def step_features(rows: _Rows, sizes: Sizes, out: Path) -> None:
         adapter = rows.data["adapter"]
         if isinstance(adapter, dict) and "peft_tokens" in adapter:  # the adapter and peft's tokens exist
             expected = adapter["peft_tokens"]
-            _guarded(rows, "peft-own", lambda: _peft_own_row(folder, sizes, out / "lora", expected, out / "peft-off"))
+            for key, peft_kwargs in _peft_own_cases(sizes).items():
+                _guarded(rows, key, lambda: _peft_own_row(folder, sizes, out / "lora", expected,
+                                                          out / f"off-{key}", peft_kwargs))
+
+
+def _peft_own_cases(sizes: Sizes) -> dict[str, dict[str, Any]]:
+    """peft's own call three ways: unchanged (on a GPU larger than the model peft's map is the GPU alone, a
+    plain `model.to(0)`); with a GPU budget a consumer GPU would leave (peft's map then spans the GPU and the
+    CPU: accelerate's dispatch_model hooks the model, which bigload refuses at the first forward, naming the
+    fix); with that fix, `device_map={"": DEVICE}`."""
+    device = _device_key(sizes)
+    cases: dict[str, dict[str, Any]] = {"peft-own": {}, "peft-own-main": {"device_map": {"": device}}}
+    if device != "cpu":  # the tiny checkpoint is ~1 MB: 300 kB of GPU holds its embedding, the rest is CPU
+        cases["peft-own-tight"] = {"max_memory": {device: 300_000, "cpu": 64 * GiB}, "offload_folder": None}
+    return cases
 
 
 def _quantize_row(folder: Path, sizes: Sizes) -> dict[str, Any]:
@@ -533,11 +549,11 @@ def _adapter_row(folder: Path, sizes: Sizes, adapter_dir: Path) -> dict[str, Any
             "tokens": got[0].tolist(), "peft_tokens": expected[0].tolist()}
 
 
-def _peft_own_row(folder: Path, sizes: Sizes, adapter_dir: Path, expected: list[int], offload: Path
-                  ) -> dict[str, Any]:
-    """The adapter `_adapter_row` wrote, through peft's own `PeftModel.from_pretrained`, on the checkpoint
-    dispatched by bigload with half its layers on the device, a quarter on cpu and a quarter on disk: tokens
-    equal to peft's on the model in memory (`expected`)."""
+def _peft_own_row(folder: Path, sizes: Sizes, adapter_dir: Path, expected: list[int], offload: Path,
+                  peft_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The adapter `_adapter_row` wrote, through peft's own `PeftModel.from_pretrained` (given
+    `peft_kwargs`), on the checkpoint dispatched by bigload with half its layers on the device, a quarter on cpu
+    and a quarter on disk: tokens equal to peft's on the model in memory (`expected`)."""
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -554,13 +570,16 @@ def _peft_own_row(folder: Path, sizes: Sizes, adapter_dir: Path, expected: list[
                   "lm_head": device}
     base = load_checkpoint_and_dispatch(empty, folder, device_map=device_map, offload_folder=offload,
                                         dtype=torch.bfloat16)
-    model = PeftModel.from_pretrained(base, adapter_dir)  # peft's own call, unchanged
+    if "offload_folder" in peft_kwargs:  # peft's map may put layers on disk: accelerate then needs a folder
+        peft_kwargs = {**peft_kwargs, "offload_folder": str(offload / "peft")}
+    model = PeftModel.from_pretrained(base, adapter_dir, **peft_kwargs)  # peft's own call
     ids = torch.tensor([[1, 5, 9, 13, 21, 34]], device=sizes.device)
     with torch.inference_mode():
         got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                              pad_token_id=0)
     return {"status": "ok" if got[0].tolist() == expected else "tokens differ from peft",
-            "tokens": got[0].tolist(), "peft_tokens": expected, "map_devices": sorted({str(v) for v in layers.values()})}
+            "tokens": got[0].tolist(), "peft_tokens": expected, "map_devices": sorted({str(v) for v in layers.values()}),
+            "peft_kwargs": {key: str(value) for key, value in peft_kwargs.items()}}
 
 
 _WORKERS: dict[str, Callable[[_Rows, Sizes, Path], None]] = {

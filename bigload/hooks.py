@@ -934,6 +934,8 @@ class Runtime:
     # -- hooks
 
     def _pre_forward(self, block: Block, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.changed:  # also here: a caller may run the model's forward without its root's hooks
+            self._settle()
         if block.offloaded:
             self._install(block, self.prefetcher.acquire(block.name))
             self._observe(block.name)
@@ -949,10 +951,15 @@ class Runtime:
     def _root_pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._input_devices:
             if self.changed:
-                adopt(self)
+                self._settle()
             for layer in self._adapter_layers:
                 check_merges(self, layer)
         self._input_devices.append(_first_tensor_device(args, kwargs, self.skip_keys))
+
+    def _settle(self) -> None:
+        """Before running after the model changed: refuse another runtime's hooks, adopt added tensors."""
+        refuse_foreign_hooks(self)
+        adopt(self)
 
     def _root_post_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
         device = self._input_devices.pop() if self._input_devices else None
@@ -1382,7 +1389,57 @@ def _module_registered(parent: nn.Module, name: str, value: Any) -> None:
 def _before_state_dict_load(module: nn.Module, *args: Any) -> None:
     runtime = runtime_of(module)
     if runtime is not None:
+        refuse_foreign_hooks(runtime)
         adopt(runtime, materialize=True)
+        # Look again before the next forward: peft re-dispatches the model right after loading an adapter.
+        runtime.changed = True
+
+
+# accelerate's hook attributes (duck-typed: bigload does not import accelerate): `add_hook_to_module` sets
+# `_hf_hook` on the module; a `SequentialHook` holds several in `hooks`.
+_ACCELERATE_HOOK = "_hf_hook"
+
+
+def refuse_foreign_hooks(runtime: Runtime) -> None:
+    """Raise if accelerate's device hooks were put on the model's modules after bigload dispatched it.
+
+    accelerate's `dispatch_model` on an attached model (peft's `PeftModel.from_pretrained` re-dispatches an
+    offloaded model with it when peft's own device map spans several devices, as on a GPU machine) hooks its
+    modules to move their weights itself: it sets tensors to meta between forwards and loads them from its
+    own copy of the state dict, which for offloaded weights holds bigload's meta placeholders. Two runtimes
+    cannot own the same weights, and the first symptom would be torch's "Cannot copy out of meta tensor".
+    Hooks that place nothing (peft's `AlignDevicesHook(io_same_device=True)` on the root) are fine.
+
+    Raises:
+        OffloadError: naming the hooked modules and the two ways to load an adapter that work.
+    """
+    hooked = [name for name, module in runtime.model.named_modules() if _places_weights(module)]
+    if not hooked:
+        return
+    raise OffloadError(
+        f"accelerate's hooks were added to {_names(hooked)} after bigload dispatched this model (accelerate's "
+        "dispatch_model: peft's PeftModel.from_pretrained calls it on a model whose hf_device_map holds 'cpu' "
+        "or 'disk' when its own map for the model spans several devices). bigload already runs every block "
+        "and keeps adapter weights with their block; two runtimes cannot own the same weights. Load the "
+        "adapter with bigload.from_pretrained(MODEL, adapter=PATH) (peft's load_adapter then adds more), or "
+        "keep peft's re-dispatch to a plain move: PeftModel.from_pretrained(model, PATH, "
+        "device_map={'': DEVICE}), DEVICE being where your input ids are (0 for the first GPU, 'cpu' "
+        "without one). Reload the base model: this one has accelerate's hooks on it."
+    )
+
+
+def _places_weights(module: nn.Module) -> bool:
+    """The module carries an accelerate hook that offloads its weights or runs it on a device of its own."""
+    hook = module.__dict__.get(_ACCELERATE_HOOK)
+    if hook is None:
+        return False
+    return any(getattr(part, "offload", False) or getattr(part, "execution_device", None) is not None
+               for part in getattr(hook, "hooks", (hook,)))
+
+
+def _names(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(name or "<root>") for name in names[:3])
+    return f"{shown} and {len(names) - 3} more modules" if len(names) > 3 else shown
 
 
 def adopt(runtime: Runtime, *, materialize: bool = False) -> None:
@@ -1437,18 +1494,49 @@ def _own_tensors(module: nn.Module) -> Iterable[tuple[Site, torch.Tensor]]:
 def _apply_to_resident(runtime: Runtime, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
                        ) -> nn.Module:
     """`nn.Module._apply` for an attached model: `fn` (a `.to`, a `.float()`) reaches every tensor except the
-    placeholders of offloaded weights, which the runtime installs on their execution device itself."""
-    hidden = [(site, entry.placeholder) for block in runtime.blocks.values() for entry in block.entries
-              for site in entry.sites if site.get() is entry.placeholder]
+    placeholders of offloaded weights, and no tensor of a block changes device: the plan placed them and the
+    runtime moves their inputs there. peft's re-dispatch calls `model.to(device)` on the whole model; moving a
+    GPU share into RAM (or RAM into the GPU) only to be moved back at the next forward would double its memory.
+    A dtype change still applies to resident tensors, on their device."""
+    keys = set(runtime.blocks)
+    hidden: list[tuple[Site, torch.Tensor]] = []
+    recast: list[tuple[Site, torch.Tensor, torch.dtype]] = []
+    for module_name, module in runtime.model.named_modules():
+        owned = owner_of(module_name, keys) is not None
+        for site, tensor in _own_tensors(module):
+            if id(tensor) in runtime._placeholders:
+                hidden.append((site, tensor))
+                continue
+            if not owned:
+                continue
+            device, dtype = _applied(fn, tensor)
+            if device != tensor.device:
+                hidden.append((site, tensor))
+                if dtype != tensor.dtype:
+                    recast.append((site, tensor, dtype))
     for site, _ in hidden:
         site.set(None)  # type: ignore[arg-type]  # nn.Module._apply skips None entries
     try:
         nn.Module._apply(runtime.model, fn, recurse)
     finally:
-        for site, placeholder in hidden:
-            site.set(placeholder)
+        for site, tensor in hidden:
+            site.set(tensor)
+    with torch.no_grad():
+        for site, tensor, dtype in recast:
+            site.set(_like(tensor, tensor.detach().to(dtype)))
+    kept = len(hidden) - sum(1 for site, tensor in hidden if id(tensor) in runtime._placeholders)
+    if kept:
+        logger.warning("bigload keeps a dispatched model where its plan put it: %d resident tensors stayed on "
+                       "their blocks' devices (model.to / .cuda / .cpu move nothing; see model.hf_device_map).",
+                       kept)
     runtime.changed = True
     return runtime.model
+
+
+def _applied(fn: Callable[[torch.Tensor], torch.Tensor], tensor: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    """Where and as what `fn` would put `tensor`, found on an empty tensor like it (no copy of its data)."""
+    probe = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+    return probe.device, probe.dtype
 
 
 def _wraps_offloaded_weight(runtime: Runtime, module: nn.Module) -> bool:

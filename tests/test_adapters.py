@@ -152,6 +152,53 @@ def test_unload_gives_back_the_base_model(files, tmp_path):
     torch.testing.assert_close(logits(base), logits(reference_llama()), atol=1e-5, rtol=0)
 
 
+def test_peft_own_call_given_the_main_device_equals_peft_in_memory(files, tmp_path):
+    # The README's recipe for a GPU machine, where peft's own map would span several devices: a one-device map
+    # makes peft's re-dispatch a plain model.to(DEVICE), which leaves bigload's placement alone.
+    base = dispatched(files, tmp_path / "offload")
+    devices = {name: tensor.device for name, tensor in base.named_parameters()}
+    ours = peft.PeftModel.from_pretrained(base, files["lora"], device_map={"": "cpu"})
+    reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(ours), greedy(reference))
+    after = {name.removeprefix("base_model.model.").replace(".base_layer", ""): tensor.device
+             for name, tensor in ours.named_parameters() if "lora_" not in name}
+    assert after == devices  # offloaded weights are still placeholders (meta), resident ones where they were
+
+
+def test_moving_a_dispatched_model_leaves_every_block_where_the_plan_put_it(files, tmp_path, caplog):
+    model = dispatched(files, tmp_path / "offload")
+    expected = logits(reference_llama())
+    devices = {name: tensor.device for name, tensor in model.named_parameters()}
+    assert {device.type for device in devices.values()} == {"cpu", "meta"}
+    with caplog.at_level("WARNING", logger="bigload.hooks"):
+        assert model.to("meta") is model  # what a move to another device does, on a machine with one device
+    assert {name: tensor.device for name, tensor in model.named_parameters()} == devices
+    assert "stayed on their blocks' devices" in caplog.text
+    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
+
+
+def test_accelerate_hooks_put_on_a_dispatched_model_are_refused_with_the_fix(files, tmp_path):
+    # What peft's re-dispatch does on a GPU machine when its own map spans the GPU and the CPU (accelerate's
+    # dispatch_model with a main device other than "cpu": blocks mapped to "cpu" get offloading hooks fed from
+    # the model's state dict), done here with the CPU as the execution device.
+    hooks = pytest.importorskip("accelerate.hooks")
+    from accelerate.utils import OffloadedWeightsLoader, extract_submodules_state_dict
+
+    ours = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "offload"), files["lora"])
+    prefix = "base_model.model."
+    on_cpu = [f"{prefix}model.layers.{i}" for i in range(LAYERS)] + [f"{prefix}model.norm", f"{prefix}lm_head"]
+    device_map = {f"{prefix}model.embed_tokens": "cpu", f"{prefix}model.rotary_emb": "cpu",
+                  **{name: "cpu" for name in on_cpu}}
+    weights = OffloadedWeightsLoader(state_dict=extract_submodules_state_dict(ours.state_dict(), on_cpu))
+    hooks.attach_align_device_hook_on_blocks(
+        ours, execution_device={**{name: "cpu" for name in device_map}, "": "cpu"},
+        offload={name: name in on_cpu for name in device_map}, weights_map=weights)
+    with pytest.raises(OffloadError, match=r"accelerate's hooks were added to 'model.embed_tokens'") as error:
+        logits(ours)
+    assert "device_map={'': DEVICE}" in str(error.value) and "adapter=PATH" in str(error.value)
+
+
 def test_a_folder_holding_merged_weights_is_not_reused_for_the_base(files, tmp_path):
     offload = tmp_path / "offload"
     peft.PeftModel.from_pretrained(dispatched(files, offload), files["lora"]).merge_and_unload()
@@ -516,6 +563,28 @@ def test_lora_on_a_gpu_with_disk_offload_equals_peft_in_memory(files, tmp_path):
     merged, expected = ours.merge_and_unload(), reference.merge_and_unload()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("peft_kwargs", [{}, {"device_map": {"": 0}}], ids=["unchanged", "main-device"])
+def test_peft_own_call_on_a_gpu_map_with_cpu_and_disk_blocks_equals_peft_in_memory(files, peft_kwargs, tmp_path):
+    # Unchanged: this GPU holds the whole model, so peft's own map is the GPU alone and its re-dispatch a
+    # model.to(0), which must leave bigload's cpu and disk blocks where they are.
+    reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"]).to("cuda")
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "disk",
+                  "model.layers.2": "cpu", "model.layers.3": 0, "model.norm": 0, "lm_head": 0}
+    base = load_checkpoint_and_dispatch(empty_llama(), files["base"], device_map=device_map,
+                                        offload_folder=tmp_path / "off")
+    devices = {name: tensor.device for name, tensor in base.named_parameters()}
+    ours = peft.PeftModel.from_pretrained(base, files["lora"], **peft_kwargs)
+    ids = IDS.to("cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=8, do_sample=False),
+                       reference.generate(input_ids=ids, max_new_tokens=8, do_sample=False))
+    assert {name.removeprefix("base_model.model.").replace(".base_layer", ""): tensor.device
+            for name, tensor in ours.named_parameters() if "lora_" not in name} == devices
 
 
 @pytest.mark.gpu

@@ -31,6 +31,9 @@ def test_driver_runs_a_step_in_its_own_process_and_writes_json_log_and_table(tmp
     own = features["results"]["peft-own"]
     assert own["status"] == "ok" and own["tokens"] == adapter["peft_tokens"], own
     assert own["map_devices"] == ["cpu", "disk"]
+    main = features["results"]["peft-own-main"]  # the fix bigload's error names: device_map={"": DEVICE}
+    assert main["status"] == "ok" and main["tokens"] == adapter["peft_tokens"], main
+    assert "peft-own-tight" not in features["results"]  # peft's map spans a GPU and the CPU only on a GPU
     assert "quantize: {'status': 'ok', 'scheme': 'int8'" in (tmp_path / "features.log").read_text()
     assert table.splitlines()[-1].startswith("features   ok") and "step       status" in table
 
