@@ -286,6 +286,16 @@ class _Entry:
         # Cached: the prefetcher asks for it on every load, and the answer never changes.
         return _nbytes(self.shape, self.dtype)
 
+    @functools.cached_property
+    def _registration(self) -> tuple[bool, bool]:
+        # Cached: a placeholder answers attribute reads through Python (`OffloadedParameter`), every forward.
+        return isinstance(self.placeholder, nn.Parameter), bool(self.placeholder.requires_grad)
+
+    def registered(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` as this entry's sites hold it: a Parameter (same requires_grad) or a buffer."""
+        is_parameter, requires_grad = self._registration
+        return nn.Parameter(tensor, requires_grad) if is_parameter else tensor
+
 
 @dataclass(frozen=True)
 class Block:
@@ -996,7 +1006,7 @@ class Runtime:
             values = cached[1]
         else:
             with torch.inference_mode(False):  # cached values are reused by forwards in any grad mode
-                values = [_like(entry.placeholder, tensors[entry.key]) for entry in block.entries]
+                values = [entry.registered(tensors[entry.key]) for entry in block.entries]
             if self.prefetcher.stable(block.name):
                 self._values[block.name] = (tensors, values)
         for entry, value in zip(block.entries, values):
@@ -1225,7 +1235,8 @@ def _build_blocks(
         source, key = _source_for(names, tensor, placed[in_offloaded[0]], store, host, in_offloaded[0])
         # One placeholder object for every registration keeps tied parameters tied while released.
         meta = tensor.detach().to("meta")
-        placeholder = nn.Parameter(meta, tensor.requires_grad) if sites[0].is_parameter else meta
+        placeholder = _placeholder(meta, sites[0].is_parameter and tensor.requires_grad, sites[0].is_parameter,
+                                   names[0], in_offloaded[0], _home(source))
         rewrites.append((sites, placeholder))
         for owner in in_offloaded:
             entry = _Entry(key, meta.dtype, tuple(meta.shape), offsets[owner], tuple(sites), placeholder, source)
@@ -1235,6 +1246,72 @@ def _build_blocks(
         for site in sites:
             site.set(value)
     return {key: Block(key, placed[key], exec_of[key], tuple(entries[key])) for key in keys}, resident
+
+
+# --------------------------------------------------------------------------------------------------
+# Placeholders: what an offloaded tensor's registrations hold between forwards
+
+def _outside_forward(cls: type, func: Callable[..., Any], types: Any, args: Sequence[Any] = (),
+                     kwargs: Mapping[str, Any] | None = None) -> Any:
+    """`__torch_function__` of placeholders: torch's own behaviour (meta in, meta out), except that reading
+    their data, which torch refuses with "Cannot copy out of meta tensor", names the tensor and the fix. A
+    meta tensor made from one (`detach()` in `state_dict()`, a view) is a placeholder too, so code reading a
+    state dict gets the same error."""
+    kwargs = kwargs or {}
+    found = next((value for value in (*args, *kwargs.values()) if isinstance(value, _PLACEHOLDERS)), None)
+    try:
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **kwargs)
+    except (NotImplementedError, RuntimeError) as error:
+        if found is None or "meta" not in str(error):
+            raise
+        raise OffloadError(_placeholder_message(found)) from error
+    if (found is not None and type(result) is torch.Tensor  # noqa: E721  # exactly: not a Parameter
+            and result.device.type == "meta"):
+        result = result.as_subclass(OffloadedBuffer)
+        result._bigload_where = getattr(found, "_bigload_where", None)  # type: ignore[attr-defined]
+    return result
+
+
+class OffloadedParameter(nn.Parameter):
+    """The meta placeholder of an offloaded parameter; the runtime installs the real values during its block's
+    forward. A plain meta Parameter to torch, peft and transformers, except for the error on reading its data."""
+
+    __torch_function__ = classmethod(_outside_forward)  # type: ignore[assignment]
+
+
+class OffloadedBuffer(torch.Tensor):
+    """The meta placeholder of an offloaded buffer (`offload_buffers=True`); see `OffloadedParameter`."""
+
+    __torch_function__ = classmethod(_outside_forward)  # type: ignore[assignment]
+
+
+_PLACEHOLDERS = (OffloadedParameter, OffloadedBuffer)
+
+
+def _placeholder(meta: torch.Tensor, requires_grad: bool, is_parameter: bool, name: str, block: str,
+                 home: str) -> torch.Tensor:
+    placeholder = (OffloadedParameter(meta, requires_grad) if is_parameter
+                   else torch.Tensor._make_subclass(OffloadedBuffer, meta, False))
+    placeholder._bigload_where = (name, block, home)  # type: ignore[attr-defined]
+    return placeholder
+
+
+def _home(source: WeightSource) -> str:
+    folder = getattr(source, "folder", None)
+    return f"on disk in {folder}" if folder is not None else "in CPU memory"
+
+
+def _placeholder_message(placeholder: torch.Tensor) -> str:
+    name, block, home = getattr(placeholder, "_bigload_where", None) or ("an offloaded tensor", "?", "offloaded")
+    return (
+        f"{name!r} is offloaded by bigload ({home}): its values are on the execution device only while block "
+        f"{block!r} runs, and outside that forward it is a placeholder on the meta device, with no data. Run "
+        "the model (or that block) to use it, or bigload.detach(model) for a plain model in memory. From "
+        "peft's PeftModel.from_pretrained (its re-dispatch reads weights when peft's own device map spans "
+        "several devices): pass it device_map={'': DEVICE}, DEVICE being where your input ids are (0, or "
+        "'cpu'), or load the adapter with bigload.from_pretrained(..., adapter=PATH)."
+    )
 
 
 def _resident_buffer(names: Sequence[str], tensor: torch.Tensor, device: torch.device,

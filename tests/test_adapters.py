@@ -166,6 +166,33 @@ def test_peft_own_call_given_the_main_device_equals_peft_in_memory(files, tmp_pa
     assert after == devices  # offloaded weights are still placeholders (meta), resident ones where they were
 
 
+def test_peft_re_dispatch_over_disk_is_refused_with_the_fix(files, tmp_path):
+    # A model larger than RAM: peft's own map then spans cpu and disk (a small max_memory stands for the RAM
+    # here) and accelerate's dispatch_model copies the disk share out of the state dict, offloaded weights
+    # included. torch's error would be "Cannot copy out of meta tensor; no data!".
+    base = dispatched(files, tmp_path / "offload")
+    with pytest.raises(OffloadError, match=r"'model.layers.1.self_attn.q_proj.weight' is offloaded by bigload "
+                                           r"\(on disk in .*offload\)") as error:
+        peft.PeftModel.from_pretrained(base, files["lora"], max_memory={"cpu": 400_000},
+                                       offload_folder=str(tmp_path / "peft"))
+    assert "device_map={'': DEVICE}" in str(error.value) and "adapter=PATH" in str(error.value)
+    # The same call with the fix the error names works on a fresh base.
+    fixed = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "again"), files["lora"],
+                                           max_memory={"cpu": 400_000}, device_map={"": "cpu"})
+    reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
+    torch.testing.assert_close(logits(fixed), logits(reference), atol=1e-5, rtol=0)
+
+
+def test_a_state_dict_of_a_dispatched_model_names_offloaded_tensors_when_read(files, tmp_path):
+    state = dispatched(files, tmp_path / "offload").state_dict()
+    weight = state["model.layers.1.mlp.up_proj.weight"]
+    assert weight.device.type == "meta" and weight.shape == (128, 64)  # accelerate's state_dict: meta too
+    assert torch.equal(state["model.layers.0.mlp.up_proj.weight"],
+                       reference_llama().state_dict()["model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(OffloadError, match=r"'model.layers.1.mlp.up_proj.weight' is offloaded by bigload"):
+        weight.cpu()
+
+
 def test_moving_a_dispatched_model_leaves_every_block_where_the_plan_put_it(files, tmp_path, caplog):
     model = dispatched(files, tmp_path / "offload")
     expected = logits(reference_llama())
