@@ -19,8 +19,8 @@ Five steps, each in its own process under its own time limit (and all of them un
    ("not in this tree" otherwise); and the same adapter through peft's own `PeftModel.from_pretrained` on a
    model bigload dispatched over the GPU, cpu and disk (peft then re-dispatches it through accelerate's
    `dispatch_model`): unchanged ("peft-own"), with a small GPU budget given to peft so that its map spans the
-   GPU and the CPU as on a consumer GPU ("peft-own-tight": bigload's OffloadError naming the fix is the
-   expected outcome), and with that fix, `device_map={"": 0}` ("peft-own-main"); errors are recorded.
+   GPU and the CPU as on a consumer GPU ("peft-own-tight": bigload takes accelerate's hooks back off), and
+   with `device_map={"": 0}` ("peft-own-main", the fix bigload's errors name); errors are recorded.
 
 Writes DIR/gpu_check.json (every step: status, seconds, results), DIR/<step>.log (the step's output) and
 DIR/<step>.json (its results, written row by row, so a step cut off by its limit keeps what it measured),
@@ -495,8 +495,8 @@ def step_features(rows: _Rows, sizes: Sizes, out: Path) -> None:
 def _peft_own_cases(sizes: Sizes) -> dict[str, dict[str, Any]]:
     """peft's own call three ways: unchanged (on a GPU larger than the model peft's map is the GPU alone, a
     plain `model.to(0)`); with a GPU budget a consumer GPU would leave (peft's map then spans the GPU and the
-    CPU: accelerate's dispatch_model hooks the model, which bigload refuses at the first forward, naming the
-    fix); with that fix, `device_map={"": DEVICE}`."""
+    CPU: accelerate's dispatch_model hooks the model, and bigload takes the hooks off before the forward);
+    with the fix bigload's errors name for the cases accelerate fails on, `device_map={"": DEVICE}`."""
     device = _device_key(sizes)
     cases: dict[str, dict[str, Any]] = {"peft-own": {}, "peft-own-main": {"device_map": {"": device}}}
     if device != "cpu":  # the tiny checkpoint is ~1 MB: 300 kB of GPU holds its embedding, the rest is CPU

@@ -967,8 +967,9 @@ class Runtime:
         self._input_devices.append(_first_tensor_device(args, kwargs, self.skip_keys))
 
     def _settle(self) -> None:
-        """Before running after the model changed: refuse another runtime's hooks, adopt added tensors."""
-        refuse_foreign_hooks(self)
+        """Before running after the model changed: take back placement from another runtime's hooks (peft's
+        re-dispatch), adopt added tensors."""
+        take_back_placement(self)
         adopt(self)
 
     def _root_post_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -1308,8 +1309,8 @@ def _placeholder_message(placeholder: torch.Tensor) -> str:
         f"{name!r} is offloaded by bigload ({home}): its values are on the execution device only while block "
         f"{block!r} runs, and outside that forward it is a placeholder on the meta device, with no data. Run "
         "the model (or that block) to use it, or bigload.detach(model) for a plain model in memory. From "
-        "peft's PeftModel.from_pretrained (its re-dispatch reads weights when peft's own device map spans "
-        "several devices): pass it device_map={'': DEVICE}, DEVICE being where your input ids are (0, or "
+        "peft's PeftModel.from_pretrained (its re-dispatch copies weights when peft's own device map reaches "
+        "disk): pass it device_map={'': DEVICE}, DEVICE being where your input ids are (0, or "
         "'cpu'), or load the adapter with bigload.from_pretrained(..., adapter=PATH)."
     )
 
@@ -1466,43 +1467,73 @@ def _module_registered(parent: nn.Module, name: str, value: Any) -> None:
 def _before_state_dict_load(module: nn.Module, *args: Any) -> None:
     runtime = runtime_of(module)
     if runtime is not None:
-        refuse_foreign_hooks(runtime)
+        take_back_placement(runtime)
         adopt(runtime, materialize=True)
         # Look again before the next forward: peft re-dispatches the model right after loading an adapter.
         runtime.changed = True
 
 
 # accelerate's hook attributes (duck-typed: bigload does not import accelerate): `add_hook_to_module` sets
-# `_hf_hook` on the module; a `SequentialHook` holds several in `hooks`.
+# `_hf_hook` on the module and keeps the module's own forward in `_old_forward`; a `SequentialHook` holds
+# several in `hooks`; every hook has `detach_hook(module)`, which `remove_hook_from_module` calls.
 _ACCELERATE_HOOK = "_hf_hook"
+_ACCELERATE_FORWARD = "_old_forward"
 
 
-def refuse_foreign_hooks(runtime: Runtime) -> None:
-    """Raise if accelerate's device hooks were put on the model's modules after bigload dispatched it.
+def take_back_placement(runtime: Runtime) -> list[str]:
+    """Take off the model's modules the accelerate hooks that place weights, put there after bigload
+    dispatched it, as accelerate's `remove_hook_from_module` would; bigload's placement holds again.
 
-    accelerate's `dispatch_model` on an attached model (peft's `PeftModel.from_pretrained` re-dispatches an
-    offloaded model with it when peft's own device map spans several devices, as on a GPU machine) hooks its
-    modules to move their weights itself: it sets tensors to meta between forwards and loads them from its
-    own copy of the state dict, which for offloaded weights holds bigload's meta placeholders. Two runtimes
-    cannot own the same weights, and the first symptom would be torch's "Cannot copy out of meta tensor".
-    Hooks that place nothing (peft's `AlignDevicesHook(io_same_device=True)` on the root) are fine.
+    peft's `PeftModel.from_pretrained` re-dispatches an offloaded model with accelerate's `dispatch_model` on
+    a map of its own; when that map spans a GPU and the CPU, accelerate hooks every module to set its tensors
+    to meta between forwards and load them from its copy of the state dict (which for offloaded weights holds
+    bigload's placeholders). bigload already runs every block and keeps adapter weights with their block, so
+    the runtime undoes that before the next forward: each hook's own `detach_hook` puts back the tensors it
+    took (resident ones, adapters), the module's forward is restored, and offloaded sites get their
+    placeholders back. Hooks that place nothing (peft's `AlignDevicesHook(io_same_device=True)`) stay.
+
+    Returns:
+        The names of the modules whose hooks were taken off (logged as a warning when any).
 
     Raises:
-        OffloadError: naming the hooked modules and the two ways to load an adapter that work.
+        OffloadError: a hook without `detach_hook` (not accelerate's): naming the modules and the fix.
     """
-    hooked = [name for name, module in runtime.model.named_modules() if _places_weights(module)]
+    hooked = [(name, module) for name, module in runtime.model.named_modules() if _places_weights(module)]
     if not hooked:
+        return []
+    foreign = [name for name, module in hooked if not callable(getattr(module.__dict__[_ACCELERATE_HOOK],
+                                                                        "detach_hook", None))]
+    if foreign:
+        raise OffloadError(
+            f"hooks of another library were put on {_names(foreign)} after bigload dispatched this model, and "
+            "bigload cannot take them off: two runtimes cannot own the same weights. Dispatch the model once; "
+            "for a peft adapter use bigload.from_pretrained(MODEL, adapter=PATH), or pass device_map={'': DEVICE} "
+            "to PeftModel.from_pretrained (DEVICE being where your input ids are: 0, or 'cpu')."
+        )
+    for _, module in hooked:
+        module.__dict__.pop(_ACCELERATE_HOOK).detach_hook(module)
+        _restore_forward(module)
+    for block in runtime.blocks.values():
+        for entry in block.entries:
+            for site in entry.sites:
+                current = site.get()
+                if current is not entry.placeholder and (current is None or current.device.type == "meta"):
+                    site.set(entry.placeholder)
+    names = [name for name, _ in hooked]
+    logger.warning("bigload took accelerate's hooks off %s (a re-dispatch, such as peft's PeftModel."
+                   "from_pretrained on an offloaded model): bigload's own placement runs the model.", _names(names))
+    return names
+
+
+def _restore_forward(module: nn.Module) -> None:
+    """Undo accelerate's `module.forward = partial(new_forward, module)`."""
+    old = module.__dict__.pop(_ACCELERATE_FORWARD, None)
+    if old is None:
         return
-    raise OffloadError(
-        f"accelerate's hooks were added to {_names(hooked)} after bigload dispatched this model (accelerate's "
-        "dispatch_model: peft's PeftModel.from_pretrained calls it on a model whose hf_device_map holds 'cpu' "
-        "or 'disk' when its own map for the model spans several devices). bigload already runs every block "
-        "and keeps adapter weights with their block; two runtimes cannot own the same weights. Load the "
-        "adapter with bigload.from_pretrained(MODEL, adapter=PATH) (peft's load_adapter then adds more), or "
-        "keep peft's re-dispatch to a plain move: PeftModel.from_pretrained(model, PATH, "
-        "device_map={'': DEVICE}), DEVICE being where your input ids are (0 for the first GPU, 'cpu' "
-        "without one). Reload the base model: this one has accelerate's hooks on it."
-    )
+    if getattr(old, "__self__", None) is module and getattr(old, "__func__", None) is type(module).forward:
+        module.__dict__.pop("forward", None)  # the class's own forward: no instance attribute, as before
+    else:
+        module.forward = old  # a forward set on the instance before accelerate wrapped it
 
 
 def _places_weights(module: nn.Module) -> bool:

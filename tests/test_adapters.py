@@ -205,25 +205,66 @@ def test_moving_a_dispatched_model_leaves_every_block_where_the_plan_put_it(file
     torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
 
 
-def test_accelerate_hooks_put_on_a_dispatched_model_are_refused_with_the_fix(files, tmp_path):
-    # What peft's re-dispatch does on a GPU machine when its own map spans the GPU and the CPU (accelerate's
-    # dispatch_model with a main device other than "cpu": blocks mapped to "cpu" get offloading hooks fed from
-    # the model's state dict), done here with the CPU as the execution device.
-    hooks = pytest.importorskip("accelerate.hooks")
-    from accelerate.utils import OffloadedWeightsLoader, extract_submodules_state_dict
+def _gpu_map(prefix: str, on_gpu: Iterable[str]) -> dict[str, object]:
+    """The map peft computes on a GPU machine for a model larger than the GPU: the first modules on the GPU,
+    the rest on "cpu". The CPU stands in for the GPU (as a torch.device, which accelerate tells apart from the
+    string "cpu")."""
+    names = ["model.embed_tokens", "model.rotary_emb", *(f"model.layers.{i}" for i in range(LAYERS)),
+             "model.norm", "lm_head"]
+    return {prefix + name: torch.device("cpu") if name in on_gpu else "cpu" for name in names}
 
-    ours = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "offload"), files["lora"])
-    prefix = "base_model.model."
-    on_cpu = [f"{prefix}model.layers.{i}" for i in range(LAYERS)] + [f"{prefix}model.norm", f"{prefix}lm_head"]
-    device_map = {f"{prefix}model.embed_tokens": "cpu", f"{prefix}model.rotary_emb": "cpu",
-                  **{name: "cpu" for name in on_cpu}}
-    weights = OffloadedWeightsLoader(state_dict=extract_submodules_state_dict(ours.state_dict(), on_cpu))
-    hooks.attach_align_device_hook_on_blocks(
-        ours, execution_device={**{name: "cpu" for name in device_map}, "": "cpu"},
-        offload={name: name in on_cpu for name in device_map}, weights_map=weights)
-    with pytest.raises(OffloadError, match=r"accelerate's hooks were added to 'model.embed_tokens'") as error:
-        logits(ours)
-    assert "device_map={'': DEVICE}" in str(error.value) and "adapter=PATH" in str(error.value)
+
+@pytest.fixture
+def gpu_redispatch(monkeypatch):
+    """peft's re-dispatch as it runs on a GPU machine, on the CPU: peft's own map spans the "GPU" and the CPU,
+    and accelerate's real `dispatch_model` runs with a main device that is not the string "cpu", so it takes
+    its multi-device branch (blocks mapped to "cpu" get offloading hooks fed from the state dict)."""
+    accelerate = pytest.importorskip("accelerate")
+    import peft.peft_model
+
+    calls: list[dict] = []
+
+    def dispatch(model, device_map, **kwargs):
+        calls.append(dict(device_map))
+        accelerate.dispatch_model(model, device_map=device_map, main_device=torch.device("cpu"), **kwargs)
+        assert any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in model.modules())
+
+    on_gpu = {"model.embed_tokens", "model.rotary_emb", "model.layers.0"}
+    monkeypatch.setattr(peft.peft_model, "dispatch_model", dispatch)
+    monkeypatch.setattr(peft.peft_model, "infer_auto_device_map",
+                        lambda model, **kwargs: _gpu_map("base_model.model.", on_gpu))
+    return calls
+
+
+def test_peft_re_dispatch_over_a_gpu_and_the_cpu_gives_placement_back_to_bigload(files, gpu_redispatch, tmp_path,
+                                                                                caplog):
+    base = dispatched(files, tmp_path / "offload")
+    devices = {name: tensor.device for name, tensor in base.named_parameters()}
+    runtime = runtime_of(base)
+    with caplog.at_level("WARNING", logger="bigload.hooks"):
+        ours = peft.PeftModel.from_pretrained(base, files["lora"])  # peft's own call, unchanged
+        reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
+        assert len(gpu_redispatch) == 1  # accelerate's multi-device branch ran on the model
+        torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
+    assert "took accelerate's hooks off" in caplog.text
+    assert torch.equal(greedy(ours), greedy(reference))
+    # bigload's placement again: no hook that places weights, offloaded sites hold their placeholders,
+    # resident tensors where they were, and bigload's prefetcher (not accelerate) brought the disk layers in.
+    assert not [name for name, module in base.named_modules()
+                if getattr(getattr(module, "_hf_hook", None), "offload", False)
+                or getattr(getattr(module, "_hf_hook", None), "execution_device", None) is not None]
+    for block in runtime.blocks.values():
+        for entry in block.entries:
+            assert all(site.get() is entry.placeholder for site in entry.sites), entry.key
+    assert {name.removeprefix("base_model.model.").replace(".base_layer", ""): tensor.device
+            for name, tensor in ours.named_parameters() if "lora_" not in name} == devices
+    assert runtime.stats().bytes_loaded > 0
+    # More adapters through peft's own calls keep working.
+    ours.load_adapter(files["lora2"], adapter_name="second")
+    reference.load_adapter(files["lora2"], adapter_name="second")
+    ours.set_adapter("second")
+    reference.set_adapter("second")
+    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
 
 
 def test_a_folder_holding_merged_weights_is_not_reused_for_the_base(files, tmp_path):
@@ -594,10 +635,14 @@ def test_lora_on_a_gpu_with_disk_offload_equals_peft_in_memory(files, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("peft_kwargs", [{}, {"device_map": {"": 0}}], ids=["unchanged", "main-device"])
-def test_peft_own_call_on_a_gpu_map_with_cpu_and_disk_blocks_equals_peft_in_memory(files, peft_kwargs, tmp_path):
+@pytest.mark.parametrize("peft_kwargs", [{}, {"max_memory": {0: 420_000, "cpu": "8GiB"}}, {"device_map": {"": 0}}],
+                         ids=["unchanged", "tight", "main-device"])
+def test_peft_own_call_on_a_gpu_map_with_cpu_and_disk_blocks_equals_peft_in_memory(files, peft_kwargs, tmp_path,
+                                                                                    caplog):
     # Unchanged: this GPU holds the whole model, so peft's own map is the GPU alone and its re-dispatch a
-    # model.to(0), which must leave bigload's cpu and disk blocks where they are.
+    # model.to(0), which must leave bigload's cpu and disk blocks where they are. Tight: 420 kB of GPU for
+    # peft (the embedding, layer 0 and a layer's room) as on a GPU smaller than the model: peft's map spans
+    # the GPU and the CPU, accelerate hooks the model and bigload takes the hooks back off.
     reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"]).to("cuda")
     device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "disk",
                   "model.layers.2": "cpu", "model.layers.3": 0, "model.norm": 0, "lm_head": 0}
@@ -606,8 +651,9 @@ def test_peft_own_call_on_a_gpu_map_with_cpu_and_disk_blocks_equals_peft_in_memo
     devices = {name: tensor.device for name, tensor in base.named_parameters()}
     ours = peft.PeftModel.from_pretrained(base, files["lora"], **peft_kwargs)
     ids = IDS.to("cuda")
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level("WARNING", logger="bigload.hooks"):
         torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert ("took accelerate's hooks off" in caplog.text) == ("max_memory" in peft_kwargs)
     assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=8, do_sample=False),
                        reference.generate(input_ids=ids, max_new_tokens=8, do_sample=False))
     assert {name.removeprefix("base_model.model.").replace(".base_layer", ""): tensor.device
