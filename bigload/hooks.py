@@ -1267,24 +1267,48 @@ def _outside_forward(cls: type, func: Callable[..., Any], types: Any, args: Sequ
         if found is None or "meta" not in str(error):
             raise
         raise OffloadError(_placeholder_message(found)) from error
-    if (found is not None and type(result) is torch.Tensor  # noqa: E721  # exactly: not a Parameter
+    if (found is not None and func in _SAME_TENSOR and type(result) is torch.Tensor  # noqa: E721  # not a Parameter
             and result.device.type == "meta"):
         result = result.as_subclass(OffloadedBuffer)
         result._bigload_where = getattr(found, "_bigload_where", None)  # type: ignore[attr-defined]
     return result
 
 
-class OffloadedParameter(nn.Parameter):
+# Ops whose meta result is the placeholder's tensor under another name (state_dict() detaches; views), so it
+# stays a placeholder. Computed results (a linear on a placeholder gives meta output) are not the tensor.
+_SAME_TENSOR = frozenset({
+    torch.Tensor.detach, torch.Tensor.clone, torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.view,
+    torch.Tensor.reshape, torch.Tensor.view_as, torch.Tensor.__getitem__, torch.Tensor.data.__get__,
+    torch.Tensor.t, torch.Tensor.T.__get__, torch.Tensor.transpose, torch.Tensor.flatten, torch.detach,
+    torch.clone, torch.reshape,
+})
+
+
+class _Placeholder:
+    """What both placeholder classes add to torch's meta tensor: the error on reading data, a repr naming the
+    tensor and where it is stored, and a refusal to be pickled (`torch.save(model.state_dict())` would save
+    no data for it, silently)."""
+
+    __torch_function__ = classmethod(_outside_forward)
+
+    def __repr__(self, **_: Any) -> str:
+        name, block, home = getattr(self, "_bigload_where", None) or ("?", "?", "offloaded")
+        shape = tuple(self.shape)  # type: ignore[attr-defined]
+        return (f"{type(self).__name__}({name!r}, size={shape}, dtype={self.dtype}, {home}; "  # type: ignore[attr-defined]
+                f"real while block {block!r} runs)")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise OffloadError(_placeholder_message(self))  # type: ignore[arg-type]
+
+
+class OffloadedParameter(_Placeholder, nn.Parameter):
     """The meta placeholder of an offloaded parameter; the runtime installs the real values during its block's
     forward. A plain meta Parameter to torch, peft and transformers, except for the error on reading its data."""
 
-    __torch_function__ = classmethod(_outside_forward)  # type: ignore[assignment]
 
-
-class OffloadedBuffer(torch.Tensor):
-    """The meta placeholder of an offloaded buffer (`offload_buffers=True`); see `OffloadedParameter`."""
-
-    __torch_function__ = classmethod(_outside_forward)  # type: ignore[assignment]
+class OffloadedBuffer(_Placeholder, torch.Tensor):
+    """The meta placeholder of an offloaded buffer (`offload_buffers=True`) and the meta result of an op on a
+    placeholder (`detach()` in `state_dict()`); see `OffloadedParameter`."""
 
 
 _PLACEHOLDERS = (OffloadedParameter, OffloadedBuffer)

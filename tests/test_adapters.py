@@ -183,16 +183,6 @@ def test_peft_re_dispatch_over_disk_is_refused_with_the_fix(files, tmp_path):
     torch.testing.assert_close(logits(fixed), logits(reference), atol=1e-5, rtol=0)
 
 
-def test_a_state_dict_of_a_dispatched_model_names_offloaded_tensors_when_read(files, tmp_path):
-    state = dispatched(files, tmp_path / "offload").state_dict()
-    weight = state["model.layers.1.mlp.up_proj.weight"]
-    assert weight.device.type == "meta" and weight.shape == (128, 64)  # accelerate's state_dict: meta too
-    assert torch.equal(state["model.layers.0.mlp.up_proj.weight"],
-                       reference_llama().state_dict()["model.layers.0.mlp.up_proj.weight"])
-    with pytest.raises(OffloadError, match=r"'model.layers.1.mlp.up_proj.weight' is offloaded by bigload"):
-        weight.cpu()
-
-
 def test_moving_a_dispatched_model_leaves_every_block_where_the_plan_put_it(files, tmp_path, caplog):
     model = dispatched(files, tmp_path / "offload")
     expected = logits(reference_llama())

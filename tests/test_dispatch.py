@@ -13,6 +13,7 @@ from bigload.dispatch import (
     cpu_offload,
     disk_offload,
     dispatch_model,
+    load_checkpoint_and_dispatch,
     remove_hook_from_submodules,
     validate_device_map,
 )
@@ -207,6 +208,30 @@ def test_preload_module_classes_loads_a_module_with_its_children(tmp_path):
     assert [name for name, b in runtime_of(model).blocks.items() if b.offloaded] == ["inner", "out"]
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+def test_offloaded_placeholders_name_themselves_when_read_outside_the_forward(tmp_path):
+    import io
+
+    from fixtures_models import empty_llama, llama_map, reference_llama, save_sharded
+
+    reference = reference_llama()
+    model = load_checkpoint_and_dispatch(empty_llama(), save_sharded(reference, tmp_path / "ckpt"),
+                                         device_map=llama_map([1, 2]), offload_folder=tmp_path / "off")
+    weight = model.model.layers[1].mlp.up_proj.weight
+    assert isinstance(weight, torch.nn.Parameter) and weight.device.type == "meta"
+    assert repr(weight).startswith("OffloadedParameter('model.layers.1.mlp.up_proj.weight', size=(128, 64)")
+    state = model.state_dict()  # meta for offloaded weights, as accelerate's
+    assert state["model.layers.1.mlp.up_proj.weight"].device.type == "meta"
+    assert torch.equal(state["model.layers.0.mlp.up_proj.weight"], reference.state_dict()["model.layers.0.mlp.up_proj.weight"])
+    message = r"'model.layers.1.mlp.up_proj.weight' is offloaded by bigload \(on disk in .*off\)"
+    with pytest.raises(OffloadError, match=message):
+        state["model.layers.1.mlp.up_proj.weight"].cpu()  # torch: "Cannot copy out of meta tensor"
+    assert repr(state["model.layers.1.mlp.up_proj.weight"].T).startswith("OffloadedBuffer('model.layers.1.mlp")
+    with pytest.raises(OffloadError, match=r"'model.layers.1.self_attn.q_proj.weight' is offloaded"):
+        torch.save(state, io.BytesIO())  # torch would save the meta tensors, no data, silently
+    torch.testing.assert_close(model(torch.tensor([[3, 5, 7]])).logits, reference(torch.tensor([[3, 5, 7]])).logits,
+                               rtol=0, atol=1e-5)
 
 
 # -- load_checkpoint_and_dispatch: bad maps fail before any byte is read ---------------------------
