@@ -234,6 +234,20 @@ def test_offloaded_placeholders_name_themselves_when_read_outside_the_forward(tm
                                rtol=0, atol=1e-5)
 
 
+def test_a_placing_hook_bigload_cannot_take_off_is_refused_with_the_fix(tmp_path):
+    from types import SimpleNamespace
+
+    from fixtures_models import empty_llama, llama_map, reference_llama, save_sharded
+
+    model = load_checkpoint_and_dispatch(empty_llama(), save_sharded(reference_llama(), tmp_path / "ckpt"),
+                                         device_map=llama_map([1]), offload_folder=tmp_path / "off")
+    model.model.layers[1].mlp._hf_hook = SimpleNamespace(offload=True)  # another runtime's, no detach_hook
+    runtime_of(model).changed = True  # as a state-dict load or a registration leaves it
+    with pytest.raises(OffloadError, match=r"hooks of another library were put on 'model.layers.1.mlp'.*"
+                                           r"device_map=\{'': DEVICE\}"):
+        model(torch.tensor([[3, 5, 7]]))
+
+
 # -- load_checkpoint_and_dispatch: bad maps fail before any byte is read ---------------------------
 
 
