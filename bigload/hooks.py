@@ -67,7 +67,7 @@ from bigload.reserve import (
     slot_bytes,
     slot_count,
 )
-from bigload.tensors import Site, owner_of, tensor_groups
+from bigload.tensors import Site, owner_of, summarize_names, tensor_groups
 from bigload.sizes import dtype_width
 
 __all__ = [
@@ -1236,8 +1236,8 @@ def _build_blocks(
         source, key = _source_for(names, tensor, placed[in_offloaded[0]], store, host, in_offloaded[0])
         # One placeholder object for every registration keeps tied parameters tied while released.
         meta = tensor.detach().to("meta")
-        placeholder = _placeholder(meta, sites[0].is_parameter and tensor.requires_grad, sites[0].is_parameter,
-                                   names[0], in_offloaded[0], _home(source))
+        placeholder = _placeholder(meta, sites[0].is_parameter, tensor.requires_grad,
+                                   (names[0], in_offloaded[0], _home(source)))
         rewrites.append((sites, placeholder))
         for owner in in_offloaded:
             entry = _Entry(key, meta.dtype, tuple(meta.shape), offsets[owner], tuple(sites), placeholder, source)
@@ -1259,19 +1259,24 @@ def _outside_forward(cls: type, func: Callable[..., Any], types: Any, args: Sequ
     meta tensor made from one (`detach()` in `state_dict()`, a view) is a placeholder too, so code reading a
     state dict gets the same error."""
     kwargs = kwargs or {}
-    found = next((value for value in (*args, *kwargs.values()) if isinstance(value, _PLACEHOLDERS)), None)
     try:
         with torch._C.DisableTorchFunctionSubclass():
             result = func(*args, **kwargs)
     except (NotImplementedError, RuntimeError) as error:
+        found = _placeholder_in(args, kwargs)
         if found is None or "meta" not in str(error):
             raise
         raise OffloadError(_placeholder_message(found)) from error
-    if (found is not None and func in _SAME_TENSOR and type(result) is torch.Tensor  # noqa: E721  # not a Parameter
-            and result.device.type == "meta"):
-        result = result.as_subclass(OffloadedBuffer)
-        result._bigload_where = getattr(found, "_bigload_where", None)  # type: ignore[attr-defined]
+    if func in _SAME_TENSOR and type(result) is torch.Tensor and result.device.type == "meta":  # noqa: E721
+        found = _placeholder_in(args, kwargs)
+        if found is not None:
+            result = result.as_subclass(OffloadedBuffer)
+            result._bigload_where = getattr(found, "_bigload_where", None)  # type: ignore[attr-defined]
     return result
+
+
+def _placeholder_in(args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    return next((value for value in (*args, *kwargs.values()) if isinstance(value, _PLACEHOLDERS)), None)
 
 
 # Ops whose meta result is the placeholder's tensor under another name (state_dict() detaches; views), so it
@@ -1314,11 +1319,12 @@ class OffloadedBuffer(_Placeholder, torch.Tensor):
 _PLACEHOLDERS = (OffloadedParameter, OffloadedBuffer)
 
 
-def _placeholder(meta: torch.Tensor, requires_grad: bool, is_parameter: bool, name: str, block: str,
-                 home: str) -> torch.Tensor:
+def _placeholder(meta: torch.Tensor, is_parameter: bool, requires_grad: bool,
+                 where: tuple[str, str, str]) -> torch.Tensor:
+    """The placeholder of an offloaded tensor; `where` is (its first name, its block, where it is stored)."""
     placeholder = (OffloadedParameter(meta, requires_grad) if is_parameter
                    else torch.Tensor._make_subclass(OffloadedBuffer, meta, False))
-    placeholder._bigload_where = (name, block, home)  # type: ignore[attr-defined]
+    placeholder._bigload_where = where  # type: ignore[attr-defined]
     return placeholder
 
 
@@ -1415,7 +1421,7 @@ def detach(model: nn.Module) -> nn.Module:
             stored = entry.source.get(entry.key).reshape(entry.shape).to(entry.dtype)
             # Host weights are already ours; a store's tensors are views of files the caller may delete.
             value = stored if isinstance(entry.source, HostWeights) else stored.clone()
-            real = _like(entry.placeholder, value)
+            real = entry.registered(value)
             for site in entry.sites:
                 site.set(real)
     del model.__dict__[_RUNTIME_ATTR]
@@ -1529,7 +1535,7 @@ def take_back_placement(runtime: Runtime) -> list[str]:
                                                                         "detach_hook", None))]
     if foreign:
         raise OffloadError(
-            f"hooks of another library were put on {_names(foreign)} after bigload dispatched this model, and "
+            f"hooks of another library were put on {summarize_names(foreign)} after bigload dispatched this model, and "
             "bigload cannot take them off: two runtimes cannot own the same weights. Dispatch the model once; "
             "for a peft adapter use bigload.from_pretrained(MODEL, adapter=PATH), or pass device_map={'': DEVICE} "
             "to PeftModel.from_pretrained (DEVICE being where your input ids are: 0, or 'cpu')."
@@ -1545,7 +1551,7 @@ def take_back_placement(runtime: Runtime) -> list[str]:
                     site.set(entry.placeholder)
     names = [name for name, _ in hooked]
     logger.warning("bigload took accelerate's hooks off %s (a re-dispatch, such as peft's PeftModel."
-                   "from_pretrained on an offloaded model): bigload's own placement runs the model.", _names(names))
+                   "from_pretrained on an offloaded model): bigload's own placement runs the model.", summarize_names(names))
     return names
 
 
@@ -1567,11 +1573,6 @@ def _places_weights(module: nn.Module) -> bool:
         return False
     return any(getattr(part, "offload", False) or getattr(part, "execution_device", None) is not None
                for part in getattr(hook, "hooks", (hook,)))
-
-
-def _names(names: Sequence[str]) -> str:
-    shown = ", ".join(repr(name or "<root>") for name in names[:3])
-    return f"{shown} and {len(names) - 3} more modules" if len(names) > 3 else shown
 
 
 def adopt(runtime: Runtime, *, materialize: bool = False) -> None:
@@ -1633,6 +1634,8 @@ def _apply_to_resident(runtime: Runtime, fn: Callable[[torch.Tensor], torch.Tens
     keys = set(runtime.blocks)
     hidden: list[tuple[Site, torch.Tensor]] = []
     recast: list[tuple[Site, torch.Tensor, torch.dtype]] = []
+    kept = 0
+    applied = functools.lru_cache(maxsize=None)(functools.partial(_applied, fn))  # one probe per device/dtype
     for module_name, module in runtime.model.named_modules():
         owned = owner_of(module_name, keys) is not None
         for site, tensor in _own_tensors(module):
@@ -1641,9 +1644,10 @@ def _apply_to_resident(runtime: Runtime, fn: Callable[[torch.Tensor], torch.Tens
                 continue
             if not owned:
                 continue
-            device, dtype = _applied(fn, tensor)
+            device, dtype = applied(tensor.device, tensor.dtype)
             if device != tensor.device:
                 hidden.append((site, tensor))
+                kept += 1
                 if dtype != tensor.dtype:
                     recast.append((site, tensor, dtype))
     for site, _ in hidden:
@@ -1656,7 +1660,6 @@ def _apply_to_resident(runtime: Runtime, fn: Callable[[torch.Tensor], torch.Tens
     with torch.no_grad():
         for site, tensor, dtype in recast:
             site.set(_like(tensor, tensor.detach().to(dtype)))
-    kept = len(hidden) - sum(1 for site, tensor in hidden if id(tensor) in runtime._placeholders)
     if kept:
         logger.warning("bigload keeps a dispatched model where its plan put it: %d resident tensors stayed on "
                        "their blocks' devices (model.to / .cuda / .cpu move nothing; see model.hf_device_map).",
@@ -1665,9 +1668,10 @@ def _apply_to_resident(runtime: Runtime, fn: Callable[[torch.Tensor], torch.Tens
     return runtime.model
 
 
-def _applied(fn: Callable[[torch.Tensor], torch.Tensor], tensor: torch.Tensor) -> tuple[torch.device, torch.dtype]:
-    """Where and as what `fn` would put `tensor`, found on an empty tensor like it (no copy of its data)."""
-    probe = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+def _applied(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device, dtype: torch.dtype
+             ) -> tuple[torch.device, torch.dtype]:
+    """Where and as what `fn` would put a tensor on `device` of `dtype`, found on an empty one (no data copied)."""
+    probe = fn(torch.empty(0, dtype=dtype, device=device))
     return probe.device, probe.dtype
 
 
@@ -1763,7 +1767,7 @@ def _private_copies(runtime: Runtime, base: nn.Module) -> list[_Copy]:
                 continue
             entry = found[1]
             with torch.inference_mode(False):
-                copy = _like(entry.placeholder, tensor.detach().clone())
+                copy = entry.registered(tensor.detach().clone())
             for each in entry.sites:  # every alias of a tied weight, as peft changes them all in memory
                 each.set(copy)
             copies[entry.key] = (entry, tensor, copy)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -46,6 +45,7 @@ from bigload.inventory import Inventory
 from bigload.messages import Audience, Setting, Text, render, setting
 from bigload.reserve import DiskReads, SlotSpec, choose_disk_reads, read_slot_bytes, slot_alignment, slot_count
 from bigload.sizes import dtype_width, format_size, parse_dtype, parse_size
+from bigload.tensors import summarize_names
 
 __all__ = [
     "CPU_FLOPS",
@@ -80,7 +80,6 @@ DEFAULT_GPU_HEADROOM_FRACTION = 0.05
 
 _JSON_VERSION = 1
 _MAX_WALKS = 32
-_NUMBERED = re.compile(r"^(?P<prefix>.+)\.(?P<number>\d+)$")
 _ATTENTION_WORDS = ("attn", "attention")
 
 
@@ -274,7 +273,7 @@ class Plan:
         for entry in self.usage:
             names = [p.name for p in self.placements if p.device == entry.device]
             runs_on = {p.execution_device for p in self.placements if p.device == entry.device}
-            blocks = _summarize_names(names)
+            blocks = summarize_names(names)
             if runs_on and runs_on != {entry.device}:
                 blocks += f" (run on {', '.join(str(d) for d in sorted(runs_on))})"
             rows.append((str(entry.device), blocks or "-", format_size(entry.weights), format_size(entry.headroom),
@@ -295,34 +294,6 @@ def _slots_from_json(data: Mapping[str, Any], on_gpu: bool) -> SlotSpec:
     count = int(data.get("count", 0))
     return SlotSpec(count, int(data.get("nbytes", 0)), DiskReads.parse(data.get("reads", "mapped")),
                     bool(data.get("staged", on_gpu and count > 0)))
-
-
-def _summarize_names(names: Sequence[str], limit: int = 8) -> str:
-    """`model.layers.0, model.layers.1, model.layers.2` -> `model.layers.0-2`; long lists are elided."""
-    parts: list[str] = []
-    run: list[Any] | None = None  # [prefix, first, last]
-    for name in names:
-        match = _NUMBERED.match(name)
-        if match and run is not None and match["prefix"] == run[0] and int(match["number"]) == run[2] + 1:
-            run[2] += 1
-            continue
-        if run is not None:
-            parts.append(_run_text(run))
-            run = None
-        if match:
-            run = [match["prefix"], int(match["number"]), int(match["number"])]
-        else:
-            parts.append(name or "(whole model)")
-    if run is not None:
-        parts.append(_run_text(run))
-    if len(parts) > limit:
-        parts = parts[: limit - 1] + [f"... (+{len(parts) - limit + 1} more)"]
-    return ", ".join(parts)
-
-
-def _run_text(run: list[Any]) -> str:
-    prefix, first, last = run
-    return f"{prefix}.{first}" if first == last else f"{prefix}.{first}-{last}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -981,7 +952,7 @@ def _build_plan(inv: Inventory, setup: _Setup, walk: _Walk, options: PlanOptions
     reasons = _reasons(inv, setup, placements, usage, prefetch, offloaded, walk, context_length)
     reasons.extend(_staging_reason(slots, usage))
     if any(p.device.kind is DeviceKind.DISK for p in placements):
-        disk_blocks = _summarize_names([p.name for p in placements if p.device.kind is DeviceKind.DISK])
+        disk_blocks = summarize_names([p.name for p in placements if p.device.kind is DeviceKind.DISK])
         reasons.append(Text(f"{disk_blocks}: ", reads_reason))
     return Plan(
         placements=tuple(placements),

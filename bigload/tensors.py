@@ -6,18 +6,22 @@ the loader (`stream`) and the runtime (`hooks`) all read this walk. (`inventory`
 sizes-only pass: it must stay linear on 200,000-module models and never needs the sites.)
 
 `owner_of(name, keys)` is the device-map rule: a tensor or module belongs to the longest key that is a
-dotted prefix of its name, `""` owning everything.
+dotted prefix of its name, `""` owning everything. `summarize_names` writes a list of such names short
+(`model.layers.0-7`) for plans and messages.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Container
+from typing import Any, Container, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["Site", "TensorGroup", "owner_of", "tensor_groups"]
+__all__ = ["Site", "TensorGroup", "owner_of", "summarize_names", "tensor_groups"]
+
+_NUMBERED = re.compile(r"^(?P<prefix>.+)\.(?P<number>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -93,3 +97,35 @@ def owner_of(name: str, keys: Container[str]) -> str | None:
         if prefix in keys:
             return prefix
     return "" if "" in keys else None
+
+
+def summarize_names(names: Sequence[str], limit: int = 8) -> str:
+    """`model.layers.0, model.layers.1, model.layers.2` -> `model.layers.0-2`; long lists are elided.
+
+    >>> summarize_names(["model.embed_tokens", "model.layers.0", "model.layers.1", ""])
+    'model.embed_tokens, model.layers.0-1, (whole model)'
+    """
+    parts: list[str] = []
+    run: list[Any] | None = None  # [prefix, first, last]
+    for name in names:
+        match = _NUMBERED.match(name)
+        if match and run is not None and match["prefix"] == run[0] and int(match["number"]) == run[2] + 1:
+            run[2] += 1
+            continue
+        if run is not None:
+            parts.append(_run_text(run))
+            run = None
+        if match:
+            run = [match["prefix"], int(match["number"]), int(match["number"])]
+        else:
+            parts.append(name or "(whole model)")
+    if run is not None:
+        parts.append(_run_text(run))
+    if len(parts) > limit:
+        parts = parts[: limit - 1] + [f"... (+{len(parts) - limit + 1} more)"]
+    return ", ".join(parts)
+
+
+def _run_text(run: list[Any]) -> str:
+    prefix, first, last = run
+    return f"{prefix}.{first}" if first == last else f"{prefix}.{first}-{last}"

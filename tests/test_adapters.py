@@ -152,20 +152,6 @@ def test_unload_gives_back_the_base_model(files, tmp_path):
     torch.testing.assert_close(logits(base), logits(reference_llama()), atol=1e-5, rtol=0)
 
 
-def test_peft_own_call_given_the_main_device_equals_peft_in_memory(files, tmp_path):
-    # The README's recipe for a GPU machine, where peft's own map would span several devices: a one-device map
-    # makes peft's re-dispatch a plain model.to(DEVICE), which leaves bigload's placement alone.
-    base = dispatched(files, tmp_path / "offload")
-    devices = {name: tensor.device for name, tensor in base.named_parameters()}
-    ours = peft.PeftModel.from_pretrained(base, files["lora"], device_map={"": "cpu"})
-    reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
-    torch.testing.assert_close(logits(ours), logits(reference), atol=1e-5, rtol=0)
-    assert torch.equal(greedy(ours), greedy(reference))
-    after = {name.removeprefix("base_model.model.").replace(".base_layer", ""): tensor.device
-             for name, tensor in ours.named_parameters() if "lora_" not in name}
-    assert after == devices  # offloaded weights are still placeholders (meta), resident ones where they were
-
-
 def test_peft_re_dispatch_over_disk_is_refused_with_the_fix(files, tmp_path):
     # A model larger than RAM: peft's own map then spans cpu and disk (a small max_memory stands for the RAM
     # here) and accelerate's dispatch_model copies the disk share out of the state dict, offloaded weights
@@ -176,11 +162,16 @@ def test_peft_re_dispatch_over_disk_is_refused_with_the_fix(files, tmp_path):
         peft.PeftModel.from_pretrained(base, files["lora"], max_memory={"cpu": 400_000},
                                        offload_folder=str(tmp_path / "peft"))
     assert "device_map={'': DEVICE}" in str(error.value) and "adapter=PATH" in str(error.value)
-    # The same call with the fix the error names works on a fresh base.
-    fixed = peft.PeftModel.from_pretrained(dispatched(files, tmp_path / "again"), files["lora"],
-                                           max_memory={"cpu": 400_000}, device_map={"": "cpu"})
+    # The same call with the fix the error names works on a fresh base: peft's re-dispatch becomes a
+    # model.to("cpu"), which leaves bigload's placement alone.
+    base = dispatched(files, tmp_path / "again")
+    devices = {name: tensor.device for name, tensor in base.named_parameters()}
+    fixed = peft.PeftModel.from_pretrained(base, files["lora"], max_memory={"cpu": 400_000}, device_map={"": "cpu"})
     reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
     torch.testing.assert_close(logits(fixed), logits(reference), atol=1e-5, rtol=0)
+    assert torch.equal(greedy(fixed), greedy(reference))
+    assert {name.removeprefix("base_model.model.").replace(".base_layer", ""): tensor.device
+            for name, tensor in fixed.named_parameters() if "lora_" not in name} == devices
 
 
 def test_moving_a_dispatched_model_leaves_every_block_where_the_plan_put_it(files, tmp_path, caplog):
