@@ -10,7 +10,7 @@ the time per pass over the offloaded weights.
 The bound is a cold `cat` of the shards in the same cgroup, run before every measured run (interleaved, so
 it is measured in the state the runs see): its bytes per second, applied to the offloaded bytes, is the read
 bound per pass; its spread over the invocation is reported. Beside it, once per round, the layers' bytes read
-the way bigload's explicit path reads them (`bigload.reads`, no model): what the disk gives to parallel
+the way bigload's explicit path reads them (`bigload.load.reads`, no model): what the disk gives to parallel
 `O_DIRECT` reads, which can beat one buffered stream.
 
 Methods (the same device map for all):
@@ -101,8 +101,8 @@ def _measure_direct_reads(spec: dict) -> dict:
 
     import torch
 
-    open_checkpoint = need("bigload.checkpoint", "open_checkpoint")
-    reads = need("bigload.reads")
+    open_checkpoint = need("bigload.formats.checkpoint", "open_checkpoint")
+    reads = need("bigload.load.reads")
     layers: dict[int, list] = {}
     for name, ref in open_checkpoint(spec["folder"]).tensors.items():
         if name.startswith("model.layers."):
@@ -161,7 +161,7 @@ def _loader(spec: dict, offload: Path, disk_reads: str | None = None):
 
         return run_accelerate
     init_empty_weights = need("bigload.empty", "init_empty_weights")
-    load = need("bigload.dispatch", "load_checkpoint_and_dispatch")
+    load = need("bigload.integrations.dispatch", "load_checkpoint_and_dispatch")
     kwargs: dict = {"prefetch": spec["prefetch"], "max_memory": {"cpu": spec["budget"]}}
     if method == "bigload-mapped" or disk_reads is not None:
         kwargs["disk_reads"] = disk_reads or "mapped"
@@ -302,7 +302,7 @@ def tokens_cell(method: str, ok: list[dict], reference: list[int] | None) -> str
 def _bigload_facts(model) -> dict:
     """How bigload brought disk blocks in (the path is decided at load time; recorded, not assumed)."""
     try:
-        from bigload.hooks import runtime_of
+        from bigload.runtime.hooks import runtime_of
     except ImportError:
         return {}
     runtime = runtime_of(model)
@@ -353,7 +353,7 @@ def specs(ctx) -> list[dict]:
 def _quantize_in_tree() -> bool:
     """Whether this tree's `load_checkpoint_and_dispatch` takes `quantize=` (it lands with another branch)."""
     try:
-        from bigload.dispatch import load_checkpoint_and_dispatch
+        from bigload.integrations.dispatch import load_checkpoint_and_dispatch
     except ImportError:
         return False
     return "quantize" in inspect.signature(load_checkpoint_and_dispatch).parameters

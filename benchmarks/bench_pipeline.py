@@ -1,6 +1,6 @@
 """A model split over two `torchrun` ranks on this machine versus the same model in one process.
 
-Model: the demo's random-weight Llama (`bigload.demo`; `medium`: 16 blocks, hidden 1024, bf16, ~0.9 GB;
+Model: the demo's random-weight Llama (`bigload.cli.demo`; `medium`: 16 blocks, hidden 1024, bf16, ~0.9 GB;
 `small` in quick mode), greedy decoding of a fixed prompt. Both methods run the command a user runs, in a
 fresh process tree, and report bigload's own figures (`bigload generate --json`):
 
@@ -64,7 +64,7 @@ def measure(spec: dict) -> dict:
 
 
 def specs(ctx) -> list[dict]:
-    from bigload.demo import write_demo_model
+    from bigload.cli.demo import write_demo_model
 
     size = "small" if ctx.quick else "medium"
     folder = write_demo_model(ctx.work / f"demo-{size}", size)

@@ -8,8 +8,8 @@ Budgets: 8 × 80 GiB GPUs + 512 GiB CPU, and 2 × 24 GiB GPUs + 64 GiB CPU (the 
 Methods:
 - accelerate: `infer_auto_device_map(model, max_memory, no_split_module_classes, dtype)`;
 - accelerate balanced: `get_balanced_memory` then `infer_auto_device_map` (what transformers' "auto" does);
-- bigload compat: `bigload.compat.infer_auto_device_map` with the same arguments;
-- bigload plan: `bigload.inventory.inventory_from_module` + `bigload.plan.plan(strategy="auto")`.
+- bigload compat: `bigload.integrations.device_maps.infer_auto_device_map` with the same arguments;
+- bigload plan: `bigload.plan.inventory.inventory_from_module` + `bigload.plan.planner.plan(strategy="auto")`.
 Bytes per device are recomputed here from each returned map (longest dotted prefix per tensor), so every
 method is judged by the same arithmetic. A run longer than the cap is stopped and reported as "> N s".
 """
@@ -98,15 +98,15 @@ def _planner(method: str):
 
     init_empty_weights = need("bigload.empty", "init_empty_weights")
     if method == "bigload-compat":
-        infer = need("bigload.compat", "infer_auto_device_map")
+        infer = need("bigload.integrations.device_maps", "infer_auto_device_map")
 
         def plan(model, max_memory, no_split):
             return infer(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=torch.bfloat16), {}
 
         return init_empty_weights, plan
 
-    inventory_from_module = need("bigload.inventory", "inventory_from_module")
-    plan_fn = need("bigload.plan", "plan")
+    inventory_from_module = need("bigload.plan.inventory", "inventory_from_module")
+    plan_fn = need("bigload.plan.planner", "plan")
     Budget = need("bigload.devices", "Budget")
 
     def plan(model, max_memory, no_split):
@@ -232,7 +232,7 @@ def summarize(ctx, results: list[dict]) -> dict:
         "Bytes per device recomputed from each map at bf16; 'k of 8 GPUs, a–b' gives how many GPUs hold "
         "anything and the least and most loaded of those.",
         f"Runs are capped at {ctx.plan_timeout:.0f} s (SIGALRM in the worker); a capped run shows '> N s'.",
-        "Every budget also allows an unlimited disk (accelerate's implicit default; given to `bigload.plan` "
+        "Every budget also allows an unlimited disk (accelerate's implicit default; given to `bigload.plan.planner` "
         "explicitly as `\"disk\": 2**62`). The synthetic model has no no-split classes. bigload plan keeps its default GPU headroom (max(1 GiB, 5 %) per GPU, and the CPU pays the GPU slots' pinned staging), which is why its GPUs hold less than accelerate's; the synthetic model's GPUs of a few MiB are below that headroom, so there it is given `headroom=0`.",
     ]
     notes += failure_notes(results)

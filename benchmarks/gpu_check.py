@@ -13,7 +13,7 @@ Five steps, each in its own process under its own time limit (and all of them un
 3. decode: greedy decoding with every layer on the GPU, half the layers on cpu, all on cpu, all on disk,
    bigload vs accelerate (same dict map; cpu layers stream to the GPU): s/token, ratio to all-on-GPU, tokens
    equal to all-on-GPU, and the bound (bytes moved per token / measured pinned H2D bandwidth);
-4. auto: `bigload.hf.from_pretrained(device_map="auto", context_length=C)` (probed budget, and a small
+4. auto: `bigload.integrations.hf.from_pretrained(device_map="auto", context_length=C)` (probed budget, and a small
    `max_memory` for GPU 0), then generate that whole context; peak reserved GPU memory beside the budget;
 5. features: `quantize=` and a LoRA `adapter=` on the GPU, when this tree's `from_pretrained` has them
    ("not in this tree" otherwise); and the same adapter through peft's own `PeftModel.from_pretrained` on a
@@ -285,7 +285,7 @@ def _meta_llama(folder: Path, init_empty_weights: Callable[[], Any]):
 def _load_bigload(folder: Path, device_map: Any, offload: Path | None = None):
     import torch
 
-    from bigload.dispatch import load_checkpoint_and_dispatch
+    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
     from bigload.empty import init_empty_weights
 
     model = _meta_llama(folder, init_empty_weights)
@@ -376,7 +376,7 @@ def decode_maps(num_layers: int, device: int | str) -> dict[str, dict[str, int |
 def _moved_bytes(folder: Path, device_map: dict[str, int | str], device: int | str) -> int:
     """Bytes of weights brought to `device` per token: every block placed elsewhere (cpu and disk blocks
     stream to the GPU under a dict map; on the CPU fallback only disk blocks move)."""
-    from bigload.checkpoint import open_checkpoint
+    from bigload.formats.checkpoint import open_checkpoint
 
     offloaded = [key for key, value in device_map.items() if value != device]
     index = open_checkpoint(folder)
@@ -447,8 +447,8 @@ def step_auto(rows: _Rows, sizes: Sizes, out: Path) -> None:
 def _auto_row(folder: Path, max_memory: Any, context: int, sizes: Sizes, offload: Path) -> dict[str, Any]:
     import torch
 
-    from bigload.budget import detect_budget
-    from bigload.hf import from_pretrained
+    from bigload.plan.budget import detect_budget
+    from bigload.integrations.hf import from_pretrained
 
     on_gpu = sizes.device.startswith("cuda")
     budget = detect_budget(max_memory).get(0) if on_gpu else None
@@ -472,7 +472,7 @@ def _auto_row(folder: Path, max_memory: Any, context: int, sizes: Sizes, offload
 
 
 def step_features(rows: _Rows, sizes: Sizes, out: Path) -> None:
-    from bigload.hf import from_pretrained
+    from bigload.integrations.hf import from_pretrained
 
     parameters = inspect.signature(from_pretrained).parameters
     folder = make_checkpoint("tiny", out / "ckpt-tiny")
@@ -509,7 +509,7 @@ def _quantize_row(folder: Path, sizes: Sizes) -> dict[str, Any]:
     import torch
 
     from bigload.errors import BigloadError
-    from bigload.hf import from_pretrained
+    from bigload.integrations.hf import from_pretrained
 
     errors = []
     for scheme in ("int8", "nf4", "int4", "fp8"):
@@ -532,7 +532,7 @@ def _adapter_row(folder: Path, sizes: Sizes, adapter_dir: Path) -> dict[str, Any
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from bigload.hf import from_pretrained
+    from bigload.integrations.hf import from_pretrained
 
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -558,7 +558,7 @@ def _peft_own_row(folder: Path, sizes: Sizes, adapter_dir: Path, expected: list[
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bigload.dispatch import load_checkpoint_and_dispatch
+    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
     from bigload.empty import init_empty_weights
 
     config = AutoConfig.from_pretrained(folder)

@@ -6,10 +6,10 @@ prefetch the next blocks (`load_checkpoint_and_dispatch`, `dispatch_model`). `fr
 for a Hugging Face model folder. The accelerate-named functions take accelerate's keyword arguments.
 """
 
-from bigload.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
-from bigload.compat import compute_module_sizes, find_tied_parameters, get_balanced_memory, infer_auto_device_map
+from bigload.formats.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
+from bigload.integrations.device_maps import compute_module_sizes, find_tied_parameters, get_balanced_memory, infer_auto_device_map
 from bigload.devices import Budget, Device, ExecutionPolicy
-from bigload.dispatch import (
+from bigload.integrations.dispatch import (
     cpu_offload,
     detach,
     disk_offload,
@@ -18,7 +18,7 @@ from bigload.dispatch import (
     plan_for_model,
     remove_hook_from_submodules,
 )
-from bigload.distributed import stop_pipeline
+from bigload.distributed.pipeline import stop_pipeline
 from bigload.empty import init_empty_weights, init_on_device
 from bigload.errors import (
     AdapterError,
@@ -31,12 +31,12 @@ from bigload.errors import (
     PlanError,
     QuantizationError,
 )
-from bigload.hf import from_pretrained, load_tokenizer, plan_model
-from bigload.inventory import Inventory, inventory_from_checkpoint, inventory_from_module
-from bigload.plan import Plan, PlanOptions
+from bigload.integrations.hf import from_pretrained, load_tokenizer, plan_model
+from bigload.plan.inventory import Inventory, inventory_from_checkpoint, inventory_from_module
+from bigload.plan.planner import Plan, PlanOptions
 from bigload.quant import Quantization
-from bigload.store import DiskStore
-from bigload.stream import LoadResult, load_checkpoint_in_model
+from bigload.load.store import DiskStore
+from bigload.load.stream import LoadResult, load_checkpoint_in_model
 
 __version__ = "0.1.0"
 

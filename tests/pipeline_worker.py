@@ -31,7 +31,7 @@ GRACE = 30.0
 
 def launch() -> None:
     folder, out, scenario, world, port = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
-    from bigload.hf import meta_model_for_folder
+    from bigload.integrations.hf import meta_model_for_folder
 
     meta_model_for_folder(folder)  # every import the ranks need, done once before forking
     children = []
@@ -62,7 +62,7 @@ def launch() -> None:
 def run_rank(folder: Path, out: Path, scenario: str, rank: int) -> None:
     torch.set_num_threads(1)
     import bigload
-    from bigload import distributed
+    from bigload.distributed import pipeline as distributed
 
     if scenario in ("kill", "hang") and rank == 1:
         _fail_at_step(distributed.StageServer, 8 if scenario == "kill" else 3, scenario)

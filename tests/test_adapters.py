@@ -13,8 +13,8 @@ import torch
 
 from bigload import load_checkpoint_and_dispatch
 from bigload.errors import AdapterError, OffloadError
-from bigload.hooks import runtime_of
-from bigload.store import DiskStore
+from bigload.runtime.hooks import runtime_of
+from bigload.load.store import DiskStore
 from fixtures_models import LAYERS, empty_llama, llama_map, reference_llama, save_sharded
 from timeouts import with_timeout
 
@@ -179,7 +179,7 @@ def test_moving_a_dispatched_model_leaves_every_block_where_the_plan_put_it(file
     expected = logits(reference_llama())
     devices = {name: tensor.device for name, tensor in model.named_parameters()}
     assert {device.type for device in devices.values()} == {"cpu", "meta"}
-    with caplog.at_level("WARNING", logger="bigload.hooks"):
+    with caplog.at_level("WARNING", logger="bigload.runtime.hooks"):
         assert model.to("meta") is model  # what a move to another device does, on a machine with one device
     assert {name: tensor.device for name, tensor in model.named_parameters()} == devices
     assert "stayed on their blocks' devices" in caplog.text
@@ -222,7 +222,7 @@ def test_peft_re_dispatch_over_a_gpu_and_the_cpu_gives_placement_back_to_bigload
     base = dispatched(files, tmp_path / "offload")
     devices = {name: tensor.device for name, tensor in base.named_parameters()}
     runtime = runtime_of(base)
-    with caplog.at_level("WARNING", logger="bigload.hooks"):
+    with caplog.at_level("WARNING", logger="bigload.runtime.hooks"):
         ours = peft.PeftModel.from_pretrained(base, files["lora"])  # peft's own call, unchanged
         reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
         assert len(gpu_redispatch) == 1  # accelerate's multi-device branch ran on the model
@@ -446,7 +446,7 @@ def test_from_pretrained_with_a_dora_or_lora_bias_adapter_merges_into_the_store(
 
 
 def test_the_plan_counts_adapter_bytes_on_the_block_that_owns_them(files):
-    from bigload.hf import plan_model
+    from bigload.integrations.hf import plan_model
 
     budget = MEMORY  # layers are blocks of their own
     plain = {p.name: p.weights for p in plan_model(files["base"], max_memory=budget).placements}
@@ -464,7 +464,7 @@ def demo(tmp_path_factory) -> dict[str, Path]:
     """The CLI's demo model (bfloat16, with a tokenizer) and a LoRA adapter for it."""
     from transformers import AutoModelForCausalLM
 
-    from bigload.demo import write_demo_model
+    from bigload.cli.demo import write_demo_model
 
     root = tmp_path_factory.mktemp("demo")
     folder = write_demo_model(root / "small", "small")
@@ -474,7 +474,7 @@ def demo(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
-    from bigload.cli import main
+    from bigload.cli.commands import main
 
     code = main(list(args))
     out = capsys.readouterr()
@@ -632,7 +632,7 @@ def test_peft_own_call_on_a_gpu_map_with_cpu_and_disk_blocks_equals_peft_in_memo
     devices = {name: tensor.device for name, tensor in base.named_parameters()}
     ours = peft.PeftModel.from_pretrained(base, files["lora"], **peft_kwargs)
     ids = IDS.to("cuda")
-    with torch.no_grad(), caplog.at_level("WARNING", logger="bigload.hooks"):
+    with torch.no_grad(), caplog.at_level("WARNING", logger="bigload.runtime.hooks"):
         torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0)
     assert ("took accelerate's hooks off" in caplog.text) == ("max_memory" in peft_kwargs)
     assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=8, do_sample=False),
@@ -714,8 +714,8 @@ def test_an_adapter_config_naming_an_unknown_method_is_refused(files, tmp_path):
 
 
 def test_a_failed_wrap_leaves_the_model_as_it_was(files, tmp_path):
-    from bigload.adapters import read_adapters, wrap
-    from bigload.hf import load_config, meta_model_from_config
+    from bigload.integrations.adapters import read_adapters, wrap
+    from bigload.integrations.hf import load_config, meta_model_from_config
 
     from fixtures_hf import ARCHS, build_model
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigload import budget as budget_module
-from bigload.budget import check_devices_exist, detect_budget, disk_free_space, parse_max_memory
+from bigload.plan import budget as budget_module
+from bigload.plan.budget import check_devices_exist, detect_budget, disk_free_space, parse_max_memory
 from bigload.devices import CPU, DISK, Budget, Device
 from bigload.errors import BudgetError, DeviceError
 
@@ -168,8 +168,8 @@ def test_cpu_budget_is_the_smaller_of_cgroup_room_and_host(tmp_path, monkeypatch
 
 
 def test_explain_states_where_the_cpu_budget_came_from(monkeypatch):
-    from bigload.inventory import inventory_from_module
-    from bigload.plan import plan
+    from bigload.plan.inventory import inventory_from_module
+    from bigload.plan.planner import plan
     from tests.fixtures_models import ThreeBlocks
 
     monkeypatch.setattr(budget_module, "gpu_free_memory", lambda: {})
@@ -182,7 +182,7 @@ def test_explain_states_where_the_cpu_budget_came_from(monkeypatch):
     assert "budgets: cpu, disk from max_memory." in both.reasons
 
 
-_PROBE = ("import json; from bigload.budget import detect_budget; b = detect_budget(); "
+_PROBE = ("import json; from bigload.plan.budget import detect_budget; b = detect_budget(); "
           "print(json.dumps([b.get('cpu'), b.source_of('cpu')]))")
 
 

@@ -1,4 +1,4 @@
-"""Tests for bigload.checkpoint: every format against the reference readers, zero-copy reads, malformed input."""
+"""Tests for bigload.formats.checkpoint: every format against the reference readers, zero-copy reads, malformed input."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from bad_inputs.corpus import two_shards
-from bigload.checkpoint import CheckpointReader, TensorRef, open_checkpoint, read_safetensors_header
+from bigload.formats.checkpoint import CheckpointReader, TensorRef, open_checkpoint, read_safetensors_header
 from bigload.errors import CheckpointError
 from fixtures_ckpt import assert_bitwise_equal, mapped_file_of, save_bin_shards, tiny_llama, write_safetensors_raw
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bigload.cli import main
-from bigload.demo import write_demo_model
+from bigload.cli.commands import main
+from bigload.cli.demo import write_demo_model
 
 
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -81,7 +81,7 @@ def test_plan_that_does_not_fit_exits_2_with_the_shortfall():
 
 def test_does_not_fit_error_keeps_python_keywords_in_python():
     from bigload.errors import PlanError
-    from bigload.hf import plan_model
+    from bigload.integrations.hf import plan_model
     from bigload.messages import Audience
 
     # "lower headroom" is a fix too: the default GPU headroom (max(1 GiB, 5 %)) is kept on cuda:0.
@@ -93,7 +93,7 @@ def test_does_not_fit_error_keeps_python_keywords_in_python():
 
 
 def test_plan_policy_sentence_names_the_flag_in_the_cli_and_the_keyword_in_python(cli):
-    from bigload.hf import plan_model
+    from bigload.integrations.hf import plan_model
 
     budget = "0=24GiB,1=24GiB,cpu=64GiB,disk=500GiB"
     out = cli("plan", "llama-3-70b", "--max-memory", budget)
@@ -113,7 +113,7 @@ def test_unitless_small_cli_budget_is_refused_with_the_likely_meaning():
 
 
 def test_python_int_budgets_stay_bytes():
-    from bigload.budget import parse_max_memory
+    from bigload.plan.budget import parse_max_memory
 
     assert parse_max_memory({0: 24, "cpu": "64GiB"}).as_max_memory() == {0: 24, "cpu": 64 * 2**30}
 
@@ -129,7 +129,7 @@ def test_generate_missing_folder_says_the_folder_does_not_exist(tmp_path: Path):
 
 def test_every_entry_point_checks_the_model_path_first(tmp_path: Path):
     from bigload.errors import BigloadError
-    from bigload.hf import from_pretrained, load_tokenizer, plan_model
+    from bigload.integrations.hf import from_pretrained, load_tokenizer, plan_model
 
     missing = tmp_path / "nope"
     for call in (load_tokenizer, from_pretrained, plan_model):
@@ -297,7 +297,7 @@ def test_generate_with_quantize_int8_and_disk_offload_equals_in_memory_int8(cli,
                                                                             tmp_path: Path):
     import torch
 
-    from bigload.hf import from_pretrained, load_tokenizer
+    from bigload.integrations.hf import from_pretrained, load_tokenizer
 
     out = cli("generate", str(model_folder), "--prompt", "Hello world", "--max-new-tokens", "6",
               "--max-memory", "cpu=4MiB,disk=1GiB", "--offload-folder", str(tmp_path / "off"),
@@ -371,7 +371,7 @@ def big_embedding_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise and mincore (Linux)")
 def test_plan_and_inspect_read_no_weight(cli, big_embedding_folder: Path):
-    from bigload.checkpoint import open_checkpoint
+    from bigload.formats.checkpoint import open_checkpoint
 
     (shard,) = big_embedding_folder.glob("*.safetensors")
     data_start = min(ref.offset for ref in open_checkpoint(big_embedding_folder).tensors.values())
@@ -394,10 +394,10 @@ def test_plan_and_inspect_read_no_weight(cli, big_embedding_folder: Path):
 def _plans_in_a_fresh_process(seed: str, folder: Path) -> str:
     script = (
         "import sys\n"
-        "from bigload.cli import main\n"
+        "from bigload.cli.commands import main\n"
         "from bigload.devices import Budget\n"
-        "from bigload.inventory import inventory_from_module\n"
-        "from bigload.plan import plan\n"
+        "from bigload.plan.inventory import inventory_from_module\n"
+        "from bigload.plan.planner import plan\n"
         "from planner_models import tiny_llama, toy\n"
         "for model in (tiny_llama(tie=True), toy(tie=True)):\n"
         "    inventory = inventory_from_module(model)\n"

@@ -1,7 +1,7 @@
 """accelerate's planning names, run side by side with accelerate 1.15 on the same models and budgets.
 
 Every test calls both libraries and asserts the same maps, sizes and budgets, the same Python warnings and
-the same log messages (accelerate logs on `accelerate.utils.modeling`, bigload on `bigload.compat`). Budgets
+the same log messages (accelerate logs on `accelerate.utils.modeling`, bigload on `bigload.integrations.device_maps`). Budgets
 name GPUs this machine may not have: accelerate plans for them anyway (a dry run, with a logged warning),
 and so does bigload, so the comparison means the same on a machine with or without CUDA.
 """
@@ -68,7 +68,7 @@ def same(name: str, *args: Any, **kwargs: Any) -> Any:
     copy = lambda v: dict(v) if isinstance(v, dict) else v  # noqa: E731  (accelerate edits max_memory in place)
     theirs, their_msgs, their_error = _call(getattr(acc, name), "accelerate.utils.modeling",
                                             *args, **{k: copy(v) for k, v in kwargs.items()})
-    ours, our_msgs, our_error = _call(getattr(bigload, name), "bigload.compat",
+    ours, our_msgs, our_error = _call(getattr(bigload, name), "bigload.integrations.device_maps",
                                       *args, **{k: copy(v) for k, v in kwargs.items()})
     if their_error is not None:
         assert isinstance(our_error, BigloadError), (their_error, our_error)
@@ -121,7 +121,7 @@ def test_buffers_between_linears(budget, offload_buffers):
 def test_buffers_of_offloaded_layers_that_fit_no_gpu_warn_like_accelerate():
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(4096), nn.Linear(64, 64))
-    with _messages("bigload.compat") as seen:
+    with _messages("bigload.integrations.device_maps") as seen:
         bigload.infer_auto_device_map(model, max_memory={0: 18_000, "cpu": 10**6})
     assert any(kind == "UserWarning" and "offload_buffers=True" in text for kind, text in seen)
     same("infer_auto_device_map", model, max_memory={0: 18_000, "cpu": 10**6})
@@ -175,7 +175,7 @@ def test_fallback_allocation_fills_a_device_the_next_module_does_not_fit():
 
 
 def test_devices_that_get_nothing_are_logged_like_accelerate(llama):
-    with _messages("bigload.compat") as seen:
+    with _messages("bigload.integrations.device_maps") as seen:
         bigload.infer_auto_device_map(llama, max_memory={0: 1000, "cpu": 10**6}, no_split_module_classes=NO_SPLIT)
     assert any("no modules could be assigned" in text and "- 0:" in text for _, text in seen)
     same("infer_auto_device_map", llama, max_memory={0: 1000, "cpu": 10**6}, no_split_module_classes=NO_SPLIT)
@@ -230,7 +230,7 @@ def test_no_max_memory_probes_this_machine(llama):
 
 
 def test_verbose_logs_the_map(llama, caplog):
-    with caplog.at_level(logging.INFO, logger="bigload.compat"):
+    with caplog.at_level(logging.INFO, logger="bigload.integrations.device_maps"):
         bigload.infer_auto_device_map(llama, max_memory={"cpu": 10**7}, verbose=True)
     assert "device map: {'': 'cpu'}" in caplog.text
 

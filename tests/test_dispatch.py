@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from bigload.dispatch import (
+from bigload.integrations.dispatch import (
     cpu_offload,
     disk_offload,
     dispatch_model,
@@ -18,7 +18,7 @@ from bigload.dispatch import (
     validate_device_map,
 )
 from bigload.errors import DeviceError, OffloadError, PlanError
-from bigload.hooks import runtime_of
+from bigload.runtime.hooks import runtime_of
 from fixtures_models import HasPreloaded, ThreeBlocks, TiedEnds, WithBufferBlock
 
 
@@ -275,8 +275,8 @@ def _good_map() -> dict[str, int | str]:
     ids=["split_tied_group", "missing_module", "nonexistent_gpu", "unknown_module"],
 )
 def test_bad_map_fails_before_any_byte_is_read(tied_checkpoint, tmp_path, monkeypatch, change, error, match):
-    from bigload.checkpoint import CheckpointReader
-    from bigload.dispatch import load_checkpoint_and_dispatch
+    from bigload.formats.checkpoint import CheckpointReader
+    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
     from fixtures_models import empty_llama
 
     reads: list[str] = []
@@ -306,7 +306,7 @@ def test_bad_map_fails_before_any_byte_is_read(tied_checkpoint, tmp_path, monkey
 
 
 def test_disk_offload_on_cpu_runs_on_memory_mapped_views_without_copying(tmp_path):
-    from bigload.store import DiskStore
+    from bigload.load.store import DiskStore
 
     reference, model = _pair(ThreeBlocks)
     disk_offload(model, tmp_path, execution_device="cpu")
@@ -327,7 +327,7 @@ def test_disk_offload_on_cpu_runs_on_memory_mapped_views_without_copying(tmp_pat
 
 @pytest.mark.parametrize("materialize", [False, True])
 def test_materialize_copies_cpu_weights_out_of_the_checkpoint_files(tied_checkpoint, tmp_path, materialize):
-    from bigload.dispatch import load_checkpoint_and_dispatch
+    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
     from fixtures_ckpt import mapped_file_of
     from fixtures_models import empty_llama
 

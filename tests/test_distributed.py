@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 import bigload
-from bigload.budget import parse_max_memory
-from bigload.checkpoint import open_checkpoint
+from bigload.plan.budget import parse_max_memory
+from bigload.formats.checkpoint import open_checkpoint
 from bigload.errors import CheckpointError, PlanError
-from bigload.hf import meta_model_for_folder
-from bigload.hosts import HostPlan, plan_hosts, split_hosts
-from bigload.inventory import inventory_from_module, sub_inventory
+from bigload.integrations.hf import meta_model_for_folder
+from bigload.plan.hosts import HostPlan, plan_hosts, split_hosts
+from bigload.plan.inventory import inventory_from_module, sub_inventory
 
 from fixtures_hf import ARCHS, write_model
 from pipeline_worker import _generate
@@ -40,7 +40,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 @functools.lru_cache(maxsize=1)
 def _catalog_inventory(name: str = "llama-3.1-8b") -> Any:
-    from bigload.hf import inventory_for
+    from bigload.integrations.hf import inventory_for
 
     return inventory_for(name, dtype="bfloat16")
 
@@ -257,8 +257,8 @@ def test_ranks_given_different_inputs_refuse_to_start(tmp_path: Path) -> None:
 
 
 def test_torchrun_bigload_generate_matches_one_process(tmp_path: Path) -> None:
-    from bigload.demo import write_demo_model
-    from bigload.session import GenerateOptions, run_generate
+    from bigload.cli.demo import write_demo_model
+    from bigload.cli.session import GenerateOptions, run_generate
 
     folder = write_demo_model(tmp_path / "demo", "small")
     port = _free_port()
@@ -280,7 +280,7 @@ def test_torchrun_bigload_generate_matches_one_process(tmp_path: Path) -> None:
 def test_hidden_states_cross_over_nccl_only_between_distinct_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch.distributed as dist
 
-    from bigload.distributed import choose_backend, entry_device
+    from bigload.distributed.pipeline import choose_backend, entry_device
 
     inventory = _catalog_inventory()
     gpu = parse_max_memory({0: "80GiB", "cpu": "64GiB"})

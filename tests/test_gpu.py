@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigload.dispatch import load_checkpoint_and_dispatch
-from bigload.hooks import ExecutionPolicy, detach, runtime_of
+from bigload.integrations.dispatch import load_checkpoint_and_dispatch
+from bigload.runtime.hooks import ExecutionPolicy, detach, runtime_of
 from fixtures_models import LAYERS, empty_llama, reference_llama, save_sharded
 
 gpu = pytest.mark.gpu
@@ -186,8 +186,8 @@ def wide_checkpoint(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("max_memory", [None, {0: "1300MiB", "cpu": "16GiB"}], ids=["probed", "given"])
 def test_auto_map_of_a_float32_checkpoint_loaded_as_bf16_prefills_2k_tokens_within_budget(
         wide_checkpoint, tmp_path, max_memory):
-    from bigload.budget import detect_budget
-    from bigload.hf import from_pretrained
+    from bigload.plan.budget import detect_budget
+    from bigload.integrations.hf import from_pretrained
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(0)
@@ -218,9 +218,9 @@ def _pinned_now() -> int:
 @gpu
 @needs_cuda
 def test_pinned_staging_stays_within_the_cpu_reserve_the_plan_charged(checkpoint):
-    from bigload.dispatch import plan_for_model
-    from bigload.inventory import inventory_from_module
-    from bigload.stream import _empty_pinned_cache
+    from bigload.integrations.dispatch import plan_for_model
+    from bigload.plan.inventory import inventory_from_module
+    from bigload.load.stream import _empty_pinned_cache
 
     total = inventory_from_module(empty_llama()).total_bytes
     plan = plan_for_model(empty_llama(), "sequential", max_memory={0: total // 2, "cpu": "1GiB"},

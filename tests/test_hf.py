@@ -1,4 +1,4 @@
-"""bigload.hf.from_pretrained against transformers' own from_pretrained, architecture by architecture.
+"""bigload.integrations.hf.from_pretrained against transformers' own from_pretrained, architecture by architecture.
 
 Each architecture is a tiny random model saved with `save_pretrained` as real shards (tests/fixtures_hf.py).
 bigload loads it (everything on the CPU, or with a budget that sends some blocks to disk) and its outputs and
@@ -20,12 +20,12 @@ pytest.importorskip("transformers")
 import transformers  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from bigload import hf  # noqa: E402
-from bigload.checkpoint import CheckpointReader, open_checkpoint  # noqa: E402
+from bigload.integrations import hf  # noqa: E402
+from bigload.formats.checkpoint import CheckpointReader, open_checkpoint  # noqa: E402
 from bigload.errors import BigloadError, CheckpointError, PlanError  # noqa: E402
-from bigload.hooks import OutputAlignment, detach, runtime_of  # noqa: E402
-from bigload.inventory import inventory_from_checkpoint, inventory_from_module  # noqa: E402
-from bigload.stream import DerivedTensor  # noqa: E402
+from bigload.runtime.hooks import OutputAlignment, detach, runtime_of  # noqa: E402
+from bigload.plan.inventory import inventory_from_checkpoint, inventory_from_module  # noqa: E402
+from bigload.load.stream import DerivedTensor  # noqa: E402
 
 from fixtures_hf import ARCHS, PROMPT, Arch, build_model, checkpoint_bytes, edit_config, write_model  # noqa: E402
 

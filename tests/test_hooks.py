@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-import bigload.hooks as hooks
-import bigload.readahead as readahead
+import bigload.runtime.hooks as hooks
+import bigload.load.readahead as readahead
 from bigload.devices import CPU, Device
 from bigload.errors import OffloadError, PlanError
-from bigload.hooks import (
+from bigload.runtime.hooks import (
     ExecutionPolicy,
     HostWeights,
     attach,
@@ -25,7 +25,7 @@ from bigload.hooks import (
     runtime_of,
     send_to_device,
 )
-from bigload.reserve import SLOT_ALIGNMENT, SlotSpec, pinned_bytes
+from bigload.plan.reserve import SLOT_ALIGNMENT, SlotSpec, pinned_bytes
 from fixtures_models import OutOfOrder, ThreeBlocks, TiedEnds
 from timeouts import with_timeout
 
@@ -569,7 +569,7 @@ def test_inference_mode_then_no_grad_then_grad_through_cast_slots(prefetch):
 def test_inference_mode_first_leaves_in_place_weights_usable_with_grad(tmp_path):
     # Blocks used in place are resolved once: under inference_mode they must not become inference tensors,
     # or a later forward with grad fails ("Inference tensors cannot be saved for backward").
-    from bigload.dispatch import disk_offload
+    from bigload.integrations.dispatch import disk_offload
 
     reference, model = _three()
     disk_offload(model, tmp_path / "off", execution_device="cpu", prefetch=1)
@@ -592,7 +592,7 @@ def _attach_to_a_fake_gpu(monkeypatch, model: nn.Module, staging: bool = False, 
 
 
 def test_gpu_slot_offsets_are_aligned_for_vectorized_kernels_and_planned_so(monkeypatch):
-    from bigload.inventory import inventory_from_module
+    from bigload.plan.inventory import inventory_from_module
 
     _, model = _three()
     inventory = inventory_from_module(model)

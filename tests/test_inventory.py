@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from bigload.inventory import block_of, inventory_from_checkpoint, inventory_from_module, kv_cache_spec
+from bigload.plan.inventory import block_of, inventory_from_checkpoint, inventory_from_module, kv_cache_spec
 from planner_models import BLOCK, EMBED, HEAD, NORM, tiny_llama, toy
 
 
@@ -217,7 +217,7 @@ def test_header_inventory_with_explicit_containers_and_errors():
 def test_header_inventory_of_a_real_sharded_checkpoint(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from bigload.checkpoint import open_checkpoint
+    from bigload.formats.checkpoint import open_checkpoint
     from planner_models import tiny_llama_config
 
     config = tiny_llama_config()

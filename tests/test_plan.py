@@ -10,10 +10,10 @@ from torch import nn
 
 from bigload.devices import CPU, DISK, Budget, Device
 from bigload.errors import PlanError
-from bigload.inventory import inventory_from_module
-from bigload import plan as planner
-from bigload.plan import Plan, choose_policy, default_gpu_headroom
-from bigload.reserve import SlotSpec, pinned_bytes
+from bigload.plan.inventory import inventory_from_module
+from bigload.plan import planner as planner
+from bigload.plan.planner import Plan, choose_policy, default_gpu_headroom
+from bigload.plan.reserve import SlotSpec, pinned_bytes
 
 GiB = 2**30
 
@@ -406,8 +406,8 @@ def saved_llama(tmp_path_factory):
     ("auto", {0: 10**7}),
 ])
 def test_header_only_plan_equals_the_model_plan(saved_llama, strategy, budget):
-    from bigload.checkpoint import open_checkpoint
-    from bigload.inventory import inventory_from_checkpoint
+    from bigload.formats.checkpoint import open_checkpoint
+    from bigload.plan.inventory import inventory_from_checkpoint
     from planner_models import device_of
 
     index = open_checkpoint(saved_llama)
@@ -459,9 +459,9 @@ def test_the_largest_cast_while_loading_is_kept_free_on_gpus():
 
 
 def test_dry_run_of_a_float32_checkpoint_loaded_as_bfloat16_charges_its_largest_cast(tmp_path):
-    from bigload.checkpoint import open_checkpoint
-    from bigload.hf import plan_model
-    from bigload.stream import gpu_cast_bytes
+    from bigload.formats.checkpoint import open_checkpoint
+    from bigload.integrations.hf import plan_model
+    from bigload.load.stream import gpu_cast_bytes
 
     from fixtures_models import reference_llama
 

@@ -21,9 +21,9 @@ from torch import nn
 
 from bigload.devices import CPU, Budget, Device
 from bigload.errors import PlanError
-from bigload.inventory import Inventory, inventory_from_module
-from bigload.plan import STRATEGIES, Plan, plan
-from bigload.reserve import aligned, slot_alignment
+from bigload.plan.inventory import Inventory, inventory_from_module
+from bigload.plan.planner import STRATEGIES, Plan, plan
+from bigload.plan.reserve import aligned, slot_alignment
 
 
 class NodeA(nn.Module):

@@ -205,8 +205,8 @@ def test_quantized_linear_on_cuda(scheme, layout, bound, rows):
 
 from bigload import init_empty_weights, load_checkpoint_and_dispatch  # noqa: E402
 from bigload.errors import OffloadError  # noqa: E402
-from bigload.inventory import inventory_from_module  # noqa: E402
-from bigload.store import DiskStore  # noqa: E402
+from bigload.plan.inventory import inventory_from_module  # noqa: E402
+from bigload.load.store import DiskStore  # noqa: E402
 
 PROMPT = torch.tensor([[3, 17, 5, 42, 9, 11, 64]])
 _SPLIT_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
@@ -380,7 +380,7 @@ def test_modules_kept_in_float32_stay_unquantized(tmp_path):
 
 def test_the_inventory_carries_each_tensors_scheme_and_the_planner_states_it():
     from bigload.devices import Budget
-    from bigload.plan import plan
+    from bigload.plan.planner import plan
 
     model, names = _meta_llama_quantized("int8")
     # The checkpoint holds the float weight under the same name: its dtype must not decide the codes'.

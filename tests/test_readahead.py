@@ -1,4 +1,4 @@
-"""Reading a load's checkpoint bytes ahead of use (`bigload.readahead`): every byte range a load places is
+"""Reading a load's checkpoint bytes ahead of use (`bigload.load.readahead`): every byte range a load places is
 populated before it is read and the weights equal the reference's, the reading never runs more than the
 window ahead of the consumer (asked-for ranges, and pages really in memory by `mincore`), and a file
 shorter than its header claims, or one that shrinks after it was mapped, is a CheckpointError."""
@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bigload import readahead
-from bigload.checkpoint import CheckpointReader, MappedFiles, open_checkpoint
+from bigload.load import readahead
+from bigload.formats.checkpoint import CheckpointReader, MappedFiles, open_checkpoint
 from bigload.errors import CheckpointError
-from bigload.readahead import Extent, ReadAhead
-from bigload.stream import load_checkpoint_in_model
+from bigload.load.readahead import Extent, ReadAhead
+from bigload.load.stream import load_checkpoint_in_model
 from fixtures_ckpt import assert_bitwise_equal, tiny_llama, tiny_llama_config
 from timeouts import with_timeout
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bigload.cli import main
+from bigload.cli.commands import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

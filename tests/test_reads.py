@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigload.dispatch import load_checkpoint_and_dispatch, plan_for_model
+from bigload.integrations.dispatch import load_checkpoint_and_dispatch, plan_for_model
 from bigload.errors import OffloadError, PlanError
-from bigload.hooks import runtime_of
-from bigload.plan import Plan
-from bigload import reads
-from bigload.reads import BlockReader, Extent, layout
-from bigload.reserve import READ_ALIGN, DiskReads, choose_disk_reads, pinned_bytes, read_slot_bytes
+from bigload.runtime.hooks import runtime_of
+from bigload.plan.planner import Plan
+from bigload.load import reads
+from bigload.load.reads import BlockReader, Extent, layout
+from bigload.plan.reserve import READ_ALIGN, DiskReads, choose_disk_reads, pinned_bytes, read_slot_bytes
 from bigload.empty import init_empty_weights
 from timeouts import with_timeout
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-import bigload.store as store_module
+import bigload.load.store as store_module
 from bad_inputs.models import (
     DISK_MAP,
     INPUT,
@@ -31,10 +31,10 @@ from bad_inputs.models import (
     run_with_store,
     save_reference,
 )
-from bigload.checkpoint import CheckpointReader, open_checkpoint
+from bigload.formats.checkpoint import CheckpointReader, open_checkpoint
 from bigload.errors import CheckpointError, OffloadError
-from bigload.store import DiskStore, StoreWriter
-from bigload.stream import load_checkpoint_in_model
+from bigload.load.store import DiskStore, StoreWriter
+from bigload.load.stream import load_checkpoint_in_model
 from timeouts import with_timeout
 
 TESTS = Path(__file__).resolve().parent
@@ -159,9 +159,9 @@ KILLED_LOADER = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     import torch
-    import bigload.store as store
+    import bigload.load.store as store
     from bad_inputs.models import DISK_MAP, meta_tiny
-    from bigload.stream import load_checkpoint_in_model
+    from bigload.load.stream import load_checkpoint_in_model
 
     ckpt, folder, ready = map(Path, sys.argv[1:4])
     real = store._write_file
@@ -215,7 +215,7 @@ def test_loader_killed_mid_write_leaves_a_recognisably_incomplete_folder(tmp_pat
 
 
 def test_prefetch_error_from_a_real_store_surfaces_in_forward(tmp_path: Path, ckpt: Path) -> None:
-    from bigload.dispatch import load_checkpoint_and_dispatch
+    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
 
     folder = tmp_path / "offload"
     model = load_checkpoint_and_dispatch(meta_tiny(), ckpt, device_map=DISK_MAP, offload_folder=folder,

@@ -1,6 +1,6 @@
 """session.py's speed comparison: median, spread, and when it refuses to conclude."""
 
-from bigload.session import DEMO_MAX_SPREAD, SpeedComparison
+from bigload.cli.session import DEMO_MAX_SPREAD, SpeedComparison
 
 
 def test_close_runs_give_a_conclusive_median_ratio():

@@ -1,4 +1,4 @@
-"""Tests for bigload.store: accelerate's folder layout both ways, references, atomic writes, origin checks."""
+"""Tests for bigload.load.store: accelerate's folder layout both ways, references, atomic writes, origin checks."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from accelerate.utils import OffloadedWeightsLoader, offload_state_dict
 from accelerate.utils.offload import load_offloaded_weight
 from safetensors.torch import save_file
 
-import bigload.store as store_module
-from bigload.checkpoint import open_checkpoint
+import bigload.load.store as store_module
+from bigload.formats.checkpoint import open_checkpoint
 from bigload.errors import OffloadError
-from bigload.store import DiskStore, StoreWriter, StoreOrigin, TensorMeta
+from bigload.load.store import DiskStore, StoreWriter, StoreOrigin, TensorMeta
 from fixtures_ckpt import assert_bitwise_equal, mapped_file_of
 
 

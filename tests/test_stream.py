@@ -1,4 +1,4 @@
-"""Tests for bigload.stream: every format into a meta-built transformers Llama, device maps mixing cpu and
+"""Tests for bigload.load.stream: every format into a meta-built transformers Llama, device maps mixing cpu and
 disk, casts, tied weights, strictness, buffers, and peak private memory measured in a subprocess."""
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from accelerate.utils import OffloadedWeightsLoader
 from safetensors.torch import save_file
 from torch import nn
 
-import bigload.stream as stream_module
-from bigload.checkpoint import open_checkpoint
+import bigload.load.stream as stream_module
+from bigload.formats.checkpoint import open_checkpoint
 from bigload.empty import init_empty_weights
 from bigload.errors import CheckpointError, DeviceError, OffloadError
-from bigload.store import DiskStore, StoreWriter
-from bigload.stream import LoadResult, Mismatch, load_checkpoint_in_model
+from bigload.load.store import DiskStore, StoreWriter
+from bigload.load.stream import LoadResult, Mismatch, load_checkpoint_in_model
 from fixtures_ckpt import assert_bitwise_equal, mapped_file_of, save_bin_shards, tiny_llama, tiny_llama_config
 
 TOKENS = torch.tensor([[1, 5, 9, 17, 33, 65, 100, 127]])
@@ -398,7 +398,7 @@ PEAK_SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     from bigload.empty import init_empty_weights
-    from bigload.stream import load_checkpoint_in_model
+    from bigload.load.stream import load_checkpoint_in_model
 
     def rss():
         kinds = {}

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bigload.empty import init_empty_weights
-from bigload.store import DiskStore
+from bigload.load.store import DiskStore
 
 # Layers 0 and 1 and the head go to disk, the rest stays on the CPU.
 DISK_MAP = {"": "cpu", "embed": "cpu", "layers.0": "disk", "layers.1": "disk", "layers.2": "cpu", "head": "disk"}

@@ -27,10 +27,10 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import save_file
 
-from bigload.checkpoint import CheckpointReader, open_checkpoint
+from bigload.formats.checkpoint import CheckpointReader, open_checkpoint
 from bigload.errors import CheckpointError, OffloadError
 from bigload.sizes import dtype_width
-from bigload.store import DiskStore
+from bigload.load.store import DiskStore
 
 # JSON fragments that have broken parsers: deep nesting, huge numbers, non-finite numbers, lone surrogates.
 FRAGMENTS: tuple[bytes, ...] = (
@@ -173,11 +173,11 @@ def atheris_main(argv: list[str]) -> None:  # pragma: no cover - needs atheris
 
     import inspect
 
-    import bigload.checkpoint
+    import bigload.formats.checkpoint
 
     # Coverage feedback from the parser only (instrumenting all of torch takes minutes).
-    for function in vars(bigload.checkpoint).values():
-        if inspect.isfunction(function) and function.__module__ == "bigload.checkpoint":
+    for function in vars(bigload.formats.checkpoint).values():
+        if inspect.isfunction(function) and function.__module__ == "bigload.formats.checkpoint":
             atheris.instrument_func(function)
     folder = Path(tempfile.mkdtemp())
     path = folder / "fuzz.safetensors"

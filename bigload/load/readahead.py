@@ -3,7 +3,7 @@
 A load that takes its bytes from memory-mapped files reads the disk through page faults: one stream of
 faults, each waiting for the kernel's read-around, leaves an SSD mostly idle (on the benchmark machine one
 stream reached about 0.7 of a cold `cat`; 16 MiB reads needed about 8 in flight to approach it, as
-`bigload.reads` found for offloaded blocks). Advice (`MADV_WILLNEED`) does not help much either: the kernel
+`bigload.load.reads` found for offloaded blocks). Advice (`MADV_WILLNEED`) does not help much either: the kernel
 reads at most one readahead window (`read_ahead_kb`) per call and does not say when the bytes arrived.
 
 `ReadAhead` reads the byte ranges a consumer will use, in the consumer's order, cut into `CHUNK_BYTES`
@@ -18,7 +18,7 @@ pages (`mincore`) are read. Where `MADV_POPULATE_READ` does not exist the piece 
 (`MADV_WILLNEED`): the load still works, as fast as the kernel's readahead makes it.
 
 `resident`, `advise` and `populate` are the page-level calls, on addresses of mapped memory; the runtime
-(`bigload.hooks`) uses them to prefetch offloaded blocks kept in place.
+(`bigload.runtime.hooks`) uses them to prefetch offloaded blocks kept in place.
 """
 
 from __future__ import annotations

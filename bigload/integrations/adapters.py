@@ -25,11 +25,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from bigload.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
+from bigload.formats.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
 from bigload.devices import DISK, Device
 from bigload.errors import AdapterError, CheckpointError
 from bigload.sizes import format_size
-from bigload.stream import DerivedTensor, Source, SourcePlan
+from bigload.load.stream import DerivedTensor, Source, SourcePlan
 
 __all__ = ["ADAPTER_FP32_MODULES", "Adapter", "adapter_fp32_modules", "adapter_summary", "load_model_level_weights",
            "read_adapters", "with_adapter_sources", "wrap"]
@@ -328,7 +328,7 @@ def _place_prefixes(wrapped: nn.Module, adapter: Adapter) -> None:
         AdapterError: every block is on disk (no value can name the CPU), or a GPU runs some blocks while a
             cpu/disk-placed block runs on the CPU (peft would put that block's prefix on the GPU).
     """
-    from bigload.hooks import runtime_of
+    from bigload.runtime.hooks import runtime_of
 
     base = wrapped.get_base_model()
     device_map = getattr(base, "hf_device_map", None)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from bigload.errors import BigloadError, PlanError
-from bigload.reserve import SLOT_ALIGNMENT, aligned
+from bigload.plan.reserve import SLOT_ALIGNMENT, aligned
 from bigload.sizes import dtype_width, parse_dtype
 
 __all__ = [

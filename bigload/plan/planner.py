@@ -41,9 +41,9 @@ import torch
 
 from bigload.devices import CPU, Budget, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import PlanError
-from bigload.inventory import Inventory
+from bigload.plan.inventory import Inventory
 from bigload.messages import Audience, Setting, Text, render, setting
-from bigload.reserve import DiskReads, SlotSpec, choose_disk_reads, read_slot_bytes, slot_alignment, slot_count
+from bigload.plan.reserve import DiskReads, SlotSpec, choose_disk_reads, read_slot_bytes, slot_alignment, slot_count
 from bigload.sizes import dtype_width, format_size, parse_dtype, parse_size
 from bigload.tensors import summarize_names
 
@@ -654,7 +654,7 @@ class PlanOptions:
         """
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise TypeError(f"unknown planning setting(s) {unknown}; see bigload.plan.PlanOptions.")
+            raise TypeError(f"unknown planning setting(s) {unknown}; see bigload.plan.planner.PlanOptions.")
         return dataclasses.replace(self, **settings)
 
 

@@ -41,8 +41,8 @@ from torch import nn
 
 from bigload.devices import Budget, Device
 from bigload.errors import BigloadError, DistributedError, PlanError
-from bigload.hosts import HostPlan, HostSplit, Stage, plan_hosts
-from bigload.wire import Header, Link, MaskKind, Op, PositionKind
+from bigload.plan.hosts import HostPlan, HostSplit, Stage, plan_hosts
+from bigload.distributed.wire import Header, Link, MaskKind, Op, PositionKind
 
 __all__ = [
     "Elsewhere",
@@ -71,7 +71,7 @@ _CACHE_KEYS = ("cache", "past_key_values")  # the KV cache's keyword: transforme
 def rank_budget(max_memory: Mapping[Any, Any] | None, max_memory_hosts: Mapping[int, Mapping[Any, Any]] | None,
                 rank: int) -> Budget | None:
     """The budget a rank plans with: its `max_memory_hosts` entry, else `max_memory` (None: detect)."""
-    from bigload.budget import parse_max_memory
+    from bigload.plan.budget import parse_max_memory
 
     chosen = (max_memory_hosts or {}).get(rank, max_memory)
     return None if chosen is None else parse_max_memory(chosen)
@@ -95,8 +95,8 @@ def plan_model_hosts(spec: str | Path, hosts: int, *, max_memory: Mapping[Any, A
     Raises:
         PlanError: the model cannot be split over `hosts`, or a host's part does not fit.
     """
-    from bigload.budget import detect_budget
-    from bigload.hf import inventory_for
+    from bigload.plan.budget import detect_budget
+    from bigload.integrations.hf import inventory_for
 
     inventory = inventory_for(spec, dtype=dtype, no_split_module_classes=no_split_module_classes)
     budgets = [rank_budget(max_memory, max_memory_hosts, rank) or detect_budget(None) for rank in range(hosts)]
@@ -581,7 +581,7 @@ def _agree(rank: int, world: int, fingerprint: Mapping[str, str], budget: Budget
 def _local_budget(max_memory: Mapping[Any, Any] | None, max_memory_hosts: Mapping[int, Mapping[Any, Any]] | None,
                   rank: int) -> Budget:
     """This rank's budget: given, else this machine's free memory shared between the ranks on it."""
-    from bigload.budget import detect_budget
+    from bigload.plan.budget import detect_budget
 
     given = rank_budget(max_memory, max_memory_hosts, rank)
     if given is not None:
@@ -706,10 +706,10 @@ def _load_stage(path: str | Path, rank: int, world: int, *, model_class: Any, ma
                 no_split_module_classes: list[str] | None, policy: Any
                 ) -> tuple[nn.Module, HostPlan, RankLoad, list[str], float]:
     """Steps 1-5 of the module docstring on this rank: meta model, agreement, plans, cut, load."""
-    from bigload.checkpoint import open_checkpoint
-    from bigload.dispatch import load_checkpoint_and_dispatch
-    from bigload.hf import checkpoint_sources, load_generation_config, meta_model_for_folder
-    from bigload.inventory import default_keep_in_fp32_modules, inventory_from_module
+    from bigload.formats.checkpoint import open_checkpoint
+    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
+    from bigload.integrations.hf import checkpoint_sources, load_generation_config, meta_model_for_folder
+    from bigload.plan.inventory import default_keep_in_fp32_modules, inventory_from_module
 
     model, target, checkpoint = meta_model_for_folder(path, model_class=model_class, dtype=dtype)
     _check_layer_types(model)
@@ -744,8 +744,8 @@ def _load_stage(path: str | Path, rank: int, world: int, *, model_class: Any, ma
 def _stage_selector(model: nn.Module, checkpoint: Path, stage: Stage) -> Any:
     """Which checkpoint tensors this stage loads (by the model names they load into): decided from the
     shard index's names alone, so shards holding none are never opened."""
-    from bigload.checkpoint import checkpoint_tensor_names
-    from bigload.hf import model_tensor_names
+    from bigload.formats.checkpoint import checkpoint_tensor_names
+    from bigload.integrations.hf import model_tensor_names
 
     prefixes = tuple(name + "." for name in stage.modules)
     mapping = model_tensor_names(model, checkpoint_tensor_names(checkpoint))

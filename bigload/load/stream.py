@@ -10,7 +10,7 @@ mis-shaped tensors are an error by default, before any byte is read), then walks
 - disk: written into a `DiskStore` in `offload_folder` (a reference to the safetensors file when nothing
   needs converting); the model's tensor stays on meta, in its final dtype.
 
-The disk is read ahead of the reader thread by several threads at once (`bigload.readahead`: pages read into
+The disk is read ahead of the reader thread by several threads at once (`bigload.load.readahead`: pages read into
 the page cache and mapped, at most `window_bytes` ahead, pages already in memory skipped), since one stream of
 page faults leaves the disk mostly idle. The bytes of temporaries in flight are capped by `window_bytes` too:
 peak private memory is the CPU-resident cast results and requested copies plus that window (or the largest
@@ -34,11 +34,11 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence, Union
 import torch
 from torch import nn
 
-from bigload.budget import check_devices_exist
-from bigload.checkpoint import CheckpointIndex, CheckpointReader, TensorRef, open_checkpoint
+from bigload.plan.budget import check_devices_exist
+from bigload.formats.checkpoint import CheckpointIndex, CheckpointReader, TensorRef, open_checkpoint
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike
 from bigload.errors import BudgetError, CheckpointError, DeviceError, OffloadError
-from bigload.inventory import DtypeRule, Inventory, castable, inventory_from_module
+from bigload.plan.inventory import DtypeRule, Inventory, castable, inventory_from_module
 from bigload.messages import Setting, Text, setting
 from bigload.quant import (
     Layout,
@@ -51,9 +51,9 @@ from bigload.quant import (
     quantize_model,
     quantized_linears,
 )
-from bigload.readahead import Extent, ReadAhead
+from bigload.load.readahead import Extent, ReadAhead
 from bigload.sizes import dtype_width, format_size, parse_dtype
-from bigload.store import DiskStore, StoreOrigin, StoreWriter, dtype_name
+from bigload.load.store import DiskStore, StoreOrigin, StoreWriter, dtype_name
 from bigload.tensors import Site, owner_of, tensor_groups
 
 __all__ = [
@@ -145,7 +145,7 @@ Source = Union[TensorRef, DerivedTensor]
 class SourcePlan:
     """Where model tensors are in a checkpoint whose names (or layout) differ from the model's.
 
-    The loader stays format-agnostic: whoever knows the conversion (bigload.hf, from transformers' conversion
+    The loader stays format-agnostic: whoever knows the conversion (bigload.integrations.hf, from transformers' conversion
     mapping) says, for the model tensors concerned, which checkpoint tensor holds each one (a `TensorRef`
     under another name) or how to build it from several (`DerivedTensor`). Checkpoint tensors no entry uses
     are matched by their own name.
@@ -273,7 +273,7 @@ def _resolve_map(device_map: DeviceMapLike | str | None) -> dict[str, Device]:
     device_map = getattr(device_map, "device_map", device_map)  # a bigload Plan carries one
     if isinstance(device_map, str):
         raise DeviceError(
-            f"device_map={device_map!r} must be planned first; use bigload.plan (or load_checkpoint_and_dispatch) "
+            f"device_map={device_map!r} must be planned first; use bigload.plan.planner (or load_checkpoint_and_dispatch) "
             "to turn it into a dict such as {'model.layers.0': 0, 'lm_head': 'cpu'}."
         )
     if not isinstance(device_map, Mapping):

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bigload.checkpoint import CheckpointIndex
-from bigload.inventory import block_of, inventory_from_checkpoint
+from bigload.formats.checkpoint import CheckpointIndex
+from bigload.plan.inventory import block_of, inventory_from_checkpoint
 from bigload.sizes import format_size
 
 __all__ = ["CheckpointSummary", "format_count", "summarize"]

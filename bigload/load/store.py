@@ -28,10 +28,10 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
-from bigload.checkpoint import CheckpointIndex, MappedFiles, TensorRef, read_safetensors_header
+from bigload.formats.checkpoint import CheckpointIndex, MappedFiles, TensorRef, read_safetensors_header
 from bigload.errors import CheckpointError, OffloadError
 from bigload.messages import Setting, Text, setting
-from bigload.reads import Extent
+from bigload.load.reads import Extent
 from bigload.sizes import dtype_width, format_size
 
 __all__ = ["DiskStore", "StoreOrigin", "StoreWriter", "TensorMeta"]

@@ -5,7 +5,7 @@ functions answer exactly as accelerate 1.15 does (the differential tests run bot
 budgets): the maps come from `compat_plan`, accelerate's strategy over bigload's inventory, not from
 bigload's own planner, whose `plan()` places blocks better (see the README's "Differences from accelerate").
 The messages accelerate emits are emitted too: `warnings.warn` where accelerate warns, and log records on the
-`bigload.compat` logger where accelerate logs (`verbose=True` logs the map at INFO instead of printing steps).
+`bigload.integrations.device_maps` logger where accelerate logs (`verbose=True` logs the map at INFO instead of printing steps).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from bigload.budget import detect_budget
-from bigload.compat_plan import Key, Note, Size, balanced_memory, infer_map, module_sizes
-from bigload.inventory import Inventory, inventory_from_module
+from bigload.plan.budget import detect_budget
+from bigload.plan.accelerate_map import Key, Note, Size, balanced_memory, infer_map, module_sizes
+from bigload.plan.inventory import Inventory, inventory_from_module
 from bigload.sizes import parse_dtype
 
 __all__ = ["compute_module_sizes", "find_tied_parameters", "get_balanced_memory", "infer_auto_device_map"]
@@ -142,7 +142,7 @@ def infer_auto_device_map(
         no_split_module_classes: class names never split (default: none, as in accelerate).
         dtype: the load dtype (sizes as `compute_module_sizes`).
         special_dtypes: tensor name -> dtype overriding `dtype`.
-        verbose: log the map at INFO on `bigload.compat` (accelerate prints each step).
+        verbose: log the map at INFO on `bigload.integrations.device_maps` (accelerate prints each step).
         clean_result: merge entries whose whole parent sits on one device.
         offload_buffers: buffers of offloaded modules go with them (else the warning below may be raised).
         fallback_allocation: when a device would get nothing, put there the first module (depth first)

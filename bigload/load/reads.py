@@ -31,8 +31,8 @@ from typing import Iterable, Sequence
 import torch
 
 from bigload.errors import OffloadError
-from bigload.readahead import Extent  # where a tensor's bytes are: one type for both read paths
-from bigload.reserve import READ_ALIGN
+from bigload.load.readahead import Extent  # where a tensor's bytes are: one type for both read paths
+from bigload.plan.reserve import READ_ALIGN
 
 __all__ = ["CHUNK_BYTES", "READERS", "BlockLayout", "BlockRead", "BlockReader", "Extent", "Run", "layout"]
 

@@ -34,7 +34,7 @@ __all__ = ["READ_ALIGN", "READ_SLACK_BYTES", "SLOT_ALIGNMENT", "DiskReads", "Slo
 READ_ALIGN = 4096  # O_DIRECT reads: file offset, length and memory address in multiples of this
 # Per slot, with explicit reads: room to round a block's contiguous file ranges out to READ_ALIGN at both ends
 # (two ranges: a layer spanning two shards; `.dat` files of sizes that are multiples of 4 KiB need none). A
-# block whose ranges do not fit is read packed, without O_DIRECT (see `bigload.reads.layout`).
+# block whose ranges do not fit is read packed, without O_DIRECT (see `bigload.load.reads.layout`).
 READ_SLACK_BYTES = 4 * READ_ALIGN
 READ_SLACK_FROM = 1 << 20  # smaller blocks get no slack (see `read_slot_bytes`)
 

@@ -194,10 +194,10 @@ def _host_budgets(args: argparse.Namespace) -> dict[int, dict[str, str]] | None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from bigload.hf import plan_model
+    from bigload.integrations.hf import plan_model
 
     if args.hosts > 1 or args.max_memory_host:
-        from bigload.distributed import plan_model_hosts
+        from bigload.distributed.pipeline import plan_model_hosts
 
         planning = _planning_kwargs(args)
         if planning.pop("adapter", None):
@@ -218,7 +218,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return 0
     print(result.explain(Audience.CLI))
     if args.adapter:
-        from bigload.hf import describe_adapters
+        from bigload.integrations.hf import describe_adapters
 
         print()
         print("\n".join(describe_adapters(args.model, args.adapter, result, args.dtype)))
@@ -229,8 +229,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from bigload.checkpoint import open_checkpoint
-    from bigload.summary import summarize
+    from bigload.formats.checkpoint import open_checkpoint
+    from bigload.cli.summary import summarize
 
     summary = summarize(open_checkpoint(args.checkpoint), top=args.top)
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.render())
@@ -242,7 +242,7 @@ def _under_torchrun() -> bool:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from bigload.session import GenerateOptions, run_generate
+    from bigload.cli.session import GenerateOptions, run_generate
 
     options = GenerateOptions(
         prompt=args.prompt,
@@ -272,7 +272,7 @@ def _print_report(report: Any, as_json: bool) -> int:
 
 def _generate_pipeline(args: argparse.Namespace, options: Any) -> int:
     """`bigload generate` on one torchrun rank: rank 0 prints, the others serve their blocks silently."""
-    from bigload.session import run_generate_pipeline
+    from bigload.cli.session import run_generate_pipeline
 
     report = run_generate_pipeline(
         args.path, options, offload_folder=args.offload_folder, stream_text=not args.json,
@@ -283,7 +283,7 @@ def _generate_pipeline(args: argparse.Namespace, options: Any) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from bigload.session import run_demo
+    from bigload.cli.session import run_demo
 
     report = run_demo(size=args.size, folder=args.dir, max_new_tokens=args.max_new_tokens,
                       echo=None if args.json else print)

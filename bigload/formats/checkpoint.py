@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from bigload import readahead as pages
+from bigload.load import readahead as pages
 from bigload.errors import BigloadError, CheckpointError
 from bigload.sizes import dtype_width
 

@@ -1,4 +1,4 @@
-"""accelerate's allocation, as a pure strategy over an `Inventory` (what `bigload.compat` answers with).
+"""accelerate's allocation, as a pure strategy over an `Inventory` (what `bigload.integrations.device_maps` answers with).
 
 bigload's own planner (`plan.py`) places blocks its own way (reserve only when offloading, balanced shares,
 block-granular offload). Code written against accelerate expects accelerate's exact maps, so the
@@ -34,7 +34,7 @@ from typing import Mapping, Sequence, Union
 import torch
 
 from bigload.errors import PlanError
-from bigload.inventory import Inventory, TensorEntry
+from bigload.plan.inventory import Inventory, TensorEntry
 from bigload.sizes import dtype_width
 
 __all__ = ["AccelerateMap", "Note", "accelerate_byte_size", "balanced_memory", "infer_map", "module_sizes"]

@@ -18,24 +18,24 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from bigload.budget import detect_budget
-from bigload.catalog import catalog_config, catalog_names
-from bigload.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
+from bigload.plan.budget import detect_budget
+from bigload.plan.catalog import catalog_config, catalog_names
+from bigload.formats.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
 from bigload.devices import ExecutionPolicy
-from bigload.dispatch import load_checkpoint_and_dispatch
+from bigload.integrations.dispatch import load_checkpoint_and_dispatch
 from bigload.empty import init_empty_weights
 from bigload.errors import BigloadError, CheckpointError, QuantizationError
-from bigload.hooks import OutputAlignment, runtime_of
-from bigload.inventory import (
+from bigload.runtime.hooks import OutputAlignment, runtime_of
+from bigload.plan.inventory import (
     DtypeRule,
     default_keep_in_fp32_modules,
     inventory_from_checkpoint,
     inventory_from_module,
 )
 from bigload.messages import Text, setting
-from bigload.plan import PlanOptions, plan
+from bigload.plan.planner import PlanOptions, plan
 from bigload.sizes import parse_dtype
-from bigload.stream import DerivedTensor, SourcePlan, gpu_cast_bytes, prepare_quantization, source_dtypes
+from bigload.load.stream import DerivedTensor, SourcePlan, gpu_cast_bytes, prepare_quantization, source_dtypes
 from bigload.tensors import owner_of
 
 if TYPE_CHECKING:
@@ -373,7 +373,7 @@ def prepare_model(source: ModelSource, dtype: torch.dtype | str | None,
     keep = list(default_keep_in_fp32_modules(model, target))
     if adapter is None:
         return PreparedModel(model, None, target, keep, index, sources)
-    from bigload.adapters import adapter_fp32_modules, read_adapters, with_adapter_sources, wrap
+    from bigload.integrations.adapters import adapter_fp32_modules, read_adapters, with_adapter_sources, wrap
 
     adapters = read_adapters(adapter)
     wrapped = wrap(model, adapters)
@@ -394,7 +394,7 @@ def _refuse_quantized_adapters(quantize: Any, adapter: Any) -> None:
 def describe_adapters(spec: str | Path, adapter: str | Path | Sequence[str | Path], plan: Any,
                       dtype: torch.dtype | str | None = None) -> list[str]:
     """Lines saying what each adapter adds to which planned block (for `bigload plan --adapter`)."""
-    from bigload.adapters import adapter_summary
+    from bigload.integrations.adapters import adapter_summary
 
     source = resolve_model_source(spec)
     if source.config is None:
@@ -422,7 +422,7 @@ def plan_model(
 ) -> Any:
     """A dry run: plan MODEL (catalog name, model folder, config.json or checkpoint) without reading a weight.
 
-    For an `nn.Module` already built, use `plan_for_model`; for an `Inventory`, `bigload.plan.plan`.
+    For an `nn.Module` already built, use `plan_for_model`; for an `Inventory`, `bigload.plan.planner.plan`.
 
     Args:
         spec: what to plan.
@@ -521,13 +521,13 @@ def from_pretrained(
             folders; the first is active). The model is wrapped on meta before planning, so the plan counts
             each adapter's bytes on the block that owns them and one pass streams base and adapter tensors.
             The result is then peft's `PeftModel` (`set_adapter`, `disable_adapter`, `merge_and_unload` work).
-        distributed: under `torchrun`, split the model over the ranks (`bigload.distributed`): every rank
+        distributed: under `torchrun`, split the model over the ranks (`bigload.distributed.pipeline`): every rank
             loads only its own blocks; rank 0 gets the model (its `generate` runs the whole pipeline) and
             the other ranks serve their blocks inside this call until rank 0 stops the pipeline
             (`bigload.stop_pipeline(model)`, or at exit), then get None. `max_memory` is each rank's budget;
             `device_map` the strategy inside each rank.
         pipeline: more options of the distributed path (`max_memory_hosts`, `timeout`, `idle_timeout`; see
-            `bigload.distributed.from_pretrained_distributed`).
+            `bigload.distributed.pipeline.from_pretrained_distributed`).
         quantize: "int8" (per output channel), "int4" (groups of 128) or "int4:GROUP": the Linear layers of
             the model's blocks are planned, streamed, offloaded and run quantized (`bigload.quant`); the
             embeddings, norms and output head stay in `dtype`. Not with `adapter` (refused).
@@ -553,7 +553,7 @@ def from_pretrained(
         if disk_reads is not None:
             raise BigloadError("disk_reads= is not supported with distributed=True yet; leave it unset (each rank "
                                "decides how its disk blocks come in), or load on one machine with distributed=False.")
-        from bigload.distributed import from_pretrained_distributed
+        from bigload.distributed.pipeline import from_pretrained_distributed
 
         return from_pretrained_distributed(
             path, model_class=model_class, max_memory=max_memory, dtype=dtype, offload_folder=offload_folder,
@@ -585,7 +585,7 @@ def from_pretrained(
     _load_generation_config(model, Path(path))
     if built.wrapped is None:
         return model.eval()
-    from bigload.adapters import load_model_level_weights
+    from bigload.integrations.adapters import load_model_level_weights
 
     load_model_level_weights(built.wrapped, built.adapters, _input_device(model))
     return built.wrapped.eval()
@@ -593,7 +593,7 @@ def from_pretrained(
 
 def _input_device(model: nn.Module) -> torch.device:
     """Where the model's inputs start: the execution device of its first block (the CPU without hooks)."""
-    from bigload.hooks import runtime_of
+    from bigload.runtime.hooks import runtime_of
 
     runtime = runtime_of(model)
     if runtime is None or not runtime.blocks:

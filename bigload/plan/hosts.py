@@ -19,8 +19,8 @@ from typing import Any, Mapping, Sequence
 
 from bigload.devices import Budget
 from bigload.errors import PlanError
-from bigload.inventory import Inventory, decoder_blocks, sub_inventory
-from bigload.plan import Plan, plan
+from bigload.plan.inventory import Inventory, decoder_blocks, sub_inventory
+from bigload.plan.planner import Plan, plan
 from bigload.sizes import format_size
 
 __all__ = ["HostPlan", "HostSplit", "Stage", "host_capacity", "plan_hosts", "split_hosts"]

@@ -21,21 +21,21 @@ from torch import nn
 
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import DeviceError, OffloadError, PlanError
-from bigload.hooks import (
+from bigload.runtime.hooks import (
     HostWeights,
     Runtime,
     attach,
     detach,
 )
 from bigload.sizes import parse_dtype
-from bigload.budget import check_devices_exist, detect_budget, parse_max_memory
-from bigload.inventory import DtypeRule, Inventory, inventory_from_module
-from bigload.plan import STRATEGIES, Plan, PlanOptions, plan
-from bigload.reserve import DiskReads, choose_disk_reads
-from bigload.store import DiskStore, StoreOrigin, StoreWriter
-from bigload.checkpoint import CheckpointIndex, open_checkpoint
+from bigload.plan.budget import check_devices_exist, detect_budget, parse_max_memory
+from bigload.plan.inventory import DtypeRule, Inventory, inventory_from_module
+from bigload.plan.planner import STRATEGIES, Plan, PlanOptions, plan
+from bigload.plan.reserve import DiskReads, choose_disk_reads
+from bigload.load.store import DiskStore, StoreOrigin, StoreWriter
+from bigload.formats.checkpoint import CheckpointIndex, open_checkpoint
 from bigload.quant import Quantization
-from bigload.stream import SourcePlan, gpu_cast_bytes, load_checkpoint_in_model, prepare_quantization, source_dtypes
+from bigload.load.stream import SourcePlan, gpu_cast_bytes, load_checkpoint_in_model, prepare_quantization, source_dtypes
 from bigload.tensors import owner_of, tensor_groups
 
 __all__ = [
@@ -343,7 +343,7 @@ def load_checkpoint_and_dispatch(
         special_dtypes: tensor name -> dtype for those tensors (planned and loaded so).
         progress: show a progress bar (None: for long loads on a terminal).
         sources: where model tensors are when the checkpoint names or lays them out differently (see
-            `bigload.stream.SourcePlan`; `bigload.hf` builds one from transformers' conversion mapping).
+            `bigload.load.stream.SourcePlan`; `bigload.integrations.hf` builds one from transformers' conversion mapping).
         materialize: copy CPU-placed tensors into private memory instead of keeping them as views of the
             checkpoint files, for a checkpoint that may move or change, or for a first forward that must
             not wait on the disk after the page cache was dropped (costs the model's size in RAM).
@@ -499,7 +499,7 @@ def plan_for_model(
     """Plan an `nn.Module` you built (meta is fine): inventory -> budget -> plan, without reading a weight.
 
     The three planning entry points: this one for a module in hand; `bigload.plan_model` for what a name
-    points to (catalog name, model folder, config.json, checkpoint headers); `bigload.plan.plan` for an
+    points to (catalog name, model folder, config.json, checkpoint headers); `bigload.plan.planner.plan` for an
     `Inventory` and `Budget` you built yourself (pure, no probing).
 
     `max_memory=None` plans for what this machine has free now; an `offload_folder` with no "disk" entry

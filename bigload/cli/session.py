@@ -113,7 +113,7 @@ def timed_generate(model: Any, input_ids: torch.Tensor, options: GenerateOptions
 
 
 def _runtime_bytes_read(model: Any) -> int:
-    from bigload.hooks import runtime_of
+    from bigload.runtime.hooks import runtime_of
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model holds the base
     runtime = runtime_of(base)
@@ -138,7 +138,7 @@ def load_for_generate(path: str | Path, *, offload_folder: str | Path | None = N
     tokenizer files fails before anything is planned or read. transformers' own progress bars stay off:
     the load shows bigload's one bar (`progress`).
     """
-    from bigload.hf import from_pretrained, load_tokenizer, plan_model, without_transformers_progress
+    from bigload.integrations.hf import from_pretrained, load_tokenizer, plan_model, without_transformers_progress
 
     tokenizer = load_tokenizer(path)
     # Plan first, so the table is on screen before the (possibly long) load starts.
@@ -215,8 +215,8 @@ def run_generate_pipeline(path: str | Path, options: GenerateOptions, *, offload
         timeout: seconds any wait between ranks may take.
         The others: as `run_generate` (`strategy` plans inside each rank).
     """
-    from bigload.distributed import stop_pipeline
-    from bigload.hf import from_pretrained, load_tokenizer
+    from bigload.distributed.pipeline import stop_pipeline
+    from bigload.integrations.hf import from_pretrained, load_tokenizer
 
     model = from_pretrained(
         path, device_map=planning.pop("strategy", "auto"), offload_folder=offload_folder, progress=progress,
@@ -348,9 +348,9 @@ def run_demo(*, size: str = "small", folder: str | Path | None = None, max_new_t
     """The newcomer's first run; see `bigload demo --help`. Returns the figures it printed."""
     from transformers import AutoModelForCausalLM
 
-    from bigload.checkpoint import open_checkpoint
-    from bigload.demo import write_demo_model
-    from bigload.hf import without_transformers_progress
+    from bigload.formats.checkpoint import open_checkpoint
+    from bigload.cli.demo import write_demo_model
+    from bigload.integrations.hf import without_transformers_progress
 
     say = echo or (lambda _text: None)
     folder = Path(folder) if folder is not None else Path.home() / ".cache" / "bigload" / f"demo-{size}"
