@@ -302,7 +302,7 @@ def tokens_cell(method: str, ok: list[dict], reference: list[int] | None) -> str
 def _bigload_facts(model) -> dict:
     """How bigload brought disk blocks in (the path is decided at load time; recorded, not assumed)."""
     try:
-        from bigload.runtime.hooks import runtime_of
+        from bigload.runtime import runtime_of
     except ImportError:
         return {}
     runtime = runtime_of(model)
@@ -353,7 +353,7 @@ def specs(ctx) -> list[dict]:
 def _quantize_in_tree() -> bool:
     """Whether this tree's `load_checkpoint_and_dispatch` takes `quantize=` (it lands with another branch)."""
     try:
-        from bigload.integrations.dispatch import load_checkpoint_and_dispatch
+        from bigload.integrations.loading import load_checkpoint_and_dispatch
     except ImportError:
         return False
     return "quantize" in inspect.signature(load_checkpoint_and_dispatch).parameters

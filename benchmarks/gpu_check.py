@@ -285,7 +285,7 @@ def _meta_llama(folder: Path, init_empty_weights: Callable[[], Any]):
 def _load_bigload(folder: Path, device_map: Any, offload: Path | None = None):
     import torch
 
-    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
+    from bigload.integrations.loading import load_checkpoint_and_dispatch
     from bigload.empty import init_empty_weights
 
     model = _meta_llama(folder, init_empty_weights)
@@ -558,7 +558,7 @@ def _peft_own_row(folder: Path, sizes: Sizes, adapter_dir: Path, expected: list[
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
+    from bigload.integrations.loading import load_checkpoint_and_dispatch
     from bigload.empty import init_empty_weights
 
     config = AutoConfig.from_pretrained(folder)

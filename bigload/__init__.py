@@ -9,16 +9,9 @@ for a Hugging Face model folder. The accelerate-named functions take accelerate'
 from bigload.formats.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
 from bigload.integrations.device_maps import compute_module_sizes, find_tied_parameters, get_balanced_memory, infer_auto_device_map
 from bigload.devices import Budget, Device, ExecutionPolicy
-from bigload.integrations.dispatch import (
-    cpu_offload,
-    detach,
-    disk_offload,
-    dispatch_model,
-    load_checkpoint_and_dispatch,
-    plan_for_model,
-    remove_hook_from_submodules,
-)
-from bigload.distributed.pipeline import stop_pipeline
+from bigload.integrations.dispatch import cpu_offload, detach, disk_offload, dispatch_model, remove_hook_from_submodules
+from bigload.integrations.loading import load_checkpoint_and_dispatch, load_checkpoint_in_model, plan_for_model
+from bigload.distributed import stop_pipeline
 from bigload.empty import init_empty_weights, init_on_device
 from bigload.errors import (
     AdapterError,
@@ -31,12 +24,14 @@ from bigload.errors import (
     PlanError,
     QuantizationError,
 )
-from bigload.integrations.hf import from_pretrained, load_tokenizer, plan_model
-from bigload.plan.inventory import Inventory, inventory_from_checkpoint, inventory_from_module
-from bigload.plan.planner import Plan, PlanOptions
+from bigload.api import from_pretrained
+from bigload.integrations.hf import load_tokenizer, plan_model
+from bigload.plan.headers import inventory_from_checkpoint
+from bigload.plan.inventory import Inventory, inventory_from_module
+from bigload.plan import Plan, PlanOptions
 from bigload.quant import Quantization
 from bigload.load.store import DiskStore
-from bigload.load.stream import LoadResult, load_checkpoint_in_model
+from bigload.load.loader import LoadResult
 
 __version__ = "0.1.0"
 

@@ -5,6 +5,9 @@ registration (`Site`) it has: tied weights are one group with several names. The
 the loader (`stream`) and the runtime (`hooks`) all read this walk. (`inventory` keeps its own tight,
 sizes-only pass: it must stay linear on 200,000-module models and never needs the sites.)
 
+`Registration` is the one rule for registering a new tensor where another was (a Parameter of the same class,
+requires_grad and attributes, or a buffer): the loader, the runtime and `dispatch_model` all re-wrap with it.
+
 `owner_of(name, keys)` is the device-map rule: a tensor or module belongs to the longest key that is a
 dotted prefix of its name, `""` owning everything. `summarize_names` writes a list of such names short
 (`model.layers.0-7`) for plans and messages.
@@ -19,7 +22,7 @@ from typing import Any, Container, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Site", "TensorGroup", "owner_of", "summarize_names", "tensor_groups"]
+__all__ = ["Registration", "Site", "TensorGroup", "owner_of", "summarize_names", "tensor_groups"]
 
 _NUMBERED = re.compile(r"^(?P<prefix>.+)\.(?P<number>\d+)$")
 
@@ -42,6 +45,37 @@ class Site:
 
     def _table(self) -> dict[str, torch.Tensor | None]:
         return self.module._parameters if self.is_parameter else self.module._buffers  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """How a tensor is registered: as a Parameter of some class (its `requires_grad` and attributes), or as a
+    buffer. `wrap` registers another tensor the same way.
+
+    >>> Registration.of(nn.Parameter(torch.zeros(1))).wrap(torch.ones(1)).requires_grad
+    True
+    """
+
+    parameter: type | None  # the Parameter class; None for a buffer
+    requires_grad: bool = False
+    attributes: tuple[tuple[str, Any], ...] = ()  # the Parameter's own attributes (e.g. transformers' flags)
+
+    @staticmethod
+    def of(tensor: torch.Tensor) -> "Registration":
+        """How `tensor` is registered."""
+        if not isinstance(tensor, nn.Parameter):
+            return Registration(None)
+        return Registration(type(tensor), tensor.requires_grad, tuple(tensor.__dict__.items()))
+
+    def wrap(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` as this registration holds it (gradients only for floating and complex tensors)."""
+        if self.parameter is None:
+            return tensor
+        grad = self.requires_grad and (tensor.is_floating_point() or tensor.is_complex())
+        value = self.parameter(tensor, requires_grad=grad)
+        if self.attributes:
+            value.__dict__.update(self.attributes)
+        return value
 
 
 @dataclass(frozen=True)

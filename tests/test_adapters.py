@@ -13,7 +13,7 @@ import torch
 
 from bigload import load_checkpoint_and_dispatch
 from bigload.errors import AdapterError, OffloadError
-from bigload.runtime.hooks import runtime_of
+from bigload.runtime import runtime_of
 from bigload.load.store import DiskStore
 from fixtures_models import LAYERS, empty_llama, llama_map, reference_llama, save_sharded
 from timeouts import with_timeout
@@ -179,7 +179,7 @@ def test_moving_a_dispatched_model_leaves_every_block_where_the_plan_put_it(file
     expected = logits(reference_llama())
     devices = {name: tensor.device for name, tensor in model.named_parameters()}
     assert {device.type for device in devices.values()} == {"cpu", "meta"}
-    with caplog.at_level("WARNING", logger="bigload.runtime.hooks"):
+    with caplog.at_level("WARNING", logger="bigload.runtime"):
         assert model.to("meta") is model  # what a move to another device does, on a machine with one device
     assert {name: tensor.device for name, tensor in model.named_parameters()} == devices
     assert "stayed on their blocks' devices" in caplog.text
@@ -222,7 +222,7 @@ def test_peft_re_dispatch_over_a_gpu_and_the_cpu_gives_placement_back_to_bigload
     base = dispatched(files, tmp_path / "offload")
     devices = {name: tensor.device for name, tensor in base.named_parameters()}
     runtime = runtime_of(base)
-    with caplog.at_level("WARNING", logger="bigload.runtime.hooks"):
+    with caplog.at_level("WARNING", logger="bigload.runtime"):
         ours = peft.PeftModel.from_pretrained(base, files["lora"])  # peft's own call, unchanged
         reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
         assert len(gpu_redispatch) == 1  # accelerate's multi-device branch ran on the model
@@ -632,7 +632,7 @@ def test_peft_own_call_on_a_gpu_map_with_cpu_and_disk_blocks_equals_peft_in_memo
     devices = {name: tensor.device for name, tensor in base.named_parameters()}
     ours = peft.PeftModel.from_pretrained(base, files["lora"], **peft_kwargs)
     ids = IDS.to("cuda")
-    with torch.no_grad(), caplog.at_level("WARNING", logger="bigload.runtime.hooks"):
+    with torch.no_grad(), caplog.at_level("WARNING", logger="bigload.runtime"):
         torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0)
     assert ("took accelerate's hooks off" in caplog.text) == ("max_memory" in peft_kwargs)
     assert torch.equal(ours.generate(input_ids=ids, max_new_tokens=8, do_sample=False),

@@ -23,7 +23,8 @@ from bigload import load_checkpoint_and_dispatch
 from bigload.devices import Device
 from bigload.empty import init_empty_weights
 from bigload.errors import PlanError
-from bigload.runtime.hooks import ExecutionPolicy, detach, runtime_of
+from bigload.devices import ExecutionPolicy
+from bigload.runtime import detach, runtime_of
 from bigload.plan.reserve import slot_bytes
 from bigload.load.store import DiskStore
 from timeouts import with_timeout
@@ -80,7 +81,7 @@ def _save(model: nn.Module, folder: Path, convert=lambda name, t: t) -> Path:
 def dispatch_split(build, folder: Path, offload: Path, wanted=None, **kwargs) -> nn.Module:
     """`load_checkpoint_and_dispatch` with the smallest CPU budget whose plan keeps some blocks on the CPU
     and sends the others to disk (and satisfies `wanted(plan)`); budgets are tried on dry runs first."""
-    from bigload.integrations.dispatch import plan_for_model
+    from bigload.integrations.loading import plan_for_model
 
     planning = {key: value for key, value in kwargs.items() if key in ("dtype", "prefetch", "special_dtypes")}
     model = build()
@@ -226,7 +227,7 @@ def test_runtime_holds_exactly_the_reserve_the_plan_charges(tmp_path: Path, pref
 def test_planner_counts_nested_offloaded_entries() -> None:
     """CPU-resident blocks streamed to a GPU: `body`'s own entry runs around its children's, so the plan
     keeps depth 2 + prefetch slots (a dry run; the same `reserve.slot_count` sizes the runtime)."""
-    from bigload.integrations.dispatch import plan_for_model
+    from bigload.integrations.loading import plan_for_model
 
     for prefetch, gpu in ((p, g) for p in (0, 1, 2) for g in range(1_000, 12_000, 100)):
         try:
@@ -279,7 +280,7 @@ def test_policy_is_one_type_accepted_by_name_everywhere() -> None:
 
 def test_policy_with_a_strategy_string_reaches_the_plan(tmp_path: Path) -> None:
     """Planned for a machine with a GPU (a dry run): cpu blocks run where the given policy says."""
-    from bigload.integrations.dispatch import plan_for_model
+    from bigload.integrations.loading import plan_for_model
 
     torch.manual_seed(0)
     budget = {0: 12_000, "cpu": "1GiB"}
@@ -305,7 +306,7 @@ def test_cli_plan_takes_a_policy(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_attach_refuses_a_model_that_already_has_a_runtime() -> None:
     from bigload.errors import BigloadError
-    from bigload.runtime.hooks import attach
+    from bigload.runtime import attach
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     runtime = attach(model, {"0": "cpu", "1": "cpu"}, execution_device="cpu")
@@ -322,7 +323,8 @@ def test_attach_refuses_a_model_that_already_has_a_runtime() -> None:
 def test_each_tensor_gets_one_transfer_kind(tmp_path: Path) -> None:
     """CPU same dtype: a view; CPU cast or materialize: private; disk same dtype: a store reference; disk
     cast: written; a store of the same load: reused. The store's bytes say the same."""
-    from bigload.load.stream import Transfer, _Group, _transfer_kind
+    from bigload.load.transfer import Transfer, transfer_kind as _transfer_kind
+    from bigload.load.matching import Group as _Group
     from bigload.devices import CPU, DISK
     from bigload.formats.checkpoint import open_checkpoint
 

@@ -9,16 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from bigload.integrations.dispatch import (
-    cpu_offload,
-    disk_offload,
-    dispatch_model,
-    load_checkpoint_and_dispatch,
-    remove_hook_from_submodules,
-    validate_device_map,
-)
+from bigload.integrations.dispatch import cpu_offload, disk_offload, dispatch_model, remove_hook_from_submodules, validate_device_map
+from bigload.integrations.loading import load_checkpoint_and_dispatch
 from bigload.errors import DeviceError, OffloadError, PlanError
-from bigload.runtime.hooks import runtime_of
+from bigload.runtime import runtime_of
 from fixtures_models import HasPreloaded, ThreeBlocks, TiedEnds, WithBufferBlock
 
 
@@ -276,7 +270,7 @@ def _good_map() -> dict[str, int | str]:
 )
 def test_bad_map_fails_before_any_byte_is_read(tied_checkpoint, tmp_path, monkeypatch, change, error, match):
     from bigload.formats.checkpoint import CheckpointReader
-    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
+    from bigload.integrations.loading import load_checkpoint_and_dispatch
     from fixtures_models import empty_llama
 
     reads: list[str] = []
@@ -327,7 +321,7 @@ def test_disk_offload_on_cpu_runs_on_memory_mapped_views_without_copying(tmp_pat
 
 @pytest.mark.parametrize("materialize", [False, True])
 def test_materialize_copies_cpu_weights_out_of_the_checkpoint_files(tied_checkpoint, tmp_path, materialize):
-    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
+    from bigload.integrations.loading import load_checkpoint_and_dispatch
     from fixtures_ckpt import mapped_file_of
     from fixtures_models import empty_llama
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigload.integrations.dispatch import cpu_offload, disk_offload, dispatch_model, load_checkpoint_and_dispatch
-from bigload.runtime.hooks import DEFAULT_SKIP_KEYS, detach, runtime_of
+from bigload.integrations.dispatch import cpu_offload, disk_offload, dispatch_model
+from bigload.integrations.loading import load_checkpoint_and_dispatch
+from bigload.runtime import DEFAULT_SKIP_KEYS, detach, runtime_of
 from fixtures_models import LAYERS, empty_llama, llama_map, reference_llama, save_sharded
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 3]])

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigload.integrations.dispatch import load_checkpoint_and_dispatch
-from bigload.runtime.hooks import ExecutionPolicy, detach, runtime_of
+from bigload.integrations.loading import load_checkpoint_and_dispatch
+from bigload.devices import ExecutionPolicy
+from bigload.runtime import detach, runtime_of
 from fixtures_models import LAYERS, empty_llama, reference_llama, save_sharded
 
 gpu = pytest.mark.gpu
@@ -218,9 +219,9 @@ def _pinned_now() -> int:
 @gpu
 @needs_cuda
 def test_pinned_staging_stays_within_the_cpu_reserve_the_plan_charged(checkpoint):
-    from bigload.integrations.dispatch import plan_for_model
+    from bigload.integrations.loading import plan_for_model
     from bigload.plan.inventory import inventory_from_module
-    from bigload.load.stream import _empty_pinned_cache
+    from bigload.load.gpu import empty_pinned_cache as _empty_pinned_cache
 
     total = inventory_from_module(empty_llama()).total_bytes
     plan = plan_for_model(empty_llama(), "sequential", max_memory={0: total // 2, "cpu": "1GiB"},

@@ -23,9 +23,10 @@ from safetensors.torch import save_file  # noqa: E402
 from bigload.integrations import hf  # noqa: E402
 from bigload.formats.checkpoint import CheckpointReader, open_checkpoint  # noqa: E402
 from bigload.errors import BigloadError, CheckpointError, PlanError  # noqa: E402
-from bigload.runtime.hooks import OutputAlignment, detach, runtime_of  # noqa: E402
-from bigload.plan.inventory import inventory_from_checkpoint, inventory_from_module  # noqa: E402
-from bigload.load.stream import DerivedTensor  # noqa: E402
+from bigload.runtime import OutputAlignment, detach, runtime_of  # noqa: E402
+from bigload.plan.headers import inventory_from_checkpoint  # noqa: E402
+from bigload.plan.inventory import inventory_from_module
+from bigload.load.sources import DerivedTensor  # noqa: E402
 
 from fixtures_hf import ARCHS, PROMPT, Arch, build_model, checkpoint_bytes, edit_config, write_model  # noqa: E402
 

@@ -16,15 +16,8 @@ import bigload.runtime.hooks as hooks
 import bigload.load.readahead as readahead
 from bigload.devices import CPU, Device
 from bigload.errors import OffloadError, PlanError
-from bigload.runtime.hooks import (
-    ExecutionPolicy,
-    HostWeights,
-    attach,
-    detach,
-    execution_device_for,
-    runtime_of,
-    send_to_device,
-)
+from bigload.devices import ExecutionPolicy
+from bigload.runtime import HostWeights, attach, detach, execution_device_for, runtime_of, send_to_device
 from bigload.plan.reserve import SLOT_ALIGNMENT, SlotSpec, pinned_bytes
 from fixtures_models import OutOfOrder, ThreeBlocks, TiedEnds
 from timeouts import with_timeout

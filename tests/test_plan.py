@@ -341,7 +341,7 @@ def test_json_round_trip_and_explain(inv):
     assert "model.layers.0-3" in table and "(run on cuda:0)" in table
     assert "why:" in table and "reserve" in table
     with pytest.raises(PlanError, match="not a bigload plan"):
-        Plan.from_json('{"version": 1}')
+        Plan.from_json('{"version": 2}')
 
 
 def test_collapse_merges_a_split_module_that_landed_on_one_device():
@@ -407,7 +407,7 @@ def saved_llama(tmp_path_factory):
 ])
 def test_header_only_plan_equals_the_model_plan(saved_llama, strategy, budget):
     from bigload.formats.checkpoint import open_checkpoint
-    from bigload.plan.inventory import inventory_from_checkpoint
+    from bigload.plan.headers import inventory_from_checkpoint
     from planner_models import device_of
 
     index = open_checkpoint(saved_llama)
@@ -450,25 +450,30 @@ def test_the_default_headroom_stops_a_gpu_from_being_planned_full():
 
 
 def test_the_largest_cast_while_loading_is_kept_free_on_gpus():
-    inventory = inventory_from_module(tiny_llama())
-    result = planner.plan(inventory, Budget.of({0: 40 * GiB, "cpu": 64 * GiB}), cast_bytes=3 * GiB)
-    assert result.usage_of(0).headroom == 3 * GiB  # max(runtime headroom, load-time cast), not their sum
-    assert "largest cast while loading (3.00 GiB" in result.explain()
-    explicit = planner.plan(inventory, Budget.of({0: 40 * GiB, "cpu": 64 * GiB}), headroom=0, cast_bytes=GiB)
-    assert explicit.usage_of(0).headroom == GiB
+    model = tiny_llama()
+    stored = {name: torch.float32 for name in model.state_dict()}
+    inventory = inventory_from_module(model, dtype=torch.bfloat16, stored_dtypes=stored)
+    largest = max(tensor.numel() for tensor in model.state_dict().values()) * 4
+    assert inventory.cast_bytes == largest  # the float32 bytes land on the GPU before the cast there
+    assert inventory_from_module(model, dtype=torch.float32, stored_dtypes=stored).cast_bytes == 0
+    assert inventory_from_module(model, dtype=torch.bfloat16).cast_bytes == 0  # stored dtypes unknown
+    budget = Budget.of({0: 16 * GiB, "cpu": 64 * GiB})
+    kept = planner.plan(inventory, budget)
+    assert kept.usage_of(0).headroom == GiB  # max(runtime headroom, load-time cast), not their sum
+    assert "largest cast while loading" in kept.explain()
+    explicit = planner.plan(inventory, budget, headroom=0)
+    assert explicit.usage_of(0).headroom == largest
 
 
 def test_dry_run_of_a_float32_checkpoint_loaded_as_bfloat16_charges_its_largest_cast(tmp_path):
     from bigload.formats.checkpoint import open_checkpoint
-    from bigload.integrations.hf import plan_model
-    from bigload.load.stream import gpu_cast_bytes
-
+    from bigload.integrations.hf import inventory_for, plan_model
     from fixtures_models import reference_llama
 
     reference_llama().save_pretrained(tmp_path, max_shard_size="60KB")  # float32
-    index = open_checkpoint(tmp_path)
-    largest = max(ref.nbytes for ref in index.tensors.values())
-    assert gpu_cast_bytes(index, torch.bfloat16) == largest and gpu_cast_bytes(index, torch.float32) == 0
+    largest = max(ref.nbytes for ref in open_checkpoint(tmp_path).tensors.values())
+    assert inventory_for(tmp_path, dtype="bfloat16").cast_bytes == largest
+    assert inventory_for(tmp_path).cast_bytes == 0
     budget = {0: f"{2 * GiB}", "cpu": "1GiB"}
     as_bf16 = plan_model(tmp_path, max_memory=budget, dtype="bfloat16")
     assert as_bf16.usage_of(0).headroom == GiB  # the default covers this small cast

@@ -153,7 +153,11 @@ def easy_fit(inventory: Inventory, budget: Budget, kwargs: dict, bound: int) -> 
             return True
     main = next((d for d in devices if d.is_gpu), CPU)
     disk = devices.get(Device.parse("disk"), 0)
-    return main in devices and disk >= total and devices[main] >= headroom_on(kwargs, main, has_gpu) + bound
+    # A GPU's slots are staged through pinned host buffers the cpu budget pays for (at most twice the slots:
+    # torch's pinned allocator rounds up to a power of two).
+    staging = main.is_gpu and CPU in devices and devices[CPU] < headroom_on(kwargs, CPU, has_gpu) + 2 * bound
+    return main in devices and disk >= total and devices[main] >= headroom_on(kwargs, main, has_gpu) + bound \
+        and not staging
 
 
 def owner(device_map, name: str) -> str:
@@ -166,11 +170,13 @@ def owner(device_map, name: str) -> str:
 
 
 def expected_reserve(inventory: Inventory, result: Plan) -> int:
-    """The runtime's holding for the plan's offloaded entries, from the device map and the tensors alone."""
+    """The runtime's holding for the plan's offloaded entries, from the device map and the tensors alone: the
+    entries holding parameters take slots (an entry of buffers only keeps them resident and takes none)."""
     offloaded = set(result.offloaded)
     if not offloaded:
         return 0
     params = dict.fromkeys(offloaded, 0)
+    counts = dict.fromkeys(offloaded, 0)
     buffers = 0
     for entry in inventory.tensors:
         key = owner(result.device_map, entry.name)
@@ -179,10 +185,14 @@ def expected_reserve(inventory: Inventory, result: Plan) -> int:
                 buffers += entry.nbytes
             else:
                 params[key] += aligned(entry.nbytes, slot_alignment(result.main_device.is_gpu))
+                counts[key] += 1
+    taking = [name for name in offloaded if counts[name]]
+    if not taking:
+        return buffers
     def encloses(outer: str, inner: str) -> bool:
         return outer == "" or inner.startswith(outer + ".")
-    depth = max(sum(1 for other in offloaded if other == name or encloses(other, name)) for name in offloaded)
-    return min(depth + result.prefetch, len(offloaded)) * max(params.values()) + buffers
+    depth = max(sum(1 for other in taking if other == name or encloses(other, name)) for name in taking)
+    return min(depth + result.prefetch, len(taking)) * max(params[name] for name in taking) + buffers
 
 
 def check_plan(case: Case, result: Plan) -> None:

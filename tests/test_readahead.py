@@ -19,7 +19,7 @@ from bigload.load import readahead
 from bigload.formats.checkpoint import CheckpointReader, MappedFiles, open_checkpoint
 from bigload.errors import CheckpointError
 from bigload.load.readahead import Extent, ReadAhead
-from bigload.load.stream import load_checkpoint_in_model
+from bigload.integrations.loading import load_checkpoint_in_model
 from fixtures_ckpt import assert_bitwise_equal, tiny_llama, tiny_llama_config
 from timeouts import with_timeout
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigload.integrations.dispatch import load_checkpoint_and_dispatch, plan_for_model
+from bigload.integrations.loading import load_checkpoint_and_dispatch, plan_for_model
 from bigload.errors import OffloadError, PlanError
-from bigload.runtime.hooks import runtime_of
+from bigload.runtime import runtime_of
 from bigload.plan.planner import Plan
 from bigload.load import reads
 from bigload.load.reads import BlockReader, Extent, layout

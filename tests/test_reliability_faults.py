@@ -34,7 +34,7 @@ from bad_inputs.models import (
 from bigload.formats.checkpoint import CheckpointReader, open_checkpoint
 from bigload.errors import CheckpointError, OffloadError
 from bigload.load.store import DiskStore, StoreWriter
-from bigload.load.stream import load_checkpoint_in_model
+from bigload.integrations.loading import load_checkpoint_in_model
 from timeouts import with_timeout
 
 TESTS = Path(__file__).resolve().parent
@@ -161,7 +161,7 @@ KILLED_LOADER = textwrap.dedent(
     import torch
     import bigload.load.store as store
     from bad_inputs.models import DISK_MAP, meta_tiny
-    from bigload.load.stream import load_checkpoint_in_model
+    from bigload.integrations.loading import load_checkpoint_in_model
 
     ckpt, folder, ready = map(Path, sys.argv[1:4])
     real = store._write_file
@@ -215,7 +215,7 @@ def test_loader_killed_mid_write_leaves_a_recognisably_incomplete_folder(tmp_pat
 
 
 def test_prefetch_error_from_a_real_store_surfaces_in_forward(tmp_path: Path, ckpt: Path) -> None:
-    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
+    from bigload.integrations.loading import load_checkpoint_and_dispatch
 
     folder = tmp_path / "offload"
     model = load_checkpoint_and_dispatch(meta_tiny(), ckpt, device_map=DISK_MAP, offload_folder=folder,

@@ -32,7 +32,7 @@ from bigload.formats.checkpoint import CheckpointReader, open_checkpoint
 from bigload.cli.commands import main as cli_main
 from bigload.errors import CheckpointError, OffloadError
 from bigload.load.store import DiskStore, StoreWriter
-from bigload.load.stream import load_checkpoint_in_model
+from bigload.integrations.loading import load_checkpoint_in_model
 
 
 def _ids(cases: tuple[Case, ...]) -> list[str]:
@@ -279,7 +279,7 @@ def test_corrupt_offload_index_raises_offload_error(tmp_path: Path, content: obj
 def test_bad_max_memory_is_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   max_memory: object, error: str, match: str) -> None:
     import bigload.errors
-    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
+    from bigload.integrations.loading import load_checkpoint_and_dispatch
 
     ckpt = save_reference(tmp_path / "ckpt")
     _no_reads(monkeypatch)
@@ -289,7 +289,7 @@ def test_bad_max_memory_is_refused_before_reading(tmp_path: Path, monkeypatch: p
 
 def test_model_that_fits_nowhere_without_disk_says_what_is_missing(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
+    from bigload.integrations.loading import load_checkpoint_and_dispatch
     from bigload.errors import PlanError
 
     ckpt = save_reference(tmp_path / "ckpt")
@@ -306,7 +306,7 @@ def test_max_memory_naming_a_gpu_this_machine_lacks_is_refused_on_load(tmp_path:
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Planning for another machine is fine (a dry run); loading onto its GPUs is not, and the message must
     point at max_memory, which is what the user wrote."""
-    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
+    from bigload.integrations.loading import load_checkpoint_and_dispatch
     from bigload.errors import DeviceError
 
     gpus = torch.cuda.device_count()

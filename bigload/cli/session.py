@@ -113,7 +113,7 @@ def timed_generate(model: Any, input_ids: torch.Tensor, options: GenerateOptions
 
 
 def _runtime_bytes_read(model: Any) -> int:
-    from bigload.runtime.hooks import runtime_of
+    from bigload.runtime import runtime_of
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model holds the base
     runtime = runtime_of(base)
@@ -215,8 +215,9 @@ def run_generate_pipeline(path: str | Path, options: GenerateOptions, *, offload
         timeout: seconds any wait between ranks may take.
         The others: as `run_generate` (`strategy` plans inside each rank).
     """
-    from bigload.distributed.pipeline import stop_pipeline
-    from bigload.integrations.hf import from_pretrained, load_tokenizer
+    from bigload.api import from_pretrained
+    from bigload.distributed import stop_pipeline
+    from bigload.integrations.hf import load_tokenizer
 
     model = from_pretrained(
         path, device_map=planning.pop("strategy", "auto"), offload_folder=offload_folder, progress=progress,

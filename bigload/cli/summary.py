@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bigload.formats.checkpoint import CheckpointIndex
-from bigload.plan.inventory import block_of, inventory_from_checkpoint
+from bigload.plan.headers import block_of, inventory_from_checkpoint
 from bigload.sizes import format_size
 
 __all__ = ["CheckpointSummary", "format_count", "summarize"]

@@ -707,9 +707,10 @@ def _load_stage(path: str | Path, rank: int, world: int, *, model_class: Any, ma
                 ) -> tuple[nn.Module, HostPlan, RankLoad, list[str], float]:
     """Steps 1-5 of the module docstring on this rank: meta model, agreement, plans, cut, load."""
     from bigload.formats.checkpoint import open_checkpoint
-    from bigload.integrations.dispatch import load_checkpoint_and_dispatch
+    from bigload.integrations.loading import load_checkpoint_and_dispatch
     from bigload.integrations.hf import checkpoint_sources, load_generation_config, meta_model_for_folder
-    from bigload.plan.inventory import default_keep_in_fp32_modules, inventory_from_module
+    from bigload.plan.dtypes import default_keep_in_fp32_modules
+    from bigload.plan.inventory import inventory_from_module
 
     model, target, checkpoint = meta_model_for_folder(path, model_class=model_class, dtype=dtype)
     _check_layer_types(model)

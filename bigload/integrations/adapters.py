@@ -29,7 +29,9 @@ from bigload.formats.checkpoint import CheckpointIndex, TensorRef, open_checkpoi
 from bigload.devices import DISK, Device
 from bigload.errors import AdapterError, CheckpointError
 from bigload.sizes import format_size
-from bigload.load.stream import DerivedTensor, Source, SourcePlan
+from bigload.load.sources import DerivedTensor, Source, TensorSources
+from bigload.runtime.runtime import runtime_of
+from bigload.tensors import owner_of, tensor_groups
 
 __all__ = ["ADAPTER_FP32_MODULES", "Adapter", "adapter_fp32_modules", "adapter_summary", "load_model_level_weights",
            "read_adapters", "with_adapter_sources", "wrap"]
@@ -175,7 +177,7 @@ def _unwrap(model: nn.Module) -> None:
 
 
 def with_adapter_sources(wrapped: nn.Module, adapters: Sequence[Adapter], index: CheckpointIndex,
-                         sources: SourcePlan) -> tuple[CheckpointIndex, SourcePlan]:
+                         sources: TensorSources) -> tuple[CheckpointIndex, TensorSources]:
     """The checkpoint and source plan that load the base and every adapter into `wrapped`'s base model at once.
 
     peft moved each wrapped layer's weights under `base_layer`: they are found where the base checkpoint
@@ -209,7 +211,7 @@ def with_adapter_sources(wrapped: nn.Module, adapters: Sequence[Adapter], index:
         total_bytes=index.total_bytes + sum(ref.nbytes for ref in extra.values()),
         file_stats={**index.file_stats, **{f: s for a in adapters for f, s in a.index.file_stats.items()}},
     )
-    return combined, SourcePlan(entries, sources.ignored)
+    return combined, TensorSources(entries, sources.ignored)
 
 
 def _first(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -224,7 +226,8 @@ def _ref(index: CheckpointIndex, name: str) -> TensorRef:
 
 
 def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [*module.named_parameters(), *module.named_buffers()]
+    """Every tensor of `module` under its first name (`tensors.tensor_groups`, the one walk)."""
+    return [(group.names[0], group.tensor) for group in tensor_groups(module)]
 
 
 def _adapter_tensors(wrapped: nn.Module, adapter: Adapter, model_tensors: dict[str, torch.Tensor]
@@ -289,7 +292,7 @@ def adapter_summary(model: nn.Module, adapters: Sequence[Adapter], device_map: M
         device_map: block name -> device, in execution order.
         dtype: the base's load dtype (adapter tensors are counted at the dtype the loader gives them).
     """
-    keys = list(device_map)
+    keys = set(device_map)
     width = 4 if adapter_fp32_modules(dtype) else dtype.itemsize
     lines = []
     for adapter in adapters:
@@ -298,7 +301,7 @@ def adapter_summary(model: nn.Module, adapters: Sequence[Adapter], device_map: M
         for name, tensor in _named_tensors(model):
             if marker not in f".{name}.":
                 continue
-            block = max((k for k in keys if k == "" or name.startswith(k + ".")), key=len, default="")
+            block = owner_of(name, keys) or ""
             per_block[block] = per_block.get(block, 0) + tensor.numel() * width
         method = getattr(adapter.config.peft_type, "value", adapter.config.peft_type)
         if adapter.config.is_prompt_learning:
@@ -328,8 +331,6 @@ def _place_prefixes(wrapped: nn.Module, adapter: Adapter) -> None:
         AdapterError: every block is on disk (no value can name the CPU), or a GPU runs some blocks while a
             cpu/disk-placed block runs on the CPU (peft would put that block's prefix on the GPU).
     """
-    from bigload.runtime.hooks import runtime_of
-
     base = wrapped.get_base_model()
     device_map = getattr(base, "hf_device_map", None)
     method = getattr(adapter.config.peft_type, "value", adapter.config.peft_type)

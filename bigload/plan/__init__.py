@@ -5,6 +5,7 @@ only execute it. The planner itself is pure (`planner`, `reserve`, `hosts`, `acc
 is the one module here that probes the machine, and its result is passed in.
 """
 
+from bigload.plan.given import check_plan, plan_for_map
 from bigload.plan.planner import (
     STRATEGIES,
     DeviceUsage,
@@ -16,5 +17,5 @@ from bigload.plan.planner import (
     plan,
 )
 
-__all__ = ["STRATEGIES", "DeviceUsage", "Placement", "Plan", "PlanOptions", "choose_policy", "default_gpu_headroom",
-           "plan"]
+__all__ = ["STRATEGIES", "DeviceUsage", "Placement", "Plan", "PlanOptions", "check_plan", "choose_policy",
+           "default_gpu_headroom", "plan", "plan_for_map"]

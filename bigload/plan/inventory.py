@@ -1,13 +1,13 @@
 """What must be placed: modules in execution order with their byte sizes, tied groups and unsplittable blocks.
 
-An `Inventory` is built in one linear pass, either from an `nn.Module` (meta tensors are fine) or from a
-checkpoint's headers alone. Modules are kept in pre-order (registration order, which is the order a
+An `Inventory` is built in one linear pass, from an `nn.Module` (meta tensors are fine; here) or from a
+checkpoint's headers alone (`headers.py`). Modules are kept in pre-order (registration order, which is the order a
 transformers model runs its blocks in), so a module's subtree is the contiguous index range
 `[i, end(i))` and every subtree size is a difference of two prefix sums: the planner never walks a tree
 twice.
 
-Every tensor's dtype once loaded is decided here, once, by a `DtypeRule`, and carried on its
-`TensorEntry`; the planner sizes with it and the loader (`stream`) places each tensor in it. A tensor
+Every tensor's dtype once loaded is decided here, once, by the load's `DtypeRule` (`dtypes.py`), and carried
+on its `TensorEntry` (with the dtype the checkpoint stores it in, when known); the planner sizes with it and the loader (`stream`) places each tensor in it. A tensor
 registered under several names (tied weights) is counted once, under its first name in registration order.
 
 The KV-cache spec (`kv_cache_spec`) describes how many bytes each attention layer's cache takes per token,
@@ -20,115 +20,29 @@ import dataclasses
 import functools
 import gc
 import itertools
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from bigload.errors import BigloadError, PlanError
+from bigload.errors import PlanError
+from bigload.plan.dtypes import DtypeRule, castable
 from bigload.plan.reserve import SLOT_ALIGNMENT, aligned
 from bigload.sizes import dtype_width, parse_dtype
 
 __all__ = [
-    "DtypeRule",
-    "castable",
     "Inventory",
     "KVCacheSpec",
     "TensorEntry",
-    "block_of",
+    "decoder_block_names",
     "decoder_blocks",
-    "default_keep_in_fp32_modules",
-    "inventory_from_checkpoint",
     "inventory_from_module",
     "kv_cache_spec",
     "sub_inventory",
+    "subtree_ends",
 ]
-
-# Only these are cast. Integer and bool tensors (ids, masks, quantized weights), complex tensors (a cast to
-# a real dtype drops the imaginary part) and float8 tensors (quantized weights with their own scales) keep
-# their stored dtype, since casting them would change what they mean.
-_CASTABLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-
-
-def castable(dtype: torch.dtype) -> bool:
-    """Whether a tensor stored in `dtype` is cast to the load dtype (float16/bfloat16/float32/float64)."""
-    return dtype in _CASTABLE
-
-
-@dataclass(frozen=True)
-class DtypeRule:
-    """The one rule for the dtype a tensor has once loaded; `dtype_of` answers it for one tensor.
-
-    In order: a `special` entry for the tensor's name; a stored dtype that is not castable (integer, bool,
-    complex, float8) is kept; a tensor under a `keep_in_fp32` module is float32; else `dtype`; else (no
-    `dtype`) the dtype the model was built with, when that is castable; else the stored dtype. A
-    non-persistent buffer (computed, such as rotary `inv_freq`; never loaded) keeps the dtype it was built
-    with: `inventory_from_module` does not ask the rule for it.
-
-    Attributes:
-        dtype: the dtype floating tensors are loaded in; None: the model's own dtype.
-        special: tensor name -> dtype, overriding everything else for that tensor.
-        keep_in_fp32: module names (a dotted component such as "wo", or a dotted prefix) kept in float32.
-    """
-
-    dtype: torch.dtype | None = None
-    special: tuple[tuple[str, torch.dtype], ...] = ()
-    keep_in_fp32: tuple[str, ...] = ()
-
-    @staticmethod
-    def of(dtype: torch.dtype | str | None = None, special_dtypes: Mapping[str, torch.dtype | str] | None = None,
-           keep_in_fp32_modules: Iterable[str] = ()) -> "DtypeRule":
-        """A rule from user-facing arguments (dtype names are parsed).
-
-        Raises:
-            BudgetError: an unknown dtype name.
-        """
-        target = parse_dtype(dtype) if dtype is not None else None
-        special = tuple(sorted((name, parse_dtype(value)) for name, value in (special_dtypes or {}).items()))
-        return DtypeRule(target, special, tuple(dict.fromkeys(keep_in_fp32_modules)))
-
-    @staticmethod
-    def for_model(model: nn.Module, dtype: torch.dtype | str | None = None,
-                  special_dtypes: Mapping[str, torch.dtype | str] | None = None,
-                  keep_in_fp32_modules: Sequence[str] | None = None) -> "DtypeRule":
-        """The rule for loading `model`: `keep_in_fp32_modules=None` means transformers' default for the
-        model (`default_keep_in_fp32_modules`), so a transformers model loads as `from_pretrained` loads it.
-        (accelerate's `load_checkpoint_in_model` keeps nothing in float32 unless given the list; pass
-        `keep_in_fp32_modules=[]` for that.)"""
-        target = parse_dtype(dtype) if dtype is not None else None
-        kept = default_keep_in_fp32_modules(model, target) if keep_in_fp32_modules is None else keep_in_fp32_modules
-        return DtypeRule.of(target, special_dtypes, kept)
-
-    def dtype_of(self, name: str, stored: torch.dtype, model_dtype: torch.dtype | None = None) -> torch.dtype:
-        """The dtype tensor `name` is loaded in, stored as `stored`, built in the model as `model_dtype`."""
-        special = self._special.get(name)
-        if special is not None:
-            return special
-        if stored not in _CASTABLE:
-            return stored
-        if self._fp32.matches(name):
-            return torch.float32
-        if self.dtype is not None:
-            return self.dtype
-        return model_dtype if model_dtype in _CASTABLE else stored
-
-    def keeps_fp32(self, name: str) -> bool:
-        """Whether tensor `name` lies in a module kept in float32."""
-        return self._fp32.matches(name)
-
-    @functools.cached_property
-    def _special(self) -> dict[str, torch.dtype]:
-        return dict(self.special)
-
-    @functools.cached_property
-    def _fp32(self) -> "_Fp32Matcher":
-        return _Fp32Matcher(self.keep_in_fp32)
-
-    @property
-    def per_name(self) -> bool:
-        """Whether the answer depends on the tensor's name (not only on its dtypes)."""
-        return bool(self.special or self.keep_in_fp32)
 
 
 class TensorEntry(NamedTuple):
@@ -142,6 +56,8 @@ class TensorEntry(NamedTuple):
         buffer: a buffer (persistent or not) rather than a parameter.
         scheme: the quantization scheme it is part of ("int8", "int4:128": a quantized Linear's codes and
             scales, which the loader builds from the checkpoint's float weight), "" for a plain tensor.
+        stored: the dtype its bytes have in the checkpoint it loads from; None when unknown (no checkpoint)
+            or built while loading (quantized tensors).
     """
 
     name: str
@@ -150,6 +66,7 @@ class TensorEntry(NamedTuple):
     dtype: torch.dtype
     buffer: bool
     scheme: str = ""
+    stored: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -217,11 +134,18 @@ class Inventory:
         object.__setattr__(self, "_bytes_prefix", tuple(itertools.accumulate(self.own_bytes, initial=0)))
         object.__setattr__(self, "_buffer_prefix", tuple(itertools.accumulate(self.own_buffer_bytes, initial=0)))
         slot_own = [0] * len(self.names)
+        slot_buffers = [0] * len(self.names)
+        params = [0] * len(self.names)
+        buffers = [0] * len(self.names)
         for entry in self.tensors:
-            if not entry.buffer:
-                slot_own[entry.module] += aligned(entry.nbytes)
+            (slot_buffers if entry.buffer else slot_own)[entry.module] += aligned(entry.nbytes)
+            (buffers if entry.buffer else params)[entry.module] += 1
+        object.__setattr__(self, "_param_count_prefix", tuple(itertools.accumulate(params, initial=0)))
+        object.__setattr__(self, "_buffer_count_prefix", tuple(itertools.accumulate(buffers, initial=0)))
         object.__setattr__(self, "_slot_prefix", tuple(itertools.accumulate(slot_own, initial=0)))
+        object.__setattr__(self, "_slot_buffer_prefix", tuple(itertools.accumulate(slot_buffers, initial=0)))
         object.__setattr__(self, "_index", {name: i for i, name in enumerate(self.names)})
+        object.__setattr__(self, "_int4_modules", sorted({e.module for e in self.tensors if e.scheme.startswith("int4")}))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -250,16 +174,46 @@ class Inventory:
         """Bytes of the buffers of module `i` and everything under it."""
         return self._buffer_prefix[self.ends[i]] - self._buffer_prefix[i]  # type: ignore[attr-defined]
 
-    def slot_bytes(self, i: int, *, whole: bool = True, alignment: int = SLOT_ALIGNMENT) -> int:
-        """Bytes of a runtime slot holding the parameters of module `i` (with everything under it, or only
-        its own when not `whole`), each at an `alignment`-aligned offset (`reserve.slot_bytes`)."""
+    def slot_bytes(self, i: int, *, whole: bool = True, alignment: int = SLOT_ALIGNMENT, buffers: bool = False) -> int:
+        """Bytes of a runtime slot holding the parameters (and with `buffers`, the buffers) of module `i` (with
+        everything under it, or only its own when not `whole`), each at an `alignment`-aligned offset
+        (`reserve.slot_bytes`)."""
         end = self.ends[i] if whole else i + 1
         if alignment == 1:
-            params = self._bytes_prefix[end] - self._bytes_prefix[i]  # type: ignore[attr-defined]
-            return params - (self._buffer_prefix[end] - self._buffer_prefix[i])  # type: ignore[attr-defined]
+            total = self._bytes_prefix[end] - self._bytes_prefix[i]  # type: ignore[attr-defined]
+            return total if buffers else total - (self._buffer_prefix[end] - self._buffer_prefix[i])  # type: ignore[attr-defined]
         if alignment != SLOT_ALIGNMENT:
             raise ValueError(f"slot alignment {alignment} is neither 1 nor SLOT_ALIGNMENT ({SLOT_ALIGNMENT}).")
-        return self._slot_prefix[end] - self._slot_prefix[i]  # type: ignore[attr-defined]
+        params = self._slot_prefix[end] - self._slot_prefix[i]  # type: ignore[attr-defined]
+        extra = self._slot_buffer_prefix[end] - self._slot_buffer_prefix[i] if buffers else 0  # type: ignore[attr-defined]
+        return params + extra
+
+    def brought_in(self, i: int, *, whole: bool = True, buffers: bool = False) -> int:
+        """How many tensors of module `i` (with everything under it, or only its own) an offloaded entry brings
+        in for each forward: its parameters, and with `buffers` its buffers too (tied tensors once)."""
+        end = self.ends[i] if whole else i + 1
+        count = self._param_count_prefix[end] - self._param_count_prefix[i]  # type: ignore[attr-defined]
+        if buffers:
+            count += self._buffer_count_prefix[end] - self._buffer_count_prefix[i]  # type: ignore[attr-defined]
+        return count
+
+    def holds_int4(self, i: int, *, whole: bool = True) -> bool:
+        """Whether module `i` (with everything under it, or only its own tensors) holds int4-quantized tensors."""
+        modules = self._int4_modules  # type: ignore[attr-defined]
+        end = self.ends[i] if whole else i + 1
+        k = bisect_left(modules, i)
+        return k < len(modules) and modules[k] < end
+
+    @functools.cached_property
+    def cast_bytes(self) -> int:
+        """The largest tensor that is loaded in another dtype than the checkpoint stores it in, at its stored
+        size: what briefly lands on a GPU before the cast there (0 when nothing is known to be cast)."""
+        largest = 0
+        for entry in self.tensors:
+            if entry.stored is not None and entry.stored != entry.dtype and castable(entry.stored):
+                numel = entry.nbytes // dtype_width(entry.dtype)
+                largest = max(largest, numel * dtype_width(entry.stored))
+        return largest
 
     def size(self, name: str) -> int:
         """Bytes of module `name` with everything under it.
@@ -289,6 +243,25 @@ class Inventory:
             object.__setattr__(self, "_dtypes", lookup)
         return lookup.get(name)
 
+    def tensor(self, name: str) -> TensorEntry:
+        """The entry of tensor `name` (its first name).
+
+        Raises:
+            PlanError: no tensor has that first name.
+        """
+        lookup = self.__dict__.get("_entries")
+        if lookup is None:
+            lookup = {entry.name: entry for entry in self.tensors}
+            object.__setattr__(self, "_entries", lookup)
+        try:
+            return lookup[name]
+        except KeyError:
+            raise PlanError(f"the inventory has no tensor named {name!r}.") from None
+
+    def module_of(self, tensor_name: str) -> int:
+        """Index of the module that registers tensor `tensor_name` (any of a tied tensor's names)."""
+        return self.index(tensor_name.rpartition(".")[0])
+
     def quantized(self) -> tuple[TensorEntry, ...]:
         """The entries of quantized tensors (a scheme decided for them), in registration order."""
         return tuple(entry for entry in self.tensors if entry.scheme)
@@ -311,6 +284,7 @@ def inventory_from_module(
     no_split_module_classes: Iterable[str] | None = None,
     config: Any = None,
     stored_dtypes: Mapping[str, torch.dtype] | None = None,
+    rule: DtypeRule | None = None,
 ) -> Inventory:
     """Inventory a model (meta tensors are fine) in one pass over its modules.
 
@@ -325,6 +299,8 @@ def inventory_from_module(
         config: a transformers-style config for the KV-cache spec; default: `model.config`.
         stored_dtypes: tensor name -> dtype in the checkpoint it will be loaded from (a float8 or integer
             checkpoint tensor keeps its dtype whatever the model was built with); default: the model's.
+        rule: the load's `DtypeRule`, built once by its entry point; when given, `dtype`, `special_dtypes`
+            and `keep_in_fp32_modules` must not be (they are what the rule was built from).
 
     Returns:
         An `Inventory`.
@@ -335,7 +311,10 @@ def inventory_from_module(
     >>> inv = inventory_from_module(model, dtype=torch.bfloat16)  # doctest: +SKIP
     >>> inv.size("model.layers.0")  # doctest: +SKIP
     """
-    rule = DtypeRule.for_model(model, dtype, special_dtypes, keep_in_fp32_modules)
+    if rule is None:
+        rule = DtypeRule.for_model(model, dtype, special_dtypes, keep_in_fp32_modules)
+    elif dtype is not None or special_dtypes is not None or keep_in_fp32_modules is not None:
+        raise TypeError("give inventory_from_module either rule= or the dtype arguments it is built from, not both.")
     target = rule.dtype
     no_split_classes = _no_split_classes(model, no_split_module_classes)
     builder = _ModuleWalk(rule, stored_dtypes or {}, no_split_classes)
@@ -343,12 +322,12 @@ def inventory_from_module(
     names = tuple(builder.names)
     no_split = tuple(builder.no_split)
     kv_config = config if config is not None else getattr(model, "config", None)
-    kv = kv_cache_spec(kv_config, _decoder_blocks(names, no_split), dtype=target or _first_float(builder))
+    kv = kv_cache_spec(kv_config, decoder_block_names(names, no_split), dtype=target or _first_float(builder))
     return Inventory(
         names=names,
         classes=tuple(builder.classes),
         parents=tuple(builder.parents),
-        ends=_subtree_ends(builder.parents),
+        ends=subtree_ends(builder.parents),
         own_bytes=tuple(builder.own_bytes),
         own_buffer_bytes=tuple(builder.own_buffer_bytes),
         own_tensors=tuple(builder.own_tensors),
@@ -440,7 +419,8 @@ class _ModuleWalk:
                         if cast is None:
                             cast = loaded_as(tensor_name, stored, built)
                     nbytes = tensor.numel() * cast[1]
-                    tensors.append(TensorEntry(tensor_name, index, nbytes, cast[0], is_buffer, scheme))
+                    known = stored_dtypes.get(tensor_name) if stored_dtypes and not scheme else None
+                    tensors.append(TensorEntry(tensor_name, index, nbytes, cast[0], is_buffer, scheme, known))
                     own += nbytes
                     if is_buffer:
                         own_buffers += nbytes
@@ -466,32 +446,6 @@ class _ModuleWalk:
         return width
 
 
-class _Fp32Matcher:
-    """Whether a tensor name lies in a keep-in-fp32 module: a dotted component or a dotted prefix."""
-
-    def __init__(self, modules: Iterable[str]) -> None:
-        self.components = frozenset(m for m in modules if "." not in m)
-        self.prefixes = tuple(f"{m}." for m in modules if "." in m)
-
-    def matches(self, name: str) -> bool:
-        if not self.components and not self.prefixes:
-            return False
-        if self.prefixes and name.startswith(self.prefixes):
-            return True
-        return any(part in self.components for part in name.split(".")[:-1])
-
-
-def default_keep_in_fp32_modules(model: nn.Module, dtype: torch.dtype | None) -> list[str]:
-    """The modules transformers' from_pretrained keeps in float32 at `dtype`: `_keep_in_fp32_modules` at
-    float16 only, `_keep_in_fp32_modules_strict` at float16 and bfloat16."""
-    kept: list[str] = []
-    if dtype == torch.float16:
-        kept.extend(getattr(model, "_keep_in_fp32_modules", None) or ())
-    if dtype in (torch.float16, torch.bfloat16):
-        kept.extend(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    return list(dict.fromkeys(kept))
-
-
 def _no_split_classes(model: nn.Module, given: Iterable[str] | None) -> frozenset[str]:
     if given is None:
         given = getattr(model, "_no_split_modules", None) or ()
@@ -508,7 +462,7 @@ def _first_float(builder: _ModuleWalk) -> torch.dtype | None:
     return None
 
 
-def _subtree_ends(parents: Sequence[int]) -> tuple[int, ...]:
+def subtree_ends(parents: Sequence[int]) -> tuple[int, ...]:
     """End (exclusive) of each subtree in a pre-order list: a child's end bounds its parent's."""
     ends = list(range(1, len(parents) + 1))
     for i in range(len(parents) - 1, 0, -1):
@@ -519,191 +473,12 @@ def _subtree_ends(parents: Sequence[int]) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------------------------
-# From checkpoint headers
-
-# Without a model class the order of siblings is a guess: shard order first (save_pretrained writes the
-# state dict in order), then these conventions for siblings in one file (safetensors sorts names within a
-# file, so "lm_head" would otherwise come before "model").
-_SIBLING_RANK: dict[str, int] = {
-    **dict.fromkeys(("embed_tokens", "wte", "wpe", "embeddings", "embed", "tok_embeddings", "word_embeddings",
-                     "embed_in", "shared"), 0),
-    **dict.fromkeys(("norm", "final_layernorm", "ln_f", "final_layer_norm", "final_norm", "norm_f"), 2),
-    **dict.fromkeys(("lm_head", "embed_out", "output", "head", "classifier", "score", "qa_outputs"), 3),
-}
-_DEFAULT_RANK = 1
-
-
-def block_of(name: str) -> str:
-    """The block a checkpoint tensor belongs to when planning from headers: the first numbered module on
-    its path (`model.layers.17.mlp.up_proj.weight` -> `model.layers.17`), else the module owning it.
-
-    >>> block_of("model.layers.17.self_attn.q_proj.weight")
-    'model.layers.17'
-    >>> block_of("lm_head.weight")
-    'lm_head'
-    """
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit() and i > 0:
-            return ".".join(parts[: i + 1])
-    return ".".join(parts[:-1])
-
-
-def inventory_from_checkpoint(
-    index: Any,
-    dtype: torch.dtype | str | None = None,
-    *,
-    no_split_prefixes: Iterable[str] | None = None,
-    special_dtypes: Mapping[str, torch.dtype | str] | None = None,
-    keep_in_fp32_modules: Sequence[str] = (),
-    config: Any = None,
-) -> Inventory:
-    """Inventory a checkpoint from its headers alone: modules are the dotted prefixes of tensor names.
-
-    Args:
-        index: a `checkpoint.CheckpointIndex` (anything with `.tensors` mapping name -> ref with `.dtype`,
-            `.shape`).
-        dtype: the dtype floating tensors will be loaded in (None: as stored).
-        no_split_prefixes: containers whose direct children are blocks never split (e.g. "model.layers");
-            default: every numbered child of a container (`model.layers.17`) is such a block.
-        special_dtypes: tensor name -> dtype overriding `dtype`.
-        keep_in_fp32_modules: module names whose floating tensors stay float32.
-        config: a transformers-style config (object or dict) for the KV-cache spec.
-
-    Returns:
-        An `Inventory` whose module classes are all "".
-
-    Raises:
-        BigloadError: the checkpoint holds no tensor, or a name is both a tensor and a module.
-
-    >>> inventory_from_checkpoint(open_checkpoint("model/"), dtype="bfloat16")  # doctest: +SKIP
-    """
-    refs = list(index.tensors.values())
-    if not refs:
-        raise BigloadError("the checkpoint holds no tensor; nothing to plan.")
-    rule = DtypeRule.of(dtype, special_dtypes, keep_in_fp32_modules)
-    target = rule.dtype
-    tree = _HeaderTree.build(refs, getattr(index, "files", ()))
-    names, parents = tree.preorder()
-    position = {name: i for i, name in enumerate(names)}
-    no_split = _header_no_split(names, no_split_prefixes)
-    widths: dict[torch.dtype, int] = {}
-    own = [0] * len(names)
-    own_buffers = [0] * len(names)
-    counts = [0] * len(names)
-    entries: list[TensorEntry] = []
-    for ref in sorted(refs, key=lambda r: (position[_owner(r.name)], r.name)):
-        module = position[_owner(ref.name)]
-        loaded = rule.dtype_of(ref.name, ref.dtype)
-        width = widths.get(loaded) or widths.setdefault(loaded, dtype_width(loaded))
-        nbytes = _numel(ref.shape) * width
-        entries.append(TensorEntry(ref.name, module, nbytes, loaded, False))
-        own[module] += nbytes
-        counts[module] += 1
-    flags = tuple(no_split)
-    stored = next((ref.dtype for ref in refs if ref.dtype.is_floating_point), None)
-    return Inventory(
-        names=tuple(names),
-        classes=("",) * len(names),
-        parents=tuple(parents),
-        ends=_subtree_ends(parents),
-        own_bytes=tuple(own),
-        own_buffer_bytes=tuple(own_buffers),
-        own_tensors=tuple(counts),
-        no_split=flags,
-        tensors=tuple(entries),
-        tied_groups=(),
-        kv=kv_cache_spec(config, _decoder_blocks(names, flags), dtype=target or stored),
-        dtype=target,
-        rule=rule,
-    )
-
-
-def _owner(tensor_name: str) -> str:
-    return tensor_name.rpartition(".")[0]
-
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
-class _HeaderTree:
-    """Module names implied by tensor names, with each module's first position in the checkpoint."""
-
-    def __init__(self) -> None:
-        self.children: dict[str, list[str]] = {"": []}  # filled parent-first as names arrive
-        self.first: dict[str, tuple[int, int]] = {"": (0, 0)}  # (file rank, position in file order)
-
-    @staticmethod
-    def build(refs: Sequence[Any], files: Sequence[Any]) -> "_HeaderTree":
-        tree = _HeaderTree()
-        file_rank = {path: i for i, path in enumerate(files)}
-        tensor_names = {ref.name for ref in refs}
-        for position, ref in enumerate(refs):
-            key = (file_rank.get(getattr(ref, "file", None), 0), position)
-            module = _owner(ref.name)
-            if module in tensor_names:
-                raise BigloadError(
-                    f"checkpoint name {module!r} is a tensor and also the module of {ref.name!r}; "
-                    "a checkpoint with such names cannot be planned from headers alone."
-                )
-            tree._add(module, key)
-        return tree
-
-    def _add(self, module: str, key: tuple[int, int]) -> None:
-        node = module
-        while True:
-            known = node in self.first
-            if not known:
-                self.first[node] = key
-                self.children.setdefault(node, [])
-            elif key < self.first[node]:
-                self.first[node] = key
-            if node == "":
-                return
-            parent = node.rpartition(".")[0]
-            if not known:
-                self.children.setdefault(parent, []).append(node)
-            node = parent
-
-    def _sort_key(self, name: str) -> tuple[int, int, int, int]:
-        leaf = name.rpartition(".")[2]
-        if leaf.isdigit():
-            return (0, 0, int(leaf), 0)  # numbered siblings run in number order
-        file_rank, position = self.first[name]
-        return (file_rank, _SIBLING_RANK.get(leaf, _DEFAULT_RANK), 0, position)
-
-    def preorder(self) -> tuple[list[str], list[int]]:
-        names: list[str] = []
-        parents: list[int] = []
-        stack: list[tuple[str, int]] = [("", -1)]
-        while stack:
-            name, parent = stack.pop()
-            index = len(names)
-            names.append(name)
-            parents.append(parent)
-            kids = sorted(self.children[name], key=self._sort_key)
-            stack.extend((kid, index) for kid in reversed(kids))
-        return names, parents
-
-
-def _header_no_split(names: Sequence[str], prefixes: Iterable[str] | None) -> list[bool]:
-    if prefixes is None:
-        return [bool(name) and name.rpartition(".")[2].isdigit() and "." in name for name in names]
-    containers = frozenset(prefixes)
-    return [bool(name) and ("." in name and name.rpartition(".")[0] in containers) for name in names]
-
-
-# --------------------------------------------------------------------------------------------------
 # KV cache
 
 _NON_ATTENTION_LAYER_TYPES = ("linear", "mamba", "conv", "recurrent", "ssm")
 
 
-def _decoder_blocks(names: Sequence[str], no_split: Sequence[bool]) -> tuple[str, ...]:
+def decoder_block_names(names: Sequence[str], no_split: Sequence[bool]) -> tuple[str, ...]:
     """Numbered children of containers, grouped by container, largest group first (the decoder stack).
 
     Unsplittable numbered blocks are preferred; numbered children of any container are the fallback.
@@ -781,7 +556,7 @@ def kv_cache_spec(config: Any, block_names: Sequence[str], *, dtype: torch.dtype
 def decoder_blocks(inventory: Inventory) -> tuple[str, ...]:
     """The decoder stack's blocks in order (`model.layers.0`, ...): the largest group of numbered children
     of one container, unsplittable ones preferred. Empty when the model has no numbered blocks."""
-    return _decoder_blocks(inventory.names, inventory.no_split)
+    return decoder_block_names(inventory.names, inventory.no_split)
 
 
 def sub_inventory(inventory: Inventory, modules: Iterable[str]) -> Inventory:
@@ -824,7 +599,7 @@ def sub_inventory(inventory: Inventory, modules: Iterable[str]) -> Inventory:
         names=tuple(inventory.names[i] for i in old),
         classes=tuple(inventory.classes[i] for i in old),
         parents=parents,
-        ends=_subtree_ends(parents),
+        ends=subtree_ends(parents),
         own_bytes=own(inventory.own_bytes),
         own_buffer_bytes=own(inventory.own_buffer_bytes),
         own_tensors=own(inventory.own_tensors),
