@@ -101,7 +101,7 @@ def _measure_direct_reads(spec: dict) -> dict:
 
     import torch
 
-    open_checkpoint = need("bigload.formats.checkpoint", "open_checkpoint")
+    open_checkpoint = need("bigload.formats.discover", "open_checkpoint")
     reads = need("bigload.load.reads")
     layers: dict[int, list] = {}
     for name, ref in open_checkpoint(spec["folder"]).tensors.items():

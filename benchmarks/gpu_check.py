@@ -376,7 +376,7 @@ def decode_maps(num_layers: int, device: int | str) -> dict[str, dict[str, int |
 def _moved_bytes(folder: Path, device_map: dict[str, int | str], device: int | str) -> int:
     """Bytes of weights brought to `device` per token: every block placed elsewhere (cpu and disk blocks
     stream to the GPU under a dict map; on the CPU fallback only disk blocks move)."""
-    from bigload.formats.checkpoint import open_checkpoint
+    from bigload.formats.discover import open_checkpoint
 
     offloaded = [key for key, value in device_map.items() if value != device]
     index = open_checkpoint(folder)

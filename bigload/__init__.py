@@ -6,7 +6,8 @@ prefetch the next blocks (`load_checkpoint_and_dispatch`, `dispatch_model`). `fr
 for a Hugging Face model folder. The accelerate-named functions take accelerate's keyword arguments.
 """
 
-from bigload.formats.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
+from bigload.formats.refs import CheckpointIndex, TensorRef
+from bigload.formats.discover import open_checkpoint
 from bigload.integrations.device_maps import compute_module_sizes, find_tied_parameters, get_balanced_memory, infer_auto_device_map
 from bigload.devices import Budget, Device, ExecutionPolicy
 from bigload.integrations.dispatch import cpu_offload, detach, disk_offload, dispatch_model, remove_hook_from_submodules

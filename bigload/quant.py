@@ -59,6 +59,7 @@ from torch import nn
 
 from bigload.errors import QuantizationError
 from bigload.messages import Setting, Text, setting
+from bigload.tensors import tensor_groups
 
 __all__ = [
     "Layout",
@@ -173,14 +174,8 @@ def choose_linears(model: nn.Module, quantization: Quantization) -> tuple[str, .
         QuantizationError: no Linear is left (a model without Linear layers, or all skipped), or a Linear's
             shape is one the scheme's kernels cannot run (named, with the fix).
     """
-    head = _output_head(model)
-    shared = _shared_weights(model)
     chosen = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear or module is head or quantization.skips(name):
-            continue
-        if id(module.weight) in shared:
-            continue
+    for name, module in _candidates(model, quantization):
         _check_shape(name, module.out_features, module.in_features, quantization)
         chosen.append(name)
     if not chosen:
@@ -189,6 +184,15 @@ def choose_linears(model: nn.Module, quantization: Quantization) -> tuple[str, .
             "quantize (outside the output head, tied weights and ", setting("quantize_skip"), "); load it without ",
             setting("quantize"), "."))
     return tuple(chosen)
+
+
+def _candidates(model: nn.Module, quantization: Quantization) -> list[tuple[str, nn.Linear]]:
+    """The plain `nn.Linear`s `quantization` quantizes: not the output head, not tied, not skipped."""
+    head = _output_head(model)
+    shared = _shared_weights(model)
+    return [(name, module) for name, module in model.named_modules()
+            if type(module) is nn.Linear and module is not head and not quantization.skips(name)
+            and id(module.weight) not in shared]
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -200,10 +204,8 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
-    seen: dict[int, int] = {}
-    for _, tensor in model.named_parameters(remove_duplicate=False):
-        seen[id(tensor)] = seen.get(id(tensor), 0) + 1
-    return {key for key, count in seen.items() if count > 1}
+    """Tensors registered under several names (tied): `tensors.tensor_groups`, the one walk."""
+    return {id(group.tensor) for group in tensor_groups(model) if len(group.names) > 1}
 
 
 def _check_shape(name: str, out_features: int, in_features: int, quantization: Quantization) -> None:
@@ -283,15 +285,32 @@ def quantize_model(model: nn.Module, quantization: Quantization,
     """
     existing = quantized_linears(model)
     if existing:
-        schemes = {module.quantization.tag for module in existing.values()}
-        if schemes != {quantization.tag}:
-            raise QuantizationError(f"the model was quantized with {', '.join(sorted(schemes))} already; build it "
-                                    f"again (on meta) to load it with quantize={quantization.tag!r}.")
+        _check_same_decision(model, quantization, existing)
         return tuple(existing)
     names = choose_linears(model, quantization)
     dtypes = {name: dtype_of(f"{name}.weight", model.get_submodule(name).weight.dtype) for name in names}
     swap_linears(model, names, quantization, dtypes)
     return names
+
+
+def _check_same_decision(model: nn.Module, quantization: Quantization, existing: Mapping[str, "QuantLinear"]) -> None:
+    """A model quantized before is loaded as it is only when `quantization` would quantize exactly the same
+    Linears the same way (its scheme, group and `skip`); anything else would be silently ignored.
+
+    Raises:
+        QuantizationError: naming what differs and the fix (build the model again).
+    """
+    schemes = {module.quantization.tag for module in existing.values()}
+    fix = f"build it again (on meta) to load it with quantize={quantization.tag!r}"
+    if schemes != {quantization.tag}:
+        raise QuantizationError(f"the model was quantized with {', '.join(sorted(schemes))} already; {fix}.")
+    skipped = [name for name in existing if quantization.skips(name)]
+    missed = [name for name, _ in _candidates(model, quantization)]
+    if skipped or missed:
+        what = (f"{skipped[:3]} are quantized but quantize_skip names them" if skipped
+                else f"{missed[:3]} would be quantized now but were left out")
+        raise QuantizationError(f"the model was quantized already with another quantize_skip: {what}; {fix} and "
+                                f"quantize_skip={list(quantization.skip)!r}.")
 
 
 def quantized_linears(model: nn.Module) -> dict[str, "QuantLinear"]:

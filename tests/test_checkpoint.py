@@ -1,4 +1,4 @@
-"""Tests for bigload.formats.checkpoint: every format against the reference readers, zero-copy reads, malformed input."""
+"""Tests for the checkpoint formats (`bigload.formats`): every format against the reference readers, zero-copy reads, malformed input."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from bad_inputs.corpus import two_shards
-from bigload.formats.checkpoint import CheckpointReader, TensorRef, open_checkpoint, read_safetensors_header
+from bigload.formats.mapped import CheckpointReader
+from bigload.formats.refs import TensorRef
+from bigload.formats.discover import open_checkpoint
+from bigload.formats.safetensors import read_safetensors_header
 from bigload.errors import CheckpointError
 from fixtures_ckpt import assert_bitwise_equal, mapped_file_of, save_bin_shards, tiny_llama, write_safetensors_raw
 

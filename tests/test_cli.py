@@ -371,7 +371,7 @@ def big_embedding_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise and mincore (Linux)")
 def test_plan_and_inspect_read_no_weight(cli, big_embedding_folder: Path):
-    from bigload.formats.checkpoint import open_checkpoint
+    from bigload.formats.discover import open_checkpoint
 
     (shard,) = big_embedding_folder.glob("*.safetensors")
     data_start = min(ref.offset for ref in open_checkpoint(big_embedding_folder).tensors.values())

@@ -306,15 +306,15 @@ def test_cli_plan_takes_a_policy(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_attach_refuses_a_model_that_already_has_a_runtime() -> None:
     from bigload.errors import BigloadError
-    from bigload.runtime import attach
+    from planned import attach_map
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    runtime = attach(model, {"0": "cpu", "1": "cpu"}, execution_device="cpu")
+    runtime = attach_map(model, {"0": "cpu", "1": "cpu"}, execution_device="cpu")
     with pytest.raises(BigloadError, match=r"already has a bigload runtime.*detach\(model\) first"):
-        attach(model, {"0": "cpu", "1": "cpu"}, execution_device="cpu")
+        attach_map(model, {"0": "cpu", "1": "cpu"}, execution_device="cpu")
     assert runtime_of(model) is runtime
     detach(model)
-    attach(model, {"0": "cpu", "1": "cpu"}, execution_device="cpu")
+    attach_map(model, {"0": "cpu", "1": "cpu"}, execution_device="cpu")
 
 
 # -- the transfer kind ------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def test_each_tensor_gets_one_transfer_kind(tmp_path: Path) -> None:
     from bigload.load.transfer import Transfer, transfer_kind as _transfer_kind
     from bigload.load.matching import Group as _Group
     from bigload.devices import CPU, DISK
-    from bigload.formats.checkpoint import open_checkpoint
+    from bigload.formats.discover import open_checkpoint
 
     torch.manual_seed(0)
     folder = _save(Mixed(), tmp_path / "mixed")

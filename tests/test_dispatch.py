@@ -269,7 +269,7 @@ def _good_map() -> dict[str, int | str]:
     ids=["split_tied_group", "missing_module", "nonexistent_gpu", "unknown_module"],
 )
 def test_bad_map_fails_before_any_byte_is_read(tied_checkpoint, tmp_path, monkeypatch, change, error, match):
-    from bigload.formats.checkpoint import CheckpointReader
+    from bigload.formats.mapped import CheckpointReader
     from bigload.integrations.loading import load_checkpoint_and_dispatch
     from fixtures_models import empty_llama
 

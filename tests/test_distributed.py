@@ -19,7 +19,7 @@ from torch import nn
 
 import bigload
 from bigload.plan.budget import parse_max_memory
-from bigload.formats.checkpoint import open_checkpoint
+from bigload.formats.discover import open_checkpoint
 from bigload.errors import CheckpointError, PlanError
 from bigload.integrations.hf import meta_model_for_folder
 from bigload.plan.hosts import HostPlan, plan_hosts, split_hosts

@@ -21,7 +21,8 @@ import transformers  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from bigload.integrations import hf  # noqa: E402
-from bigload.formats.checkpoint import CheckpointReader, open_checkpoint  # noqa: E402
+from bigload.formats.mapped import CheckpointReader  # noqa: E402
+from bigload.formats.discover import open_checkpoint
 from bigload.errors import BigloadError, CheckpointError, PlanError  # noqa: E402
 from bigload.runtime import OutputAlignment, detach, runtime_of  # noqa: E402
 from bigload.plan.headers import inventory_from_checkpoint  # noqa: E402

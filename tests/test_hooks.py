@@ -12,12 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-import bigload.runtime.hooks as hooks
-import bigload.load.readahead as readahead
+from bigload.runtime.prefetch import Prefetcher
+import bigload.runtime.slots as slots_module
+from bigload.runtime.slots import Slot, advise_willneed
+import bigload.formats.pages as pages
 from bigload.devices import CPU, Device
 from bigload.errors import OffloadError, PlanError
 from bigload.devices import ExecutionPolicy
-from bigload.runtime import HostWeights, attach, detach, execution_device_for, runtime_of, send_to_device
+from bigload.runtime import HostWeights, attach, detach, runtime_of, send_to_device
+from planned import attach_map, planned
 from bigload.plan.reserve import SLOT_ALIGNMENT, SlotSpec, pinned_bytes
 from fixtures_models import OutOfOrder, ThreeBlocks, TiedEnds
 from timeouts import with_timeout
@@ -60,13 +63,17 @@ def _three(seed: int = 0) -> tuple[ThreeBlocks, ThreeBlocks]:
         ("disk", "cpu", ExecutionPolicy.LOCAL, CPU),
     ],
 )
-def test_execution_device_follows_placement_and_policy(placed, main, policy, expected):
-    assert execution_device_for(placed, main_device=main, policy=policy) == expected
+def test_the_plan_of_a_given_map_decides_where_each_block_runs(placed, main, policy, expected):
+    _, model = _three()
+    result = planned(model, {"first": placed, "": "cpu"}, execution_device=main, policy=policy)
+    assert result.execution_devices["first"] == expected
+    assert result.placement_of("first.weight").offloaded == (expected != Device.parse(placed))
 
 
 def test_disk_is_no_main_device():
+    _, model = _three()
     with pytest.raises(PlanError, match="main execution device cannot be 'disk'"):
-        execution_device_for("cpu", main_device="disk", policy=ExecutionPolicy.STREAM)
+        planned(model, {"": "cpu"}, execution_device="disk")
 
 
 @pytest.mark.parametrize("policy", list(ExecutionPolicy))
@@ -75,7 +82,7 @@ def test_with_the_cpu_as_main_device_the_policy_changes_nothing(policy):
     blocks stay resident and disk blocks are brought in, under either policy."""
     reference, model = _three()
     store = _offload(model, _names(model, ("second",)))
-    runtime = attach(model, {"first": "cpu", "second": "disk", "third": "cpu", "": "cpu"},
+    runtime = attach_map(model, {"first": "cpu", "second": "disk", "third": "cpu", "": "cpu"},
                      execution_device="cpu", store=store, policy=policy)
     assert [name for name, block in runtime.blocks.items() if block.offloaded] == ["second"]
     assert {block.execution_device for block in runtime.blocks.values()} == {torch.device("cpu")}
@@ -93,7 +100,7 @@ def test_local_policy_keeps_cpu_block_resident_and_stream_offloads_it(policy):
     and STREAM brings their weights to the GPU for every forward."""
     reference, model = _three()
     streamed = policy is ExecutionPolicy.STREAM
-    runtime = attach(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"},
+    runtime = attach_map(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"},
                      execution_device="cuda:0", policy=policy)
     runs_on = "cuda" if streamed else "cpu"
     assert {name: block.execution_device.type for name, block in runtime.blocks.items()} == \
@@ -148,7 +155,7 @@ def test_offloaded_blocks_match_plain_model_and_are_released_after_forward():
     reference, model = _three()
     names = _names(model, ("first", "second", "third"))
     store = _offload(model, names)
-    attach(model, THREE_MAP, execution_device="cpu", store=store, prefetch=1)
+    attach_map(model, THREE_MAP, execution_device="cpu", store=store, prefetch=1)
     x = torch.randn(5, 8)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
@@ -167,7 +174,7 @@ def test_cpu_execution_uses_stored_tensors_in_place():
         seen["weight"] = module.weight.data_ptr()
 
     model.second[0].register_forward_pre_hook(record)
-    attach(model, THREE_MAP | {"first": "cpu", "third": "cpu"}, execution_device="cpu", store=store)
+    attach_map(model, THREE_MAP | {"first": "cpu", "third": "cpu"}, execution_device="cpu", store=store)
     with torch.no_grad():
         model(torch.randn(2, 8))
     assert seen["weight"] == store.get("second.0.weight").data_ptr()
@@ -179,7 +186,7 @@ def test_stored_dtype_differs_then_weights_are_cast_into_reused_buffers():
     reference, model = _three()
     names = _names(model, ("first", "second", "third"))
     store = _offload(model, names, dtype=torch.float64)
-    runtime = attach(model, THREE_MAP, execution_device="cpu", store=store, prefetch=1)
+    runtime = attach_map(model, THREE_MAP, execution_device="cpu", store=store, prefetch=1)
     x = torch.randn(3, 8)
     with torch.no_grad():
         for _ in range(3):
@@ -199,7 +206,7 @@ def test_bytes_held_never_exceed_the_planned_reserve(prefetch):
     reference, model = _three()
     names = _names(model, ("first", "second", "third"))
     store = _offload(model, names)
-    runtime = attach(model, THREE_MAP, execution_device="cpu", store=store, prefetch=prefetch)
+    runtime = attach_map(model, THREE_MAP, execution_device="cpu", store=store, prefetch=prefetch)
     sizes = {name: block.nbytes for name, block in runtime.blocks.items() if block.offloaded}
     spans = {name: block.slot_bytes for name, block in runtime.blocks.items() if block.offloaded}
     peak_seen = []
@@ -241,7 +248,7 @@ def test_prefetch_runs_in_background_in_execution_order():
             return super().get(name)
 
     source = Recording({name: store.get(name) for name in store.names})
-    runtime = attach(model, THREE_MAP, execution_device="cpu", store=source, prefetch=1)
+    runtime = attach_map(model, THREE_MAP, execution_device="cpu", store=source, prefetch=1)
     x = torch.randn(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
@@ -275,15 +282,15 @@ def test_in_place_blocks_are_resolved_once_and_prefetched_by_kernel_advice(monke
 
     source = Recording({name: store.get(name) for name in store.names})
     owner = {HostWeights.get(source, name).data_ptr(): name.split(".")[0] for name in store.names}
-    real_advise = hooks._advise_willneed
+    real_advise = advise_willneed
 
     def advise(tensors):
         tensors = list(tensors)
         advised.extend((owner[t.data_ptr()], threading.current_thread().name) for t in tensors)
         real_advise(tensors)
 
-    monkeypatch.setattr(hooks, "_advise_willneed", advise)
-    runtime = attach(model, THREE_MAP, execution_device="cpu", store=source, prefetch=1)
+    monkeypatch.setattr(slots_module, "advise_willneed", advise)
+    runtime = attach_map(model, THREE_MAP, execution_device="cpu", store=source, prefetch=1)
     x = torch.randn(2, 8)
     seen: list[int] = []
     model.second[0].register_forward_pre_hook(lambda module, args: seen.append(module.weight.data_ptr()))
@@ -311,7 +318,7 @@ def test_first_forward_confirms_the_execution_order():
     model.load_state_dict(reference.state_dict())
     store = _offload(model, _names(model, ("last", "middle", "first")))
     # Registration (and device-map) order is last, middle, first; forward runs first, middle, last.
-    runtime = attach(model, {"last": "disk", "middle": "disk", "first": "disk"}, execution_device="cpu",
+    runtime = attach_map(model, {"last": "disk", "middle": "disk", "first": "disk"}, execution_device="cpu",
                      store=store, prefetch=1)
     x = torch.randn(2, 8)
     with torch.no_grad():
@@ -337,7 +344,7 @@ def test_error_in_prefetch_thread_surfaces_in_forward_with_its_cause():
             return super().get(name)
 
     source = Broken({name: store.get(name) for name in store.names})
-    attach(model, THREE_MAP, execution_device="cpu", store=source, prefetch=2)
+    attach_map(model, THREE_MAP, execution_device="cpu", store=source, prefetch=2)
     with pytest.raises(OffloadError, match="block 'third'") as info:
         with_timeout(lambda: model(torch.randn(2, 8)))
     assert isinstance(info.value.__cause__, OSError)
@@ -354,7 +361,7 @@ def test_error_on_demand_load_also_surfaces():
         def get(self, name: str) -> torch.Tensor:
             raise RuntimeError("disk gone")
 
-    attach(model, THREE_MAP | {"second": "cpu", "third": "cpu"}, execution_device="cpu",
+    attach_map(model, THREE_MAP | {"second": "cpu", "third": "cpu"}, execution_device="cpu",
            store=Broken({name: store.get(name) for name in store.names}), prefetch=0)
     with pytest.raises(OffloadError, match="block 'first'.*disk gone"):
         with_timeout(lambda: model(torch.randn(2, 8)))
@@ -364,7 +371,7 @@ def test_missing_tensor_in_store_is_an_error_at_attach():
     reference, model = _three()
     store = _offload(model, _names(model, ("first", "second")))
     with pytest.raises(OffloadError, match="'third.weight' of block 'third' is placed on disk"):
-        attach(model, THREE_MAP, execution_device="cpu", store=store)
+        attach_map(model, THREE_MAP, execution_device="cpu", store=store)
 
 
 # -- tied weights, buffers, detach ------------------------------------------------------------------
@@ -378,7 +385,7 @@ def test_tied_weight_is_one_tensor_per_device_and_stays_tied():
     source = HostWeights({"embed.weight": reference.embed.weight.detach().clone(),
                           "body.weight": reference.body.weight.detach().clone(),
                           "body.bias": reference.body.bias.detach().clone()})
-    runtime = attach(model, {"embed": "disk", "body": "disk", "head": "disk"}, execution_device="cpu",
+    runtime = attach_map(model, {"embed": "disk", "body": "disk", "head": "disk"}, execution_device="cpu",
                      store=source, prefetch=1)
     assert model.head.weight is model.embed.weight  # the placeholder is shared too
     head = runtime.blocks["head"]
@@ -395,8 +402,8 @@ def test_tied_weight_is_one_tensor_per_device_and_stays_tied():
 
 def test_tied_weight_shared_by_resident_and_offloaded_block_is_refused():
     model = TiedEnds()
-    with pytest.raises(PlanError, match="tied tensor"):
-        attach(model, {"embed": "cpu", "body": "cpu", "head": "disk"}, execution_device="cpu",
+    with pytest.raises(PlanError, match="tied weights would be split across devices"):
+        attach_map(model, {"embed": "cpu", "body": "cpu", "head": "disk"}, execution_device="cpu",
                store=HostWeights({"embed.weight": model.embed.weight.detach()}))
 
 
@@ -405,7 +412,7 @@ def test_offload_buffers(offload_buffers):
     reference, model = _three()
     names = _names(model, ("first", "second", "third"))
     source = _offload(model, names + (["scale"] if offload_buffers else []))
-    attach(model, {"": "disk"}, execution_device="cpu", store=source, offload_buffers=offload_buffers)
+    attach_map(model, {"": "disk"}, execution_device="cpu", store=source, offload_buffers=offload_buffers)
     assert (model.scale.device.type == "meta") is offload_buffers
     x = torch.randn(2, 8)
     with torch.no_grad():
@@ -416,7 +423,7 @@ def test_offload_buffers(offload_buffers):
 def test_detach_removes_every_hook_and_leaves_a_plain_module():
     reference, model = _three()
     store = _offload(model, _names(model, ("first", "second", "third")))
-    attach(model, THREE_MAP, execution_device="cpu", store=store, prefetch=1)
+    attach_map(model, THREE_MAP, execution_device="cpu", store=store, prefetch=1)
     with torch.no_grad():
         model(torch.randn(2, 8))
     assert runtime_of(model) is not None
@@ -433,7 +440,7 @@ def test_detach_removes_every_hook_and_leaves_a_plain_module():
 
 def test_root_output_returns_to_the_input_device():
     reference, model = _three()
-    attach(model, {"": "cpu"}, execution_device="cpu")
+    attach_map(model, {"": "cpu"}, execution_device="cpu")
     out = model(torch.randn(2, 8))
     assert out.device.type == "cpu"
     runtime = runtime_of(model)
@@ -443,13 +450,13 @@ def test_root_output_returns_to_the_input_device():
 def test_negative_prefetch_is_refused():
     reference, model = _three()
     with pytest.raises(PlanError, match="prefetch=-1"):
-        attach(model, {"": "cpu"}, execution_device="cpu", prefetch=-1)
+        attach_map(model, {"": "cpu"}, execution_device="cpu", prefetch=-1)
 
 
 def test_unknown_block_is_refused():
     reference, model = _three()
-    with pytest.raises(PlanError, match="'fourth' names no submodule"):
-        attach(model, {"fourth": "cpu", "": "cpu"}, execution_device="cpu")
+    with pytest.raises(PlanError, match="'fourth' names no module of ThreeBlocks"):
+        attach_map(model, {"fourth": "cpu", "": "cpu"}, execution_device="cpu")
 
 
 # -- CUDA ---------------------------------------------------------------------------------------------
@@ -461,7 +468,7 @@ def test_cuda_streams_offloaded_weights_through_reused_buffers():
     reference, model = _three()
     names = _names(model, ("first", "second", "third"))
     store = _offload(model, names)
-    runtime = attach(model, THREE_MAP, execution_device="cuda:0", store=store, prefetch=1)
+    runtime = attach_map(model, THREE_MAP, execution_device="cuda:0", store=store, prefetch=1)
     x = torch.randn(5, 8)
     with torch.no_grad():
         for _ in range(3):
@@ -481,14 +488,14 @@ def test_failed_attach_leaves_the_model_untouched():
     reference, model = _three()
     store = _offload(model, _names(model, ("first", "second")))  # "third" is missing from the store
     with pytest.raises(OffloadError):
-        attach(model, THREE_MAP, execution_device="cpu", store=store)
+        attach_map(model, THREE_MAP, execution_device="cpu", store=store)
     assert runtime_of(model) is None and all(p.device.type == "cpu" for p in model.parameters())
     x = torch.randn(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
 
 
-@pytest.mark.skipif(readahead._madvise is None or not hasattr(os, "posix_fadvise"), reason="needs madvise/fadvise")
+@pytest.mark.skipif(pages._madvise is None or not hasattr(os, "posix_fadvise"), reason="needs madvise/fadvise")
 def test_kernel_advice_is_asked_only_for_pages_not_in_memory(tmp_path, monkeypatch):
     path = tmp_path / "weights.bin"
     path.write_bytes(os.urandom(64 * 4096))
@@ -498,18 +505,18 @@ def test_kernel_advice_is_asked_only_for_pages_not_in_memory(tmp_path, monkeypat
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     tensor = torch.frombuffer(mapping, dtype=torch.uint8)
     calls: list[tuple[int, int, int]] = []
-    real = readahead._madvise
+    real = pages._madvise
 
     def recording(start: int, length: int, advice: int) -> int:
         calls.append((start, length, advice))
         return real(start, length, advice)
 
-    monkeypatch.setattr(readahead, "_madvise", recording)
-    hooks._advise_willneed([tensor[4096:]])
+    monkeypatch.setattr(pages, "_madvise", recording)
+    advise_willneed([tensor[4096:]])
     assert calls == [(tensor.data_ptr() + 4096, 63 * 4096, mmap.MADV_WILLNEED)]
     tensor.sum()  # every page in memory and mapped: advice would only cost time
     calls.clear()
-    hooks._advise_willneed([tensor])
+    advise_willneed([tensor])
     assert calls == []
     del tensor
     mapping.close()
@@ -550,7 +557,7 @@ def test_inference_mode_then_no_grad_then_grad_through_cast_slots(prefetch):
     # Stored as float64 for a float32 model: every block is cast into a slot, by the prefetch thread too.
     reference, model = _three()
     store = _offload(model, _names(model, ("first", "second", "third")), dtype=torch.float64)
-    runtime = attach(model, THREE_MAP, execution_device="cpu", store=store, prefetch=prefetch)
+    runtime = attach_map(model, THREE_MAP, execution_device="cpu", store=store, prefetch=prefetch)
     x = torch.randn(2, 8)
     for mode in (torch.inference_mode, torch.inference_mode, torch.no_grad, torch.enable_grad):
         with mode():
@@ -577,10 +584,10 @@ def test_inference_mode_first_leaves_in_place_weights_usable_with_grad(tmp_path)
 def _attach_to_a_fake_gpu(monkeypatch, model: nn.Module, staging: bool = False, **kwargs):
     """attach() toward cuda:0 on a machine without one: streams, events and device buffers are not made;
     with `staging`, staged slots get their staging buffers as at attach (unpinned: no GPU here)."""
-    monkeypatch.setattr(hooks._Prefetcher, "_allocate_cuda_slots", _fake_staging if staging else lambda self: None)
+    monkeypatch.setattr(Prefetcher, "_allocate_cuda_slots", _fake_staging if staging else lambda self: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: object())
     monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: object())
-    return attach(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"}, execution_device="cuda:0",
+    return attach_map(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"}, execution_device="cuda:0",
                   prefetch=1, offload_buffers=True, **kwargs)
 
 
@@ -626,7 +633,7 @@ def test_slots_without_a_plan_are_staged_only_on_cuda(monkeypatch):
     assert count == 3 and runtime.stats().staging_bytes == count * pinned_bytes(largest) > 0
     _, on_cpu = _three()
     store = _offload(on_cpu, _names(on_cpu, ("first", "second", "third")))
-    cpu_runtime = attach(on_cpu, THREE_MAP, execution_device="cpu", store=store, prefetch=1)
+    cpu_runtime = attach_map(on_cpu, THREE_MAP, execution_device="cpu", store=store, prefetch=1)
     assert not any(slot.staged for slot in cpu_runtime.prefetcher.all_slots)
     with torch.no_grad():
         on_cpu(torch.randn(2, 8))
@@ -657,10 +664,10 @@ def test_cuda_slots_are_made_at_attach_ordered_after_the_callers_stream_and_sync
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: events.append(kwargs))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "caller")
-    monkeypatch.setattr(hooks._Slot, "device_buffer", buffer("device"))
-    monkeypatch.setattr(hooks._Slot, "staging_buffer", buffer("staging"))
+    monkeypatch.setattr(Slot, "device_buffer", buffer("device"))
+    monkeypatch.setattr(Slot, "staging_buffer", buffer("staging"))
     _, model = _three()
-    runtime = attach(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"}, execution_device="cuda:0",
+    runtime = attach_map(model, {"first": "cpu", "second": "cpu", "third": "cpu", "": "cpu"}, execution_device="cuda:0",
                      prefetch=1, offload_buffers=True)
     count = len(runtime.prefetcher.all_slots)
     # Every slot's buffers exist at attach, then the side stream waits on the caller's stream (once).

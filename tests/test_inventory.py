@@ -218,7 +218,7 @@ def test_header_inventory_with_explicit_containers_and_errors():
 def test_header_inventory_of_a_real_sharded_checkpoint(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from bigload.formats.checkpoint import open_checkpoint
+    from bigload.formats.discover import open_checkpoint
     from planner_models import tiny_llama_config
 
     config = tiny_llama_config()

@@ -406,7 +406,7 @@ def saved_llama(tmp_path_factory):
     ("auto", {0: 10**7}),
 ])
 def test_header_only_plan_equals_the_model_plan(saved_llama, strategy, budget):
-    from bigload.formats.checkpoint import open_checkpoint
+    from bigload.formats.discover import open_checkpoint
     from bigload.plan.headers import inventory_from_checkpoint
     from planner_models import device_of
 
@@ -466,7 +466,7 @@ def test_the_largest_cast_while_loading_is_kept_free_on_gpus():
 
 
 def test_dry_run_of_a_float32_checkpoint_loaded_as_bfloat16_charges_its_largest_cast(tmp_path):
-    from bigload.formats.checkpoint import open_checkpoint
+    from bigload.formats.discover import open_checkpoint
     from bigload.integrations.hf import inventory_for, plan_model
     from fixtures_models import reference_llama
 

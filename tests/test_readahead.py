@@ -15,15 +15,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from bigload.formats import pages
 from bigload.load import readahead
-from bigload.formats.checkpoint import CheckpointReader, MappedFiles, open_checkpoint
+from bigload.formats.mapped import CheckpointReader, MappedFiles
+from bigload.formats.discover import open_checkpoint
 from bigload.errors import CheckpointError
-from bigload.load.readahead import Extent, ReadAhead
+from bigload.formats.refs import Extent
+from bigload.load.readahead import ReadAhead
 from bigload.integrations.loading import load_checkpoint_in_model
 from fixtures_ckpt import assert_bitwise_equal, tiny_llama, tiny_llama_config
 from timeouts import with_timeout
 
-needs_populate = pytest.mark.skipif(readahead._madvise is None or not hasattr(os, "posix_fadvise"),
+needs_populate = pytest.mark.skipif(pages._madvise is None or not hasattr(os, "posix_fadvise"),
                                     reason="needs madvise, mincore and posix_fadvise")
 
 
@@ -96,7 +99,7 @@ def test_every_placed_range_is_populated_before_it_is_read_and_weights_are_equal
         assert_bitwise_equal(tensor, want, name=name)
 
 
-@pytest.mark.skipif(not readahead._cachestat_works, reason="needs cachestat (Linux 6.5 or later)")
+@pytest.mark.skipif(not pages._cachestat_works, reason="needs cachestat (Linux 6.5 or later)")
 def test_a_warm_load_reads_nothing_and_a_cold_piece_is_known(sharded: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     index = open_checkpoint(sharded)
@@ -112,10 +115,10 @@ def test_a_warm_load_reads_nothing_and_a_cold_piece_is_known(sharded: Path, tmp_
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
         os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    if readahead.cached(path, 0, 16 * mmap.PAGESIZE):
+    if pages.cached(path, 0, 16 * mmap.PAGESIZE):
         pytest.skip("the page cache would not drop the file")
     path.read_bytes()
-    assert readahead.cached(path, mmap.PAGESIZE + 1, 3 * mmap.PAGESIZE)
+    assert pages.cached(path, mmap.PAGESIZE + 1, 3 * mmap.PAGESIZE)
 
 
 def test_pieces_join_neighbours_and_cut_at_the_chunk() -> None:
@@ -167,7 +170,7 @@ def _resident_pages(path: Path) -> bytes:
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     anchor = ctypes.c_char.from_buffer(mapping)
     vector = ctypes.create_string_buffer((len(mapping) + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
-    assert readahead._mincore(ctypes.addressof(anchor), len(mapping), vector) == 0
+    assert pages._mincore(ctypes.addressof(anchor), len(mapping), vector) == 0
     del anchor
     mapping.close()
     return vector.raw

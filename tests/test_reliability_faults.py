@@ -31,7 +31,8 @@ from bad_inputs.models import (
     run_with_store,
     save_reference,
 )
-from bigload.formats.checkpoint import CheckpointReader, open_checkpoint
+from bigload.formats.mapped import CheckpointReader
+from bigload.formats.discover import open_checkpoint
 from bigload.errors import CheckpointError, OffloadError
 from bigload.load.store import DiskStore, StoreWriter
 from bigload.integrations.loading import load_checkpoint_in_model

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bad_inputs.corpus import raw_safetensors, two_shards, write_valid
-from bigload.formats.checkpoint import SAFETENSORS_DTYPES, open_checkpoint
+from bigload.formats.safetensors import SAFETENSORS_DTYPES
+from bigload.formats.discover import open_checkpoint
 from bigload.errors import CheckpointError, OffloadError
 from bigload.load.store import DiskStore, StoreWriter
 from fuzz.header_fuzz import FRAGMENTS, check_file, check_store_index, mutate, plain_loop, seed_files

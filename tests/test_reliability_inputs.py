@@ -28,7 +28,8 @@ from bad_inputs.corpus import (
     two_shards,
 )
 from bad_inputs.models import DISK_MAP, meta_tiny, save_reference
-from bigload.formats.checkpoint import CheckpointReader, open_checkpoint
+from bigload.formats.mapped import CheckpointReader
+from bigload.formats.discover import open_checkpoint
 from bigload.cli.commands import main as cli_main
 from bigload.errors import CheckpointError, OffloadError
 from bigload.load.store import DiskStore, StoreWriter

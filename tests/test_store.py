@@ -14,7 +14,7 @@ from accelerate.utils.offload import load_offloaded_weight
 from safetensors.torch import save_file
 
 import bigload.load.store as store_module
-from bigload.formats.checkpoint import open_checkpoint
+from bigload.formats.discover import open_checkpoint
 from bigload.errors import OffloadError
 from bigload.load.store import DiskStore, StoreWriter, StoreOrigin, TensorMeta
 from fixtures_ckpt import assert_bitwise_equal, mapped_file_of

@@ -229,7 +229,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from bigload.formats.checkpoint import open_checkpoint
+    from bigload.formats.discover import open_checkpoint
     from bigload.cli.summary import summarize
 
     summary = summarize(open_checkpoint(args.checkpoint), top=args.top)

@@ -349,7 +349,7 @@ def run_demo(*, size: str = "small", folder: str | Path | None = None, max_new_t
     """The newcomer's first run; see `bigload demo --help`. Returns the figures it printed."""
     from transformers import AutoModelForCausalLM
 
-    from bigload.formats.checkpoint import open_checkpoint
+    from bigload.formats.discover import open_checkpoint
     from bigload.cli.demo import write_demo_model
     from bigload.integrations.hf import without_transformers_progress
 

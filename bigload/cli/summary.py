@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bigload.formats.checkpoint import CheckpointIndex
+from bigload.formats.refs import CheckpointIndex
 from bigload.plan.headers import block_of, inventory_from_checkpoint
 from bigload.sizes import format_size
 

@@ -706,7 +706,7 @@ def _load_stage(path: str | Path, rank: int, world: int, *, model_class: Any, ma
                 no_split_module_classes: list[str] | None, policy: Any
                 ) -> tuple[nn.Module, HostPlan, RankLoad, list[str], float]:
     """Steps 1-5 of the module docstring on this rank: meta model, agreement, plans, cut, load."""
-    from bigload.formats.checkpoint import open_checkpoint
+    from bigload.formats.discover import open_checkpoint
     from bigload.integrations.loading import load_checkpoint_and_dispatch
     from bigload.integrations.hf import checkpoint_sources, load_generation_config, meta_model_for_folder
     from bigload.plan.dtypes import default_keep_in_fp32_modules
@@ -745,7 +745,7 @@ def _load_stage(path: str | Path, rank: int, world: int, *, model_class: Any, ma
 def _stage_selector(model: nn.Module, checkpoint: Path, stage: Stage) -> Any:
     """Which checkpoint tensors this stage loads (by the model names they load into): decided from the
     shard index's names alone, so shards holding none are never opened."""
-    from bigload.formats.checkpoint import checkpoint_tensor_names
+    from bigload.formats.discover import checkpoint_tensor_names
     from bigload.integrations.hf import model_tensor_names
 
     prefixes = tuple(name + "." for name in stage.modules)

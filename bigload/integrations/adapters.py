@@ -25,7 +25,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from bigload.formats.checkpoint import CheckpointIndex, TensorRef, open_checkpoint
+from bigload.formats.refs import CheckpointIndex, TensorRef
+from bigload.formats.discover import open_checkpoint
 from bigload.devices import DISK, Device
 from bigload.errors import AdapterError, CheckpointError
 from bigload.sizes import format_size

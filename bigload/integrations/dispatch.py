@@ -128,7 +128,7 @@ def dispatch_model(
         )
     if len(devices) == 1 and not planned.offloaded and not force_hooks:
         model.to(next(iter(devices)).torch_device())
-        set_device_map(model, planned, None)
+        set_device_map(model, planned, None, device_map)
         return model
     _move_home(model, planned)
     store = None
@@ -137,7 +137,7 @@ def dispatch_model(
                  else _write_disk_tensors(model, planned, Path(offload_dir)))
     runtime = attach(model, planned, store=store, host_weights=HostWeights(state_dict) if state_dict is not None else None,
                      skip_keys=[skip_keys] if isinstance(skip_keys, str) else skip_keys)
-    set_device_map(model, planned, runtime)
+    set_device_map(model, planned, runtime, device_map)
     return model
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from bigload.devices import ExecutionPolicy
 from bigload.errors import BudgetError, DeviceError, OffloadError
-from bigload.formats.checkpoint import CheckpointIndex
+from bigload.formats.refs import CheckpointIndex
 from bigload.integrations.prepare import check_devices, check_named_devices, plan_load, prepare_load, rule_for
 from bigload.load.loader import DEFAULT_WINDOW_BYTES, LoadResult, load_plan
 from bigload.load.sources import TensorSources
@@ -147,17 +147,17 @@ def load_checkpoint_and_dispatch(
     if force_hooks or len({p.device for p in planned.placements}) > 1 or planned.offloaded or result.store is not None:
         runtime = attach(model, planned, store=result.store,
                          skip_keys=[skip_keys] if isinstance(skip_keys, str) else skip_keys)
-    set_device_map(model, planned, runtime)
+    set_device_map(model, planned, runtime, device_map)
     model.bigload_load = result  # type: ignore[assignment]
     if runtime is not None:
         runtime.owned_attributes.append("bigload_load")
     return model
 
 
-def set_device_map(model: nn.Module, planned: Plan, runtime: Runtime | None) -> None:
-    """Set what transformers and accelerate read (`hf_device_map`) and bigload's `bigload_plan`; `detach` drops
-    both."""
-    model.hf_device_map = planned.device_map  # type: ignore[assignment]
+def set_device_map(model: nn.Module, planned: Plan, runtime: Runtime | None, given: Any = None) -> None:
+    """Set what transformers and accelerate read (`hf_device_map`: the caller's own dict as given, values
+    included, else the plan's map) and bigload's `bigload_plan`; `detach` drops both."""
+    model.hf_device_map = dict(given) if isinstance(given, Mapping) else planned.device_map  # type: ignore[assignment]
     model.bigload_plan = planned  # type: ignore[assignment]
     if runtime is not None:
         runtime.owned_attributes.extend(["hf_device_map", "bigload_plan"])

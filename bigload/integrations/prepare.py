@@ -21,7 +21,8 @@ from torch import nn
 
 from bigload.devices import Device
 from bigload.errors import DeviceError, PlanError
-from bigload.formats.checkpoint import CheckpointIndex, open_checkpoint
+from bigload.formats.refs import CheckpointIndex
+from bigload.formats.discover import open_checkpoint
 from bigload.load.quantized import quantized_sources
 from bigload.load.sources import SourceTable, TensorSources
 from bigload.plan.budget import check_devices_exist, detect_budget, parse_max_memory

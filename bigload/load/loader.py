@@ -35,11 +35,12 @@ from torch import nn
 
 from bigload.devices import CPU, DeviceKind
 from bigload.errors import CheckpointError, OffloadError
-from bigload.formats.checkpoint import CheckpointReader
+from bigload.formats.mapped import CheckpointReader
 from bigload.load.gpu import GpuStager
 from bigload.load.matching import Group, Mismatch, match, model_groups, report
 from bigload.load.quantized import apply_layouts, storage_tags
-from bigload.load.readahead import Extent, ReadAhead
+from bigload.formats.refs import Extent
+from bigload.load.readahead import ReadAhead
 from bigload.load.sources import SourceTable, parts_of
 from bigload.load.store import DiskStore, StoreOrigin, StoreWriter, dtype_name
 from bigload.load.transfer import Placer, Task, transfer_kind

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from bigload.formats.checkpoint import CheckpointIndex
+from bigload.formats.refs import CheckpointIndex
 from bigload.plan.value import Plan
 from bigload.quant import PackMemo, QuantLinear, Scheme, quantized_linears
 from bigload.load.sources import DerivedTensor, Source, TensorSources, parts_of

@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 import torch
 
 from bigload.errors import OffloadError
-from bigload.load.readahead import Extent  # where a tensor's bytes are: one type for both read paths
+from bigload.formats.refs import Extent  # where a tensor's bytes are: one type for both read paths
 from bigload.plan.reserve import READ_ALIGN
 
 __all__ = ["CHUNK_BYTES", "READERS", "BlockLayout", "BlockRead", "BlockReader", "Extent", "Run", "layout"]

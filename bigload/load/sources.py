@@ -15,7 +15,8 @@ from typing import Callable, Mapping, Sequence, Union
 
 import torch
 
-from bigload.formats.checkpoint import CheckpointIndex, CheckpointReader, TensorRef
+from bigload.formats.refs import CheckpointIndex, TensorRef
+from bigload.formats.mapped import CheckpointReader
 from bigload.sizes import dtype_width
 
 __all__ = ["DerivedTensor", "Source", "SourceTable", "TensorSources", "parts_of", "read_source"]

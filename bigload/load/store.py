@@ -28,7 +28,9 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
-from bigload.formats.checkpoint import CheckpointIndex, MappedFiles, TensorRef, read_safetensors_header
+from bigload.formats.refs import CheckpointIndex, TensorRef
+from bigload.formats.mapped import MappedFiles
+from bigload.formats.safetensors import read_safetensors_header
 from bigload.errors import CheckpointError, OffloadError
 from bigload.messages import Setting, Text, setting
 from bigload.load.reads import Extent

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from bigload.devices import DeviceKind
-from bigload.formats.checkpoint import CheckpointReader, TensorRef
+from bigload.formats.mapped import CheckpointReader
+from bigload.formats.refs import TensorRef
 from bigload.load.gpu import GpuStager
 from bigload.load.matching import Group
 from bigload.load.sources import DerivedTensor, Source, read_source

@@ -126,6 +126,8 @@ def setup(inv: Inventory, budget: Budget, options: PlanOptions, *, given: Sequen
         devices += [(device, 0) for device in dict.fromkeys(given) if device not in dict(devices)]
         devices.sort()
     main = _main_device(devices, options, given)
+    if main not in dict(devices):  # a given main device the map and the budget do not name: it runs blocks
+        devices = sorted([*devices, (main, 0)])
     policy, reason = _policy(inv, options, main, given is not None)
     width = dtype_width(target or inv.dtype) if (target or inv.dtype) is not None else None
     cpu_runs = main == CPU or policy is ExecutionPolicy.LOCAL

@@ -126,7 +126,7 @@ def _add(work: _Building, plan: Plan, group: TensorGroup, owners: Sequence[Place
         work.resident += value.numel() * value.element_size()
         work.rewrites.append((sites, value))
         return
-    source, key = _source_for(names, tensor, first, store, host)
+    source, key = _source_for(group, first, store, host)
     # One placeholder object for every registration keeps tied parameters tied while released.
     meta = tensor.detach().to("meta")
     placeholder = make_placeholder(meta, sites[0].is_parameter, tensor.requires_grad,
@@ -153,28 +153,30 @@ def _resident(names: Sequence[str], tensor: torch.Tensor, device: torch.device, 
     return tensor.to(device)
 
 
-def _source_for(names: Sequence[str], tensor: torch.Tensor, placement: Placement, store: WeightSource | None,
+def _source_for(group: TensorGroup, placement: Placement, store: WeightSource | None,
                 host: HostWeights) -> tuple[WeightSource, str]:
-    """Where an offloaded tensor is read from each forward: the store for a disk block's tensors it holds, else
-    host memory (a real tensor stays where it is; a meta one must be among the host weights)."""
-    if placement.device.kind is DeviceKind.DISK and store is not None:
-        found = next((name for name in names if name in store), None)
-        if found is not None:
-            return store, found
+    """Where an offloaded tensor is read from each forward: the store for a disk block's tensors (a computed
+    buffer excepted: no store holds one), else host memory (a real tensor stays where it is; a meta one must be
+    among the host weights)."""
+    names, tensor = group.names, group.tensor
+    if placement.device.kind is DeviceKind.DISK and group.persistent:
+        found = next((name for name in names if store is not None and name in store), None)
+        if found is None:
+            raise OffloadError(
+                f"tensor {names[0]!r} of block {placement.name!r} is placed on disk but is not in the offload store; "
+                "write it there first (dispatch_model does, given offload_dir) or pass the store it was offloaded to.")
+        return store, found  # type: ignore[return-value]  # found implies a store
     if tensor.device.type != "meta":
-        # A real tensor of a block that runs elsewhere (or a computed buffer no store holds): keep it in host
-        # memory where it is.
+        # A real tensor of a block that runs elsewhere (or a computed buffer): keep it in host memory where it is.
         if names[0] not in host:
             host.put(names[0], tensor)
         return host, names[0]
     found = next((name for name in names if name in host), None)
     if found is not None:
         return host, found
-    where = "on disk but is not in the offload store; write it there first (dispatch_model does, given offload_dir)" \
-        " or pass the store it was offloaded to" if placement.device.kind is DeviceKind.DISK else \
-        "on the CPU but is still on the meta device and not among the host weights; load the checkpoint (or pass " \
-        "state_dict) before dispatching"
-    raise OffloadError(f"tensor {names[0]!r} of block {placement.name!r} is placed {where}.")
+    raise OffloadError(
+        f"tensor {names[0]!r} of block {placement.name!r} is placed on the {placement.device} but is still on the meta "
+        "device and not among the host weights; load the checkpoint (or pass state_dict) before dispatching.")
 
 
 def _resolve_module(model: nn.Module, key: str) -> nn.Module:

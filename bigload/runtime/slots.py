@@ -20,7 +20,7 @@ from typing import Iterable
 import torch
 
 from bigload.errors import OffloadError
-from bigload.load import readahead as pages
+from bigload.formats import pages
 from bigload.load.reads import BlockLayout, layout
 from bigload.runtime.blocks import Block, Entry
 from bigload.sizes import dtype_width

@@ -27,7 +27,8 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import save_file
 
-from bigload.formats.checkpoint import CheckpointReader, open_checkpoint
+from bigload.formats.mapped import CheckpointReader
+from bigload.formats.discover import open_checkpoint
 from bigload.errors import CheckpointError, OffloadError
 from bigload.sizes import dtype_width
 from bigload.load.store import DiskStore
@@ -173,11 +174,11 @@ def atheris_main(argv: list[str]) -> None:  # pragma: no cover - needs atheris
 
     import inspect
 
-    import bigload.formats.checkpoint
+    import bigload.formats.safetensors
 
     # Coverage feedback from the parser only (instrumenting all of torch takes minutes).
-    for function in vars(bigload.formats.checkpoint).values():
-        if inspect.isfunction(function) and function.__module__ == "bigload.formats.checkpoint":
+    for function in vars(bigload.formats.safetensors).values():
+        if inspect.isfunction(function) and function.__module__ == "bigload.formats.safetensors":
             atheris.instrument_func(function)
     folder = Path(tempfile.mkdtemp())
     path = folder / "fuzz.safetensors"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bigload.errors import CheckpointError
-from bigload.formats.checkpoint import CheckpointIndex, TensorRef
+from bigload.formats.refs import CheckpointIndex, TensorRef
 from bigload.load.sources import DerivedTensor, TensorSources
 
 __all__ = ["checkpoint_sources", "model_tensor_names"]

@@ -18,7 +18,7 @@ from torch import nn
 
 from bigload.empty import init_empty_weights
 from bigload.errors import BigloadError, CheckpointError
-from bigload.formats.checkpoint import open_checkpoint
+from bigload.formats.discover import open_checkpoint
 from bigload.plan.catalog import catalog_config, catalog_names
 from bigload.sizes import parse_dtype
 

@@ -13,7 +13,8 @@ from torch import nn
 
 from bigload.devices import ExecutionPolicy
 from bigload.errors import BigloadError, QuantizationError
-from bigload.formats.checkpoint import CheckpointIndex, open_checkpoint
+from bigload.formats.refs import CheckpointIndex
+from bigload.formats.discover import open_checkpoint
 from bigload.integrations.adapters import (
     adapter_fp32_modules,
     adapter_summary,
