@@ -19,7 +19,7 @@ import bigload.formats.pages as pages
 from bigload.devices import CPU, Device
 from bigload.errors import OffloadError, PlanError
 from bigload.devices import ExecutionPolicy
-from bigload.runtime import HostWeights, attach, detach, runtime_of, send_to_device
+from bigload.runtime import HostWeights, detach, runtime_of, send_to_device
 from planned import attach_map, planned
 from bigload.plan.reserve import SLOT_ALIGNMENT, SlotSpec, pinned_bytes
 from fixtures_models import OutOfOrder, ThreeBlocks, TiedEnds

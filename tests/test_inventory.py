@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from bigload.plan.headers import block_of, inventory_from_checkpoint
-from bigload.plan.inventory import inventory_from_module, kv_cache_spec
+from bigload.plan.inventory import inventory_from_module
+from bigload.plan.kv import kv_cache_spec
 from planner_models import BLOCK, EMBED, HEAD, NORM, tiny_llama, toy
 
 

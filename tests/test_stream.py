@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bigload.formats.mapped import CheckpointReader
-from bigload.formats.discover import open_checkpoint
 from bigload.empty import init_empty_weights
 from bigload.errors import CheckpointError, DeviceError, OffloadError, PlanError
 from bigload.load.store import DiskStore, StoreWriter

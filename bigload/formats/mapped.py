@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
+import os
 import threading
 from pathlib import Path
 from types import TracebackType

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from bigload.plan.budget import detect_budget
-from bigload.plan.accelerate_map import Key, Note, Size, balanced_memory, infer_map, module_sizes
+from bigload.plan.accelerate_balance import balanced_memory
+from bigload.plan.accelerate_map import Key, Note, Size, infer_map, module_sizes
 from bigload.plan.inventory import Inventory, inventory_from_module
 from bigload.sizes import parse_dtype
 

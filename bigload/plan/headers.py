@@ -9,7 +9,8 @@ import torch
 
 from bigload.errors import BigloadError
 from bigload.plan.dtypes import DtypeRule
-from bigload.plan.inventory import Inventory, TensorEntry, decoder_block_names, kv_cache_spec, subtree_ends
+from bigload.plan.inventory import Inventory, TensorEntry, subtree_ends
+from bigload.plan.kv import decoder_block_names, kv_cache_spec
 from bigload.sizes import dtype_width
 
 __all__ = ["block_of", "inventory_from_checkpoint"]
