@@ -101,7 +101,7 @@ def _measure_direct_reads(spec: dict) -> dict:
 
     import torch
 
-    open_checkpoint = need("bigload.formats.discover", "open_checkpoint")
+    open_checkpoint = need("bigload", "open_checkpoint")
     reads = need("bigload.load.reads")
     layers: dict[int, list] = {}
     for name, ref in open_checkpoint(spec["folder"]).tensors.items():
@@ -160,8 +160,8 @@ def _loader(spec: dict, offload: Path, disk_reads: str | None = None):
             return load(model, folder, device_map=dmap, offload_folder=str(offload), dtype=torch.bfloat16)
 
         return run_accelerate
-    init_empty_weights = need("bigload.empty", "init_empty_weights")
-    load = need("bigload.integrations.dispatch", "load_checkpoint_and_dispatch")
+    init_empty_weights = need("bigload", "init_empty_weights")
+    load = need("bigload", "load_checkpoint_and_dispatch")
     kwargs: dict = {"prefetch": spec["prefetch"], "max_memory": {"cpu": spec["budget"]}}
     if method == "bigload-mapped" or disk_reads is not None:
         kwargs["disk_reads"] = disk_reads or "mapped"

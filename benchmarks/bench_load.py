@@ -8,12 +8,12 @@ the methods run interleaved; figures are medians.
 
 Methods:
 - bigload: `bigload.empty.init_empty_weights` + transformers `from_config`, then
-  `bigload.integrations.dispatch.load_checkpoint_and_dispatch(model, folder, device_map={"": "cpu"}, dtype=...)`
-  (or `bigload.load.stream.load_checkpoint_in_model` with the same arguments while dispatch.py is missing).
+  `bigload.load_checkpoint_and_dispatch(model, folder, device_map={"": "cpu"}, dtype=...)`
+  (or `bigload.load_checkpoint_in_model` with the same arguments where that is missing).
 - accelerate: `init_empty_weights` + `from_config`, then `load_checkpoint_and_dispatch(model, folder,
   device_map={"": "cpu"}, dtype=...)`.
 - transformers: `AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=...)`.
-- bigload-hf: `bigload.integrations.hf.from_pretrained(folder, device_map="cpu", dtype=...)`, beside transformers' (one row).
+- bigload-hf: `bigload.from_pretrained(folder, device_map="cpu", dtype=...)`, beside transformers' (one row).
 - cat: `cat` of the safetensors files to /dev/null (the cost of reading the bytes, nothing else).
 - read: the files read with 8 MiB `readinto` calls, one stream (`limits.read_through`): the read bound, measured
   interleaved with the loads so that it sees the disk in the state they see (this VM's disk is up to 3x
@@ -45,13 +45,13 @@ def _meta_model(folder: str, dtype, init_empty_weights):
 
 
 def _loader_bigload(folder: str, dtype):
-    init_empty_weights = need("bigload.empty", "init_empty_weights")
+    init_empty_weights = need("bigload", "init_empty_weights")
     try:
-        load = need("bigload.integrations.dispatch", "load_checkpoint_and_dispatch")
-        api = "bigload.integrations.dispatch.load_checkpoint_and_dispatch"
+        load = need("bigload", "load_checkpoint_and_dispatch")
+        api = "bigload.load_checkpoint_and_dispatch"
     except Unavailable:
-        load = need("bigload.load.stream", "load_checkpoint_in_model")
-        api = "bigload.load.stream.load_checkpoint_in_model"
+        load = need("bigload", "load_checkpoint_in_model")
+        api = "bigload.load_checkpoint_in_model"
 
     def run():
         model = _meta_model(folder, dtype, init_empty_weights)
@@ -81,12 +81,12 @@ def _loader_transformers(folder: str, dtype):
 
 
 def _loader_bigload_hf(folder: str, dtype):
-    from_pretrained = need("bigload.integrations.hf", "from_pretrained")
+    from_pretrained = need("bigload", "from_pretrained")
 
     def run():
         return from_pretrained(folder, device_map="cpu", dtype=dtype)
 
-    return run, "bigload.integrations.hf.from_pretrained"
+    return run, "bigload.from_pretrained"
 
 
 def _loader_cat(folder: str, dtype):
@@ -128,7 +128,7 @@ def preimport() -> None:
     import importlib
 
     for name in ("transformers.models.llama.modeling_llama", "accelerate", "accelerate.utils.modeling",
-                 "bigload.integrations.dispatch", "bigload.load.stream", "bigload.runtime.hooks", "bigload.plan.planner", "bigload.integrations.hf"):
+                 "bigload"):
         try:
             importlib.import_module(name)
         except ImportError:
@@ -279,7 +279,7 @@ def summarize(ctx, results: list[dict]) -> dict:
                 if key == "ready_s":
                     hf = by.get((dtype, cache, "bigload-hf"), [])
                     v = median_of(hf, key)
-                    rows.append([f"ready, `bigload.integrations.hf.from_pretrained` — {tag}",
+                    rows.append([f"ready, `bigload.from_pretrained` — {tag}",
                                  fmt(v) if status_of(hf) == "ok" else status_of(hf), None, None, None,
                                  f"— · {v / vals['transformers']:.2f}" if v and vals["transformers"] else None])
             # Equal weights across loaders: same page-touch checksum, and nothing left on meta.

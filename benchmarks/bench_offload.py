@@ -10,7 +10,7 @@ and the offload folder from the page cache after loading, right before generatin
 prefetch 1 (the default) and 0. Every run's tokens are compared with transformers' in-memory model.
 
 Methods: `accelerate.load_checkpoint_and_dispatch(model, folder, device_map=map, offload_folder=...)`,
-`bigload.integrations.dispatch.load_checkpoint_and_dispatch(..., prefetch=p)`, and `transformers.from_pretrained` (in memory
+`bigload.load_checkpoint_and_dispatch(..., prefetch=p)`, and `transformers.from_pretrained` (in memory
 only, the reference tokens). Each on a meta model from `from_config`, then `model.generate`.
 """
 
@@ -86,10 +86,10 @@ def _load(spec: dict, offload: Path):
         api = "accelerate.load_checkpoint_and_dispatch"
         retie = True  # accelerate's init_empty_weights unties weights; its docs say to call tie_weights()
     else:
-        init_empty_weights = need("bigload.empty", "init_empty_weights")
-        load = need("bigload.integrations.dispatch", "load_checkpoint_and_dispatch")
+        init_empty_weights = need("bigload", "init_empty_weights")
+        load = need("bigload", "load_checkpoint_and_dispatch")
         kwargs = {"prefetch": int(method.rsplit("p", 1)[1])}
-        api = "bigload.integrations.dispatch.load_checkpoint_and_dispatch"
+        api = "bigload.load_checkpoint_and_dispatch"
         retie = False  # bigload's init_empty_weights keeps ties made in __init__: no call needed
 
     def run():

@@ -96,17 +96,17 @@ def _planner(method: str):
 
         return init_empty_weights, plan
 
-    init_empty_weights = need("bigload.empty", "init_empty_weights")
+    init_empty_weights = need("bigload", "init_empty_weights")
     if method == "bigload-compat":
-        infer = need("bigload.integrations.device_maps", "infer_auto_device_map")
+        infer = need("bigload", "infer_auto_device_map")
 
         def plan(model, max_memory, no_split):
             return infer(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=torch.bfloat16), {}
 
         return init_empty_weights, plan
 
-    inventory_from_module = need("bigload.plan.inventory", "inventory_from_module")
-    plan_fn = need("bigload.plan.planner", "plan")
+    inventory_from_module = need("bigload", "inventory_from_module")
+    plan_fn = need("bigload.plan", "plan")
     Budget = need("bigload.devices", "Budget")
 
     def plan(model, max_memory, no_split):

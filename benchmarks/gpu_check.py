@@ -13,7 +13,7 @@ Five steps, each in its own process under its own time limit (and all of them un
 3. decode: greedy decoding with every layer on the GPU, half the layers on cpu, all on cpu, all on disk,
    bigload vs accelerate (same dict map; cpu layers stream to the GPU): s/token, ratio to all-on-GPU, tokens
    equal to all-on-GPU, and the bound (bytes moved per token / measured pinned H2D bandwidth);
-4. auto: `bigload.integrations.hf.from_pretrained(device_map="auto", context_length=C)` (probed budget, and a small
+4. auto: `bigload.from_pretrained(device_map="auto", context_length=C)` (probed budget, and a small
    `max_memory` for GPU 0), then generate that whole context; peak reserved GPU memory beside the budget;
 5. features: `quantize=` and a LoRA `adapter=` on the GPU, when this tree's `from_pretrained` has them
    ("not in this tree" otherwise); and the same adapter through peft's own `PeftModel.from_pretrained` on a

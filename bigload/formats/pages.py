@@ -139,7 +139,7 @@ class _Cachestat(ctypes.Structure):
 def _first_touch(start: int, span: int) -> None:
     """Read one byte of every page, here on a reader thread rather than in the consumer: on a virtual
     machine the first CPU access to a page the disk just wrote costs microseconds (the hypervisor maps it),
-    about 1 s per 7 GB on the benchmark VM, which the consumer's thread would otherwise pay alone."""
+    which the consumer's thread would otherwise pay alone (benchmarks/ANALYSIS.md)."""
     pages = torch.frombuffer((ctypes.c_char * span).from_address(start), dtype=torch.uint8)
     pages[::PAGE].sum()  # torch releases the GIL: the threads touch in parallel
 

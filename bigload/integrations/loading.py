@@ -18,7 +18,7 @@ from torch import nn
 from bigload.devices import ExecutionPolicy
 from bigload.errors import BudgetError, DeviceError, OffloadError
 from bigload.formats.refs import CheckpointIndex
-from bigload.integrations.prepare import check_devices, check_named_devices, plan_load, prepare_load, rule_for
+from bigload.integrations.prepare import prepare_and_plan, rule_for
 from bigload.load.loader import DEFAULT_WINDOW_BYTES, LoadResult, load_plan
 from bigload.load.sources import TensorSources
 from bigload.plan.budget import detect_budget
@@ -135,11 +135,8 @@ def load_checkpoint_and_dispatch(
         batch_size=batch_size, prefetch=prefetch, policy=policy, keep_in_fp32_modules=keep_in_fp32_modules,
         special_dtypes=special_dtypes, no_split_module_classes=no_split_module_classes, disk_reads=disk_reads,
         offload_buffers=offload_buffers)
-    check_named_devices(device_map, options)
-    load = prepare_load(model, checkpoint, options, quantize=quantize, quantize_skip=quantize_skip, sources=sources,
-                        only=only)
-    planned = plan_load(load.inventory, device_map, options)
-    check_devices(planned, load.quantization)
+    load, planned = prepare_and_plan(model, checkpoint, device_map, options, quantize=quantize,
+                                     quantize_skip=quantize_skip, sources=sources, only=only)
     result = load_plan(model, load.table, planned, load.inventory, offload_folder=offload_folder, strict=strict,
                        materialize=materialize, progress=progress, only=only,
                        label=None if isinstance(checkpoint, CheckpointIndex) else checkpoint)
@@ -266,11 +263,8 @@ def load_checkpoint_in_model(
         )
     options = PlanOptions(dtype=dtype, keep_in_fp32_modules=keep_in_fp32_modules, special_dtypes=special_dtypes,
                           offload_buffers=offload_buffers)
-    check_named_devices(device_map, options)
-    load = prepare_load(model, checkpoint, options, quantize=quantize, quantize_skip=quantize_skip, sources=sources,
-                        only=only)
-    planned = plan_load(load.inventory, device_map, options)
-    check_devices(planned, load.quantization)
+    load, planned = prepare_and_plan(model, checkpoint, device_map, options, quantize=quantize,
+                                     quantize_skip=quantize_skip, sources=sources, only=only)
     return load_plan(model, load.table, planned, load.inventory, offload_folder=offload_folder, strict=strict,
                      materialize=materialize, window_bytes=window_bytes, pin_memory=pin_memory, progress=progress,
                      only=only, label=None if isinstance(checkpoint, CheckpointIndex) else checkpoint)

@@ -7,7 +7,7 @@ devices it names checked on this machine.
     load = prepare_load(model, checkpoint, options, ...)   # rule, quantization, table, inventory
     plan = plan_load(load.inventory, device_map, options)  # the decisions
     check_devices(plan, load.quantization)                 # the probes
-    ... load.plan_load(...) and runtime.attach(...) execute it
+    (`prepare_and_plan` is the four in order; `load.loader.load_plan` and `runtime.attach` execute the plan.)
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from bigload.plan.planner import plan
 from bigload.plan.value import Plan
 from bigload.quant import Layout, Quantization, check_device, quantize_model
 
-__all__ = ["PreparedLoad", "check_devices", "check_named_devices", "prepare_load", "prepare_quantization", "plan_load",
+__all__ = ["PreparedLoad", "check_devices", "check_named_devices", "prepare_and_plan", "prepare_load", "prepare_quantization", "plan_load",
            "rule_for"]
 
 
@@ -109,6 +109,24 @@ def check_named_devices(device_map: Any, options: PlanOptions) -> None:
     elif isinstance(device_map, str) and device_map in STRATEGIES and options.max_memory is not None:
         # Loading, unlike a dry run, needs every GPU the budget names to be here.
         check_devices_exist(parse_max_memory(options.max_memory))
+
+
+def prepare_and_plan(model: nn.Module, checkpoint: str | os.PathLike[str] | CheckpointIndex, device_map: Any,
+                     options: PlanOptions, *, quantize: str | Quantization | None = None,
+                     quantize_skip: Sequence[str] | None = None, sources: TensorSources | None = None,
+                     only: Sequence[str] | None = None) -> tuple[PreparedLoad, Plan]:
+    """The steps every loading entry point takes before reading a weight, in order: the devices the caller
+    named, the load's inputs (`prepare_load`), its one plan (`plan_load`), the devices the plan runs on.
+
+    Raises:
+        DeviceError, PlanError, QuantizationError, CheckpointError, BudgetError: see the steps.
+    """
+    check_named_devices(device_map, options)
+    load = prepare_load(model, checkpoint, options, quantize=quantize, quantize_skip=quantize_skip, sources=sources,
+                        only=only)
+    planned = plan_load(load.inventory, device_map, options)
+    check_devices(planned, load.quantization)
+    return load, planned
 
 
 def plan_load(inventory: Inventory, device_map: Any, options: PlanOptions) -> Plan:

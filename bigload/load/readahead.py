@@ -1,9 +1,8 @@
 """Reading checkpoint bytes into memory ahead of their use, on several threads, a bounded window ahead.
 
 A load that takes its bytes from memory-mapped files reads the disk through page faults: one stream of
-faults, each waiting for the kernel's read-around, leaves an SSD mostly idle (on the benchmark machine one
-stream reached about 0.7 of a cold `cat`; 16 MiB reads needed about 8 in flight to approach it, as
-`bigload.load.reads` found for offloaded blocks). Advice (`MADV_WILLNEED`) does not help much either: the kernel
+faults, each waiting for the kernel's read-around, leaves an SSD mostly idle (benchmarks/ANALYSIS.md,
+"Measurements behind the code"). Advice (`MADV_WILLNEED`) does not help much either: the kernel
 reads at most one readahead window (`read_ahead_kb`) per call and does not say when the bytes arrived.
 
 `ReadAhead` reads the byte ranges a consumer will use, in the consumer's order, cut into `CHUNK_BYTES`

@@ -12,9 +12,9 @@ is not aligned to its element width in its file, the block is laid out packed an
 (still explicit: no page faults, errors raised; the pages read are dropped again).
 
 `BlockReader` reads a layout into a buffer: every run cut into `CHUNK_BYTES` pieces, `READERS` threads
-reading at once (one stream of reads leaves an SSD mostly idle: 16 MiB `O_DIRECT` reads needed about 8 in
-flight to approach the read bound on the benchmark machine). A file that refuses `O_DIRECT` (tmpfs, some
-network filesystems) is read through the page cache.
+reading at once (one stream of reads leaves an SSD mostly idle; how many must be in flight is measured in
+benchmarks/ANALYSIS.md, "Measurements behind the code"). A file that refuses `O_DIRECT` (tmpfs, some network
+filesystems) is read through the page cache.
 """
 
 from __future__ import annotations
