@@ -59,7 +59,7 @@ from torch import nn
 
 from bigload.errors import QuantizationError
 from bigload.messages import Setting, Text, setting
-from bigload.tensors import tensor_groups
+from bigload.tensors import owner_of, tensor_groups
 
 __all__ = [
     "Layout",
@@ -161,7 +161,7 @@ class Quantization:
 
     def skips(self, name: str) -> bool:
         """Whether module `name` is named by `skip` (itself or a parent)."""
-        return any(name == entry or name.startswith(entry + ".") for entry in self.skip)
+        return owner_of(name, set(self.skip)) is not None
 
 
 def choose_linears(model: nn.Module, quantization: Quantization) -> tuple[str, ...]:

@@ -325,6 +325,7 @@ def test_each_tensor_gets_one_transfer_kind(tmp_path: Path) -> None:
     cast: written; a store of the same load: reused. The store's bytes say the same."""
     from bigload.load.transfer import Transfer, transfer_kind as _transfer_kind
     from bigload.load.matching import Group as _Group
+    from bigload.tensors import Registration
     from bigload.devices import CPU, DISK
     from bigload.formats.discover import open_checkpoint
 
@@ -334,7 +335,8 @@ def test_each_tensor_gets_one_transfer_kind(tmp_path: Path) -> None:
     tensor = torch.empty(16, 16, device="meta")
 
     def kind(device, dtype, reuse=False, materialize=False):
-        return _transfer_kind(ref, _Group(("w",), (), tensor, True, device, dtype), reuse, materialize)
+        group = _Group(("w",), (), tensor, Registration.of(tensor), True, device, dtype)
+        return _transfer_kind(ref, group, reuse, materialize)
 
     assert kind(CPU, torch.float32) is Transfer.VIEW
     assert kind(CPU, torch.float16) is kind(CPU, torch.float32, materialize=True) is Transfer.CPU_CAST

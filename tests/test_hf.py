@@ -337,9 +337,11 @@ def test_unplannable_conversion_is_a_checkpoint_error(saved: Callable[[str], Pat
 
     folder = saved("mixtral")
     model = hf.meta_model_from_config(hf.load_config(folder))
-    renamings, _ = hf._conversion_mapping(model)
+    from bigload.integrations.hf import conversion
+
+    renamings, _ = conversion._conversion_mapping(model)
     converter = WeightConverter(".experts.*.w2.weight", ".experts.down_proj", operations=[_MetaHostileOp()])
-    monkeypatch.setattr(hf, "_conversion_mapping", lambda model: (renamings, [converter]))
+    monkeypatch.setattr(conversion, "_conversion_mapping", lambda model: (renamings, [converter]))
     with pytest.raises(CheckpointError, match=r"experts\.down_proj.*ScaleByMax.*from_pretrained"):
         hf.checkpoint_sources(model, open_checkpoint(folder))
 

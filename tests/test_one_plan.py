@@ -116,8 +116,15 @@ def test_the_runtime_runs_each_block_where_the_plan_says_and_holds_its_slots(mon
     from bigload.runtime.prefetch import Prefetcher
     from planned import planned as make
 
+    class Stream:  # what close() asks of a side stream
+        def __init__(self, device: object) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            pass
+
     monkeypatch.setattr(Prefetcher, "_allocate_cuda_slots", lambda self: None)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device: object())
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: object())
     for policy, offloaded in (("local", []), ("stream", ["first", "second", "third", ""])):
         _, model = _three()
@@ -305,3 +312,39 @@ def test_parameters_keep_their_class_gradient_flag_and_attributes_through_every_
     assert seen == [(Tagged, False, "kept")]
     detach(offloaded)
     assert (type(offloaded.first.weight), offloaded.first.weight.note) == (Tagged, "kept")
+
+
+class TiedHeadWithBias(nn.Module):
+    """The head shares the embedding's weight and has a bias of its own: offloaded apart, its slot holds both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 16)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(self.embed(ids))))
+
+
+def test_a_slot_holds_the_tied_tensors_a_block_brings_in_under_another_name() -> None:
+    """The inventory counts a tied tensor once, at its first name; a block that uses it under another name
+    still brings it into its slot, and the plan sizes the slots with it (the runtime never grows one)."""
+    torch.manual_seed(0)
+    reference = TiedHeadWithBias()
+    model = TiedHeadWithBias()
+    model.load_state_dict(reference.state_dict())
+    from bigload.runtime import HostWeights
+    from planned import planned as make
+
+    result = make(model, {"embed": "disk", "body": "disk", "head": "disk"}, execution_device="cpu")
+    head_needs = 16 * 8 * 4 + 16 * 4  # the tied weight and its own bias
+    assert result.slots.nbytes == max(head_needs, 8 * 8 * 4 + 8 * 4)
+    state = {name: tensor.detach().clone() for name, tensor in reference.state_dict().items()}
+    runtime = attach(model, result, store=HostWeights(state))
+    assert runtime.blocks["head"].slot_bytes == head_needs
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids), rtol=0, atol=0)
+    assert runtime.stats().reserve_bytes == result.slots.total

@@ -131,7 +131,7 @@ def _kv_by_key(inventory: Inventory, placed: Mapping[str, Device], layer_kv: int
     if not layer_kv or inventory.kv is None:
         return out
     for layer in inventory.kv.layers:
-        inside = [key for key in placed if key.startswith(layer + ".")]
+        inside = [key for key in placed if key != layer and owner_of(key, {layer}) == layer]
         attention = [key for key in inside if any(w in key.rpartition(".")[2].lower() for w in ATTENTION_WORDS)]
         key = (attention or inside or [owner_of(layer, placed)])[0]
         if key is not None:

@@ -22,6 +22,7 @@ from bigload.errors import PlanError
 from bigload.plan.inventory import Inventory, decoder_blocks, sub_inventory
 from bigload.plan.planner import Plan, plan
 from bigload.sizes import format_size
+from bigload.tensors import owner_of
 
 __all__ = ["HostPlan", "HostSplit", "Stage", "host_capacity", "plan_hosts", "split_hosts"]
 
@@ -227,10 +228,10 @@ def _tied_boundaries(inventory: Inventory, layers: Sequence[str], ends: Sequence
 
 def _layer_of(tensor: str, position: Mapping[str, int], ends: Sequence[str]) -> int | None:
     """The layer index holding a tensor, -1 for the ends (rank 0), None for shared modules."""
-    for name, k in position.items():
-        if tensor.startswith(name + "."):
-            return k
-    return -1 if any(tensor.startswith(name + ".") for name in ends) else None
+    owner = owner_of(tensor, {*position, *ends})
+    if owner is None:
+        return None
+    return position.get(owner, -1)
 
 
 def _balance(sizes: Sequence[int], fixed: int, weights: Sequence[int], forbidden: frozenset[int]) -> list[int]:
@@ -268,7 +269,8 @@ def _split_reasons(layers: Sequence[str], ends: Sequence[str], stages: Sequence[
                    fixed: int, weights: Sequence[int], forbidden: frozenset[int],
                    tied_groups: Sequence[Sequence[str]]) -> tuple[str, ...]:
     total = sum(sizes) + fixed
-    tied = [group for group in tied_groups if sum(any(n.startswith(e + ".") for e in ends) for n in group) > 1]
+    end_set = set(ends)
+    tied = [group for group in tied_groups if sum(owner_of(n, end_set) is not None for n in group) > 1]
     why_ends = (f"{' = '.join(tied[0])} is one tied tensor, which stays whole there; " if tied else "")
     reasons = [
         f"rank 0 holds the model's ends ({', '.join(ends) or 'none'}): {why_ends}the hidden state comes back to "

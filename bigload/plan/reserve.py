@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 from bigload.errors import PlanError
 from bigload.messages import Text, setting
 from bigload.sizes import format_size
+from bigload.tensors import owner_of
 
 __all__ = ["READ_ALIGN", "READ_SLACK_BYTES", "SLOT_ALIGNMENT", "DiskReads", "SlotSpec", "aligned", "choose_disk_reads",
            "nesting_depth", "pinned_bytes", "read_slot_bytes", "slot_alignment", "slot_bytes", "slot_count"]
@@ -164,7 +165,7 @@ def nesting_depth(names: Iterable[str]) -> int:
 
 
 def _encloses(outer: str, inner: str) -> bool:
-    return outer == "" or inner.startswith(outer + ".")
+    return inner != outer and owner_of(inner, {outer}) == outer
 
 
 def slot_count(names: Sequence[str], prefetch: int) -> int:
