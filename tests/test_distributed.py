@@ -80,6 +80,9 @@ def test_split_follows_host_memory_and_explains_each_boundary() -> None:
     assert "one block earlier" in text and "one block later" in text
     assert text.count("host ") >= 2
     assert HostPlan.from_json(host_plan.to_json()) == host_plan
+    newer = {**json.loads(host_plan.to_json()), "version": 99}
+    with pytest.raises(PlanError, match="^host plan JSON version 99 is not"):  # not re-wrapped as "not a host plan"
+        HostPlan.from_json(json.dumps(newer))
     for stage, plan in zip(host_plan.split.stages, host_plan.plans):
         assert sum(u.weights for u in plan.usage) == stage.weight_bytes + inventory.size("model.rotary_emb")
 

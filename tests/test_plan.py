@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from bigload.devices import CPU, DISK, Budget, Device
-from bigload.errors import PlanError
+from bigload.errors import DeviceError, PlanError
 from bigload.plan.inventory import inventory_from_module
 from bigload.plan import planner as planner
 from bigload.plan.planner import Plan, choose_policy, default_gpu_headroom
@@ -342,6 +343,11 @@ def test_json_round_trip_and_explain(inv):
     assert "why:" in table and "reserve" in table
     with pytest.raises(PlanError, match="not a bigload plan"):
         Plan.from_json('{"version": 1}')
+    # bigload's errors are ValueErrors too: one raised while reading a field is not re-wrapped as "not a plan"
+    broken = json.loads(result.to_json())
+    broken["main_device"] = "tpu"
+    with pytest.raises(DeviceError, match="^unknown device 'tpu'"):
+        Plan.from_json(json.dumps(broken))
 
 
 def test_collapse_merges_a_split_module_that_landed_on_one_device():

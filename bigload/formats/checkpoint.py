@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from bigload.load import readahead as pages
-from bigload.errors import BigloadError, CheckpointError
+from bigload.errors import BigloadError, CheckpointError, CheckpointNotFoundError
 from bigload.sizes import dtype_width
 
 __all__ = [
@@ -353,7 +353,7 @@ def _file_size(path: Path) -> int:
     try:
         return path.stat().st_size
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint file.") from None
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint file.") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -478,7 +478,7 @@ def _checkpoint_file(path: str | os.PathLike[str]) -> Path:
     if target.is_dir():
         target = _discover(target)
     if not target.exists():
-        raise CheckpointError(f"{target}: no such checkpoint file or folder.")
+        raise CheckpointNotFoundError(f"{target}: no such checkpoint file or folder.")
     return target
 
 
@@ -558,7 +558,7 @@ def _open_sharded(path: Path, select: Callable[[str], bool]) -> CheckpointIndex:
         shard_path = (path.parent / shard).resolve()
         if not shard_path.is_file():
             wanted = sum(1 for name in weight_map.values() if name == shard)
-            raise CheckpointError(
+            raise CheckpointNotFoundError(
                 f"{path}: shard {shard!r} ({wanted} tensors) is missing from {path.parent}; "
                 "download or copy the missing shard."
             )

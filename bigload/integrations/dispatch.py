@@ -227,13 +227,15 @@ def dispatch_model(
         `model`, with `hf_device_map` set.
 
     Raises:
-        PlanError, DeviceError: the map cannot place this model (checked before anything moves).
+        PlanError, DeviceError: the map cannot place this model, or `main_device` is a GPU this machine
+            lacks (checked before anything moves).
         OffloadError: the map has disk blocks but no `offload_dir`.
 
     >>> dispatch_model(model, {"embed": "cpu", "body": "disk", "head": "cpu"}, offload_dir="off/")  # doctest: +SKIP
     """
     placed = validate_device_map(model, device_map)
     main = _main_device(placed, main_device)
+    check_devices_exist([main])  # an execution GPU this machine lacks, refused before anything moves
     uses_disk = any(device.kind is DeviceKind.DISK for device in placed.values())
     if uses_disk and offload_dir is None:
         raise OffloadError(

@@ -37,7 +37,7 @@ from torch import nn
 from bigload.plan.budget import check_devices_exist
 from bigload.formats.checkpoint import CheckpointIndex, CheckpointReader, TensorRef, open_checkpoint
 from bigload.devices import CPU, Device, DeviceKind, DeviceLike
-from bigload.errors import BudgetError, CheckpointError, DeviceError, OffloadError
+from bigload.errors import BudgetError, CheckpointError, CheckpointMismatchError, DeviceError, OffloadError
 from bigload.plan.inventory import DtypeRule, Inventory, castable, inventory_from_module
 from bigload.messages import Setting, Text, setting
 from bigload.quant import (
@@ -372,7 +372,7 @@ def _report(match: _Match, index: CheckpointIndex, strict: bool, checkpoint: obj
         fix = ("Check that the checkpoint is for this model and config" + (
             ", or pass strict=False to load the matching tensors and get the rest in the LoadResult."
             if not match.mismatched else "; tensors of another shape cannot be loaded into it."))
-        raise CheckpointError(f"the checkpoint {where} does not match the model: " + "; ".join(lines) + ". " + fix)
+        raise CheckpointMismatchError(f"the checkpoint {where} does not match the model: " + "; ".join(lines) + ". " + fix)
     if match.unexpected:
         # accelerate's words, so logs and tests written against accelerate read the same.
         logger.warning(

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from bigload.devices import CPU, Budget, Device, DeviceKind, DeviceLike, ExecutionPolicy
-from bigload.errors import PlanError
+from bigload.errors import BigloadError, PlanError
 from bigload.plan.inventory import Inventory
 from bigload.messages import Audience, Setting, Text, render, setting
 from bigload.plan.reserve import DiskReads, SlotSpec, choose_disk_reads, read_slot_bytes, slot_alignment, slot_count
@@ -262,6 +262,8 @@ class Plan:
                 batch_size=int(data["batch_size"]),
                 reasons=tuple(data["reasons"]),
             )
+        except BigloadError:
+            raise  # already names what is wrong (a device, a policy); bigload's errors are ValueErrors too
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise PlanError(f"not a bigload plan JSON ({error!r}); write plans with Plan.to_json().") from error
 
