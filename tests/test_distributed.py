@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -176,19 +175,13 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_ranks(folder: Path, world: int, scenario: str, out: Path, *, timeout: float = 240
                ) -> dict[int, dict[str, Any]]:
     """Run `world` ranks (forked by the worker after its imports, environment as torchrun sets it); return
     each rank's record, or the tail of the output for a rank that wrote none."""
     out.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([sys.executable, str(WORKER), str(folder), str(out), scenario, str(world),
-                           str(_free_port())], env=_env(), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([sys.executable, str(WORKER), str(folder), str(out), scenario, str(world)],
+                          env=_env(), capture_output=True, text=True, timeout=timeout)
     records = {}
     for rank in range(world):
         path = out / f"rank-{rank}.json"
@@ -264,11 +257,11 @@ def test_torchrun_bigload_generate_matches_one_process(tmp_path: Path) -> None:
     from bigload.cli.session import GenerateOptions, run_generate
 
     folder = write_demo_model(tmp_path / "demo", "small")
-    port = _free_port()
+    # --standalone: torchrun's rendezvous store binds a free port itself and the ranks join it (no port picked
+    # free beforehand, which another process could take before torchrun binds it).
     done = subprocess.run(
-        [str(TORCHRUN), "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-         str(port), "--no-python", "bigload", "generate", str(folder), "--prompt", "The quick brown fox",
-         "--max-new-tokens", "8", "--timeout", "60", "--json"],
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "--no-python", "bigload", "generate", str(folder),
+         "--prompt", "The quick brown fox", "--max-new-tokens", "8", "--timeout", "60", "--json"],
         capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout[done.stdout.index("{"):])
