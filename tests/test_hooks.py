@@ -26,6 +26,7 @@ from bigload.runtime.hooks import (
     send_to_device,
 )
 from bigload.plan.reserve import SLOT_ALIGNMENT, SlotSpec, pinned_bytes
+from claimed_device import ClaimedDevice
 from fixtures_models import OutOfOrder, ThreeBlocks, TiedEnds
 from timeouts import with_timeout
 
@@ -439,10 +440,18 @@ def test_detach_removes_every_hook_and_leaves_a_plain_module():
 
 
 def test_root_output_returns_to_the_input_device():
+    """An input on another device than the blocks run on (a GPU, claimed without one: `claimed_device`):
+    each block gets it on the CPU, and the output goes back to the input's device."""
     reference, model = _three()
     attach(model, {"": "cpu"}, execution_device="cpu")
-    out = model(torch.randn(2, 8))
-    assert out.device.type == "cpu"
+    seen = []
+    model.first.register_forward_pre_hook(lambda module, args: seen.append(args[0].device))
+    x = torch.randn(2, 8)
+    with torch.no_grad(), ClaimedDevice("cuda:0") as gpu:
+        out = model(gpu.tensor(x))
+    assert seen == [torch.device("cpu")]
+    assert out.device == torch.device("cuda", 0)
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), reference(x), rtol=0, atol=0)
     runtime = runtime_of(model)
     assert runtime.forwards == 1
 
