@@ -253,7 +253,7 @@ def test_get_balanced_memory(llama, budget, low_zero):
 
 def test_balanced_memory_keeps_a_disk_entry_where_accelerate_fails(llama):
     budget = {0: 10**6, 1: 10**6, "disk": 10**9}
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="device type at start of device string: disk"):
         acc.get_balanced_memory(llama, max_memory=dict(budget))
     balanced = bigload.get_balanced_memory(llama, max_memory=budget)
     assert balanced["disk"] == 10**9 and balanced[0] < 10**6

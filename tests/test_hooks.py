@@ -350,7 +350,7 @@ def test_error_in_prefetch_thread_surfaces_in_forward_with_its_cause():
         with_timeout(lambda: model(torch.randn(2, 8)))
     assert isinstance(info.value.__cause__, OSError)
     # The runtime is still usable: the failed block is retried (and fails again) rather than hanging.
-    with pytest.raises(OffloadError):
+    with pytest.raises(OffloadError, match="block 'third' onto cpu failed"):
         with_timeout(lambda: model(torch.randn(2, 8)))
 
 
@@ -496,7 +496,7 @@ def test_cuda_streams_offloaded_weights_through_reused_buffers():
 def test_failed_attach_leaves_the_model_untouched():
     reference, model = _three()
     store = _offload(model, _names(model, ("first", "second")))  # "third" is missing from the store
-    with pytest.raises(OffloadError):
+    with pytest.raises(OffloadError, match="'third.weight' of block 'third' is placed on disk but is not in the offload"):
         attach(model, THREE_MAP, execution_device="cpu", store=store)
     assert runtime_of(model) is None and all(p.device.type == "cpu" for p in model.parameters())
     x = torch.randn(2, 8)
