@@ -14,7 +14,7 @@ from typing import Iterator, Mapping, Union
 
 import torch
 
-from bigload.errors import DeviceError, PlanError
+from bigload.errors import DeviceError, DeviceNotFoundError, PlanError
 
 __all__ = ["Budget", "Device", "DeviceKind", "DeviceLike", "ExecutionPolicy", "CPU", "DISK"]
 
@@ -39,17 +39,18 @@ class Device:
         """Read 0, "0", "cuda", "cuda:1", torch.device("cuda", 1), "cpu", "disk" or a Device.
 
         Raises:
-            DeviceError: anything else, e.g. "meta", "gpu0", -1.
+            DeviceNotFoundError: anything else, e.g. "meta", "gpu0", -1 (a DeviceError and a RuntimeError, as
+                torch raises for a device string it does not know).
         """
         if isinstance(value, Device):
             return value
         if isinstance(value, torch.device):
             value = str(value)
         if isinstance(value, bool):
-            raise DeviceError(f"{value!r} is not a device; use a GPU index (0, 1, ...), 'cuda:N', 'cpu' or 'disk'.")
+            raise DeviceNotFoundError(f"{value!r} is not a device; use a GPU index (0, 1, ...), 'cuda:N', 'cpu' or 'disk'.")
         if isinstance(value, int):
             if value < 0:
-                raise DeviceError(f"GPU index {value} is negative; use a GPU index (0, 1, ...), 'cuda:N', 'cpu' or 'disk'.")
+                raise DeviceNotFoundError(f"GPU index {value} is negative; use a GPU index (0, 1, ...), 'cuda:N', 'cpu' or 'disk'.")
             return Device(DeviceKind.GPU, value)
         if isinstance(value, str):
             text = value.strip().lower()
@@ -63,7 +64,7 @@ class Device:
                 return Device(DeviceKind.GPU, 0)
             if text.startswith("cuda:") and text[5:].isdigit():
                 return Device(DeviceKind.GPU, int(text[5:]))
-        raise DeviceError(
+        raise DeviceNotFoundError(
             f"unknown device {value!r}; use a GPU index (0, 1, ...), 'cuda:N', 'cpu' or 'disk'."
         )
 
@@ -84,7 +85,7 @@ class Device:
             return torch.device("cuda", self.index)
         if self.kind is DeviceKind.CPU:
             return torch.device("cpu")
-        raise DeviceError("'disk' is not a torch device; disk-offloaded tensors execute on a GPU or the CPU.")
+        raise DeviceNotFoundError("'disk' is not a torch device; disk-offloaded tensors execute on a GPU or the CPU.")
 
     def __str__(self) -> str:
         return f"cuda:{self.index}" if self.is_gpu else str(self.key)

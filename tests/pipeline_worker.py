@@ -1,10 +1,12 @@
-"""The ranks of a pipeline test: `python pipeline_worker.py FOLDER OUT SCENARIO WORLD PORT`.
+"""The ranks of a pipeline test: `python pipeline_worker.py FOLDER OUT SCENARIO WORLD`.
 
 The process imports torch and transformers and builds the model on meta once (no computation, so forking
-is safe), then forks one child per rank with RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1 and MASTER_PORT set as
-torchrun sets them: the ranks are real processes that did not each pay for the imports. Each rank writes
-what happened to OUT/rank-N.json. The parent waits for rank 0, gives the others `GRACE` seconds, kills what
-is left (a hung rank) and exits.
+is safe), then forks one child per rank: the ranks are real processes that did not each pay for the imports.
+Like torchrun's agent, the parent then hosts the ranks' TCPStore on a port the store binds itself (port 0:
+no port is picked free and released, which another process could take in between) and hands the port to the
+children, which find it in MASTER_PORT with TORCHELASTIC_USE_AGENT_STORE=True, as torchrun sets them, and
+join the store as clients. Each rank writes what happened to OUT/rank-N.json. The parent waits for rank 0,
+gives the others `GRACE` seconds, kills what is left (a hung rank) and exits.
 
 Scenarios: "generate" (rank 0 generates greedily for batch 1 and a left-padded batch 2), "mismatch" (rank 1
 is given another dtype), "kill" (rank 1 dies in the middle of the batch-2 generation), "hang" (rank 1 stops
@@ -30,23 +32,37 @@ GRACE = 30.0
 
 
 def launch() -> None:
-    folder, out, scenario, world, port = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    folder, out, scenario, world = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    from torch.distributed import TCPStore
+
     from bigload.integrations.hf import meta_model_for_folder
 
     meta_model_for_folder(folder)  # every import the ranks need, done once before forking
-    children = []
+    children, ports = [], []
     for rank in range(world):
+        port_in, port_out = os.pipe()
         pid = os.fork()
         if pid == 0:
-            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                              LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            for fd in (port_out, *ports):
+                os.close(fd)
             code = 0
             try:
+                port = os.read(port_in, 16).decode()  # once the parent's store listens
+                os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                                  LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                  TORCHELASTIC_USE_AGENT_STORE="True")
                 run_rank(folder, out, scenario, rank)
             except BaseException:  # a child must never return into the launcher's loop
                 code = 1
             os._exit(code)
+        os.close(port_in)
         children.append(pid)
+        ports.append(port_out)
+    # Created after the forks: the store serves from a thread, which a forked child would not have.
+    store = TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    for fd in ports:
+        os.write(fd, str(store.port).encode())
+        os.close(fd)
     os.waitpid(children[0], 0)
     deadline = time.monotonic() + (0 if scenario == "hang" else GRACE)
     for pid in children[1:]:

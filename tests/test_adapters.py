@@ -723,6 +723,6 @@ def test_a_failed_wrap_leaves_the_model_as_it_was(files, tmp_path):
                         ).save_pretrained(tmp_path / "gpt2")
     model = meta_model_from_config(load_config(files["base"] / "config.json"))
     before = [name for name, _ in model.named_parameters()]
-    with pytest.raises(AdapterError):
+    with pytest.raises(AdapterError, match=r"gpt2/adapter_config\.json does not fit LlamaForCausalLM: Target modules \{'c_attn'\}"):
         wrap(model, read_adapters([files["lora"], tmp_path / "gpt2"]))  # the first fits, the second does not
     assert [name for name, _ in model.named_parameters()] == before

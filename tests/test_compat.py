@@ -9,6 +9,7 @@ and so does bigload, so the comparison means the same on a machine with or witho
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -62,22 +63,55 @@ def _call(fn: Callable[..., Any], logger_name: str, *args: Any,
             return None, seen, error
 
 
+# accelerate's failures that are accidents, not checks: an empty list indexed while it places a tie that no module
+# left can take. bigload raises its PlanError with the fix there (see bigload.errors and the test below).
+ACCIDENTS = (IndexError,)
+
+
+def builtin_of(error: BaseException) -> type[BaseException]:
+    """The built-in class an `except` around accelerate's call names for `error` (torch's AcceleratorError is a
+    RuntimeError; safetensors' own error is only an Exception)."""
+    return next(kind for kind in type(error).__mro__ if kind.__module__ == "builtins")
+
+
+def assert_fails_alike(their_error: BaseException, our_error: BaseException | None) -> None:
+    """bigload raised one of its own errors, which is also the built-in accelerate raised."""
+    assert isinstance(our_error, BigloadError), (their_error, our_error)
+    if not isinstance(their_error, ACCIDENTS):
+        assert isinstance(our_error, builtin_of(their_error)), (their_error, our_error)
+
+
+def both(name: str, *args: Any, **kwargs: Any) -> tuple[tuple[Any, list, BaseException | None], ...]:
+    """accelerate's and bigload's `name` on copies of the same arguments: (answer, messages, error) of each."""
+    copy = lambda v: dict(v) if isinstance(v, dict) else v  # noqa: E731  (accelerate edits max_memory in place)
+    theirs = _call(getattr(acc, name), "accelerate.utils.modeling", *args, **{k: copy(v) for k, v in kwargs.items()})
+    ours = _call(getattr(bigload, name), "bigload.integrations.device_maps", *args,
+                 **{k: copy(v) for k, v in kwargs.items()})
+    return theirs, ours
+
+
 def same(name: str, *args: Any, **kwargs: Any) -> Any:
     """Run accelerate's and bigload's `name` on copies of the same arguments; assert identical answers and
-    messages; return the answer. Where accelerate fails, bigload must raise one of its own errors."""
-    copy = lambda v: dict(v) if isinstance(v, dict) else v  # noqa: E731  (accelerate edits max_memory in place)
-    theirs, their_msgs, their_error = _call(getattr(acc, name), "accelerate.utils.modeling",
-                                            *args, **{k: copy(v) for k, v in kwargs.items()})
-    ours, our_msgs, our_error = _call(getattr(bigload, name), "bigload.integrations.device_maps",
-                                      *args, **{k: copy(v) for k, v in kwargs.items()})
+    messages; return the answer. Where accelerate fails, bigload must raise one of its own errors that is
+    also the built-in accelerate raised (what `except ValueError:` around accelerate's call catches)."""
+    (theirs, their_msgs, their_error), (ours, our_msgs, our_error) = both(name, *args, **kwargs)
     if their_error is not None:
-        assert isinstance(our_error, BigloadError), (their_error, our_error)
+        assert_fails_alike(their_error, our_error)
         return None
     assert our_error is None, our_error
     assert type(ours) is type(theirs)
     assert dict(ours) == dict(theirs) if isinstance(theirs, dict) else ours == theirs
     assert our_msgs == their_msgs
     return ours
+
+
+def fails_alike(name: str, *args: Any, **kwargs: Any) -> tuple[BaseException, BaseException]:
+    """Both libraries refuse these arguments; bigload with its own error that is also accelerate's built-in.
+    Returns (accelerate's error, bigload's)."""
+    (_, _, their_error), (_, _, our_error) = both(name, *args, **kwargs)
+    assert their_error is not None, f"accelerate's {name} accepted the arguments"
+    assert_fails_alike(their_error, our_error)
+    return their_error, our_error  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="module")
@@ -219,10 +253,38 @@ def test_get_balanced_memory(llama, budget, low_zero):
 
 def test_balanced_memory_keeps_a_disk_entry_where_accelerate_fails(llama):
     budget = {0: 10**6, 1: 10**6, "disk": 10**9}
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="device type at start of device string: disk"):
         acc.get_balanced_memory(llama, max_memory=dict(budget))
     balanced = bigload.get_balanced_memory(llama, max_memory=budget)
     assert balanced["disk"] == 10**9 and balanced[0] < 10**6
+
+
+@pytest.mark.parametrize("name, budget, ours, match", [
+    ("infer_auto_device_map", {"tpu": 10**6, "cpu": 10**6}, "DeviceError", "max_memory key 'tpu' names no device"),
+    ("infer_auto_device_map", {0: "12XB", "cpu": 10**6}, "BudgetError", r"max_memory\[0\]: cannot read '12XB'"),
+    ("infer_auto_device_map", {"cpu": "-1GB"}, "BudgetError", "'-1GB' is negative"),
+    ("get_balanced_memory", {"tpu": 10**6, 0: 10**6}, "DeviceError", "max_memory key 'tpu' names no device"),
+    ("get_balanced_memory", {0: "1 parsec", 1: 10**6}, "BudgetError", "cannot read '1 parsec' as a size"),
+])
+def test_malformed_budgets_raise_accelerates_value_error(llama, name, budget, ours, match):
+    theirs, mine = fails_alike(name, llama, max_memory=budget)
+    assert type(theirs) is ValueError and isinstance(mine, ValueError)
+    assert type(mine).__name__ == ours and re.search(match, str(mine))
+
+
+def test_a_tie_no_module_left_can_take_is_a_plan_error_where_accelerate_crashes():
+    """accelerate indexes an empty list (IndexError) when the module holding a tied weight is placed before
+    its partner and nothing is left to take it; bigload says what to do instead (not an IndexError: an
+    accident is no contract to keep)."""
+    with torch.device("meta"):
+        model = nn.Module()
+        model.body = nn.ReLU()
+        model.tail = build(("block", 1, [("gated", 1, [("linear", 1, 1, False)])]))
+        model.head = nn.Linear(1, 1, bias=False)
+        model.head.weight = model.tail.get_submodule("0.0").weight
+    theirs, ours = fails_alike("infer_auto_device_map", model, max_memory={"cpu": 4}, fallback_allocation=True)
+    assert type(theirs) is IndexError and not isinstance(ours, IndexError)
+    assert isinstance(ours, bigload.PlanError) and "belongs to no module still to place" in str(ours)
 
 
 def test_no_max_memory_probes_this_machine(llama):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -80,6 +80,9 @@ def test_split_follows_host_memory_and_explains_each_boundary() -> None:
     assert "one block earlier" in text and "one block later" in text
     assert text.count("host ") >= 2
     assert HostPlan.from_json(host_plan.to_json()) == host_plan
+    newer = {**json.loads(host_plan.to_json()), "version": 99}
+    with pytest.raises(PlanError, match="^host plan JSON version 99 is not"):  # not re-wrapped as "not a host plan"
+        HostPlan.from_json(json.dumps(newer))
     for stage, plan in zip(host_plan.split.stages, host_plan.plans):
         assert sum(u.weights for u in plan.usage) == stage.weight_bytes + inventory.size("model.rotary_emb")
 
@@ -157,7 +160,7 @@ def test_open_checkpoint_select_never_opens_other_shards(tmp_path: Path) -> None
     needed = {weight_map[name] for name in mine}
     other = sorted(set(weight_map.values()) - needed)[0]
     (folder / other).write_bytes(b"\xff" * (folder / other).stat().st_size)  # unreadable if opened
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=rf"{re.escape(other)}: the header claims \d+ bytes"):  # the garbled shard
         open_checkpoint(folder)
     index = open_checkpoint(folder, select=mine.__contains__)
     assert set(index.tensors) == mine
@@ -173,19 +176,13 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_ranks(folder: Path, world: int, scenario: str, out: Path, *, timeout: float = 240
                ) -> dict[int, dict[str, Any]]:
     """Run `world` ranks (forked by the worker after its imports, environment as torchrun sets it); return
     each rank's record, or the tail of the output for a rank that wrote none."""
     out.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([sys.executable, str(WORKER), str(folder), str(out), scenario, str(world),
-                           str(_free_port())], env=_env(), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([sys.executable, str(WORKER), str(folder), str(out), scenario, str(world)],
+                          env=_env(), capture_output=True, text=True, timeout=timeout)
     records = {}
     for rank in range(world):
         path = out / f"rank-{rank}.json"
@@ -261,11 +258,11 @@ def test_torchrun_bigload_generate_matches_one_process(tmp_path: Path) -> None:
     from bigload.cli.session import GenerateOptions, run_generate
 
     folder = write_demo_model(tmp_path / "demo", "small")
-    port = _free_port()
+    # --standalone: torchrun's rendezvous store binds a free port itself and the ranks join it (no port picked
+    # free beforehand, which another process could take before torchrun binds it).
     done = subprocess.run(
-        [str(TORCHRUN), "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-         str(port), "--no-python", "bigload", "generate", str(folder), "--prompt", "The quick brown fox",
-         "--max-new-tokens", "8", "--timeout", "60", "--json"],
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "--no-python", "bigload", "generate", str(folder),
+         "--prompt", "The quick brown fox", "--max-new-tokens", "8", "--timeout", "60", "--json"],
         capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout[done.stdout.index("{"):])

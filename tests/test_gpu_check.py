@@ -44,9 +44,10 @@ def test_a_step_past_its_limit_is_killed_and_reported(tmp_path):
     assert status == "timeout" and "started" in (tmp_path / "x.log").read_text()
 
 
-def test_unknown_step_is_refused(tmp_path):
-    with pytest.raises(SystemExit):
+def test_unknown_step_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         gpu_check.main(["--out", str(tmp_path), "--steps", "load,warp"])
+    assert "unknown steps ['warp']" in capsys.readouterr().err
 
 
 def test_measuring_steps_run_on_the_cpu_and_agree(tmp_path):

@@ -22,6 +22,7 @@ from bigload.devices import ExecutionPolicy
 from bigload.runtime import HostWeights, detach, runtime_of, send_to_device
 from planned import attach_map, planned
 from bigload.plan.reserve import SLOT_ALIGNMENT, SlotSpec, pinned_bytes
+from claimed_device import ClaimedDevice
 from fixtures_models import OutOfOrder, ThreeBlocks, TiedEnds
 from timeouts import with_timeout
 
@@ -349,7 +350,7 @@ def test_error_in_prefetch_thread_surfaces_in_forward_with_its_cause():
         with_timeout(lambda: model(torch.randn(2, 8)))
     assert isinstance(info.value.__cause__, OSError)
     # The runtime is still usable: the failed block is retried (and fails again) rather than hanging.
-    with pytest.raises(OffloadError):
+    with pytest.raises(OffloadError, match="block 'third' onto cpu failed"):
         with_timeout(lambda: model(torch.randn(2, 8)))
 
 
@@ -439,10 +440,18 @@ def test_detach_removes_every_hook_and_leaves_a_plain_module():
 
 
 def test_root_output_returns_to_the_input_device():
+    """An input on another device than the blocks run on (a GPU, claimed without one: `claimed_device`):
+    each block gets it on the CPU, and the output goes back to the input's device."""
     reference, model = _three()
     attach_map(model, {"": "cpu"}, execution_device="cpu")
-    out = model(torch.randn(2, 8))
-    assert out.device.type == "cpu"
+    seen = []
+    model.first.register_forward_pre_hook(lambda module, args: seen.append(args[0].device))
+    x = torch.randn(2, 8)
+    with torch.no_grad(), ClaimedDevice("cuda:0") as gpu:
+        out = model(gpu.tensor(x))
+    assert seen == [torch.device("cpu")]
+    assert out.device == torch.device("cuda", 0)
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), reference(x), rtol=0, atol=0)
     runtime = runtime_of(model)
     assert runtime.forwards == 1
 
@@ -487,7 +496,7 @@ def test_cuda_streams_offloaded_weights_through_reused_buffers():
 def test_failed_attach_leaves_the_model_untouched():
     reference, model = _three()
     store = _offload(model, _names(model, ("first", "second")))  # "third" is missing from the store
-    with pytest.raises(OffloadError):
+    with pytest.raises(OffloadError, match="'third.weight' of block 'third' is placed on disk but is not in the offload"):
         attach_map(model, THREE_MAP, execution_device="cpu", store=store)
     assert runtime_of(model) is None and all(p.device.type == "cpu" for p in model.parameters())
     x = torch.randn(2, 8)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import time
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import bigload
+
 from bigload.devices import CPU, DISK, Budget, Device
-from bigload.errors import PlanError
+from bigload.errors import DeviceError, PlanError
 from bigload.plan.inventory import inventory_from_module
 from bigload.plan import planner as planner
 from bigload.plan.planner import Plan, choose_policy, default_gpu_headroom
@@ -342,6 +348,11 @@ def test_json_round_trip_and_explain(inv):
     assert "why:" in table and "reserve" in table
     with pytest.raises(PlanError, match="not a bigload plan"):
         Plan.from_json('{"version": 2}')
+    # bigload's errors are ValueErrors too: one raised while reading a field is not re-wrapped as "not a plan"
+    broken = json.loads(result.to_json())
+    broken["main_device"] = "tpu"
+    with pytest.raises(DeviceError, match="^unknown device 'tpu'"):
+        Plan.from_json(json.dumps(broken))
 
 
 def test_collapse_merges_a_split_module_that_landed_on_one_device():
@@ -356,12 +367,51 @@ def test_collapse_merges_a_split_module_that_landed_on_one_device():
     assert collapsed.usage_of(1).weights == TOTAL - EMBED
 
 
-def test_plan_is_deterministic(inv):
-    budget = Budget.of({0: 7_000, 1: 4_000, "cpu": 8_000, "disk": 10**6})
-    assert plan(inv, budget, policy="stream") == plan(inv, budget, policy="stream")
+_PLANS_IN_A_FRESH_PROCESS = """
+import sys
+sys.path.insert(0, {tests!r})
+from bigload.devices import Budget
+from bigload.plan.inventory import inventory_from_module
+from bigload.plan.planner import plan
+from planner_models import toy
+
+print(hash("layers.0"))  # differs between the seeds when hash randomization is on
+for tie in (False, True):
+    for split in ({{}}, {{"no_split_module_classes": []}}):  # Block kept whole, or split to fill a device
+        inventory = inventory_from_module(toy(layers=6, tie=tie), **split)
+        for budget in {budgets!r}:
+            for strategy in ("sequential", "balanced"):
+                result = plan(inventory, Budget.of(budget), strategy=strategy, policy="stream", headroom=0)
+                print(result.to_json().replace("\\n", " "))  # one line per plan
+"""
 
 
-def test_405b_plan_across_8_gpus_and_cpu_is_fast():
+def test_plan_is_deterministic_across_hash_seeds():
+    """The same inventory and budget give the same plan in every process: no set or dict order that depends on
+    PYTHONHASHSEED (string hashes) reaches a decision. Each seed plans in its own interpreter; the plans span
+    GPUs, CPU and disk, ties and split blocks."""
+    tests = str(Path(__file__).parent)
+    budgets = [{0: 7_000, 1: 4_000, "cpu": 8_000, "disk": 10**6}, {0: 9_000, "cpu": 9_000, "disk": 10**6},
+               {0: 6_000, 1: 6_000, 2: 6_000, "cpu": 10**5}]
+    script = _PLANS_IN_A_FRESH_PROCESS.format(tests=tests, budgets=budgets)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(bigload.__file__).parent.parent), tests])}
+    runs = [subprocess.Popen([sys.executable, "-c", script], env={**env, "PYTHONHASHSEED": seed},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for seed in ("0", "1", "12345")]
+    outputs = []
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+        outputs.append(out.splitlines())
+    assert len({lines[0] for lines in outputs}) == 3, "the seeds did not change string hashes"
+    plans = [lines[1:] for lines in outputs]
+    assert len(plans[0]) == 2 * 2 * len(budgets) * 2
+    assert plans[0] == plans[1] == plans[2]
+
+
+def test_405b_plan_across_8_gpus_and_cpu_fills_every_gpu():
+    """How long it takes is measured by benchmarks/bench_plan.py (this model and budget, and 200,000 modules
+    for how planning time grows with the module count), not asserted here."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bigload.empty import init_empty_weights
@@ -373,11 +423,7 @@ def test_405b_plan_across_8_gpus_and_cpu_is_fast():
         model = LlamaForCausalLM(config)
     inventory = inventory_from_module(model, dtype=torch.bfloat16)
     budget = Budget.of({**{i: 80 * GiB for i in range(8)}, "cpu": 512 * GiB})
-    plan(inventory, budget, context_length=8192)  # warm up
-    start = time.perf_counter()
     result = plan(inventory, budget, context_length=8192)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.25, f"planning took {elapsed * 1000:.0f} ms (target 50 ms)"
     assert all(result.usage_of(i).weights > 70 * GiB for i in range(8))
     assert all(u.total <= u.budget for u in result.usage)
     assert sum(p.weights for p in result.placements) == inventory.total_bytes

@@ -122,11 +122,11 @@ def test_keyboard_interrupt_while_writing_the_store(tmp_path: Path, ckpt: Path,
     def put(self: StoreWriter, name: str, tensor: torch.Tensor, **kwargs: Any) -> None:
         calls.append(name)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("the test's interrupt")
         real_put(self, name, tensor, **kwargs)
 
     monkeypatch.setattr(StoreWriter, "put", put)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="the test's interrupt"):  # propagated as raised
         with_timeout(lambda: load(ckpt, folder))
     assert len(calls) == 3
     assert sorted(p.name for p in folder.iterdir()) == []
@@ -143,11 +143,11 @@ def test_keyboard_interrupt_in_the_reader_thread(tmp_path: Path, ckpt: Path,
     def read(self: CheckpointReader, ref: Any) -> torch.Tensor:
         calls.append(ref.name)
         if len(calls) == 4:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("the test's interrupt")
         return real_read(self, ref)
 
     monkeypatch.setattr(CheckpointReader, "read", read)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="the test's interrupt"):  # propagated as raised
         with_timeout(lambda: load(ckpt, folder, window_bytes=64))
     assert not (folder / "index.json").exists()
     assert folder_is_clean(folder) == []

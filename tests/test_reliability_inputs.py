@@ -75,9 +75,8 @@ def test_malformed_shard_of_an_index_names_the_shard(tmp_path: Path, case: Case)
     (tmp_path / "bad").mkdir()
     bad = case.build(tmp_path / "bad")
     (tmp_path / "s2.safetensors").write_bytes(bad.read_bytes())
-    with pytest.raises(CheckpointError) as caught:
+    with pytest.raises(CheckpointError, match=r"s2\.safetensors"):
         open_checkpoint(index)
-    assert "s2.safetensors" in str(caught.value)
 
 
 CLI_CASES = tuple(case for case in SAFETENSORS_CASES if case.id in {
@@ -132,7 +131,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path: Path, builder, monke
         open_checkpoint(path)
     assert "pytorch_model" in str(caught.value) and "safetensors" in str(caught.value)
     _no_reads(monkeypatch)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=r"refused to unpickle.*could run code|zip format"):
         load_checkpoint_in_model(nn.Linear(2, 2, device="meta"), ckpt, {"": "cpu"})
     assert cli_main(["inspect", str(ckpt)]) == 2
     err = capsys.readouterr().err

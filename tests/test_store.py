@@ -119,11 +119,11 @@ def test_reference_entries_written_by_accelerate_without_shape(tmp_path: Path) -
 
 def test_interrupted_write_leaves_no_index_and_no_files(tmp_path: Path) -> None:
     tensors = sample_tensors()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="the test's interrupt"):
         with StoreWriter(tmp_path) as store:
             store.put("model.ids", tensors["model.ids"])
             store.put("model.mask", tensors["model.mask"])
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("the test's interrupt")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(OffloadError, match="no offload store here .*index.json is missing"):
         DiskStore.open(tmp_path)

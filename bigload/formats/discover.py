@@ -9,7 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping
 
-from bigload.errors import CheckpointError
+from bigload.errors import CheckpointError, CheckpointNotFoundError
 from bigload.formats.refs import SAFETENSORS, TORCH, CheckpointIndex, TensorRef, stat_key
 from bigload.formats.safetensors import read_safetensors_header
 from bigload.formats.torch_archive import read_torch_archive
@@ -66,7 +66,7 @@ def _checkpoint_file(path: str | os.PathLike[str]) -> Path:
     if target.is_dir():
         target = _discover(target)
     if not target.exists():
-        raise CheckpointError(f"{target}: no such checkpoint file or folder.")
+        raise CheckpointNotFoundError(f"{target}: no such checkpoint file or folder.")
     return target
 
 
@@ -146,7 +146,7 @@ def _open_sharded(path: Path, select: Callable[[str], bool]) -> CheckpointIndex:
         shard_path = (path.parent / shard).resolve()
         if not shard_path.is_file():
             wanted = sum(1 for name in weight_map.values() if name == shard)
-            raise CheckpointError(
+            raise CheckpointNotFoundError(
                 f"{path}: shard {shard!r} ({wanted} tensors) is missing from {path.parent}; "
                 "download or copy the missing shard."
             )

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import torch
 
-from bigload.errors import CheckpointError
+from bigload.errors import CheckpointError, CheckpointNotFoundError
 from bigload.sizes import dtype_width
 
 __all__ = ["FINGERPRINT_SAMPLE_BYTES", "SAFETENSORS", "TORCH", "CheckpointIndex", "Extent", "TensorRef", "file_size",
@@ -186,4 +186,4 @@ def file_size(path: Path) -> int:
     try:
         return path.stat().st_size
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint file.") from None
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint file.") from None

@@ -28,7 +28,7 @@ from torch import nn
 from bigload.formats.refs import CheckpointIndex, TensorRef
 from bigload.formats.discover import open_checkpoint
 from bigload.devices import DISK, Device
-from bigload.errors import AdapterError, CheckpointError
+from bigload.errors import AdapterError, BigloadError, CheckpointError
 from bigload.sizes import format_size
 from bigload.load.sources import DerivedTensor, Source, TensorSources
 from bigload.runtime.runtime import runtime_of
@@ -153,6 +153,8 @@ def _wrap_all(cls: Any, model: nn.Module, adapters: Sequence[Adapter]) -> nn.Mod
         for failing in adapters[1:]:
             wrapped.add_adapter(failing.name, _inference(failing.config),
                                 low_cpu_mem_usage=not failing.config.is_prompt_learning)
+    except BigloadError:
+        raise  # bigload's own (a ValueError too), e.g. an offloaded weight read: not a mismatched adapter
     except ValueError as error:
         _unwrap(model)
         raise AdapterError(

@@ -165,10 +165,10 @@ def check_devices(plan_: Plan, quantization: Quantization | None) -> None:
     """Probe this machine for what `plan_` runs on, before any byte is read.
 
     Raises:
-        DeviceError: a GPU the machine does not have.
+        DeviceNotFoundError: a GPU the machine does not have (the main device included: `main_device=`).
         QuantizationError: int4 blocks on a GPU whose compute capability its kernels do not support.
     """
-    check_devices_exist([d for p in plan_.placements for d in (p.device, p.execution_device)])
+    check_devices_exist([plan_.main_device, *(d for p in plan_.placements for d in (p.device, p.execution_device))])
     if quantization is None:
         return
     for placement in plan_.placements:

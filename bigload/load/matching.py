@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bigload.devices import Device
-from bigload.errors import CheckpointError, DeviceError
+from bigload.errors import CheckpointMismatchError, DeviceError
 from bigload.load.sources import Source, SourceTable
 from bigload.plan.inventory import Inventory
 from bigload.plan.value import Plan
@@ -139,7 +139,8 @@ def report(found: Match, table: SourceTable, strict: bool, checkpoint: object, m
     """Raise for what cannot be loaded (before any byte is read); warn, as accelerate does, about the rest.
 
     Raises:
-        CheckpointError: mis-shaped tensors, or (with `strict`) missing or unexpected ones.
+        CheckpointMismatchError: mis-shaped tensors, or (with `strict`) missing or unexpected ones (a
+            `CheckpointError`, and the `RuntimeError` torch's `load_state_dict` raises there).
     """
     problems = [
         (f"{len(found.missing)} missing", list(found.missing)),
@@ -153,7 +154,8 @@ def report(found: Match, table: SourceTable, strict: bool, checkpoint: object, m
         fix = ("Check that the checkpoint is for this model and config" + (
             ", or pass strict=False to load the matching tensors and get the rest in the LoadResult."
             if not found.mismatched else "; tensors of another shape cannot be loaded into it."))
-        raise CheckpointError(f"the checkpoint {where} does not match the model: " + "; ".join(lines) + ". " + fix)
+        raise CheckpointMismatchError(f"the checkpoint {where} does not match the model: " + "; ".join(lines) + ". "
+                                      + fix)
     if found.unexpected:
         # accelerate's words, so logs and tests written against accelerate read the same.
         logger.warning(

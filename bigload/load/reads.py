@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from bigload.errors import OffloadError
+from bigload.errors import OffloadError, OffloadIOError
 from bigload.formats.refs import Extent  # where a tensor's bytes are: one type for both read paths
 from bigload.plan.reserve import READ_ALIGN
 
@@ -200,8 +200,8 @@ class BlockReader:
             got = _pread_full(self._fd(run.path, direct), dest, run.start + pos)
         except OSError as error:
             if not (direct and error.errno == errno.EINVAL):
-                raise OffloadError(f"{run.path}: reading {length} bytes at {run.start + pos} failed "
-                                   f"({error.strerror or error}); check the disk and the file.") from None
+                raise OffloadIOError(f"{run.path}: reading {length} bytes at {run.start + pos} failed "
+                                     f"({error.strerror or error}); check the disk and the file.", error.errno) from None
             self._buffered_only.add(run.path)  # the filesystem accepted O_DIRECT on open, not on read
             return self._read_piece(run, pos, length, view, False)
         if got < min(length, run.needed - pos):
@@ -227,8 +227,9 @@ class BlockReader:
                     key = (path, False)
                     fd = self._fds.get(key) or os.open(path, os.O_RDONLY)
                 else:
-                    raise OffloadError(f"{path}: cannot open the file ({error.strerror or error}); it was deleted "
-                                       "or moved after the model was loaded. Load the model again.") from None
+                    raise OffloadIOError(f"{path}: cannot open the file ({error.strerror or error}); it was deleted "
+                                         "or moved after the model was loaded. Load the model again.",
+                                         error.errno) from None
             self._fds[key] = fd
             return fd
 

@@ -31,7 +31,7 @@ import torch
 from bigload.formats.refs import CheckpointIndex, TensorRef
 from bigload.formats.mapped import MappedFiles
 from bigload.formats.safetensors import read_safetensors_header
-from bigload.errors import CheckpointError, OffloadError
+from bigload.errors import CheckpointError, OffloadError, OffloadIOError
 from bigload.messages import Setting, Text, setting
 from bigload.load.reads import Extent
 from bigload.sizes import dtype_width, format_size
@@ -285,9 +285,10 @@ class DiskStore:
             _write_json_atomic(self.folder / INDEX_FILE, self._entries)
         except OSError as exc:
             temp.unlink(missing_ok=True)
-            raise OffloadError(
+            raise OffloadIOError(
                 f"writing the new value of {name!r} into {self.folder} failed ({exc.strerror or exc}); the old "
-                "value is still there. Free disk space or fix the folder's permissions, then merge again."
+                "value is still there. Free disk space or fix the folder's permissions, then merge again.",
+                exc.errno,
             ) from exc
         self._files.clear()  # the old mapping of `final` views the replaced file
 
@@ -515,14 +516,15 @@ class StoreWriter:
                 "not start with '.', and contain no '/'."
             )
 
-    def _write_error(self, name: str, nbytes: int, exc: OSError) -> OffloadError:
+    def _write_error(self, name: str, nbytes: int, exc: OSError) -> OffloadIOError:
         if exc.errno == errno.ENOSPC:
             free = shutil.disk_usage(self.folder).free
-            return OffloadError(
+            return OffloadIOError(
                 f"no space left in {self.folder} while writing {name!r} ({format_size(nbytes)}; "
-                f"{format_size(free)} free). Free disk space or choose an offload_folder on a larger disk."
+                f"{format_size(free)} free). Free disk space or choose an offload_folder on a larger disk.",
+                exc.errno,
             )
-        return OffloadError(f"cannot write {name!r} to {self.folder}: {exc}. Check the folder and disk.")
+        return OffloadIOError(f"cannot write {name!r} to {self.folder}: {exc}. Check the folder and disk.", exc.errno)
 
 
 
@@ -568,9 +570,10 @@ def _ensure_writable(folder: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise OffloadError(
+        raise OffloadIOError(
             Text(f"cannot write to the offload folder {folder} ({exc.strerror or exc}); pass an ",
-                 Setting("offload_folder", "--offload-folder DIR"), " you can write to.")
+                 Setting("offload_folder", "--offload-folder DIR"), " you can write to."),
+            exc.errno,
         ) from None
 
 

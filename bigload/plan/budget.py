@@ -28,7 +28,7 @@ import psutil
 import torch
 
 from bigload.devices import CPU, DISK, Budget, Device, DeviceLike
-from bigload.errors import BudgetError, DeviceError
+from bigload.errors import BudgetError, DeviceError, DeviceNotFoundError
 from bigload.messages import Setting, Text, setting
 from bigload.sizes import format_size, parse_size
 
@@ -351,10 +351,10 @@ def check_devices_exist(devices: Budget | Iterable[DeviceLike], *, gpu_count: in
         gpu_count: GPUs to check against; default: `torch.cuda.device_count()`.
 
     Raises:
-        DeviceError: a GPU index at or beyond `torch.cuda.device_count()`, or a value that is no device.
+        DeviceNotFoundError: a GPU index at or beyond `torch.cuda.device_count()`, or a value that is no device.
 
     >>> check_devices_exist([0, "cpu"])  # on a machine without CUDA  # doctest: +SKIP
-    DeviceError: cuda:0 does not exist on this machine (0 CUDA devices visible); ...
+    DeviceNotFoundError: cuda:0 does not exist on this machine (0 CUDA devices visible); ...
     """
     wanted = devices.devices if isinstance(devices, Budget) else tuple(Device.parse(d) for d in devices)
     gpus = sorted({device.index for device in wanted if device.is_gpu})
@@ -364,7 +364,7 @@ def check_devices_exist(devices: Budget | Iterable[DeviceLike], *, gpu_count: in
     missing = [index for index in gpus if index >= available]
     if missing:
         names = ", ".join(f"cuda:{index}" for index in missing)
-        raise DeviceError(
+        raise DeviceNotFoundError(
             Text(f"{names} does not exist on this machine ({available} CUDA device(s) visible). Plan again for "
                  "this machine (", setting("max_memory"), " with existing GPUs only), or map those modules to "
                  "'cpu' or 'disk'.")

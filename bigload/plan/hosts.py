@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from bigload.devices import Budget
-from bigload.errors import PlanError
+from bigload.errors import BigloadError, PlanError
 from bigload.plan.inventory import Inventory, decoder_blocks, sub_inventory
 from bigload.plan.planner import Plan, plan
 from bigload.sizes import format_size
@@ -131,6 +131,8 @@ class HostPlan:
                            for h in data["hosts"])
             split = HostSplit(tuple(data["layers"]), tuple(data["ends"]), stages, tuple(data["reasons"]))
             return HostPlan(split, tuple(Plan.from_json(json.dumps(h["plan"])) for h in data["hosts"]))
+        except BigloadError:
+            raise  # the version, or a stage's plan, already says what is wrong (and is a ValueError too)
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise PlanError(f"not a bigload host plan JSON ({error!r}); write it with HostPlan.to_json().") from error
 

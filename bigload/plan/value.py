@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from bigload.devices import Device, DeviceLike, ExecutionPolicy
-from bigload.errors import PlanError
+from bigload.errors import BigloadError, PlanError
 from bigload.messages import Audience, render
 from bigload.plan.reserve import DiskReads, SlotSpec
 from bigload.quant import Layout
@@ -237,6 +237,8 @@ class Plan:
                 batch_size=int(data["batch_size"]),
                 reasons=tuple(data["reasons"]),
             )
+        except BigloadError:
+            raise  # already names what is wrong (a device, a policy); bigload's errors are ValueErrors too
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise PlanError(f"not a bigload plan JSON ({error!r}); write plans with Plan.to_json().") from error
 
