@@ -18,7 +18,7 @@ from bigload.integrations.dispatch import (
     plan_for_model,
     remove_hook_from_submodules,
 )
-from bigload.distributed.pipeline import stop_pipeline
+from bigload.distributed import stop_pipeline
 from bigload.empty import init_empty_weights, init_on_device
 from bigload.errors import (
     AdapterError,

@@ -62,10 +62,10 @@ def launch() -> None:
 def run_rank(folder: Path, out: Path, scenario: str, rank: int) -> None:
     torch.set_num_threads(1)
     import bigload
-    from bigload.distributed import pipeline as distributed
+    from bigload.distributed.server import StageServer
 
     if scenario in ("kill", "hang") and rank == 1:
-        _fail_at_step(distributed.StageServer, 8 if scenario == "kill" else 3, scenario)
+        _fail_at_step(StageServer, 8 if scenario == "kill" else 3, scenario)
     dtype = "bfloat16" if scenario == "mismatch" and rank == 1 else None
     timeout = 5 if scenario == "hang" else 20
     record: dict = {"rank": rank}

@@ -280,7 +280,8 @@ def test_torchrun_bigload_generate_matches_one_process(tmp_path: Path) -> None:
 def test_hidden_states_cross_over_nccl_only_between_distinct_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch.distributed as dist
 
-    from bigload.distributed.pipeline import choose_backend, entry_device
+    from bigload.distributed.stage import entry_device
+    from bigload.distributed.startup import choose_backend
 
     inventory = _catalog_inventory()
     gpu = parse_max_memory({0: "80GiB", "cpu": "64GiB"})

@@ -215,7 +215,7 @@ def run_generate_pipeline(path: str | Path, options: GenerateOptions, *, offload
         timeout: seconds any wait between ranks may take.
         The others: as `run_generate` (`strategy` plans inside each rank).
     """
-    from bigload.distributed.pipeline import stop_pipeline
+    from bigload.distributed import stop_pipeline
     from bigload.integrations.hf import from_pretrained, load_tokenizer
 
     model = from_pretrained(

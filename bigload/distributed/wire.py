@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import datetime
 import enum
-import time
 from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 
 from bigload.errors import DistributedError
 
-__all__ = ["Header", "Link", "MaskKind", "Op", "PositionKind", "HEADER_LEN"]
+__all__ = ["Header", "Link", "MaskKind", "Op", "PositionKind", "HEADER_LEN", "positions_from_mask"]
 
 HEADER_LEN = 12
 _MAGIC = 0x6269676C  # "bigl": a header from another program, or a misaligned stream, is refused
@@ -36,7 +36,6 @@ class Op(enum.IntEnum):
 
     PREFILL = 1  # a new sequence: stages drop their KV cache first
     DECODE = 2  # more tokens of the current sequence
-    RESET = 3  # drop the KV caches (no hidden states)
     STOP = 4  # stop serving
     ERROR = 5  # a rank failed; the message says why
 
@@ -49,8 +48,13 @@ class MaskKind(enum.IntEnum):
 
 class PositionKind(enum.IntEnum):
     NONE = 0  # the model derives positions from its cache length
-    FROM_MASK = 1  # generate's rule: cumsum(mask) - 1, 0 where masked; the last `seq` columns
+    FROM_MASK = 1  # generate's rule (`positions_from_mask`)
     SENT = 2  # the position ids follow
+
+
+def positions_from_mask(mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """generate's positions for a padded batch: cumsum(mask) - 1, 0 where masked; the last `seq` columns."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -seq:]
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -92,16 +96,6 @@ class Header:
         return replace(self, remote_ns=self.remote_ns + extra_ns)
 
 
-@dataclass
-class WireStats:
-    """Time spent waiting on the wire by this rank, and bytes sent."""
-
-    send_seconds: float = 0.0
-    recv_seconds: float = 0.0
-    bytes_sent: int = 0
-    messages: int = 0
-
-
 class Link:
     """This rank's two ends of the ring: receive from `prev`, send to `next`.
 
@@ -120,20 +114,14 @@ class Link:
         self.timeout = timeout
         self.device = device
         self.group = group
-        self.stats = WireStats()
 
     # -- sending ---------------------------------------------------------------------------------
 
     def send(self, header: Header, *tensors: torch.Tensor) -> None:
         """Send a header and the tensors it announces to the next rank."""
-        start = time.perf_counter()
         for tensor in (header.to_tensor(), *tensors):
             payload = tensor.to(self.device).contiguous()
-            self._wait(self._dist().isend(payload, dst=self.next, group=self.group), self.next, "send to",
-                       self.timeout)
-            self.stats.bytes_sent += payload.numel() * payload.element_size()
-        self.stats.send_seconds += time.perf_counter() - start
-        self.stats.messages += 1
+            self._wait(dist.isend(payload, dst=self.next, group=self.group), self.next, "send to", self.timeout)
 
     def send_error(self, origin: int, message: str) -> None:
         """Tell the next rank that `origin` failed; best effort (the next rank may be the one that died)."""
@@ -164,9 +152,7 @@ class Link:
         return self._recv(torch.empty(shape, dtype=dtype, device=self.device), self.timeout)
 
     def _recv(self, buffer: torch.Tensor, timeout: float) -> torch.Tensor:
-        start = time.perf_counter()
-        self._wait(self._dist().irecv(buffer, src=self.prev, group=self.group), self.prev, "receive from", timeout)
-        self.stats.recv_seconds += time.perf_counter() - start
+        self._wait(dist.irecv(buffer, src=self.prev, group=self.group), self.prev, "receive from", timeout)
         return buffer
 
     def _wait(self, work: object, peer: int, what: str, timeout: float) -> None:
@@ -180,9 +166,3 @@ class Link:
                 f"rank {self.rank} could not {what} rank {peer}: {why}. Check rank {peer}'s log; the pipeline "
                 f"stops here. ({text.splitlines()[0][:200]})", rank=peer,
             ) from None
-
-    @staticmethod
-    def _dist():  # type: ignore[no-untyped-def]
-        import torch.distributed as dist
-
-        return dist
