@@ -249,6 +249,31 @@ def test_a_hung_rank_times_out_on_rank_0(tmp_path: Path) -> None:
     assert "rank 1" in records[0]["error"] and "no answer within 5 s" in records[0]["error"], records[0]
 
 
+@pytest.mark.parametrize("scenario, world, why", [("rank0-dies", 3, "its connection closed"),
+                                                  ("rank0-stops", 2, "no answer within 5 s")])
+def test_rank_0_dying_or_stopped_stops_the_others_with_errors_naming_it(tmp_path: Path, scenario: str, world: int,
+                                                                       why: str) -> None:
+    """gloo's isend/irecv fail at once on a closed connection: inside the ERROR forwarding too."""
+    folder = write_model(ARCHS["llama"], tmp_path / "llama")
+    records = _run_ranks(folder, world, scenario, tmp_path / "out", timeout=120)
+    assert "log" in records[0]  # it died or was killed while stopped, writing nothing
+    for rank in range(1, world):
+        error = records[rank].get("error", records[rank])
+        assert str(error).startswith("DistributedError: ") and "rank 0" in error, records[rank]
+    assert why in records[1]["error"]  # rank 1 saw it first; rank 2 hears it from rank 1
+
+
+def test_a_rank_that_never_starts_is_named_within_the_timeout(tmp_path: Path) -> None:
+    folder = write_model(ARCHS["llama"], tmp_path / "llama")
+    records = _run_ranks(folder, 3, "missing-rank", tmp_path / "out", timeout=120)
+    assert "log" in records[2]  # never started
+    for rank in (0, 1):
+        error = records[rank].get("error", records[rank])
+        assert str(error).startswith("DistributedError: ") and "within 5 s" in error, records[rank]
+        assert "WORLD_SIZE=3" in error and "start every rank" in error, error
+    assert "2 of 3 ranks" in records[0]["error"]  # the store's host counts who arrived
+
+
 def test_ranks_given_different_inputs_refuse_to_start(tmp_path: Path) -> None:
     folder = write_model(ARCHS["llama"], tmp_path / "llama")
     records = _run_ranks(folder, 2, "mismatch", tmp_path / "out", timeout=120)

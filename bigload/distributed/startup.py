@@ -8,7 +8,9 @@ a failed collective and becomes a `DistributedError` there too.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,6 +29,8 @@ from bigload.distributed.wire import Link
 __all__ = ["RankLoad", "choose_backend", "end_group", "gather_loads", "local_budget", "open_link",
            "plan_model_hosts", "rank_budget", "start_group"]
 
+logger = logging.getLogger("bigload")
+
 
 # ---------------------------------------------------------------------------------------------------------
 # the process group
@@ -36,7 +40,8 @@ def start_group(timeout: float) -> tuple[int, int, bool]:
     """(rank, world size, whether bigload started the process group). torchrun's environment tells where.
 
     Raises:
-        DistributedError: not under torchrun (no RANK / WORLD_SIZE).
+        DistributedError: not under torchrun (no RANK / WORLD_SIZE), or the ranks did not all meet within
+            `timeout` seconds (how many arrived when that is known, and the fix).
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
@@ -44,14 +49,39 @@ def start_group(timeout: float) -> tuple[int, int, bool]:
         raise DistributedError(
             "distributed=True needs torchrun (or RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set): e.g. "
             "`torchrun --nnodes 2 --nproc-per-node 1 --rdzv-endpoint HOST:29500 script.py`.")
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+    try:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+    except (RuntimeError, ValueError) as error:  # DistStoreError, DistNetworkError, gloo's own
+        raise _start_failure(error, timeout) from None
     return dist.get_rank(), dist.get_world_size(), True
 
 
+def _start_failure(error: BaseException, timeout: float) -> DistributedError:
+    """What went wrong while the ranks met, in the environment's terms. Only rank 0, which hosts the
+    rendezvous store, learns how many ranks arrived (torch says "2/3 clients joined")."""
+    env = {key: os.environ.get(key, "?") for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    text = str(error)
+    where = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    if "address already in use" in text.lower():
+        fix = f"{where} is taken by another program; pick a free port (torchrun --master-port)"
+    else:
+        joined = re.search(r"(\d+)/(\d+) clients joined", text)
+        arrived = f"only {joined[1]} of {joined[2]} ranks arrived; " if joined else ""
+        fix = (f"{arrived}start every rank (torchrun's --nnodes x --nproc-per-node must equal WORLD_SIZE="
+               f"{env['WORLD_SIZE']}), each able to reach {where}")
+    first = text.splitlines()[0][:200] if text else type(error).__name__
+    return DistributedError(f"rank {env['RANK']}: the ranks did not all meet within {timeout:g} s: {fix}. "
+                            f"({type(error).__name__}: {first})")
+
+
 def end_group(owns_group: bool) -> None:
-    """Destroy the process group if bigload started it (a caller's own group is left alone)."""
+    """Destroy the process group if bigload started it (a caller's own group is left alone). Best effort:
+    it runs while an error from a failed rank is on its way up, which must not be replaced by torch's."""
     if owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except RuntimeError as error:
+            logger.warning("destroying the process group: %s", str(error).splitlines()[0][:200])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,7 +160,11 @@ def open_link(host_plan: HostPlan, hostnames: Sequence[str], rank: int, timeout:
     if choose_backend(host_plan, hostnames) == "nccl":
         device = entry_device(host_plan, rank).torch_device()
         torch.cuda.set_device(device)
-        group = dist.new_group(backend="nccl", timeout=datetime.timedelta(seconds=timeout))
+        try:
+            group = dist.new_group(backend="nccl", timeout=datetime.timedelta(seconds=timeout))
+        except RuntimeError as error:
+            raise DistributedError(f"rank {rank}: the NCCL group for hidden states could not be made "
+                                   f"({str(error).splitlines()[0][:200]}); see the other ranks' errors.") from None
         return Link(rank, world, timeout=timeout, device=device, group=group)
     return Link(rank, world, timeout=timeout)
 

@@ -11,7 +11,9 @@ carries the failing rank in `origin` and a UTF-8 message of `seq` bytes instead.
 
 `Link` sends to the next rank and receives from the previous one with `torch.distributed` point-to-point
 calls (`isend`/`irecv` + `wait(timeout)`), so no wait is unbounded: a peer that died surfaces as an error at
-once (its connection closes), one that hangs as an error after the timeout, both naming the rank.
+once (its connection closes), one that hangs as an error after the timeout, both naming the rank. gloo
+raises from `isend`/`irecv` themselves, not only from `wait`, once a connection has closed, so posting and
+waiting are one guarded step: every failure of the link is a `DistributedError`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import datetime
 import enum
 from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -84,13 +87,16 @@ class Header:
     @staticmethod
     def from_tensor(values: torch.Tensor, sender: int) -> "Header":
         v = [int(x) for x in values.tolist()]
-        if v[0] != _MAGIC or not 0 <= v[5] < len(_DTYPES):
+        try:
+            if v[0] != _MAGIC or not 0 <= v[5] < len(_DTYPES):
+                raise ValueError("magic or dtype")
+            return Header(Op(v[1]), v[2], v[3], v[4], _DTYPES[v[5]], v[6], MaskKind(v[7]), PositionKind(v[8]),
+                          v[9], v[10], v[11])
+        except ValueError:  # a wrong magic or dtype, or an op, mask or position kind this version lacks
             raise DistributedError(
                 f"rank {sender} sent something that is not a bigload pipeline header; every rank must run the "
-                "same bigload version and nothing else may use this process group's point-to-point channel."
-            )
-        return Header(Op(v[1]), v[2], v[3], v[4], _DTYPES[v[5]], v[6], MaskKind(v[7]), PositionKind(v[8]), v[9],
-                      v[10], v[11])
+                "same bigload version and nothing else may use this process group's point-to-point channel.",
+                rank=sender) from None
 
     def with_remote(self, extra_ns: int) -> "Header":
         return replace(self, remote_ns=self.remote_ns + extra_ns)
@@ -121,10 +127,12 @@ class Link:
         """Send a header and the tensors it announces to the next rank."""
         for tensor in (header.to_tensor(), *tensors):
             payload = tensor.to(self.device).contiguous()
-            self._wait(dist.isend(payload, dst=self.next, group=self.group), self.next, "send to", self.timeout)
+            self._complete(lambda: dist.isend(payload, dst=self.next, group=self.group), self.next, "send to",
+                           self.timeout)
 
     def send_error(self, origin: int, message: str) -> None:
-        """Tell the next rank that `origin` failed; best effort (the next rank may be the one that died)."""
+        """Tell the next rank that `origin` failed; best effort (the next rank may be the one that died, and
+        then this fails at once or within the timeout, silently: the caller raises its own error)."""
         data = torch.tensor(list(message.encode()[:4000]), dtype=torch.uint8)
         try:
             self.send(Header(Op.ERROR, seq=data.numel(), origin=origin), data)
@@ -152,17 +160,31 @@ class Link:
         return self._recv(torch.empty(shape, dtype=dtype, device=self.device), self.timeout)
 
     def _recv(self, buffer: torch.Tensor, timeout: float) -> torch.Tensor:
-        self._wait(dist.irecv(buffer, src=self.prev, group=self.group), self.prev, "receive from", timeout)
+        self._complete(lambda: dist.irecv(buffer, src=self.prev, group=self.group), self.prev, "receive from",
+                       timeout)
         return buffer
 
-    def _wait(self, work: object, peer: int, what: str, timeout: float) -> None:
+    def _complete(self, post: Callable[[], Any], peer: int, what: str, timeout: float) -> None:
+        """Post one point-to-point operation and wait for it, at most `timeout` seconds.
+
+        Raises:
+            DistributedError: naming `peer`, whether the post or the wait failed.
+        """
         try:
-            work.wait(timeout=datetime.timedelta(seconds=timeout))  # type: ignore[attr-defined]
-        except RuntimeError as error:
-            text = str(error)
-            why = (f"no answer within {timeout:g} s" if "imed out" in text or "timeout" in text.lower()
-                   else "its connection closed (the process died or was stopped)")
-            raise DistributedError(
-                f"rank {self.rank} could not {what} rank {peer}: {why}. Check rank {peer}'s log; the pipeline "
-                f"stops here. ({text.splitlines()[0][:200]})", rank=peer,
-            ) from None
+            post().wait(timeout=datetime.timedelta(seconds=timeout))
+        except RuntimeError as error:  # torch.distributed's DistError types are RuntimeErrors too
+            raise _failure(self.rank, peer, what, timeout, error) from None
+
+
+def _failure(rank: int, peer: int, what: str, timeout: float, error: BaseException) -> DistributedError:
+    """The `DistributedError` for a failed exchange between `rank` and `peer`, saying why in plain words."""
+    text = str(error)
+    if "pair closure" in text:  # gloo closed the pair after an earlier timeout on it
+        why = "the connection was closed after an earlier wait timed out"
+    elif "imed out" in text or "timeout" in text.lower():
+        why = f"no answer within {timeout:g} s (the process hangs or was stopped)"
+    else:
+        why = "its connection closed (the process died)"
+    first = text.splitlines()[0][:200] if text else type(error).__name__
+    return DistributedError(f"rank {rank} could not {what} rank {peer}: {why}. Check rank {peer}'s log; the "
+                            f"pipeline stops here. ({first})", rank=peer)
