@@ -10,7 +10,8 @@ Scenarios: "generate" (rank 0 generates greedily for batch 1 and a left-padded b
 is given another dtype), "kill" (rank 1 dies in the middle of the batch-2 generation), "hang" (rank 1 stops
 answering in the middle of the batch-1 generation; the timeout is 5 s), "rank0-dies" (rank 0 dies in the
 middle of the batch-2 generation), "rank0-stops" (rank 0 is stopped by SIGSTOP there; the idle timeout is
-5 s), "missing-rank" (one rank fewer is started than WORLD_SIZE says; the timeout is 5 s).
+5 s), "missing-rank" (one rank fewer is started than WORLD_SIZE says; the timeout is 5 s), "other-weights"
+(rank 1 loads FOLDER-other, the same model with other weights).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def run_rank(folder: Path, out: Path, scenario: str, rank: int) -> None:
     dtype = "bfloat16" if scenario == "mismatch" and rank == 1 else None
     timeout = 5 if scenario in ("hang", "missing-rank") else 20
     idle_timeout = 5 if scenario == "rank0-stops" else 60
+    if scenario == "other-weights" and rank == 1:
+        folder = folder.with_name(folder.name + "-other")
     record: dict = {"rank": rank}
     try:
         model = bigload.from_pretrained(folder, distributed=True, dtype=dtype, progress=False,

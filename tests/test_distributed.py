@@ -25,7 +25,7 @@ from bigload.integrations.hf import meta_model_for_folder
 from bigload.plan.hosts import HostPlan, plan_hosts, split_hosts
 from bigload.plan.inventory import inventory_from_module, sub_inventory
 
-from fixtures_hf import ARCHS, write_model
+from fixtures_hf import ARCHS, SHARD, build_model, write_model
 from pipeline_worker import _generate
 
 HERE = Path(__file__).parent
@@ -279,6 +279,22 @@ def test_ranks_given_different_inputs_refuse_to_start(tmp_path: Path) -> None:
     records = _run_ranks(folder, 2, "mismatch", tmp_path / "out", timeout=120)
     for rank in (0, 1):
         assert "rank 1's options differ from rank 0's" in records[rank]["error"], records[rank]
+
+
+def test_ranks_given_other_weights_under_the_same_names_and_sizes_refuse_to_start(tmp_path: Path) -> None:
+    folder = write_model(ARCHS["llama"], tmp_path / "llama")
+    other = tmp_path / "llama-other"
+    build_model(ARCHS["llama"], seed=1).save_pretrained(other, max_shard_size=SHARD)  # as write_model, seed 1
+    assert (other / "config.json").read_text() == (folder / "config.json").read_text()
+    listing = lambda root: sorted((p.name, p.stat().st_size) for p in root.iterdir())  # noqa: E731
+    assert listing(other) == listing(folder)  # what the ranks compared before: names and sizes
+    records = _run_ranks(folder, 2, "other-weights", tmp_path / "out", timeout=120)
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    for rank in (0, 1):
+        error = records[rank].get("error", records[rank])
+        assert str(error).startswith(f"DistributedError: rank 1's checkpoint data ({', '.join(shards[:3])} and "
+                                     f"{len(shards) - 3} more) differ from rank 0's; "), records[rank]
+        assert "same model folder" in error
 
 
 def test_torchrun_bigload_generate_matches_one_process(tmp_path: Path) -> None:

@@ -17,18 +17,25 @@ import torch.distributed as dist
 
 from bigload.devices import Budget
 from bigload.errors import DistributedError
+from bigload.formats.checkpoint import open_checkpoint
 
 __all__ = ["agree", "fingerprint"]
 
+_FILE = "checkpoint file "  # a fingerprint key per checkpoint file
+
 
 def fingerprint(folder: Path, checkpoint: Path, options: Mapping[str, Any]) -> dict[str, str]:
-    """Short digests of what every rank must share: config.json, the checkpoint's listing (file names and
-    sizes; no mtimes, which differ between copies) and the planning options."""
-    shards = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    listing = sorted((p.name, p.stat().st_size) for p in shards.iterdir()
-                     if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
+    """Short digests of what every rank must share: config.json, the planning options, and what each
+    checkpoint file holds (`CheckpointIndex.content_digests`: every tensor's entry and both ends of its bytes;
+    no mtimes or paths, which differ between copies). Reads every shard's header and two pages per tensor.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be indexed or read.
+    """
     config = (folder / "config.json").read_text() if (folder / "config.json").is_file() else ""
-    return {"config.json": _digest(config), "checkpoint files": _digest(listing), "options": _digest(dict(options))}
+    files = open_checkpoint(checkpoint).content_digests()
+    return {"config.json": _digest(config), "options": _digest(dict(options)),
+            **{_FILE + name: digest[:16] for name, digest in files.items()}}
 
 
 def _digest(value: Any) -> str:
@@ -53,10 +60,23 @@ def agree(rank: int, world: int, mine: Mapping[str, str], budget: Budget) -> tup
         raise DistributedError(f"rank {rank}: the ranks could not exchange their plan inputs at start "
                                f"({str(error).splitlines()[0][:200]}); a rank did not start or died.") from None
     for other, entry in enumerate(gathered):
-        differing = [key for key, value in entry["fingerprint"].items() if gathered[0]["fingerprint"].get(key) != value]
+        differing = _differences(entry["fingerprint"], gathered[0]["fingerprint"])
         if differing:
             raise DistributedError(
-                f"rank {other}'s {' and '.join(differing)} differ from rank 0's; every rank must get the same model "
-                "folder and the same options (only a host's budget may differ, through --max-memory-host / "
-                "max_memory_hosts).", rank=other)
+                f"rank {other}'s {differing} differ from rank 0's; every rank must get the same model folder (copies "
+                "of the same files) and the same options (only a host's budget may differ, through "
+                "--max-memory-host / max_memory_hosts).", rank=other)
     return [Budget.of(dict(entry["budget"])) for entry in gathered], [entry["host"] for entry in gathered]
+
+
+def _differences(theirs: Mapping[str, str], first: Mapping[str, str]) -> str:
+    """What differs between two fingerprints, in words ("" when nothing does): e.g. "options and checkpoint
+    data (model-00002-of-00003.safetensors)"; a file present on one side only differs too."""
+    keys = sorted(set(theirs) | set(first))
+    differing = [key for key in keys if theirs.get(key) != first.get(key)]
+    files = [key.removeprefix(_FILE) for key in differing if key.startswith(_FILE)]
+    parts = [key for key in differing if not key.startswith(_FILE)]
+    if files:
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        parts.append(f"checkpoint data ({shown})")
+    return " and ".join(parts)
