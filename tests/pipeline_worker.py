@@ -11,7 +11,8 @@ is given another dtype), "kill" (rank 1 dies in the middle of the batch-2 genera
 answering in the middle of the batch-1 generation; the timeout is 5 s), "rank0-dies" (rank 0 dies in the
 middle of the batch-2 generation), "rank0-stops" (rank 0 is stopped by SIGSTOP there; the idle timeout is
 5 s), "missing-rank" (one rank fewer is started than WORLD_SIZE says; the timeout is 5 s), "other-weights"
-(rank 1 loads FOLDER-other, the same model with other weights).
+(rank 1 loads FOLDER-other, the same model with other weights), "shared-offload" (every rank gets a budget
+that sends blocks to disk, and the same offload folder: OUT/../offload).
 """
 
 from __future__ import annotations
@@ -79,10 +80,12 @@ def run_rank(folder: Path, out: Path, scenario: str, rank: int) -> None:
     idle_timeout = 5 if scenario == "rank0-stops" else 60
     if scenario == "other-weights" and rank == 1:
         folder = folder.with_name(folder.name + "-other")
+    offload = {"max_memory": {"cpu": "62KB", "disk": "1GB"}, "prefetch": 0, "offload_folder": out.parent / "offload"}
     record: dict = {"rank": rank}
     try:
         model = bigload.from_pretrained(folder, distributed=True, dtype=dtype, progress=False,
-                                        pipeline={"timeout": timeout, "idle_timeout": idle_timeout})
+                                        pipeline={"timeout": timeout, "idle_timeout": idle_timeout},
+                                        **(offload if scenario == "shared-offload" else {}))
         if model is not None:
             pipeline = model.bigload_pipeline
             record["loads"] = [load.__dict__ | {"files": list(load.files)} for load in pipeline.loads]

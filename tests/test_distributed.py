@@ -297,6 +297,23 @@ def test_ranks_given_other_weights_under_the_same_names_and_sizes_refuse_to_star
         assert "same model folder" in error
 
 
+def test_local_ranks_sharing_one_offload_folder_load_and_reload(tmp_path: Path) -> None:
+    """Each rank's store lives in its own part of the folder; the second run reuses both unchanged."""
+    folder = write_model(ARCHS["llama"], tmp_path / "llama")
+    expected = _single_process(folder)
+    offload = tmp_path / "offload"  # the worker's OUT/../offload
+    first = _run_ranks(folder, 2, "shared-offload", tmp_path / "first")
+    stamps = {p: p.stat().st_mtime_ns for p in offload.rglob("*")}
+    second = _run_ranks(folder, 2, "shared-offload", tmp_path / "second")
+    for records in (first, second):
+        assert all("error" not in r and "log" not in r for r in records.values()), records
+        assert (records[0]["batch1"], records[0]["batch2"]) == (expected["batch1"], expected["batch2"])
+    assert sorted(p.name for p in offload.iterdir()) == ["rank-0", "rank-1"]
+    stores = [bigload.DiskStore(offload / f"rank-{rank}") for rank in (0, 1)]
+    assert stores[0].names and stores[1].names and not set(stores[0].names) & set(stores[1].names)
+    assert {p: p.stat().st_mtime_ns for p in offload.rglob("*")} == stamps  # reused, not rewritten
+
+
 def test_torchrun_bigload_generate_matches_one_process(tmp_path: Path) -> None:
     from bigload.cli.demo import write_demo_model
     from bigload.cli.session import GenerateOptions, run_generate

@@ -118,6 +118,9 @@ def from_pretrained_distributed(
         max_memory: each rank's budget (None: what its machine has free, shared between its local ranks).
         max_memory_hosts: rank -> budget, for ranks that differ.
         strategy: the planning strategy inside each rank ("auto", "balanced", "sequential", ...).
+        offload_folder: where ranks put their disk-offloaded weights: each rank in its own subfolder
+            `rank-N`, so local ranks can share one folder (each rank's store holds only its own blocks, and
+            is reused by the next load with the same split; another split is refused, naming the shards).
         timeout: seconds any wait inside an operation may take (also the process group's timeout).
         idle_timeout: seconds a serving rank waits for rank 0's next request before giving up.
         The other arguments are `bigload.from_pretrained`'s.
@@ -191,13 +194,20 @@ def _load_stage(path: Path, rank: int, world: int, options: _Options) -> _Loaded
     start = time.perf_counter()
     load_checkpoint_and_dispatch(
         model, index, device_map=host_plan.plans[rank], dtype=target, strict=options.strict,
-        prefetch=options.prefetch, offload_folder=options.offload_folder, progress=options.progress,
-        keep_in_fp32_modules=keep_fp32, sources=checkpoint_sources(model, index), only=stage.modules)
+        prefetch=options.prefetch, offload_folder=_rank_folder(options.offload_folder, rank),
+        progress=options.progress, keep_in_fp32_modules=keep_fp32, sources=checkpoint_sources(model, index),
+        only=stage.modules)
     seconds = time.perf_counter() - start
     load_generation_config(model, path)
     load = RankLoad(rank, seconds, model.bigload_load.bytes_read, tuple(p.name for p in index.files),
                     _blocks(host_plan.split, stage))
     return _Loaded(model.eval(), host_plan, load, hostnames, agreed)
+
+
+def _rank_folder(offload_folder: str | Path | None, rank: int) -> Path | None:
+    """This rank's part of the offload folder: ranks on one machine may be given the same folder, and each
+    rank's store (its blocks, fingerprinted from its own shards) must not replace another's."""
+    return None if offload_folder is None else Path(offload_folder) / f"rank-{rank}"
 
 
 def _plan(inventory: Inventory, budgets: list[Any], target: torch.dtype, options: _Options) -> HostPlan:

@@ -27,7 +27,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Protocol, Sequence, Union
 
@@ -896,7 +896,7 @@ def _store_origin(index: CheckpointIndex, disk_tasks: Sequence[_Task], dtype: to
     if quantize:
         variant += f";quantize:{quantize}"
     origin = StoreOrigin.of(index, None, variant)
-    return StoreOrigin(origin.fingerprint, origin.source, "/".join(dtypes), quantize)
+    return replace(origin, dtype="/".join(dtypes), quantize=quantize)
 
 
 # ---------------------------------------------------------------------------------------------------------
