@@ -44,6 +44,7 @@ from bigload.distributed.server import StageServer
 from bigload.distributed.stage import base_model, check_layer_types, cut_to_stage, entry_device, stack_of, \
     stage_selector
 from bigload.distributed.startup import RankLoad, end_group, gather_loads, local_budget, open_link, start_group
+from bigload.distributed.wire import Link
 
 __all__ = ["from_pretrained_distributed"]
 
@@ -161,7 +162,7 @@ def from_pretrained_distributed(
     return model
 
 
-def _attach_remote(model: nn.Module, split: HostSplit, link: Any) -> RemoteStages:
+def _attach_remote(model: nn.Module, split: HostSplit, link: Link) -> RemoteStages:
     """Rank 0: a `RemoteStages` after its own blocks in the stack, fed by a pre-hook on the base model."""
     remote = RemoteStages(link, int(model.config.hidden_size))
     _, container = stack_of(model, split)
