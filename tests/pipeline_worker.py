@@ -10,13 +10,18 @@ gives the others `GRACE` seconds, kills what is left (a hung rank) and exits.
 
 Scenarios: "generate" (rank 0 generates greedily for batch 1 and a left-padded batch 2), "mismatch" (rank 1
 is given another dtype), "kill" (rank 1 dies in the middle of the batch-2 generation), "hang" (rank 1 stops
-answering in the middle of the batch-1 generation; the timeout is 5 s).
+answering in the middle of the batch-1 generation; the timeout is 5 s), "rank0-dies" (rank 0 dies in the
+middle of the batch-2 generation), "rank0-stops" (rank 0 is stopped by SIGSTOP there; the idle timeout is
+5 s), "missing-rank" (one rank fewer is started than WORLD_SIZE says; the timeout is 5 s), "other-weights"
+(rank 1 loads FOLDER-other, the same model with other weights), "shared-offload" (every rank gets a budget
+that sends blocks to disk, and the same offload folder: OUT/../offload).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -39,7 +44,7 @@ def launch() -> None:
 
     meta_model_for_folder(folder)  # every import the ranks need, done once before forking
     children, ports = [], []
-    for rank in range(world):
+    for rank in range(world - 1 if scenario == "missing-rank" else world):
         port_in, port_out = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -63,11 +68,12 @@ def launch() -> None:
     for fd in ports:
         os.write(fd, str(store.port).encode())
         os.close(fd)
-    os.waitpid(children[0], 0)
+    os.waitpid(children[0], os.WUNTRACED)  # rank 0 ended, or was stopped ("rank0-stops")
     deadline = time.monotonic() + (0 if scenario == "hang" else GRACE)
     for pid in children[1:]:
         while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
             time.sleep(0.1)
+    for pid in children:
         try:
             os.kill(pid, 9)
             os.waitpid(pid, 0)
@@ -78,16 +84,24 @@ def launch() -> None:
 def run_rank(folder: Path, out: Path, scenario: str, rank: int) -> None:
     torch.set_num_threads(1)
     import bigload
-    from bigload.distributed import pipeline as distributed
+    from bigload.distributed.remote import RemoteStages
+    from bigload.distributed.server import StageServer
 
     if scenario in ("kill", "hang") and rank == 1:
-        _fail_at_step(distributed.StageServer, 8 if scenario == "kill" else 3, scenario)
+        _fail_at_step(StageServer, "_step", 8 if scenario == "kill" else 3, scenario)
+    if scenario in ("rank0-dies", "rank0-stops") and rank == 0:
+        _fail_at_step(RemoteStages, "forward", 8, "kill" if scenario == "rank0-dies" else "stop")
     dtype = "bfloat16" if scenario == "mismatch" and rank == 1 else None
-    timeout = 5 if scenario == "hang" else 20
+    timeout = 5 if scenario in ("hang", "missing-rank") else 20
+    idle_timeout = 5 if scenario == "rank0-stops" else 60
+    if scenario == "other-weights" and rank == 1:
+        folder = folder.with_name(folder.name + "-other")
+    offload = {"max_memory": {"cpu": "62KB", "disk": "1GB"}, "prefetch": 0, "offload_folder": out.parent / "offload"}
     record: dict = {"rank": rank}
     try:
         model = bigload.from_pretrained(folder, distributed=True, dtype=dtype, progress=False,
-                                        pipeline={"timeout": timeout, "idle_timeout": 60})
+                                        pipeline={"timeout": timeout, "idle_timeout": idle_timeout},
+                                        **(offload if scenario == "shared-offload" else {}))
         if model is not None:
             pipeline = model.bigload_pipeline
             record["loads"] = [load.__dict__ | {"files": list(load.files)} for load in pipeline.loads]
@@ -98,26 +112,28 @@ def run_rank(folder: Path, out: Path, scenario: str, rank: int) -> None:
                 _generate(model)
             except bigload.DistributedError as error:
                 record["after_stop"] = str(error)
-    except bigload.BigloadError as error:
+    except Exception as error:  # any type: the tests assert it is bigload's DistributedError
         record["error"] = f"{type(error).__name__}: {error}"
-        record["error_at"] = time.monotonic()
     (out / f"rank-{rank}.json").write_text(json.dumps(record))
 
 
-def _fail_at_step(server: type, step: int, how: str) -> None:
-    """Make this rank die (os._exit) or hang (sleep) when it gets its `step`-th message."""
-    original = server._step
+def _fail_at_step(cls: type, method: str, step: int, how: str) -> None:
+    """Make this rank die (os._exit), hang (sleep) or stop (SIGSTOP) at its `step`-th call of `cls.method`
+    (a message served, or a hidden state sent around the ring)."""
+    original = getattr(cls, method)
     seen = []
 
-    def failing(self, header):  # type: ignore[no-untyped-def]
-        seen.append(header)
+    def failing(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(args)
         if len(seen) == step:
             if how == "kill":
                 os._exit(9)
+            if how == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
             time.sleep(60)
-        return original(self, header)
+        return original(self, *args, **kwargs)
 
-    server._step = failing
+    setattr(cls, method, failing)
 
 
 def _generate(model: torch.nn.Module, record: dict | None = None) -> dict:

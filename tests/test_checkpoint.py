@@ -196,6 +196,28 @@ def test_fingerprint_is_stable_moves_with_the_folder_and_changes_on_touch(
     assert open_checkpoint(moved).fingerprint() != first
 
 
+def test_content_digests_ignore_copies_and_mtimes_and_see_other_bytes_at_either_end_of_a_tensor(
+        tmp_path: Path) -> None:
+    big = torch.arange(1 << 18, dtype=torch.float32)  # 1 MiB: far more than the two sampled pages
+    save_file({"big": big, "small": torch.ones(3)}, tmp_path / "a.safetensors")
+    first = open_checkpoint(tmp_path / "a.safetensors").content_digests()
+    assert set(first) == {"a.safetensors"}
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copyfile(tmp_path / "a.safetensors", copy / "a.safetensors")  # new mtime, new folder
+    os.utime(copy / "a.safetensors", ns=(0, 10**9))
+    assert open_checkpoint(copy / "a.safetensors").content_digests() == first
+    for where in (0, big.numel() - 1):  # the first and the last element of the large tensor
+        changed = big.clone()
+        changed[where] += 1
+        save_file({"big": changed, "small": torch.ones(3)}, copy / "a.safetensors")
+        assert open_checkpoint(copy / "a.safetensors").content_digests() != first
+    middle = big.clone()
+    middle[big.numel() // 2] += 1  # away from both ends: not sampled (documented in docs/reliability.md)
+    save_file({"big": middle, "small": torch.ones(3)}, copy / "a.safetensors")
+    assert open_checkpoint(copy / "a.safetensors").content_digests() == first
+
+
 def test_tensor_ref_is_frozen(tmp_path: Path) -> None:
     save_file({"a": torch.ones(2, 3)}, tmp_path / "m.safetensors")
     ref = open_checkpoint(tmp_path).tensors["a"]

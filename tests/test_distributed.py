@@ -25,7 +25,7 @@ from bigload.integrations.hf import meta_model_for_folder
 from bigload.plan.hosts import HostPlan, plan_hosts, split_hosts
 from bigload.plan.inventory import inventory_from_module, sub_inventory
 
-from fixtures_hf import ARCHS, write_model
+from fixtures_hf import ARCHS, SHARD, build_model, write_model
 from pipeline_worker import _generate
 
 HERE = Path(__file__).parent
@@ -246,11 +246,81 @@ def test_a_hung_rank_times_out_on_rank_0(tmp_path: Path) -> None:
     assert "rank 1" in records[0]["error"] and "no answer within 5 s" in records[0]["error"], records[0]
 
 
+@pytest.mark.parametrize("scenario, world, why", [("rank0-dies", 3, "its connection closed"),
+                                                  ("rank0-stops", 2, "no answer within 5 s")])
+def test_rank_0_dying_or_stopped_stops_the_others_with_errors_naming_it(tmp_path: Path, scenario: str, world: int,
+                                                                       why: str) -> None:
+    """gloo's isend/irecv fail at once on a closed connection: inside the ERROR forwarding too."""
+    folder = write_model(ARCHS["llama"], tmp_path / "llama")
+    records = _run_ranks(folder, world, scenario, tmp_path / "out", timeout=120)
+    assert "log" in records[0]  # it died or was killed while stopped, writing nothing
+    for rank in range(1, world):
+        error = records[rank].get("error", records[rank])
+        assert str(error).startswith("DistributedError: ") and "rank 0" in error, records[rank]
+    assert why in records[1]["error"]  # rank 1 saw it first; rank 2 hears it from rank 1
+
+
+def test_a_rank_that_never_starts_is_named_within_the_timeout(tmp_path: Path) -> None:
+    folder = write_model(ARCHS["llama"], tmp_path / "llama")
+    records = _run_ranks(folder, 3, "missing-rank", tmp_path / "out", timeout=120)
+    assert "log" in records[2]  # never started
+    for rank in (0, 1):
+        error = records[rank].get("error", records[rank])
+        assert str(error).startswith("DistributedError: ") and "within 5 s" in error, records[rank]
+        assert "WORLD_SIZE=3" in error and "start every rank" in error, error
+
+
+def test_when_torch_counts_the_ranks_that_arrived_the_error_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where rank 0 hosts the rendezvous store (a launch by hand with MASTER_ADDR/PORT), torch's timeout says
+    how many clients joined; the tests' launcher hosts the store itself, as torchrun's agent does, so this
+    part is checked on torch's message here."""
+    from bigload.distributed.startup import _start_failure
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    error = RuntimeError("Timed out after 5 seconds waiting for clients. 2/3 clients joined.")
+    message = str(_start_failure(error, 5.0))
+    assert "only 2 of 3 ranks arrived; start every rank" in message and "WORLD_SIZE=3" in message
+
+
 def test_ranks_given_different_inputs_refuse_to_start(tmp_path: Path) -> None:
     folder = write_model(ARCHS["llama"], tmp_path / "llama")
     records = _run_ranks(folder, 2, "mismatch", tmp_path / "out", timeout=120)
     for rank in (0, 1):
         assert "rank 1's options differ from rank 0's" in records[rank]["error"], records[rank]
+
+
+def test_ranks_given_other_weights_under_the_same_names_and_sizes_refuse_to_start(tmp_path: Path) -> None:
+    folder = write_model(ARCHS["llama"], tmp_path / "llama")
+    other = tmp_path / "llama-other"
+    build_model(ARCHS["llama"], seed=1).save_pretrained(other, max_shard_size=SHARD)  # as write_model, seed 1
+    assert (other / "config.json").read_text() == (folder / "config.json").read_text()
+    listing = lambda root: sorted((p.name, p.stat().st_size) for p in root.iterdir())  # noqa: E731
+    assert listing(other) == listing(folder)  # what the ranks compared before: names and sizes
+    records = _run_ranks(folder, 2, "other-weights", tmp_path / "out", timeout=120)
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    for rank in (0, 1):
+        error = records[rank].get("error", records[rank])
+        assert str(error).startswith(f"DistributedError: rank 1's checkpoint data ({', '.join(shards[:3])} and "
+                                     f"{len(shards) - 3} more) differ from rank 0's; "), records[rank]
+        assert "same model folder" in error
+
+
+def test_local_ranks_sharing_one_offload_folder_load_and_reload(tmp_path: Path) -> None:
+    """Each rank's store lives in its own part of the folder; the second run reuses both unchanged."""
+    folder = write_model(ARCHS["llama"], tmp_path / "llama")
+    expected = _single_process(folder)
+    offload = tmp_path / "offload"  # the worker's OUT/../offload
+    first = _run_ranks(folder, 2, "shared-offload", tmp_path / "first")
+    stamps = {p: p.stat().st_mtime_ns for p in offload.rglob("*")}
+    second = _run_ranks(folder, 2, "shared-offload", tmp_path / "second")
+    for records in (first, second):
+        assert all("error" not in r and "log" not in r for r in records.values()), records
+        assert (records[0]["batch1"], records[0]["batch2"]) == (expected["batch1"], expected["batch2"])
+    assert sorted(p.name for p in offload.iterdir()) == ["rank-0", "rank-1"]
+    stores = [bigload.DiskStore(offload / f"rank-{rank}") for rank in (0, 1)]
+    assert stores[0].names and stores[1].names and not set(stores[0].names) & set(stores[1].names)
+    assert {p: p.stat().st_mtime_ns for p in offload.rglob("*")} == stamps  # reused, not rewritten
 
 
 def test_torchrun_bigload_generate_matches_one_process(tmp_path: Path) -> None:
@@ -277,7 +347,8 @@ def test_torchrun_bigload_generate_matches_one_process(tmp_path: Path) -> None:
 def test_hidden_states_cross_over_nccl_only_between_distinct_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch.distributed as dist
 
-    from bigload.distributed.pipeline import choose_backend, entry_device
+    from bigload.distributed.stage import entry_device
+    from bigload.distributed.startup import choose_backend
 
     inventory = _catalog_inventory()
     gpu = parse_max_memory({0: "80GiB", "cpu": "64GiB"})

@@ -161,6 +161,54 @@ def test_store_from_another_checkpoint_or_dtype_is_refused(tmp_path: Path) -> No
     with pytest.raises(OffloadError, match=r"holds weights from .*dtype float16.*not from .*dtype bfloat16.*"
                                            r"Use another offload_folder, or delete"):
         DiskStore.open(tmp_path / "off", expect_fingerprint=wanted)
+    with pytest.raises(OffloadError, match=r"what differs: the stored dtypes \(float16 then, bfloat16 now\)"):
+        DiskStore.open(tmp_path / "off", expect_fingerprint=wanted)
+
+
+def _two_shards(folder: Path) -> Path:
+    """A sharded checkpoint: `a` in s1.safetensors, `b` in s2.safetensors."""
+    folder.mkdir()
+    save_file({"a": torch.ones(2)}, folder / "s1.safetensors")
+    save_file({"b": torch.zeros(2)}, folder / "s2.safetensors")
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    return folder
+
+
+def test_refusal_names_the_shards_when_another_part_of_the_checkpoint_was_stored(tmp_path: Path) -> None:
+    """A pipeline rank whose split changed reads other shards of the same checkpoint, with the same dtype:
+    the refusal used to read "holds weights from X (float32) ..., not from X (float32)"."""
+    ckpt = _two_shards(tmp_path / "ckpt")
+    stored = StoreOrigin.of(open_checkpoint(ckpt, select={"a"}.__contains__), torch.float32)
+    write_store(tmp_path / "off", {"a": torch.ones(2)}, origin=stored)
+    wanted = StoreOrigin.of(open_checkpoint(ckpt, select={"b"}.__contains__), torch.float32)
+    assert (stored.source, stored.dtype) == (wanted.source, wanted.dtype)
+    with pytest.raises(OffloadError, match=r"what differs: the checkpoint files read \(s1.safetensors then, "
+                                           r"s2.safetensors now\)\. Use another offload_folder"):
+        DiskStore.open(tmp_path / "off", expect_fingerprint=wanted)
+
+
+def test_refusal_names_a_shard_rewritten_since_or_says_only_the_bytes_differ(tmp_path: Path) -> None:
+    ckpt = _two_shards(tmp_path / "ckpt")
+    stored = StoreOrigin.of(open_checkpoint(ckpt), None)
+    write_store(tmp_path / "off", {"a": torch.ones(2)}, origin=stored)
+    stat = (ckpt / "s2.safetensors").stat()
+    save_file({"b": torch.zeros(3)}, ckpt / "s2.safetensors")
+    with pytest.raises(OffloadError, match=r"what differs: s2.safetensors rewritten since \(size "
+                                           rf"{stat.st_size} -> {stat.st_size + 4} bytes\)"):
+        DiskStore.open(tmp_path / "off", expect_fingerprint=StoreOrigin.of(open_checkpoint(ckpt), None))
+    save_file({"b": torch.ones(2)}, ckpt / "s2.safetensors")  # same size; `cp -p` would also keep the mtime
+    os.utime(ckpt / "s2.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(OffloadError, match=r"what differs: the checkpoint's bytes \(its files' names, sizes and "
+                                           r"mtimes are the same\)"):
+        DiskStore.open(tmp_path / "off", expect_fingerprint=StoreOrigin.of(open_checkpoint(ckpt), None))
+
+
+def test_refusal_of_a_folder_from_an_older_bigload_says_what_differs_is_unrecorded(tmp_path: Path) -> None:
+    ckpt = _two_shards(tmp_path / "ckpt")
+    write_store(tmp_path / "off", {"a": torch.ones(2)}, origin=StoreOrigin("old", str(ckpt.resolve())))
+    with pytest.raises(OffloadError, match=r"what differs: unrecorded \(an older bigload wrote this folder\)"):
+        DiskStore.open(tmp_path / "off", expect_fingerprint=StoreOrigin.of(open_checkpoint(ckpt), None))
 
 
 def test_existing_store_needs_overwrite(tmp_path: Path) -> None:

@@ -197,7 +197,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from bigload.integrations.hf import plan_model
 
     if args.hosts > 1 or args.max_memory_host:
-        from bigload.distributed.pipeline import plan_model_hosts
+        from bigload.distributed.startup import plan_model_hosts
 
         planning = _planning_kwargs(args)
         if planning.pop("adapter", None):

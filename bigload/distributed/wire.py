@@ -11,21 +11,24 @@ carries the failing rank in `origin` and a UTF-8 message of `seq` bytes instead.
 
 `Link` sends to the next rank and receives from the previous one with `torch.distributed` point-to-point
 calls (`isend`/`irecv` + `wait(timeout)`), so no wait is unbounded: a peer that died surfaces as an error at
-once (its connection closes), one that hangs as an error after the timeout, both naming the rank.
+once (its connection closes), one that hangs as an error after the timeout, both naming the rank. gloo
+raises from `isend`/`irecv` themselves, not only from `wait`, once a connection has closed, so posting and
+waiting are one guarded step: every failure of the link is a `DistributedError`.
 """
 
 from __future__ import annotations
 
 import datetime
 import enum
-import time
 from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from bigload.errors import DistributedError
 
-__all__ = ["Header", "Link", "MaskKind", "Op", "PositionKind", "HEADER_LEN"]
+__all__ = ["Header", "Link", "MaskKind", "Op", "PositionKind", "HEADER_LEN", "positions_from_mask"]
 
 HEADER_LEN = 12
 _MAGIC = 0x6269676C  # "bigl": a header from another program, or a misaligned stream, is refused
@@ -36,7 +39,6 @@ class Op(enum.IntEnum):
 
     PREFILL = 1  # a new sequence: stages drop their KV cache first
     DECODE = 2  # more tokens of the current sequence
-    RESET = 3  # drop the KV caches (no hidden states)
     STOP = 4  # stop serving
     ERROR = 5  # a rank failed; the message says why
 
@@ -49,8 +51,13 @@ class MaskKind(enum.IntEnum):
 
 class PositionKind(enum.IntEnum):
     NONE = 0  # the model derives positions from its cache length
-    FROM_MASK = 1  # generate's rule: cumsum(mask) - 1, 0 where masked; the last `seq` columns
+    FROM_MASK = 1  # generate's rule (`positions_from_mask`)
     SENT = 2  # the position ids follow
+
+
+def positions_from_mask(mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """generate's positions for a padded batch: cumsum(mask) - 1, 0 where masked; the last `seq` columns."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -seq:]
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -80,26 +87,19 @@ class Header:
     @staticmethod
     def from_tensor(values: torch.Tensor, sender: int) -> "Header":
         v = [int(x) for x in values.tolist()]
-        if v[0] != _MAGIC or not 0 <= v[5] < len(_DTYPES):
+        try:
+            if v[0] != _MAGIC or not 0 <= v[5] < len(_DTYPES):
+                raise ValueError("magic or dtype")
+            return Header(Op(v[1]), v[2], v[3], v[4], _DTYPES[v[5]], v[6], MaskKind(v[7]), PositionKind(v[8]),
+                          v[9], v[10], v[11])
+        except ValueError:  # a wrong magic or dtype, or an op, mask or position kind this version lacks
             raise DistributedError(
                 f"rank {sender} sent something that is not a bigload pipeline header; every rank must run the "
-                "same bigload version and nothing else may use this process group's point-to-point channel."
-            )
-        return Header(Op(v[1]), v[2], v[3], v[4], _DTYPES[v[5]], v[6], MaskKind(v[7]), PositionKind(v[8]), v[9],
-                      v[10], v[11])
+                "same bigload version and nothing else may use this process group's point-to-point channel.",
+                rank=sender) from None
 
     def with_remote(self, extra_ns: int) -> "Header":
         return replace(self, remote_ns=self.remote_ns + extra_ns)
-
-
-@dataclass
-class WireStats:
-    """Time spent waiting on the wire by this rank, and bytes sent."""
-
-    send_seconds: float = 0.0
-    recv_seconds: float = 0.0
-    bytes_sent: int = 0
-    messages: int = 0
 
 
 class Link:
@@ -120,23 +120,19 @@ class Link:
         self.timeout = timeout
         self.device = device
         self.group = group
-        self.stats = WireStats()
 
     # -- sending ---------------------------------------------------------------------------------
 
     def send(self, header: Header, *tensors: torch.Tensor) -> None:
         """Send a header and the tensors it announces to the next rank."""
-        start = time.perf_counter()
         for tensor in (header.to_tensor(), *tensors):
             payload = tensor.to(self.device).contiguous()
-            self._wait(self._dist().isend(payload, dst=self.next, group=self.group), self.next, "send to",
-                       self.timeout)
-            self.stats.bytes_sent += payload.numel() * payload.element_size()
-        self.stats.send_seconds += time.perf_counter() - start
-        self.stats.messages += 1
+            self._complete(lambda: dist.isend(payload, dst=self.next, group=self.group), self.next, "send to",
+                           self.timeout)
 
     def send_error(self, origin: int, message: str) -> None:
-        """Tell the next rank that `origin` failed; best effort (the next rank may be the one that died)."""
+        """Tell the next rank that `origin` failed; best effort (the next rank may be the one that died, and
+        then this fails at once or within the timeout, silently: the caller raises its own error)."""
         data = torch.tensor(list(message.encode()[:4000]), dtype=torch.uint8)
         try:
             self.send(Header(Op.ERROR, seq=data.numel(), origin=origin), data)
@@ -164,25 +160,31 @@ class Link:
         return self._recv(torch.empty(shape, dtype=dtype, device=self.device), self.timeout)
 
     def _recv(self, buffer: torch.Tensor, timeout: float) -> torch.Tensor:
-        start = time.perf_counter()
-        self._wait(self._dist().irecv(buffer, src=self.prev, group=self.group), self.prev, "receive from", timeout)
-        self.stats.recv_seconds += time.perf_counter() - start
+        self._complete(lambda: dist.irecv(buffer, src=self.prev, group=self.group), self.prev, "receive from",
+                       timeout)
         return buffer
 
-    def _wait(self, work: object, peer: int, what: str, timeout: float) -> None:
+    def _complete(self, post: Callable[[], Any], peer: int, what: str, timeout: float) -> None:
+        """Post one point-to-point operation and wait for it, at most `timeout` seconds.
+
+        Raises:
+            DistributedError: naming `peer`, whether the post or the wait failed.
+        """
         try:
-            work.wait(timeout=datetime.timedelta(seconds=timeout))  # type: ignore[attr-defined]
-        except RuntimeError as error:
-            text = str(error)
-            why = (f"no answer within {timeout:g} s" if "imed out" in text or "timeout" in text.lower()
-                   else "its connection closed (the process died or was stopped)")
-            raise DistributedError(
-                f"rank {self.rank} could not {what} rank {peer}: {why}. Check rank {peer}'s log; the pipeline "
-                f"stops here. ({text.splitlines()[0][:200]})", rank=peer,
-            ) from None
+            post().wait(timeout=datetime.timedelta(seconds=timeout))
+        except RuntimeError as error:  # torch.distributed's DistError types are RuntimeErrors too
+            raise _failure(self.rank, peer, what, timeout, error) from None
 
-    @staticmethod
-    def _dist():  # type: ignore[no-untyped-def]
-        import torch.distributed as dist
 
-        return dist
+def _failure(rank: int, peer: int, what: str, timeout: float, error: BaseException) -> DistributedError:
+    """The `DistributedError` for a failed exchange between `rank` and `peer`, saying why in plain words."""
+    text = str(error)
+    if "pair closure" in text:  # gloo closed the pair after an earlier timeout on it
+        why = "the connection was closed after an earlier wait timed out"
+    elif "imed out" in text or "timeout" in text.lower():
+        why = f"no answer within {timeout:g} s (the process hangs or was stopped)"
+    else:
+        why = "its connection closed (the process died)"
+    first = text.splitlines()[0][:200] if text else type(error).__name__
+    return DistributedError(f"rank {rank} could not {what} rank {peer}: {why}. Check rank {peer}'s log; the "
+                            f"pipeline stops here. ({first})", rank=peer)

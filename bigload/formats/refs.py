@@ -8,14 +8,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 
 from bigload.errors import CheckpointError, CheckpointNotFoundError
 from bigload.sizes import dtype_width
 
-__all__ = ["FINGERPRINT_SAMPLE_BYTES", "SAFETENSORS", "TORCH", "CheckpointIndex", "Extent", "TensorRef", "file_size",
+__all__ = ["CONTENT_SAMPLE_BYTES", "FINGERPRINT_SAMPLE_BYTES", "SAFETENSORS", "TORCH", "CheckpointIndex", "Extent", "TensorRef", "file_size",
            "stat_key"]
 
 SAFETENSORS = "safetensors"
@@ -25,6 +25,11 @@ TORCH = "torch"
 # checkpoints with equal names, shapes, sizes and mtimes (`cp -p`, a tar extraction) still differ, while a
 # load stays a few reads per file rather than a pass over every byte.
 FINGERPRINT_SAMPLE_BYTES = 64 << 10
+
+# `content_digests` hashes this many bytes at both ends of every tensor (a page each): another checkpoint, or
+# a fine-tune that changed any tensor, differs there, and a checkpoint of hundreds of tensors costs two small
+# reads per tensor rather than a pass over every byte.
+CONTENT_SAMPLE_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,26 @@ class CheckpointIndex:
         return digest.hexdigest()
 
 
+    def content_digests(self) -> dict[str, str]:
+        """What each data file holds, by its name relative to `root`: a hash of its tensors' header entries
+        (name, dtype, shape) and the first and last `CONTENT_SAMPLE_BYTES` of every tensor's bytes.
+
+        Unlike `fingerprint`, no mtime, path, offset or file size enters it, so copies of one checkpoint on
+        different machines agree (the ranks of a pipeline compare these), as do files re-saved with other
+        header padding; other weights under the same names and sizes differ, unless every changed tensor
+        differs only away from both of its ends.
+
+        Raises:
+            CheckpointError: a file changed since it was indexed, or cannot be read.
+        """
+        self.check_unchanged()
+        by_file: dict[Path, list[TensorRef]] = {path: [] for path in self.files}
+        for ref in self.tensors.values():
+            by_file.setdefault(ref.file, []).append(ref)
+        return {_relative(path, self.root): _content_digest(path, sorted(refs, key=lambda r: (r.offset, r.name)))
+                for path, refs in by_file.items()}
+
+
 def stat_key(path: Path) -> tuple[int, int]:
     stat = path.stat()
     return stat.st_size, stat.st_mtime_ns
@@ -168,6 +193,23 @@ def _sample(path: Path, start: int, size: int) -> bytes:
         head = handle.read(min(FINGERPRINT_SAMPLE_BYTES, tail - start))
         handle.seek(tail)
         return head + handle.read(size - tail)
+
+
+def _content_digest(path: Path, refs: Iterable[TensorRef]) -> str:
+    """See `CheckpointIndex.content_digests`: one file's tensors' entries and both ends of each."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for ref in refs:
+                digest.update(repr((ref.name, str(ref.dtype), ref.shape, ref.nbytes, ref.stride)).encode())
+                head = min(ref.nbytes, CONTENT_SAMPLE_BYTES)
+                tail = max(head, ref.nbytes - CONTENT_SAMPLE_BYTES)
+                for start, length in ((ref.offset, head), (ref.offset + tail, ref.nbytes - tail)):
+                    handle.seek(start)
+                    digest.update(handle.read(length))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc}).") from None
+    return digest.hexdigest()
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -20,6 +20,7 @@ single tensor, if larger), never a whole shard.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -285,7 +286,7 @@ def _store_origin(table: SourceTable, disk: Sequence[tuple[object, Group]], dtyp
     if quantize:
         variant += f";quantize:{quantize}"
     origin = StoreOrigin.of(table.index, None, variant)
-    return StoreOrigin(origin.fingerprint, origin.source, "/".join(dtypes), quantize)
+    return dataclasses.replace(origin, dtype="/".join(dtypes), quantize=quantize)
 
 
 # ---------------------------------------------------------------------------------------------------------

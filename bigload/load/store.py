@@ -21,7 +21,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Iterable, Iterator, Mapping
@@ -71,7 +71,7 @@ class StoreOrigin:
     quantization scheme (with the int4 byte order) of its quantized tensors ("" for none).
 
     `fingerprint` alone decides whether a folder can be reused (the loader folds the scheme into it);
-    `source`, `dtype` and `quantize` make the refusal readable.
+    the other fields make the refusal readable: `differences` names what changed between two origins.
     """
 
     fingerprint: str
@@ -79,6 +79,8 @@ class StoreOrigin:
     dtype: str = ""
     quantize: str = ""
     changed: str = ""  # what changed the bytes after the load (`DiskStore.rewrite`), if anything
+    files: tuple[tuple[str, int, int], ...] = ()  # the source's data files read: (name in source, size, mtime_ns)
+    cast: str = ""  # how the loader cast tensors (its dtype policy), as folded into the fingerprint
 
     def describe(self) -> str:
         where = self.source or "an unnamed checkpoint"
@@ -89,6 +91,27 @@ class StoreOrigin:
         """The quantization its bytes were written with, in the user's terms."""
         return f"quantize={self.quantize}" if self.quantize else "no quantization"
 
+    def differences(self, wanted: "StoreOrigin") -> list[str]:
+        """What differs between this (the folder's) origin and `wanted`, in words; [] when no recorded part
+        does (then the bytes differ under the same names, sizes and mtimes, or this origin predates the record)."""
+        found: list[str] = []
+        if self.source != wanted.source:
+            found.append(f"the checkpoint folder ({self.source or 'unknown'} then, {wanted.source or 'unknown'} now)")
+        found += _file_differences(self.files, wanted.files)
+        if self.dtype != wanted.dtype:
+            found.append(f"the stored dtypes ({self.dtype or 'as stored'} then, {wanted.dtype or 'as stored'} now)")
+        if self.cast != wanted.cast:
+            found.append(f"how tensors are cast ({self.cast or 'unrecorded'} then, {wanted.cast or 'unrecorded'} now)")
+        if self.changed:
+            found.append(f"the folder's bytes were changed after the load ({self.changed})")
+        return found
+
+    def to_json(self) -> dict[str, object]:
+        """The content of `bigload.json`."""
+        return {"fingerprint": self.fingerprint, "source": self.source, "dtype": self.dtype,
+                "quantize": self.quantize, "changed": self.changed, "cast": self.cast,
+                "files": [list(entry) for entry in self.files]}
+
     @staticmethod
     def of(index: CheckpointIndex, dtype: torch.dtype | None, variant: str = "") -> "StoreOrigin":
         """The origin of a store built from `index` cast to `dtype` (None: stored dtypes).
@@ -97,11 +120,38 @@ class StoreOrigin:
         """
         name = dtype_name(dtype) if dtype is not None else ""
         digest = hashlib.sha256(f"{index.fingerprint()}\0{name}\0{variant}".encode()).hexdigest()
-        return StoreOrigin(fingerprint=digest, source=str(index.root), dtype=name)
+        files = tuple((_relative_name(path, index.root), *index.file_stats.get(path, (0, 0))) for path in index.files)
+        return StoreOrigin(fingerprint=digest, source=str(index.root), dtype=name, files=files, cast=variant)
 
     @staticmethod
     def coerce(value: "str | StoreOrigin") -> "StoreOrigin":
         return value if isinstance(value, StoreOrigin) else StoreOrigin(fingerprint=value)
+
+
+def _relative_name(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def _file_differences(then: tuple[tuple[str, int, int], ...], now: tuple[tuple[str, int, int], ...]) -> list[str]:
+    """The checkpoint files a store was built from against those a load reads: other files, or the same
+    files rewritten since (size or mtime)."""
+    if not then or not now:
+        return []  # one side did not record them
+    before, after = {name: stats for name, *stats in then}, {name: stats for name, *stats in now}
+    if set(before) != set(after):
+        return [f"the checkpoint files read ({_names(sorted(before))} then, {_names(sorted(after))} now)"]
+    rewritten = [name for name in sorted(after) if before[name] != after[name]]
+    if not rewritten:
+        return []
+    name = rewritten[0]
+    (size0, mtime0), (size1, mtime1) = before[name], after[name]
+    what = f"size {size0} -> {size1} bytes" if size0 != size1 else f"mtime {mtime0} -> {mtime1} ns"
+    more = f" and {len(rewritten) - 1} more" if len(rewritten) > 1 else ""
+    return [f"{name}{more} rewritten since ({what})"]
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -279,9 +329,8 @@ class DiskStore:
             self._entries[name] = {"dtype": dtype_name(meta.dtype), "shape": list(meta.shape)}
             changed = hashlib.sha256(f"{origin.fingerprint}\0{change}".encode()).hexdigest()
             changes = f"{origin.changed}; {change}" if origin.changed else change
-            _write_json_atomic(self.folder / ORIGIN_FILE, {"fingerprint": changed, "source": origin.source,
-                                                           "dtype": origin.dtype, "quantize": origin.quantize,
-                                                           "changed": changes})
+            _write_json_atomic(self.folder / ORIGIN_FILE,
+                               replace(origin, fingerprint=changed, changed=changes).to_json())
             _write_json_atomic(self.folder / INDEX_FILE, self._entries)
         except OSError as exc:
             temp.unlink(missing_ok=True)
@@ -476,9 +525,7 @@ class StoreWriter:
         """
         origin = StoreOrigin.coerce(fingerprint)
         try:
-            _write_json_atomic(self.folder / ORIGIN_FILE, {"fingerprint": origin.fingerprint,
-                                                           "source": origin.source, "dtype": origin.dtype,
-                                                           "quantize": origin.quantize})
+            _write_json_atomic(self.folder / ORIGIN_FILE, origin.to_json())
             _write_json_atomic(self.folder / INDEX_FILE, self._entries)
             _fsync_dir(self.folder)
         except OSError as exc:
@@ -620,10 +667,11 @@ def _read_origin(folder: Path) -> StoreOrigin | None:
         return None
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
+        files = tuple((str(name), int(size), int(mtime)) for name, size, mtime in content.get("files", []))
         return StoreOrigin(str(content["fingerprint"]), str(content.get("source", "")),
                            str(content.get("dtype", "")), quantize=str(content.get("quantize", "")),
-                           changed=str(content.get("changed", "")))
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                           changed=str(content.get("changed", "")), files=files, cast=str(content.get("cast", "")))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
 
 
@@ -641,7 +689,10 @@ def _check_origin(folder: Path, expected: StoreOrigin) -> None:
             f"{expected.describe_quantize()}. Use another ", setting("offload_folder"), " for each scheme, or "
             "delete this one to rebuild it."))
     if found.fingerprint != expected.fingerprint:
+        what = "; ".join(found.differences(expected)) or (
+            "the checkpoint's bytes (its files' names, sizes and mtimes are the same)" if found.files else
+            "unrecorded (an older bigload wrote this folder)")
         raise OffloadError(
-            Text(f"{folder} holds weights from {found.describe()}, not from {expected.describe()}. "
-                 "Use another ", setting("offload_folder"), ", or delete this one to rebuild it.")
+            Text(f"{folder} holds weights from {found.describe()}, not from {expected.describe()}; what differs: "
+                 f"{what}. Use another ", setting("offload_folder"), ", or delete this one to rebuild it.")
         )
