@@ -1051,8 +1051,12 @@ def _quantized_reason(inv: Inventory) -> list[str]:
     entries = inv.quantized()
     if not entries:
         return []
-    layers = len({entry.module for entry in entries})
-    schemes = ", ".join(sorted({entry.scheme for entry in entries}))
+    modules: dict[str, dict[str, None]] = {}  # scheme (with how it runs, `QuantLinear.bigload_quantized`) -> names
+    for entry in entries:
+        modules.setdefault(entry.scheme, {})[inv.names[entry.module]] = None
+    layers = sum(len(names) for names in modules.values())
+    schemes = "; ".join(scheme if len(modules) == 1 else f"{scheme}: {summarize_names(list(names))}"
+                        for scheme, names in sorted(modules.items()))
     return [f"{layers} Linear layer(s) are quantized ({schemes}): planned at their quantized bytes, scales and "
             f"zeros included ({format_size(sum(entry.nbytes for entry in entries))})."]
 
