@@ -148,10 +148,34 @@ def test_swap_linears_builds_meta_modules_with_quantized_tensors():
     ("int3", r"quantize='int3' is not a scheme bigload knows; use quantize='int8'"),
     ("int4:48", r"must be one of 32, 64, 128, 256"),
     ("int8:64", r"a group size applies to int4 only"),
+    # Not a plain number after the colon: these were read as the default 128.
+    ("int4: 64", r"quantize='int4: 64': a group size .* written right after the colon, e.g. quantize='int4:64'"),
+    ("int4:abc", r"quantize='int4:abc': a group size"),
+    ("int4:-64", r"quantize='int4:-64': a group size"),
+    ("int4:", r"quantize='int4:': a group size"),
+    ("int4:64 ", None),  # surrounding spaces are not part of the value
 ])
 def test_unknown_schemes_are_refused(value, match):
+    if match is None:
+        assert Quantization.parse(value).tag == "int4:64"
+        return
     with pytest.raises(QuantizationError, match=match):
         Quantization.parse(value)
+
+
+def test_quantize_skip_naming_no_module_is_refused_with_the_closest_names():
+    from bigload.messages import Audience
+
+    model = tiny_llama(hidden=64, layers=2)
+    with pytest.raises(QuantizationError) as caught:
+        choose_linears(model, Quantization.parse("int8", skip=["model.layers.1", "model.layer.0.mlp", "decoder"]))
+    message = str(caught.value)
+    assert message.startswith("quantize_skip=['model.layer.0.mlp', 'decoder'] names no module of LlamaForCausalLM: "
+                              "'model.layer.0.mlp' (closest: 'model.layers.0.mlp'")
+    assert "'decoder' (no module has a similar name)" in message
+    assert "as model.named_modules() lists them, e.g. 'model.layers.0.self_attn.q_proj'" in message
+    assert caught.value.render(Audience.CLI).startswith("--quantize-skip model.layer.0.mlp decoder names no module")
+    assert "`bigload plan MODEL` lists them" in caught.value.render(Audience.CLI)
 
 
 def test_parse_reads_none_and_groups():
@@ -314,6 +338,11 @@ def test_quantize_errors_come_before_any_byte_is_read(llama_folder, tmp_path):
     nowhere = tmp_path / "no-checkpoint-here"  # reading it would be a CheckpointError
     with pytest.raises(QuantizationError, match="quantize='int3' is not a scheme"):
         _load(nowhere, reference, "int3")
+    with pytest.raises(QuantizationError, match=r"quantize='int4:abc': a group size"):
+        _load(nowhere, reference, "int4:abc")
+    with pytest.raises(QuantizationError, match=r"quantize_skip=\['model.layers.9'\] names no module .* \(closest: "
+                                                r"'model.layers.3'"):
+        _load(nowhere, reference, "int8", quantize_skip=["model.layers.9"])
     with pytest.raises(QuantizationError, match=r"'model.layers.0.self_attn.q_proj' to int4:128: its 64 inputs .* "
                                                 r"use quantize='int4:64' or quantize_skip="):
         _load(nowhere, reference, "int4", "sequential")
