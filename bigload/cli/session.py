@@ -365,8 +365,9 @@ def run_demo(*, size: str = "small", folder: str | Path | None = None, max_new_t
     say(f"weights {format_size(total)}; budget cpu={format_size(max_memory['cpu'])}, disk=64 GiB\n")
     options = GenerateOptions(prompt="The quick brown fox jumps over the lazy dog. " * 2,
                               max_new_tokens=max_new_tokens)
-    loaded = load_for_generate(folder, offload_folder=folder / "offload", echo=echo, progress=echo is not None,
-                               audience=audience, max_memory=max_memory)
+    # The offload folder sits beside the model's, never inside it (`bigload.load.folder`).
+    loaded = load_for_generate(folder, offload_folder=folder.parent / f"{folder.name}-offload", echo=echo,
+                               progress=echo is not None, audience=audience, max_memory=max_memory)
     report = _generate_report(loaded, options, echo=echo, stream_text=False)
     say(_budget_note(loaded.plan, total, max_memory["cpu"]))
 

@@ -32,6 +32,7 @@ from bigload.plan.budget import check_devices_exist, detect_budget, parse_max_me
 from bigload.plan.inventory import DtypeRule, Inventory, inventory_from_module
 from bigload.plan.planner import STRATEGIES, Plan, PlanOptions, plan
 from bigload.plan.reserve import DiskReads, choose_disk_reads
+from bigload.load.folder import check_offload_folder, model_folder
 from bigload.load.store import DiskStore, StoreOrigin, StoreWriter
 from bigload.formats.checkpoint import CheckpointIndex, open_checkpoint
 from bigload.quant import Quantization
@@ -240,6 +241,8 @@ def dispatch_model(
             "the device map puts blocks on 'disk' but no offload_dir was given; pass offload_dir=<folder> "
             "with room for the disk blocks' weights."
         )
+    if uses_disk and offload_index is None and (source := model_folder(model)) is not None:
+        check_offload_folder(offload_dir, source, keyword="offload_dir")  # type: ignore[arg-type]
     single = set(placed.values())
     if len(single) == 1 and not uses_disk and not force_hooks and main == next(iter(single)):
         model.to(main.torch_device())

@@ -53,6 +53,7 @@ from bigload.quant import (
 )
 from bigload.load.readahead import Extent, ReadAhead
 from bigload.sizes import dtype_width, format_size, parse_dtype
+from bigload.load.folder import check_offload_folder
 from bigload.load.store import DiskStore, StoreOrigin, StoreWriter, dtype_name
 from bigload.tensors import Site, owner_of, tensor_groups
 
@@ -772,6 +773,8 @@ def load_checkpoint_in_model(
         pin_thread_counts()  # before the reader thread quantizes (see `bigload.quant._one_thread`)
     index = checkpoint if isinstance(checkpoint, CheckpointIndex) else open_checkpoint(checkpoint)
     index.check_unchanged()  # an index opened earlier may describe files changed since
+    if offload_folder is not None:
+        check_offload_folder(offload_folder, index.root)  # before anything is written there
     scope = list(only) if only is not None else [""]
     groups = [group for group in _model_groups(model) if any(_under(name, scope) for name in group.names)]
     if inventory is None:
