@@ -139,8 +139,11 @@ def load_for_generate(path: str | Path, *, offload_folder: str | Path | None = N
     the load shows bigload's one bar (`progress`).
     """
     from bigload.integrations.hf import from_pretrained, load_tokenizer, plan_model, without_transformers_progress
+    from bigload.plan.budget import check_cgroup_room, parse_max_memory
 
     tokenizer = load_tokenizer(path)
+    if planning.get("max_memory") is not None:  # a load, unlike `bigload plan`: the CPU budget must be here
+        check_cgroup_room(parse_max_memory(planning["max_memory"]))
     # Plan first, so the table is on screen before the (possibly long) load starts.
     plan = plan_model(path, offload_folder=offload_folder, **planning)
     if echo is not None:

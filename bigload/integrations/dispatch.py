@@ -28,7 +28,7 @@ from bigload.runtime.hooks import (
     detach,
 )
 from bigload.sizes import parse_dtype
-from bigload.plan.budget import check_devices_exist, detect_budget, parse_max_memory
+from bigload.plan.budget import check_cgroup_room, check_devices_exist, detect_budget, parse_max_memory
 from bigload.plan.inventory import DtypeRule, Inventory, inventory_from_module
 from bigload.plan.planner import STRATEGIES, Plan, PlanOptions, plan
 from bigload.plan.reserve import DiskReads, choose_disk_reads
@@ -436,8 +436,10 @@ def _place(model: nn.Module, device_map: Any, options: PlanOptions,
             ) from None
     if isinstance(device_map, str):
         if options.max_memory is not None:
-            # Loading, unlike a dry run, needs every GPU the budget names to be here.
-            check_devices_exist(parse_max_memory(options.max_memory))
+            # Loading, unlike a dry run, needs every GPU the budget names to be here, and the CPU memory.
+            given = parse_max_memory(options.max_memory)
+            check_devices_exist(given)
+            check_cgroup_room(given)
         inventory = _inventory(model, options, stored_dtypes)
         planned = _plan_inventory(inventory, options.with_settings(strategy=device_map))
         return _Placement(dict(planned.device_map), dict(planned.execution_devices), planned.prefetch, planned,
