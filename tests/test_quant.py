@@ -510,7 +510,7 @@ def _run_script(script: str, *args: str, timeout: int = 600):
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+                          env=env, check=False)
 
 
 @pytest.mark.parametrize("widths", [_ODD_WIDTHS, _EVEN_WIDTHS], ids=["not-multiple-of-16", "multiple-of-16"])
