@@ -31,6 +31,7 @@ def _listing(folder: Path) -> list[tuple[str, int]]:
 def test_the_check_compares_resolved_folders(tmp_path: Path) -> None:
     model = tmp_path / "models" / "llama"
     model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
     (tmp_path / "link").symlink_to(model)
     for offload, relation in [(model, "is"), (model / "offload", "is inside"), (model / "a" / "b", "is inside"),
                               (tmp_path / "models", "holds"), (tmp_path / "link", "is"),
@@ -42,6 +43,19 @@ def test_the_check_compares_resolved_folders(tmp_path: Path) -> None:
     for apart in (tmp_path / "models" / "llama-offload", tmp_path / "offload", tmp_path / "models" / "llama2"):
         check_offload_folder(apart, model)
     assert not (model / "offload").exists() and not (model / "a").exists()
+
+
+def test_beside_a_single_checkpoint_file_a_subfolder_is_allowed(tmp_path: Path) -> None:
+    work = tmp_path / "work"  # a working folder holding one checkpoint file, not a saved model
+    work.mkdir()
+    (work / "model.safetensors").write_bytes(b"")
+    check_offload_folder(work / "offload", work)
+    for offload, relation in [(work, "is"), (tmp_path, "holds")]:
+        with pytest.raises(OffloadError, match=rf"the offload folder {offload} {relation} the checkpoint's folder"):
+            check_offload_folder(offload, work)
+    (work / "model.safetensors.index.json").write_text("{}")  # a sharded checkpoint: a model folder
+    with pytest.raises(OffloadError, match=r"is inside the checkpoint's folder"):
+        check_offload_folder(work / "offload", work)
 
 
 @pytest.mark.parametrize("inside", [False, True], ids=["the-model-folder", "inside-it"])

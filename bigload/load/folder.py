@@ -1,11 +1,14 @@
 """Where an offload folder may be: apart from the checkpoint it is built from.
 
-A store writes `index.json`, `bigload.json` and one `.dat` file per offloaded tensor. In the model's folder
-they would land among the checkpoint's files (a Hub snapshot, a folder the user keeps), and a later error
-about the store ("... delete this folder") would point at the model itself; an offload folder holding the
-model's folder has the same problem. `check_offload_folder` refuses both before anything is written; the
-loader calls it with the checkpoint's folder, `dispatch_model` with the folder a transformers model was
-loaded from (`config._name_or_path`, when it is a local folder).
+A store writes `index.json`, `bigload.json` and one `.dat` file per offloaded tensor. In the checkpoint's
+folder they would land among its files, and a later error about the store ("... delete this folder") would
+point at the model itself; an offload folder holding the checkpoint's folder has the same problem. Inside a
+model folder (one with `config.json` or a shard index: a Hub snapshot, a saved model, which people copy,
+upload and share through the cache) the store's files would become part of the model. A single checkpoint
+file's folder is any working folder, where a subfolder is the usual place for an offload folder: that
+one case is allowed. `check_offload_folder` refuses the others before anything is written; the loader
+calls it with the checkpoint's folder, `dispatch_model` with the folder a transformers model was loaded
+from (`config._name_or_path`, when it is a local folder).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ __all__ = ["check_offload_folder", "model_folder"]
 
 def check_offload_folder(folder: str | os.PathLike[str], checkpoint_folder: str | os.PathLike[str], *,
                          keyword: str = "offload_folder") -> None:
-    """Refuse an offload folder that is the checkpoint's folder, is inside it, or holds it.
+    """Refuse an offload folder that is the checkpoint's folder, holds it, or is inside a model folder.
 
     Args:
         folder: the offload folder the user gave (it need not exist).
@@ -43,7 +46,7 @@ def check_offload_folder(folder: str | os.PathLike[str], checkpoint_folder: str 
     if offload == source or offload in source.parents:
         relation = "is" if offload == source else "holds"
         why = f"{store_files} would be written among the checkpoint's, and deleting the offload folder would delete it"
-    elif source in offload.parents:
+    elif source in offload.parents and _is_model_folder(source):
         relation, why = "is inside", f"{store_files} would be written into the model's own folder"
     else:
         return
@@ -51,6 +54,11 @@ def check_offload_folder(folder: str | os.PathLike[str], checkpoint_folder: str 
     raise OffloadError(Text(
         f"the offload folder {offload} {relation} the checkpoint's folder {source}: {why}. Pass a folder apart "
         "from it, e.g. ", setting(keyword, repr(str(instead)), str(instead)), "."))
+
+
+def _is_model_folder(folder: Path) -> bool:
+    """A saved model (config.json) or a sharded checkpoint (a `*.index.json`), not just a file's folder."""
+    return (folder / "config.json").is_file() or any(folder.glob("*.index.json"))
 
 
 def model_folder(model: nn.Module) -> Path | None:
