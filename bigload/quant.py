@@ -42,11 +42,23 @@ tokens/s (1.73x and 2.46x); prefill 0.18 / 0.20 / 0.20 s. float32 activations ar
 (int8pack_mm: 25 ms at 1 row, 3.8 s at 128 rows for 4096 x 4096), so quantized models should compute in
 bfloat16 or float16. On CUDA int8 dequantizes on the device (`linear(x, q.to(dtype)) * scale`); int4 runs
 `_weight_int4pack_mm` in bfloat16 (compute capability 8.0 and newer).
+
+torch's CPU int8 kernel misreads some inputs: its bfloat16 path walks each row 8 (AVX2) or 16 (AVX512)
+values at a time with aligned vector loads and no tail loop. Measured on an AVX2 CPU (torch 2.13, every width
+1-128 and a few large ones, 1-31 rows): with a row width that is not a multiple of 8 it crashes the process
+(SIGSEGV) from 2 rows on and gives wrong outputs in most 1-row calls; with activations that start off a
+16-byte boundary it crashes at every width. float16 and float32 take a scalar loop there and were right at
+every width. On AVX512 widths of 8 mod 16 (8, 24, 72, ..., 4104) fail the same way (reported). So an int8
+Linear whose input width is not a multiple of 16 never uses that kernel (`QuantLinear.packed_cpu`, decided
+when it is swapped and stated in the plan): it runs the dense matmul, 2.7x the packed kernel's time at one
+row in the table above (such Linears are rare: model widths are multiples of 64 in practice); and
+activations or weights that start misaligned are copied first or dequantized (benchmarks/ANALYSIS.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import enum
 import functools
 import threading
@@ -80,6 +92,14 @@ __all__ = [
 # Rows (tokens x batch) from which int8 on the CPU converts its weight and runs the dense matmul (see the
 # module docstring: the packed kernel wins up to 16 rows, the two tie at 32, the dense matmul wins beyond).
 _DEQUANTIZE_ROWS = 32
+# torch's CPU int8 kernel reads a row of activations and of weights 8 (AVX2) or 16 (AVX512) values at a time
+# with aligned vector loads and no tail loop (see the module docstring): it is given only rows whose width is
+# a multiple of `_INT8_PACKED_WIDTH` (decided once per Linear, `QuantLinear.packed_cpu`), and activations and
+# weights whose first byte is aligned as its loads need (checked per call: a view into a larger tensor, or a
+# weight at an odd offset of a CPU slot, may not be).
+_INT8_PACKED_WIDTH = 16
+_INT8_ROWS_ALIGN = 32  # AVX512 loads 16 bfloat16 activations at once
+_INT8_WEIGHT_ALIGN = 16  # and 16 int8 weights
 # Rows quantized at once while loading: bounds the float32 copy of a weight (4 MiB for K = 4096) and is a
 # multiple of the CPU int4 layout's block of 64 output rows, so packing chunks equals packing the whole.
 _CHUNK_ROWS = 256
@@ -125,8 +145,9 @@ class Quantization:
         """Read `quantize=` and `quantize_skip=`; None (or "none") means no quantization.
 
         Raises:
-            QuantizationError: an unknown scheme ("int3"), a group size the kernels do not take, or
-                `quantize_skip` without `quantize`.
+            QuantizationError: an unknown scheme ("int3"), a group size the kernels do not take or that is
+                not a plain number ("int4:48", "int4: 64", "int4:abc", "int4:-64", "int4:"), or `quantize_skip`
+                without `quantize`.
         """
         names = tuple(skip or ())
         if isinstance(value, Quantization):
@@ -139,20 +160,14 @@ class Quantization:
                     setting("quantize_skip"), "."))
             return None
         text = str(value).strip().lower()
-        scheme_text, _, group_text = text.partition(":")
         try:
-            scheme = Scheme(scheme_text)
+            scheme = Scheme(text.partition(":")[0])
         except ValueError:
             raise QuantizationError(Text(
                 setting("quantize", repr(value)), " is not a scheme bigload knows; use ", setting("quantize", "'int8'"),
                 " (per-channel), ", setting("quantize", "'int4'"), " (groups of 128) or ",
                 setting("quantize", "'int4:GROUP'"), " (GROUP in 32, 64, 128, 256).")) from None
-        group = int(group_text) if group_text.isdigit() else 128
-        if group_text and (scheme is Scheme.INT8 or group not in _INT4_GROUPS):
-            raise QuantizationError(Text(
-                setting("quantize", repr(value)), ": a group size applies to int4 only and must be one of "
-                f"{', '.join(map(str, _INT4_GROUPS))}, e.g. ", setting("quantize", "'int4:64'"), "."))
-        return Quantization(scheme, group, names)
+        return Quantization(scheme, _group_size(value, scheme, text), names)
 
     @property
     def tag(self) -> str:
@@ -164,6 +179,20 @@ class Quantization:
         return owner_of(name, set(self.skip)) is not None
 
 
+def _group_size(value: object, scheme: Scheme, text: str) -> int:
+    """The int4 group size written after the colon ("int4:64"), 128 when there is no colon. Anything else after
+    a colon (" 64", "abc", "-64", nothing) is refused rather than read as the default."""
+    if ":" not in text:
+        return 128
+    group_text = text.partition(":")[2]
+    if scheme is Scheme.INT4 and group_text.isascii() and group_text.isdigit() and int(group_text) in _INT4_GROUPS:
+        return int(group_text)
+    raise QuantizationError(Text(
+        setting("quantize", repr(value)), ": a group size applies to int4 only and must be one of "
+        f"{', '.join(map(str, _INT4_GROUPS))}, written right after the colon, e.g. ",
+        setting("quantize", "'int4:64'"), "."))
+
+
 def choose_linears(model: nn.Module, quantization: Quantization) -> tuple[str, ...]:
     """The names of the `nn.Linear` modules to quantize, in registration order.
 
@@ -171,9 +200,12 @@ def choose_linears(model: nn.Module, quantization: Quantization) -> tuple[str, .
     whose weight is also registered elsewhere (tied to an embedding), and those `quantization.skip` names.
 
     Raises:
-        QuantizationError: no Linear is left (a model without Linear layers, or all skipped), or a Linear's
-            shape is one the scheme's kernels cannot run (named, with the fix).
+        QuantizationError: a `skip` name that names no module of `model` (with the closest names: a typo
+            would otherwise quantize the module meant to stay in float), no Linear is left (a model without
+            Linear layers, or all skipped), or a Linear's shape is one the scheme's kernels cannot run (named,
+            with the fix).
     """
+    _check_skip_names(model, quantization.skip)
     chosen = []
     for name, module in _candidates(model, quantization):
         _check_shape(name, module.out_features, module.in_features, quantization)
@@ -184,6 +216,25 @@ def choose_linears(model: nn.Module, quantization: Quantization) -> tuple[str, .
             "quantize (outside the output head, tied weights and ", setting("quantize_skip"), "); load it without ",
             setting("quantize"), "."))
     return tuple(chosen)
+
+
+def _check_skip_names(model: nn.Module, skip: Sequence[str]) -> None:
+    """Refuse `skip` entries that name no module (`model.named_modules()`), suggesting the closest names."""
+    names = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    known = set(names)
+    unknown = [entry for entry in dict.fromkeys(skip) if entry not in known]
+    if not unknown:
+        return
+    hints = []
+    for entry in unknown:
+        close = difflib.get_close_matches(entry, names, n=3, cutoff=0.6)
+        hint = f"closest: {', '.join(map(repr, close))}" if close else "no module has a similar name"
+        hints.append(f"{entry!r} ({hint})")
+    example = next((name for name, module in model.named_modules() if type(module) is nn.Linear), "")
+    raise QuantizationError(Text(
+        _skip_setting(unknown), f" names no module of {type(model).__name__}: {'; '.join(hints)}. Give module "
+        "names as ", Setting("model.named_modules() lists them", "`bigload plan MODEL` lists them"),
+        f", e.g. {example!r}" if example else "", "."))
 
 
 def _candidates(model: nn.Module, quantization: Quantization) -> list[tuple[str, nn.Linear]]:
@@ -352,6 +403,8 @@ class QuantLinear(nn.Module):
         self.quantization = Quantization(quantization.scheme, quantization.group_size)
         self.scheme, self.group_size, self.compute_dtype = quantization.scheme, quantization.group_size, dtype
         self.layout = Layout.ANY if self.scheme is Scheme.INT8 else Layout.NIBBLES
+        # Whether int8 on the CPU may run torch's packed kernel (for few rows) or must always dequantize.
+        self.packed_cpu = self.scheme is Scheme.INT8 and in_features % _INT8_PACKED_WIDTH == 0
         for name, (shape, tensor_dtype) in self.shapes().items():
             self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=tensor_dtype, device=device),
                                                        requires_grad=False))
@@ -371,6 +424,14 @@ class QuantLinear(nn.Module):
         """Its quantized tensors and their scheme, read by the inventory (`TensorEntry.scheme`)."""
         return {name: self.quantization.tag for name in self.shapes()}
 
+    @property
+    def bigload_kernel(self) -> str:
+        """How it runs where that differs from its scheme's usual kernel, read by the inventory
+        (`TensorEntry.kernel`) so the plan says which Linears run how; "" for the usual one."""
+        if self.scheme is Scheme.INT8 and not self.packed_cpu:
+            return f"dense on the CPU (input width not a multiple of {_INT8_PACKED_WIDTH})"
+        return ""
+
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The quantized tensors (name -> shape, dtype), bias excluded."""
         return quantized_shapes(self.out_features, self.in_features, self.quantization, self.compute_dtype)
@@ -378,7 +439,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self.scheme is Scheme.INT8:
-            out = _int8_matmul(rows, self.weight, self.weight_scale)
+            out = _int8_matmul(rows, self.weight, self.weight_scale, self.packed_cpu)
         else:
             out = _int4_matmul(rows, self.weight, self.weight_scales_zeros, self.group_size, self.layout)
         if self.bias is not None:
@@ -492,9 +553,13 @@ def _pack_int4(codes: torch.Tensor, layout: Layout) -> torch.Tensor:
     return small[:, ::2] << 4 | small[:, 1::2]
 
 
-def _int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    if rows.device.type == "cpu" and rows.shape[0] < _DEQUANTIZE_ROWS:
-        return torch.ops.aten._weight_int8pack_mm(rows.contiguous(), weight, scale.to(rows.dtype))
+def _int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, packed_cpu: bool) -> torch.Tensor:
+    if packed_cpu and rows.device.type == "cpu" and rows.shape[0] < _DEQUANTIZE_ROWS \
+            and weight.data_ptr() % _INT8_WEIGHT_ALIGN == 0:
+        rows = rows.contiguous()
+        if rows.data_ptr() % _INT8_ROWS_ALIGN:
+            rows = rows.clone()  # a view starting inside a larger tensor; a new tensor is aligned (a few rows)
+        return torch.ops.aten._weight_int8pack_mm(rows, weight, scale.to(rows.dtype))
     # Per-output-channel scales commute with the matmul: scale the N outputs, not the N x K weight.
     return F.linear(rows, weight.to(rows.dtype)) * scale.to(rows.dtype)
 

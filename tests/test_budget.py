@@ -225,6 +225,83 @@ def test_probe_inside_a_real_memory_cgroup_sees_its_limit():
     assert not child.exists()
 
 
+# --------------------------------------------------------------------------------------------------
+# A CPU budget the user gives, above what the memory cgroup leaves: refused when loading
+
+def _cgroup_of(tmp_path, limit, usage, inactive=0):
+    mount = tmp_path / "unified"
+    _write(mount / "job", memory_max=f"{limit}\n", memory_current=f"{usage}\n",
+           memory_stat=f"inactive_file {inactive}\n")
+    return _fake_proc(tmp_path, ["0::/job"], [("/", mount, "cgroup2", "")]), mount / "job"
+
+
+def test_a_cpu_budget_above_the_cgroup_room_is_refused_naming_both(tmp_path):
+    from bigload.messages import Audience
+
+    MiB = 2**20
+    proc, group = _cgroup_of(tmp_path, 450 * MiB, 200 * MiB, inactive=10 * MiB)  # room: 260 MiB
+    with pytest.raises(BudgetError) as caught:
+        budget_module.check_cgroup_room(parse_max_memory({"cpu": "1GiB", "disk": "9GiB"}), proc)
+    assert str(caught.value) == (
+        f"max_memory['cpu'] (1.00 GiB) is more than this process may use: its memory cgroup (v2, {group}) is "
+        "limited to 450.00 MiB, 190.00 MiB of it in use, which leaves 260.00 MiB. A plan for more ends in an OOM "
+        "kill, or in minutes of re-reading weights the kernel evicts. Give at most that, e.g. "
+        "max_memory={..., 'cpu': '260MiB'} with the rest on disk, or leave cpu out of max_memory to plan with "
+        "what the container leaves.")
+    cli = caught.value.render(Audience.CLI)
+    assert cli.startswith("--max-memory cpu=1.00GiB is more than") and "e.g. --max-memory cpu=260MiB,..." in cli
+    for fits in ({"cpu": 260 * MiB}, {"cpu": "200MiB", 0: "80GiB", "disk": "1TiB"}, {0: "80GiB"}, {"disk": "1TiB"}):
+        budget_module.check_cgroup_room(parse_max_memory(fits), proc)
+    budget_module.check_cgroup_room(parse_max_memory({"cpu": "1TiB"}), tmp_path / "no-cgroup")  # no limit: no check
+
+
+def test_loading_checks_the_cgroup_and_a_dry_run_does_not(tmp_path, monkeypatch):
+    import bigload
+    from tests.fixtures_hf import ARCHS, write_model
+
+    folder = write_model(ARCHS["llama"], tmp_path / "llama")
+    proc, _ = _cgroup_of(tmp_path, 450 * 2**20, 200 * 2**20)
+    real = budget_module.cgroup_memory_limit
+    monkeypatch.setattr(budget_module, "cgroup_memory_limit", lambda proc_=None: real(proc))
+    budget = {"cpu": "1GiB", "disk": "1GiB"}
+    assert bigload.plan_model(folder, max_memory=budget).device_map == {"": "cpu"}  # planning for any machine
+    with pytest.raises(BudgetError, match=r"max_memory\['cpu'\] \(1.00 GiB\) is more than this process may use"):
+        bigload.from_pretrained(folder, max_memory=budget, offload_folder=tmp_path / "offload", progress=False)
+    assert not (tmp_path / "offload").exists()
+    model = bigload.from_pretrained(folder, max_memory={"cpu": "200MiB"}, progress=False)  # within the room
+    assert model.bigload_plan.device_map == {"": "cpu"}
+
+
+def test_inside_a_real_450_mib_memory_cgroup_a_1_gib_budget_is_refused(tmp_path):
+    """The issue's case, as a person meets it: `bigload generate` in a container (the Python entry points take
+    the same check, tested above with a fake cgroup; each process here is slow, the page cache being small)."""
+    from benchmarks.cgroup import MemoryCgroup, unavailable
+    from bigload.cli.demo import write_demo_model
+
+    why = unavailable()
+    if why is not None:
+        pytest.skip(why)
+    folder = write_demo_model(tmp_path / "small", "small")  # with a tokenizer, for the CLI
+    try:
+        group = MemoryCgroup.create(f"bigload-test-{os.getpid()}", 450 * 2**20)
+    except OSError as error:
+        pytest.skip(f"cannot create a memory cgroup here: {error}")
+    procs = group.path / "cgroup.procs"
+    try:  # the child joins the cgroup before exec: everything it allocates is charged there
+        cli = subprocess.run([sys.executable, "-m", "bigload", "generate", str(folder), "--prompt", "Hi",
+                              "--max-new-tokens", "2", "--max-memory", "cpu=1GiB,disk=1GiB",
+                              "--offload-folder", str(tmp_path / "offload")],
+                             capture_output=True, text=True, timeout=300, check=False,
+                             preexec_fn=lambda: procs.write_text(str(os.getpid())))
+    finally:
+        group.remove()
+    assert cli.returncode == 2, cli.stderr[-2000:]
+    assert cli.stderr.startswith("bigload: error: --max-memory cpu=1.00GiB is more than this process may use: its "
+                                 f"memory cgroup (v{group.version[1]}, {group.path}) is limited to 450.00 MiB, ")
+    assert "e.g. --max-memory cpu=" in cli.stderr and "leave cpu out of --max-memory" in cli.stderr
+    assert not (tmp_path / "offload").exists()
+
+
 def _fake_cuda(monkeypatch, *, nvml, reserved=0, allocated=0, initialized=True):
     """Two visible GPUs, without a GPU: NVML's answer, and what this process's caching allocator holds."""
     asked: list[int] = []

@@ -151,16 +151,18 @@ def test_sharded_checkpoint_not_matching_the_model_is_refused_before_reading(
     state["layers.9.weight"] = torch.ones(2)  # extra
     state["head.bias"] = torch.ones(5)  # shape mismatch (model: [4])
     names = sorted(state)
-    save_file({k: state[k] for k in names[:4]}, tmp_path / "s1.safetensors")
-    save_file({k: state[k] for k in names[4:]}, tmp_path / "s2.safetensors")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_file({k: state[k] for k in names[:4]}, folder / "s1.safetensors")
+    save_file({k: state[k] for k in names[4:]}, folder / "s2.safetensors")
     weight_map = {k: "s1.safetensors" if i < 4 else "s2.safetensors" for i, k in enumerate(names)}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     _no_reads(monkeypatch)
     model = meta_tiny()
     pattern = (r"1 missing: layers\.1\.weight; 1 unexpected: layers\.9\.weight; 1 with mismatched shapes: "
                r"head\.bias \(checkpoint \[5\], model \[4\]\).*another shape")
     with pytest.raises(CheckpointError, match=pattern):
-        load_checkpoint_in_model(model, tmp_path, DISK_MAP, offload_folder=tmp_path / "offload", strict=True)
+        load_checkpoint_in_model(model, folder, DISK_MAP, offload_folder=tmp_path / "offload", strict=True)
     assert not (tmp_path / "offload").exists(), "a refused load must not create the offload folder"
 
 

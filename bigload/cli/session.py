@@ -139,8 +139,11 @@ def load_for_generate(path: str | Path, *, offload_folder: str | Path | None = N
     the load shows bigload's one bar (`progress`).
     """
     from bigload.integrations.hf import from_pretrained, load_tokenizer, plan_model, without_transformers_progress
+    from bigload.plan.budget import check_cgroup_room, parse_max_memory
 
     tokenizer = load_tokenizer(path)
+    if planning.get("max_memory") is not None:  # a load, unlike `bigload plan`: the CPU budget must be here
+        check_cgroup_room(parse_max_memory(planning["max_memory"]))
     # Plan first, so the table is on screen before the (possibly long) load starts.
     plan = plan_model(path, offload_folder=offload_folder, **planning)
     if echo is not None:
@@ -366,8 +369,9 @@ def run_demo(*, size: str = "small", folder: str | Path | None = None, max_new_t
     say(f"weights {format_size(total)}; budget cpu={format_size(max_memory['cpu'])}, disk=64 GiB\n")
     options = GenerateOptions(prompt="The quick brown fox jumps over the lazy dog. " * 2,
                               max_new_tokens=max_new_tokens)
-    loaded = load_for_generate(folder, offload_folder=folder / "offload", echo=echo, progress=echo is not None,
-                               audience=audience, max_memory=max_memory)
+    # The offload folder sits beside the model's, never inside it (`bigload.load.folder`).
+    loaded = load_for_generate(folder, offload_folder=folder.parent / f"{folder.name}-offload", echo=echo,
+                               progress=echo is not None, audience=audience, max_memory=max_memory)
     report = _generate_report(loaded, options, echo=echo, stream_text=False)
     say(_budget_note(loaded.plan, total, max_memory["cpu"]))
 

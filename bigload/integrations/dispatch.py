@@ -21,6 +21,7 @@ from bigload.devices import CPU, Budget, Device, DeviceKind, DeviceLike, Executi
 from bigload.errors import OffloadError
 from bigload.integrations.loading import set_device_map
 from bigload.integrations.prepare import check_devices
+from bigload.load.folder import check_offload_folder, model_folder
 from bigload.load.store import DiskStore, StoreOrigin, StoreWriter
 from bigload.plan.budget import check_devices_exist, detect_budget
 from bigload.plan.given import check_plan, check_tied, plan_for_map
@@ -121,11 +122,14 @@ def dispatch_model(
         planned = plan_for_map(inventory, device_map, detect_budget(None), options)
     check_devices(planned, None)
     devices = {p.device for p in planned.placements}
-    if DeviceKind.DISK in {device.kind for device in devices} and offload_dir is None:
+    uses_disk = DeviceKind.DISK in {device.kind for device in devices}
+    if uses_disk and offload_dir is None:
         raise OffloadError(
             "the device map puts blocks on 'disk' but no offload_dir was given; pass offload_dir=<folder> "
             "with room for the disk blocks' weights."
         )
+    if uses_disk and offload_index is None and (source := model_folder(model)) is not None:
+        check_offload_folder(offload_dir, source, keyword="offload_dir")  # type: ignore[arg-type]
     if len(devices) == 1 and not planned.offloaded and not force_hooks:
         model.to(next(iter(devices)).torch_device())
         set_device_map(model, planned, None, device_map)

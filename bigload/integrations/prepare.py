@@ -25,7 +25,7 @@ from bigload.formats.refs import CheckpointIndex
 from bigload.formats.discover import open_checkpoint
 from bigload.load.quantized import quantized_sources
 from bigload.load.sources import SourceTable, TensorSources
-from bigload.plan.budget import check_devices_exist, detect_budget, parse_max_memory
+from bigload.plan.budget import check_cgroup_room, check_devices_exist, detect_budget, parse_max_memory
 from bigload.plan.dtypes import DtypeRule
 from bigload.plan.given import check_plan, plan_for_map
 from bigload.plan.inventory import Inventory, inventory_from_module, sub_inventory
@@ -96,19 +96,22 @@ def prepare_load(model: nn.Module, checkpoint: str | os.PathLike[str] | Checkpoi
 
 
 def check_named_devices(device_map: Any, options: PlanOptions) -> None:
-    """Refuse GPUs the machine does not have that a map, a plan or `max_memory` names, before the checkpoint is
-    even opened.
+    """Refuse GPUs the machine does not have that a map, a plan or `max_memory` names, and a `max_memory` CPU
+    budget above the room the memory cgroup leaves, before the checkpoint is even opened.
 
     Raises:
-        DeviceError: naming the GPU and how many this machine has.
+        DeviceNotFoundError: naming the GPU and how many this machine has.
+        BudgetError: the CPU budget and the cgroup's room (`plan.budget.check_cgroup_room`).
     """
     if isinstance(device_map, Plan):
         check_devices_exist([d for p in device_map.placements for d in (p.device, p.execution_device)])
     elif isinstance(device_map, Mapping):
         check_devices_exist(device_map.values())
     elif isinstance(device_map, str) and device_map in STRATEGIES and options.max_memory is not None:
-        # Loading, unlike a dry run, needs every GPU the budget names to be here.
-        check_devices_exist(parse_max_memory(options.max_memory))
+        # Loading, unlike a dry run, needs every GPU the budget names to be here, and the CPU memory.
+        given = parse_max_memory(options.max_memory)
+        check_devices_exist(given)
+        check_cgroup_room(given)
 
 
 def prepare_and_plan(model: nn.Module, checkpoint: str | os.PathLike[str] | CheckpointIndex, device_map: Any,

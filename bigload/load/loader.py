@@ -37,6 +37,7 @@ from torch import nn
 from bigload.devices import CPU, DeviceKind
 from bigload.errors import CheckpointError, OffloadError
 from bigload.formats.mapped import CheckpointReader
+from bigload.load.folder import check_offload_folder
 from bigload.load.gpu import GpuStager
 from bigload.load.matching import Group, Mismatch, match, model_groups, report
 from bigload.load.quantized import apply_layouts, storage_tags
@@ -112,6 +113,8 @@ def load_plan(model: nn.Module, table: SourceTable, plan: Plan, inventory: Inven
     if quantized_linears(model):
         pin_thread_counts()  # before the reader thread quantizes (see `bigload.quant._one_thread`)
     table.index.check_unchanged()  # an index opened earlier may describe files changed since
+    if offload_folder is not None:
+        check_offload_folder(offload_folder, table.index.root)  # before anything is written there
     scope = list(only) if only is not None else [""]
     groups = model_groups(model, plan, inventory, scope)
     found = match(table, groups, scope)

@@ -10,8 +10,10 @@ the memory cgroup's limit binds first. `cgroup_memory_limit` reads it (cgroup v2
 `memory.current`, v1 `memory.limit_in_bytes` / `memory.usage_in_bytes`) for the process's cgroup and each
 ancestor up to the hierarchy's root, and keeps the one with the least room.
 
-A `max_memory` may name GPUs this machine does not have: planning for another machine is the point of a
-dry run. Loading onto such a device is refused by `check_devices_exist`, which the loader calls.
+A `max_memory` may name GPUs this machine does not have, or more CPU memory than this container allows:
+planning for another machine is the point of a dry run. Loading is checked: onto a missing GPU by
+`check_devices_exist`, and with a CPU budget above the room the memory cgroup leaves by `check_cgroup_room`,
+which refuses (it does not clamp) before anything is read.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from bigload.sizes import format_size, parse_size
 __all__ = [
     "CgroupLimit",
     "cgroup_memory_limit",
+    "check_cgroup_room",
     "check_devices_exist",
     "cpu_available_memory",
     "cpu_memory_budget",
@@ -223,9 +226,14 @@ class CgroupLimit:
     reclaimable: int
 
     @property
+    def in_use(self) -> int:
+        """Bytes charged to the cgroup that the kernel cannot drop (usage less reclaimable page cache)."""
+        return max(0, self.usage - self.reclaimable)
+
+    @property
     def available(self) -> int:
         """Bytes the process may still allocate under this limit."""
-        return max(0, self.limit - max(0, self.usage - self.reclaimable))
+        return max(0, self.limit - self.in_use)
 
 
 # cgroup v1 writes "no limit" as the largest page-aligned counter (9223372036854771712); v2 writes "max".
@@ -324,6 +332,39 @@ def _stat_value(path: Path, key: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def check_cgroup_room(given: Budget, proc: str | os.PathLike[str] = "/proc/self") -> None:
+    """Refuse a CPU budget the user gave (`max_memory`) that is larger than the room this process's memory
+    cgroup leaves (`cgroup_memory_limit`: its limit minus what is in use, reclaimable page cache excepted).
+
+    The planner takes a given budget as true: it would place that much in CPU memory, and the kernel would
+    then kill the process (OOM) or, for memory-mapped weights, evict and re-read them for minutes. The budget
+    is refused rather than clamped: a smaller budget means another plan (more on disk), which should be the
+    user's choice, made by changing the figure or by leaving "cpu" out to plan with what the container leaves.
+    Only loads are checked; a dry run may plan for another machine.
+
+    Args:
+        given: the user's budget (`parse_max_memory`); GPU and disk entries are not looked at.
+        proc: the `/proc/<pid>` folder whose cgroup is read (tests pass fake trees).
+
+    Raises:
+        BudgetError: naming the budget, the cgroup, its limit, what is in use, the room left and the fix.
+    """
+    asked = given.get(CPU)
+    limit = cgroup_memory_limit(proc) if asked else None
+    if limit is None or asked <= limit.available:
+        return
+    room = f"{limit.available // 2**20}MiB"
+    raise BudgetError(Text(
+        Setting(f"max_memory['cpu'] ({format_size(asked)})", f"--max-memory cpu={format_size(asked).replace(' ', '')}"),
+        f" is more than this process may use: its memory cgroup (v{limit.version}, {limit.path}) is limited to "
+        f"{format_size(limit.limit)}, {format_size(limit.in_use)} of it in use, which leaves "
+        f"{format_size(limit.available)}. A plan for more ends in an OOM kill, or in minutes of re-reading weights "
+        "the kernel evicts. Give at most that, e.g. ",
+        Setting(f"max_memory={{..., 'cpu': '{room}'}}", f"--max-memory cpu={room},..."),
+        " with the rest on disk, or leave cpu out of ", setting("max_memory"), " to plan with what the container "
+        "leaves."))
 
 
 def disk_free_space(folder: str | os.PathLike[str]) -> int:

@@ -49,6 +49,8 @@ class TensorEntry(NamedTuple):
             scales, which the loader builds from the checkpoint's float weight), "" for a plain tensor.
         stored: the dtype its bytes have in the checkpoint it loads from; None when unknown (no checkpoint)
             or built while loading (quantized tensors).
+        kernel: how a quantized tensor's module runs where that differs from its scheme's usual kernel
+            (`QuantLinear.bigload_kernel`: an int8 Linear too narrow for the packed CPU kernel), else "".
     """
 
     name: str
@@ -58,6 +60,7 @@ class TensorEntry(NamedTuple):
     buffer: bool
     scheme: str = ""
     stored: torch.dtype | None = None
+    kernel: str = ""
 
 
 @dataclass(frozen=True)
@@ -356,6 +359,7 @@ class _ModuleWalk:
             # float weight, so the checkpoint's dtype says nothing about theirs: they keep their own.
             # (Looked up on the class: a miss on an instance goes through nn.Module.__getattr__, slow here.)
             quantized = module.bigload_quantized if hasattr(type(module), "bigload_quantized") else None
+            kernel = module.bigload_kernel if quantized else ""
             for table, is_buffer in ((module._parameters, False), (module._buffers, True)):
                 if not table:
                     continue
@@ -382,7 +386,8 @@ class _ModuleWalk:
                             cast = loaded_as(tensor_name, stored, built)
                     nbytes = tensor.numel() * cast[1]
                     known = stored_dtypes.get(tensor_name) if stored_dtypes and not scheme else None
-                    tensors.append(TensorEntry(tensor_name, index, nbytes, cast[0], is_buffer, scheme, known))
+                    tensors.append(TensorEntry(tensor_name, index, nbytes, cast[0], is_buffer, scheme, known,
+                                               kernel if scheme else ""))
                     own += nbytes
                     if is_buffer:
                         own_buffers += nbytes

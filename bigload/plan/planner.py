@@ -528,8 +528,13 @@ def _quantized_reason(inv: Inventory, placements: Sequence[Placement]) -> list[s
     entries = inv.quantized()
     if not entries:
         return []
-    layers = len({entry.module for entry in entries})
-    schemes = ", ".join(sorted({entry.scheme for entry in entries}))
+    modules: dict[str, dict[str, None]] = {}  # scheme, and how it runs where that differs -> module names
+    for entry in entries:
+        how = f"{entry.scheme}, {entry.kernel}" if entry.kernel else entry.scheme
+        modules.setdefault(how, {})[inv.names[entry.module]] = None
+    layers = sum(len(names) for names in modules.values())
+    schemes = "; ".join(how if len(modules) == 1 else f"{how}: {summarize_names(list(names))}"
+                        for how, names in sorted(modules.items()))
     reasons = [f"{layers} Linear layer(s) are quantized ({schemes}): planned at their quantized bytes, scales and "
                f"zeros included ({format_size(sum(entry.nbytes for entry in entries))})."]
     for layout, what in ((Layout.CPU, "the CPU's"), (Layout.NIBBLES, "CUDA's")):
