@@ -285,8 +285,9 @@ def quantize_model(model: nn.Module, quantization: Quantization,
     if existing:
         schemes = {module.quantization.tag for module in existing.values()}
         if schemes != {quantization.tag}:
-            raise QuantizationError(f"the model was quantized with {', '.join(sorted(schemes))} already; build it "
-                                    f"again (on meta) to load it with quantize={quantization.tag!r}.")
+            raise QuantizationError(Text(f"the model was quantized with {', '.join(sorted(schemes))} already; build "
+                                         "it again (on meta) to load it with ",
+                                         setting("quantize", repr(quantization.tag)), "."))
         return tuple(existing)
     names = choose_linears(model, quantization)
     dtypes = {name: dtype_of(f"{name}.weight", model.get_submodule(name).weight.dtype) for name in names}
