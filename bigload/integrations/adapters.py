@@ -1,9 +1,10 @@
 """Adapters (peft) on a model built on the meta device, loaded in the same pass as the base weights.
 
 `hf.from_pretrained(..., adapter=PATHS)` reads each adapter folder (`adapter_config.json` and
-`adapter_model.safetensors`, or peft's older `adapter_model.bin`; headers only), wraps the meta model with peft as peft itself would (no weight
-exists yet), and turns the adapter tensors into one more checkpoint source for the loader: each adapter
-tensor is loaded under the name it has in the wrapped model, into the block that owns it. The planner then
+`adapter_model.safetensors`, or peft's older `adapter_model.bin`; headers only), wraps the meta model with
+peft as peft itself would (no weight exists yet), and turns the adapter tensors into one more checkpoint
+source for the loader: each adapter tensor is loaded under the name it has in the wrapped model (mapped as
+peft's own loading maps saved names), into the block that owns it. The planner then
 counts adapter bytes on that block, the loader streams base and adapter tensors in one pass, and the runtime
 brings them in with the block. Prompt and prefix tuning keep their few tensors outside the base model (peft's
 prompt encoder); they are loaded after the base, onto the device the model's inputs start on.
@@ -186,7 +187,7 @@ def _mistyped_settings(config: Any) -> list[str]:
     deep inside peft (a `TypeError` comparing a str with an int) while wrapping."""
     try:
         hints = typing.get_type_hints(type(config))
-    except Exception:  # a config class whose annotations cannot be resolved: nothing to check against
+    except (NameError, TypeError, AttributeError):  # annotations that cannot be resolved: nothing to check
         return []
     wrong = []
     for item in dataclasses.fields(config):
