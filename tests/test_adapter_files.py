@@ -156,7 +156,8 @@ def test_an_unreadable_adapter_config_is_an_adapter_error_naming_the_file(base, 
 def test_the_cli_shows_an_unreadable_adapter_config_as_one_line_and_exits_2(base, lora, tmp_path, capsys, case):
     make, match = BAD_CONFIGS[case]
     folder = _copy_with_config(lora, tmp_path / "bad", make((lora / "adapter_config.json").read_text()))
-    code, out, err = run_main(capsys, "plan", str(base), "--adapter", str(folder), "--max-memory", "cpu=700KB,disk=1GiB")
+    code, out, err = run_main(capsys, "plan", str(base), "--adapter", str(folder), "--max-memory",
+                              "cpu=700KB,disk=1GiB")
     assert code == 2
     assert err.startswith(f"bigload: error: {folder / 'adapter_config.json'}") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1

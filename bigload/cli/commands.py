@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--temperature", type=positive_number("a sampling temperature such as 0.7; for greedy "
                                                                  "decoding leave --temperature out"),
                           help="sample with this temperature (above 0)")
-    generate.add_argument("--top-p", type=probability, help="nucleus sampling threshold from 0 to 1 (with --temperature)")
+    generate.add_argument("--top-p", type=probability,
+                          help="nucleus sampling threshold from 0 to 1 (with --temperature)")
     generate.add_argument("--seed", type=seed, default=0, help="random seed for sampling")
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_host_flags(generate)

@@ -167,8 +167,8 @@ def _prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
     a model continues from at least one token."""
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if input_ids.shape[-1] == 0:
-        raise BigloadError(Text(setting("prompt", repr(prompt), shlex.quote(prompt)), " gives no token with this model's tokenizer; "
-                                "give text for the model to continue."))
+        raise BigloadError(Text(setting("prompt", repr(prompt), shlex.quote(prompt)), " gives no token with this "
+                                "model's tokenizer; give text for the model to continue."))
     return input_ids
 
 
