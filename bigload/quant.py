@@ -352,16 +352,17 @@ def _check_same_decision(model: nn.Module, quantization: Quantization, existing:
         QuantizationError: naming what differs and the fix (build the model again).
     """
     schemes = {module.quantization.tag for module in existing.values()}
-    fix = f"build it again (on meta) to load it with quantize={quantization.tag!r}"
     if schemes != {quantization.tag}:
-        raise QuantizationError(f"the model was quantized with {', '.join(sorted(schemes))} already; {fix}.")
+        raise QuantizationError(Text(f"the model was quantized with {', '.join(sorted(schemes))} already; build it "
+                                     "again (on meta) to load it with ", setting("quantize", repr(quantization.tag)),
+                                     "."))
     skipped = [name for name in existing if quantization.skips(name)]
     missed = [name for name, _ in _candidates(model, quantization)]
     if skipped or missed:
         what = (f"{skipped[:3]} are quantized but quantize_skip names them" if skipped
                 else f"{missed[:3]} would be quantized now but were left out")
-        raise QuantizationError(f"the model was quantized already with another quantize_skip: {what}; {fix} and "
-                                f"quantize_skip={list(quantization.skip)!r}.")
+        raise QuantizationError(Text(f"the model was quantized already with another quantize_skip: {what}; build it "
+                                     "again (on meta) to load it with ", _skip_setting(quantization.skip), "."))
 
 
 def quantized_linears(model: nn.Module) -> dict[str, "QuantLinear"]:

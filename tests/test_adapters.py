@@ -251,8 +251,12 @@ def test_peft_re_dispatch_over_a_gpu_and_the_cpu_gives_placement_back_to_bigload
 def test_a_folder_holding_merged_weights_is_not_reused_for_the_base(files, tmp_path):
     offload = tmp_path / "offload"
     peft.PeftModel.from_pretrained(dispatched(files, offload), files["lora"]).merge_and_unload()
-    with pytest.raises(OffloadError, match=r"then changed: merged \['default'\] into model\.layers\.1"):
+    with pytest.raises(OffloadError, match=r"then changed: merged \['default'\] into 4 tensors: "
+                                           r"model\.layers\.1\.self_attn\.q_proj\.weight, ") as error:
         dispatched(files, offload)  # the store no longer holds the checkpoint's bytes
+    # A summary (the count, the first names), not every merged tensor on one line; bigload.json keeps them all.
+    assert str(error.value).count(".weight") == 2 and "(+2 more)" in str(error.value)
+    assert json.loads((offload / "bigload.json").read_text())["changed"].count(".weight") == 4
 
 
 # --------------------------------------------------------------------------------------------------

@@ -422,3 +422,177 @@ def test_plans_are_identical_across_hash_seeds(model_folder: Path):
     second = _plans_in_a_fresh_process("4242", model_folder)
     assert first.count('"device_map"') == 5 and '"disk"' in first
     assert first == second
+
+
+# -- flag values are refused before anything is planned or loaded ------------------------------------------
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step that reads a model, a tokenizer or a checkpoint fails the test: a refusal must come first."""
+    import bigload.cli.session as session
+    import bigload.distributed.startup as startup
+    import bigload.formats.discover as discover
+    import bigload.integrations.hf as hf
+
+    def reached(*args: object, **kwargs: object) -> None:
+        pytest.fail("a bad flag value reached planning or loading")
+
+    for module, name in ((hf, "load_tokenizer"), (hf, "plan_model"), (hf, "from_pretrained"),
+                         (startup, "plan_model_hosts"), (discover, "open_checkpoint"), (session, "run_demo"),
+                         (session, "run_generate"), (session, "run_generate_pipeline")):
+        monkeypatch.setattr(module, name, reached)
+
+
+GENERATE = ("generate", "MODEL", "--prompt", "Hi")
+BAD_FLAGS = {
+    "max-new-tokens-0": ((*GENERATE, "--max-new-tokens", "0"),
+                         "argument --max-new-tokens: 0 is too few: give at least 1 (tokens to generate)"),
+    "max-new-tokens-negative": ((*GENERATE, "--max-new-tokens", "-1"), "argument --max-new-tokens: -1 is too few"),
+    "temperature-0": ((*GENERATE, "--temperature", "0"),
+                      "argument --temperature: 0 is not above 0; give a positive number (a sampling temperature"),
+    "temperature-negative": ((*GENERATE, "--temperature", "-0.5"), "argument --temperature: -0.5 is not above 0"),
+    "temperature-nan": ((*GENERATE, "--temperature", "nan"), "argument --temperature: nan is not a finite number"),
+    "dtype-int8": ((*GENERATE, "--dtype", "int8"),
+                   "argument --dtype: 'int8' is not a dtype to load a model in (an integer type; to store weights as "
+                   "8-bit integers, use --quantize int8); use bfloat16 (bf16), float16 (fp16), float32 (fp32) or "
+                   "float64"),
+    "dtype-unknown": ((*GENERATE, "--dtype", "float17"), "argument --dtype: 'float17' is not a dtype to load"),
+    "prompt-empty": (("generate", "MODEL", "--prompt", ""), "argument --prompt: the prompt is empty"),
+    "top-p-above-1": ((*GENERATE, "--temperature", "0.7", "--top-p", "1.5"),
+                      "argument --top-p: 1.5 is outside 0..1; give a probability mass from 0 to 1"),
+    "top-p-without-sampling": ((*GENERATE, "--top-p", "0.9"),
+                               "bigload: error: --top-p 0.9 applies to sampling, and this run decodes greedily; add "
+                               "--temperature T"),
+    "seed-too-large": ((*GENERATE, "--seed", str(2**64)), f"argument --seed: '{2**64}' is not a seed"),
+    "timeout-0": ((*GENERATE, "--timeout", "0"), "argument --timeout: 0 is not above 0"),
+    "budget-twice": ((*GENERATE, "--max-memory", "cpu=1GiB,cpu=2GiB"),
+                     "argument --max-memory: cpu is given twice (cpu=1GiB and cpu=2GiB); give each device once"),
+    "host-budget-without-torchrun": ((*GENERATE, "--max-memory-host", "0:cpu=1GiB"),
+                                     "bigload: error: --max-memory-host gives one rank's budget in a run under "
+                                     "torchrun; this run has one process, so use --max-memory"),
+    "plan-dtype-float8": (("plan", "MODEL", "--dtype", "float8_e4m3fn"),
+                          "argument --dtype: 'float8_e4m3fn' is not a dtype to load a model in (8-bit floats"),
+    "hosts-0": (("plan", "MODEL", "--hosts", "0"), "argument --hosts: 0 is too few: give at least 1"),
+    "host-outside-hosts": (("plan", "MODEL", "--max-memory-host", "5:cpu=1GiB"),
+                           "bigload: error: --max-memory-host names host 5, but --hosts 1 means host 0 only"),
+    "host-twice": (("plan", "MODEL", "--hosts", "2", "--max-memory-host", "1:cpu=1GiB", "--max-memory-host",
+                    "1:cpu=2GiB"), "bigload: error: --max-memory-host gives host 1 more than once"),
+    "json-into-missing-folder": (("plan", "MODEL", "--json", "/no/such/folder/plan.json"),
+                                 "bigload: error: --json /no/such/folder/plan.json: the folder /no/such/folder does "
+                                 "not exist"),
+    "inspect-top-negative": (("inspect", "MODEL", "--top", "-1"), "argument --top: -1 is too few: give at least 0"),
+    "demo-max-new-tokens-0": (("demo", "--max-new-tokens", "0"), "argument --max-new-tokens: 0 is too few"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FLAGS)
+def test_bad_flag_values_are_refused_before_anything_is_loaded(cli, nothing_loads, case: str):
+    args, expected = BAD_FLAGS[case]
+    out = cli(*args)
+    assert out.returncode == 2
+    assert expected in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+PLANNING_FLAGS = {
+    "batch-size-0": (("--batch-size", "0"), "bigload: error: --batch-size 0 must be at least 1"),
+    "prefetch-negative": (("--prefetch", "-1"), "bigload: error: --prefetch -1 is negative; use 0"),
+    "context-length-negative": (("--context-length", "-1"), "bigload: error: --context-length -1 is negative"),
+    "unknown-device": (("--max-memory", "npu=1GiB"), "bigload: error: --max-memory key 'npu' names no device"),
+    "skip-without-quantize": (("--quantize-skip", "lm_head"),
+                              "bigload: error: --quantize-skip lm_head was given without --quantize"),
+}
+
+
+@pytest.mark.parametrize("case", PLANNING_FLAGS)
+def test_values_the_planner_reads_are_refused_before_loading(cli, model_folder: Path, case: str,
+                                                            monkeypatch: pytest.MonkeyPatch):
+    import bigload.integrations.hf as hf
+
+    monkeypatch.setattr(hf, "from_pretrained", lambda *args, **kwargs: pytest.fail("loaded"))
+    flags, expected = PLANNING_FLAGS[case]
+    out = cli("generate", str(model_folder), "--prompt", "Hi", *flags)
+    assert out.returncode == 2
+    assert expected in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_host_budget_outside_torchrun_ranks_is_refused_before_loading(cli, nothing_loads,
+                                                                       monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = cli(*GENERATE, "--max-memory-host", "2:cpu=1GiB")
+    assert out.returncode == 2
+    assert "--max-memory-host names host 2, but WORLD_SIZE=2 means hosts 0 to 1" in out.stderr
+
+
+def test_valid_flag_values_reach_the_library_unchanged(cli, monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    import bigload.cli.session as session
+    from bigload.sizes import parse_dtype
+
+    seen: dict[str, object] = {}
+
+    def run_generate(path, options, **kwargs):
+        seen.update(path=path, options=options, **kwargs)
+        return session.GenerateReport("", 0, 0.0, 0.0, 0.0, {}, 0.0)
+
+    monkeypatch.setattr(session, "run_generate", run_generate)
+    out = cli(*GENERATE, "--dtype", "bf16", "--temperature", "0.7", "--top-p", "0", "--seed", "-1",
+              "--max-new-tokens", "3", "--timeout", "5", "--max-memory", "cpu=1GiB,disk=2GiB", "--json")
+    assert out.returncode == 0, out.stderr
+    assert seen["options"] == session.GenerateOptions(prompt="Hi", max_new_tokens=3, temperature=0.7, top_p=0.0,
+                                                      seed=-1)
+    assert parse_dtype(seen["dtype"]) == torch.bfloat16
+    assert seen["max_memory"] == {"cpu": "1GiB", "disk": "2GiB"}
+
+
+def test_a_prompt_that_gives_no_token_is_refused_before_planning(model_folder: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    import bigload.integrations.hf as hf
+    from bigload.cli.session import load_for_generate
+    from bigload.errors import BigloadError
+    from bigload.messages import Audience
+
+    monkeypatch.setattr(hf, "plan_model", lambda *args, **kwargs: pytest.fail("planned"))
+    with pytest.raises(BigloadError, match=r"prompt='' gives no token with this model's tokenizer") as error:
+        load_for_generate(model_folder, prompt="", echo=None)
+    assert error.value.render(Audience.CLI).startswith("--prompt '' gives no token")
+
+
+# -- messages -----------------------------------------------------------------------------------------------
+
+
+def test_a_quantize_refusal_names_the_flag_in_the_cli_and_the_keyword_in_python(cli, model_folder: Path,
+                                                                                tmp_path: Path):
+    from bigload.errors import OffloadError
+    from bigload.integrations.hf import from_pretrained
+
+    offload = tmp_path / "off"
+    budget = {"cpu": "4MiB", "disk": "1GiB"}
+    from_pretrained(model_folder, max_memory=budget, offload_folder=offload, progress=False)  # unquantized
+    out = cli("generate", str(model_folder), "--prompt", "Hi", "--max-new-tokens", "1", "--max-memory",
+              "cpu=4MiB,disk=1GiB", "--offload-folder", str(offload), "--quantize", "int8")
+    assert out.returncode == 2
+    assert (f"{offload} holds weights written with no quantization, and this load asks for --quantize int8. Use "
+            "another --offload-folder for each scheme") in out.stderr
+    assert "quantize=" not in out.stderr
+    with pytest.raises(OffloadError, match=r"asks for quantize='int8'\. Use another offload_folder for each"):
+        from_pretrained(model_folder, max_memory=budget, offload_folder=offload, quantize="int8", progress=False)
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(buffered: bool):
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"  # each print writes at once (the closed pipe shows inside the command)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before bigload writes a byte, as after `| head` has its lines
+    try:
+        done = subprocess.run([sys.executable, "-m", "bigload", "plan", "llama-3.1-405b", "--max-memory",
+                               "0=80GiB,cpu=512GiB,disk=2TB"], stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=240, env=env)
+    finally:
+        os.close(write)
+    assert done.stderr == ""
+    assert done.returncode == 141  # what a shell reports for a tool SIGPIPE ended (`yes | head`)

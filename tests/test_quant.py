@@ -295,12 +295,12 @@ def test_the_store_holds_quantized_bytes_and_records_the_scheme(llama_folder, tm
     assert data.stat().st_size == 128 * columns  # 2x (int8) / 4x (int4) fewer bytes than bf16's 128 * 64 * 2
     recorded = json.loads((tmp_path / "offload" / "bigload.json").read_text())["quantize"]
     assert recorded.startswith(scheme)
-    with pytest.raises(OffloadError, match=rf"written with quantize={scheme}.*this load asks for "
-                                           r"quantize=int8\b|written with quantize=int8, and this load asks for "
-                                           r"quantize=int4:32"):
+    with pytest.raises(OffloadError, match=rf"written with quantize='{scheme}'.*this load asks for "
+                                           r"quantize='int8'|written with quantize='int8', and this load asks for "
+                                           r"quantize='int4:32'"):
         _load(folder, reference, "int4:32" if scheme == "int8" else "int8", _SPLIT_MAP,
               offload_folder=tmp_path / "offload")
-    with pytest.raises(OffloadError, match=rf"written with quantize={scheme}.*asks for no quantization"):
+    with pytest.raises(OffloadError, match=rf"written with quantize='{scheme}'.*asks for no quantization"):
         _load(folder, reference, None, _SPLIT_MAP, offload_folder=tmp_path / "offload")
 
 

@@ -4,7 +4,10 @@ Argument parsing, printing and exit codes only; every decision is made by the li
 "bigload: error: ..." with no traceback (one line, or a few when the message carries a breakdown, such as
 the does-not-fit shortfall per device) and exit non-zero (2 for bigload's own errors: bad input, a model
 that does not fit; 1 for anything unexpected); `--debug` shows the traceback. Messages name settings as
-flags (`--offload-folder`), not as the library's Python keywords.
+flags (`--offload-folder`), not as the library's Python keywords. Flag values are checked while arguments are
+read (`bigload.cli.flags`) and flags that only mean something together at the start of each command, so a
+bad value never waits for a load (exit 2 either way). A reader that closes the pipe (`bigload plan ... | head`)
+ends the command quietly with the status a shell gives a tool SIGPIPE ended (141).
 """
 
 from __future__ import annotations
@@ -18,6 +21,16 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from bigload.cli.flags import (
+    load_dtype,
+    parse_host_max_memory_arg,
+    parse_max_memory_arg,
+    positive_number,
+    probability,
+    prompt_text,
+    seed,
+    whole_number,
+)
 from bigload.errors import BigloadError
 from bigload.messages import Audience
 
@@ -25,34 +38,9 @@ __all__ = ["main"]
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 POLICIES = ("stream", "local")  # bigload.devices.ExecutionPolicy's names (not imported: `--help` stays fast)
-
-# A bare number in a CLI budget is bytes (accelerate's meaning of an int), but nobody runs a model in less
-# than a megabyte: "0=24" is a forgotten unit, refused with the likely meaning instead of planned as 24 B.
-_SMALLEST_BARE_BUDGET = 2**20
-
-
-def parse_max_memory_arg(text: str) -> dict[str, str]:
-    """'0=24GiB,1=24GiB,cpu=64GiB,disk=500GiB' -> {'0': '24GiB', ...}; sizes are validated by the library."""
-    result: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise argparse.ArgumentTypeError(
-                f"cannot read {item!r}; write DEVICE=SIZE pairs separated by commas, e.g. 0=24GiB,cpu=64GiB,disk=500GiB"
-            )
-        result[key.strip()] = _budget_value(key.strip(), value.strip())
-    if not result:
-        raise argparse.ArgumentTypeError("--max-memory is empty; e.g. 0=24GiB,cpu=64GiB,disk=500GiB")
-    return result
-
-
-def parse_host_max_memory_arg(text: str) -> tuple[int, dict[str, str]]:
-    """'1:0=24GiB,cpu=64GiB' -> (1, {'0': '24GiB', 'cpu': '64GiB'}): one host's budget."""
-    host, sep, rest = text.partition(":")
-    if not sep or not host.strip().isdigit():
-        raise argparse.ArgumentTypeError(
-            f"cannot read {text!r}; write HOST:DEVICE=SIZE,..., e.g. 1:0=24GiB,cpu=64GiB (HOST is the rank)")
-    return int(host), parse_max_memory_arg(rest)
+# The exit status a shell reports for a tool that SIGPIPE ended (128 + 13): what `bigload ... | head` returns
+# when head stops reading, as `yes | head` or `git log | head` do.
+CLOSED_PIPE_EXIT = 141
 
 
 def _add_host_flags(parser: argparse.ArgumentParser) -> None:
@@ -62,22 +50,15 @@ def _add_host_flags(parser: argparse.ArgumentParser) -> None:
                              "1:0=80GiB,cpu=512GiB; repeat for several hosts")
 
 
-def _budget_value(key: str, value: str) -> str:
-    if value.isdigit() and int(value) < _SMALLEST_BARE_BUDGET:
-        raise argparse.ArgumentTypeError(
-            f"{key}={value} has no unit, so it would mean {value} bytes; did you mean {key}={value}GiB? "
-            "Write sizes with a unit: GiB/MiB (binary) or GB/MB (decimal)."
-        )
-    return value
-
-
 def _add_planning_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-memory", type=parse_max_memory_arg, metavar="DEV=SIZE,...",
                         help="budgets per device, e.g. 0=24GiB,1=24GiB,cpu=64GiB,disk=500GiB "
                              "(GiB binary, GB decimal). Default: what this machine has.")
     parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
                         help="auto: balanced over several GPUs, else sequential (default: auto)")
-    parser.add_argument("--dtype", help="dtype of the weights once loaded, e.g. bfloat16 (default: the model's)")
+    parser.add_argument("--dtype", type=load_dtype,
+                        help="dtype of the weights once loaded: bfloat16, float16, float32 or float64 "
+                             "(default: the model's)")
     parser.add_argument("--context-length", type=int, metavar="N",
                         help="reserve KV-cache memory for N tokens on the device running each layer")
     parser.add_argument("--batch-size", type=int, default=1, metavar="B", help="batch size for the KV reserve")
@@ -113,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "or a checkpoint (headers only).")
     plan.add_argument("model", metavar="MODEL")
     _add_planning_flags(plan)
-    plan.add_argument("--hosts", type=int, default=1, metavar="N",
+    plan.add_argument("--hosts", type=whole_number(1, "hosts to split the model over"), default=1, metavar="N",
                       help="split the model over N hosts (torchrun ranks): one table per host; --max-memory is "
                            "each host's budget")
     _add_host_flags(plan)
@@ -125,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Format, shards, tensor count, dtypes, parameters, the largest "
                                          "tensors and the planned blocks of a checkpoint. Reads headers only.")
     inspect.add_argument("checkpoint", metavar="CHECKPOINT")
-    inspect.add_argument("--top", type=int, default=10, metavar="N",
+    inspect.add_argument("--top", type=whole_number(0, "largest tensors to list"), default=10, metavar="N",
                          help="how many of the largest tensors to list (default: 10)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     inspect.set_defaults(run=_cmd_inspect)
@@ -134,20 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Plan, stream and dispatch a Hugging Face model folder, then "
                                           "generate from a prompt, streaming tokens as they come.")
     generate.add_argument("path", metavar="PATH", help="a Hugging Face model folder")
-    generate.add_argument("--prompt", required=True, help="the prompt text")
-    generate.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+    generate.add_argument("--prompt", type=prompt_text, required=True, help="the prompt text")
+    generate.add_argument("--max-new-tokens", type=whole_number(1, "tokens to generate"), default=64, metavar="N",
                           help="tokens to generate (default: 64)")
     _add_planning_flags(generate)
     generate.add_argument("--offload-folder", type=Path, help="where disk-offloaded weights go")
     _add_adapter_flag(generate)
     sampling = generate.add_mutually_exclusive_group()
     sampling.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
-    sampling.add_argument("--temperature", type=float, help="sample with this temperature")
-    generate.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature)")
-    generate.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    sampling.add_argument("--temperature", type=positive_number("a sampling temperature such as 0.7; for greedy "
+                                                                 "decoding leave --temperature out"),
+                          help="sample with this temperature (above 0)")
+    generate.add_argument("--top-p", type=probability,
+                          help="nucleus sampling threshold from 0 to 1 (with --temperature)")
+    generate.add_argument("--seed", type=seed, default=0, help="random seed for sampling")
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_host_flags(generate)
-    generate.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+    generate.add_argument("--timeout", type=positive_number("seconds"), default=300.0, metavar="SECONDS",
                           help="under torchrun: how long any wait between ranks may take (default: 300)")
     generate.set_defaults(run=_cmd_generate)
 
@@ -159,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="small: 11 MiB of weights, medium: 345 MiB (default: small)")
     demo.add_argument("--dir", type=Path, default=None, help="where the demo model is cached "
                       "(default: ~/.cache/bigload/demo-SIZE)")
-    demo.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+    demo.add_argument("--max-new-tokens", type=whole_number(1, "tokens to generate"), default=32, metavar="N",
                       help="tokens generated per run (default: 32)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     demo.set_defaults(run=_cmd_demo)
@@ -193,7 +177,44 @@ def _host_budgets(args: argparse.Namespace) -> dict[int, dict[str, str]] | None:
     return dict(args.max_memory_host) if args.max_memory_host else None
 
 
+def _check_host_budgets(args: argparse.Namespace, hosts: int | None, hosts_flag: str) -> None:
+    """Each `--max-memory-host` names a host once, and a host the run has (`hosts`; None: not a run across
+    hosts, where the flag would be ignored)."""
+    named = [host for host, _ in args.max_memory_host or ()]
+    if not named:
+        return
+    if hosts is None:
+        raise BigloadError("--max-memory-host gives one rank's budget in a run under torchrun; this run has one "
+                           "process, so use --max-memory for its budget.")
+    twice = sorted({host for host in named if named.count(host) > 1})
+    if twice:
+        raise BigloadError(f"--max-memory-host gives host {twice[0]} more than once; give each host once.")
+    outside = sorted(host for host in named if host >= hosts)
+    if outside:
+        known = "host 0 only" if hosts == 1 else f"hosts 0 to {hosts - 1}"
+        raise BigloadError(f"--max-memory-host names host {outside[0]}, but {hosts_flag} means {known}; name those "
+                           "hosts, or run with more.")
+
+
+def _check_plan_args(args: argparse.Namespace) -> None:
+    """What plan's flags mean together, checked before anything is planned."""
+    _check_host_budgets(args, args.hosts, f"--hosts {args.hosts}")
+    if args.json is not None and str(args.json) != "-" and not args.json.parent.is_dir():
+        raise BigloadError(f"--json {args.json}: the folder {args.json.parent} does not exist; write the plan into "
+                           "an existing folder, or '-' for stdout.")
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """What generate's flags mean together, checked before anything is loaded."""
+    if args.top_p is not None and args.temperature is None:
+        raise BigloadError(f"--top-p {args.top_p} applies to sampling, and this run decodes greedily; add "
+                           "--temperature T (e.g. 0.7) to sample, or drop --top-p.")
+    world = _world_size()
+    _check_host_budgets(args, world if world > 1 else None, f"WORLD_SIZE={world}")
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
+    _check_plan_args(args)
     from bigload.integrations.hf import plan_model
 
     if args.hosts > 1 or args.max_memory_host:
@@ -237,11 +258,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _under_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return _world_size() > 1
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    _check_generate_args(args)
     from bigload.cli.session import GenerateOptions, run_generate
 
     options = GenerateOptions(
@@ -300,7 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="bigload: %(levelname)s: %(message)s")
     run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # into a pipe, output waits in a buffer: a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        return _reader_went_away()
     except KeyboardInterrupt:
         print("bigload: interrupted", file=sys.stderr)
         return 130
@@ -315,6 +345,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"bigload: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _reader_went_away() -> int:
+    """stdout's reader closed the pipe (`bigload plan ... | head`): a normal way to stop reading, so no message.
+    stdout is pointed at /dev/null first, so Python's own flush at exit does not fail on the pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (captured in a test): nothing is flushed to it at exit
+        pass
+    return CLOSED_PIPE_EXIT
 
 
 if __name__ == "__main__":  # pragma: no cover

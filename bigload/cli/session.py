@@ -8,6 +8,7 @@ spread is too wide for the ratio to mean anything.
 
 from __future__ import annotations
 
+import shlex
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from bigload.messages import Audience
+from bigload.errors import BigloadError
+from bigload.messages import Audience, Text, setting
 from bigload.sizes import format_size
 
 __all__ = ["GenerateOptions", "GenerateReport", "Loaded", "PipelineReport", "load_for_generate", "run_demo",
@@ -131,12 +133,16 @@ class Loaded:
 
 
 def load_for_generate(path: str | Path, *, offload_folder: str | Path | None = None, echo: Echo = print,
-                      progress: bool = True, audience: Audience = Audience.PYTHON, **planning: Any) -> Loaded:
+                      progress: bool = True, audience: Audience = Audience.PYTHON, prompt: str | None = None,
+                      **planning: Any) -> Loaded:
     """Plan a model folder (printing the plan through `echo`), then load it with bigload.
 
-    The folder is checked first, then the tokenizer is loaded, so a wrong path or a folder without
-    tokenizer files fails before anything is planned or read. transformers' own progress bars stay off:
-    the load shows bigload's one bar (`progress`).
+    The folder is checked first, then the tokenizer is loaded (and `prompt`, if given, tokenized), so a wrong
+    path, a folder without tokenizer files or a prompt that gives no token fails before anything is planned or
+    read. transformers' own progress bars stay off: the load shows bigload's one bar (`progress`).
+
+    Raises:
+        BigloadError: as `run_generate`.
     """
     from bigload.integrations.hf import from_pretrained, load_tokenizer, plan_model, without_transformers_progress
     from bigload.plan.budget import check_cgroup_room, parse_max_memory
@@ -144,6 +150,8 @@ def load_for_generate(path: str | Path, *, offload_folder: str | Path | None = N
     tokenizer = load_tokenizer(path)
     if planning.get("max_memory") is not None:  # a load, unlike `bigload plan`: the CPU budget must be here
         check_cgroup_room(parse_max_memory(planning["max_memory"]))
+    if prompt is not None:
+        _prompt_ids(tokenizer, prompt)
     # Plan first, so the table is on screen before the (possibly long) load starts.
     plan = plan_model(path, offload_folder=offload_folder, **planning)
     if echo is not None:
@@ -157,10 +165,20 @@ def load_for_generate(path: str | Path, *, offload_folder: str | Path | None = N
     return Loaded(model, tokenizer, plan, time.perf_counter() - start)
 
 
+def _prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
+    """The prompt's token ids (1 x N); a prompt that gives none (empty, or what this tokenizer drops) is refused:
+    a model continues from at least one token."""
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if input_ids.shape[-1] == 0:
+        raise BigloadError(Text(setting("prompt", repr(prompt), shlex.quote(prompt)), " gives no token with this "
+                                "model's tokenizer; give text for the model to continue."))
+    return input_ids
+
+
 def _generate_report(loaded: Loaded, options: GenerateOptions, *, echo: Echo, stream_text: bool) -> GenerateReport:
     """Generate once with a loaded model and measure it."""
     tokenizer, model = loaded.tokenizer, loaded.model
-    input_ids = tokenizer(options.prompt, return_tensors="pt")["input_ids"]
+    input_ids = _prompt_ids(tokenizer, options.prompt)
     read_before = _runtime_bytes_read(model)
     if echo is not None and stream_text:
         echo(options.prompt)
@@ -234,7 +252,7 @@ def run_generate_pipeline(path: str | Path, options: GenerateOptions, *, offload
             echo(pipeline.plan.explain())
             echo("")
         tokenizer = load_tokenizer(path)
-        input_ids = tokenizer(options.prompt, return_tensors="pt")["input_ids"]
+        input_ids = _prompt_ids(tokenizer, options.prompt)
         if echo is not None and stream_text:
             echo(options.prompt)
         output, first, decode = timed_generate(model, input_ids, options, tokenizer=tokenizer,
@@ -268,10 +286,11 @@ def run_generate(path: str | Path, options: GenerateOptions, *, offload_folder: 
             disk_reads.
 
     Raises:
-        BigloadError: the folder does not exist or has no tokenizer, the model does not fit, ...
+        BigloadError: the folder does not exist or has no tokenizer, the prompt gives no token, the model does
+            not fit, ...
     """
     loaded = load_for_generate(path, offload_folder=offload_folder, echo=echo, progress=progress,
-                               audience=audience, **planning)
+                               audience=audience, prompt=options.prompt, **planning)
     return _generate_report(loaded, options, echo=echo, stream_text=stream_text)
 
 

@@ -1,9 +1,10 @@
 """Adapters (peft) on a model built on the meta device, loaded in the same pass as the base weights.
 
 `hf.from_pretrained(..., adapter=PATHS)` reads each adapter folder (`adapter_config.json` and
-`adapter_model.safetensors`, headers only), wraps the meta model with peft as peft itself would (no weight
-exists yet), and turns the adapter tensors into one more checkpoint source for the loader: each adapter
-tensor is loaded under the name it has in the wrapped model, into the block that owns it. The planner then
+`adapter_model.safetensors`, or peft's older `adapter_model.bin`; headers only), wraps the meta model with
+peft as peft itself would (no weight exists yet), and turns the adapter tensors into one more checkpoint
+source for the loader: each adapter tensor is loaded under the name it has in the wrapped model (mapped as
+peft's own loading maps saved names), into the block that owns it. The planner then
 counts adapter bytes on that block, the loader streams base and adapter tensors in one pass, and the runtime
 brings them in with the block. Prompt and prefix tuning keep their few tensors outside the base model (peft's
 prompt encoder); they are loaded after the base, onto the device the model's inputs start on.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from bigload.formats.refs import CheckpointIndex, TensorRef
 from bigload.formats.discover import open_checkpoint
 from bigload.devices import DISK, Device
 from bigload.errors import AdapterError, BigloadError, CheckpointError
+from bigload.messages import Text, setting
 from bigload.sizes import format_size
 from bigload.load.sources import DerivedTensor, Source, TensorSources
 from bigload.runtime.runtime import runtime_of
@@ -41,6 +44,11 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# peft's older file name, still read by peft (`torch.save` zip; bigload unpickles nothing but tensors from it).
+ADAPTER_WEIGHTS_PICKLED = "adapter_model.bin"
+# Segments peft puts into the names of the modules it wraps (a tuner layer's `base_layer`, the original of a
+# `modules_to_save` entry): the base checkpoint names the same tensor without them.
+_WRAPPER_SEGMENTS = (".base_layer.", ".original_module.")
 # peft keeps adapter weights in float32 over a float16/bfloat16 base (`autocast_adapter_dtype=True`).
 ADAPTER_FP32_MODULES: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
                                          "lora_magnitude_vector")
@@ -63,6 +71,11 @@ class Adapter:
     config: Any
     index: CheckpointIndex
 
+    @property
+    def weights(self) -> Path:
+        """The weights file, under the folder as the user named it (for messages)."""
+        return self.folder / self.index.files[0].name
+
 
 def adapter_fp32_modules(dtype: torch.dtype) -> tuple[str, ...]:
     """Adapter modules the loader keeps in float32 at `dtype`: all of them over a float16/bfloat16 base,
@@ -82,8 +95,9 @@ def read_adapters(paths: str | Path | Sequence[str | Path]) -> list[Adapter]:
     """Read adapter folders: the first is named "default" (peft's name), the others after their folders.
 
     Raises:
-        AdapterError: peft is missing, a folder lacks its config or weights, the config names a method peft
-            does not know, the weights file is not valid safetensors, or two adapters get the same name.
+        AdapterError: peft is missing, a path is a file or no folder, a folder lacks its config or weights, the
+            config is not a JSON object, names a method peft does not know or gives a setting a value of another
+            type than peft declares, the weights file is unreadable, or two adapters get the same name.
     """
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
     adapters = [_read_adapter(Path(path), "default" if i == 0 else Path(path).name) for i, path in enumerate(items)]
@@ -97,21 +111,10 @@ def read_adapters(paths: str | Path | Sequence[str | Path]) -> list[Adapter]:
 def _read_adapter(folder: Path, name: str) -> Adapter:
     peft = _require_peft()
     folder = folder.expanduser()  # as the user wrote it, for messages
-    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise AdapterError(f"{path} is missing; an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
-                               "as peft's save_pretrained writes them. Pass that folder.")
-    try:
-        method = json.loads(config_path.read_text(encoding="utf-8")).get("peft_type")
-        config = peft.PeftConfig.from_pretrained(str(folder))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        known = ", ".join(sorted(str(t.value) for t in peft.PeftType))
-        raise AdapterError(
-            f"{config_path}: peft cannot read this config ({type(error).__name__}: {error}); its peft_type is "
-            f"{method!r}, and peft {peft.__version__} knows {known}. Save the adapter again with peft, or upgrade "
-            "peft if it is a newer method."
-        ) from None
+    _check_folder(folder)
+    config_path = folder / ADAPTER_CONFIG
+    weights_path = _weights_file(folder)
+    config = _read_config(peft, config_path, _read_config_json(config_path).get("peft_type"))
     try:
         index = open_checkpoint(weights_path)
     except CheckpointError as error:
@@ -119,6 +122,97 @@ def _read_adapter(folder: Path, name: str) -> Adapter:
         raise AdapterError(f"{error} This adapter's weights are unreadable: save the adapter again with peft's "
                            "save_pretrained.") from None
     return Adapter(name, folder, config, index)
+
+
+def _check_folder(folder: Path) -> None:
+    if folder.is_dir():
+        return
+    if folder.exists():
+        hint = folder.parent if folder.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_PICKLED) else None
+        instead = Text(" (here: ", setting("adapter", repr(str(hint)), str(hint)), ")") if hint else ""
+        raise AdapterError(Text(
+            f"{folder} is a file, not an adapter folder; pass the folder peft's save_pretrained wrote, the one "
+            f"holding {ADAPTER_CONFIG}", instead, "."))
+    raise AdapterError(f"{folder}: no such adapter folder.")
+
+
+def _weights_file(folder: Path) -> Path:
+    """The adapter's weights: safetensors if present (peft's choice too), else peft's older `.bin`."""
+    for candidate in (folder / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS_PICKLED):
+        if candidate.is_file():
+            return candidate
+    raise AdapterError(f"{folder} has no {ADAPTER_WEIGHTS} (or {ADAPTER_WEIGHTS_PICKLED}); an adapter folder holds "
+                       f"{ADAPTER_CONFIG} and the weights as peft's save_pretrained writes them. Pass that folder.")
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    """The config file as a JSON object, or an AdapterError naming it (truncated, not JSON, not an object)."""
+    if not path.is_file():
+        raise AdapterError(f"{path} is missing; an adapter folder holds {ADAPTER_CONFIG} and the weights as peft's "
+                           "save_pretrained writes them. Pass that folder.")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AdapterError(f"{path} is not valid JSON ({type(error).__name__}: {error}); it is truncated or "
+                           "damaged. Save the adapter again with peft's save_pretrained.") from None
+    if not isinstance(content, dict):
+        raise AdapterError(f"{path} holds a JSON {type(content).__name__}, not an object of peft settings; save "
+                           "the adapter again with peft's save_pretrained.")
+    return content
+
+
+def _read_config(peft: Any, path: Path, method: object) -> Any:
+    """peft's config from `path` (a JSON object), its scalar settings checked against their declared types."""
+    try:
+        config = peft.PeftConfig.from_pretrained(str(path.parent))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        known = ", ".join(sorted(str(t.value) for t in peft.PeftType))
+        raise AdapterError(
+            f"{path}: peft cannot read this config ({type(error).__name__}: {error}); its peft_type is "
+            f"{method!r}, and peft {peft.__version__} knows {known}. Save the adapter again with peft, or upgrade "
+            "peft if it is a newer method."
+        ) from None
+    wrong = _mistyped_settings(config)
+    if wrong:
+        raise AdapterError(f"{path}: {'; '.join(wrong[:5])}. peft would fail on it while wrapping the model; fix "
+                           "the value, or save the adapter again with peft's save_pretrained.")
+    return config
+
+
+# Declared types whose values a JSON config holds as-is: the check covers these and Optional ones of them.
+_SCALARS: dict[Any, tuple[type, ...]] = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+
+
+def _mistyped_settings(config: Any) -> list[str]:
+    """"r is 'eight', not an int"-style lines for the config's scalar settings whose value has another type.
+
+    peft's configs are dataclasses that declare each setting's type but do not check it; a wrong one fails
+    deep inside peft (a `TypeError` comparing a str with an int) while wrapping."""
+    try:
+        hints = typing.get_type_hints(type(config))
+    except (NameError, TypeError, AttributeError):  # annotations that cannot be resolved: nothing to check
+        return []
+    wrong = []
+    for item in dataclasses.fields(config):
+        allowed = _allowed_types(hints.get(item.name))
+        value = getattr(config, item.name)
+        if allowed is None or value is None and type(None) in allowed:
+            continue
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            names = " or ".join(t.__name__ for t in allowed if t is not type(None))
+            wrong.append(f"{item.name} is {value!r}, not {'an' if names[0] in 'aeiou' else 'a'} {names}")
+    return wrong
+
+
+def _allowed_types(hint: Any) -> tuple[type, ...] | None:
+    """The Python types a value of `hint` may have, for scalar hints (and Optional ones); None for others."""
+    if hint in _SCALARS:
+        return _SCALARS[hint]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and len(args) == 2 and type(None) in args:
+        inner = next(arg for arg in args if arg is not type(None))
+        return (*_SCALARS[inner], type(None)) if inner in _SCALARS else None
+    return None
 
 
 def wrap(model: nn.Module, adapters: Sequence[Adapter]) -> nn.Module:
@@ -162,6 +256,12 @@ def _wrap_all(cls: Any, model: nn.Module, adapters: Sequence[Adapter]) -> nn.Mod
             f"another base model ({failing.config.base_model_name_or_path or 'unnamed'}); pass the base it was "
             "made for, or an adapter made for this one."
         ) from None
+    except TypeError as error:  # a value of a setting `_mistyped_settings` cannot check (not a plain scalar)
+        _unwrap(model)
+        raise AdapterError(
+            f"{failing.folder / ADAPTER_CONFIG}: peft cannot apply this config ({error}); a setting has a value "
+            "of another type than peft expects. Fix it, or save the adapter again with peft's save_pretrained."
+        ) from None
     return wrapped
 
 
@@ -183,10 +283,12 @@ def with_adapter_sources(wrapped: nn.Module, adapters: Sequence[Adapter], index:
                          sources: TensorSources) -> tuple[CheckpointIndex, TensorSources]:
     """The checkpoint and source plan that load the base and every adapter into `wrapped`'s base model at once.
 
-    peft moved each wrapped layer's weights under `base_layer`: they are found where the base checkpoint
-    holds them (`sources`, else by name). Each adapter tensor is found in its adapter's file under the name
-    peft saved it as, mapped the way peft's own loading maps it. The index gets the adapter files, so the
-    offload store's fingerprint covers them.
+    peft moved each wrapped module's weights under `base_layer` (a tuner layer) or `original_module` (a
+    `modules_to_save` entry): they are found where the base checkpoint holds them (`sources`, else by name).
+    Each adapter tensor is found in its adapter's file under the name peft saved it as, mapped the way peft's
+    own loading maps it. An adapter tensor can replace a base one (peft saves the embedding of a LoRA on
+    `embed_tokens` with the adapter, and its load overwrites the base's): the base's is then not loaded, as in
+    peft. The index gets the adapter files, so the offload store's fingerprint covers them.
 
     Raises:
         AdapterError: an adapter holds tensors this model has no place for, or of another shape.
@@ -195,18 +297,21 @@ def with_adapter_sources(wrapped: nn.Module, adapters: Sequence[Adapter], index:
     model_tensors = {name: tensor for name, tensor in _named_tensors(base_model)}
     entries: dict[str, Source] = dict(sources.tensors)
     for name in model_tensors:
-        if ".base_layer." in name:
-            plain = name.replace(".base_layer.", ".")
+        plain = _unwrapped_name(name)
+        if plain != name:
             entries[name] = sources.tensors.get(plain) or _ref(index, plain)
             entries.pop(plain, None)
+    displaced: set[str] = set()  # base checkpoint tensors an adapter tensor replaced
     extra: dict[str, TensorRef] = {}
     for adapter in adapters:
         for model_name, ref in _adapter_tensors(wrapped, adapter, model_tensors).items():
             key = f"{adapter.name}:{ref.name}"  # adapters save under the same names; the index needs distinct ones
             part = dataclasses.replace(ref, name=key)
             extra[key] = part
+            displaced.update(_part_names(entries.get(model_name)))
             entries[model_name] = DerivedTensor(model_name, ref.shape, ref.dtype, (part,), _first,
                                                 how=f"adapter {adapter.name!r} tensor {ref.name}")
+    still_used = {name for source in entries.values() for name in _part_names(source)}
     combined = dataclasses.replace(
         index,
         files=index.files + tuple(a.index.files[0] for a in adapters),
@@ -214,7 +319,21 @@ def with_adapter_sources(wrapped: nn.Module, adapters: Sequence[Adapter], index:
         total_bytes=index.total_bytes + sum(ref.nbytes for ref in extra.values()),
         file_stats={**index.file_stats, **{f: s for a in adapters for f, s in a.index.file_stats.items()}},
     )
-    return combined, TensorSources(entries, sources.ignored)
+    return combined, TensorSources(entries, sources.ignored | (displaced & set(index.tensors)) - still_used)
+
+
+def _unwrapped_name(name: str) -> str:
+    """The name a tensor of a peft-wrapped module has in the base model (and its checkpoint)."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, ".")
+    return name
+
+
+def _part_names(source: Source | None) -> list[str]:
+    """The checkpoint tensors `source` reads."""
+    if source is None:
+        return []
+    return [part.name for part in source.parts] if isinstance(source, DerivedTensor) else [source.name]
 
 
 def _first(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -238,12 +357,7 @@ def _adapter_tensors(wrapped: nn.Module, adapter: Adapter, model_tensors: dict[s
     """Base-model tensor name -> the adapter file's tensor, for the adapter tensors inside the base model."""
     if adapter.config.is_prompt_learning:
         return {}  # model-level tensors, see load_model_level_weights
-    peft = _require_peft()
-    tuner = peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[adapter.config.peft_type]
-    # peft's own mapping from saved keys to model keys, run on the keys alone (each value is its key).
-    saved = {name: name for name in adapter.index.tensors}
-    mapped = tuner._remap_adapter_state_dict_for_load(model=wrapped, config=adapter.config,
-                                                      adapter_name=adapter.name, state_dict=saved)
+    mapped = _saved_to_model_keys(wrapped, adapter)
     found: dict[str, TensorRef] = {}
     stray: list[str] = []
     mismatched: list[str] = []
@@ -259,10 +373,37 @@ def _adapter_tensors(wrapped: nn.Module, adapter: Adapter, model_tensors: dict[s
     if stray or mismatched:
         what = f"tensors with no place in the model: {stray[:3]}" if stray else f"other shapes: {mismatched[:3]}"
         raise AdapterError(
-            f"{adapter.folder / ADAPTER_WEIGHTS} holds {what}. It was made for another base model "
+            f"{adapter.weights} holds {what}. It was made for another base model "
             f"({adapter.config.base_model_name_or_path or 'unnamed'}); pass the base it was made for."
         )
     return found
+
+
+def _saved_to_model_keys(wrapped: nn.Module, adapter: Adapter) -> dict[str, str]:
+    """Model key -> the adapter file's key, mapped as peft's `set_peft_model_state_dict` maps them, on the keys
+    alone: first each `modules_to_save` (or other auxiliary) wrapper's own names (peft saves
+    `lm_head.weight`, the model holds `lm_head.modules_to_save.NAME.weight`), then the method's remapping.
+
+    Raises:
+        AdapterError: the file lacks a tensor of a module the config says it saves.
+    """
+    peft = _require_peft()
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    keys = {name: name for name in adapter.index.tensors}  # each value is its key: the mapping runs on names
+    for module_name, module in wrapped.named_modules():
+        if not isinstance(module, AuxiliaryTrainingWrapper):
+            continue
+        for saved, loaded in module.adapter_state_dict_load_map(adapter.name).items():
+            lookup = f"{module_name}.{saved}"
+            if lookup not in keys:
+                raise AdapterError(
+                    f"{adapter.weights} has no tensor {lookup!r}, which its config's modules_to_save (or "
+                    "trainable tokens) says it saves; save the adapter again with peft's save_pretrained.")
+            keys[f"{module_name}.{loaded}"] = keys.pop(lookup)
+    tuner = peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[adapter.config.peft_type]
+    return tuner._remap_adapter_state_dict_for_load(model=wrapped, config=adapter.config, adapter_name=adapter.name,
+                                                    state_dict=keys)
 
 
 def load_model_level_weights(wrapped: nn.Module, adapters: Sequence[Adapter], device: torch.device) -> None:
@@ -281,7 +422,7 @@ def load_model_level_weights(wrapped: nn.Module, adapters: Sequence[Adapter], de
         try:
             set_peft_model_state_dict(wrapped, weights, adapter_name=adapter.name)
         except RuntimeError as error:  # load_state_dict's size mismatch
-            raise AdapterError(f"{adapter.folder / ADAPTER_WEIGHTS} does not fit this model: {error} Pass the base "
+            raise AdapterError(f"{adapter.weights} does not fit this model: {error} Pass the base "
                                "model the adapter was made for.") from None
 
 

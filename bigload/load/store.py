@@ -35,6 +35,7 @@ from bigload.errors import CheckpointError, OffloadError, OffloadIOError
 from bigload.messages import Setting, Text, setting
 from bigload.load.reads import Extent
 from bigload.sizes import dtype_width, format_size
+from bigload.tensors import summarize_names
 
 __all__ = ["DiskStore", "StoreOrigin", "StoreWriter", "TensorMeta"]
 
@@ -84,12 +85,19 @@ class StoreOrigin:
 
     def describe(self) -> str:
         where = self.source or "an unnamed checkpoint"
-        then = f", then changed: {self.changed}" if self.changed else ""
+        then = f", then changed: {summarize_changes(self.changed)}" if self.changed else ""
         return f"{where} (dtype {self.dtype or 'as stored'}, fingerprint {self.fingerprint[:12]}{then})"
 
-    def describe_quantize(self) -> str:
-        """The quantization its bytes were written with, in the user's terms."""
-        return f"quantize={self.quantize}" if self.quantize else "no quantization"
+    def describe_quantize(self) -> Text:
+        """The quantization its bytes were written with, as the setting the user gives (`quantize='int8'`,
+        `--quantize int8`); a storage order ("int4:128 in cpu-avx2 order") follows in parentheses."""
+        if not self.quantize:
+            return Text("no quantization")
+        parts: list[str | Setting] = []
+        for stored in self.quantize.split(", "):
+            tag, _, order = stored.partition(" in ")
+            parts += [", " if parts else "", setting("quantize", repr(tag)), f" (in {order})" if order else ""]
+        return Text(*parts)
 
     def differences(self, wanted: "StoreOrigin") -> list[str]:
         """What differs between this (the folder's) origin and `wanted`, in words; [] when no recorded part
@@ -103,7 +111,7 @@ class StoreOrigin:
         if self.cast != wanted.cast:
             found.append(f"how tensors are cast ({self.cast or 'unrecorded'} then, {wanted.cast or 'unrecorded'} now)")
         if self.changed:
-            found.append(f"the folder's bytes were changed after the load ({self.changed})")
+            found.append("the folder's bytes were changed after the load (what changed them is named above)")
         return found
 
     def to_json(self) -> dict[str, object]:
@@ -152,6 +160,25 @@ def _file_differences(then: tuple[tuple[str, int, int], ...], now: tuple[tuple[s
 
 def _names(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def summarize_changes(changed: str, names: int = 3) -> str:
+    """A store's change record (`DiskStore.rewrite`'s "; "-joined entries, one per tensor) made short: each run
+    of one action is its count and the first `names` tensors.
+
+    >>> summarize_changes("merged ['a'] into w; merged ['a'] into x; merged ['a'] into y; merged ['a'] into z")
+    "merged ['a'] into 4 tensors: w, x, ... (+2 more)"
+    """
+    runs: list[tuple[str, list[str]]] = []
+    for change in filter(None, changed.split("; ")):
+        action, _, name = change.rpartition(" ")  # tensor names hold no spaces
+        if runs and runs[-1][0] == action:
+            runs[-1][1].append(name)
+        else:
+            runs.append((action, [name]))
+    return "; ".join(f"{action} {tensors[0]}" if len(tensors) == 1 else
+                     f"{action} {len(tensors)} tensors: {summarize_names(tensors, limit=names)}"
+                     for action, tensors in runs)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -685,8 +712,8 @@ def _check_origin(folder: Path, expected: StoreOrigin) -> None:
         )
     if found.fingerprint != expected.fingerprint and found.quantize != expected.quantize:
         raise OffloadError(Text(
-            f"{folder} holds weights written with {found.describe_quantize()}, and this load asks for "
-            f"{expected.describe_quantize()}. Use another ", setting("offload_folder"), " for each scheme, or "
+            f"{folder} holds weights written with ", found.describe_quantize(), ", and this load asks for ",
+            expected.describe_quantize(), ". Use another ", setting("offload_folder"), " for each scheme, or "
             "delete this one to rebuild it."))
     if found.fingerprint != expected.fingerprint:
         what = "; ".join(found.differences(expected)) or (
