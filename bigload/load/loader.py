@@ -44,7 +44,8 @@ from bigload.load.quantized import apply_layouts, storage_tags
 from bigload.formats.refs import Extent
 from bigload.load.readahead import ReadAhead
 from bigload.load.sources import SourceTable, parts_of
-from bigload.load.store import DiskStore, StoreOrigin, StoreWriter, dtype_name
+from bigload.load.store import DiskStore, StoreOrigin, dtype_name
+from bigload.load.store_writer import StoreWriter
 from bigload.load.transfer import Placer, Task, transfer_kind
 from bigload.messages import Setting, Text, setting
 from bigload.plan.dtypes import DtypeRule, castable
