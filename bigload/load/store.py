@@ -14,26 +14,31 @@ writes one. This module reads a committed folder (`DiskStore`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
 from bigload.errors import CheckpointError, OffloadError, OffloadIOError
-from bigload.formats.mapped import MappedFiles
+from bigload.formats.mapped import Identity, MappedFiles, identity_of
 from bigload.formats.refs import TensorRef
 from bigload.formats.safetensors import read_safetensors_header
 from bigload.load.reads import Extent
 from bigload.load.store_format import (
-    INDEX_FILE, ORIGIN_FILE, TMP_MARK, TensorMeta, check_entry_fields, dat_path, dtype_name, parse_dtype,
-    read_index, write_file, write_json_atomic,
+    INDEX_FILE, ORIGIN_FILE, TensorMeta, check_entry_fields, dat_path, dtype_name, json_payload, parse_dtype,
+    read_index, replace_together,
 )
+from bigload.load.store_lock import FolderLock
 from bigload.load.store_origin import StoreOrigin, check_origin, read_origin
-from bigload.sizes import dtype_width
+from bigload.messages import Text, setting
+from bigload.sizes import dtype_width, format_size
+from bigload.tensors import summarize_names
 
 __all__ = ["DiskStore", "StoreOrigin", "TensorMeta", "dtype_name"]
 
@@ -60,13 +65,16 @@ class DiskStore:
                 size, or (with `expect_fingerprint`) a store built from another checkpoint or dtype.
         """
         self.folder = Path(folder).expanduser().resolve()
-        self._files = MappedFiles()
+        self._files = MappedFiles(self._check_mapped, error=OffloadError)
         self._headers: dict[Path, dict[str, TensorRef]] = {}
-        self._entries = read_index(self.folder)
-        if expect_fingerprint is not None:
-            check_origin(self.folder, StoreOrigin.coerce(expect_fingerprint))
-        for name in self._entries:
-            self._check_entry(name)
+        self._checked: dict[Path, Identity] = {}  # each file's identity when it was checked (size included)
+        with FolderLock(self.folder, doing="opening"):  # no writer changes the folder while it is checked
+            self._entries = read_index(self.folder)
+            self._origin = read_origin(self.folder)  # as checked; a rewrite through this store updates it
+            if expect_fingerprint is not None:
+                check_origin(self.folder, StoreOrigin.coerce(expect_fingerprint))
+            for name in self._entries:
+                self._check_entry(name)
 
     @classmethod
     def open(cls, folder: str | os.PathLike[str],
@@ -111,7 +119,18 @@ class DiskStore:
         file holds (only accelerate writes such entries), the cast is a private copy.
 
         Raises:
-            OffloadError: `name` is not in the store, or its file is missing or truncated.
+            OffloadError: `name` is not in the store, or its file is missing or truncated, or was replaced
+                or changed since the store was opened (another load, dispatch or merge wrote the folder).
+        """
+        tensor = self.view(name)
+        dtype = self.meta(name).dtype
+        return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+    def view(self, name: str) -> torch.Tensor:
+        """`name`'s bytes as they are in their file: what `get` returns, before any cast. Reads no data.
+
+        Raises:
+            OffloadError: as `get`.
         """
         entry = self._entry(name)
         meta = self.meta(name)
@@ -123,9 +142,8 @@ class DiskStore:
                     f"{list(ref.shape)}, but the index says {list(meta.shape)}; the checkpoint changed. Delete the "
                     "offload folder and load again."
                 )
-            tensor = self._files.view(ref.file, ref.offset, ref.dtype, ref.shape, what=f"tensor {ref.name!r}",
-                                      error=OffloadError)
-            return tensor if tensor.dtype == meta.dtype else tensor.to(meta.dtype)
+            return self._files.view(ref.file, ref.offset, ref.dtype, ref.shape, what=f"tensor {ref.name!r}",
+                                    error=OffloadError)
         path = self._dat_path(name)
         if not path.is_file():
             raise OffloadError(f"{path}: the data of {name!r} is missing; delete {self.folder} and load again.")
@@ -166,53 +184,112 @@ class DiskStore:
 
     # -- internals -------------------------------------------------------------------------------------
 
-    def rewrite(self, name: str, tensor: torch.Tensor, *, change: str) -> None:
-        """Replace the stored bytes of `name` in a committed store (e.g. weights an adapter was merged into).
-
-        The new bytes go to `<name>.dat` through a temporary file and a rename, so views of the old bytes stay
-        valid and a crash leaves either the old or the new tensor; a reference entry into the source
-        checkpoint becomes a `.dat` entry (the checkpoint itself is never written). `bigload.json` then records
-        `change`, so a later load of the source checkpoint rebuilds this folder instead of reusing it.
-
-        Args:
-            name: a tensor of the store.
-            tensor: its new value, of the stored dtype and shape.
-            change: what changed the bytes (it becomes part of the store's fingerprint).
+    def verify(self, names: Iterable[str]) -> None:
+        """Refuse if a file holding these tensors is not the one checked when the store was opened (one `stat`
+        per file): for explicit reads, which open files by name when they first read them.
 
         Raises:
-            OffloadError: `name` is not in the store, the tensor has another dtype or shape than the stored
-                one, or writing failed.
+            OffloadError: such a file was replaced, changed or removed since (naming it and the fix).
         """
+        for path in {self._file_of(name) for name in names}:
+            checked = self._checked.get(path)
+            try:
+                found = identity_of(path.stat())
+            except OSError:
+                found = None
+            if checked is not None and found != checked and not self._same_bytes(path, found):
+                raise self._changed_error(path, checked, found)
+
+    def rewrite(self, tensors: Mapping[str, torch.Tensor], *, change: str) -> None:
+        """Replace the stored bytes of these tensors in a committed store, all or none (e.g. the weights of a
+        layer an adapter was merged into).
+
+        The new bytes go to `<name>.dat` files, and `bigload.json` records `change` (chained into the
+        fingerprint, so a later load of the source checkpoint rebuilds this folder instead of reusing it);
+        `store_format.replace_together` writes every new file before renaming any, `bigload.json` first and
+        `index.json` last, under the folder's lock. A reference entry into the source checkpoint becomes a
+        `.dat` entry (the checkpoint itself is never written). Views of the old bytes stay valid.
+
+        Args:
+            tensors: new values by tensor name, each of the stored dtype and shape.
+            change: what changed them, e.g. "merged ['default'] into"; recorded as "<change> <name>" per tensor.
+
+        Raises:
+            OffloadError: a name is not in the store, or a tensor has another dtype or shape than the stored
+                one. OffloadIOError: writing failed (a full disk); nothing in the folder changed.
+        """
+        for name, tensor in tensors.items():
+            self._check_replacement(name, tensor)
+        entries = dict(self._entries)
+        with FolderLock(self.folder, doing="rewriting"):
+            origin = read_origin(self.folder) or StoreOrigin(fingerprint="")
+            files: list[tuple[Path, Iterable[memoryview]]] = []
+            for name, tensor in tensors.items():
+                meta = self.meta(name)
+                entries[name] = {"dtype": dtype_name(meta.dtype), "shape": list(meta.shape)}
+                origin = _chain(origin, f"{change} {name}")
+                data = tensor.detach().to("cpu").contiguous().reshape(-1)
+                files.append((self._dat_path(name), [memoryview(data.view(torch.uint8).numpy())]))
+            try:
+                replace_together([(self.folder / ORIGIN_FILE, json_payload(origin.to_json())), *files,
+                                  (self.folder / INDEX_FILE, json_payload(entries))])
+            except OSError as exc:
+                raise _rewrite_error(self.folder, tensors, exc) from exc
+            self._entries, self._origin = entries, origin
+            for path, _ in files:
+                self._checked[path] = identity_of(path.stat())
+        self._files.clear()  # the old mappings view the replaced files
+
+    def _check_replacement(self, name: str, tensor: torch.Tensor) -> None:
         meta = self.meta(name)
         if tensor.dtype != meta.dtype or tuple(tensor.shape) != meta.shape:
             raise OffloadError(
                 f"{self.folder}: cannot replace {name!r} ({dtype_name(meta.dtype)} {list(meta.shape)}) with a "
                 f"{dtype_name(tensor.dtype)} {list(tensor.shape)} tensor."
             )
-        final = self._dat_path(name)
-        temp = final.with_name(final.name + TMP_MARK)
-        origin = read_origin(self.folder) or StoreOrigin(fingerprint="")
-        try:
-            data = tensor.detach().to("cpu").contiguous().reshape(-1)
-            write_file(temp, [memoryview(data.view(torch.uint8).numpy())])
-            os.replace(temp, final)
-            self._entries[name] = {"dtype": dtype_name(meta.dtype), "shape": list(meta.shape)}
-            changed = hashlib.sha256(f"{origin.fingerprint}\0{change}".encode()).hexdigest()
-            changes = f"{origin.changed}; {change}" if origin.changed else change
-            write_json_atomic(self.folder / ORIGIN_FILE,
-                               replace(origin, fingerprint=changed, changed=changes).to_json())
-            write_json_atomic(self.folder / INDEX_FILE, self._entries)
-        except OSError as exc:
-            temp.unlink(missing_ok=True)
-            raise OffloadIOError(
-                f"writing the new value of {name!r} into {self.folder} failed ({exc.strerror or exc}); the old "
-                "value is still there. Free disk space or fix the folder's permissions, then merge again.",
-                exc.errno,
-            ) from exc
-        self._files.clear()  # the old mapping of `final` views the replaced file
 
     def _dat_path(self, name: str) -> Path:
         return dat_path(self.folder, name)
+
+    def _file_of(self, name: str) -> Path:
+        """The file holding `name`'s bytes: its `.dat` file, or the safetensors file its entry points into."""
+        entry = self._entry(name)
+        if "safetensors_file" in entry:
+            return Path(entry["safetensors_file"])  # type: ignore[arg-type]
+        return self._dat_path(name)
+
+    def _check_mapped(self, path: Path, stat: os.stat_result) -> None:
+        """Before a file's mapping is first used: it must be the file checked when the store was opened (a
+        writer that renamed its own file over it since would hand this store bytes it never checked)."""
+        checked = self._checked.get(path)
+        if checked is not None and identity_of(stat) != checked and not self._same_bytes(path, identity_of(stat)):
+            raise self._changed_error(path, checked, identity_of(stat))
+
+    def _same_bytes(self, path: Path, found: Identity | None) -> bool:
+        """Whether a file replaced since it was checked still holds the same bytes: another load of the same
+        origin rewrote the folder (another plan of the same load sends other tensors to disk) and committed it,
+        so its bigload.json has the fingerprint this store was opened with and the file has the size checked.
+        Such a file is accepted (and checked from now on as it is)."""
+        now = read_origin(self.folder)
+        if found is None or self._origin is None or now is None or now.fingerprint != self._origin.fingerprint:
+            return False
+        if found[2] != self._checked[path][2]:
+            return False
+        self._checked[path] = found
+        return True
+
+    def _changed_error(self, path: Path, checked: Identity, found: Identity | None) -> OffloadError:
+        if found is None:
+            what = "it is gone"
+        elif found[:2] != checked[:2]:
+            what = "another file now has its name"
+        else:
+            what = f"size {checked[2]} -> {found[2]} bytes, mtime {checked[3]} -> {found[3]} ns"
+        return OffloadError(Text(
+            f"{path} was replaced or changed after the offload store {self.folder} was opened ({what}): another "
+            "load, dispatch or merge wrote into the folder while this model used it, so these are not the bytes "
+            "that were checked; load the model again, and give loads that run at the same time their own ",
+            setting("offload_folder"), "."))
 
     def _entry(self, name: str) -> dict[str, object]:
         entry = self._entries.get(name)
@@ -244,8 +321,15 @@ class DiskStore:
     def _check_entry(self, name: str) -> None:
         entry = self._entries[name]
         check_entry_fields(self.folder, name, entry)
+        path = self._file_of(name)
+        try:
+            stat = path.stat() if path.is_file() else None
+        except OSError:
+            stat = None
+        if stat is not None:
+            self._checked[path] = identity_of(stat)
         if "safetensors_file" in entry:
-            if not Path(entry["safetensors_file"]).is_file():  # type: ignore[arg-type]
+            if stat is None:
                 raise OffloadError(
                     f"{self.folder}: {name!r} points into {entry['safetensors_file']}, which no longer exists; "
                     "delete the offload folder and load again."
@@ -254,11 +338,29 @@ class DiskStore:
         meta = self.meta(name)
         stored_elements = math.prod(meta.shape) if meta.shape else 1  # 0-d tensors are stored as one element
         expected = stored_elements * dtype_width(meta.dtype)
-        path = self._dat_path(name)
-        size = path.stat().st_size if path.is_file() else -1
+        size = stat.st_size if stat is not None else -1
         if size != expected:
             found = "is missing" if size < 0 else f"has {size} bytes, expected {expected}"
             raise OffloadError(
                 f"{path}: the data of {name!r} {found}; the store is damaged. Delete {self.folder} and load "
                 "again."
             )
+
+
+def _chain(origin: StoreOrigin, change: str) -> StoreOrigin:
+    """`origin` after `change`: the change is recorded and chained into the fingerprint."""
+    fingerprint = hashlib.sha256(f"{origin.fingerprint}\0{change}".encode()).hexdigest()
+    return replace(origin, fingerprint=fingerprint, changed=f"{origin.changed}; {change}" if origin.changed else change)
+
+
+def _rewrite_error(folder: Path, tensors: Mapping[str, torch.Tensor], exc: OSError) -> OffloadIOError:
+    names = summarize_names(list(tensors), limit=3)
+    if exc.errno == errno.ENOSPC:
+        nbytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+        return OffloadIOError(
+            f"no space left in {folder} while writing the new values of {names} ({format_size(nbytes)}; "
+            f"{format_size(shutil.disk_usage(folder).free)} free); nothing in the folder was changed. Free disk "
+            "space, then merge again.", exc.errno)
+    return OffloadIOError(
+        f"writing the new values of {names} into {folder} failed ({exc.strerror or exc}); nothing in the folder "
+        "was changed. Fix the folder (permissions, disk), then merge again.", exc.errno)

@@ -13,12 +13,14 @@ partly written file under a name the index lists.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -26,8 +28,8 @@ from bigload.errors import OffloadError, OffloadIOError
 from bigload.messages import Setting, Text, setting
 
 __all__ = ["DTYPES", "INDEX_FILE", "ORIGIN_FILE", "TMP_MARK", "TensorMeta", "check_entry_fields", "dat_path",
-           "dtype_name", "ensure_writable", "fsync_dir", "parse_dtype", "read_index", "write_file",
-           "write_json_atomic"]
+           "dtype_name", "ensure_writable", "fsync_dir", "json_payload", "parse_dtype", "read_index",
+           "replace_together", "write_file", "write_json_atomic"]
 
 INDEX_FILE = "index.json"
 ORIGIN_FILE = "bigload.json"
@@ -69,7 +71,6 @@ def parse_dtype(folder: Path, name: str, value: object) -> torch.dtype:
     return DTYPES[value]
 
 
-
 def dat_path(folder: Path, name: str) -> Path:
     return folder / f"{name}.dat"
 
@@ -87,14 +88,81 @@ def write_file(path: Path, payload: Iterable[memoryview]) -> None:
         os.close(fd)
 
 
+def json_payload(content: object) -> list[memoryview]:
+    """`content` as the bytes of a JSON file (index.json, bigload.json)."""
+    return [memoryview(json.dumps(content, indent=2).encode())]
+
+
 def write_json_atomic(path: Path, content: object) -> None:
     temp = path.with_name(path.name + TMP_MARK)
     try:
-        write_file(temp, [memoryview(json.dumps(content, indent=2).encode())])
+        write_file(temp, json_payload(content))
         os.replace(temp, path)
     except OSError:
         temp.unlink(missing_ok=True)
         raise
+
+
+def replace_together(files: Sequence[tuple[Path, Iterable[memoryview]]]) -> None:
+    """Give each file its new content, all or none.
+
+    Every new content is written to a temporary file and fsync'd first: that is where a full disk fails, and
+    then nothing in the folder has changed. Only then are the temporaries renamed over the files, in the given
+    order (so a crash part way leaves the earlier files new and the later ones old: callers put the record
+    that refuses reuse first and the index last). Each existing file is first hard-linked to a backup name, so
+    that a rename failing part way puts back every file renamed before it.
+
+    Raises:
+        OSError: the first failure; the files are as they were, and no temporary or backup is left.
+    """
+    temps: list[Path] = []
+    backups: list[Path | None] = []
+    try:
+        for path, payload in files:
+            temps.append(path.with_name(path.name + TMP_MARK))
+            write_file(temps[-1], payload)
+        for path, _ in files:
+            backups.append(_backup(path))
+    except OSError:
+        _remove(temps + [backup for backup in backups if backup is not None])
+        raise
+    for done, ((path, _), temp) in enumerate(zip(files, temps)):
+        try:
+            os.replace(temp, path)
+        except OSError:
+            _put_back([path for path, _ in files[:done]], backups[:done])
+            _remove(temps[done:] + [backup for backup in backups if backup is not None])
+            raise
+    fsync_dir(files[0][0].parent)
+    _remove([backup for backup in backups if backup is not None])
+
+
+def _backup(path: Path) -> Path | None:
+    """A second name for `path`'s current file (None when there is none); the folder's own disk, no copy."""
+    if not path.exists():
+        return None
+    backup = path.with_name(path.name + ".old" + TMP_MARK)
+    backup.unlink(missing_ok=True)  # left by a crash
+    try:
+        os.link(path, backup)
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            return None  # a filesystem without hard links: a failed rename cannot be undone there
+        raise
+    return backup
+
+
+def _put_back(paths: list[Path], backups: list[Path | None]) -> None:
+    for path, backup in zip(paths, backups):
+        if backup is None:
+            path.unlink(missing_ok=True)
+        else:
+            os.replace(backup, path)
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -106,11 +174,11 @@ def fsync_dir(folder: Path) -> None:
 
 
 def ensure_writable(folder: Path) -> None:
-    probe = folder / f"probe{TMP_MARK}"
+    probe = folder / f"probe-{os.getpid()}-{threading.get_ident()}{TMP_MARK}"  # its own: loads may probe at once
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as exc:
         raise OffloadIOError(
             Text(f"cannot write to the offload folder {folder} ({exc.strerror or exc}); pass an ",

@@ -21,6 +21,7 @@ from bigload.load.store_format import (
     INDEX_FILE, ORIGIN_FILE, TMP_MARK, dat_path, dtype_name, ensure_writable, fsync_dir, write_file,
     write_json_atomic,
 )
+from bigload.load.store_lock import FolderLock
 from bigload.load.store_origin import StoreOrigin
 from bigload.sizes import dtype_width, format_size
 
@@ -38,7 +39,9 @@ class StoreWriter:
     ...     writer.put_reference("model.embed_tokens.weight", index.tensors["model.embed_tokens.weight"])
     ...     store = writer.commit(StoreOrigin(index.fingerprint(), str(index.root), "bfloat16"))
 
-    Leaving the `with` block by an exception before `commit` removes every file this writer created.
+    Leaving the `with` block by an exception before `commit` removes every file this writer created. From
+    creation to `commit` or `abort` the writer holds the folder's lock (`store_lock.FolderLock`): another
+    load or writer of the folder waits for it.
     """
 
     def __init__(self, folder: str | os.PathLike[str], *, overwrite: bool = False) -> None:
@@ -50,8 +53,8 @@ class StoreWriter:
                 describes files being rewritten).
 
         Raises:
-            OffloadError: the folder cannot be created or written, or already holds a store and
-                `overwrite` is False.
+            OffloadError: the folder cannot be created or written, already holds a store and `overwrite` is
+                False, or another process kept its lock too long (`store_lock.LOCK_TIMEOUT_S`).
         """
         self.folder = Path(folder).expanduser().resolve()
         self._entries: dict[str, dict[str, object]] = {}
@@ -59,6 +62,14 @@ class StoreWriter:
         self._scratch: torch.Tensor | None = None
         self._committed = False
         ensure_writable(self.folder)
+        self._lock = FolderLock(self.folder, doing="writing").acquire()
+        try:
+            self._clear(overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _clear(self, overwrite: bool) -> None:
         existing = self.folder / INDEX_FILE
         if existing.exists():
             if not overwrite:
@@ -84,6 +95,7 @@ class StoreWriter:
                  tb: TracebackType | None) -> None:
         if exc_type is not None and not self._committed:
             self.abort()
+        self._lock.release()
 
     def put(self, name: str, tensor: torch.Tensor, *, dtype: torch.dtype | None = None) -> None:
         """Write `tensor` as `<name>.dat`, cast to `dtype` if given; it is listed only after `commit`.
@@ -170,7 +182,10 @@ class StoreWriter:
             (self.folder / ORIGIN_FILE).unlink(missing_ok=True)
             raise self._write_error(INDEX_FILE, 0, exc) from exc
         self._committed = True
-        return DiskStore(self.folder)
+        try:
+            return DiskStore(self.folder)
+        finally:
+            self._lock.release()
 
     def abort(self) -> None:
         """Remove every file this writer created (before `commit`); the folder holds no store afterwards."""
@@ -183,6 +198,7 @@ class StoreWriter:
             (self.folder / ORIGIN_FILE).unlink(missing_ok=True)
         self._written.clear()
         self._entries.clear()
+        self._lock.release()
 
     # -- internals -------------------------------------------------------------------------------------
 
