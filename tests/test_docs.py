@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from docs_examples import EXAMPLE_TAGS, fences, run_page
+from docs_examples import EXAMPLE_TAGS, assert_output, fences, run_page
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -83,3 +83,27 @@ def test_the_does_not_fit_error_names_the_cli_flags() -> None:
     text = (DOCS / "planning.md").read_text()
     shown = text.split("$ bigload plan llama-3-70b --max-memory 0=24GiB,cpu=32GiB\n", 1)[1].split("```", 1)[0]
     assert "--offload-folder DIR" in shown and "offload_folder=" not in shown
+
+
+def test_output_comparison_forgives_only_times_generated_text_and_elisions() -> None:
+    shown = "load 0.48 s | decode 1.7 tokens/s\nweights: cpu: 2.82 MiB\nOnce upon a time\nxyz\n...\nend"
+    assert_output("t", "load 9.1 s | decode 30 tokens/s\nweights: cpu: 2.82 MiB\nOnce upon a time\nq\na\nb\nend\n",
+                  shown)
+    assert_output("t", "Once upon a time00E0E\n", "Once upon a time�E\n")
+    for printed in ("load 9.1 s | decode 30 tokens/s\nweights: cpu: 2.83 MiB\nOnce upon a time\nq\nend",  # a size
+                    "load 9.1 s | decode 30 tokens/s\nweights: cpu: 2.82 MiB\nOnce upon a time\nq\nend\nmore",
+                    "Once upon a time\nq\nend"):  # lines missing before the elision
+        with pytest.raises(AssertionError, match="differs"):
+            assert_output("t", printed, shown)
+
+
+def test_untagged_fences_and_unknown_commands_are_refused(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("text\n```\nbigload plan x\n```\n")
+    with pytest.raises(AssertionError, match="tag it one of"):
+        run_page(page)
+    page.write_text("```bash\nrm -rf build\n```\n")
+    with pytest.raises(AssertionError, match="not run: REASON"):
+        run_page(page)
+    page.write_text("<!-- not run: deletes things -->\n```bash\nrm -rf build\n```\n")
+    assert run_page(page) == ["page.md:2: deletes things"]
