@@ -4,7 +4,7 @@
     python -m benchmarks --quick --out /tmp/bench   # tiny sizes, < 1 min: checks that everything runs
     python -m benchmarks --only beyond_ram --repeats 2   # RAM smaller than the model (memory cgroup; root)
 
-Speed and memory claims in the README come only from the RESULTS.md this writes.
+Speed and memory claims in the README and docs/ come only from the RESULTS.md this writes.
 """
 
 from __future__ import annotations

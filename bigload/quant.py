@@ -19,40 +19,20 @@ Schemes (w: the float weight [N, K], N outputs, K inputs):
   plain nibbles (even column in the high nibble) that `_convert_weight_to_int4pack` tiles on the GPU at each
   call (a device-side copy of the packed bytes, cheap next to the matmul).
 
-Compute, chosen by measurement on this project's 2-core CPU VM (torch 2.13, bf16 activations, load average
-10-15 from other jobs, so only ratios in one row mean anything; milliseconds per matmul, weight N x K, median
-of 7 interleaved timings; the int4 column from a separate best-of-5 run):
+Compute (chosen by measurement: benchmarks/ANALYSIS.md, "int8 and int4 kernels on the CPU"): on the CPU the
+packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) run decode, since decode reads every
+weight once and they read 2x / 4x fewer bytes; from `_DEQUANTIZE_ROWS` rows (prefill) int8 converts its weight
+to the compute dtype and runs the dense matmul, while int4 keeps the packed kernel (its CPU byte order has no
+cheap dequantization). Quantized models should compute in bfloat16 or float16: float32 activations are the
+packed kernels' slow path. On CUDA int8 dequantizes on the device (`linear(x, q.to(dtype)) * scale`); int4
+runs `_weight_int4pack_mm` in bfloat16 (compute capability 8.0 and newer).
 
-| N x K, rows | bf16 linear | `_weight_int8pack_mm` | int8: `linear(x, q.to(bf16)) * s` | `_weight_int4pack_mm_for_cpu` |
-|---|---|---|---|---|
-| 5504 x 2048, 1 | 21.6 | 19.2 | 52.8 | 17.5 (bf16: 20.3) |
-| 2048 x 5504, 1 | 26.0 | 19.1 | 52.1 | 4.6 (bf16: 23.4) |
-| 5504 x 2048, 16 | 29.4 | 33.8 | 98.8 | 20.0 (bf16: 20.3) |
-| 5504 x 2048, 32 | 31.3 | 62.7 | 63.1 | |
-| 5504 x 2048, 128 | 60.7 | 203 | 114 | 121 (bf16: 40.9) |
-| 2048 x 5504, 128 | 68.9 | 173 | 108 | 116 (bf16: 40.9) |
-
-So on the CPU the packed kernels run decode (few rows): int8 and int4 are as fast as bf16 or faster, since
-decode reads every weight once and they read 2x / 4x fewer bytes. From 32 rows (prefill) int8 converts its
-weight to the compute dtype and runs the dense matmul (`_DEQUANTIZE_ROWS`), 1.6-1.9x the bf16 time; int4 keeps
-the packed kernel (its CPU byte order has no cheap dequantization), about 2.5-3x slower than bf16 there.
-Whole model, in memory (`python -m benchmarks --only offload`, the 1 GB Llama, 8 layers of 2048 / 5504, greedy
-decode after a 32-token prompt, medians of 3 interleaved runs, 2026-11-30): bf16 14.9, int8 25.8, int4 36.7
-tokens/s (1.73x and 2.46x); prefill 0.18 / 0.20 / 0.20 s. float32 activations are the packed kernels' slow path
-(int8pack_mm: 25 ms at 1 row, 3.8 s at 128 rows for 4096 x 4096), so quantized models should compute in
-bfloat16 or float16. On CUDA int8 dequantizes on the device (`linear(x, q.to(dtype)) * scale`); int4 runs
-`_weight_int4pack_mm` in bfloat16 (compute capability 8.0 and newer).
-
-torch's CPU int8 kernel misreads some inputs: its bfloat16 path walks each row 8 (AVX2) or 16 (AVX512)
-values at a time with aligned vector loads and no tail loop. Measured on an AVX2 CPU (torch 2.13, every width
-1-128 and a few large ones, 1-31 rows): with a row width that is not a multiple of 8 it crashes the process
-(SIGSEGV) from 2 rows on and gives wrong outputs in most 1-row calls; with activations that start off a
-16-byte boundary it crashes at every width. float16 and float32 take a scalar loop there and were right at
-every width. On AVX512 widths of 8 mod 16 (8, 24, 72, ..., 4104) fail the same way (reported). So an int8
-Linear whose input width is not a multiple of 16 never uses that kernel (`QuantLinear.packed_cpu`, decided
-when it is swapped and stated in the plan): it runs the dense matmul, 2.7x the packed kernel's time at one
-row in the table above (such Linears are rare: model widths are multiples of 64 in practice); and
-activations or weights that start misaligned are copied first or dequantized (benchmarks/ANALYSIS.md).
+torch's CPU int8 kernel misreads bfloat16 rows whose width is not a multiple of its vector (8 values on AVX2,
+16 on AVX512) and activations that start off a 16-byte boundary (crashes and wrong numbers; benchmarks/
+ANALYSIS.md, "torch's CPU int8 kernel and input widths"). So an int8 Linear whose input width is not a
+multiple of 16 never uses that kernel (`QuantLinear.packed_cpu`, decided when it is swapped and stated in the
+plan): it runs the dense matmul; and activations or weights that start misaligned are copied first or
+dequantized.
 """
 
 from __future__ import annotations
@@ -468,8 +448,8 @@ def quantize_weight(weight: torch.Tensor, quantization: Quantization, dtype: tor
     """Quantize one float weight [N, K] into the tensors of `quantized_shapes`, `_CHUNK_ROWS` rows at a time.
 
     Peak extra memory is the result plus one chunk in float32 (and, for the CPU int4 layout, its int32 codes),
-    not a float copy of the whole weight: an 8192 x 4096 bfloat16 weight grows RSS by about 55 MiB (int8:
-    32 MiB result) / 35-46 MiB (int4: 17 MiB result), measured with `ru_maxrss`. The result is on the CPU.
+    not a float copy of the whole weight (benchmarks/ANALYSIS.md, "Measurements behind the code"). The result is
+    on the CPU.
 
     Runs on one intra-op thread (`_one_thread`): its steps are short memory-bound passes over one chunk, and
     split over OpenMP threads they spend most of their CPU waiting at barriers.

@@ -430,17 +430,17 @@ def test_plans_are_identical_across_hash_seeds(model_folder: Path):
 @pytest.fixture
 def nothing_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every step that reads a model, a tokenizer or a checkpoint fails the test: a refusal must come first."""
+    import bigload.cli.commands as commands
     import bigload.cli.session as session
-    import bigload.distributed.startup as startup
-    import bigload.formats.discover as discover
-    import bigload.integrations.hf as hf
 
     def reached(*args: object, **kwargs: object) -> None:
         pytest.fail("a bad flag value reached planning or loading")
 
-    for module, name in ((hf, "load_tokenizer"), (hf, "plan_model"), (hf, "from_pretrained"),
-                         (startup, "plan_model_hosts"), (discover, "open_checkpoint"), (session, "run_demo"),
-                         (session, "run_generate"), (session, "run_generate_pipeline")):
+    # Every name through which the CLI reaches a model, a tokenizer or a checkpoint, where the CLI looks it up.
+    for module, name in ((session, "load_tokenizer"), (session, "plan_model"), (session, "from_pretrained"),
+                         (session, "open_checkpoint"), (commands, "plan_model"), (commands, "plan_model_hosts"),
+                         (commands, "open_checkpoint"), (commands, "run_demo"), (commands, "run_generate"),
+                         (commands, "run_generate_pipeline")):
         monkeypatch.setattr(module, name, reached)
 
 
@@ -508,9 +508,9 @@ PLANNING_FLAGS = {
 @pytest.mark.parametrize("case", PLANNING_FLAGS)
 def test_values_the_planner_reads_are_refused_before_loading(cli, model_folder: Path, case: str,
                                                             monkeypatch: pytest.MonkeyPatch):
-    import bigload.integrations.hf as hf
+    import bigload.cli.session as session
 
-    monkeypatch.setattr(hf, "from_pretrained", lambda *args, **kwargs: pytest.fail("loaded"))
+    monkeypatch.setattr(session, "from_pretrained", lambda *args, **kwargs: pytest.fail("loaded"))
     flags, expected = PLANNING_FLAGS[case]
     out = cli("generate", str(model_folder), "--prompt", "Hi", *flags)
     assert out.returncode == 2
@@ -528,6 +528,7 @@ def test_a_host_budget_outside_torchrun_ranks_is_refused_before_loading(cli, not
 def test_valid_flag_values_reach_the_library_unchanged(cli, monkeypatch: pytest.MonkeyPatch):
     import torch
 
+    import bigload.cli.commands as commands
     import bigload.cli.session as session
     from bigload.sizes import parse_dtype
 
@@ -537,7 +538,7 @@ def test_valid_flag_values_reach_the_library_unchanged(cli, monkeypatch: pytest.
         seen.update(path=path, options=options, **kwargs)
         return session.GenerateReport("", 0, 0.0, 0.0, 0.0, {}, 0.0)
 
-    monkeypatch.setattr(session, "run_generate", run_generate)
+    monkeypatch.setattr(commands, "run_generate", run_generate)
     out = cli(*GENERATE, "--dtype", "bf16", "--temperature", "0.7", "--top-p", "0", "--seed", "-1",
               "--max-new-tokens", "3", "--timeout", "5", "--max-memory", "cpu=1GiB,disk=2GiB", "--json")
     assert out.returncode == 0, out.stderr
@@ -549,12 +550,12 @@ def test_valid_flag_values_reach_the_library_unchanged(cli, monkeypatch: pytest.
 
 def test_a_prompt_that_gives_no_token_is_refused_before_planning(model_folder: Path,
                                                                 monkeypatch: pytest.MonkeyPatch):
-    import bigload.integrations.hf as hf
+    import bigload.cli.session as session
     from bigload.cli.session import load_for_generate
     from bigload.errors import BigloadError
     from bigload.messages import Audience
 
-    monkeypatch.setattr(hf, "plan_model", lambda *args, **kwargs: pytest.fail("planned"))
+    monkeypatch.setattr(session, "plan_model", lambda *args, **kwargs: pytest.fail("planned"))
     with pytest.raises(BigloadError, match=r"prompt='' gives no token with this model's tokenizer") as error:
         load_for_generate(model_folder, prompt="", echo=None)
     assert error.value.render(Audience.CLI).startswith("--prompt '' gives no token")

@@ -3,7 +3,7 @@
 The same checkpoint is loaded into two models built on meta, one by accelerate and one by bigload, with the
 same device map and arguments; every tensor must end on the same device with the same dtype and bytes, the
 offloaded tensors must read back the same (accelerate's own reader reads bigload's offload folder), and the
-warnings must be the same. Where bigload differs on purpose (README: "Differences from accelerate") the test
+warnings must be the same. Where bigload differs on purpose (`docs/accelerate.md`) the test
 says how.
 """
 

@@ -31,13 +31,19 @@ from bigload.cli.flags import (
     seed,
     whole_number,
 )
+from bigload.cli.session import GenerateOptions, run_demo, run_generate, run_generate_pipeline
+from bigload.cli.summary import summarize
+from bigload.devices import ExecutionPolicy
+from bigload.distributed.startup import plan_model_hosts
 from bigload.errors import BigloadError
+from bigload.formats.discover import open_checkpoint
+from bigload.integrations.hf import describe_adapters, plan_model
 from bigload.messages import Audience
 
 __all__ = ["main"]
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-POLICIES = ("stream", "local")  # bigload.devices.ExecutionPolicy's names (not imported: `--help` stays fast)
+POLICIES = tuple(policy.value for policy in ExecutionPolicy)
 # The exit status a shell reports for a tool that SIGPIPE ended (128 + 13): what `bigload ... | head` returns
 # when head stops reading, as `yes | head` or `git log | head` do.
 CLOSED_PIPE_EXIT = 141
@@ -88,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    for add in (_add_plan, _add_inspect, _add_generate, _add_demo):
+        add(sub)
+    return parser
+
+
+def _add_plan(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`bigload plan`: a dry run, no weight read."""
     plan = sub.add_parser("plan", help="dry run: which module goes where, without reading any weight",
                           description="Plan a model's placement without reading any weight. MODEL is a "
                                       "catalog name (e.g. llama-3.1-405b), a model folder, a config.json "
@@ -102,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_flag(plan)
     plan.set_defaults(run=_cmd_plan)
 
+
+def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`bigload inspect`: what a checkpoint holds, from headers."""
     inspect = sub.add_parser("inspect", help="what a checkpoint holds, from headers only",
                              description="Format, shards, tensor count, dtypes, parameters, the largest "
                                          "tensors and the planned blocks of a checkpoint. Reads headers only.")
@@ -111,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     inspect.set_defaults(run=_cmd_inspect)
 
+
+def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`bigload generate`: load a model folder and generate."""
     generate = sub.add_parser("generate", help="load a model folder with offload and generate text",
                               description="Plan, stream and dispatch a Hugging Face model folder, then "
                                           "generate from a prompt, streaming tokens as they come.")
@@ -135,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="under torchrun: how long any wait between ranks may take (default: 300)")
     generate.set_defaults(run=_cmd_generate)
 
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`bigload demo`: offloaded generation on a small random-weight model."""
     demo = sub.add_parser("demo", help="the first thing to run: offloaded generation on a small model",
                           description="Write (once) a small random-weight Llama model folder, plan it with a "
                                       "budget that forces part of it to disk, load, generate, and compare "
@@ -147,7 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens generated per run (default: 32)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     demo.set_defaults(run=_cmd_demo)
-    return parser
 
 
 def _add_adapter_flag(parser: argparse.ArgumentParser) -> None:
@@ -215,10 +236,8 @@ def _check_generate_args(args: argparse.Namespace) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     _check_plan_args(args)
-    from bigload.integrations.hf import plan_model
 
     if args.hosts > 1 or args.max_memory_host:
-        from bigload.distributed.startup import plan_model_hosts
 
         planning = _planning_kwargs(args)
         if planning.pop("adapter", None):
@@ -239,7 +258,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return 0
     print(result.explain(Audience.CLI))
     if args.adapter:
-        from bigload.integrations.hf import describe_adapters
 
         print()
         print("\n".join(describe_adapters(args.model, args.adapter, result, args.dtype)))
@@ -250,8 +268,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from bigload.formats.discover import open_checkpoint
-    from bigload.cli.summary import summarize
 
     summary = summarize(open_checkpoint(args.checkpoint), top=args.top)
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.render())
@@ -268,7 +284,6 @@ def _under_torchrun() -> bool:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     _check_generate_args(args)
-    from bigload.cli.session import GenerateOptions, run_generate
 
     options = GenerateOptions(
         prompt=args.prompt,
@@ -298,7 +313,6 @@ def _print_report(report: Any, as_json: bool) -> int:
 
 def _generate_pipeline(args: argparse.Namespace, options: Any) -> int:
     """`bigload generate` on one torchrun rank: rank 0 prints, the others serve their blocks silently."""
-    from bigload.cli.session import run_generate_pipeline
 
     report = run_generate_pipeline(
         args.path, options, offload_folder=args.offload_folder, stream_text=not args.json,
@@ -309,7 +323,6 @@ def _generate_pipeline(args: argparse.Namespace, options: Any) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from bigload.cli.session import run_demo
 
     report = run_demo(size=args.size, folder=args.dir, max_new_tokens=args.max_new_tokens,
                       echo=None if args.json else print)

@@ -4,8 +4,6 @@ A bad value stops the command while its arguments are read, before anything is p
 argparse's exit code 2 and a message naming the flag ("argument --max-new-tokens: ..."). Checks that need two
 flags at once are `commands`' (they run first in each command). Values whose meaning the library owns (sizes,
 `--quantize` schemes, budgets per device) are read by the library, which also checks them before loading.
-
-This module imports neither torch nor transformers at import time, so `bigload --help` stays fast.
 """
 
 from __future__ import annotations
@@ -13,6 +11,9 @@ from __future__ import annotations
 import argparse
 import math
 from typing import Callable
+
+from bigload.errors import BudgetError
+from bigload.sizes import parse_dtype
 
 __all__ = ["load_dtype", "parse_host_max_memory_arg", "parse_max_memory_arg", "positive_number", "probability",
            "prompt_text", "seed", "whole_number"]
@@ -99,9 +100,6 @@ def prompt_text(text: str) -> str:
 def load_dtype(text: str) -> str:
     """`--dtype`: a floating dtype of at least 16 bits (what a model's weights can be loaded and run in), by
     any name `bigload.sizes.parse_dtype` reads ("bfloat16", "bf16", "torch.float16", ...)."""
-    from bigload.errors import BudgetError
-    from bigload.sizes import parse_dtype
-
     try:
         dtype = parse_dtype(text)
     except BudgetError:

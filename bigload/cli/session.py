@@ -17,8 +17,15 @@ from typing import Any, Callable
 
 import torch
 
+from bigload.api import from_pretrained
+from bigload.cli.demo import write_demo_model
+from bigload.distributed import stop_pipeline
 from bigload.errors import BigloadError
+from bigload.formats.discover import open_checkpoint
+from bigload.integrations.hf import load_tokenizer, plan_model, without_transformers_progress
 from bigload.messages import Audience, Text, setting
+from bigload.plan.budget import check_cgroup_room, parse_max_memory
+from bigload.runtime import runtime_of
 from bigload.sizes import format_size
 
 __all__ = ["GenerateOptions", "GenerateReport", "Loaded", "PipelineReport", "load_for_generate", "run_demo",
@@ -115,7 +122,6 @@ def timed_generate(model: Any, input_ids: torch.Tensor, options: GenerateOptions
 
 
 def _runtime_bytes_read(model: Any) -> int:
-    from bigload.runtime import runtime_of
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model holds the base
     runtime = runtime_of(base)
@@ -144,8 +150,6 @@ def load_for_generate(path: str | Path, *, offload_folder: str | Path | None = N
     Raises:
         BigloadError: as `run_generate`.
     """
-    from bigload.integrations.hf import from_pretrained, load_tokenizer, plan_model, without_transformers_progress
-    from bigload.plan.budget import check_cgroup_room, parse_max_memory
 
     tokenizer = load_tokenizer(path)
     if planning.get("max_memory") is not None:  # a load, unlike `bigload plan`: the CPU budget must be here
@@ -236,9 +240,6 @@ def run_generate_pipeline(path: str | Path, options: GenerateOptions, *, offload
         timeout: seconds any wait between ranks may take.
         The others: as `run_generate` (`strategy` plans inside each rank).
     """
-    from bigload.api import from_pretrained
-    from bigload.distributed import stop_pipeline
-    from bigload.integrations.hf import load_tokenizer
 
     model = from_pretrained(
         path, device_map=planning.pop("strategy", "auto"), offload_folder=offload_folder, progress=progress,
@@ -371,9 +372,6 @@ def run_demo(*, size: str = "small", folder: str | Path | None = None, max_new_t
     """The newcomer's first run; see `bigload demo --help`. Returns the figures it printed."""
     from transformers import AutoModelForCausalLM
 
-    from bigload.formats.discover import open_checkpoint
-    from bigload.cli.demo import write_demo_model
-    from bigload.integrations.hf import without_transformers_progress
 
     say = echo or (lambda _text: None)
     folder = Path(folder) if folder is not None else Path.home() / ".cache" / "bigload" / f"demo-{size}"

@@ -3,7 +3,7 @@
 Code that does `from accelerate import infer_auto_device_map` switches by importing from `bigload`. These
 functions answer exactly as accelerate 1.15 does (the differential tests run both on the same models and
 budgets): the maps come from `compat_plan`, accelerate's strategy over bigload's inventory, not from
-bigload's own planner, whose `plan()` places blocks better (see the README's "Differences from accelerate").
+bigload's own planner, whose `plan()` places blocks better (see `docs/accelerate.md`).
 The messages accelerate emits are emitted too: `warnings.warn` where accelerate warns, and log records on the
 `bigload.integrations.device_maps` logger where accelerate logs (`verbose=True` logs the map at INFO instead of printing steps).
 """

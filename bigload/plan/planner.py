@@ -494,8 +494,11 @@ def _reasons(inv: Inventory, setup_: Setup, placements: Sequence[Placement], usa
         reserve = next(u.reserve for u in usage if u.device == setup_.main)
         buffers = "with their buffers (offload_buffers=True)" if setup_.options.offload_buffers else \
             "plus the buffers of offloaded blocks"
+        weightless = [block.name for block in offloaded if not block.in_slots]
+        holds = "holds" if len(weightless) == 1 else "hold"
+        also = f" ({summarize_names(weightless)}, offloaded too, {holds} no weight to bring in)" if weightless else ""
         reasons.append(
-            f"{len(taking)} block(s) are offloaded and run on {setup_.main}; it keeps a reserve of "
+            f"{len(taking)} block(s) are offloaded and run on {setup_.main}{also}; it keeps a reserve of "
             f"{format_size(reserve)}: {count} slot(s) (1 running + prefetch {prefetch}) of the largest offloaded "
             f"block {largest.name or '(whole model)'!r} {buffers}."
         )
