@@ -273,7 +273,7 @@ def mapped_uses(tensors: Iterable[torch.Tensor]) -> tuple[FileUse, ...]:
     ends: dict[int, int] = {}
     with _registry_lock:
         for tensor in tensors:
-            if tensor.device.type != "cpu" or tensor.numel() == 0:
+            if tensor.device.type != "cpu" or tensor.numel() == 0 or tensor.layout != torch.strided:
                 continue
             storage = tensor.untyped_storage()
             pointer = storage.data_ptr()
