@@ -3,8 +3,10 @@ compared with peft on the same base fully in memory."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -398,6 +400,56 @@ def test_a_merge_that_bypasses_the_runtime_is_refused(files, tmp_path):
     with pytest.raises(OffloadError, match=r"adapters \['default'\] merged into the offloaded weight "
                                            r"'model\.layers\.1\.self_attn\.q_proj\.weight'.*merge_adapter\(\)"):
         logits(ours)
+
+
+def full_disk_after(monkeypatch: pytest.MonkeyPatch, folder: Path, data_files: int) -> None:
+    """Writes into `folder` fail with ENOSPC, as on a full disk, from the `data_files + 1`-th `.dat` file on."""
+    real_write, started, full = os.write, [], []
+
+    def write(fd: int, data: object) -> int:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.dirname(path) == str(folder):
+            if ".dat" in os.path.basename(path) and path not in started:
+                (full if len(started) >= data_files else started).append(path)
+            if full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "write", write)
+
+
+@pytest.mark.parametrize("kind, written", [("lora", 0), ("lora_bias", 1)], ids=["first-tensor", "second-tensor"])
+def test_a_disk_filling_during_merge_and_unload_leaves_the_layer_unmerged_and_the_folder_as_it_was(
+        files, biased, kind, written, tmp_path, monkeypatch):
+    """The disk fills while the first disk layer's merged tensors are written (lora_bias: after its weight, while
+    its bias is written). peft's layer stays unmerged, the folder keeps its bytes and its record, the base loads
+    into it again, and once there is room the same call completes the merge."""
+    offload = tmp_path / "offload"
+    if kind == "lora":
+        ours = peft.PeftModel.from_pretrained(dispatched(files, offload), files["lora"])
+        reference = peft.PeftModel.from_pretrained(reference_llama(), files["lora"])
+        base, plain = (lambda: dispatched(files, offload)), reference_llama
+    else:
+        ours, reference = variant_pair(biased, kind, offload)
+        base = lambda: load_checkpoint_and_dispatch(empty_llama(bias=True), biased["base"],  # noqa: E731
+                                                    device_map=llama_map(DISK_LAYERS), offload_folder=offload)
+        plain = lambda: reference_llama(bias=True)  # noqa: E731
+    before, adapted = folder_hashes(offload), logits(reference)
+    full_disk_after(monkeypatch, offload, written)
+    with pytest.raises(OffloadError, match=r"(?i)no space left"):
+        ours.merge_and_unload()
+    monkeypatch.undo()
+    assert folder_hashes(offload) == before  # nothing replaced, no temporary file left
+    layer = ours.base_model.model.model.layers[DISK_LAYERS[0]].self_attn.q_proj
+    assert layer.merged_adapters == []
+    torch.testing.assert_close(logits(ours), adapted, atol=1e-4, rtol=0)  # peft's unmerged model
+    torch.testing.assert_close(logits(base()), logits(plain()), atol=1e-5, rtol=0)  # the folder still holds the base
+    assert folder_hashes(offload) == before
+    merged, expected = ours.merge_and_unload(), reference.merge_and_unload()  # room again: the retry completes
+    torch.testing.assert_close(logits(merged), logits(expected), atol=1e-4, rtol=0)
+    store = DiskStore.open(offload)
+    for name in merged_names(kind, DISK_LAYERS):
+        torch.testing.assert_close(store.get(name), expected.get_parameter(name), atol=1e-5, rtol=0, msg=name)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ import json
 import mmap
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -259,6 +262,59 @@ def test_file_truncated_between_generate_calls_raises_offload_error(checkpoints,
     with pytest.raises(OffloadError, match="truncated"):
         _generate(model)
     assert first.shape[1] == PROMPT.shape[1] + NEW_TOKENS
+
+
+# A file truncated under a model reading it through mappings (`disk_reads="mapped"`, the default while the disk
+# blocks fit in memory; CPU weights as views of the checkpoint). Without the check before each block, the next
+# access to a page past the new end is SIGBUS, which kills the process: so the model runs in a child process.
+TRUNCATED = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    import torch
+    from bigload.errors import BigloadError
+    from bigload.integrations.loading import load_checkpoint_and_dispatch
+    from test_reads import _empty, _generate, _shards_of_layers, LAYERS
+
+    folder, offload, what = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    cpu_layers = range(2, LAYERS) if what == "checkpoint shard under a cpu layer" else range(0)
+    device_map = {"model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" if i in cpu_layers else "disk"
+                                                   for i in range(LAYERS)},
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = _empty()
+    dtype = torch.bfloat16
+    load_checkpoint_and_dispatch(model, folder, device_map=device_map, offload_folder=offload, dtype=dtype,
+                                 progress=False, disk_reads="mapped", materialize=not cpu_layers)
+    first = _generate(model)[0]
+    victims = (sorted(offload.glob("model.layers.2.*.dat")) if what == "store .dat file"
+               else sorted(_shards_of_layers(folder, range(2, LAYERS)) - _shards_of_layers(folder, range(0, 2))))
+    assert victims and first.shape[1] > 0
+    for victim in victims:
+        os.truncate(victim, victim.stat().st_size // 2)
+    try:
+        _generate(model)
+        print(json.dumps({"error": None}))
+    except BigloadError as error:
+        print(json.dumps({"error": type(error).__name__, "message": str(error),
+                          "victims": [str(victim) for victim in victims]}))
+    """
+)
+
+
+@pytest.mark.parametrize("what, error", [("store .dat file", "OffloadError"),
+                                         ("checkpoint shard under a disk layer", "OffloadError"),
+                                         ("checkpoint shard under a cpu layer", "CheckpointError")])
+def test_file_truncated_under_a_mapped_model_raises_instead_of_sigbus(checkpoints, tmp_path, what, error):
+    stored = torch.float32 if what == "store .dat file" else torch.bfloat16  # float32 -> bfloat16 writes .dat files
+    folder = shutil.copytree(checkpoints[stored], tmp_path / "ckpt")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", TRUNCATED, str(folder), str(tmp_path / "offload"), what], env=env,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode} (-7 is SIGBUS): {done.stderr.decode()[-2000:]}"
+    outcome = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert outcome["error"] == error, outcome
+    assert any(victim in outcome["message"] for victim in outcome["victims"]), outcome["message"]
+    assert "truncated" in outcome["message"] and "load the model again" in outcome["message"].lower()
 
 
 def test_plan_decides_the_path_from_the_cpu_memory_left(checkpoints):

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-import bigload.load.store as store_module
+import bigload.load.store_format as store_format
 from bad_inputs.models import (
     DISK_MAP,
     INPUT,
@@ -34,7 +34,8 @@ from bad_inputs.models import (
 from bigload.formats.mapped import CheckpointReader
 from bigload.formats.discover import open_checkpoint
 from bigload.errors import CheckpointError, OffloadError
-from bigload.load.store import DiskStore, StoreWriter
+from bigload.load.store import DiskStore
+from bigload.load.store_writer import StoreWriter
 from bigload.integrations.loading import load_checkpoint_in_model
 from timeouts import with_timeout
 
@@ -83,7 +84,7 @@ def _enospc_when(monkeypatch: pytest.MonkeyPatch, wanted: Callable[[str], bool],
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(store_module.os, "write", write)
+    monkeypatch.setattr(store_format.os, "write", write)
     return seen
 
 
@@ -160,12 +161,12 @@ KILLED_LOADER = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     import torch
-    import bigload.load.store as store
+    import bigload.load.store_writer as store
     from bad_inputs.models import DISK_MAP, meta_tiny
     from bigload.integrations.loading import load_checkpoint_in_model
 
     ckpt, folder, ready = map(Path, sys.argv[1:4])
-    real = store._write_file
+    real = store.write_file
     count = [0]
 
     def write_file(path, payload):
@@ -181,7 +182,7 @@ KILLED_LOADER = textwrap.dedent(
                 time.sleep(120)
         return real(path, payload)
 
-    store._write_file = write_file
+    store.write_file = write_file
     load_checkpoint_in_model(meta_tiny(), ckpt, DISK_MAP, offload_folder=folder, dtype=torch.float16)
     """
 )

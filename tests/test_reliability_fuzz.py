@@ -25,7 +25,8 @@ from bad_inputs.corpus import raw_safetensors, two_shards, write_valid
 from bigload.formats.safetensors import SAFETENSORS_DTYPES
 from bigload.formats.discover import open_checkpoint
 from bigload.errors import CheckpointError, OffloadError
-from bigload.load.store import DiskStore, StoreWriter
+from bigload.load.store import DiskStore
+from bigload.load.store_writer import StoreWriter
 from fuzz.header_fuzz import FRAGMENTS, check_file, check_store_index, mutate, plain_loop, seed_files
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -32,7 +32,8 @@ from bigload.formats.mapped import CheckpointReader
 from bigload.formats.discover import open_checkpoint
 from bigload.cli.commands import main as cli_main
 from bigload.errors import CheckpointError, OffloadError
-from bigload.load.store import DiskStore, StoreWriter
+from bigload.load.store import DiskStore
+from bigload.load.store_writer import StoreWriter
 from bigload.integrations.loading import load_checkpoint_in_model
 
 

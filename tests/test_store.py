@@ -13,10 +13,11 @@ from accelerate.utils import OffloadedWeightsLoader, offload_state_dict
 from accelerate.utils.offload import load_offloaded_weight
 from safetensors.torch import save_file
 
-import bigload.load.store as store_module
+import bigload.load.store_format as store_format
 from bigload.formats.discover import open_checkpoint
 from bigload.errors import OffloadError
-from bigload.load.store import DiskStore, StoreWriter, StoreOrigin, TensorMeta
+from bigload.load.store import DiskStore, StoreOrigin, TensorMeta
+from bigload.load.store_writer import StoreWriter
 from fixtures_ckpt import assert_bitwise_equal, mapped_file_of
 
 
@@ -139,7 +140,7 @@ def test_enospc_raises_offload_error_and_removes_temp_files(tmp_path: Path,
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store_module.os, "write", full_disk)
+    monkeypatch.setattr(store_format.os, "write", full_disk)
     store = StoreWriter(tmp_path)
     store.put("small", torch.ones(4))
     with pytest.raises(OffloadError, match=r"no space left in .* writing 'big' \(4.00 KiB; .* free\)\. Free disk"):

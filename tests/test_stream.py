@@ -21,7 +21,8 @@ from torch import nn
 from bigload.formats.mapped import CheckpointReader
 from bigload.empty import init_empty_weights
 from bigload.errors import CheckpointError, DeviceError, OffloadError, PlanError
-from bigload.load.store import DiskStore, StoreWriter
+from bigload.load.store import DiskStore
+from bigload.load.store_writer import StoreWriter
 from bigload.load.loader import LoadResult, Mismatch
 from bigload.integrations.loading import load_checkpoint_in_model
 from fixtures_ckpt import assert_bitwise_equal, mapped_file_of, save_bin_shards, tiny_llama, tiny_llama_config

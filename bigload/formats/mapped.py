@@ -4,18 +4,25 @@
 `CheckpointReader(index).read(ref)` returns a CPU tensor that is a view of a copy-on-write mmap of the file:
 the pages stay file-backed (the kernel may drop and re-read them), so a loaded model costs no private memory
 until someone writes to its weights.
+
+Every mapping is registered (`mapped_uses`), so code that runs on such views can ask, before it touches them,
+whether their files are still what was mapped (`check_mapped`): a file truncated under a mapping kills the
+process with SIGBUS at the next access past its new end, which no Python code can catch.
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import math
 import mmap
 import os
 import threading
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -25,8 +32,14 @@ from bigload.formats.refs import CheckpointIndex, TensorRef
 from bigload.formats.torch_archive import strided_extent
 from bigload.sizes import dtype_width
 
-__all__ = ["CheckpointReader", "MappedFiles"]
+__all__ = ["CheckpointReader", "FileUse", "MappedFiles", "check_mapped", "mapped_uses"]
 
+# A file's identity as `stat` gives it: (device, inode, size, mtime_ns).
+Identity = tuple[int, int, int, int]
+
+
+def identity_of(stat: os.stat_result) -> Identity:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 class MappedFiles:
@@ -36,15 +49,18 @@ class MappedFiles:
     writing to a view copies only the touched pages and never changes the file. A mapping lives as long as
     any tensor views it, so views stay valid after `clear()`. Safe to use from several threads.
 
-    `check`, if given, is called with each file before its mapping is first used (after the byte range asked
-    for is known to be inside it) and may raise to refuse the file; `CheckpointReader` passes its index's
-    `check_unchanged`.
+    `check`, if given, is called with each file and the `os.fstat` of the file mapped before its mapping is
+    first used (after the byte range asked for is known to be inside it) and may raise to refuse the file;
+    `CheckpointReader` passes its index's `check_unchanged`, `DiskStore` compares with what it checked.
+    `error` is the type `check_mapped` raises for a file of these mappings that changed under them.
     """
 
-    def __init__(self, check: Callable[[Path], None] | None = None) -> None:
+    def __init__(self, check: Callable[[Path, os.stat_result], None] | None = None, *,
+                 error: type[BigloadError] = CheckpointError) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
         self._check = check
+        self._error = error
 
     def clear(self) -> None:
         """Forget the mappings; each is unmapped once no tensor views it any more."""
@@ -119,7 +135,7 @@ class MappedFiles:
             mapping = self._maps.get(path)
             known = mapping is not None
             if mapping is None:
-                mapping = _map_private(path, error)
+                mapping, stat = _map_private(path, error)
             if end > len(mapping):
                 raise error(
                     f"{path}: {what or 'a tensor'} needs bytes up to {end} but the file has {len(mapping)}; it "
@@ -128,16 +144,18 @@ class MappedFiles:
             if not known:
                 # Only a mapping the check accepted is kept, so a refused file is checked again next time.
                 if self._check is not None:
-                    self._check(path)
+                    self._check(path, stat)
                 self._maps[path] = mapping
+                _register(mapping, path, identity_of(stat), self._error)
             return mapping
 
 
-def _map_private(path: Path, error: type[BigloadError]) -> mmap.mmap:
+def _map_private(path: Path, error: type[BigloadError]) -> tuple[mmap.mmap, os.stat_result]:
+    """A copy-on-write mapping of the whole file, and the `fstat` of the file it maps."""
     try:
         with open(path, "rb") as handle:
             # ACCESS_COPY: writable for torch.frombuffer, yet never writes back to the file.
-            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY), os.fstat(handle.fileno())
     except (OSError, ValueError) as exc:  # ValueError: mmap refuses an empty file
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise error(
@@ -159,7 +177,7 @@ class CheckpointReader:
 
     def __init__(self, index: CheckpointIndex) -> None:
         self.index = index
-        self._files = MappedFiles(index.check_unchanged)
+        self._files = MappedFiles(lambda path, _: index.check_unchanged(path))
 
     def __enter__(self) -> "CheckpointReader":
         return self
@@ -197,3 +215,113 @@ class CheckpointReader:
         """Unmap the pages of tensors whose bytes were copied elsewhere (see `MappedFiles.release`)."""
         for ref in refs:
             self._files.release(ref.file, ref.offset, ref.nbytes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# which mapped files tensors view, and whether those files are still what was mapped
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    """A registered mapping: where it is in memory, the file and its identity when mapped."""
+
+    start: int
+    length: int
+    path: Path
+    identity: Identity
+    mapping: "weakref.ref[mmap.mmap]"
+    error: type[BigloadError]
+
+
+_registry: dict[int, _Mapping] = {}  # by start address; an entry goes when its mapping is collected
+_starts: list[int] = []  # sorted
+_registry_lock = threading.Lock()
+
+
+def _register(mapping: mmap.mmap, path: Path, identity: Identity, error: type[BigloadError]) -> None:
+    anchor = ctypes.c_char.from_buffer(mapping)
+    start = ctypes.addressof(anchor)
+    del anchor  # an exported buffer would keep the mapping from ever being closed
+    ref = weakref.ref(mapping, lambda _: _forget(start))  # runs before the pages are unmapped
+    with _registry_lock:
+        if start not in _registry:
+            bisect.insort(_starts, start)
+        _registry[start] = _Mapping(start, len(mapping), path, identity, ref, error)
+
+
+def _forget(start: int) -> None:
+    with _registry_lock:
+        if _registry.pop(start, None) is not None:
+            del _starts[bisect.bisect_left(_starts, start)]
+
+
+@dataclass(frozen=True)
+class FileUse:
+    """The bytes of one mapped file that some tensors view: up to `end` (exclusive)."""
+
+    mapped: _Mapping
+    end: int
+
+    @property
+    def path(self) -> Path:
+        return self.mapped.path
+
+
+def mapped_uses(tensors: Iterable[torch.Tensor]) -> tuple[FileUse, ...]:
+    """The mapped files these tensors view (through `MappedFiles`), each with the end of the bytes they need.
+    Tensors that view no mapping (private memory, other devices) are left out. Reads no tensor's data."""
+    ends: dict[int, int] = {}
+    with _registry_lock:
+        for tensor in tensors:
+            if tensor.device.type != "cpu" or tensor.numel() == 0 or tensor.layout != torch.strided:
+                continue
+            storage = tensor.untyped_storage()
+            pointer = storage.data_ptr()
+            at = bisect.bisect_right(_starts, pointer) - 1
+            if at < 0:
+                continue
+            found = _registry[_starts[at]]
+            if pointer < found.start + found.length:
+                end = pointer - found.start + storage.nbytes()
+                ends[found.start] = max(end, ends.get(found.start, 0))
+        return tuple(FileUse(_registry[start], end) for start, end in ends.items())
+
+
+def check_mapped(uses: Sequence[FileUse], what: str) -> None:
+    """Refuse files that changed under these uses since they were mapped; call before touching the views.
+
+    A file still under its name is compared with its identity when mapped (one `stat`): shorter than the bytes
+    used means truncated; another size or mtime means written in place. A file replaced or removed under its
+    name (a writer that renames its new file over it) is still mapped as it was; only its own size is checked
+    (one `fstat`). Covers changes before the call: a file truncated while the views are being read can still
+    end the process with SIGBUS.
+
+    Raises:
+        the mapping's error type (`MappedFiles(error=...)`: `CheckpointError` for checkpoint files,
+        `OffloadError` for offload stores), naming the file, what uses it and the fix.
+    """
+    for use in uses:
+        mapped, mapping = use.mapped, use.mapped.mapping()
+        if mapping is None:
+            continue
+        try:
+            stat: os.stat_result | None = os.stat(mapped.path)
+        except OSError:
+            stat = None
+        if stat is not None and (stat.st_dev, stat.st_ino) == mapped.identity[:2]:
+            size = stat.st_size
+            if size >= use.end and (size, stat.st_mtime_ns) != mapped.identity[2:]:
+                raise mapped.error(
+                    f"{mapped.path} changed after it was mapped (size {mapped.identity[2]} -> {size} bytes, mtime "
+                    f"{mapped.identity[3]} -> {stat.st_mtime_ns} ns; written in place): {what} would read bytes "
+                    "that were never checked. Replace such files by renaming a new file over them, and load "
+                    "the model again."
+                )
+        else:
+            size = mapping.size()
+        if size < use.end:
+            raise mapped.error(
+                f"{mapped.path}: {what} needs its bytes up to {use.end}, but the file now ends at {size}: it was "
+                "truncated after the model mapped it, and reading on would end the process with SIGBUS. Restore "
+                "the file (or write the offload folder again) and load the model again."
+            )

@@ -22,7 +22,8 @@ from bigload.errors import OffloadError
 from bigload.integrations.loading import set_device_map
 from bigload.integrations.prepare import check_devices
 from bigload.load.folder import check_offload_folder, model_folder
-from bigload.load.store import DiskStore, StoreOrigin, StoreWriter
+from bigload.load.store import DiskStore, StoreOrigin
+from bigload.load.store_writer import StoreWriter
 from bigload.plan.budget import check_devices_exist, detect_budget
 from bigload.plan.given import check_plan, check_tied, plan_for_map
 from bigload.plan.inventory import inventory_from_module

@@ -20,6 +20,7 @@ single tensor, if larger), never a whole shard.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -44,7 +45,9 @@ from bigload.load.quantized import apply_layouts, storage_tags
 from bigload.formats.refs import Extent
 from bigload.load.readahead import ReadAhead
 from bigload.load.sources import SourceTable, parts_of
-from bigload.load.store import DiskStore, StoreOrigin, StoreWriter, dtype_name
+from bigload.load.store import DiskStore, StoreOrigin, dtype_name
+from bigload.load.store_lock import FolderLock
+from bigload.load.store_writer import StoreWriter
 from bigload.load.transfer import Placer, Task, transfer_kind
 from bigload.messages import Setting, Text, setting
 from bigload.plan.dtypes import DtypeRule, castable
@@ -257,15 +260,21 @@ def _prepare_store(folder: str | os.PathLike[str] | None, origin: StoreOrigin, d
                  "'disk' but no ", setting("offload_folder"), " was given; pass ",
                  Setting("offload_folder= a folder", "--offload-folder DIR, a folder"), " on a disk with room for them.")
         )
-    if (Path(folder) / "index.json").is_file():
-        existing = DiskStore.open(folder, expect_fingerprint=origin)
-        # Another plan of the same load may have sent other tensors to disk: reuse only a store holding all
-        # of these, each as it would be written now; rebuild it otherwise.
-        if all(_holds(existing, group) for _, group in disk):
-            logger.info("reusing the offload store in %s (same checkpoint and dtypes)", folder)
-            return existing, True
-        return StoreWriter(folder, overwrite=True), False
-    return StoreWriter(folder), False
+    path = Path(folder).expanduser().resolve()
+    with contextlib.suppress(OSError):  # a folder that cannot be made is reported by the writer
+        path.mkdir(parents=True, exist_ok=True)
+    # One decision per folder at a time: a load running beside this one writes first, and this one then finds
+    # its store (reused, or refused as another scheme) instead of writing over the files it checked.
+    with FolderLock(path, doing="loading into"):  # a writer made here holds it on until its commit
+        if (path / "index.json").is_file():
+            existing = DiskStore.open(path, expect_fingerprint=origin)
+            # Another plan of the same load may have sent other tensors to disk: reuse only a store holding all
+            # of these, each as it would be written now; rebuild it otherwise.
+            if all(_holds(existing, group) for _, group in disk):
+                logger.info("reusing the offload store in %s (same checkpoint and dtypes)", path)
+                return existing, True
+            return StoreWriter(path, overwrite=True), False
+        return StoreWriter(path), False
 
 
 def _holds(store: DiskStore, group: Group) -> bool:

@@ -18,7 +18,7 @@ from bigload.formats.refs import TensorRef
 from bigload.load.gpu import GpuStager
 from bigload.load.matching import Group
 from bigload.load.sources import DerivedTensor, Source, read_source
-from bigload.load.store import StoreWriter
+from bigload.load.store_writer import StoreWriter
 from bigload.sizes import dtype_width
 
 __all__ = ["Placer", "Task", "Transfer", "transfer_kind"]

@@ -6,7 +6,8 @@ weight is the meta placeholder, and DoRA's weight norm and `safe_merge`'s NaN ch
 When the runtime follows a peft layer wrapping an offloaded weight it gives the layer `merge`/`unmerge` instance
 attributes that run peft's own method with the block installed and private copies of the base layer's
 offloaded tensors registered in place of the installed ones; the tensors peft changed are then written into
-the weight source (`DiskStore.rewrite`, `HostWeights.rewrite`). The checkpoint is never written.
+the weight source (`DiskStore.rewrite`, `HostWeights.rewrite`), all of a layer's at once; when that fails the
+layer is left unmerged. The checkpoint is never written.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from bigload.errors import OffloadError
 from bigload.runtime.blocks import Block, Entry
+from bigload.runtime.weights import HostWeights, WeightSource
 from bigload.tensors import tensor_groups
 
 if TYPE_CHECKING:
@@ -71,16 +73,19 @@ def _merge_in_store(runtime: "Runtime", layer: nn.Module, peft_call: Callable[..
     The block's tensors are installed (adapter weights streamed with the block are real) and each offloaded
     tensor of the base layer is replaced by a private copy, so peft's own arithmetic (plain LoRA, DoRA and
     its weight norm, `lora_bias`, `safe_merge`'s checks) runs exactly as in memory; the copies peft changed
-    are then written where those tensors are stored, so the merged weight never stays in RAM. Resident
-    tensors of the base layer (not offloaded) are changed in place by peft, as in memory. What peft merged
-    before raising part way (an adapter before a failing one) is written too: the stored weights always hold
-    what `layer.merged_adapters` says.
+    are then written where those tensors are stored, all of the layer's at once (`WeightSource.rewrite`), so
+    the merged weight never stays in RAM. Resident tensors of the base layer (not offloaded) are changed in
+    place by peft, as in memory. What peft merged before raising part way (an adapter before a failing one)
+    is written too: the stored weights always hold what `layer.merged_adapters` says. When writing fails (a
+    full disk), nothing was stored, and the layer is put back as it was: `merged_adapters` and its resident
+    tensors as before the call, so the same call can be made again once the cause is fixed.
     """
     if id(layer) in runtime._merging:  # DoRA unmerges and re-merges the others to see the unmerged weight
         return peft_call(*args, **kwargs)
     check_merges(runtime, layer)
     block = runtime.blocks[runtime._offloaded_sites[(id(layer.get_base_layer()), "weight")][0]]
     before = tuple(layer.merged_adapters)
+    resident = _resident_copies(runtime, layer.get_base_layer())
     changed: list[tuple[Entry, torch.Tensor]] = []
     runtime._merging.add(id(layer))
     try:
@@ -93,8 +98,31 @@ def _merge_in_store(runtime: "Runtime", layer: nn.Module, peft_call: Callable[..
                     changed = _changed(copies)
     finally:
         runtime._merging.discard(id(layer))
-        _write_merges(runtime, block, changed, before, tuple(layer.merged_adapters))
-        runtime._merged[id(layer)] = tuple(layer.merged_adapters)
+        try:
+            _write_merges(runtime, block, changed, before, tuple(layer.merged_adapters))
+        except BaseException:
+            _put_back(layer, before, resident)
+            raise
+        finally:
+            runtime._merged[id(layer)] = tuple(layer.merged_adapters)
+
+
+def _resident_copies(runtime: "Runtime", base: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of the base layer's resident tensors (peft changes them in place), to put back if the merge of
+    its offloaded ones cannot be stored."""
+    with torch.no_grad():
+        return [(group.tensor, group.tensor.detach().clone()) for group in tensor_groups(base)
+                if group.tensor.device.type != "meta"
+                and not any((id(site.module), site.attr) in runtime._offloaded_sites for site in group.sites)]
+
+
+def _put_back(layer: nn.Module, merged: tuple[str, ...], resident: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The layer as before a merge whose result could not be stored: peft's record of merged adapters and its
+    resident tensors. Its offloaded tensors need nothing: peft changed private copies, now dropped."""
+    layer.merged_adapters[:] = list(merged)
+    with torch.no_grad():
+        for tensor, value in resident:
+            tensor.copy_(value)
 
 
 @contextlib.contextmanager
@@ -145,11 +173,16 @@ def _write_merges(runtime: "Runtime", block: Block, changed: list[tuple[Entry, t
     and drop what the runtime loaded or cached of the old ones."""
     added = [name for name in after if name not in before]
     removed = [name for name in before if name not in after]
+    change = f"merged {added} into" if added else f"unmerged {removed} from"
+    by_source: dict[int, tuple[WeightSource, dict[str, torch.Tensor]]] = {}
     for entry, value in changed:
-        stored = entry.source.get(entry.key)
-        change = f"merged {added} into {entry.key}" if added else f"unmerged {removed} from {entry.key}"
-        entry.source.rewrite(entry.key, value.to(stored.dtype).reshape(stored.shape), change=change)
-        logger.info("bigload: %s", change)
+        values = by_source.setdefault(id(entry.source), (entry.source, {}))[1]
+        stored = entry.source.get(entry.key)  # its stored dtype and shape (a view: no bytes are read)
+        values[entry.key] = value.to(stored.dtype).reshape(stored.shape)
+    # The disk store first: it is the one that can fail (a full disk), and then nothing has changed anywhere.
+    for source, values in sorted(by_source.values(), key=lambda item: isinstance(item[0], HostWeights)):
+        source.rewrite(values, change=change)
+        logger.info("bigload: %s %s", change, ", ".join(values))
     if changed:
         runtime.prefetcher.forget(block.name)
         runtime._values.pop(block.name, None)

@@ -25,7 +25,10 @@ from bigload.errors import OffloadError
 from bigload.load.reads import READ_TIMEOUT_S, BlockLayout, BlockReader
 from bigload.plan.reserve import DiskReads, SlotSpec, pinned_bytes
 from bigload.runtime.blocks import Block
-from bigload.runtime.slots import Slot, advised, load_cpu, load_cuda, read_layout, stable_views, views_at
+from bigload.formats.mapped import FileUse, check_mapped
+from bigload.runtime.slots import (
+    Slot, advised, check_block_files, files_used, load_cpu, load_cuda, read_layout, stable_views, views_at,
+)
 
 __all__ = ["PREFETCH_HISTORY", "PrefetchStats", "Prefetcher", "Ticket"]
 
@@ -114,6 +117,7 @@ class Prefetcher:
         self.sync_loads = 0
         self._views: dict[str, dict[str, torch.Tensor] | None] = {}  # per block, computed on its first load
         self._layouts: dict[str, BlockLayout | None] = {}  # per block, with explicit reads: how it is read
+        self._uses: dict[str, tuple[FileUse, ...]] = {}  # per block read through mappings: the files it views
         self.paths: dict[str, str] = {}  # per block loaded so far: the path it takes (stats)
         self._reader: BlockReader | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -148,6 +152,8 @@ class Prefetcher:
             )
         try:
             tensors = ticket.future.result(timeout=READ_TIMEOUT_S)
+            if self.stable(name):  # used in place by the forward about to run: its files once more
+                check_mapped(self._uses.get(name, ()), f"block {name!r}")
         except FutureTimeout:
             self._drop(ticket)
             raise OffloadError(
@@ -157,7 +163,7 @@ class Prefetcher:
             self._drop(ticket)
             raise OffloadError(
                 f"loading the offloaded weights of block {name!r} onto {ticket.block.execution_device} failed: "
-                f"{error}. Check the offload store (folder, disk space, file permissions) and reload."
+                f"{str(error).rstrip('.')}. Check the offload store (folder, disk space, file permissions) and reload."
             ) from error
         if ticket.slot.loaded is not None:
             torch.cuda.current_stream(ticket.slot.device).wait_event(ticket.slot.loaded)
@@ -213,6 +219,7 @@ class Prefetcher:
             self._wait_quietly(ticket)
             self._drop(ticket)
         self._views.pop(name, None)
+        self._uses.pop(name, None)
         layout = self._layouts.pop(name, None)  # its tensors may now lie in other files (`DiskStore.rewrite`)
         if layout is not None and self._reader is not None:
             self._reader.reopen(run.path for run in layout.runs)
@@ -280,6 +287,7 @@ class Prefetcher:
         try:
             layout = self._layout(block)
             views = None if layout is not None else self._stable(block)
+            self._check_files(block, layout, views)
         except Exception as error:  # surfaced by acquire, which names the block
             future.set_exception(error)
         else:
@@ -303,6 +311,17 @@ class Prefetcher:
             self._views[block.name] = stable_views(block)
             self.paths[block.name] = "mapped (in place)" if self._views[block.name] is not None else "copy"
         return self._views[block.name]
+
+    def _check_files(self, block: Block, layout: BlockLayout | None, views: dict[str, torch.Tensor] | None) -> None:
+        """Before the block's bytes are touched (here, on the caller's thread, before a background copy
+        starts): its files are still the ones checked and mapped (`slots.check_block_files`)."""
+        if layout is not None:
+            check_block_files(block, None)
+            return
+        if block.name not in self._uses:
+            self._uses[block.name] = files_used(block, views)
+        if views is None:  # a copy is about to read them; views used in place are checked by `acquire`
+            check_block_files(block, self._uses[block.name])
 
     def _layout(self, block: Block) -> BlockLayout | None:
         """How block is read explicitly (`DiskReads.READ`, a disk block whose tensors lie in files as they are

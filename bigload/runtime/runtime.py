@@ -6,6 +6,7 @@ device the caller's inputs were on.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from bigload.errors import BigloadError, PlanError
+from bigload.formats.mapped import FileUse, check_mapped, mapped_uses
 from bigload.plan.value import Plan
 from bigload.runtime.blocks import Block, Entry, build_blocks
 from bigload.runtime.interop import adopt, forget, take_back_placement, watch_additions
@@ -58,6 +60,8 @@ class Runtime:
     _adapter_layers: list[nn.Module] = field(default_factory=list)
     _merged: dict[int, tuple[str, ...]] = field(default_factory=dict)
     _merging: set[int] = field(default_factory=set)  # layers inside a merge/unmerge (peft re-enters them)
+    # Mapped files (checkpoint shards, store files) the model's resident tensors view; None: not looked at yet.
+    _resident_files: tuple[FileUse, ...] | None = None
 
     def stats(self) -> PrefetchStats:
         """Counters of the prefetcher: buffers, bytes held, reserve, blocks prefetched in order."""
@@ -86,6 +90,7 @@ class Runtime:
                 self._settle()
             for layer in self._adapter_layers:
                 check_merges(self, layer)
+            self._check_resident_files()
         self._input_devices.append(first_tensor_device(args, kwargs, self.skip_keys))
 
     def _settle(self) -> None:
@@ -93,6 +98,15 @@ class Runtime:
         re-dispatch), adopt added tensors."""
         take_back_placement(self)
         adopt(self)
+        self._resident_files = None
+
+    def _check_resident_files(self) -> None:
+        """Before each forward: the files resident CPU tensors view (weights loaded as views of the checkpoint)
+        are not truncated or written in place since they were mapped, which would be SIGBUS or unchecked bytes
+        once the forward touches them (`formats.mapped.check_mapped`). One `stat` per file."""
+        if self._resident_files is None:
+            self._resident_files = mapped_uses(itertools.chain(self.model.parameters(), self.model.buffers()))
+        check_mapped(self._resident_files, "the model's weights kept in CPU memory")
 
     def _root_post_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
         device = self._input_devices.pop() if self._input_devices else None
@@ -234,7 +248,9 @@ def detach(model: nn.Module) -> nn.Module:
     runtime.prefetcher.close()
     for block in runtime.blocks.values():
         for entry in block.entries:
-            stored = entry.source.get(entry.key).reshape(entry.shape).to(entry.dtype)
+            stored = entry.source.get(entry.key)
+            check_mapped(mapped_uses([stored]), f"tensor {entry.key!r}")  # about to be read in full
+            stored = stored.reshape(entry.shape).to(entry.dtype)
             # Host weights are already ours; a store's tensors are views of files the caller may delete.
             value = stored if isinstance(entry.source, HostWeights) else stored.clone()
             real = entry.registered(value)

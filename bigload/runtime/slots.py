@@ -10,22 +10,28 @@ life (the plan's `SlotSpec`), and the ways a block comes into one.
   host weights) into its device buffer on a side stream; events order the copies against compute.
 - Explicit reads (`DiskReads.READ`): a block whose tensors lie in files as they are used is read with large
   reads straight into the slot (`load.reads.layout` says where each tensor lands).
+
+Before any of these touches a block's stored bytes, the files they lie in are checked (`check_block_files`): a
+mapped file truncated since it was mapped would otherwise end the process with SIGBUS, and a store file
+replaced since the store was checked would hand the block bytes nobody checked.
 """
 
 from __future__ import annotations
 
 import mmap
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
 from bigload.errors import OffloadError
 from bigload.formats import pages
+from bigload.formats.mapped import FileUse, check_mapped, mapped_uses
 from bigload.load.reads import BlockLayout, layout
 from bigload.runtime.blocks import Block, Entry
 from bigload.sizes import dtype_width
 
-__all__ = ["Slot", "advise_willneed", "advised", "load_cpu", "load_cuda", "read_layout", "stable_views", "views_at"]
+__all__ = ["Slot", "advise_willneed", "advised", "check_block_files", "files_used", "load_cpu", "load_cuda",
+           "read_layout", "stable_views", "views_at"]
 
 
 class Slot:
@@ -175,3 +181,32 @@ def read_layout(block: Block, slot_size: int) -> BlockLayout | None:
 def views_at(block: Block, buffer: torch.Tensor, layout: BlockLayout) -> dict[str, torch.Tensor]:
     return {entry.key: buffer[at: at + entry.nbytes].view(entry.dtype).view(entry.shape)
             for entry, at in zip(block.entries, layout.offsets)}
+
+
+def files_used(block: Block, views: Mapping[str, torch.Tensor] | None) -> tuple[FileUse, ...]:
+    """The mapped files the block's stored tensors view (its in-place `views`, else what its sources hand out
+    before any cast: `DiskStore.view`), with the bytes used of each. Reads no tensor's data."""
+    if views is not None:
+        return mapped_uses(views.values())
+    return mapped_uses(getattr(entry.source, "view", entry.source.get)(entry.key) for entry in block.entries)
+
+
+def check_block_files(block: Block, uses: tuple[FileUse, ...] | None) -> None:
+    """Refuse to bring `block` in from files changed under it: mapped files (`uses`, from `files_used`) truncated
+    or written in place since they were mapped (`formats.mapped.check_mapped`); with explicit reads (`uses` is
+    None), files replaced since its store was checked (the source's `verify`, one `stat` per file).
+
+    Raises:
+        OffloadError (CheckpointError for a checkpoint file under host weights), naming the file and the fix.
+    """
+    what = f"block {block.name!r}"
+    if uses is not None:
+        check_mapped(uses, what)
+        return
+    keys: dict[int, tuple[object, list[str]]] = {}
+    for entry in block.entries:
+        keys.setdefault(id(entry.source), (entry.source, []))[1].append(entry.key)
+    for source, names in keys.values():
+        verify = getattr(source, "verify", None)
+        if verify is not None:
+            verify(names)

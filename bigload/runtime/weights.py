@@ -17,15 +17,19 @@ class WeightSource(Protocol):
     """Somewhere offloaded tensors are kept: `DiskStore` (disk) or `HostWeights` (CPU RAM).
 
     `get` returns a CPU tensor in the stored dtype and shape; a zero-copy view (mmap'd file, host tensor)
-    where possible. It may be called from the prefetch thread. `rewrite` replaces a tensor's value (an
-    adapter merged into it), between forwards.
+    where possible. It may be called from the prefetch thread. `rewrite` replaces the values of some tensors
+    (the weights of a layer an adapter was merged into), all or none, between forwards.
+
+    A source may also have `view(name)` (the bytes as stored, before any cast `get` does: the runtime finds
+    the mapped files a block uses from it without reading them) and `verify(names)` (refuse files changed
+    since the source checked them, for explicit reads): `DiskStore` has both.
     """
 
     def __contains__(self, name: object) -> bool: ...
 
     def get(self, name: str) -> torch.Tensor: ...
 
-    def rewrite(self, name: str, tensor: torch.Tensor, *, change: str) -> None: ...
+    def rewrite(self, tensors: Mapping[str, torch.Tensor], *, change: str) -> None: ...
 
 
 class HostWeights:
@@ -57,12 +61,14 @@ class HostWeights:
     def __contains__(self, name: object) -> bool:
         return name in self._tensors
 
-    def rewrite(self, name: str, tensor: torch.Tensor, *, change: str) -> None:
-        """Replace `name` (e.g. with weights an adapter was merged into); `change` is for the disk store's
-        fingerprint and needs no record in memory."""
-        if name not in self._tensors:
-            raise OffloadError(f"tensor {name!r} is not among the host-offloaded weights.")
-        self.put(name, tensor)
+    def rewrite(self, tensors: Mapping[str, torch.Tensor], *, change: str) -> None:
+        """Replace these tensors (e.g. with weights an adapter was merged into), all or none; `change` is for
+        the disk store's fingerprint and needs no record in memory."""
+        missing = [name for name in tensors if name not in self._tensors]
+        if missing:
+            raise OffloadError(f"tensor {missing[0]!r} is not among the host-offloaded weights.")
+        for name, tensor in tensors.items():
+            self.put(name, tensor)
 
     def get(self, name: str) -> torch.Tensor:
         try:
