@@ -418,7 +418,7 @@ def load_model_level_weights(wrapped: nn.Module, adapters: Sequence[Adapter], de
         _place_prefixes(wrapped, adapter)
         weights = peft.utils.load_peft_weights(str(adapter.folder), device="cpu")
         # peft put the encoder on the base model's device, meta: give it storage for the load to fill.
-        encoder = wrapped.prompt_encoder[adapter.name].to_empty(device=device)
+        wrapped.prompt_encoder[adapter.name].to_empty(device=device)  # in place
         try:
             set_peft_model_state_dict(wrapped, weights, adapter_name=adapter.name)
         except RuntimeError as error:  # load_state_dict's size mismatch
