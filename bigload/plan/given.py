@@ -85,12 +85,42 @@ def _parse_map(inventory: Inventory, device_map: Mapping[str, DeviceLike]) -> di
         raise PlanError("the device map is empty; map at least '' (the whole model) to a device.")
     placed = {str(key): Device.parse(value) for key, value in device_map.items()}
     modules = set(inventory.names)
+    tensors = {entry.name: inventory.names[entry.module] for entry in inventory.tensors}
     for key in placed:
-        if key not in modules:
+        if key not in modules and key not in tensors:
             examples = list(inventory.names[1:4])
             raise PlanError(f"device-map key {key!r} names no module of {inventory.classes[0] or 'the model'}; keys "
                             f"are module names such as {examples}.")
-    return placed
+    return _tensor_keys_as_modules(inventory, placed, tensors) if any(k in tensors for k in placed) else placed
+
+
+def _tensor_keys_as_modules(inventory: Inventory, placed: Mapping[str, Device],
+                            module_of: Mapping[str, str]) -> dict[str, Device]:
+    """A map whose keys name tensors (accelerate's `infer_auto_device_map` names a module's own tensors when it
+    splits a module that holds tensors beside its children, e.g. `{"inner.cls": "cpu", "inner.a": "disk"}`)
+    as the same placement by modules, which is what the runtime hooks: each tensor key becomes its module's
+    key. Refused when that would move any tensor (its module holds other tensors mapped elsewhere)."""
+    converted: dict[str, Device] = {}
+    for key, device in placed.items():
+        module = module_of.get(key, key) if key not in inventory.names else key
+        if converted.setdefault(module, device) != device:
+            converted = {}
+            break
+    moved = [entry.name for entry in inventory.tensors
+             if not converted or _device_of(entry.name, converted) != _device_of(entry.name, placed)]
+    if moved:
+        tensor_keys = [key for key in placed if key in module_of]
+        raise PlanError(
+            f"device-map keys {tensor_keys[:3]} name tensors, and bigload places whole modules (a module's own "
+            f"tensors go with it): placed by module, {moved[0]!r} would go elsewhere than this map says. Map each "
+            "such tensor to the device of the other tensors of its module (or map the module itself)."
+        )
+    return converted
+
+
+def _device_of(name: str, placed: Mapping[str, Device]) -> Device | None:
+    owner = owner_of(name, placed)
+    return None if owner is None else placed[owner]
 
 
 def _owners(inventory: Inventory, placed: Mapping[str, Device]) -> dict[str, list[TensorEntry]]:

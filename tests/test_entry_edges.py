@@ -1,0 +1,90 @@
+"""What careless or hostile callers of the entry points do, each against a reference bigload did not write
+(the model in memory, accelerate side by side): maps accelerate itself produces, calls repeated on a model
+already dispatched, values a user would type for accelerate or transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from bigload import dispatch_model, infer_auto_device_map, load_checkpoint_and_dispatch
+from bigload.devices import CPU, DeviceKind
+from bigload.empty import init_empty_weights
+from bigload.errors import PlanError
+
+accelerate = pytest.importorskip("accelerate")
+
+
+class _Inner(nn.Module):
+    """A module holding a tensor of its own beside its children (ViT's `cls_token`, a learned scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.cls = nn.Parameter(torch.randn(64, 64))
+        self.b = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x) + self.cls[0])
+
+
+class OwnTensorBesideChildren(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.Linear(64, 64)
+        self.inner = _Inner()
+        self.h = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(self.inner(self.e(x)))
+
+
+def _split_map() -> dict[str, str]:
+    """accelerate's own map for the model at a budget that splits `inner`: it names `inner.cls`, a tensor."""
+    torch.manual_seed(0)
+    device_map = dict(accelerate.infer_auto_device_map(OwnTensorBesideChildren(),
+                                                       max_memory={"cpu": 60000, "disk": 10**9}))
+    assert "inner.cls" in device_map and device_map["inner.a"] == "disk", device_map
+    return device_map
+
+
+def test_a_map_whose_keys_name_tensors_as_accelerate_writes_them_loads_and_runs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = OwnTensorBesideChildren().eval()
+    device_map = _split_map()
+    assert dict(infer_auto_device_map(reference, max_memory={"cpu": 60000, "disk": 10**9})) == device_map
+    x = torch.randn(3, 64)
+
+    dispatched = copy.deepcopy(reference)
+    dispatch_model(dispatched, device_map, offload_dir=tmp_path / "dispatch")
+    theirs = copy.deepcopy(reference)
+    accelerate.dispatch_model(theirs, device_map, offload_dir=tmp_path / "accelerate")
+    save_file(reference.state_dict(), tmp_path / "model.safetensors")
+    with init_empty_weights():
+        loaded = OwnTensorBesideChildren().eval()
+    load_checkpoint_and_dispatch(loaded, tmp_path / "model.safetensors", device_map=device_map,
+                                 offload_folder=tmp_path / "load")
+    with torch.no_grad():
+        expected = reference(x)
+        torch.testing.assert_close(theirs(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(dispatched(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    assert loaded.hf_device_map == device_map  # the caller's map, as given
+    assert loaded.bigload_plan.placement_of("inner.cls").device == CPU
+    assert loaded.bigload_plan.placement_of("inner.a.weight").device.kind is DeviceKind.DISK
+
+
+def test_a_tensor_key_that_would_move_its_modules_other_tensors_is_refused_naming_it() -> None:
+    model = OwnTensorBesideChildren()
+    # `inner` is one module: its own tensor cannot go to disk while the module's entry stays on the CPU.
+    with pytest.raises(PlanError, match=r"device-map keys \['inner.cls'\] name tensors, and bigload places whole "
+                                        r"modules.*Map each such tensor to the device of the other tensors of its"):
+        dispatch_model(model, {"": "cpu", "inner.cls": "disk"}, offload_dir="unused")
+    with pytest.raises(PlanError, match=r"device-map key 'inner.nothing' names no module"):
+        dispatch_model(model, {"": "cpu", "inner.nothing": "cpu"})
