@@ -13,10 +13,17 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from bigload import dispatch_model, infer_auto_device_map, load_checkpoint_and_dispatch
+from bigload import (
+    detach,
+    disk_offload,
+    dispatch_model,
+    infer_auto_device_map,
+    load_checkpoint_and_dispatch,
+    load_checkpoint_in_model,
+)
 from bigload.devices import CPU, DeviceKind
 from bigload.empty import init_empty_weights
-from bigload.errors import PlanError
+from bigload.errors import BigloadError, PlanError
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -88,3 +95,36 @@ def test_a_tensor_key_that_would_move_its_modules_other_tensors_is_refused_namin
         dispatch_model(model, {"": "cpu", "inner.cls": "disk"}, offload_dir="unused")
     with pytest.raises(PlanError, match=r"device-map key 'inner.nothing' names no module"):
         dispatch_model(model, {"": "cpu", "inner.nothing": "cpu"})
+
+
+@pytest.mark.parametrize("again", ["disk_offload other folder", "disk_offload same folder", "dispatch_model",
+                                   "load_checkpoint_and_dispatch", "load_checkpoint_in_model"])
+def test_an_entry_point_on_a_model_dispatched_already_names_detach_before_touching_anything(
+        tmp_path: Path, again: str) -> None:
+    torch.manual_seed(0)
+    reference = OwnTensorBesideChildren().eval()
+    save_file(reference.state_dict(), tmp_path / "model.safetensors")
+    model = copy.deepcopy(reference)
+    disk_offload(model, tmp_path / "first")
+    calls = {
+        "disk_offload other folder": lambda: disk_offload(model, tmp_path / "second"),
+        "disk_offload same folder": lambda: disk_offload(model, tmp_path / "first"),
+        "dispatch_model": lambda: dispatch_model(model, {"": "disk"}, offload_dir=tmp_path / "second"),
+        "load_checkpoint_and_dispatch": lambda: load_checkpoint_and_dispatch(
+            model, tmp_path / "model.safetensors", device_map={"": "disk"}, offload_folder=tmp_path / "second"),
+        "load_checkpoint_in_model": lambda: load_checkpoint_in_model(
+            model, tmp_path / "model.safetensors", {"": "disk"}, offload_folder=tmp_path / "second"),
+    }
+    first = sorted(p.name for p in (tmp_path / "first").iterdir())
+    # Was: "tensor 'e.weight' is on the meta device ... load the checkpoint first, or pass offload_index" (the
+    # runtime's placeholders), or a load into the hooked model refused only after it had replaced its tensors.
+    with pytest.raises(BigloadError, match=r"already has a bigload runtime .* call bigload.detach\(model\) first"):
+        calls[again]()
+    assert not (tmp_path / "second").exists()
+    assert sorted(p.name for p in (tmp_path / "first").iterdir()) == first
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)  # the first dispatch still runs
+        detach(model)
+        disk_offload(model, tmp_path / "second")
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)

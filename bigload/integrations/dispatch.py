@@ -28,7 +28,7 @@ from bigload.plan.given import check_plan, check_tied, plan_for_map
 from bigload.plan.inventory import inventory_from_module
 from bigload.plan.options import PlanOptions
 from bigload.plan.value import Plan
-from bigload.runtime.runtime import attach, detach
+from bigload.runtime.runtime import attach, check_not_attached, detach
 from bigload.runtime.weights import HostWeights
 from bigload.tensors import Registration, owner_of, tensor_groups
 
@@ -109,10 +109,12 @@ def dispatch_model(
     Raises:
         PlanError, DeviceError: the map cannot place this model (checked before anything moves).
         OffloadError: the map has disk blocks but no `offload_dir`.
+        BigloadError: the model is dispatched already (`bigload.detach(model)` first).
 
     >>> dispatch_model(model, {"embed": "cpu", "body": "disk", "head": "cpu"}, offload_dir="off/")  # doctest: +SKIP
     """
     del preload_module_classes  # see the docstring
+    check_not_attached(model)
     options = PlanOptions(prefetch=prefetch, policy=policy, offload_buffers=offload_buffers, main_device=main_device)
     inventory = inventory_from_module(model)
     if isinstance(device_map, Plan):
