@@ -17,13 +17,14 @@ from bigload import (
     detach,
     disk_offload,
     dispatch_model,
+    from_pretrained,
     infer_auto_device_map,
     load_checkpoint_and_dispatch,
     load_checkpoint_in_model,
 )
 from bigload.devices import CPU, DeviceKind
 from bigload.empty import init_empty_weights
-from bigload.errors import BigloadError, PlanError
+from bigload.errors import BigloadError, BudgetError, PlanError
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -128,3 +129,31 @@ def test_an_entry_point_on_a_model_dispatched_already_names_detach_before_touchi
         detach(model)
         disk_offload(model, tmp_path / "second")
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, "int8", torch.float8_e4m3fn, torch.int32, torch.bool])
+def test_a_load_dtype_that_would_destroy_the_weights_is_refused_before_anything_is_read(
+        tmp_path: Path, dtype: object) -> None:
+    torch.manual_seed(0)
+    save_file(OwnTensorBesideChildren().state_dict(), tmp_path / "model.safetensors")
+    for load in (load_checkpoint_and_dispatch, load_checkpoint_in_model):
+        with init_empty_weights():
+            model = OwnTensorBesideChildren()
+        # Was: floating weights cast to int8 (0.2 -> 0) and a RuntimeError from torch at the first forward.
+        with pytest.raises(BudgetError, match=r"dtype=torch\.\w+ is not a dtype to load a model in .*use "
+                                              r"dtype=torch.bfloat16, float16, float32 or float64"):
+            load(model, tmp_path / "model.safetensors", device_map={"": "disk"}, offload_folder=tmp_path / "off",
+                 dtype=dtype)
+        assert not (tmp_path / "off").exists()
+        assert all(t.device.type == "meta" for t in model.parameters())
+
+
+def test_an_integer_load_dtype_names_quantize_in_python_and_the_flags_in_the_cli(tmp_path: Path) -> None:
+    from bigload.cli.demo import write_demo_model
+    from bigload.messages import Audience
+
+    folder = write_demo_model(tmp_path / "demo")
+    with pytest.raises(BudgetError) as caught:
+        from_pretrained(folder, dtype=torch.int8)  # was transformers' ValueError, naming no fix
+    assert "use quantize='int8' or quantize='int4'" in str(caught.value)
+    assert "use --quantize int8 or --quantize int4" in caught.value.render(Audience.CLI)
