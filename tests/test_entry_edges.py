@@ -24,7 +24,7 @@ from bigload import (
 )
 from bigload.devices import CPU, DeviceKind
 from bigload.empty import init_empty_weights
-from bigload.errors import BigloadError, BudgetError, PlanError
+from bigload.errors import BigloadError, BudgetError, OffloadError, PlanError
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -157,3 +157,34 @@ def test_an_integer_load_dtype_names_quantize_in_python_and_the_flags_in_the_cli
         from_pretrained(folder, dtype=torch.int8)  # was transformers' ValueError, naming no fix
     assert "use quantize='int8' or quantize='int4'" in str(caught.value)
     assert "use --quantize int8 or --quantize int4" in caught.value.render(Audience.CLI)
+
+
+def test_casting_a_model_with_offloaded_weights_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = OwnTensorBesideChildren().eval()
+    model = copy.deepcopy(reference)
+    dispatch_model(model, {"e": "cpu", "inner": "disk", "h": "cpu"}, offload_dir=tmp_path / "off")
+    x = torch.randn(3, 64)
+    # Was: the resident tensors cast to float64, the offloaded ones brought in as float32, and torch's
+    # "expected m1 and m2 to have the same dtype" at the next forward.
+    for cast in (lambda: model.to(torch.float64), lambda: model.half(), lambda: model.to("cpu", torch.bfloat16)):
+        with pytest.raises(OffloadError, match=r"would cast the model to torch\.\w+, but 5 of its tensors are "
+                                               r"offloaded by bigload \(e\.g\. 'inner\.cls', torch\.float32\).*"
+                                               r"Load it in torch\.\w+ instead.*Nothing was changed"):
+            cast()
+    model.to(torch.float32)  # no cast: nothing offloaded changes
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+        detach(model).double()
+        torch.testing.assert_close(model(x.double()), copy.deepcopy(reference).double()(x.double()), rtol=0, atol=0)
+
+
+def test_casting_a_dispatched_model_whose_weights_are_all_resident_casts_all_of_them() -> None:
+    torch.manual_seed(0)
+    reference = OwnTensorBesideChildren().eval()
+    model = copy.deepcopy(reference)
+    dispatch_model(model, {"e": "cpu", "inner": "cpu", "h": "cpu"}, force_hooks=True)
+    model.double()
+    x = torch.randn(3, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference.double()(x), rtol=0, atol=0)
