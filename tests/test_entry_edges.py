@@ -25,6 +25,7 @@ from bigload import (
 from bigload.devices import CPU, DeviceKind
 from bigload.empty import init_empty_weights
 from bigload.errors import BigloadError, BudgetError, OffloadError, PlanError
+from bigload.runtime import runtime_of
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -188,3 +189,23 @@ def test_casting_a_dispatched_model_whose_weights_are_all_resident_casts_all_of_
     x = torch.randn(3, 64, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference.double()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("state_dict", [False, True])
+@pytest.mark.parametrize("force_hooks", [False, True])
+def test_dispatching_a_model_still_on_meta_names_the_tensor_and_the_loading_call(
+        state_dict: bool, force_hooks: bool) -> None:
+    torch.manual_seed(0)
+    weights = OwnTensorBesideChildren().state_dict()
+    device_map = {"e": "cpu", "inner": "cpu", "h": "cpu"}
+    with init_empty_weights():
+        model = OwnTensorBesideChildren()
+    given = {"state_dict": weights} if state_dict else {}
+    with pytest.raises(ValueError, match="is on the meta device"):  # accelerate checks it too
+        accelerate.dispatch_model(copy.deepcopy(model), device_map, force_hooks=True, **given)
+    # Was: dispatched, then torch's NotImplementedError "Cannot copy out of meta tensor" in the first forward
+    # (or from model.to when the map names one device).
+    with pytest.raises(OffloadError, match=r"tensor 'e.weight' is on the meta device \(no data\), and the map keeps "
+                                           r"block 'e' on cpu, where it runs.*load them first"):
+        dispatch_model(model, device_map, force_hooks=force_hooks, **given)
+    assert runtime_of(model) is None and not hasattr(model, "hf_device_map")
