@@ -6,7 +6,9 @@ already dispatched, values a user would type for accelerate or transformers.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -21,7 +23,9 @@ from bigload import (
     infer_auto_device_map,
     load_checkpoint_and_dispatch,
     load_checkpoint_in_model,
+    plan_for_model,
 )
+from bigload.plan import Plan
 from bigload.devices import CPU, DeviceKind
 from bigload.empty import init_empty_weights
 from bigload.errors import BigloadError, BudgetError, OffloadError, PlanError
@@ -209,3 +213,56 @@ def test_dispatching_a_model_still_on_meta_names_the_tensor_and_the_loading_call
                                            r"block 'e' on cpu, where it runs.*load them first"):
         dispatch_model(model, device_map, force_hooks=force_hooks, **given)
     assert runtime_of(model) is None and not hasattr(model, "hf_device_map")
+
+
+def _saved(tmp_path: Path) -> tuple[nn.Module, Path, Plan]:
+    torch.manual_seed(0)
+    reference = OwnTensorBesideChildren().eval()
+    save_file(reference.state_dict(), tmp_path / "model.safetensors")
+    planned = plan_for_model(OwnTensorBesideChildren(), max_memory={"cpu": 70000, "disk": 10**9})
+    assert planned.offloaded and planned.slots.count == 2
+    return reference, tmp_path / "model.safetensors", planned
+
+
+def _edited(planned: Plan, edit: Callable[[dict], object]) -> str:
+    data = json.loads(planned.to_json())
+    edit(data)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d["slots"].update(count=0),  # was "no free slot ... Put nested blocks on one device-map entry"
+    lambda d: d["slots"].update(nbytes=10**18),  # was OSError ENOMEM from the first forward
+    lambda d: d["slots"].update(nbytes=10),
+    lambda d: d.update(prefetch=3),
+], ids=["no-slots", "huge-slots", "tiny-slots", "prefetch-without-its-slots"])
+def test_a_plan_whose_slots_were_edited_is_refused_before_anything_is_read(tmp_path: Path, edit) -> None:
+    reference, checkpoint, planned = _saved(tmp_path)
+    edited = Plan.from_json(_edited(planned, edit))
+    with init_empty_weights():
+        model = OwnTensorBesideChildren().eval()
+    with pytest.raises(PlanError, match=r"the plan's slots \(\d+ of \d+ bytes\) are not what its offloaded blocks "
+                                        r"need \([23] of \d+ bytes, at prefetch=\d\): the plan was edited"):
+        load_checkpoint_and_dispatch(model, checkpoint, device_map=edited, offload_folder=tmp_path / "off")
+    assert not (tmp_path / "off").exists()
+    load_checkpoint_and_dispatch(model, checkpoint, device_map=Plan.from_json(planned.to_json()),
+                                 offload_folder=tmp_path / "off")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: d.update(prefetch=-3), r"plan JSON has prefetch -3 and batch_size 1; a plan has prefetch >= 0"),
+    (lambda d: [p.update(execution_device="disk") for p in d["placements"]],
+     r"plan JSON has execution_device of 'e' 'disk'; blocks run on a GPU or the CPU"),
+], ids=["negative-prefetch", "runs-on-disk"])
+def test_plan_json_with_values_no_planner_writes_names_the_field(tmp_path: Path, edit, message: str) -> None:
+    planned = _saved(tmp_path)[2]
+    with pytest.raises(PlanError, match=message):
+        Plan.from_json(_edited(planned, edit))
+
+
+def test_plan_json_nested_deeper_than_the_stack_is_a_plan_error() -> None:
+    with pytest.raises(PlanError, match=r"not a bigload plan JSON \(RecursionError"):  # was the RecursionError
+        Plan.from_json("[" * 100_000 + "]" * 100_000)

@@ -31,7 +31,7 @@ from bigload.plan.planner import (
     slots_for,
     tied_elsewhere,
 )
-from bigload.plan.reserve import slot_alignment, slot_bytes
+from bigload.plan.reserve import read_slot_bytes, slot_alignment, slot_bytes, slot_count
 from bigload.plan.value import Plan
 from bigload.plan.walk import ATTENTION_WORDS, Fill
 from bigload.sizes import format_size
@@ -191,7 +191,8 @@ def check_plan(plan: Plan, inventory: Inventory) -> None:
     every offloaded block.
 
     Raises:
-        PlanError: naming the first entry that differs, both sizes and the fix.
+        PlanError: naming the first entry that differs, both sizes and the fix; or slots other than its offloaded
+            blocks need (a plan edited by hand: slots that hold no block, or more memory than the plan states).
     """
     placed = _parse_map(inventory, plan.device_map)
     weights: dict[str, int] = {key: 0 for key in placed}
@@ -207,4 +208,29 @@ def check_plan(plan: Plan, inventory: Inventory) -> None:
                 f"{format_size(weights[placement.name])} ({weights[placement.name]} bytes). Plan again with the "
                 "same dtype=, quantize= and adapter= as the load, or pass the plan's device_map instead of the plan."
             )
+    count, nbytes = _slots_needed(plan, inventory, placed)
+    if (plan.slots.count, plan.slots.nbytes) != (count, nbytes):
+        raise PlanError(
+            f"the plan's slots ({plan.slots.count} of {plan.slots.nbytes} bytes) are not what its offloaded blocks "
+            f"need ({count} of {nbytes} bytes, at prefetch={plan.prefetch}): the plan was edited, or made for another "
+            "load. Plan again, or pass the plan's device_map instead of the plan."
+        )
+
+
+def _slots_needed(plan: Plan, inventory: Inventory, placed: Mapping[str, Device]) -> tuple[int, int]:
+    """The slot count and size the plan's offloaded placements need, by the formulas the planner sized them
+    with (`reserve.slot_count`, `reserve.slot_bytes`, `reserve.read_slot_bytes`)."""
+    owned = _owners(inventory, placed)
+    alignment = slot_alignment(plan.main_device.is_gpu)
+    taking: dict[str, int] = {}
+    for placement in plan.placements:
+        if not placement.offloaded:
+            continue
+        shared = tied_elsewhere(inventory, lambda name, key=placement.name: owner_of(name, placed) == key)
+        in_slot = [entry.nbytes for entry in (*owned[placement.name], *shared)
+                   if plan.offload_buffers or not entry.buffer]
+        if in_slot:
+            taking[placement.name] = slot_bytes(in_slot, alignment)
+    count = slot_count(list(taking), plan.prefetch)
+    return count, read_slot_bytes(max(taking.values(), default=0), plan.slots.reads) if count else 0
 
