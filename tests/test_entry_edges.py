@@ -266,3 +266,85 @@ def test_plan_json_with_values_no_planner_writes_names_the_field(tmp_path: Path,
 def test_plan_json_nested_deeper_than_the_stack_is_a_plan_error() -> None:
     with pytest.raises(PlanError, match=r"not a bigload plan JSON \(RecursionError"):  # was the RecursionError
         Plan.from_json("[" * 100_000 + "]" * 100_000)
+
+
+def _llama_and_map_on_containers(tmp_path: Path):
+    from fixtures_models import reference_llama, save_sharded
+
+    reference = reference_llama()
+    folder = save_sharded(reference, tmp_path / "llama")
+    # Hand-written, as accelerate users write them: the decoder stack's ModuleList as one entry.
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                  "lm_head": "cpu"}
+    return reference, folder, device_map
+
+
+def test_a_map_entry_on_a_module_list_brings_each_layer_in_as_accelerate_does(tmp_path: Path) -> None:
+    from fixtures_models import empty_llama
+
+    reference, folder, device_map = _llama_and_map_on_containers(tmp_path)
+    ids = torch.tensor([[1, 5, 9, 33, 7, 100]])
+    ours = load_checkpoint_and_dispatch(empty_llama(), folder, device_map=device_map, offload_folder=tmp_path / "a")
+    theirs = accelerate.load_checkpoint_and_dispatch(empty_llama(), str(folder), device_map=device_map,
+                                                     offload_folder=tmp_path / "b")
+    dispatched = dispatch_model(copy.deepcopy(reference), device_map, offload_dir=tmp_path / "c")
+    with torch.no_grad():
+        expected = reference(ids).logits
+        torch.testing.assert_close(theirs(ids).logits, expected, rtol=0, atol=0)
+        # Was: OffloadError "... only while block 'model.layers' runs ... Run the model (or that block)": a
+        # ModuleList is indexed, never called, so the entry's hooks never brought its weights in.
+        torch.testing.assert_close(ours(ids).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(dispatched(ids).logits, expected, rtol=0, atol=0)
+    assert ours.hf_device_map == device_map
+    assert "model.layers.3" in ours.bigload_plan.offloaded
+
+
+def test_a_map_entry_on_peft_s_module_dict_gives_peft_s_outputs_not_uninitialized_memory(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from fixtures_models import reference_llama
+
+    folder = _llama_and_map_on_containers(tmp_path)[1]
+    torch.manual_seed(1)
+    lora = peft.get_peft_model(reference_llama(), peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4,
+                                                                   lora_alpha=8, init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.3)
+    lora.save_pretrained(tmp_path / "lora")
+    expected_model = peft.PeftModel.from_pretrained(reference_llama(), tmp_path / "lora").eval()
+    ours = from_pretrained(folder, adapter=tmp_path / "lora", offload_folder=tmp_path / "off", progress=False,
+                           device_map={"": "cpu", "model.layers.1.self_attn.q_proj.lora_A": "disk"})
+    ids = torch.tensor([[1, 5, 9, 33, 7, 100]])
+    with torch.no_grad():
+        # Was: the ModuleDict's hooks never ran, and torch's CPU linear read its meta placeholder as
+        # uninitialized memory: logits off by 0.27, other greedy tokens, no error.
+        torch.testing.assert_close(ours(ids).logits, expected_model(ids).logits, rtol=0, atol=1e-5)
+
+
+class _ReadsChildWeight(nn.Module):
+    """Uses its child's weight without calling the child (the case accelerate's `preload_module_classes` is for)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8, bias=False)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x @ self.proj.weight.t())
+
+
+def test_a_placeholder_read_by_a_computation_on_real_tensors_raises_instead_of_giving_garbage(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _ReadsChildWeight().eval()
+    x = torch.randn(3, 8)
+    expected = model(x)
+    disk_offload(model, tmp_path / "off")
+    # Was: torch's CPU matmul takes the meta placeholder beside a CPU input and returns uninitialized memory.
+    with pytest.raises(OffloadError, match=r"'proj.weight' is offloaded by bigload \(on disk in .*\): its values are "
+                                           r"on the execution device only while block 'proj' runs"):
+        model(x)
+    detach(model)
+    disk_offload(model, tmp_path / "off2", preload_module_classes=["_ReadsChildWeight"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)

@@ -91,7 +91,32 @@ def _parse_map(inventory: Inventory, device_map: Mapping[str, DeviceLike]) -> di
             examples = list(inventory.names[1:4])
             raise PlanError(f"device-map key {key!r} names no module of {inventory.classes[0] or 'the model'}; keys "
                             f"are module names such as {examples}.")
-    return _tensor_keys_as_modules(inventory, placed, tensors) if any(k in tensors for k in placed) else placed
+    if any(key in tensors for key in placed):
+        placed = _tensor_keys_as_modules(inventory, placed, tensors)
+    return _containers_as_children(inventory, placed)
+
+
+# torch's containers: a model indexes them (`self.layers[i](x)`), never calls them, so hooks on one never run.
+_CONTAINERS = frozenset({"ModuleList", "ModuleDict"})
+
+
+def _containers_as_children(inventory: Inventory, placed: Mapping[str, Device]) -> dict[str, Device]:
+    """A key naming a `ModuleList`/`ModuleDict` (`{"model.layers": "disk"}`, peft's `lora_A`) as a key for each of
+    its children, in its place: the runtime hooks the modules that run, and a container's own hooks would never
+    bring its weights in. Children the map names itself keep their own entries."""
+    if not any(key and inventory.classes[inventory.index(key)] in _CONTAINERS for key in placed):
+        return dict(placed)
+    out: dict[str, Device] = {}
+    for key, device in placed.items():
+        pending = [key]
+        while pending:
+            name = pending.pop(0)
+            i = inventory.index(name)
+            if name and inventory.classes[i] in _CONTAINERS:
+                pending[:0] = [inventory.names[c] for c in inventory.children(i) if inventory.names[c] not in placed]
+            else:
+                out.setdefault(name, device)
+    return out
 
 
 def _tensor_keys_as_modules(inventory: Inventory, placed: Mapping[str, Device],
