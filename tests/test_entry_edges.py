@@ -28,7 +28,7 @@ from bigload import (
 from bigload.plan import Plan
 from bigload.devices import CPU, DeviceKind
 from bigload.empty import init_empty_weights
-from bigload.errors import BigloadError, BudgetError, OffloadError, PlanError
+from bigload.errors import BigloadError, BudgetError, OffloadError, PlanError, QuantizationError
 from bigload.runtime import runtime_of
 
 accelerate = pytest.importorskip("accelerate")
@@ -348,3 +348,23 @@ def test_a_placeholder_read_by_a_computation_on_real_tensors_raises_instead_of_g
     disk_offload(model, tmp_path / "off2", preload_module_classes=["_ReadsChildWeight"])
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_from_pretrained_reads_transformers_torch_dtype_and_names_quantize_for_its_bitsandbytes_keywords(
+        tmp_path: Path) -> None:
+    from bigload.cli.demo import write_demo_model
+
+    folder = write_demo_model(tmp_path / "demo")
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    # Was: TypeError "from_pretrained() got an unexpected keyword argument 'torch_dtype'".
+    ours = from_pretrained(folder, torch_dtype=torch.bfloat16, progress=False)
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    assert {t.dtype for t in ours.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=0)
+    with pytest.raises(QuantizationError, match=r"load_in_8bit= is transformers' \(bitsandbytes\) quantization; "
+                                                r"bigload takes quantize='int8'"):
+        from_pretrained(folder, load_in_8bit=True)
+    with pytest.raises(BigloadError, match=r"torch_dtype= and dtype= are both given"):
+        from_pretrained(folder, torch_dtype=torch.bfloat16, dtype=torch.float16)
