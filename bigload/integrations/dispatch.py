@@ -29,7 +29,7 @@ from bigload.plan.given import check_plan, check_tied, plan_for_map
 from bigload.plan.inventory import inventory_from_module
 from bigload.plan.options import PlanOptions
 from bigload.plan.value import Plan
-from bigload.runtime.runtime import attach, detach
+from bigload.runtime.runtime import attach, check_not_attached, detach
 from bigload.runtime.weights import HostWeights
 from bigload.tensors import Registration, owner_of, tensor_groups
 
@@ -109,11 +109,14 @@ def dispatch_model(
 
     Raises:
         PlanError, DeviceError: the map cannot place this model (checked before anything moves).
-        OffloadError: the map has disk blocks but no `offload_dir`.
+        OffloadError: the map has disk blocks but no `offload_dir`, or a tensor of a block kept where it runs has
+            no data (meta).
+        BigloadError: the model is dispatched already (`bigload.detach(model)` first).
 
     >>> dispatch_model(model, {"embed": "cpu", "body": "disk", "head": "cpu"}, offload_dir="off/")  # doctest: +SKIP
     """
     del preload_module_classes  # see the docstring
+    check_not_attached(model)
     options = PlanOptions(prefetch=prefetch, policy=policy, offload_buffers=offload_buffers, main_device=main_device)
     inventory = inventory_from_module(model)
     if isinstance(device_map, Plan):
@@ -122,6 +125,7 @@ def dispatch_model(
     else:
         planned = plan_for_map(inventory, device_map, detect_budget(None), options)
     check_devices(planned, None)
+    _check_resident_data(model, planned, state_dict is not None)
     devices = {p.device for p in planned.placements}
     uses_disk = DeviceKind.DISK in {device.kind for device in devices}
     if uses_disk and offload_dir is None:
@@ -144,6 +148,24 @@ def dispatch_model(
                      skip_keys=[skip_keys] if isinstance(skip_keys, str) else skip_keys)
     set_device_map(model, planned, runtime, device_map)
     return model
+
+
+def _check_resident_data(model: nn.Module, planned: Plan, state_dict_given: bool) -> None:
+    """Refuse a tensor with no data (meta) in a block the plan keeps where it runs: nothing would ever fill it,
+    and torch would fail in the first forward. (Offloaded blocks' tensors are checked against their weight
+    sources, `state_dict` and the store, by `runtime.blocks`.)"""
+    for group in tensor_groups(model):
+        placement = planned.placement_of(group.names[0])
+        if group.tensor.device.type != "meta" or placement is None or placement.offloaded:
+            continue
+        unused = (" (state_dict= supplies the blocks offloaded to host memory, which run on a GPU; this one runs "
+                  f"where it is kept)" if state_dict_given else "")
+        raise OffloadError(
+            f"tensor {group.names[0]!r} is on the meta device (no data), and the map keeps block "
+            f"{placement.name or '(whole model)'!r} on {placement.device}, where it runs{unused}. dispatch_model "
+            "places weights that are loaded already: load them first (load_checkpoint_and_dispatch(model, checkpoint, "
+            "device_map=...) loads and dispatches in one step, or model.load_state_dict(state_dict, assign=True))."
+        )
 
 
 def _move_home(model: nn.Module, planned: Plan) -> None:

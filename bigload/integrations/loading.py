@@ -28,7 +28,7 @@ from bigload.plan.planner import plan
 from bigload.plan.reserve import DiskReads
 from bigload.plan.value import Plan
 from bigload.quant import Quantization
-from bigload.runtime.runtime import Runtime, attach
+from bigload.runtime.runtime import Runtime, attach, check_not_attached
 
 __all__ = ["load_checkpoint_and_dispatch", "load_checkpoint_in_model", "plan_for_model", "set_device_map"]
 
@@ -123,6 +123,7 @@ def load_checkpoint_and_dispatch(
             the same one under another quantization scheme).
         QuantizationError: an unknown scheme, a model without Linear layers, a Linear the scheme's
             kernels cannot run.
+        BigloadError: the model is dispatched already (`bigload.detach(model)` first).
         All of these are raised before any weight is read.
 
     >>> with init_empty_weights():  # doctest: +SKIP
@@ -130,6 +131,7 @@ def load_checkpoint_and_dispatch(
     >>> load_checkpoint_and_dispatch(model, "llama/", device_map="auto", offload_folder="offload/")  # doctest: +SKIP
     """
     del offload_state_dict, preload_module_classes, full_state_dict, broadcast_from_rank0  # see the docstring
+    check_not_attached(model)
     options = PlanOptions(
         dtype=dtype, max_memory=max_memory, offload_folder=offload_folder, context_length=context_length,
         batch_size=batch_size, prefetch=prefetch, policy=policy, keep_in_fp32_modules=keep_in_fp32_modules,
@@ -241,12 +243,14 @@ def load_checkpoint_in_model(
         OffloadError: the map names disk without `offload_folder`, or the folder belongs to another
             checkpoint, dtype or quantization scheme, or cannot be written.
         QuantizationError: an unknown scheme, or a model it cannot apply to (see `bigload.quant`).
+        BigloadError: the model is dispatched already (`bigload.detach(model)` first).
 
     >>> with init_empty_weights():  # doctest: +SKIP
     ...     model = LlamaForCausalLM(config)
     >>> result = load_checkpoint_in_model(model, "llama/", {"": "cpu"}, dtype=torch.bfloat16)  # doctest: +SKIP
     """
     del offload_state_dict, full_state_dict, broadcast_from_rank0  # see the docstring
+    check_not_attached(model)
     if offload_8bit_bnb:
         raise OffloadError(
             "offload_8bit_bnb=True asks for bitsandbytes 8-bit offload, which bigload does not do; load without it "

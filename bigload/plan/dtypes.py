@@ -11,9 +11,11 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from bigload.errors import BudgetError
+from bigload.messages import Setting, Text, setting
 from bigload.sizes import parse_dtype
 
-__all__ = ["DtypeRule", "castable", "default_keep_in_fp32_modules"]
+__all__ = ["DtypeRule", "castable", "default_keep_in_fp32_modules", "load_dtype"]
 
 # Only these are cast. Integer and bool tensors (ids, masks, quantized weights), complex tensors (a cast to
 # a real dtype drops the imaginary part) and float8 tensors (quantized weights with their own scales) keep
@@ -52,9 +54,10 @@ class DtypeRule:
         """A rule from user-facing arguments (dtype names are parsed).
 
         Raises:
-            BudgetError: an unknown dtype name.
+            BudgetError: an unknown dtype name, or a `dtype` floating weights cannot be cast to and run in (an
+                integer, bool, complex or float8 type: the cast would destroy the weights).
         """
-        target = parse_dtype(dtype) if dtype is not None else None
+        target = load_dtype(dtype) if dtype is not None else None
         special = tuple(sorted((name, parse_dtype(value)) for name, value in (special_dtypes or {}).items()))
         return DtypeRule(target, special, tuple(dict.fromkeys(keep_in_fp32_modules)))
 
@@ -66,7 +69,7 @@ class DtypeRule:
         model (`default_keep_in_fp32_modules`), so a transformers model loads as `from_pretrained` loads it.
         (accelerate's `load_checkpoint_in_model` keeps nothing in float32 unless given the list; pass
         `keep_in_fp32_modules=[]` for that.)"""
-        target = parse_dtype(dtype) if dtype is not None else None
+        target = load_dtype(dtype) if dtype is not None else None
         kept = default_keep_in_fp32_modules(model, target) if keep_in_fp32_modules is None else keep_in_fp32_modules
         return DtypeRule.of(target, special_dtypes, kept)
 
@@ -100,6 +103,33 @@ class DtypeRule:
         """Whether the answer depends on the tensor's name (not only on its dtypes)."""
         return bool(self.special or self.keep_in_fp32)
 
+
+
+def load_dtype(value: torch.dtype | str) -> torch.dtype:
+    """`dtype=` of a load: a dtype floating weights are cast to and run in (float16/bfloat16/float32/float64).
+
+    Raises:
+        BudgetError: an unknown name, or an integer, bool, complex or float8 type (the cast would destroy the
+            weights: 0.2 becomes 0 in int8), naming `quantize=` for 8-bit weights.
+    """
+    dtype = parse_dtype(value)
+    if dtype not in _CASTABLE:
+        raise BudgetError(_not_a_load_dtype(dtype))
+    return dtype
+
+
+def _not_a_load_dtype(dtype: torch.dtype) -> Text:
+    name = str(dtype).removeprefix("torch.")
+    if dtype.is_floating_point:
+        why: tuple[str | Setting, ...] = ("8-bit floats store weights; a model runs in 16 bits or more",)
+    elif dtype in (torch.int8, torch.uint8):
+        why = ("to store weights as 8-bit integers, use ", setting("quantize", "'int8'"), " or ",
+               setting("quantize", "'int4'"))
+    else:
+        why = ("floating weights cast to it would lose their values",)
+    return Text(setting("dtype", str(dtype), name), " is not a dtype to load a model in (", *why, "); use ",
+                setting("dtype", "torch.bfloat16", "bfloat16"), ", float16, float32 or float64, or leave ",
+                setting("dtype"), " out to keep the model's own.")
 
 
 class _Fp32Matcher:

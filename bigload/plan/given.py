@@ -31,7 +31,7 @@ from bigload.plan.planner import (
     slots_for,
     tied_elsewhere,
 )
-from bigload.plan.reserve import slot_alignment, slot_bytes
+from bigload.plan.reserve import read_slot_bytes, slot_alignment, slot_bytes, slot_count
 from bigload.plan.value import Plan
 from bigload.plan.walk import ATTENTION_WORDS, Fill
 from bigload.sizes import format_size
@@ -85,12 +85,67 @@ def _parse_map(inventory: Inventory, device_map: Mapping[str, DeviceLike]) -> di
         raise PlanError("the device map is empty; map at least '' (the whole model) to a device.")
     placed = {str(key): Device.parse(value) for key, value in device_map.items()}
     modules = set(inventory.names)
+    tensors = {entry.name: inventory.names[entry.module] for entry in inventory.tensors}
     for key in placed:
-        if key not in modules:
+        if key not in modules and key not in tensors:
             examples = list(inventory.names[1:4])
             raise PlanError(f"device-map key {key!r} names no module of {inventory.classes[0] or 'the model'}; keys "
                             f"are module names such as {examples}.")
-    return placed
+    if any(key in tensors for key in placed):
+        placed = _tensor_keys_as_modules(inventory, placed, tensors)
+    return _containers_as_children(inventory, placed)
+
+
+# torch's containers: a model indexes them (`self.layers[i](x)`), never calls them, so hooks on one never run.
+_CONTAINERS = frozenset({"ModuleList", "ModuleDict"})
+
+
+def _containers_as_children(inventory: Inventory, placed: Mapping[str, Device]) -> dict[str, Device]:
+    """A key naming a `ModuleList`/`ModuleDict` (`{"model.layers": "disk"}`, peft's `lora_A`) as a key for each of
+    its children, in its place: the runtime hooks the modules that run, and a container's own hooks would never
+    bring its weights in. Children the map names itself keep their own entries."""
+    if not any(key and inventory.classes[inventory.index(key)] in _CONTAINERS for key in placed):
+        return dict(placed)
+    out: dict[str, Device] = {}
+    for key, device in placed.items():
+        pending = [key]
+        while pending:
+            name = pending.pop(0)
+            i = inventory.index(name)
+            if name and inventory.classes[i] in _CONTAINERS:
+                pending[:0] = [inventory.names[c] for c in inventory.children(i) if inventory.names[c] not in placed]
+            else:
+                out.setdefault(name, device)
+    return out
+
+
+def _tensor_keys_as_modules(inventory: Inventory, placed: Mapping[str, Device],
+                            module_of: Mapping[str, str]) -> dict[str, Device]:
+    """A map whose keys name tensors (accelerate's `infer_auto_device_map` names a module's own tensors when it
+    splits a module that holds tensors beside its children, e.g. `{"inner.cls": "cpu", "inner.a": "disk"}`)
+    as the same placement by modules, which is what the runtime hooks: each tensor key becomes its module's
+    key. Refused when that would move any tensor (its module holds other tensors mapped elsewhere)."""
+    converted: dict[str, Device] = {}
+    for key, device in placed.items():
+        module = module_of.get(key, key) if key not in inventory.names else key
+        if converted.setdefault(module, device) != device:
+            converted = {}
+            break
+    moved = [entry.name for entry in inventory.tensors
+             if not converted or _device_of(entry.name, converted) != _device_of(entry.name, placed)]
+    if moved:
+        tensor_keys = [key for key in placed if key in module_of]
+        raise PlanError(
+            f"device-map keys {tensor_keys[:3]} name tensors, and bigload places whole modules (a module's own "
+            f"tensors go with it): placed by module, {moved[0]!r} would go elsewhere than this map says. Map each "
+            "such tensor to the device of the other tensors of its module (or map the module itself)."
+        )
+    return converted
+
+
+def _device_of(name: str, placed: Mapping[str, Device]) -> Device | None:
+    owner = owner_of(name, placed)
+    return None if owner is None else placed[owner]
 
 
 def _owners(inventory: Inventory, placed: Mapping[str, Device]) -> dict[str, list[TensorEntry]]:
@@ -161,7 +216,8 @@ def check_plan(plan: Plan, inventory: Inventory) -> None:
     every offloaded block.
 
     Raises:
-        PlanError: naming the first entry that differs, both sizes and the fix.
+        PlanError: naming the first entry that differs, both sizes and the fix; or slots other than its offloaded
+            blocks need (a plan edited by hand: slots that hold no block, or more memory than the plan states).
     """
     placed = _parse_map(inventory, plan.device_map)
     weights: dict[str, int] = {key: 0 for key in placed}
@@ -177,4 +233,29 @@ def check_plan(plan: Plan, inventory: Inventory) -> None:
                 f"{format_size(weights[placement.name])} ({weights[placement.name]} bytes). Plan again with the "
                 "same dtype=, quantize= and adapter= as the load, or pass the plan's device_map instead of the plan."
             )
+    count, nbytes = _slots_needed(plan, inventory, placed)
+    if (plan.slots.count, plan.slots.nbytes) != (count, nbytes):
+        raise PlanError(
+            f"the plan's slots ({plan.slots.count} of {plan.slots.nbytes} bytes) are not what its offloaded blocks "
+            f"need ({count} of {nbytes} bytes, at prefetch={plan.prefetch}): the plan was edited, or made for another "
+            "load. Plan again, or pass the plan's device_map instead of the plan."
+        )
+
+
+def _slots_needed(plan: Plan, inventory: Inventory, placed: Mapping[str, Device]) -> tuple[int, int]:
+    """The slot count and size the plan's offloaded placements need, by the formulas the planner sized them
+    with (`reserve.slot_count`, `reserve.slot_bytes`, `reserve.read_slot_bytes`)."""
+    owned = _owners(inventory, placed)
+    alignment = slot_alignment(plan.main_device.is_gpu)
+    taking: dict[str, int] = {}
+    for placement in plan.placements:
+        if not placement.offloaded:
+            continue
+        shared = tied_elsewhere(inventory, lambda name, key=placement.name: owner_of(name, placed) == key)
+        in_slot = [entry.nbytes for entry in (*owned[placement.name], *shared)
+                   if plan.offload_buffers or not entry.buffer]
+        if in_slot:
+            taking[placement.name] = slot_bytes(in_slot, alignment)
+    count = slot_count(list(taking), plan.prefetch)
+    return count, read_slot_bytes(max(taking.values(), default=0), plan.slots.reads) if count else 0
 

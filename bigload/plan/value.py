@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from bigload.devices import Device, DeviceLike, ExecutionPolicy
+from bigload.devices import Device, DeviceKind, DeviceLike, ExecutionPolicy
 from bigload.errors import BigloadError, PlanError
 from bigload.messages import Audience, render
 from bigload.plan.reserve import DiskReads, SlotSpec
@@ -218,6 +218,7 @@ class Plan:
             data = json.loads(text)
             if data.get("version") != _JSON_VERSION:
                 raise PlanError(f"plan JSON version {data.get('version')!r} is not {_JSON_VERSION}; plan again.")
+            _check_json_settings(data)
             return Plan(
                 placements=tuple(_placement_from_json(p) for p in data["placements"]),
                 usage=tuple(
@@ -239,8 +240,10 @@ class Plan:
             )
         except BigloadError:
             raise  # already names what is wrong (a device, a policy); bigload's errors are ValueErrors too
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise PlanError(f"not a bigload plan JSON ({error!r}); write plans with Plan.to_json().") from error
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
+            # RecursionError: `json` recurses once per nesting level, so '[' * 100000 exhausts the stack.
+            raise PlanError(f"not a bigload plan JSON ({type(error).__name__}: {str(error)[:200]}); write plans "
+                            "with Plan.to_json().") from None
 
     # -- for people
 
@@ -267,6 +270,20 @@ class Plan:
         lines.append("")
         lines.extend(f"why: {render(reason, audience)}" for reason in self.reasons)
         return "\n".join(lines)
+
+
+def _check_json_settings(data: Mapping[str, Any]) -> None:
+    """Refuse values no planner writes (a plan edited by hand), naming the field: the executors would fail on
+    them later with less to go on."""
+    if int(data["prefetch"]) < 0 or int(data["batch_size"]) < 1:
+        raise PlanError(f"plan JSON has prefetch {data['prefetch']!r} and batch_size {data['batch_size']!r}; a plan "
+                        "has prefetch >= 0 and batch_size >= 1. Plan again (plan_model, or bigload plan --json).")
+    runs_on = [("main_device", data["main_device"])] + [(f"execution_device of {p['name']!r}", p["execution_device"])
+                                                        for p in data["placements"]]
+    for field, device in runs_on:
+        if Device.parse(device).kind is DeviceKind.DISK:
+            raise PlanError(f"plan JSON has {field} 'disk'; blocks run on a GPU or the CPU (their weights may live "
+                            "on disk: that is 'device'). Plan again (plan_model, or bigload plan --json).")
 
 
 def _placement_from_json(data: Mapping[str, Any]) -> Placement:

@@ -215,13 +215,17 @@ def _apply_to_resident(runtime: "Runtime", fn: Callable[[torch.Tensor], torch.Te
     placeholders of offloaded weights, and no tensor of a block changes device: the plan placed them and the
     runtime moves their inputs there. peft's re-dispatch calls `model.to(device)` on the whole model; moving a
     GPU share into RAM (or RAM into the GPU) only to be moved back at the next forward would double its memory.
-    A dtype change still applies to resident tensors, on their device."""
+    A dtype change applies to resident tensors, on their device; one that would change offloaded weights is
+    refused before anything changes (their slots hold the planned dtype, and a model half cast fails in its
+    first forward)."""
     keys = set(runtime.blocks)
     hidden: list[tuple[Site, torch.Tensor]] = []
     recast: list[tuple[Sequence[Site], torch.Tensor, torch.dtype]] = []
     kept = 0
     applied = functools.lru_cache(maxsize=None)(functools.partial(_applied, fn))  # one probe per device/dtype
-    for group in tensor_groups(runtime.model):
+    groups = list(tensor_groups(runtime.model))
+    _refuse_recasting_offloaded(runtime, groups, applied)
+    for group in groups:
         tensor = group.tensor
         if id(tensor) in runtime._placeholders:
             hidden.extend((site, tensor) for site in group.sites)
@@ -252,6 +256,24 @@ def _apply_to_resident(runtime: "Runtime", fn: Callable[[torch.Tensor], torch.Te
                        kept)
     runtime.changed = True
     return runtime.model
+
+
+def _refuse_recasting_offloaded(runtime: "Runtime", groups: Sequence[Any],
+                                applied: Callable[[torch.device, torch.dtype], tuple[torch.device, torch.dtype]]
+                                ) -> None:
+    """Raise when `model.to(dtype)` / `.half()` would change the dtype of offloaded weights, naming the fix."""
+    changed = [(group.names[0], group.tensor.dtype, dtype) for group in groups
+               if id(group.tensor) in runtime._placeholders
+               and (dtype := applied(torch.device("cpu"), group.tensor.dtype)[1]) != group.tensor.dtype]
+    if changed:
+        name, old, new = changed[0]
+        raise OffloadError(
+            f"this model.to(...) / .half() / .float() would cast the model to {new}, but {len(changed)} of its "
+            f"tensors are offloaded by bigload (e.g. {name!r}, {old}): they come in as the plan loaded them, so "
+            f"the model would run half in {old} and half in {new}. Load it in {new} instead (dtype={new} to "
+            "load_checkpoint_and_dispatch or from_pretrained), or bigload.detach(model) first for a plain model in "
+            "memory. Nothing was changed."
+        )
 
 
 def _applied(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device, dtype: torch.dtype

@@ -34,12 +34,27 @@ def _outside_forward(cls: type, func: Callable[..., Any], types: Any, args: Sequ
         if found is None or "meta" not in str(error):
             raise
         raise OffloadError(_placeholder_message(found)) from error
+    if _computed_from_no_data(args, kwargs, result):
+        raise OffloadError(_placeholder_message(_placeholder_in(args, kwargs)))  # type: ignore[arg-type]
     if func in _SAME_TENSOR and type(result) is torch.Tensor and result.device.type == "meta":  # noqa: E721
         found = _placeholder_in(args, kwargs)
         if found is not None:
             result = result.as_subclass(OffloadedBuffer)
             result._bigload_where = getattr(found, "_bigload_where", None)  # type: ignore[attr-defined]
     return result
+
+
+def _computed_from_no_data(args: Sequence[Any], kwargs: Mapping[str, Any], result: Any) -> bool:
+    """Whether a placeholder met a real tensor in an op that returned real values: torch's CPU `linear` and
+    `matmul` take a meta weight beside a CPU input and return uninitialized memory, which would flow on as
+    numbers (a block whose hooks never ran: a map entry on a module that is not called)."""
+    inputs = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
+    if not any(isinstance(value, PLACEHOLDERS) for value in inputs):
+        return False
+    outputs = result if isinstance(result, (tuple, list)) else (result,)
+    with torch._C.DisableTorchFunctionSubclass():  # `.device` of a placeholder would come back here
+        return (any(value.device.type != "meta" for value in inputs)
+                and any(isinstance(value, torch.Tensor) and value.device.type != "meta" for value in outputs))
 
 
 def _placeholder_in(args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch.Tensor | None:

@@ -25,7 +25,7 @@ from bigload.runtime.moves import DEFAULT_SKIP_KEYS, first_tensor_device, send
 from bigload.runtime.prefetch import PrefetchStats, Prefetcher
 from bigload.runtime.weights import HostWeights, WeightSource
 
-__all__ = ["Runtime", "attach", "detach", "runtime_of"]
+__all__ = ["Runtime", "attach", "check_not_attached", "detach", "runtime_of"]
 
 _RUNTIME_ATTR = "_bigload_runtime"
 
@@ -166,6 +166,21 @@ def runtime_of(model: nn.Module) -> Runtime | None:
     return model.__dict__.get(_RUNTIME_ATTR)
 
 
+def check_not_attached(model: nn.Module) -> None:
+    """Refuse a model that already has a runtime. Every entry point that places weights asks first, before it
+    reads or writes anything: the runtime's placeholders hold no data (a second `disk_offload` would find
+    nothing to write), and a load into them would leave the old hooks running other tensors.
+
+    Raises:
+        BigloadError: naming the fix, `bigload.detach(model)`.
+    """
+    if runtime_of(model) is not None:
+        raise BigloadError(
+            f"{type(model).__name__} already has a bigload runtime (hooks attached by a previous dispatch); "
+            "call bigload.detach(model) first to remove it, then load or dispatch again."
+        )
+
+
 def attach(model: nn.Module, plan: Plan, *, store: WeightSource | None = None, host_weights: HostWeights | None = None,
            skip_keys: Iterable[str] | None = None, order: Sequence[str] | None = None) -> Runtime:
     """Hook each entry of `plan` so `model` runs with its weights where the plan put them.
@@ -189,11 +204,7 @@ def attach(model: nn.Module, plan: Plan, *, store: WeightSource | None = None, h
         PlanError: an entry names no module, or `order` names blocks the plan does not have.
         OffloadError: an offloaded tensor is in no weight source, or a block does not fit the plan's slots.
     """
-    if runtime_of(model) is not None:
-        raise BigloadError(
-            f"{type(model).__name__} already has a bigload runtime (hooks attached by a previous dispatch); "
-            "call bigload.detach(model) first to remove it, then attach or dispatch again."
-        )
+    check_not_attached(model)
     # Host weights stay as they are (views of the checkpoint, pageable): the slots' pinned staging buffers
     # already overlap the copies, and pinning them would copy the whole CPU share into unswappable memory.
     blocks, resident = build_blocks(model, plan, store, host_weights if host_weights is not None else HostWeights())

@@ -20,6 +20,7 @@ from bigload.empty import init_empty_weights
 from bigload.errors import BigloadError, CheckpointError
 from bigload.formats.discover import open_checkpoint
 from bigload.plan.catalog import catalog_config, catalog_names
+from bigload.plan.dtypes import load_dtype
 from bigload.sizes import parse_dtype
 
 if TYPE_CHECKING:
@@ -252,7 +253,7 @@ def _checkpoint_dtype(source: ModelSource) -> torch.dtype | None:
 def weights_dtype(source: ModelSource, config: "PretrainedConfig | None", dtype: torch.dtype | str | None) -> torch.dtype | None:
     """The dtype to load in: the caller's, else the config's, else the checkpoint's."""
     if dtype is not None:
-        return parse_dtype(dtype)
+        return load_dtype(dtype)
     if config is not None:
         from_config = config_dtype(config, default=None)  # type: ignore[arg-type]
         if from_config is not None:
