@@ -159,7 +159,7 @@ def _check_resident_data(model: nn.Module, planned: Plan, state_dict_given: bool
         if group.tensor.device.type != "meta" or placement is None or placement.offloaded:
             continue
         unused = (" (state_dict= supplies the blocks offloaded to host memory, which run on a GPU; this one runs "
-                  f"where it is kept)" if state_dict_given else "")
+                  "where it is kept)" if state_dict_given else "")
         raise OffloadError(
             f"tensor {group.names[0]!r} is on the meta device (no data), and the map keeps block "
             f"{placement.name or '(whole model)'!r} on {placement.device}, where it runs{unused}. dispatch_model "

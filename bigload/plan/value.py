@@ -280,9 +280,9 @@ def _check_json_settings(data: Mapping[str, Any]) -> None:
                         "has prefetch >= 0 and batch_size >= 1. Plan again (plan_model, or bigload plan --json).")
     runs_on = [("main_device", data["main_device"])] + [(f"execution_device of {p['name']!r}", p["execution_device"])
                                                         for p in data["placements"]]
-    for field, device in runs_on:
+    for what, device in runs_on:
         if Device.parse(device).kind is DeviceKind.DISK:
-            raise PlanError(f"plan JSON has {field} 'disk'; blocks run on a GPU or the CPU (their weights may live "
+            raise PlanError(f"plan JSON has {what} 'disk'; blocks run on a GPU or the CPU (their weights may live "
                             "on disk: that is 'device'). Plan again (plan_model, or bigload plan --json).")
 
 
